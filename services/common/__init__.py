@@ -1,0 +1,2 @@
+"""Shared plumbing of the four services: config, gRPC server bootstrap,
+errors, metrics, database, auth."""

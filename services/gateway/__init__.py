@@ -1,0 +1,1 @@
+"""The gateway: public API, runs queue, dispatch to workers, run events."""

@@ -1,0 +1,528 @@
+"""``runyard.v1.GatewayService``: the public API.
+
+Every call authenticates the caller and scopes what it reads or changes by
+the caller's org. Session calls are proxied to the sessions service (which
+owns that state); runs and their events live in the gateway's own schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import grpc
+
+from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, sessions_pb2, sessions_pb2_grpc
+from runyard.common.auth import internal_metadata
+from runyard.common.clients import call, downstream_timeout
+from runyard.common.config import Config
+from runyard.common.errors import InvalidArgument, NotFound, RunyardError, Unavailable, Unimplemented
+from runyard.common.protoutil import now, parse_uuid
+from runyard.common.server import settle_before_reject
+from runyard.gateway.auth import Authenticator, Principal
+from runyard.gateway.events import Broker, follow
+from runyard.gateway.hub import Dispatcher
+from runyard.gateway.runs import RunStore, request_hash, run_proto
+from runyard.gateway.tasks import SpawnRequest, TaskManager
+
+__all__ = ["GatewayServicer"]
+
+log = logging.getLogger(__name__)
+
+_SESSION_KEY = re.compile(r"^[A-Za-z0-9_.:@/+=#~|-]+$")
+_MAX_IDEMPOTENCY_KEY = 255
+_STRATEGIES = {
+    common_pb2.MULTITASK_STRATEGY_UNSPECIFIED: "ENQUEUE",
+    common_pb2.MULTITASK_STRATEGY_ENQUEUE: "ENQUEUE",
+    common_pb2.MULTITASK_STRATEGY_REJECT: "REJECT",
+    common_pb2.MULTITASK_STRATEGY_INTERRUPT: "INTERRUPT",
+    common_pb2.MULTITASK_STRATEGY_COLLECT: "COLLECT",
+}
+
+
+def _require_session_ref(session_id: str, session_key: str) -> None:
+    """Validate a (session_id | session_key) pair: one of them, a well-formed id."""
+    if session_id:
+        parse_uuid(session_id, "session_id", what="session id")
+    elif not session_key:
+        raise InvalidArgument("session_id or session_key is required", reason="MISSING_FIELD", field="session_id")
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    """The public API over the runs queue and the sessions service."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: RunStore,
+        broker: Broker,
+        dispatcher: Dispatcher,
+        sessions: sessions_pb2_grpc.SessionServiceStub,
+        auth: Authenticator,
+    ):
+        self.config = config
+        self.store = store
+        self.broker = broker
+        self.dispatcher = dispatcher
+        self.sessions = sessions
+        self.auth = auth
+        self.metadata = internal_metadata(config.auth.internal_secret)
+        #: Set on shutdown: open streams end with UNAVAILABLE so clients JoinRun elsewhere.
+        self.closing = asyncio.Event()
+        #: Background tasks (runyard.gateway.tasks), set by main.
+        self.tasks: TaskManager | None = None
+
+    # ------------------------------------------------------------ validation
+
+    def _validate_send(self, request: gateway_pb2.SendMessageRequest) -> str:
+        cfg = self.config.gateway
+        key = request.session_key
+        if not key:
+            raise InvalidArgument("session_key is required", reason="MISSING_FIELD", field="session_key")
+        if len(key) > cfg.max_session_key_length:
+            raise InvalidArgument(
+                f"session_key is {len(key)} characters; the limit is {cfg.max_session_key_length}",
+                reason="SESSION_KEY_TOO_LONG",
+                field="session_key",
+            )
+        if not _SESSION_KEY.match(key):
+            raise InvalidArgument(
+                "session_key may contain only letters, digits and _ . : @ / + = # ~ | -",
+                reason="INVALID_SESSION_KEY",
+                field="session_key",
+            )
+        if not request.text.strip() and not request.attachments:
+            raise InvalidArgument("text must not be empty", reason="EMPTY_TEXT", field="text")
+        size = len(request.text.encode("utf-8"))
+        if size > cfg.max_text_bytes:
+            raise InvalidArgument(
+                f"text is {size} bytes; the limit is {cfg.max_text_bytes} (gateway.max_text_bytes)",
+                reason="TEXT_TOO_LONG",
+                field="text",
+            )
+        if len(request.metadata) > cfg.max_metadata_entries:
+            raise InvalidArgument(
+                f"metadata has {len(request.metadata)} entries; the limit is {cfg.max_metadata_entries}",
+                reason="METADATA_TOO_LARGE",
+                field="metadata",
+            )
+        meta_bytes = sum(len(k.encode()) + len(v.encode()) for k, v in request.metadata.items())
+        if meta_bytes > cfg.max_metadata_bytes:
+            raise InvalidArgument(
+                f"metadata is {meta_bytes} bytes; the limit is {cfg.max_metadata_bytes}",
+                reason="METADATA_TOO_LARGE",
+                field="metadata",
+            )
+        if len(request.idempotency_key) > _MAX_IDEMPOTENCY_KEY:
+            raise InvalidArgument(
+                f"idempotency_key is longer than {_MAX_IDEMPOTENCY_KEY} characters",
+                reason="IDEMPOTENCY_KEY_TOO_LONG",
+                field="idempotency_key",
+            )
+        strategy = _STRATEGIES.get(request.multitask_strategy)
+        if strategy is None:
+            raise InvalidArgument(
+                f"multitask_strategy {request.multitask_strategy} is not a known value",
+                reason="INVALID_ENUM_VALUE",
+                field="multitask_strategy",
+            )
+        if request.agent_id and request.agent_id not in self.config.agents:
+            raise NotFound(f"agent {request.agent_id!r} is not configured", reason="AGENT_NOT_FOUND", field="agent_id")
+        if request.model.model:
+            provider = request.model.model.split("/", 1)[0]
+            if "/" not in request.model.model or provider not in self.config.providers:
+                raise InvalidArgument(
+                    f"model {request.model.model!r} must be 'provider/model' with a configured provider",
+                    reason="UNKNOWN_MODEL",
+                    field="model.model",
+                )
+        return strategy
+
+    # ------------------------------------------------------------ runs
+
+    async def _submit(
+        self, principal: Principal, request: gateway_pb2.SendMessageRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[uuid.UUID, str]:
+        """Validate, resolve the session, queue the run; returns (run id, session id)."""
+        principal.require("chat")
+        strategy = self._validate_send(request)
+        fingerprint = request_hash(request)
+        if request.idempotency_key:
+            existing = await self.store.find_idempotent(principal.org_id, request.idempotency_key)
+            if existing is not None:
+                RunStore._check_fingerprint(existing, fingerprint)
+                return existing["id"], str(existing["session_id"])
+        agent_id = request.agent_id or self.config.gateway.default_agent
+        resolved = await call(
+            self.sessions.ResolveSession(
+                sessions_pb2.ResolveSessionRequest(
+                    org_id=principal.org_id, session_key=request.session_key, agent_id=agent_id
+                ),
+                metadata=self.metadata,
+                timeout=downstream_timeout(context, 10.0),
+            )
+        )
+        payload = common_pb2.RunPayload(
+            run_id=str(uuid.uuid4()),
+            org_id=principal.org_id,
+            session_id=resolved.session.id,
+            session_key=request.session_key,
+            agent_id=agent_id,
+            input=common_pb2.RunInput(text=request.text, attachments=request.attachments),
+            model=request.model,
+            options=request.options,
+            metadata=request.metadata,
+            idempotency_key=request.idempotency_key,
+            multitask_strategy=request.multitask_strategy,
+            create_time=now(),
+        )
+        row, created = await self.store.insert(payload, fingerprint=fingerprint, strategy=strategy)
+        if created:
+            self.dispatcher.wake()
+        return row["id"], str(row["session_id"])
+
+    async def _stream(self, run_id: uuid.UUID, session_id: str, after_seq: int) -> AsyncIterator[common_pb2.RunEvent]:
+        """Follow a run, ending with UNAVAILABLE (retry elsewhere) if this gateway shuts down."""
+        events = follow(self.store, self.broker, run_id, session_id, after_seq)
+        closing = asyncio.ensure_future(self.closing.wait())
+        last = after_seq
+        step: asyncio.Future[common_pb2.RunEvent] | None = None
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(events))
+                done, _ = await asyncio.wait({step, closing}, return_when=asyncio.FIRST_COMPLETED)
+                if step not in done:
+                    raise Unavailable(
+                        f"gateway is shutting down; resume with JoinRun(run_id={run_id}, after_seq={last})",
+                        reason="DRAINING",
+                        retry_after_s=0.5,
+                        metadata={"run_id": str(run_id), "after_seq": str(last)},
+                    )
+                try:
+                    event = step.result()
+                except StopAsyncIteration:
+                    return
+                last = event.seq
+                yield event
+        finally:
+            # The client left or the gateway is closing: stop the pending read
+            # before closing the generator it runs in.
+            closing.cancel()
+            if step is not None and not step.done():
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await step
+            await events.aclose()
+
+    async def SendMessage(
+        self, request: gateway_pb2.SendMessageRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.RunEvent]:
+        principal = await self.auth.authenticate(context)
+        with self.auth.stream_slot(principal):
+            run_id, session_id = await self._submit(principal, request, context)
+            async for event in self._stream(run_id, session_id, 0):
+                yield event
+
+    async def JoinRun(
+        self, request: gateway_pb2.JoinRunRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.RunEvent]:
+        principal = await self.auth.authenticate(context)
+        principal.require("chat")
+        run_id = parse_uuid(request.run_id, "run_id", what="run id")
+        row = await self.store.get(principal.org_id, run_id)
+        with self.auth.stream_slot(principal):
+            async for event in self._stream(run_id, str(row["session_id"]), request.after_seq):
+                yield event
+
+    async def Chat(
+        self, request_iterator: AsyncIterator[gateway_pb2.ChatRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.RunEvent]:
+        try:
+            principal = await self.auth.authenticate(context)
+        except RunyardError:
+            await settle_before_reject(request_iterator)
+            raise
+        out: asyncio.Queue[common_pb2.RunEvent | BaseException | None] = asyncio.Queue(maxsize=1024)
+        followers: set[asyncio.Task[None]] = set()
+
+        async def pump(run_id: uuid.UUID, session_id: str, after_seq: int) -> None:
+            try:
+                async for event in self._stream(run_id, session_id, after_seq):
+                    await out.put(event)
+            except Exception as exc:  # noqa: BLE001 - forwarded to the stream
+                await out.put(exc)
+
+        def start(run_id: uuid.UUID, session_id: str, after_seq: int) -> None:
+            task = asyncio.create_task(pump(run_id, session_id, after_seq))
+            followers.add(task)
+            task.add_done_callback(followers.discard)
+
+        async def read() -> None:
+            try:
+                async for item in request_iterator:
+                    kind = item.WhichOneof("request")
+                    if kind == "send":
+                        run_id, session_id = await self._submit(principal, item.send, context)
+                        start(run_id, session_id, 0)
+                    elif kind == "join":
+                        principal.require("chat")
+                        run_id = parse_uuid(item.join.run_id, "join.run_id", what="run id")
+                        row = await self.store.get(principal.org_id, run_id)
+                        start(run_id, str(row["session_id"]), item.join.after_seq)
+                    elif kind == "cancel":
+                        await self._cancel(principal, item.cancel)
+                    else:
+                        raise InvalidArgument("ChatRequest needs send, cancel or join", reason="MISSING_FIELD",
+                                              field="request")
+                if followers:
+                    await asyncio.gather(*list(followers), return_exceptions=True)
+                await out.put(None)
+            except Exception as exc:  # noqa: BLE001 - forwarded to the stream
+                await out.put(exc)
+
+        with self.auth.stream_slot(principal):
+            reader = asyncio.create_task(read())
+            try:
+                while True:
+                    item = await out.get()
+                    if item is None:
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            finally:
+                reader.cancel()
+                for task in list(followers):
+                    task.cancel()
+                await asyncio.gather(reader, *followers, return_exceptions=True)
+
+    async def _cancel(self, principal: Principal, request: gateway_pb2.CancelRunRequest) -> common_pb2.Run:
+        principal.require("chat")
+        run_id = parse_uuid(request.run_id, "run_id", what="run id")
+        row = await self.store.cancel(principal.org_id, run_id, request.reason)
+        if row["status"] == "running":
+            self.dispatcher.cancel_local(run_id)
+        return run_proto(row)
+
+    async def CancelRun(
+        self, request: gateway_pb2.CancelRunRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.CancelRunResponse:
+        principal = await self.auth.authenticate(context)
+        return gateway_pb2.CancelRunResponse(run=await self._cancel(principal, request))
+
+    async def GetRun(self, request: gateway_pb2.GetRunRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.GetRunResponse:
+        principal = await self.auth.authenticate(context)
+        principal.require("sessions:read")
+        row = await self.store.get(principal.org_id, parse_uuid(request.run_id, "run_id", what="run id"))
+        return gateway_pb2.GetRunResponse(run=run_proto(row))
+
+    async def ListRuns(
+        self, request: gateway_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListRunsResponse:
+        principal = await self.auth.authenticate(context)
+        principal.require("sessions:read")
+        if request.session_id:
+            session_id = parse_uuid(request.session_id, "session_id", what="session id")
+        elif request.session_key:
+            session = await self._session(principal, "", request.session_key, context)
+            session_id = uuid.UUID(session.id)
+        else:
+            raise InvalidArgument("session_id or session_key is required", reason="MISSING_FIELD", field="session_id")
+        runs, token = await self.store.list_for_session(
+            principal.org_id, session_id, request.page_size, request.page_token
+        )
+        return gateway_pb2.ListRunsResponse(runs=runs, next_page_token=token)
+
+    # ------------------------------------------------------------ sessions (proxied)
+
+    async def _session(
+        self, principal: Principal, session_id: str, session_key: str, context: grpc.aio.ServicerContext
+    ) -> common_pb2.Session:
+        _require_session_ref(session_id, session_key)
+        response = await call(
+            self.sessions.GetSession(
+                sessions_pb2.SessionServiceGetSessionRequest(
+                    org_id=principal.org_id, session_id=session_id, session_key=session_key
+                ),
+                metadata=self.metadata,
+                timeout=downstream_timeout(context, 10.0),
+            )
+        )
+        return response.session
+
+    async def ListSessions(
+        self, request: gateway_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListSessionsResponse:
+        principal = await self.auth.authenticate(context)
+        principal.require("sessions:read")
+        if request.parent_session_id:
+            parse_uuid(request.parent_session_id, "parent_session_id", what="session id")
+        response = await call(
+            self.sessions.ListSessions(
+                sessions_pb2.SessionServiceListSessionsRequest(
+                    org_id=principal.org_id,
+                    agent_id=request.agent_id,
+                    page_size=request.page_size,
+                    page_token=request.page_token,
+                    include_ended=request.include_ended,
+                    parent_session_id=request.parent_session_id,
+                ),
+                metadata=self.metadata,
+                timeout=downstream_timeout(context, 10.0),
+            )
+        )
+        return gateway_pb2.ListSessionsResponse(sessions=response.sessions, next_page_token=response.next_page_token)
+
+    async def GetSession(
+        self, request: gateway_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetSessionResponse:
+        principal = await self.auth.authenticate(context)
+        principal.require("sessions:read")
+        session = await self._session(principal, request.session_id, request.session_key, context)
+        return gateway_pb2.GetSessionResponse(session=session)
+
+    async def GetMessages(
+        self, request: gateway_pb2.GetMessagesRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetMessagesResponse:
+        principal = await self.auth.authenticate(context)
+        principal.require("sessions:read")
+        _require_session_ref(request.session_id, request.session_key)
+        response = await call(
+            self.sessions.GetMessages(
+                sessions_pb2.SessionServiceGetMessagesRequest(
+                    org_id=principal.org_id,
+                    session_id=request.session_id,
+                    session_key=request.session_key,
+                    page_size=request.page_size,
+                    page_token=request.page_token,
+                ),
+                metadata=self.metadata,
+                timeout=downstream_timeout(context, 10.0),
+            )
+        )
+        return gateway_pb2.GetMessagesResponse(
+            messages=response.messages, next_page_token=response.next_page_token, summary=response.summary
+        )
+
+    async def ResetSession(
+        self, request: gateway_pb2.ResetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ResetSessionResponse:
+        principal = await self.auth.authenticate(context)
+        principal.require("sessions:admin")
+        _require_session_ref(request.session_id, request.session_key)
+        response = await call(
+            self.sessions.ResetSession(
+                sessions_pb2.SessionServiceResetSessionRequest(
+                    org_id=principal.org_id, session_id=request.session_id, session_key=request.session_key
+                ),
+                metadata=self.metadata,
+                timeout=downstream_timeout(context, 10.0),
+            )
+        )
+        await self._cascade(principal, response.previous_session_id, "RESET")
+        return gateway_pb2.ResetSessionResponse(
+            session=response.session, previous_session_id=response.previous_session_id
+        )
+
+    async def DeleteSession(
+        self, request: gateway_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.DeleteSessionResponse:
+        principal = await self.auth.authenticate(context)
+        principal.require("sessions:admin")
+        _require_session_ref(request.session_id, request.session_key)
+        response = await call(
+            self.sessions.DeleteSession(
+                sessions_pb2.SessionServiceDeleteSessionRequest(
+                    org_id=principal.org_id, session_id=request.session_id, session_key=request.session_key
+                ),
+                metadata=self.metadata,
+                timeout=downstream_timeout(context, 10.0),
+            )
+        )
+        await self._cascade(principal, response.session_id, "DELETED")
+        return gateway_pb2.DeleteSessionResponse(session_id=response.session_id)
+
+    # ------------------------------------------------------------ background tasks (runyard.gateway.tasks)
+
+    async def _cascade(self, principal: Principal, session_id: str, reason: str) -> None:
+        """Cancel every task below a session that was just reset or deleted.
+
+        The session change is already committed, so a failure here is logged,
+        not reported: the tasks loop repeats the cascade when the relayed
+        ``session.end`` reaches the gateway outbox.
+        """
+        if self.tasks is None:
+            return
+        try:
+            await self.tasks.session_ended(principal.org_id, [session_id], reason)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("cascade for session %s (%s) deferred to the tasks loop: %s", session_id, reason, exc)
+
+    def _tasks(self) -> TaskManager:
+        if self.tasks is None:
+            raise Unimplemented("background tasks are not enabled on this gateway", reason="NOT_IMPLEMENTED")
+        return self.tasks
+
+    async def SpawnTask(self, request: gateway_pb2.SpawnTaskRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.SpawnTaskResponse:
+        principal = await self.auth.authenticate(context)
+        principal.require("chat")
+        spawn = SpawnRequest(
+            parent_session_id=request.parent_session_id,
+            parent_session_key=request.parent_session_key,
+            agent_id=request.agent_id,
+            prompt=request.prompt,
+            description=request.description,
+            model=request.model,
+            max_tool_calls=request.max_tool_calls,
+            idempotency_key=request.idempotency_key,
+        )
+        task = await self._tasks().spawn(
+            principal.org_id, spawn, fingerprint=request_hash(request), timeout=downstream_timeout(context, 10.0)
+        )
+        return gateway_pb2.SpawnTaskResponse(task=task)
+
+    async def ListTasks(self, request: gateway_pb2.ListTasksRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.ListTasksResponse:
+        principal = await self.auth.authenticate(context)
+        principal.require("sessions:read")
+        if request.parent_session_id:
+            parent_id = parse_uuid(request.parent_session_id, "parent_session_id", what="session id")
+        elif request.parent_session_key:
+            parent_id = uuid.UUID((await self._session(principal, "", request.parent_session_key, context)).id)
+        else:
+            raise InvalidArgument(
+                "parent_session_id or parent_session_key is required", reason="MISSING_FIELD", field="parent_session_id"
+            )
+        tasks, token = await self._tasks().list(principal.org_id, parent_id, request.page_size, request.page_token)
+        return gateway_pb2.ListTasksResponse(tasks=tasks, next_page_token=token)
+
+    async def GetTask(self, request: gateway_pb2.GetTaskRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.GetTaskResponse:
+        principal = await self.auth.authenticate(context)
+        principal.require("sessions:read")
+        task_id = parse_uuid(request.task_id, "task_id", what="task id")
+        return gateway_pb2.GetTaskResponse(task=await self._tasks().get(principal.org_id, task_id))
+
+    async def CancelTask(self, request: gateway_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.CancelTaskResponse:
+        principal = await self.auth.authenticate(context)
+        principal.require("chat")
+        task_id = parse_uuid(request.task_id, "task_id", what="task id")
+        return gateway_pb2.CancelTaskResponse(task=await self._tasks().cancel(principal.org_id, task_id, request.reason))
+
+    async def WatchEvents(
+        self, request: gateway_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.LifecycleEvent]:
+        # Replay after request.after_id, then live; see runyard.gateway.watch.
+        principal = await self.auth.authenticate(context)
+        principal.require("events")
+        watcher = getattr(self, "watch", None)  # a runyard.gateway.watch.Watcher, set by main
+        if watcher is None:
+            raise Unimplemented("WatchEvents is not enabled on this gateway", reason="NOT_IMPLEMENTED")
+        with self.auth.stream_slot(principal):
+            async for event in watcher.follow(
+                principal.org_id, request, self.closing, service_events="admin" in principal.scopes
+            ):
+                yield event

@@ -1,0 +1,535 @@
+"""Lifecycle events on the gateway: the relay and ``WatchEvents``.
+
+Every service that emits lifecycle events owns an outbox in its own schema
+(DESIGN.md section 6). The gateway serves them all from one stream:
+
+* **Its own events** (``run.queued``, ``run.started``, ``run.completed``,
+  ``run.failed``, ``message.received``, ``message.sent``) are written to
+  ``gateway.outbox`` by :func:`emit_run_events` in the same transaction as
+  the run's status change (see :mod:`runyard.gateway.runs`).
+* **Other services' events** are copied by :class:`EventRelay`, which reads
+  each source's internal ``ListEvents(after_id)`` RPC (sessions:
+  ``session.*`` and ``service.*``; router: ``model.failover``) and inserts
+  the events into ``gateway.outbox`` together with the source's new cursor
+  (``gateway.event_cursors``), in one transaction, with the cursor row locked
+  so concurrent gateway replicas never copy an event twice (a replica that
+  finds the row locked skips the round). It wakes on the sources' NOTIFY
+  channels and polls every ``poll_interval_s`` otherwise. A source that
+  answers UNIMPLEMENTED (an older router) is skipped and retried later.
+* :class:`Watcher` serves ``WatchEvents(after_id, types)``: events of the
+  caller's org with ``id > after_id`` in id order (replay), then live (LISTEN
+  on ``runyard_gateway_events`` plus polling). Ids are ``gateway.outbox``
+  positions, assigned in commit order (:class:`runyard.common.outbox.Outbox`),
+  so a subscriber that resumes after the last id it saw, across gateway or
+  sessions restarts, misses nothing and sees nothing twice.
+
+``service.*`` events belong to no org; callers with the ``admin`` scope see
+them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import asyncpg
+import grpc
+from runyard._proto.v1 import common_pb2, gateway_pb2, sessions_pb2
+from runyard.common import metrics
+from runyard.common.auth import internal_metadata
+from runyard.common.clients import call, internal_channel
+from runyard.common.config import LIFECYCLE_EVENT_TYPES, Config
+from runyard.common.db import Listener
+from runyard.common.errors import InvalidArgument, RunyardError, Unavailable
+from runyard.common.outbox import Outbox, Sequencer
+from runyard.common.protoutil import now
+from runyard.common.runtime import database_url
+
+__all__ = [
+    "EVENTS_CHANNEL",
+    "OUTBOX",
+    "SOURCE_CHANNELS",
+    "EventRelay",
+    "LifecycleStream",
+    "Watcher",
+    "emit_run_events",
+    "fetch_with_events",
+    "fetchrow_with_events",
+    "list_events_source",
+]
+
+log = logging.getLogger(__name__)
+
+#: NOTIFY channel announcing newly sequenced gateway outbox events.
+EVENTS_CHANNEL = "runyard_gateway_events"
+#: The gateway's outbox (``gateway.outbox``).
+OUTBOX = Outbox("gateway", EVENTS_CHANNEL)
+#: Relayed sources and the NOTIFY channels their outboxes announce on.
+SOURCE_CHANNELS = {"sessions": "runyard_sessions_events", "router": "runyard_router_events"}
+
+_PAGE = 500
+_RETRY_UNIMPLEMENTED_S = 60.0
+
+# ---------------------------------------------------------------- the gateway's own events
+
+_RUN_STATUS = {
+    "queued": common_pb2.RUN_STATUS_QUEUED,
+    "running": common_pb2.RUN_STATUS_RUNNING,
+    "completed": common_pb2.RUN_STATUS_COMPLETED,
+    "failed": common_pb2.RUN_STATUS_FAILED,
+    "cancelled": common_pb2.RUN_STATUS_CANCELLED,
+}
+
+
+def _ms(delta: Any) -> int:
+    return max(int(delta.total_seconds() * 1000), 0) if delta is not None else 0
+
+
+def run_events(
+    row: Any,
+    *,
+    source: str = "",
+    run_event: bytes | None = None,
+    only: Iterable[str] | None = None,
+    message_length: int | None = None,
+) -> list[common_pb2.LifecycleEvent]:
+    """The lifecycle events of a run row that just changed status.
+
+    ``row`` needs id, org_id, session_id, session_key, agent_id, status and,
+    when present, attempt, model, error, input_text, created_at, started_at,
+    ended_at, first_claimed_at, task_id. ``run_event`` is the terminal
+    ``RunEvent`` bytes (for ``message.sent``'s length); ``only`` keeps just
+    those event types; ``message_length`` overrides ``message.received``'s
+    length (a message merged into a queued run).
+
+    A queued run gives ``run.queued`` and ``message.received``; a running
+    one ``run.started``; a completed one ``run.completed`` and
+    ``message.sent``; a failed or cancelled one ``run.failed`` (status says
+    which; DESIGN.md names no ``run.cancelled``).
+    """
+    status = row["status"]
+    keys = set(row.keys())
+
+    def get(name: str, default: Any = None) -> Any:
+        return row[name] if name in keys and row[name] is not None else default
+
+    base = {
+        "time": now(),
+        "org_id": row["org_id"],
+        "session_id": str(row["session_id"]),
+        "session_key": get("session_key", ""),
+        "agent_id": get("agent_id", ""),
+        "run_id": str(row["id"]),
+        "task_id": str(get("task_id", "") or ""),
+        "source": source,
+    }
+    data = common_pb2.RunLifecycleData(status=_RUN_STATUS.get(status, 0), model=get("model", ""),
+                                       attempt=get("attempt", 0))
+    if get("error") is not None:
+        data.error.ParseFromString(bytes(row["error"]))
+    created, claimed, started, ended = (get("created_at"), get("first_claimed_at"), get("started_at"), get("ended_at"))
+    if created is not None and claimed is not None:
+        data.queue_wait_ms = _ms(claimed - created)
+    if started is not None and ended is not None:
+        data.duration_ms = _ms(ended - started)
+    events: list[common_pb2.LifecycleEvent] = []
+    if status == "queued":
+        events.append(common_pb2.LifecycleEvent(type="run.queued", run=data, **base))
+        length = len(get("input_text", "")) if message_length is None else message_length
+        events.append(common_pb2.LifecycleEvent(
+            type="message.received",
+            message=common_pb2.MessageLifecycleData(role=common_pb2.ROLE_USER, length=length),
+            **base,
+        ))
+    elif status == "running":
+        events.append(common_pb2.LifecycleEvent(type="run.started", run=data, **base))
+    elif status == "completed":
+        events.append(common_pb2.LifecycleEvent(type="run.completed", run=data, **base))
+        length = 0
+        if run_event:
+            completed = common_pb2.RunEvent.FromString(run_event)
+            length = len(completed.completed.message.content)
+        events.append(common_pb2.LifecycleEvent(
+            type="message.sent",
+            message=common_pb2.MessageLifecycleData(role=common_pb2.ROLE_ASSISTANT, length=length),
+            **base,
+        ))
+    elif status in ("failed", "cancelled"):
+        if status == "cancelled" and not data.HasField("error"):
+            data.error.CopyFrom(common_pb2.RunError(code="CANCELLED", reason="CANCELLED", message="run cancelled"))
+        events.append(common_pb2.LifecycleEvent(type="run.failed", run=data, **base))
+    if only is not None:
+        keep = set(only)
+        events = [e for e in events if e.type in keep]
+    return events
+
+
+async def emit_run_events(
+    conn: asyncpg.Connection,
+    rows: Iterable[Any],
+    *,
+    source: str = "",
+    run_event: bytes | None = None,
+    statuses: Iterable[str] | None = None,
+    only: Iterable[str] | None = None,
+    message_length: int | None = None,
+) -> None:
+    """Write the lifecycle events of runs whose status just changed, in the
+    caller's transaction (see :func:`run_events`); ``statuses`` limits the
+    rows considered by their new status."""
+    wanted = set(statuses) if statuses is not None else None
+    events = [
+        event
+        for row in rows
+        if wanted is None or row["status"] in wanted
+        for event in run_events(row, source=source, run_event=run_event, only=only, message_length=message_length)
+    ]
+    await OUTBOX.emit(conn, events)
+
+
+async def fetch_with_events(
+    pool: asyncpg.Pool, query: str, *args: Any, source: str = "", statuses: Iterable[str] | None = None
+) -> list[asyncpg.Record]:
+    """Run a status-changing ``query`` (RETURNING the changed runs) and write
+    their lifecycle events, in one transaction."""
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(query, *args)
+        await emit_run_events(conn, rows, source=source, statuses=statuses)
+    return list(rows)
+
+
+async def fetchrow_with_events(pool: asyncpg.Pool, query: str, *args: Any, source: str = "") -> asyncpg.Record | None:
+    """:func:`fetch_with_events` for a query changing at most one run."""
+    rows = await fetch_with_events(pool, query, *args, source=source)
+    return rows[0] if rows else None
+
+
+# ---------------------------------------------------------------- relay
+
+#: ``fetch(after_id, limit)`` -> the source's events with ids > after_id.
+Fetch = Callable[[int, int], Awaitable[Sequence[common_pb2.LifecycleEvent]]]
+
+
+def list_events_source(
+    channel: grpc.aio.Channel, service: str, metadata: Sequence[tuple[str, str]], timeout_s: float = 10.0
+) -> Fetch:
+    """A :data:`Fetch` calling ``runyard.v1.<service>/ListEvents`` on ``channel``."""
+    method = channel.unary_unary(
+        f"/runyard.v1.{service}/ListEvents",
+        request_serializer=sessions_pb2.ListEventsRequest.SerializeToString,
+        response_deserializer=sessions_pb2.ListEventsResponse.FromString,
+    )
+
+    async def fetch(after_id: int, limit: int) -> Sequence[common_pb2.LifecycleEvent]:
+        response = await call(
+            method(sessions_pb2.ListEventsRequest(after_id=after_id, limit=limit), metadata=metadata, timeout=timeout_s)
+        )
+        return list(response.events)
+
+    return fetch
+
+
+class EventRelay:
+    """Copies other services' outbox events into ``gateway.outbox``.
+
+    Args:
+        pool: the gateway's pool.
+        sources: source name -> :data:`Fetch`.
+        poll_interval_s: polling period when no NOTIFY arrives.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, sources: dict[str, Fetch], *, poll_interval_s: float = 1.0):
+        self.pool = pool
+        self.sources = sources
+        self.poll_interval_s = poll_interval_s
+        self._wake = asyncio.Event()
+        self._skip_until: dict[str, float] = {}
+        self._failing: set[str] = set()
+
+    def wake(self, *_: object) -> None:
+        """Relay soon (a source announced events)."""
+        self._wake.set()
+
+    async def relay_once(self, source: str) -> int:
+        """Copy one page of ``source``'s new events; returns how many.
+
+        Returns 0 when another replica relayed the same page first.
+        """
+        fetch = self.sources[source]
+        after = await self.pool.fetchval("SELECT after_id FROM gateway.event_cursors WHERE source = $1", source)
+        if after is None:
+            return 0
+        # Fetch outside any transaction (no pooled connection or row lock is
+        # held during the call), then advance the cursor compare-and-set: of
+        # two replicas that fetched the same page, only the first commits it.
+        events = list(await fetch(int(after), _PAGE))
+        if not events:
+            return 0
+        last = max(e.id for e in events)
+        relayed = []
+        for event in events:  # the source's positions are not ours: ids are assigned on read
+            copy = common_pb2.LifecycleEvent()
+            copy.CopyFrom(event)
+            copy.ClearField("id")
+            relayed.append(copy)
+        async with self.pool.acquire() as conn, conn.transaction():
+            moved = await conn.fetchval(
+                """
+                UPDATE gateway.event_cursors SET after_id = $3, updated_at = now()
+                WHERE source = $1 AND after_id = $2 RETURNING 1
+                """,
+                source,
+                int(after),
+                last,
+            )
+            if moved is None:
+                return 0  # another replica relayed this page first
+            await OUTBOX.emit(conn, relayed)
+        OUTBOX.written()
+        metrics.EVENTS_RELAYED_TOTAL.labels(source).inc(len(events))
+        return len(events)
+
+    async def _round(self) -> None:
+        for source in self.sources:
+            if time.monotonic() < self._skip_until.get(source, 0.0):
+                continue
+            try:
+                while await self.relay_once(source) == _PAGE:
+                    pass
+                if source in self._failing:
+                    self._failing.discard(source)
+                    log.info("relaying %s events again", source)
+            except RunyardError as exc:
+                if exc.code == grpc.StatusCode.UNIMPLEMENTED:
+                    if source not in self._skip_until:
+                        log.info("%s does not serve ListEvents; its events are not relayed (retrying every %.0f s)",
+                                 source, _RETRY_UNIMPLEMENTED_S)
+                    self._skip_until[source] = time.monotonic() + _RETRY_UNIMPLEMENTED_S
+                elif source not in self._failing:
+                    self._failing.add(source)
+                    log.warning("relaying %s events failed (%s %s); retrying", source, exc.reason, exc.message)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("relaying %s events failed: %s", source, exc)
+            except Exception:  # noqa: BLE001 - a bad page must not stop every other source for good
+                if source not in self._failing:
+                    self._failing.add(source)
+                    log.exception("relaying %s events failed; retrying", source)
+
+    async def _ensure_cursors(self) -> None:
+        await self.pool.executemany(
+            "INSERT INTO gateway.event_cursors (source) VALUES ($1) ON CONFLICT (source) DO NOTHING",
+            [(s,) for s in self.sources],
+        )
+
+    async def run(self) -> None:
+        """Relay until cancelled (database errors are retried, never fatal)."""
+        while True:
+            try:
+                await self._ensure_cursors()
+                break
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("preparing the event relay failed (%s); retrying", exc)
+                await asyncio.sleep(self.poll_interval_s)
+        while True:
+            await self._round()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_interval_s):  # not wait_for: it can swallow a cancel
+                    await self._wake.wait()
+            self._wake.clear()
+
+
+# ---------------------------------------------------------------- WatchEvents
+
+
+def check_types(types: Sequence[str]) -> list[str]:
+    """Validate ``WatchEventsRequest.types``.
+
+    Raises:
+        InvalidArgument: an unknown event name (reason UNKNOWN_EVENT_TYPE, field ``types``).
+    """
+    unknown = [t for t in types if t not in LIFECYCLE_EVENT_TYPES]
+    if unknown:
+        raise InvalidArgument(
+            f"unknown event type {unknown[0]!r}; known: {', '.join(LIFECYCLE_EVENT_TYPES)}",
+            reason="UNKNOWN_EVENT_TYPE",
+            field="types",
+        )
+    return list(dict.fromkeys(types))
+
+
+class Watcher:
+    """Serves ``WatchEvents`` from ``gateway.outbox``.
+
+    Args:
+        pool: the gateway's pool.
+        poll_interval_s: re-read period when no NOTIFY arrives.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, *, poll_interval_s: float = 2.0):
+        self.pool = pool
+        self.poll_interval_s = poll_interval_s
+        self._subscribers: set[asyncio.Event] = set()
+
+    def notify(self, *_: object) -> None:
+        """New events were sequenced: wake every stream."""
+        for wake in self._subscribers:
+            wake.set()
+
+    async def _page(self, after: int, org_id: str, service_events: bool, types: list[str]) -> list[asyncpg.Record]:
+        return await self.pool.fetch(
+            """
+            SELECT pos, data FROM gateway.outbox
+            WHERE pos > $1 AND (org_id = $2 OR ($3 AND org_id = ''))
+              AND (cardinality($4::text[]) = 0 OR type = ANY($4::text[]))
+            ORDER BY pos LIMIT $5
+            """,
+            after,
+            org_id,
+            service_events,
+            types,
+            _PAGE,
+        )
+
+    async def follow(
+        self,
+        org_id: str,
+        request: gateway_pb2.WatchEventsRequest,
+        closing: asyncio.Event,
+        *,
+        service_events: bool = False,
+    ) -> AsyncIterator[common_pb2.LifecycleEvent]:
+        """Events of ``org_id`` after ``request.after_id``, then live.
+
+        Ends with UNAVAILABLE (reason DRAINING, metadata ``after_id``) when
+        ``closing`` is set, so the client resumes on another gateway.
+
+        Raises:
+            InvalidArgument: an unknown type in ``request.types``.
+        """
+        types = check_types(request.types)
+        wake = asyncio.Event()
+        self._subscribers.add(wake)
+        metrics.WATCH_STREAMS.inc()
+        last = request.after_id
+        try:
+            while True:
+                wake.clear()
+                rows = await self._page(last, org_id, service_events, types)
+                for row in rows:
+                    event = common_pb2.LifecycleEvent.FromString(row["data"])
+                    event.id = row["pos"]
+                    last = row["pos"]
+                    yield event
+                if len(rows) == _PAGE:
+                    continue
+                if closing.is_set():
+                    raise Unavailable(
+                        f"gateway is shutting down; resume with WatchEvents(after_id={last})",
+                        reason="DRAINING",
+                        retry_after_s=0.5,
+                        metadata={"after_id": str(last)},
+                    )
+                waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(closing.wait())]
+                try:
+                    await asyncio.wait(waits, timeout=self.poll_interval_s, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiter in waits:
+                        waiter.cancel()
+        finally:
+            self._subscribers.discard(wake)
+            metrics.WATCH_STREAMS.dec()
+
+    async def trim(self, retention_s: float, batch: int = 1000) -> int:
+        """Delete events older than ``retention_s`` (never the newest one)."""
+        return await OUTBOX.trim(self.pool, retention_s, batch)
+
+
+# ---------------------------------------------------------------- wiring
+
+
+class LifecycleStream:
+    """Everything the gateway runs for lifecycle events: the relay of the
+    sessions and router outboxes, the sequencer of ``gateway.outbox``, one
+    LISTEN connection, the :class:`Watcher` behind ``WatchEvents``, and the
+    hourly trim of events older than ``maintenance.event_retention_s``.
+
+    The relay has channels of its own: its polling of a source that is down
+    must not put the channels that serve client calls into reconnect backoff.
+
+    Args:
+        config: the configuration (endpoints, internal secret, retention).
+        pool: the gateway's pool.
+    """
+
+    def __init__(self, config: Config, pool: asyncpg.Pool):
+        self.config = config
+        self.pool = pool
+        metadata = internal_metadata(config.auth.internal_secret)
+        self._channels = [internal_channel(config.endpoints.sessions), internal_channel(config.endpoints.router)]
+        self.relay = EventRelay(
+            pool,
+            {
+                "sessions": list_events_source(self._channels[0], "SessionService", metadata),
+                "router": list_events_source(self._channels[1], "RouterService", metadata),
+            },
+        )
+        self.watcher = Watcher(pool)
+        self._sequencer = Sequencer(OUTBOX, pool, interval_s=0.25)
+        self._listener = Listener(
+            database_url(config), [EVENTS_CHANNEL, *SOURCE_CHANNELS.values()], self._on_notify,
+            on_reconnect=self._on_reconnect,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _on_notify(self, channel: str, _payload: str) -> None:
+        if channel == EVENTS_CHANNEL:
+            self.watcher.notify()
+        else:
+            self.relay.wake()
+
+    def _on_reconnect(self) -> None:
+        self.relay.wake()
+        self.watcher.notify()
+
+    async def _trim(self) -> None:
+        retention = self.config.maintenance.event_retention_s
+        while True:
+            await asyncio.sleep(3600)
+            if retention > 0:
+                try:
+                    trimmed = await self.watcher.trim(retention)
+                    if trimmed:
+                        log.info("trimmed %d lifecycle event(s) older than %.0f s", trimmed, retention)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    log.warning("trimming lifecycle events failed: %s", exc)
+
+    async def start(self) -> None:
+        """LISTEN, then start the relay, the sequencer and the trim."""
+        await self._listener.start()
+        self._tasks = [
+            asyncio.create_task(self.relay.run(), name="event-relay"),
+            asyncio.create_task(self._sequencer.run(), name="gateway-outbox-sequencer"),
+            asyncio.create_task(self._trim(), name="event-trim"),
+        ]
+
+    async def close(self) -> None:
+        """Stop everything (events already committed are sequenced first)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # noqa: BLE001 - shutdown goes on; the failure is logged
+                log.exception("a lifecycle-event task failed")
+        self._tasks = []
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await OUTBOX.sequence(self.pool)
+        await self._listener.close()
+        for channel in self._channels:
+            await channel.close()

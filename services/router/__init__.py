@@ -1,0 +1,1 @@
+"""The router: model choice, fallback chains, error classification."""

@@ -1,0 +1,1147 @@
+"""The router's failover engine: pick a model, stream, decide after each failure.
+
+:meth:`Router.generate` yields ``GenerateResponse`` messages for one request:
+``model_select`` first, then text deltas and tool calls, ``model_failover``
+whenever the answer moves to another model, ``usage`` and ``final``.
+
+How a request is served:
+
+1. **Selection** (:meth:`Router.select`): the request's model override, else
+   the model the agent maps to the request's task class (from the request or
+   the :class:`~runyard.router.task_classifier.TaskClassifier`), else the
+   agent's primary; the agent's chain follows.
+2. **Pick** (:meth:`Router._pick`): the first candidate with an auth profile
+   that is not cooling down (the session's pinned profile, else the least
+   recently used one). When every candidate is cooling, the one whose
+   cooldown ends soonest is *probed* (at most one probe per provider per
+   request, and per key at most once per ``probe_interval_ms`` across
+   requests; never a key disabled for billing or a revoked credential, nor a
+   key that failed authentication in this request; a failed probe extends the
+   cooldown without escalating it); if none may be probed the request fails
+   at once with UNAVAILABLE ``ALL_MODELS_COOLING`` and a Retry-After.
+3. **Attempt**: open the stream and wait for the first token
+   (``ttft_timeout_ms``), then for each next one (``idle_timeout_ms``); a
+   stall is a TIMEOUT failure. Every attempt shares one deadline: the shorter
+   of the caller's gRPC deadline and ``request_timeout_ms``.
+4. **Decision** on a failure (:mod:`runyard.router.policy`): retry the same
+   model with jittered exponential backoff (tenacity; honouring Retry-After;
+   bounded by ``max_retries`` and the deadline), rotate the auth profile,
+   move to the next model (or the agent's context-window / content-policy
+   chain), or abort with FAILED_PRECONDITION naming the URL or field.
+   Each failure updates the cooldowns (:mod:`runyard.router.cooldowns`) and
+   each decision is a ``model.failover`` lifecycle event and a metric.
+   After tokens were streamed the answer restarts on the next model and the
+   ``model_failover`` event says ``restart_output``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential, wait_random
+
+from runyard._proto.v1 import common_pb2, router_pb2
+from runyard.common import metrics
+from runyard.common.config import AgentConfig, Config
+from runyard.common.errors import DeadlineExceeded, FailedPrecondition, NotFound, RunyardError, Unavailable
+from runyard.router.classify import Classification, Reason, classify
+from runyard.router.cooldowns import DISABLED, OK, CooldownKey, CooldownState, CooldownStore, Failure, fill_cooldown
+from runyard.router.policy import Decision, policy_for
+from runyard.router.profiles import AuthProfile, AuthProfiles
+from runyard.router.providers import Chunk, Provider, ProviderError, Request, build_provider
+from runyard.router.task_classifier import TaskClassifier
+
+__all__ = ["Candidate", "Router", "Selection", "StatusRow", "failover_reason_value"]
+
+log = logging.getLogger(__name__)
+
+#: Lifecycle event type of every router decision.
+FAILOVER_EVENT = "model.failover"
+_MAX_PROBE_MARKS = 10_000
+
+
+def failover_reason_value(reason: str) -> int:
+    """The ``FailoverReason`` enum value for a reason name."""
+    return common_pb2.FailoverReason.Value(f"FAILOVER_REASON_{reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One model to try: ``ref`` is ``provider/model``."""
+
+    ref: str
+    provider: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """The ordered candidates for a request, its task class and the rule
+    that chose the first candidate (``agent_primary``, ``task_class``,
+    ``request_override``)."""
+
+    candidates: list[Candidate]
+    task_class: str
+    rule: str
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRow:
+    """The effective state of a provider / auth profile / model
+    (``model == ""``: the profile as a whole). Times are epoch seconds."""
+
+    provider: str
+    profile: str
+    model: str
+    health: str
+    until: float | None
+    last_reason: str
+    last_message: str
+    failure_count: int
+    last_failure_at: float | None
+
+
+#: Failures that condemn the credential, not the model or the moment.
+_KEY_REASONS = frozenset({Reason.AUTH, Reason.AUTH_PERMANENT, Reason.BILLING})
+
+
+@dataclass(slots=True)
+class _Pick:
+    candidate: Candidate
+    profile: AuthProfile
+    probe: bool = False
+    #: A candidate earlier in the list was skipped because it was cooling.
+    skipped: bool = False
+
+
+@dataclass(slots=True)
+class _State:
+    """One request's progress."""
+
+    run: common_pb2.RunPayload
+    agent_id: str
+    agent: AgentConfig
+    deadline: float
+    session: str
+    request: Request
+    excluded: set[str]
+    tried: set[str] = field(default_factory=set)
+    probed_providers: set[str] = field(default_factory=set)
+    #: (provider, auth profile) pairs whose key failed (AUTH, AUTH_PERMANENT,
+    #: BILLING) during this request: never probed again by it.
+    failed_profiles: set[tuple[str, str]] = field(default_factory=set)
+    last: _AttemptFailed | None = None
+    succeeded: bool = False
+
+    def remaining_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+class _AttemptFailed(Exception):
+    """One failed attempt, classified (internal to the engine)."""
+
+    def __init__(
+        self,
+        candidate: Candidate,
+        profile: AuthProfile,
+        error: ProviderError,
+        verdict: Classification,
+        started_at: float,
+        *,
+        streamed: bool,
+        probe: bool,
+    ):
+        super().__init__(error.message)
+        self.candidate = candidate
+        self.profile = profile
+        self.error = error
+        self.verdict = verdict
+        self.started_at = started_at
+        self.failed_at = time.time()
+        self.streamed = streamed
+        self.probe = probe
+        self.cooldown: CooldownState | None = None
+        self.cooldown_key: CooldownKey | None = None
+        self.cooled = False
+
+
+class _Watchdog:
+    """The stall and deadline timer of one attempt, cheap per chunk.
+
+    While armed (the engine awaits the provider), it cancels the task once no
+    chunk arrived for the armed stall time or the request's deadline passed,
+    and :meth:`take` then tells which. Arming only records the time: the one
+    timer re-schedules itself when it wakes early, so a chunk costs no timer
+    heap operation (``asyncio.timeout`` per chunk would cost two). Disarmed
+    while the engine hands a chunk to its consumer: a slow client is not a
+    stalled model.
+    """
+
+    __slots__ = ("cancelling", "deadline", "fired", "handle", "last", "loop", "stall_s", "task")
+
+    def __init__(self, deadline: float):
+        self.loop = asyncio.get_running_loop()
+        self.deadline = deadline  # loop.time() == time.monotonic()
+        self.stall_s = 0.0
+        self.last = self.loop.time()
+        self.task: asyncio.Task[Any] | None = None
+        self.cancelling = 0
+        self.fired = ""
+        self.handle: asyncio.TimerHandle | None = None
+
+    def arm(self, stall_s: float) -> None:
+        """Start timing a wait for the next chunk (at most ``stall_s``)."""
+        self.stall_s = stall_s
+        self.last = self.loop.time()
+        self.task = asyncio.current_task()
+        assert self.task is not None
+        self.cancelling = self.task.cancelling()
+        due = min(self.last + stall_s, self.deadline)
+        handle = self.handle
+        if handle is None or handle.when() > due:
+            # Only when the timer would wake too late (first arm, shorter stall).
+            if handle is not None:
+                handle.cancel()
+            self.handle = self.loop.call_at(due, self._check)
+
+    def disarm(self) -> None:
+        """The wait ended (chunk, end, error): stop timing it."""
+        self.task = None
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        task = self.task
+        if task is None:  # disarmed: nothing to time now; arm() pulls the timer in if needed
+            self.handle = self.loop.call_at(now + self.stall_s, self._check)
+            return
+        due = min(self.last + self.stall_s, self.deadline)
+        if now < due:  # a chunk came since the timer was set: wait for the rest
+            self.handle = self.loop.call_at(due, self._check)
+            return
+        self.handle = None
+        self.fired = "deadline" if now >= self.deadline else "stall"
+        task.cancel()
+
+    def take(self) -> str:
+        """``"stall"`` or ``"deadline"`` if the watchdog cancelled the task (and
+        no one else did: that cancellation is then consumed), else ``""``."""
+        fired, self.fired = self.fired, ""
+        task = self.task
+        if fired and task is not None and task.uncancel() <= self.cancelling:
+            return fired
+        return ""
+
+    def close(self) -> None:
+        """Stop the timer for good."""
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        self.task = None
+
+
+@dataclass(slots=True)
+class _Opened:
+    stream: AsyncIterator[Chunk] | None
+    buffered: list[Chunk]
+    watchdog: _Watchdog
+    #: When the successful attempt started (epoch seconds).
+    started_at: float
+
+
+class _AllCooling(Exception):
+    def __init__(self, soonest: float, refs: list[str]):
+        super().__init__("every candidate is cooling down")
+        self.soonest = soonest
+        self.refs = refs
+
+
+class Router:
+    """Model choice and failover for every agent in ``config``.
+
+    Args:
+        config: the whole configuration (router section, providers, agents,
+            classifier).
+        store: shared cooldown state (see :class:`CooldownStore`).
+        instance_id: this replica's id, the ``source`` of its lifecycle events.
+        providers: adapters by provider name (default: built from config).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        store: CooldownStore,
+        *,
+        instance_id: str = "router",
+        providers: dict[str, Provider] | None = None,
+    ):
+        self.config = config
+        cfg = config.router
+        self.store = store
+        self.instance_id = instance_id
+        self.providers: dict[str, Provider] = providers or {
+            name: build_provider(name, pc, connect_timeout_s=cfg.connect_timeout_ms / 1000)
+            for name, pc in config.providers.items()
+        }
+        self.profiles = AuthProfiles(config.providers)
+        self.classifier = TaskClassifier(config.classifier)
+        self.ttft_timeout_s = cfg.ttft_timeout_ms / 1000
+        self.idle_timeout_s = cfg.idle_timeout_ms / 1000
+        self.request_timeout_s = cfg.request_timeout_ms / 1000
+        self.max_retries = cfg.max_retries
+        self.max_retry_after_s = cfg.max_retry_after_ms / 1000
+        self.probe_interval_s = cfg.probe_interval_ms / 1000
+        self.primary_probe_margin_s = cfg.primary_probe_margin_ms / 1000
+        # initial * 2^(n-1) plus up to `initial` of jitter, at most the max.
+        self._backoff_max_s = cfg.retry_backoff_max_ms / 1000
+        self._backoff = wait_exponential(
+            multiplier=cfg.retry_backoff_initial_ms / 1000, max=self._backoff_max_s
+        ) + wait_random(0, cfg.retry_backoff_initial_ms / 1000)
+        self._probes: dict[tuple[str, str, str], float] = {}
+        self._token_counters: dict[str, Any] = {}
+        #: provider -> models named anywhere in the agents' configuration.
+        self.catalog: dict[str, list[str]] = {}
+        for agent in config.agents.values():
+            for ref in agent.model_refs:
+                provider, model = ref.split("/", 1)
+                models = self.catalog.setdefault(provider, [])
+                if model not in models:
+                    models.append(model)
+        self._gauge_task: asyncio.Task[None] | None = None
+        self._gauge_dirty = asyncio.Event()
+        store.on_change = self._gauge_dirty.set
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Load shared state and start the provider-state gauge updater."""
+        for provider, profile, env in self.profiles.missing_keys():
+            log.warning(
+                "providers.%s auth profile %r: environment variable %s is not set; calls with it send no key",
+                provider,
+                profile,
+                env,
+            )
+        await self.store.start()
+        self.update_gauges()
+        self._gauge_task = asyncio.create_task(self._gauges(), name="provider-state-gauges")
+
+    async def aclose(self) -> None:
+        """Stop background work, write pending state (bounded), close HTTP clients."""
+        if self._gauge_task is not None:
+            self._gauge_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauge_task
+        await self.store.close()
+        for provider in self.providers.values():
+            await provider.aclose()
+
+    async def _gauges(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._gauge_dirty.wait()
+            self._gauge_dirty.clear()
+            self.update_gauges()
+            await asyncio.sleep(0.05)
+
+    def update_gauges(self) -> None:
+        """Set ``runyard_provider_state`` for every configured provider /
+        profile / model (models outside the configuration are left out so
+        request overrides cannot grow the label set)."""
+        for row in self.status(include_unconfigured=False):
+            metrics.set_provider_state(row.provider, row.profile, row.model, row.health)
+
+    # ------------------------------------------------------------ selection
+
+    def _agent(self, agent_id: str) -> AgentConfig:
+        agent = self.config.agent(agent_id)
+        if agent is None:
+            raise NotFound(
+                f"agent {agent_id!r} is not configured", reason="AGENT_NOT_FOUND", field="agent_id"
+            )
+        return agent
+
+    def _candidate(self, ref: str, field_name: str) -> Candidate:
+        provider, _, model = ref.partition("/")
+        if not model or provider not in self.providers:
+            raise FailedPrecondition(
+                f"model {ref!r} names no configured provider", reason="MODEL_NOT_CONFIGURED", field=field_name
+            )
+        return Candidate(ref, provider, model)
+
+    def select(self, run: common_pb2.RunPayload, messages: Sequence[common_pb2.Message] = ()) -> Selection:
+        """The ordered candidates for ``run`` (see the module docstring).
+
+        Raises:
+            NotFound: unknown agent (AGENT_NOT_FOUND, field agent_id).
+            FailedPrecondition: the override names no configured provider
+                (MODEL_NOT_CONFIGURED, field model.model), or every model is
+                excluded (NO_CANDIDATE_MODELS).
+        """
+        agent = self._agent(run.agent_id)
+        task_class = run.model.task_class or self.classifier.classify(run, messages).task_class
+        chain = agent.chain
+        rule = "agent_primary"
+        if run.model.model:
+            first = self._candidate(run.model.model, "model.model").ref
+            chain = [first, *[m for m in chain if m != first]]
+            rule = "request_override"
+        elif task_class and task_class in agent.task_models:
+            first = agent.task_models[task_class]
+            chain = [first, *[m for m in chain if m != first]]
+            rule = "task_class"
+        excluded = set(run.model.exclude_models)
+        refs = [ref for ref in chain if ref not in excluded]
+        if not refs:
+            raise FailedPrecondition(
+                "every model of the agent's chain is excluded for this run", reason="NO_CANDIDATE_MODELS"
+            )
+        return Selection([self._candidate(ref, "model.model") for ref in refs], task_class, rule)
+
+    def _usable(self, candidate: Candidate, now: float) -> Callable[[str], bool]:
+        store = self.store
+
+        def usable(profile: str) -> bool:
+            return store.blocking(candidate.provider, profile, candidate.model, now) is None
+
+        return usable
+
+    def _probe_allowed(self, key: tuple[str, str, str], now: float) -> bool:
+        last = self._probes.get(key)
+        return last is None or now - last >= self.probe_interval_s
+
+    def _mark_probe(self, key: tuple[str, str, str], now: float) -> None:
+        if len(self._probes) >= _MAX_PROBE_MARKS:
+            self._probes.clear()
+        self._probes[key] = now
+
+    def _pick(self, remaining: list[Candidate], state: _State, *, first: bool = False) -> _Pick | None:
+        """Take the next candidate (and profile) off ``remaining``.
+
+        Returns None when ``remaining`` is empty.
+
+        Raises:
+            _AllCooling: every remaining candidate is cooling and none may be
+                probed now.
+        """
+        now = time.time()
+        mono = time.monotonic()
+        for index, candidate in enumerate(remaining):
+            profiles = self.profiles.ordered(candidate.provider, state.session, self._usable(candidate, now))
+            if profiles:
+                del remaining[index]
+                state.tried.add(candidate.ref)
+                return _Pick(candidate, profiles[0], skipped=index > 0)
+            if first and index == 0 and self.primary_probe_margin_s > 0:
+                early = self._probe_target([candidate], state, now, mono, within=self.primary_probe_margin_s)
+                if early is not None:
+                    return self._take_probe(remaining, state, early, mono)
+        target = self._probe_target(remaining, state, now, mono)
+        if target is not None:
+            return self._take_probe(remaining, state, target, mono)
+        if not remaining:
+            return None
+        soonest = min(
+            (
+                (blocking.until or now)
+                for c in remaining
+                for name in self.profiles.names(c.provider)
+                if (blocking := self.store.blocking(c.provider, name, c.model, now)) is not None
+            ),
+            default=now,
+        )
+        raise _AllCooling(soonest, [c.ref for c in remaining])
+
+    def _probe_target(
+        self,
+        candidates: list[Candidate],
+        state: _State,
+        now: float,
+        mono: float,
+        *,
+        within: float | None = None,
+    ) -> tuple[float, Candidate, str] | None:
+        best: tuple[float, Candidate, str] | None = None
+        for candidate in candidates:
+            if candidate.provider in state.probed_providers:
+                continue
+            for name in self.profiles.names(candidate.provider):
+                if (candidate.provider, name) in state.failed_profiles:
+                    continue  # it just failed in this very request
+                blocking = self.store.blocking(candidate.provider, name, candidate.model, now)
+                if blocking is not None and blocking.health_at(now) == DISABLED:
+                    continue  # billing / revoked key: disabled for hours, not worth a probe
+                until = blocking.until if blocking is not None and blocking.until is not None else now
+                if within is not None and until - now > within:
+                    continue
+                if not self._probe_allowed((candidate.provider, name, candidate.model), mono):
+                    continue
+                if best is None or until < best[0]:
+                    best = (until, candidate, name)
+        return best
+
+    def _take_probe(
+        self, remaining: list[Candidate], state: _State, target: tuple[float, Candidate, str], mono: float
+    ) -> _Pick:
+        _, candidate, name = target
+        self._mark_probe((candidate.provider, name, candidate.model), mono)
+        state.probed_providers.add(candidate.provider)
+        index = remaining.index(candidate)
+        del remaining[index]
+        state.tried.add(candidate.ref)
+        return _Pick(candidate, self.profiles.get(candidate.provider, name), probe=True, skipped=index > 0)
+
+    def _chain(self, refs: Sequence[str], state: _State) -> list[Candidate]:
+        return [
+            self._candidate(ref, "model.model")
+            for ref in refs
+            if ref not in state.tried
+            and ref not in state.excluded
+            and ref.partition("/")[0] in self.providers
+        ]
+
+    # ------------------------------------------------------------ generate
+
+    async def generate(
+        self,
+        run: common_pb2.RunPayload,
+        messages: Sequence[common_pb2.Message],
+        tools: Sequence[common_pb2.ToolDefinition] = (),
+        *,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        """Stream one answer for ``run``, failing over as the policy says.
+
+        Args:
+            run: the run payload (agent, model preferences, options, ids).
+            messages: the whole prompt.
+            tools: tools offered to the model.
+            timeout_s: the caller's remaining deadline, if any; the shorter of
+                it and ``router.request_timeout_ms`` bounds every attempt,
+                retry and fallback together.
+
+        Raises:
+            NotFound: unknown agent.
+            FailedPrecondition: an error no other model can fix: reason
+                ENDPOINT_NOT_FOUND (message names the URL), FORMAT (names the
+                URL and the field the provider blamed), CONTEXT_OVERFLOW or
+                CONTENT_POLICY with no chain left.
+            Unavailable: every model failed (ALL_MODELS_FAILED) or every
+                candidate is cooling down (ALL_MODELS_COOLING, with RetryInfo).
+            DeadlineExceeded: the shared deadline passed (ROUTER_DEADLINE).
+        """
+        budget = self.request_timeout_s if timeout_s is None else min(timeout_s, self.request_timeout_s)
+        agent = self._agent(run.agent_id)
+        selection = self.select(run, messages)
+        temperature = run.options.temperature if run.options.HasField("temperature") else agent.temperature
+        state = _State(
+            run=run,
+            agent_id=run.agent_id or self.config.gateway.default_agent,
+            agent=agent,
+            deadline=time.monotonic() + budget,
+            session=run.session_id or run.session_key,
+            request=Request(
+                model="",
+                messages=messages,
+                tools=tools,
+                temperature=temperature,
+                max_output_tokens=run.options.max_output_tokens or agent.max_output_tokens,
+            ),
+            excluded=set(run.model.exclude_models),
+        )
+        remaining = list(selection.candidates)
+        try:
+            pick = self._pick(remaining, state, first=True)
+        except _AllCooling as cooling:
+            raise self._cooling_error(state, cooling) from None
+        assert pick is not None
+        rule = selection.rule
+        if pick.probe:
+            rule = "cooldown_probe"
+        elif pick.skipped:
+            rule = "cooldown_skip"
+        yield router_pb2.GenerateResponse(
+            model_select=common_pb2.ModelSelect(
+                model=pick.candidate.ref, task_class=selection.task_class, rule=rule
+            )
+        )
+        while True:
+            # aclosing: a client that goes away closes the provider call now,
+            # not whenever the generator is garbage collected.
+            async with contextlib.aclosing(self._serve(pick, state)) as served:
+                async for response in served:
+                    yield response
+            if state.succeeded:
+                return
+            failure = state.last
+            assert failure is not None
+            nxt, decision = self._next(failure, remaining, state)
+            yield router_pb2.GenerateResponse(
+                model_failover=common_pb2.ModelFailover(
+                    from_model=failure.candidate.ref,
+                    to_model=nxt.candidate.ref,
+                    reason=failover_reason_value(failure.verdict.reason),
+                    restart_output=failure.streamed,
+                    message=failure.verdict.detail or failure.error.message,
+                )
+            )
+            log.info(
+                "%s -> %s (%s, %s)%s",
+                failure.candidate.ref,
+                nxt.candidate.ref,
+                failure.verdict.reason,
+                decision,
+                " restarting the answer" if failure.streamed else "",
+            )
+            pick = nxt
+
+    def _next(self, failure: _AttemptFailed, remaining: list[Candidate], state: _State) -> tuple[_Pick, str]:
+        """Decide after a candidate failed for good; returns the next pick.
+
+        ``remaining`` is replaced by the context-window or content-policy
+        chain when the reason says so.
+
+        Raises:
+            RunyardError: abort, exhausted or all cooling (the decision is
+                recorded first).
+        """
+        policy = policy_for(failure.verdict.reason)
+        decision = Decision.NEXT_MODEL
+        chain_name = ""
+        if policy.next_model == "abort":
+            self._decide(failure, state, Decision.ABORT)
+            raise self._abort_error(failure, state)
+        if policy.next_model in ("context_window_chain", "content_policy_chain"):
+            chain_name = policy.next_model
+            refs = (
+                state.agent.context_window_chain
+                if chain_name == "context_window_chain"
+                else state.agent.content_policy_chain
+            )
+            remaining[:] = self._chain(refs, state)
+            if not remaining:
+                self._decide(failure, state, Decision.ABORT)
+                raise self._abort_error(failure, state)
+            decision = chain_name
+        self._cool(failure)
+        try:
+            nxt = self._pick(remaining, state)
+        except _AllCooling as cooling:
+            self._decide(failure, state, Decision.EXHAUSTED)
+            raise self._cooling_error(state, cooling) from None
+        if nxt is None:
+            self._decide(failure, state, Decision.EXHAUSTED)
+            raise self._exhausted_error(state)
+        self._decide(failure, state, decision, to_model=nxt.candidate.ref, to_profile=nxt.profile.name)
+        return nxt, decision
+
+    async def _serve(self, pick: _Pick, state: _State) -> AsyncIterator[router_pb2.GenerateResponse]:
+        """Serve ``pick``'s candidate, rotating auth profiles as the policy
+        allows; sets ``state.succeeded``, else ``state.last``."""
+        candidate, profile = pick.candidate, pick.profile
+        rotated: set[str] = set()
+        rotations = 0
+        while True:
+            rotated.add(profile.name)
+            try:
+                async with contextlib.aclosing(
+                    self._stream(candidate, profile, state, probe=pick.probe)
+                ) as answer:
+                    async for response in answer:
+                        yield response
+            except _AttemptFailed as failure:
+                state.last = failure
+                if failure.verdict.reason in _KEY_REASONS:
+                    # The key itself is bad: no other model may be probed with it in this request.
+                    state.failed_profiles.add((candidate.provider, profile.name))
+                if pick.probe:
+                    metrics.ROUTER_PROBES_TOTAL.labels("failure").inc()
+                self.profiles.unpin(profile, state.session)
+                policy = policy_for(failure.verdict.reason)
+                if failure.streamed or pick.probe or policy.rotate == "no":
+                    return
+                if policy.rotate == "once" and rotations >= 1:
+                    return
+                self._cool(failure)
+                now = time.time()
+                usable = self._usable(candidate, now)
+                options = [
+                    p
+                    for p in self.profiles.ordered(candidate.provider, state.session, usable)
+                    if p.name not in rotated
+                ]
+                if not options:
+                    return
+                rotations += 1
+                self._decide(
+                    failure,
+                    state,
+                    Decision.ROTATE_AUTH_PROFILE,
+                    to_model=candidate.ref,
+                    to_profile=options[0].name,
+                )
+                profile = options[0]
+                continue
+            if pick.probe:
+                metrics.ROUTER_PROBES_TOTAL.labels("success").inc()
+            state.succeeded = True
+            return
+
+    def _retry_same(self, exc: BaseException) -> bool:
+        if not isinstance(exc, _AttemptFailed) or exc.probe:
+            return False
+        policy = policy_for(exc.verdict.reason)
+        if policy.retry_same == "backoff":
+            return True
+        if policy.retry_same == "retry_after":
+            after = exc.verdict.retry_after_s
+            return after is not None and after <= self.max_retry_after_s
+        return False
+
+    def _retry_wait(self, retry_state: RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome is not None else None
+        backoff = min(float(self._backoff(retry_state)), self._backoff_max_s)
+        if isinstance(exc, _AttemptFailed):
+            after = exc.verdict.retry_after_s
+            if policy_for(exc.verdict.reason).retry_same == "retry_after":
+                return after or 0.0
+            if after is not None:
+                return max(backoff, after)
+        return backoff
+
+    async def _stream(
+        self, candidate: Candidate, profile: AuthProfile, state: _State, *, probe: bool
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        """One candidate on one profile: open (with same-model retries), stream
+        the answer, and on success yield ``usage`` and ``final``.
+
+        Raises:
+            _AttemptFailed: the attempt failed (classified, not yet recorded).
+            DeadlineExceeded: the request's deadline passed.
+        """
+        try:
+            opened = await self._open(candidate, profile, state, probe=probe)
+        except _AttemptFailed as failure:
+            if not self._retry_same(failure):
+                raise
+            opened = await self._retry(candidate, profile, state, failure, probe=probe)
+        text: list[str] = []
+        calls: list[common_pb2.ToolCall] = []
+        usage = common_pb2.Usage()
+        finish = "stop"
+        streamed = False
+        stream, watchdog = opened.stream, opened.watchdog
+        tokens = self._tokens_streamed(candidate.provider)
+        try:
+            pending = opened.buffered
+            while True:
+                if pending:
+                    chunk = pending.pop(0)
+                elif stream is None:
+                    break
+                else:
+                    chunk = await self._read(stream, watchdog, candidate, state, first=False)
+                    if chunk is None:
+                        break
+                if chunk.kind == "text":
+                    text.append(chunk.text)
+                    streamed = True
+                    tokens.inc()
+                    yield router_pb2.GenerateResponse(text_delta=common_pb2.TextDelta(text=chunk.text))
+                elif chunk.kind == "tool_call" and chunk.tool_call is not None:
+                    calls.append(chunk.tool_call)
+                    streamed = True
+                    yield router_pb2.GenerateResponse(tool_call=chunk.tool_call)
+                elif chunk.kind == "usage":
+                    usage = common_pb2.Usage(
+                        input_tokens=chunk.input_tokens, output_tokens=chunk.output_tokens
+                    )
+                elif chunk.kind == "finish":
+                    finish = chunk.finish_reason
+        except ProviderError as exc:
+            raise self._failed(
+                candidate, profile, exc, opened.started_at, streamed=streamed, probe=probe
+            ) from None
+        finally:
+            watchdog.close()
+            if stream is not None:
+                await stream.aclose()  # type: ignore[attr-defined]
+        self.store.record_success(candidate.provider, profile.name, candidate.model, opened.started_at)
+        if usage.ByteSize():
+            yield router_pb2.GenerateResponse(usage=usage)
+        final = common_pb2.Message(
+            role=common_pb2.ROLE_ASSISTANT,
+            content="".join(text),
+            tool_calls=calls,
+            run_id=state.run.run_id,
+            model=candidate.ref,
+        )
+        final.create_time.GetCurrentTime()
+        yield router_pb2.GenerateResponse(
+            final=router_pb2.GenerateFinal(
+                message=final, model=candidate.ref, usage=usage, finish_reason=finish
+            )
+        )
+
+    async def _retry(
+        self,
+        candidate: Candidate,
+        profile: AuthProfile,
+        state: _State,
+        failure: _AttemptFailed,
+        *,
+        probe: bool,
+    ) -> _Opened:
+        """Same-model retries after ``failure`` (tenacity: jittered exponential
+        backoff, Retry-After honoured, at most ``max_retries`` more attempts,
+        never sleeping past the request's deadline). The success path never
+        gets here, so it pays nothing for retry bookkeeping.
+
+        Raises:
+            _AttemptFailed: the last failure, once no retry is left or allowed.
+        """
+
+        def stop(retry_state: RetryCallState) -> bool:
+            if retry_state.attempt_number > self.max_retries:
+                return True
+            return retry_state.upcoming_sleep >= state.remaining_s()
+
+        def before_sleep(retry_state: RetryCallState) -> None:
+            exc = retry_state.outcome.exception() if retry_state.outcome is not None else None
+            assert isinstance(exc, _AttemptFailed)
+            self._decide(
+                exc, state, Decision.RETRY_SAME_MODEL, to_model=candidate.ref, to_profile=profile.name
+            )
+
+        first: list[_AttemptFailed] = [failure]
+        opened: _Opened | None = None
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(self._retry_same),
+            wait=self._retry_wait,
+            stop=stop,
+            before_sleep=before_sleep,
+            reraise=True,
+        ):
+            with attempt:
+                if first:
+                    raise first.pop()  # the attempt already made, so tenacity counts it
+                opened = await self._open(candidate, profile, state, probe=probe)
+        assert opened is not None
+        return opened
+
+    def _tokens_streamed(self, provider: str) -> Any:
+        child = self._token_counters.get(provider)
+        if child is None:
+            child = self._token_counters[provider] = metrics.TOKENS_STREAMED.labels(provider)
+        return child
+
+    async def _read(
+        self,
+        stream: AsyncIterator[Chunk],
+        watchdog: _Watchdog,
+        candidate: Candidate,
+        state: _State,
+        *,
+        first: bool,
+    ) -> Chunk | None:
+        """The next chunk within the stall timer and the deadline (None at the end).
+
+        Raises:
+            ProviderError: stalled (``stalled`` = "ttft" or "idle").
+            DeadlineExceeded: the request's deadline passed.
+        """
+        if state.remaining_s() <= 0:
+            raise DeadlineExceeded(
+                "the request's deadline passed while waiting for the model", reason="ROUTER_DEADLINE"
+            )
+        stall = self.ttft_timeout_s if first else self.idle_timeout_s
+        watchdog.arm(stall)
+        try:
+            return await anext(stream)
+        except StopAsyncIteration:
+            return None
+        except asyncio.CancelledError:
+            fired = watchdog.take()
+            if fired == "deadline":
+                raise DeadlineExceeded(
+                    f"the request's deadline passed while waiting for {candidate.ref}",
+                    reason="ROUTER_DEADLINE",
+                ) from None
+            if fired == "stall":
+                raise ProviderError(
+                    f"{candidate.ref}: no {'first ' if first else ''}token within {stall:.3g}s",
+                    stalled="ttft" if first else "idle",
+                ) from None
+            raise
+        finally:
+            watchdog.disarm()
+
+    async def _open(
+        self, candidate: Candidate, profile: AuthProfile, state: _State, *, probe: bool
+    ) -> _Opened:
+        """Start the call and wait for the first token (or the end).
+
+        Raises:
+            _AttemptFailed: the call failed or stalled before its first token.
+            DeadlineExceeded: the request's deadline passed.
+        """
+        started_at = time.time()
+        state.request.model = candidate.model
+        self.profiles.use(profile, state.session)
+        stream = self.providers[candidate.provider].stream(state.request, profile.api_key())
+        watchdog = _Watchdog(state.deadline)
+        buffered: list[Chunk] = []
+        started = time.perf_counter()
+        alive = False  # a first token of any kind came: from then on the idle timer applies
+        try:
+            while True:
+                chunk = await self._read(stream, watchdog, candidate, state, first=not alive)
+                if chunk is None:
+                    return _Opened(None, buffered, watchdog, started_at)
+                alive = True
+                if chunk.kind == "progress":  # tool-call arguments or reasoning under way
+                    continue
+                buffered.append(chunk)
+                if chunk.kind in ("text", "tool_call"):
+                    metrics.TIME_TO_FIRST_TOKEN_SECONDS.labels(candidate.provider).observe(
+                        time.perf_counter() - started
+                    )
+                    return _Opened(stream, buffered, watchdog, started_at)
+        except ProviderError as exc:
+            watchdog.close()
+            await stream.aclose()  # type: ignore[attr-defined]
+            raise self._failed(candidate, profile, exc, started_at, streamed=False, probe=probe) from None
+        except BaseException:
+            watchdog.close()
+            await stream.aclose()  # type: ignore[attr-defined]
+            raise
+
+    # ------------------------------------------------------------ decisions
+
+    def _failed(
+        self,
+        candidate: Candidate,
+        profile: AuthProfile,
+        exc: ProviderError,
+        started_at: float,
+        *,
+        streamed: bool,
+        probe: bool,
+    ) -> _AttemptFailed:
+        exc.redact(profile.api_key())  # some providers quote the key they refused
+        verdict = classify(exc)
+        log.warning(
+            "%s (auth profile %s) failed: %s [%s] %s",
+            candidate.ref,
+            profile.name,
+            verdict.reason,
+            verdict.rule,
+            exc.message,
+        )
+        return _AttemptFailed(candidate, profile, exc, verdict, started_at, streamed=streamed, probe=probe)
+
+    def _cool(self, failure: _AttemptFailed) -> None:
+        """Apply ``failure``'s cooldown to the cache (once per failure)."""
+        if failure.cooled:
+            return
+        failure.cooled = True
+        policy = policy_for(failure.verdict.reason)
+        provider, profile, model = failure.candidate.provider, failure.profile.name, failure.candidate.model
+        if policy.scope == "model":
+            key = CooldownKey(provider, profile, model)
+        elif policy.scope == "profile":
+            key = CooldownKey(provider, profile, "")
+        elif policy.scope == "provider_model":
+            key = CooldownKey(provider, "", model)
+        else:
+            return
+        failure.cooldown_key = key
+        failure.cooldown = self.store.apply_failure(key, self._failure_record(failure))
+        metrics.COOLDOWNS_TOTAL.labels(provider, failure.verdict.reason).inc()
+
+    @staticmethod
+    def _failure_record(failure: _AttemptFailed) -> Failure:
+        return Failure(
+            reason=failure.verdict.reason,
+            message=failure.verdict.detail or failure.error.message,
+            retry_after_s=failure.verdict.retry_after_s,
+            attempt_started_at=failure.started_at,
+            at=failure.failed_at,
+            probe=failure.probe,
+        )
+
+    def _decide(
+        self,
+        failure: _AttemptFailed,
+        state: _State,
+        decision: str,
+        *,
+        to_model: str = "",
+        to_profile: str = "",
+    ) -> None:
+        """Record one decision: cooldown (database), lifecycle event, metrics."""
+        self._cool(failure)
+        reason = failure.verdict.reason
+        metrics.FAILOVERS_TOTAL.labels(reason).inc()
+        metrics.ROUTER_DECISIONS_TOTAL.labels(reason, decision).inc()
+        event = self._event(failure, state, decision, to_model, to_profile)
+        if failure.cooldown_key is not None:
+            self.store.enqueue_failure(failure.cooldown_key, self._failure_record(failure), event)
+            failure.cooldown_key = None  # written once, with the first decision about it
+        else:
+            self.store.record_event(event)
+
+    def _event(
+        self, failure: _AttemptFailed, state: _State, decision: str, to_model: str, to_profile: str
+    ) -> common_pb2.LifecycleEvent:
+        run = state.run
+        event = common_pb2.LifecycleEvent(
+            type=FAILOVER_EVENT,
+            org_id=run.org_id,
+            session_key=run.session_key,
+            agent_id=state.agent_id,
+            run_id=run.run_id,
+            task_id=run.task_id,
+            source=self.instance_id,
+            model=common_pb2.ModelLifecycleData(
+                model=failure.candidate.ref,
+                from_model=failure.candidate.ref,
+                to_model=to_model,
+                reason=failover_reason_value(failure.verdict.reason),
+                provider=failure.candidate.provider,
+                auth_profile=failure.profile.name,
+                to_auth_profile=to_profile,
+                message=(failure.verdict.detail or failure.error.message)[:500],
+                decision=decision,
+            ),
+        )
+        if run.session_id:
+            with contextlib.suppress(ValueError):
+                event.session_id = str(uuid.UUID(run.session_id))
+        event.time.GetCurrentTime()
+        if failure.cooldown is not None:
+            fill_cooldown(event, failure.cooldown)
+        return event
+
+    # ------------------------------------------------------------ errors
+
+    def _where(self, failure: _AttemptFailed) -> str:
+        return failure.error.url or f"provider {failure.candidate.provider!r}"
+
+    def _abort_error(self, failure: _AttemptFailed, state: _State) -> RunyardError:
+        verdict, candidate = failure.verdict, failure.candidate
+        where = self._where(failure)
+        metadata = {"failover_reason": verdict.reason, "model": candidate.ref, "url": failure.error.url}
+        if verdict.reason == Reason.ENDPOINT_NOT_FOUND:
+            answered = f"HTTP {failure.error.status}" if failure.error.status else "an unexpected answer"
+            message = (
+                f"{where} answered {answered} that is not a model error ({verdict.detail}): the endpoint "
+                f"does not exist there; check providers.{candidate.provider}.base_url"
+            )
+        elif verdict.reason == Reason.FORMAT:
+            blamed = f" (field {verdict.param!r})" if verdict.param else ""
+            message = (
+                f"{where} rejected the request for {candidate.ref} as malformed{blamed}: {verdict.detail}"
+            )
+            if verdict.param:
+                metadata["provider_field"] = verdict.param
+        elif verdict.reason == Reason.CONTEXT_OVERFLOW:
+            message = (
+                f"the prompt is too long for {candidate.ref} ({verdict.detail}) and agent "
+                f"{state.agent_id!r} has no larger model left in "
+                f"agents.{state.agent_id}.context_window_chain; reset or compact the session"
+            )
+        else:
+            message = (
+                f"{candidate.ref} refused the request under its content policy ({verdict.detail}) and agent "
+                f"{state.agent_id!r} has no model left in agents.{state.agent_id}.content_policy_chain"
+            )
+        return FailedPrecondition(message, reason=verdict.reason, metadata=metadata)
+
+    def _exhausted_error(self, state: _State) -> RunyardError:
+        last = state.last
+        reason = last.verdict.reason if last else Reason.UNKNOWN
+        model = last.candidate.ref if last else ""
+        return Unavailable(
+            f"every model of agent {state.agent_id!r} failed; last: {model} ({reason}"
+            f"{': ' + last.verdict.detail if last and last.verdict.detail else ''})",
+            reason="ALL_MODELS_FAILED",
+            retry_after_s=last.verdict.retry_after_s if last else None,
+            metadata={"failover_reason": reason, "model": model},
+        )
+
+    def _cooling_error(self, state: _State, cooling: _AllCooling) -> RunyardError:
+        wait = max(cooling.soonest - time.time(), 0.0)
+        metadata = {"models": ",".join(cooling.refs)}
+        cause = ""
+        if state.last is not None:
+            last = state.last
+            metadata["failover_reason"] = last.verdict.reason
+            metadata["model"] = last.candidate.ref
+            # Say why, so a bad key or an empty balance is not hidden behind "cooling".
+            cause = f"; this request's last failure: {last.candidate.ref} ({last.verdict.reason}"
+            cause += f": {last.verdict.detail})" if last.verdict.detail else ")"
+        return Unavailable(
+            f"every remaining model of agent {state.agent_id!r} is cooling down ({', '.join(cooling.refs)}) "
+            f"and none may be probed now; the first cooldown ends in {wait:.1f}s{cause}",
+            reason="ALL_MODELS_COOLING",
+            retry_after_s=wait,
+            metadata=metadata,
+        )
+
+    # ------------------------------------------------------------ status
+
+    def status(self, *, include_unconfigured: bool = True, now: float | None = None) -> list[StatusRow]:
+        """Every provider / auth profile / model with its effective state:
+        one row per profile with ``model == ""`` (the profile's own state),
+        then one per model (the worst of the model, profile and
+        provider-wide model keys). Models outside the configuration (request
+        overrides) are included while they are cooling, when
+        ``include_unconfigured``."""
+        now = time.time() if now is None else now
+        extra: dict[str, set[str]] = {}
+        if include_unconfigured:
+            for state in self.store.states():
+                if state.key.model and state.key.provider in self.config.providers and state.active(now):
+                    extra.setdefault(state.key.provider, set()).add(state.key.model)
+        rows: list[StatusRow] = []
+        for provider in sorted(self.config.providers):
+            models = list(self.catalog.get(provider, []))
+            models += sorted(extra.get(provider, set()) - set(models))
+            for profile in self.profiles.names(provider):
+                rows.append(self._row(provider, profile, "", [CooldownKey(provider, profile, "")], now))
+                for model in models:
+                    rows.append(
+                        self._row(
+                            provider, profile, model, list(self.store.keys_for(provider, profile, model)), now
+                        )
+                    )
+        return rows
+
+    def _row(self, provider: str, profile: str, model: str, keys: list[CooldownKey], now: float) -> StatusRow:
+        states = [s for s in (self.store.get(k) for k in keys) if s is not None]
+        active = [s for s in states if s.active(now)]
+        if active:
+            worst = max(active, key=lambda s: s.until or 0)
+            health, until = worst.health, worst.until
+        else:
+            health, until = OK, None
+            worst = max(states, key=lambda s: s.last_failure_at or 0, default=None)
+        return StatusRow(
+            provider=provider,
+            profile=profile,
+            model=model,
+            health=health,
+            until=until,
+            last_reason=worst.last_reason if worst else "",
+            last_message=worst.last_message if worst else "",
+            failure_count=worst.failure_count if worst else 0,
+            last_failure_at=worst.last_failure_at if worst else None,
+        )

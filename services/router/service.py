@@ -1,0 +1,122 @@
+"""``runyard.v1.RouterService``: model answers with failover, provider state
+and the router's lifecycle events.
+
+``Generate`` is called by workers with a run token scoped to the run;
+``GetProviderStatus`` and ``ListEvents`` are internal calls (the CLI, the
+gateway's WatchEvents relay) that carry the internal service credential.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2
+from runyard.common.auth import RunTokenSigner, check_internal
+from runyard.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from runyard.common.outbox import Outbox
+from runyard.router.engine import Router, StatusRow, failover_reason_value
+
+__all__ = ["MAX_EVENTS_PAGE", "RouterServicer", "provider_state"]
+
+#: Largest ListEvents page.
+MAX_EVENTS_PAGE = 1000
+
+_HEALTH = {
+    "ok": router_pb2.PROVIDER_HEALTH_OK,
+    "cooling": router_pb2.PROVIDER_HEALTH_COOLING,
+    "disabled": router_pb2.PROVIDER_HEALTH_DISABLED,
+}
+
+
+def provider_state(row: StatusRow) -> router_pb2.ProviderState:
+    """The wire form of one status row."""
+    state = router_pb2.ProviderState(
+        provider=row.provider,
+        auth_profile=row.profile,
+        model=row.model,
+        health=_HEALTH[row.health],
+        last_message=row.last_message,
+        failure_count=row.failure_count,
+    )
+    if row.last_reason:
+        # A reason written by a newer replica may not be in this enum yet.
+        with contextlib.suppress(ValueError):
+            state.last_reason = failover_reason_value(row.last_reason)
+    if row.until is not None:
+        state.until.FromNanoseconds(int(row.until * 1e9))
+    if row.last_failure_at is not None:
+        state.last_failure_time.FromNanoseconds(int(row.last_failure_at * 1e9))
+    return state
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    """The gRPC face of :class:`Router`.
+
+    Args:
+        router: the engine.
+        signer: verifies run tokens (``Generate``).
+        internal_secret: the internal service credential ("" = no check).
+        outbox: the ``router`` outbox read by ``ListEvents``.
+    """
+
+    def __init__(
+        self, router: Router, signer: RunTokenSigner, internal_secret: str = "", outbox: Outbox | None = None
+    ):
+        self.router = router
+        self.signer = signer
+        self.internal_secret = internal_secret
+        self.outbox = outbox
+
+    async def Generate(
+        self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        run = request.run
+        claims = self.signer.verify(run.run_token)
+        if (claims.run_id, claims.session_id, claims.org_id, claims.agent_id) != (
+            run.run_id,
+            run.session_id,
+            run.org_id,
+            run.agent_id,
+        ):
+            raise PermissionDenied("run token is not scoped to this run", reason="TOKEN_SCOPE_MISMATCH")
+        if not request.messages:
+            raise InvalidArgument("messages must not be empty", reason="MISSING_FIELD", field="messages")
+        remaining = context.time_remaining()
+        async for response in self.router.generate(run, request.messages, request.tools, timeout_s=remaining):
+            yield response
+
+    async def GetProviderStatus(
+        self, request: router_pb2.GetProviderStatusRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.GetProviderStatusResponse:
+        """Every provider / profile / model with its state, fresh from the
+        shared table (so every replica answers the same); from this replica's
+        cache when the database cannot be reached (the router keeps routing
+        on that cache too)."""
+        check_internal(context, self.internal_secret)
+        await self.router.store.try_refresh()
+        return router_pb2.GetProviderStatusResponse(states=[provider_state(r) for r in self.router.status()])
+
+    async def ListEvents(
+        self, request: sessions_pb2.ListEventsRequest, context: grpc.aio.ServicerContext
+    ) -> sessions_pb2.ListEventsResponse:
+        """Sequenced ``model.failover`` events with id > ``after_id``, oldest
+        first, at most ``limit`` (default 100, at most 1000), optionally only
+        the given ``types``.
+
+        Raises:
+            InvalidArgument: negative ``limit`` (field limit).
+            FailedPrecondition: the router runs without a database.
+        """
+        check_internal(context, self.internal_secret)
+        if request.limit < 0:
+            raise InvalidArgument("limit must not be negative", reason="INVALID_LIMIT", field="limit")
+        if self.outbox is None or self.router.store.pool is None:
+            raise FailedPrecondition("this router has no event outbox (no database)", reason="NO_OUTBOX")
+        limit = min(request.limit or 100, MAX_EVENTS_PAGE)
+        events: list[common_pb2.LifecycleEvent] = await self.outbox.read(
+            self.router.store.pool, request.after_id, limit, list(request.types)
+        )
+        return sessions_pb2.ListEventsResponse(events=events)

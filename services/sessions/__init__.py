@@ -1,0 +1,1 @@
+"""The sessions service: conversation state, snapshots, lifecycle events."""

@@ -1,0 +1,1 @@
+"""The worker: executes runs assigned by the gateway."""

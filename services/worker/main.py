@@ -1,0 +1,326 @@
+"""The worker (``runyard serve worker``): executes runs the gateway assigns.
+
+The worker keeps one ``WorkerHubService/Connect`` stream open to a gateway
+(reconnecting with exponential backoff), says hello with its capacity and
+the runs it still executes, heartbeats their leases, and streams each run's
+events and result. Events carry a per-run ``worker_seq``; after reconnecting,
+the worker resends exactly the events the gateway did not persist, so a
+gateway restart neither loses nor repeats an event.
+
+On SIGTERM the worker stops taking runs, lets running ones finish within
+``worker.shutdown_grace_s``, then releases the rest (re-queued at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from runyard import __version__
+from runyard._proto.v1 import (
+    common_pb2,
+    router_pb2_grpc,
+    sessions_pb2_grpc,
+    tasks_pb2_grpc,
+    worker_hub_pb2,
+    worker_hub_pb2_grpc,
+)
+from runyard.common.auth import internal_metadata
+from runyard.common.clients import internal_channel
+from runyard.common.config import Config
+from runyard.common.metrics import serve_metrics
+from runyard.common.server import ServiceServer
+from runyard.worker.runner import RunExecutor, RunOutcome
+from runyard.worker.tools import TaskTools
+
+__all__ = ["Worker", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ActiveRun:
+    """A run this worker holds (until the gateway acknowledges its result)."""
+
+    payload: common_pb2.RunPayload
+    task: asyncio.Task[None] | None = None
+    #: Every event sent, in order (index + 1 = worker_seq): resent after a re-attach.
+    sent: list[worker_hub_pb2.ConnectRequest] = field(default_factory=list)
+    result: worker_hub_pb2.ConnectRequest | None = None
+    cancel_reason: str = ""
+
+    @property
+    def run_id(self) -> str:
+        return self.payload.run_id
+
+    @property
+    def epoch(self) -> int:
+        return self.payload.epoch
+
+
+class Worker:
+    """A worker process's connection to the gateway and its runs."""
+
+    def __init__(self, config: Config, worker_id: str | None = None):
+        self.config = config
+        self.worker_id = worker_id or config.worker.worker_id or f"worker-{socket.gethostname()}-{os.getpid()}"
+        self.capacity = config.worker.capacity
+        self.runs: dict[str, ActiveRun] = {}
+        self._queue: asyncio.Queue[worker_hub_pb2.ConnectRequest | None] | None = None
+        self._sessions_channel = internal_channel(config.endpoints.sessions)
+        self._router_channel = internal_channel(config.endpoints.router)
+        # The built-in tools call the gateway's TaskService with each run's token.
+        self._tasks_channel = internal_channel(config.endpoints.gateway)
+        self.executor = RunExecutor(
+            config,
+            self.worker_id,
+            sessions_pb2_grpc.SessionServiceStub(self._sessions_channel),
+            router_pb2_grpc.RouterServiceStub(self._router_channel),
+        )
+        self.executor.tools = TaskTools(
+            tasks_pb2_grpc.TaskServiceStub(self._tasks_channel),
+            internal_metadata(config.auth.internal_secret),
+            wait_max_s=config.tasks.tool_wait_max_s,
+            retrying=self.executor._retrying,
+        )
+        self.draining = False
+        self.connected = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._backoff_s = config.worker.reconnect_initial_ms / 1000
+
+    # ------------------------------------------------------------ sending
+
+    def _send(self, message: worker_hub_pb2.ConnectRequest) -> None:
+        if self._queue is not None:
+            self._queue.put_nowait(message)
+
+    def _emit(self, run: ActiveRun, event: common_pb2.RunEvent) -> None:
+        message = worker_hub_pb2.ConnectRequest(
+            event=worker_hub_pb2.WorkerRunEvent(
+                run_id=run.run_id, epoch=run.epoch, event=event, worker_seq=len(run.sent) + 1
+            )
+        )
+        run.sent.append(message)
+        self._send(message)
+
+    # ------------------------------------------------------------ runs
+
+    def _start_run(self, payload: common_pb2.RunPayload) -> None:
+        if payload.run_id in self.runs:
+            return
+        run = ActiveRun(payload)
+        self.runs[payload.run_id] = run
+        run.task = asyncio.create_task(self._execute(run), name=f"run-{payload.run_id}")
+
+    async def _execute(self, run: ActiveRun) -> None:
+        try:
+            outcome = await self.executor.execute(run.payload, lambda event: self._emit(run, event))
+        except asyncio.CancelledError:
+            reason = run.cancel_reason or "CANCELLED"
+            if reason == "LEASE_LOST":
+                self.runs.pop(run.run_id, None)  # the gateway gave the run away: nothing to report
+                return
+            if reason == "RELEASE":
+                result = worker_hub_pb2.WorkerRunResult(
+                    run_id=run.run_id, epoch=run.epoch, released=worker_hub_pb2.RunReleased(reason="worker shutdown")
+                )
+            else:
+                result = worker_hub_pb2.WorkerRunResult(
+                    run_id=run.run_id, epoch=run.epoch, cancelled=common_pb2.RunCancelled(reason=reason.lower())
+                )
+            self._finish(run, result)
+            return
+        self._finish(run, self._result(run, outcome))
+
+    @staticmethod
+    def _result(run: ActiveRun, outcome: RunOutcome) -> worker_hub_pb2.WorkerRunResult:
+        result = worker_hub_pb2.WorkerRunResult(run_id=run.run_id, epoch=run.epoch)
+        if outcome.completed is not None:
+            result.completed.CopyFrom(outcome.completed)
+        elif outcome.failed is not None:
+            result.failed.CopyFrom(outcome.failed)
+        else:
+            result.cancelled.CopyFrom(outcome.cancelled or common_pb2.RunCancelled())
+        return result
+
+    def _finish(self, run: ActiveRun, result: worker_hub_pb2.WorkerRunResult) -> None:
+        run.result = worker_hub_pb2.ConnectRequest(result=result)
+        self._send(run.result)
+
+    def _cancel_run(self, run_id: str, reason: str) -> None:
+        run = self.runs.get(run_id)
+        if run is None or run.task is None or run.task.done():
+            if run is not None and reason == "LEASE_LOST":
+                self.runs.pop(run_id, None)
+            return
+        run.cancel_reason = reason
+        run.task.cancel()
+
+    # ------------------------------------------------------------ connection
+
+    def _hello(self) -> worker_hub_pb2.ConnectRequest:
+        hello = worker_hub_pb2.WorkerHello(worker_id=self.worker_id, capacity=self.capacity, version=__version__)
+        for run in self.runs.values():
+            hello.active_runs.add(run_id=run.run_id, epoch=run.epoch)
+        return worker_hub_pb2.ConnectRequest(hello=hello)
+
+    async def _requests(
+        self, queue: asyncio.Queue[worker_hub_pb2.ConnectRequest | None]
+    ) -> AsyncIterator[worker_hub_pb2.ConnectRequest]:
+        yield self._hello()
+        while True:
+            message = await queue.get()
+            if message is None:
+                return
+            yield message
+
+    async def _heartbeat(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            beat = worker_hub_pb2.WorkerHeartbeat(free_capacity=max(self.capacity - len(self.runs), 0))
+            for run in self.runs.values():
+                beat.runs.add(run_id=run.run_id, epoch=run.epoch)
+            self._send(worker_hub_pb2.ConnectRequest(heartbeat=beat))
+
+    def _on_welcome(self, welcome: worker_hub_pb2.HubWelcome) -> None:
+        for lease in welcome.rejected_runs:
+            log.warning("gateway refused re-attached run %s; stopping it", lease.run_id)
+            self._cancel_run(lease.run_id, "LEASE_LOST")
+            self.runs.pop(lease.run_id, None)
+        for lease in welcome.accepted_runs:
+            run = self.runs.get(lease.run_id)
+            if run is None:
+                continue
+            for message in run.sent[lease.worker_seq :]:
+                self._send(message)
+            if run.result is not None:
+                self._send(run.result)
+        if self.draining:
+            self._send(worker_hub_pb2.ConnectRequest(draining=worker_hub_pb2.WorkerDraining(reason="shutdown")))
+
+    def _on_ack(self, ack: worker_hub_pb2.ResultAck) -> None:
+        run = self.runs.get(ack.run_id)
+        if run is None or run.epoch != ack.epoch:
+            return
+        if ack.accepted or ack.message.startswith("stale"):
+            self.runs.pop(ack.run_id, None)
+            if not self.runs:
+                self._idle.set()
+            return
+        log.warning("gateway did not accept the result of run %s (%s); retrying", ack.run_id, ack.message)
+
+        async def retry() -> None:
+            await asyncio.sleep(1.0)
+            if self.runs.get(ack.run_id) is run and run.result is not None:
+                self._send(run.result)
+
+        asyncio.get_running_loop().create_task(retry())
+
+    async def _connection(self) -> None:
+        channel = internal_channel(self.config.endpoints.gateway)
+        queue: asyncio.Queue[worker_hub_pb2.ConnectRequest | None] = asyncio.Queue()
+        heartbeat: asyncio.Task[None] | None = None
+        try:
+            stub = worker_hub_pb2_grpc.WorkerHubServiceStub(channel)
+            stream = stub.Connect(self._requests(queue), metadata=internal_metadata(self.config.auth.internal_secret))
+            async for response in stream:
+                kind = response.WhichOneof("message")
+                if kind == "welcome":
+                    self._queue = queue
+                    self.connected.set()
+                    self._backoff_s = self.config.worker.reconnect_initial_ms / 1000
+                    log.info("connected to gateway %s", response.welcome.gateway_id)
+                    self._on_welcome(response.welcome)
+                    heartbeat = asyncio.create_task(
+                        self._heartbeat(max(response.welcome.heartbeat_interval_ms, 100) / 1000)
+                    )
+                elif kind == "assign":
+                    if self.draining:
+                        continue  # the gateway re-queues it when the lease lapses or we leave
+                    self._start_run(response.assign.payload)
+                elif kind == "cancel":
+                    self._cancel_run(response.cancel.run_id, response.cancel.reason or "CANCELLED")
+                elif kind == "ack":
+                    self._on_ack(response.ack)
+                elif kind == "drain":
+                    log.info("gateway is draining; reconnecting")
+                    break
+        finally:
+            self.connected.clear()
+            self._queue = None
+            queue.put_nowait(None)
+            if heartbeat is not None:
+                heartbeat.cancel()
+            await channel.close(grace=None)
+
+    async def run(self) -> None:
+        """Stay connected (with backoff) until :meth:`shutdown`."""
+        maximum = self.config.worker.reconnect_max_ms / 1000
+        while not self._stopped.is_set():
+            try:
+                await self._connection()
+            except grpc.aio.AioRpcError as exc:
+                log.warning("gateway stream ended: %s %s", exc.code().name, exc.details())
+            except Exception:  # noqa: BLE001 - keep reconnecting
+                log.exception("gateway stream failed")
+            if self._stopped.is_set():
+                return
+            delay = self._backoff_s * random.uniform(0.5, 1.0)
+            self._backoff_s = min(self._backoff_s * 2, maximum)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), delay)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop taking runs, let them finish within ``grace_s``, release the rest."""
+        self.draining = True
+        self._send(worker_hub_pb2.ConnectRequest(draining=worker_hub_pb2.WorkerDraining(reason="shutdown")))
+        if self.runs:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wait_all_acked(), grace_s)
+        for run_id in list(self.runs):
+            self._cancel_run(run_id, "RELEASE")
+        if self.runs and self.connected.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wait_all_acked(), 5.0)
+        self._stopped.set()
+        if self._queue is not None:
+            self._queue.put_nowait(None)
+
+    async def _wait_all_acked(self) -> None:
+        while self.runs:
+            self._idle.clear()
+            await self._idle.wait()
+
+    async def aclose(self) -> None:
+        await self._sessions_channel.close()
+        await self._router_channel.close()
+        await self._tasks_channel.close()
+
+
+async def serve(config: Config) -> None:
+    """Run a worker until SIGTERM/SIGINT, then drain gracefully."""
+    cfg = config.worker
+    worker = Worker(config)
+    server = ServiceServer("worker", cfg.listen, [], shutdown_grace_s=cfg.shutdown_grace_s)
+    serve_metrics(cfg.metrics_port, cfg.listen.rsplit(":", 1)[0] or "0.0.0.0")
+    server.install_signal_handlers()
+    await server.start()
+    loop_task = asyncio.create_task(worker.run(), name="worker")
+    await server.stop_requested.wait()
+    log.info("worker %s shutting down (%d runs in flight)", worker.worker_id, len(worker.runs))
+    await server.begin_shutdown()
+    await worker.shutdown(cfg.shutdown_grace_s)
+    loop_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await loop_task
+    await worker.aclose()
+    await server.stop(0)

@@ -1,0 +1,338 @@
+"""Executes one run: hydrate, build the prompt, call the router, stream events,
+write the snapshot on success, report the outcome.
+
+A run whose snapshot was already committed (its completion report was lost
+before the gateway recorded it) is not executed again: it reports the stored
+answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential, wait_random
+
+from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2, sessions_pb2_grpc
+from runyard.common.config import Config
+from runyard.common.errors import ResourceExhausted, RunyardError, from_rpc_error
+from runyard.common.protoutil import now
+from runyard.worker.compaction import Compactor
+from runyard.worker.tools import TaskTools, offered_tools
+
+__all__ = ["RunOutcome", "RunExecutor", "build_prompt"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _transient(exc: BaseException) -> bool:
+    """A dependency is restarting or unreachable (not a model failure)."""
+    return (
+        isinstance(exc, RunyardError)
+        and exc.code == grpc.StatusCode.UNAVAILABLE
+        and exc.reason in ("UNAVAILABLE", "DRAINING")
+    )
+
+
+@dataclass(slots=True)
+class RunOutcome:
+    """What a run ended with: exactly one of the fields is set."""
+
+    completed: common_pb2.RunCompleted | None = None
+    failed: common_pb2.RunFailed | None = None
+    cancelled: common_pb2.RunCancelled | None = None
+
+
+def build_prompt(
+    system_prompt: str, transcript: common_pb2.Transcript, run_input: common_pb2.RunInput
+) -> tuple[list[common_pb2.Message], list[common_pb2.Message]]:
+    """The model prompt and the messages this run adds to the transcript.
+
+    Returns:
+        ``(prompt, new_turn)``: the prompt is system prompt (plus the
+        compaction summary, if any), the transcript, then the new turn; the new
+        turn is the run's extra input messages followed by the user text.
+    """
+    system = system_prompt
+    if transcript.summary:
+        system = f"{system}\n\nSummary of the earlier conversation:\n{transcript.summary}".strip()
+    prompt: list[common_pb2.Message] = []
+    if system:
+        prompt.append(common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=system))
+    prompt.extend(transcript.messages)
+    new_turn = list(run_input.messages)
+    if run_input.text or run_input.attachments:
+        new_turn.append(
+            common_pb2.Message(
+                role=common_pb2.ROLE_USER, content=run_input.text, attachments=run_input.attachments
+            )
+        )
+    prompt.extend(new_turn)
+    return prompt, new_turn
+
+
+class RunExecutor:
+    """Runs the pipeline of one run against sessions and the router."""
+
+    def __init__(
+        self,
+        config: Config,
+        worker_id: str,
+        sessions: sessions_pb2_grpc.SessionServiceStub,
+        router: router_pb2_grpc.RouterServiceStub,
+        tools: TaskTools | None = None,
+    ):
+        self.config = config
+        self.worker_id = worker_id
+        self.sessions = sessions
+        self.router = router
+        self.compactor = Compactor(config, router)
+        #: The built-in tools (spawn_task, task_output); None = none offered.
+        self.tools = tools
+
+    async def execute(
+        self, payload: common_pb2.RunPayload, emit: Callable[[common_pb2.RunEvent], None]
+    ) -> RunOutcome:
+        """Execute ``payload``, emitting events; returns the outcome.
+
+        Cancellation (``asyncio.CancelledError``) propagates after the router
+        call is cancelled; no snapshot is written for an unfinished run.
+        """
+        try:
+            return await self._execute(payload, emit)
+        except RunyardError as exc:
+            return RunOutcome(failed=common_pb2.RunFailed(error=exc.to_run_error()))
+        except grpc.aio.AioRpcError as exc:
+            return RunOutcome(failed=common_pb2.RunFailed(error=from_rpc_error(exc).to_run_error()))
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, retried while the callee is unavailable (restart, deploy),
+        for at most ``worker.dependency_retry_s`` seconds."""
+        async for attempt in AsyncRetrying(
+            stop=stop_after_delay(self.config.worker.dependency_retry_s),
+            wait=wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1),
+            retry=retry_if_exception(_transient),
+            reraise=True,
+        ):
+            with attempt:
+                try:
+                    return await call()
+                except grpc.aio.AioRpcError as exc:
+                    raise from_rpc_error(exc) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _execute(
+        self, payload: common_pb2.RunPayload, emit: Callable[[common_pb2.RunEvent], None]
+    ) -> RunOutcome:
+        token = payload.run_token
+        snapshot = await self._retrying(
+            lambda: self.sessions.GetSnapshot(sessions_pb2.GetSnapshotRequest(run_token=token), timeout=30)
+        )
+        if snapshot.run_committed:
+            return self._already_done(payload, snapshot.transcript)
+        # -- compaction (runyard.worker.compaction): a transcript past the limits is summarised
+        # in place; the snapshot below carries it and its commit rolls the key to a new session.
+        compaction = await self.compactor.compact(payload, snapshot)
+        # -- end compaction
+        agent = self.config.agent(payload.agent_id)
+        system_prompt = agent.system_prompt if agent is not None else ""
+        prompt, new_turn = build_prompt(system_prompt, snapshot.transcript, payload.input)
+        for message in new_turn:
+            if not message.HasField("create_time"):
+                message.create_time.CopyFrom(now())
+            message.run_id = payload.run_id
+        final, produced = await self._converse(payload, prompt, emit)
+        transcript = common_pb2.Transcript()
+        transcript.CopyFrom(snapshot.transcript)
+        transcript.messages.extend(new_turn)
+        transcript.messages.extend(produced)  # tool calls and their results, in pairs
+        transcript.messages.append(final.message)
+        await self._retrying(
+            lambda: self.sessions.PutSnapshot(
+                sessions_pb2.PutSnapshotRequest(
+                    run_token=token,
+                    transcript=transcript,
+                    session_id=payload.session_id,
+                    base_snapshot_id=snapshot.snapshot_id,
+                    compaction=compaction,
+                ),
+                timeout=30,
+            )
+        )
+        return RunOutcome(
+            completed=common_pb2.RunCompleted(message=final.message, model=final.model, usage=final.usage)
+        )
+
+    async def _converse(
+        self,
+        payload: common_pb2.RunPayload,
+        prompt: list[common_pb2.Message],
+        emit: Callable[[common_pb2.RunEvent], None],
+    ) -> tuple[router_pb2.GenerateFinal, list[common_pb2.Message]]:
+        """The model's answer, with the built-in tool loop.
+
+        When the run offers tools (:func:`runyard.worker.tools.offered_tools`)
+        and the model calls them, each call is executed, reported with a
+        ``tool_result`` event and answered with a ROLE_TOOL message, and the
+        model is asked again. After ``max_tool_calls`` calls (the run's
+        option, else ``tasks.max_tool_calls``) tools are no longer offered;
+        further calls in the same answer get an error result.
+
+        Returns:
+            ``(final answer, produced)``: ``produced`` holds the assistant
+            messages with tool calls and their results, in order; the
+            final answer's usage is the sum over every model call.
+
+        Raises:
+            ResourceExhausted: the model still called tools after they were
+                withdrawn (TOOL_CALL_LIMIT_EXCEEDED).
+        """
+        tools = offered_tools(self.config, payload) if self.tools is not None else []
+        limit = payload.options.max_tool_calls or self.config.tasks.max_tool_calls
+        produced: list[common_pb2.Message] = []
+        usage = common_pb2.Usage()
+        calls_made = 0
+        ordinals: dict[str, int] = {}
+        while True:
+            offer = tools if calls_made < limit else []
+            final = await self._generate(payload, [*prompt, *produced], emit, offer, announced=bool(produced))
+            usage.input_tokens += final.usage.input_tokens
+            usage.output_tokens += final.usage.output_tokens
+            final.usage.CopyFrom(usage)
+            if not final.message.tool_calls or not tools:
+                return final, produced
+            if not offer:
+                raise ResourceExhausted(
+                    f"the model kept calling tools after the run's limit of {limit} tool calls "
+                    "(RunOptions.max_tool_calls / tasks.max_tool_calls)",
+                    reason="TOOL_CALL_LIMIT_EXCEEDED",
+                    retryable=False,
+                )
+            assert self.tools is not None
+            produced.append(final.message)
+            for call in final.message.tool_calls:
+                if calls_made >= limit:
+                    content = f'{{"error": "tool call limit ({limit}) reached; answer without tools"}}'
+                    is_error = True
+                else:
+                    calls_made += 1
+                    ordinals[call.name] = ordinals.get(call.name, 0) + 1
+                    result = await self.tools.execute(payload, call, ordinals[call.name])
+                    content, is_error = result.content, result.is_error
+                emit(
+                    common_pb2.RunEvent(
+                        tool_result=common_pb2.ToolResultEvent(
+                            tool_call_id=call.id, name=call.name, content=content, is_error=is_error
+                        )
+                    )
+                )
+                message = common_pb2.Message(
+                    role=common_pb2.ROLE_TOOL,
+                    content=content,
+                    tool_call_id=call.id,
+                    name=call.name,
+                    run_id=payload.run_id,
+                    metadata={"is_error": "true"} if is_error else {},
+                )
+                message.create_time.CopyFrom(now())
+                produced.append(message)
+
+    async def _generate(
+        self,
+        payload: common_pb2.RunPayload,
+        prompt: list[common_pb2.Message],
+        emit: Callable[[common_pb2.RunEvent], None],
+        tools: list[common_pb2.ToolDefinition] | None = None,
+        *,
+        announced: bool = False,
+    ) -> router_pb2.GenerateFinal:
+        """Stream the router's answer, forwarding events.
+
+        ``tools`` are offered to the model; ``announced`` means the run's
+        ``started`` event was already sent (a later call of the tool loop).
+
+        If the router becomes unavailable (restart, deploy) the call is retried
+        for up to ``worker.dependency_retry_s``; when text was already
+        streamed, a ``model_failover`` with ``restart_output`` tells the client
+        to discard it.
+        """
+        deadline = time.monotonic() + self.config.worker.dependency_retry_s
+        timeout = (payload.options.timeout_ms or self.config.router.request_timeout_ms) / 1000 + 5
+        delay = 0.1
+        started = announced
+        while True:
+            model = ""
+            streamed = False
+            call = self.router.Generate(
+                router_pb2.GenerateRequest(
+                    run=payload, messages=prompt, tools=tools or (), purpose=router_pb2.GENERATE_PURPOSE_RUN
+                ),
+                timeout=timeout,
+            )
+            try:
+                async for response in call:
+                    kind = response.WhichOneof("event")
+                    if kind == "model_select":
+                        model = response.model_select.model
+                        if not started:
+                            started = True
+                            emit(
+                                common_pb2.RunEvent(
+                                    started=common_pb2.RunStarted(
+                                        worker_id=self.worker_id, model=model, attempt=payload.attempt
+                                    )
+                                )
+                            )
+                        emit(common_pb2.RunEvent(model_select=response.model_select))
+                    elif kind == "text_delta":
+                        streamed = True
+                        emit(common_pb2.RunEvent(text_delta=response.text_delta))
+                    elif kind == "model_failover":
+                        model = response.model_failover.to_model
+                        emit(common_pb2.RunEvent(model_failover=response.model_failover))
+                    elif kind == "tool_call":
+                        streamed = True
+                        emit(common_pb2.RunEvent(tool_call=common_pb2.ToolCallEvent(call=response.tool_call)))
+                    elif kind == "usage":
+                        emit(common_pb2.RunEvent(usage=response.usage))
+                    elif kind == "final":
+                        return response.final
+                raise RunyardError("the router ended without an answer", reason="NO_ANSWER")
+            except grpc.aio.AioRpcError as exc:
+                error = from_rpc_error(exc)
+                if not _transient(error) or time.monotonic() + delay > deadline:
+                    raise error from None
+                log.warning("router unavailable for run %s (%s); retrying", payload.run_id, error.message)
+                if streamed:
+                    emit(
+                        common_pb2.RunEvent(
+                            model_failover=common_pb2.ModelFailover(
+                                from_model=model,
+                                to_model=model,
+                                reason=common_pb2.FAILOVER_REASON_NETWORK,
+                                restart_output=True,
+                                message="lost the router mid-answer; restarting the answer",
+                            )
+                        )
+                    )
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 2.0)
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+
+    def _already_done(self, payload: common_pb2.RunPayload, transcript: common_pb2.Transcript) -> RunOutcome:
+        answer = next(
+            (m for m in reversed(transcript.messages) if m.role == common_pb2.ROLE_ASSISTANT and m.run_id == payload.run_id),
+            common_pb2.Message(role=common_pb2.ROLE_ASSISTANT),
+        )
+        log.info("run %s was already committed; reporting the stored answer", payload.run_id)
+        return RunOutcome(completed=common_pb2.RunCompleted(message=answer, model=answer.model))

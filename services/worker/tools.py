@@ -1,0 +1,201 @@
+"""The built-in agent tools: ``spawn_task`` and ``task_output`` (DESIGN.md section 7).
+
+A run offers them to its model when its agent lists them
+(``agents.<id>.tools``) or the run sets ``RunOptions.tools_enabled``. The
+tool loop (:meth:`runyard.worker.runner.RunExecutor._converse`) executes the
+calls the model makes through :class:`TaskTools`, which calls the gateway's
+internal ``TaskService`` with the run's token: a run spawns tasks under its
+own session and reads only those.
+
+* ``spawn_task {prompt, description?, agent_id?, model?, max_tool_calls?}``
+  starts a background task and answers at once with its id and status; the
+  session gets a notification message when it ends.
+* ``task_output {task_id, wait_s?}`` reads a task: status, and its result or
+  error once it ended; ``wait_s`` (at most ``tasks.tool_wait_max_s``) waits
+  for the end first.
+
+Tool results are JSON objects. A failure (bad arguments, an unknown task, a
+limit) is a tool result with ``is_error`` that the model reads; it does not
+fail the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from runyard._proto.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
+from runyard.common.config import Config
+from runyard.common.errors import RunyardError
+
+__all__ = ["BUILTIN_TOOLS", "TaskTools", "ToolResult", "offered_tools"]
+
+_STATUS = {v: k.removeprefix("TASK_STATUS_") for k, v in common_pb2.TaskStatus.items()}
+_ENDED = {common_pb2.TASK_STATUS_COMPLETED, common_pb2.TASK_STATUS_ERROR, common_pb2.TASK_STATUS_CANCELLED,
+          common_pb2.TASK_STATUS_INTERRUPTED}
+_POLL_S = 0.25
+
+SPAWN_TASK = common_pb2.ToolDefinition(
+    name="spawn_task",
+    description=(
+        "Start a background task: another agent works on `prompt` in its own session while you carry on. "
+        "Returns the task id at once. You receive a message when the task ends (with its result), and "
+        "task_output reads it any time."
+    ),
+    parameters_json_schema=json.dumps({
+        "type": "object",
+        "properties": {
+            "prompt": {"type": "string", "description": "Everything the task needs to know: it sees nothing else."},
+            "description": {"type": "string", "description": "A few words naming the task (shown in updates)."},
+            "agent_id": {"type": "string", "description": "Agent to run it (default: yours)."},
+            "model": {"type": "string", "description": "'provider/model' to use instead of the agent's."},
+            "max_tool_calls": {"type": "integer", "minimum": 0, "description": "Tool calls the task may make."},
+        },
+        "required": ["prompt"],
+        "additionalProperties": False,
+    }),
+)
+TASK_OUTPUT = common_pb2.ToolDefinition(
+    name="task_output",
+    description=(
+        "Read a background task started with spawn_task: its status and, once it ended, its result or error. "
+        "Set wait_s to wait up to that many seconds for it to end."
+    ),
+    parameters_json_schema=json.dumps({
+        "type": "object",
+        "properties": {
+            "task_id": {"type": "string"},
+            "wait_s": {"type": "number", "minimum": 0, "description": "Wait this long for the task to end."},
+        },
+        "required": ["task_id"],
+        "additionalProperties": False,
+    }),
+)
+#: The built-in tools by name.
+BUILTIN_TOOLS: dict[str, common_pb2.ToolDefinition] = {"spawn_task": SPAWN_TASK, "task_output": TASK_OUTPUT}
+
+
+def offered_tools(config: Config, payload: common_pb2.RunPayload) -> list[common_pb2.ToolDefinition]:
+    """The built-in tools a run offers: its agent's ``tools``, or all of them
+    with ``RunOptions.tools_enabled``."""
+    agent = config.agent(payload.agent_id)
+    names = set(agent.tools) if agent is not None else set()
+    if payload.options.tools_enabled:
+        names |= set(BUILTIN_TOOLS)
+    return [tool for name, tool in BUILTIN_TOOLS.items() if name in names]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    """What a tool call returned (``content`` is JSON text, or an error message)."""
+
+    content: str
+    is_error: bool = False
+
+
+def _error(message: str) -> ToolResult:
+    return ToolResult(json.dumps({"error": message}), is_error=True)
+
+
+def _summary(task: common_pb2.Task) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "task_id": task.id,
+        "status": _STATUS.get(task.status, "UNSPECIFIED"),
+        "description": task.description,
+        "attempt": task.attempt,
+    }
+    if task.status == common_pb2.TASK_STATUS_COMPLETED:
+        out["result"] = task.result
+    elif task.status in _ENDED:
+        out["error"] = task.error.message or task.result
+    if task.HasField("end_time"):
+        out["duration_s"] = round((task.end_time.ToNanoseconds() - task.create_time.ToNanoseconds()) / 1e9, 3)
+    return out
+
+
+class TaskTools:
+    """Executes ``spawn_task`` / ``task_output`` calls through ``TaskService``.
+
+    Args:
+        stub: ``TaskService`` on the gateway.
+        metadata: the internal credential metadata.
+        wait_max_s: longest wait ``task_output`` may ask for.
+        retrying: runs a call, retrying while the gateway is unavailable
+            (the executor's dependency retry).
+    """
+
+    def __init__(
+        self,
+        stub: tasks_pb2_grpc.TaskServiceStub,
+        metadata: Sequence[tuple[str, str]],
+        *,
+        wait_max_s: float,
+        retrying: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]],
+    ):
+        self.stub = stub
+        self.metadata = tuple(metadata)
+        self.wait_max_s = wait_max_s
+        self.retrying = retrying
+
+    async def execute(self, payload: common_pb2.RunPayload, call: common_pb2.ToolCall, ordinal: int) -> ToolResult:
+        """Run one tool call of ``payload``'s run; ``ordinal`` numbers the
+        run's calls of that tool (the idempotency key of a spawn, so a run
+        that re-executes after its worker was lost spawns nothing twice)."""
+        try:
+            arguments = json.loads(call.arguments_json or "{}")
+        except json.JSONDecodeError as exc:
+            return _error(f"arguments are not valid JSON: {exc}")
+        if not isinstance(arguments, dict):
+            return _error("arguments must be a JSON object")
+        try:
+            if call.name == "spawn_task":
+                return await self._spawn(payload, arguments, ordinal)
+            if call.name == "task_output":
+                return await self._output(payload, arguments)
+        except RunyardError as exc:
+            return _error(f"{exc.reason}: {exc.message}")
+        return _error(f"unknown tool {call.name!r}; available: {', '.join(BUILTIN_TOOLS)}")
+
+    async def _spawn(self, payload: common_pb2.RunPayload, arguments: dict[str, Any], ordinal: int) -> ToolResult:
+        prompt = arguments.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            return _error("'prompt' (a non-empty string) is required")
+        text = {name: arguments.get(name, "") for name in ("description", "agent_id", "model")}
+        if any(not isinstance(value, str) for value in text.values()):
+            return _error("'description', 'agent_id' and 'model' must be strings")
+        limit = arguments.get("max_tool_calls", 0)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            return _error("'max_tool_calls' must be a whole number >= 0")
+        request = tasks_pb2.TaskServiceSpawnTaskRequest(
+            run_token=payload.run_token,
+            prompt=prompt,
+            max_tool_calls=limit,
+            idempotency_key=f"runyard.tool:{payload.run_id}:spawn_task:{ordinal}",
+            **text,
+        )
+        response = await self.retrying(lambda: self.stub.SpawnTask(request, metadata=self.metadata, timeout=30))
+        summary = _summary(response.task)
+        summary["note"] = (
+            "The task runs in the background. You will get a message when it ends; "
+            "task_output reads it any time."
+        )
+        return ToolResult(json.dumps(summary))
+
+    async def _output(self, payload: common_pb2.RunPayload, arguments: dict[str, Any]) -> ToolResult:
+        task_id = arguments.get("task_id")
+        if not isinstance(task_id, str) or not task_id:
+            return _error("'task_id' (a string) is required")
+        wait = arguments.get("wait_s", 0)
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
+            return _error("'wait_s' must be a number >= 0")
+        deadline = time.monotonic() + min(float(wait), self.wait_max_s)
+        request = tasks_pb2.TaskServiceGetTaskRequest(run_token=payload.run_token, task_id=task_id)
+        while True:
+            response = await self.retrying(lambda: self.stub.GetTask(request, metadata=self.metadata, timeout=30))
+            if response.task.status in _ENDED or time.monotonic() >= deadline:
+                return ToolResult(json.dumps(_summary(response.task)))
+            await asyncio.sleep(min(_POLL_S, max(deadline - time.monotonic(), 0.0)))

@@ -1,0 +1,494 @@
+"""Deployment files, checked with the real tools where the machine has them:
+``docker compose config`` (Compose v2), ``promtool`` (Prometheus), the
+Kubernetes API schemas (``kubernetes-validate``, strict) and pip building the
+package from exactly the files the Dockerfile copies. Every command the
+manifests run is parsed by the real ``runyard`` argument parser."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from runyard.cli.main import build_parser
+from runyard.common import metrics
+from runyard.common.config import GatewayConfig, RouterConfig, SessionsConfig, WorkerConfig
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).parents[2]
+SERVICES = ("gateway", "router", "sessions", "worker")
+DEFAULTS = {
+    "gateway": GatewayConfig(),
+    "router": RouterConfig(),
+    "sessions": SessionsConfig(),
+    "worker": WorkerConfig(),
+}
+GRPC_PORT = {name: int(cfg.listen.rsplit(":", 1)[1]) for name, cfg in DEFAULTS.items()}
+METRICS_PORT = {name: cfg.metrics_port for name, cfg in DEFAULTS.items()}
+#: Seconds a stop must leave beyond shutdown_grace_s: the worker's 5 s wait for
+#: result acknowledgements and the sessions hook drain bound (2 s), with margin.
+DRAIN_MARGIN_S = 10
+SECRETS = {"RUNYARD_INTERNAL_SECRET": "i" * 40, "RUNYARD_RUN_TOKEN_SECRET": "r" * 40}
+
+
+def seconds(duration: str | float) -> float:
+    """Compose durations ("1m30s", "40s") and plain numbers as seconds."""
+    if isinstance(duration, (int, float)):
+        return float(duration)
+    total = 0.0
+    for value, unit in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration):
+        total += float(value) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[unit]
+    return total
+
+
+def parses_as_runyard_command(argv: list[str]) -> None:
+    """The real CLI parser accepts ``argv`` (argparse exits on an unknown command)."""
+    args = build_parser().parse_args(argv)
+    assert callable(args.func), argv
+
+
+# ---------------------------------------------------------------- compose
+
+
+def compose_services(compose: dict[str, Any]) -> dict[str, Any]:
+    return compose["services"]
+
+
+def check_compose(compose: dict[str, Any]) -> None:
+    services = compose_services(compose)
+    assert set(services) >= {"postgres", "migrate", *SERVICES, "prometheus"}
+
+    postgres = services["postgres"]
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+
+    migrate = services["migrate"]
+    parses_as_runyard_command(migrate["command"])
+    assert migrate["command"] == ["migrate"]
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert migrate.get("restart") == "no"
+
+    for name in SERVICES:
+        service = services[name]
+        assert service["command"] == ["serve", name]
+        parses_as_runyard_command(service["command"])
+        # gRPC health check on the service's own port, with the runyard CLI.
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD" and test[1:3] == ["runyard", "health"], test
+        assert test[3] == f"127.0.0.1:{GRPC_PORT[name]}"
+        parses_as_runyard_command(test[2:])
+        # Every dependency on another runyard service waits for it to be healthy,
+        # on the migration for it to have completed.
+        depends = service["depends_on"]
+        assert depends, name
+        for other, condition in depends.items():
+            expected = "service_completed_successfully" if other == "migrate" else "service_healthy"
+            assert condition["condition"] == expected, (name, other)
+        env = service["environment"]
+        for key in (
+            "RUNYARD_DATABASE_URL",
+            "RUNYARD_INTERNAL_SECRET",
+            "RUNYARD_RUN_TOKEN_SECRET",
+            "RUNYARD_ENDPOINTS__GATEWAY",
+            "RUNYARD_ENDPOINTS__ROUTER",
+            "RUNYARD_ENDPOINTS__SESSIONS",
+        ):
+            assert key in env, (name, key)
+        # stop_grace_period longer than the service's drain bound.
+        grace = float(env[f"RUNYARD_{name.upper()}__SHUTDOWN_GRACE_S"])
+        assert seconds(service["stop_grace_period"]) >= grace + DRAIN_MARGIN_S, name
+        exposed = {int(p) for p in service.get("expose", [])}
+        assert METRICS_PORT[name] in exposed, name
+    for name, depends in (
+        ("gateway", {"sessions", "migrate"}),
+        ("worker", {"gateway", "router", "sessions"}),
+    ):
+        assert depends <= set(services[name]["depends_on"]), name
+    for name in ("sessions", "router", "gateway"):
+        assert "migrate" in services[name]["depends_on"], name
+    assert services["worker"]["deploy"]["replicas"] == 2
+    endpoints = services["gateway"]["environment"]
+    for name in ("gateway", "router", "sessions"):
+        assert endpoints[f"RUNYARD_ENDPOINTS__{name.upper()}"] == f"{name}:{GRPC_PORT[name]}"
+
+    # Prometheus scrapes every service with the compose scrape config.
+    prometheus = services["prometheus"]
+    mounts = [v if isinstance(v, str) else f"{v['source']}:{v['target']}" for v in prometheus["volumes"]]
+    config_mount = next(m for m in mounts if m.split(":")[1] == "/etc/prometheus/prometheus.yml")
+    source = (ROOT / config_mount.split(":")[0]).resolve()
+    assert source == ROOT / "deploy" / "prometheus.compose.yml"
+    scrape = yaml.safe_load(source.read_text())
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    assert set(jobs) == set(SERVICES)
+    for name, job in jobs.items():
+        (sd,) = job["dns_sd_configs"]
+        assert sd["names"] == [name] and sd["port"] == METRICS_PORT[name], name
+
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            host = volume.split(":")[0] if isinstance(volume, str) else volume.get("source", "")
+            if host.startswith((".", "/")):
+                assert (ROOT / host).resolve().exists(), host
+
+
+def test_compose_file_structure():
+    check_compose(yaml.safe_load((ROOT / "compose.yaml").read_text()))
+
+
+def _compose_available() -> str | None:
+    if shutil.which("docker") is None:
+        return "the docker CLI is not installed"
+    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return "the docker compose plugin (Compose v2) is not installed (.ci/run installs it)"
+    return None
+
+
+def docker_compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RUNYARD_", "COMPOSE_", "POSTGRES_"))}
+    clean.update(env)
+    return subprocess.run(
+        ["docker", "compose", "-f", str(ROOT / "compose.yaml"), "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=clean,
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+def test_docker_compose_config_validates():
+    reason = _compose_available()
+    if reason:
+        pytest.skip(reason)
+    result = docker_compose_config(SECRETS)
+    assert result.returncode == 0, result.stderr
+    normalized = json.loads(result.stdout)
+    check_compose(normalized)
+    # Interpolation reached the services.
+    worker_env = normalized["services"]["worker"]["environment"]
+    assert worker_env["RUNYARD_RUN_TOKEN_SECRET"] == SECRETS["RUNYARD_RUN_TOKEN_SECRET"]
+    assert worker_env["RUNYARD_DATABASE_URL"] == "postgresql://runyard:runyard@postgres:5432/runyard"
+
+
+def test_docker_compose_refuses_to_run_without_secrets():
+    reason = _compose_available()
+    if reason:
+        pytest.skip(reason)
+    result = docker_compose_config({})
+    assert result.returncode != 0
+    assert "RUNYARD_INTERNAL_SECRET" in result.stderr or "RUNYARD_RUN_TOKEN_SECRET" in result.stderr
+
+
+# ---------------------------------------------------------------- prometheus
+
+
+def test_prometheus_configs_scrape_every_service():
+    local = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in local["scrape_configs"]}
+    assert set(jobs) == set(SERVICES)
+    for name, job in jobs.items():
+        (static,) = job["static_configs"]
+        assert static["targets"] == [f"127.0.0.1:{METRICS_PORT[name]}"], name
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (the Debian prometheus package) is not installed")
+    for path in ("deploy/prometheus.yml", "deploy/prometheus.compose.yml"):
+        result = subprocess.run([promtool, "check", "config", path], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- grafana
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "runyard.json"
+
+
+def dashboard_exprs() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 20
+    return exprs
+
+
+def defined_sample_names() -> set[str]:
+    names = set()
+    for value in vars(metrics).values():
+        if isinstance(value, (metrics.Counter, metrics.Gauge, metrics.Histogram)):
+            (family,) = value.describe()
+            if family.type == "counter":
+                names.add(family.name + "_total")
+            elif family.type == "histogram":
+                names.update(family.name + suffix for suffix in ("_bucket", "_sum", "_count"))
+            else:
+                names.add(family.name)
+    return names
+
+
+def test_dashboard_uses_only_metrics_runyard_exports():
+    defined = defined_sample_names()
+    used = set()
+    for expr in dashboard_exprs():
+        used.update(re.findall(r"\b((?:runyard|grpc)_[a-z_]+)\b", expr))
+    used -= {"grpc_type", "grpc_service", "grpc_method", "grpc_code"}  # label names
+    assert used, "the dashboard queries no runyard metric"
+    assert used <= defined, sorted(used - defined)
+    # Every domain metric the issue lists has a panel.
+    for name in (
+        "runyard_runs_total",
+        "runyard_run_queue_wait_seconds_bucket",
+        "runyard_run_duration_seconds_bucket",
+        "runyard_time_to_first_token_seconds_bucket",
+        "runyard_tokens_streamed_total",
+        "runyard_failovers_total",
+        "runyard_provider_state",
+        "runyard_active_sessions",
+        "runyard_session_ends_total",
+        "runyard_drain_duration_seconds_sum",
+        "runyard_drain_timed_out_handlers_total",
+        "runyard_hook_errors_total",
+        "runyard_snapshot_bytes_bucket",
+        "runyard_rpcs_in_flight",
+        "runyard_workers_connected",
+        "runyard_worker_free_capacity",
+        "runyard_task_slots_in_use",
+        "grpc_server_handled_total",
+        "grpc_server_handling_seconds_bucket",
+        "grpc_client_handled_total",
+    ):
+        assert name in used, name
+
+
+def promql(expr: str) -> str:
+    """A dashboard expression with Grafana's variables replaced, as Prometheus runs it."""
+    return expr.replace("$__rate_interval", "1m").replace("$__interval", "1m")
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (the Debian prometheus package) is not installed")
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{index}", "expr": promql(expr)}
+                    for index, expr in enumerate(dashboard_exprs())
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The check does fail on a broken query.
+    path.write_text(
+        yaml.safe_dump({"groups": [{"name": "x", "rules": [{"record": "x:y", "expr": "sum(rate(x[1m])"}]}]})
+    )
+    assert subprocess.run([promtool, "check", "rules", str(path)], capture_output=True).returncode != 0
+
+
+def test_grafana_provisioning_matches_compose_mounts():
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    grafana = compose["services"]["grafana"]
+    mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in grafana["volumes"])
+    assert DASHBOARD.parent == (ROOT / "deploy/grafana/dashboards").resolve()
+    assert (ROOT / "deploy/grafana/provisioning/dashboards").is_dir()
+    provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/runyard.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == mounts["./deploy/grafana/dashboards"]
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    datasource = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["templating"]["list"][0]["query"] == "prometheus"
+    for panel in dashboard["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+# ---------------------------------------------------------------- kubernetes
+
+K8S = ROOT / "deploy" / "k8s"
+
+
+def k8s_documents() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    present = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == present
+    assert kustomization["namespace"] == "runyard"
+
+
+def test_k8s_manifests_match_the_kubernetes_api_schemas():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for doc in k8s_documents():
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    # Strict validation does catch a misspelt field.
+    broken = next(d for d in k8s_documents() if d["kind"] == "Deployment")
+    broken["spec"]["template"]["spec"]["terminationGracePeriodSecond"] = 30
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, "1.30.0", strict=True)
+
+
+def test_k8s_deployments_probe_drain_and_scale():
+    docs = k8s_documents()
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    assert set(deployments) == {f"runyard-{name}" for name in SERVICES}
+    for name in SERVICES:
+        deployment = deployments[f"runyard-{name}"]
+        assert deployment["spec"]["replicas"] >= 2, name
+        pod = deployment["spec"]["template"]
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        (container,) = pod["spec"]["containers"]
+        assert container["args"] == ["serve", name]
+        parses_as_runyard_command(container["args"])
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"grpc": GRPC_PORT[name], "metrics": METRICS_PORT[name]}
+        env = {e["name"]: e for e in container["env"]}
+        assert env[f"RUNYARD_{name.upper()}__LISTEN"]["value"] == f"0.0.0.0:{GRPC_PORT[name]}"
+        assert env[f"RUNYARD_{name.upper()}__METRICS_PORT"]["value"] == str(METRICS_PORT[name])
+        for key, secret_key in (
+            ("RUNYARD_DATABASE_URL", "database-url"),
+            ("RUNYARD_INTERNAL_SECRET", "internal-secret"),
+            ("RUNYARD_RUN_TOKEN_SECRET", "run-token-secret"),
+        ):
+            assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "runyard", "key": secret_key}
+        # gRPC readiness, liveness and startup probes on the gRPC port.
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            assert container[probe]["grpc"]["port"] == GRPC_PORT[name], (name, probe)
+        # The pod gets longer than its drain to stop: preStop pause + shutdown_grace_s + margin.
+        grace = float(env[f"RUNYARD_{name.upper()}__SHUTDOWN_GRACE_S"]["value"])
+        pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        pause = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
+        termination = pod["spec"]["terminationGracePeriodSeconds"]
+        assert termination >= pause + grace + DRAIN_MARGIN_S, name
+        # Liveness never fires during a drain (health is NOT_SERVING then).
+        liveness = container["livenessProbe"]
+        assert liveness["periodSeconds"] * liveness["failureThreshold"] > termination, name
+        annotations = pod["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(METRICS_PORT[name])
+        if name != "worker":
+            service = services[f"runyard-{name}"]
+            assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+            service_ports = {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]}
+            assert service_ports["grpc"] == (GRPC_PORT[name], "grpc")
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    for name in ("gateway", "router", "sessions"):
+        host, port = config["data"][f"RUNYARD_ENDPOINTS__{name.upper()}"].split(":")
+        assert host in services and int(port) == GRPC_PORT[name]
+    job = next(d for d in docs if d["kind"] == "Job")
+    (migrate,) = job["spec"]["template"]["spec"]["containers"]
+    assert migrate["args"] == ["migrate"]
+    parses_as_runyard_command(migrate["args"])
+    budgets = {
+        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+        for d in docs
+        if d["kind"] == "PodDisruptionBudget"
+    }
+    assert budgets == set(deployments)
+
+
+# ---------------------------------------------------------------- Dockerfile
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_runs_runyard_on_every_interface():
+    instructions = dockerfile_instructions()
+    assert ("ENTRYPOINT", '["runyard"]') in instructions
+    exposed = {int(p) for kind, rest in instructions if kind == "EXPOSE" for p in rest.split()}
+    assert exposed == set(GRPC_PORT.values()) | set(METRICS_PORT.values())
+    env = " ".join(rest for kind, rest in instructions if kind == "ENV")
+    for name in SERVICES:
+        assert f"RUNYARD_{name.upper()}__LISTEN=0.0.0.0:{GRPC_PORT[name]}" in env
+    users = [rest for kind, rest in instructions if kind == "USER"]
+    assert users and not users[-1].startswith(("0", "root"))
+
+
+@pytest.mark.slow
+def test_package_builds_from_exactly_the_docker_build_context(tmp_path):
+    """pip builds the wheel from the files the Dockerfile copies (and .dockerignore lets through)."""
+    ignore = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert ignore[0] == "*", "the .dockerignore is an allow-list"
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    context = tmp_path / "context"
+    context.mkdir()
+    copies = [
+        rest.split()
+        for kind, rest in dockerfile_instructions()
+        if kind == "COPY" and not rest.startswith("--from")
+    ]
+    assert copies
+    for args in copies:
+        *sources, _dest = args
+        for source in sources:
+            assert source in allowed, f"{source} is copied but .dockerignore keeps it out"
+            path = ROOT / source
+            if path.is_dir():
+                shutil.copytree(path, context / source, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                shutil.copy2(path, context / source)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--quiet",
+            "-w",
+            str(tmp_path / "dist"),
+            str(context),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = (tmp_path / "dist").glob("runyard-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for required in (
+        "runyard/cli/main.py",
+        "runyard/common/admin.py",
+        "runyard/_proto/v1/admin_pb2.py",
+        "runyard/gateway/migrations/0001_init.sql",
+        "runyard/py.typed",
+    ):
+        assert required in names, required
+    for module in (ROOT / "services").rglob("*.py"):
+        if "__pycache__" not in module.parts:
+            assert f"runyard/{module.relative_to(ROOT / 'services').as_posix()}" in names, module

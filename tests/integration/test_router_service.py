@@ -1,0 +1,246 @@
+"""The router as a service process: GetProviderStatus and `runyard router
+status`, ListEvents, the caller's gRPC deadline, failover through the whole
+stack (restart_output, task classes), and `runyard bench router`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+
+import grpc
+import pytest
+
+from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2
+from runyard.common.auth import RunTokenSigner, internal_metadata
+from runyard.common.errors import Unauthenticated, from_rpc_error
+
+from tests.fakes.openai_server import FakeOpenAI, Reply, provider_config
+from tests.integration import test_router_support as support
+from tests.stack import INTERNAL_SECRET, RUN_TOKEN_SECRET
+
+pytestmark = pytest.mark.timeout(90)
+
+fast_openai = support.fast_openai  # fixture
+
+NOT_FOUND = '{"error": {"message": "The model `model-a` does not exist", "code": "model_not_found"}}'
+
+
+def run_payload(agent_id: str = "default", **model: str) -> common_pb2.RunPayload:
+    run = common_pb2.RunPayload(
+        run_id=str(uuid.uuid4()),
+        org_id="org-1",
+        session_id=str(uuid.uuid4()),
+        session_key="svc:test",
+        agent_id=agent_id,
+        model=common_pb2.ModelPreferences(**model),
+    )
+    run.run_token = RunTokenSigner(RUN_TOKEN_SECRET).sign(
+        org_id=run.org_id, agent_id=run.agent_id, session_id=run.session_id, run_id=run.run_id, epoch=1
+    )
+    return run
+
+
+def generate_request(run: common_pb2.RunPayload) -> router_pb2.GenerateRequest:
+    return router_pb2.GenerateRequest(
+        run=run, messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="hi")]
+    )
+
+
+async def start_router(stack_factory, config):
+    stack = stack_factory(config)
+    await stack.start_service("router")
+    address = f"127.0.0.1:{stack.ports['router']}"
+    return stack, address
+
+
+async def test_provider_status_over_grpc_and_the_cli(
+    stack_factory, fast_openai: FakeOpenAI, monkeypatch, capsys
+):
+    fast_openai.script("model-a", Reply(status=404, body=NOT_FOUND))
+    _stack, address = await start_router(
+        stack_factory, provider_config(fast_openai, fallbacks=["fake/model-b"])
+    )
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        responses = [r async for r in stub.Generate(generate_request(run_payload()), timeout=20)]
+        assert [r.WhichOneof("event") for r in responses][:2] == ["model_select", "model_failover"]
+
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await stub.GetProviderStatus(router_pb2.GetProviderStatusRequest(), timeout=10)
+        assert isinstance(from_rpc_error(denied.value), Unauthenticated)
+        status = await stub.GetProviderStatus(
+            router_pb2.GetProviderStatusRequest(), metadata=internal_metadata(INTERNAL_SECRET), timeout=10
+        )
+
+    states = {(s.provider, s.auth_profile, s.model): s for s in status.states}
+    assert set(states) == {
+        ("echo", "default", ""),
+        ("fake", "default", ""),
+        ("fake", "default", "model-a"),
+        ("fake", "default", "model-b"),
+    }
+    cooling = states[("fake", "default", "model-a")]
+    assert cooling.health == router_pb2.PROVIDER_HEALTH_COOLING
+    assert cooling.last_reason == common_pb2.FAILOVER_REASON_MODEL_NOT_FOUND
+    assert cooling.failure_count == 1 and 25 < cooling.until.ToSeconds() - time.time() <= 30
+    assert states[("fake", "default", "model-b")].health == router_pb2.PROVIDER_HEALTH_OK
+
+    from runyard.cli.main import main
+
+    monkeypatch.setenv("RUNYARD_ENDPOINTS__ROUTER", address)
+    monkeypatch.setenv("RUNYARD_INTERNAL_SECRET", INTERNAL_SECRET)
+    assert await asyncio.to_thread(main, ["router", "status"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:5] == ["PROVIDER", "PROFILE", "MODEL", "STATE", "UNTIL"]
+    row = next(line for line in table if "model-a" in line)
+    assert row.split()[:4] == ["fake", "default", "model-a", "cooling"] and "MODEL_NOT_FOUND" in row
+    assert await asyncio.to_thread(main, ["router", "status", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {(d["model"], d["state"]) for d in data if d["provider"] == "fake"} == {
+        ("", "ok"),
+        ("model-a", "cooling"),
+        ("model-b", "ok"),
+    }
+
+    monkeypatch.setenv("RUNYARD_INTERNAL_SECRET", "wrong-secret")
+    assert await asyncio.to_thread(main, ["router", "status"]) == 1
+    assert "INTERNAL_AUTH_REQUIRED" in capsys.readouterr().err
+
+
+async def test_list_events_pages_filters_and_requires_the_internal_credential(
+    stack_factory, fast_openai: FakeOpenAI
+):
+    for _ in range(3):
+        fast_openai.script("model-a", Reply(status=503, body='{"error": {"message": "Service Unavailable"}}'))
+    config = provider_config(fast_openai, fallbacks=["fake/model-b"])
+    config["router"] = {
+        "max_retries": 2,
+        "retry_backoff_initial_ms": 5,
+        "retry_backoff_max_ms": 10,
+        "transient_cooldown_initial_ms": 1,
+        "transient_cooldown_max_ms": 1,
+    }
+    _stack, address = await start_router(stack_factory, config)
+    run = run_payload()
+    metadata = internal_metadata(INTERNAL_SECRET)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        [r async for r in stub.Generate(generate_request(run), timeout=20)]
+        events: list[common_pb2.LifecycleEvent] = []
+        deadline = time.monotonic() + 10
+        while len(events) < 3 and time.monotonic() < deadline:
+            events = list(
+                (await stub.ListEvents(sessions_pb2.ListEventsRequest(after_id=0), metadata=metadata)).events
+            )
+            await asyncio.sleep(0.05)
+        page = await stub.ListEvents(
+            sessions_pb2.ListEventsRequest(after_id=events[0].id, limit=1), metadata=metadata
+        )
+        other = await stub.ListEvents(
+            sessions_pb2.ListEventsRequest(types=["session.start"]), metadata=metadata
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await stub.ListEvents(sessions_pb2.ListEventsRequest())
+
+    assert [e.id for e in events] == [1, 2, 3]
+    assert [(e.type, e.model.decision) for e in events] == [
+        ("model.failover", "retry_same_model"),
+        ("model.failover", "retry_same_model"),
+        ("model.failover", "next_model"),
+    ]
+    assert {(e.run_id, e.session_id, e.org_id, e.agent_id) for e in events} == {
+        (run.run_id, run.session_id, "org-1", "default")
+    }
+    assert events[2].model.from_model == "fake/model-a" and events[2].model.to_model == "fake/model-b"
+    assert events[2].model.reason == common_pb2.FAILOVER_REASON_OVERLOADED
+    assert events[0].source.startswith("router-")
+    assert [e.id for e in page.events] == [2]
+    assert list(other.events) == []
+    assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_the_callers_grpc_deadline_bounds_retries(stack_factory, fast_openai: FakeOpenAI):
+    # model-a asks for a 3 s pause. Within a 60 s budget the router would wait
+    # and retry it; within the caller's 1.5 s deadline it must move on at once.
+    fast_openai.default(
+        "model-a", Reply(status=503, body='{"error": {"message": "busy"}}', headers={"retry-after": "3"})
+    )
+    config = provider_config(fast_openai, fallbacks=["fake/model-b"])
+    config["router"] = {"request_timeout_ms": 60_000, "max_retries": 2}
+    _stack, address = await start_router(stack_factory, config)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        started = time.monotonic()
+        responses = [r async for r in stub.Generate(generate_request(run_payload()), timeout=1.5)]
+        elapsed = time.monotonic() - started
+    assert responses[-1].final.model == "fake/model-b"
+    assert elapsed < 1.0
+    assert len(fast_openai.requests_for("model-a")) == 1
+
+
+async def test_failover_after_tokens_through_the_whole_stack(stack_factory, fast_openai: FakeOpenAI):
+    fast_openai.script("model-a", Reply(chunks=["The ", "sky ", "is "], cut_after=2))
+    fast_openai.script("model-b", Reply(chunks=["Blue."]))
+    config = provider_config(fast_openai, fallbacks=["fake/model-b"])
+    config["agents"]["default"]["task_models"] = {"greeting": "fake/model-a"}
+    config["classifier"] = {"rules": [{"task_class": "greeting", "keywords": ["hello"]}]}
+    stack = await stack_factory(config).start()
+    async with stack.client() as client:
+        events = [e async for e in client.send("svc:restart", "hello, what colour is the sky?")]
+
+    kinds = [e.WhichOneof("event") for e in events]
+    select = next(e.model_select for e in events if e.HasField("model_select"))
+    assert (select.model, select.task_class, select.rule) == ("fake/model-a", "greeting", "task_class")
+    failover = next(e.model_failover for e in events if e.HasField("model_failover"))
+    assert failover.restart_output and failover.reason == common_pb2.FAILOVER_REASON_NETWORK
+    # Partial text first, then the failover, then the restarted answer.
+    index = kinds.index("model_failover")
+    assert "".join(e.text_delta.text for e in events[:index] if e.HasField("text_delta")) == "The sky "
+    assert "".join(e.text_delta.text for e in events[index:] if e.HasField("text_delta")) == "Blue."
+    assert events[-1].completed.message.content == "Blue."
+    assert events[-1].completed.model == "fake/model-b"
+
+
+def test_bench_router_runs_and_reports(pg_url: str):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runyard",
+            "bench",
+            "router",
+            "--requests",
+            "40",
+            "--concurrency",
+            "1,4",
+            "--cascade-requests",
+            "10",
+            "--warmup",
+            "5",
+            "--rounds",
+            "2",
+            "--database-url",
+            pg_url,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(result.stdout)
+    assert data["error_count"] == 0
+    assert [(row["concurrency"], row["metric"]) for row in data["overhead"]] == [
+        (1, "ttft"),
+        (1, "total"),
+        (4, "ttft"),
+        (4, "total"),
+    ]
+    for row in data["overhead"]:
+        assert row["n"] == 40 and 0 < row["direct_p50_ms"] < 1000 and 0 < row["router_p50_ms"] < 1000
+    assert data["cascade"]["n"] == 10 and data["cascade"]["cascade_ttft_p50_ms"] > 0

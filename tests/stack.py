@@ -1,0 +1,214 @@
+"""Start the real services as processes on free ports against a test database.
+
+Configuration is passed the way operators pass it: ``RUNYARD_*`` environment
+variables (nested keys joined by ``__``, lists as JSON).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from runyard.client import Client
+
+__all__ = ["Stack", "free_port", "flatten_env"]
+
+INTERNAL_SECRET = "test-internal-secret-0123456789"
+RUN_TOKEN_SECRET = "test-run-token-secret-0123456789abcdef"
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def flatten_env(tree: dict[str, Any], prefix: str = "RUNYARD") -> dict[str, str]:
+    """``{"gateway": {"listen": "x"}}`` -> ``{"RUNYARD_GATEWAY__LISTEN": "x"}``."""
+    env: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}__{key.upper()}" if prefix != "RUNYARD" else f"RUNYARD_{key.upper()}"
+        if isinstance(value, dict) and value and not key.endswith("headers"):
+            env.update(flatten_env(value, name))
+        elif isinstance(value, (list, dict)):
+            env[name] = json.dumps(value)
+        elif isinstance(value, bool):
+            env[name] = "true" if value else "false"
+        else:
+            env[name] = str(value)
+    return env
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class Stack:
+    """The four services as processes (any subset, any number of workers).
+
+    Args:
+        tmp_path: where logs go.
+        database_url: the test's own database.
+        config: nested overrides, e.g. ``{"agents": {"default": {"model": "fake/a"}}}``.
+    """
+
+    def __init__(self, tmp_path: Path, database_url: str, config: dict[str, Any] | None = None):
+        self.tmp_path = tmp_path
+        self.database_url = database_url
+        self.ports = {"gateway": free_port(), "router": free_port(), "sessions": free_port()}
+        base: dict[str, Any] = {
+            "log_level": "INFO",
+            "endpoints": {
+                "gateway": f"127.0.0.1:{self.ports['gateway']}",
+                "router": f"127.0.0.1:{self.ports['router']}",
+                "sessions": f"127.0.0.1:{self.ports['sessions']}",
+            },
+            "gateway": {
+                "listen": f"127.0.0.1:{self.ports['gateway']}",
+                "metrics_port": 0,
+                "poll_interval_ms": 200,
+                "heartbeat_interval_ms": 300,
+                "run_lease_ms": 3000,
+                "shutdown_grace_s": 3,
+            },
+            "router": {"listen": f"127.0.0.1:{self.ports['router']}", "metrics_port": 0, "shutdown_grace_s": 3},
+            "sessions": {"listen": f"127.0.0.1:{self.ports['sessions']}", "metrics_port": 0, "shutdown_grace_s": 3},
+            "worker": {"metrics_port": 0, "capacity": 4, "shutdown_grace_s": 3, "reconnect_max_ms": 500},
+        }
+        self.config = _merge(base, config or {})
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self._workers = 0
+        #: Client credentials for health checks when the stack runs with [tls].
+        self.channel_credentials: grpc.ChannelCredentials | None = None
+
+    @property
+    def gateway_address(self) -> str:
+        return f"127.0.0.1:{self.ports['gateway']}"
+
+    def env(self, extra: dict[str, Any] | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
+        env.update(flatten_env(_merge(self.config, extra or {})))
+        env["RUNYARD_DATABASE_URL"] = self.database_url
+        env["RUNYARD_INTERNAL_SECRET"] = INTERNAL_SECRET
+        env["RUNYARD_RUN_TOKEN_SECRET"] = RUN_TOKEN_SECRET
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def log_path(self, name: str) -> Path:
+        return self.tmp_path / f"{name}.log"
+
+    def logs(self, name: str) -> str:
+        path = self.log_path(name)
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    async def spawn(self, name: str, service: str, extra: dict[str, Any] | None = None) -> None:
+        """Start ``runyard serve <service>`` as process ``name`` (not waiting for health)."""
+        handle = self.log_path(name).open("ab")
+        self.procs[name] = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "runyard", "serve", service, env=self.env(extra), stdout=handle, stderr=handle
+        )
+        handle.close()
+
+    async def wait_healthy(self, name: str, address: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        channel = (
+            grpc.aio.secure_channel(address, self.channel_credentials)
+            if self.channel_credentials is not None
+            else grpc.aio.insecure_channel(address)
+        )
+        async with channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                proc = self.procs[name]
+                if proc.returncode is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.logs(name)[-4000:]}")
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                await asyncio.sleep(0.05)
+        raise TimeoutError(f"{name} not healthy on {address}:\n{self.logs(name)[-4000:]}")
+
+    async def start_service(self, service: str) -> None:
+        """Start (or restart) one of gateway, router, sessions and wait until SERVING."""
+        await self.spawn(service, service)
+        await self.wait_healthy(service, f"127.0.0.1:{self.ports[service]}")
+
+    async def add_worker(self, *, wait_connected: bool = True, extra: dict[str, Any] | None = None) -> str:
+        """Start one more worker; returns its process name (``worker-N``)."""
+        self._workers += 1
+        name = f"worker-{self._workers}"
+        port = free_port()
+        self.ports[name] = port
+        await self.spawn(
+            name, "worker", _merge({"worker": {"listen": f"127.0.0.1:{port}", "worker_id": name}}, extra or {})
+        )
+        await self.wait_healthy(name, f"127.0.0.1:{port}")
+        if wait_connected:
+            await self.wait_log(name, "connected to gateway")
+        return name
+
+    async def wait_log(self, name: str, text: str, timeout_s: float = 20.0, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.logs(name).count(text) >= count:
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"{name} never logged {text!r}:\n{self.logs(name)[-4000:]}")
+
+    async def start(self, *, workers: int = 1) -> Stack:
+        """Sessions, router and gateway (in parallel), then ``workers`` workers."""
+        await asyncio.gather(*(self.start_service(s) for s in ("sessions", "router", "gateway")))
+        await asyncio.gather(*(self.add_worker() for _ in range(workers)))
+        return self
+
+    async def stop(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
+        """Signal a process and wait for it to exit; returns its exit code."""
+        proc = self.procs[name]
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout_s)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                raise
+        return int(proc.returncode or 0)
+
+    def client(self, api_key: str = "") -> Client:
+        return Client(self.gateway_address, api_key=api_key)
+
+    async def close(self) -> None:
+        workers = [n for n in self.procs if n.startswith("worker")]
+        gateways = [n for n in self.procs if n.startswith("gateway")]
+        rest = [n for n in self.procs if n not in workers and n not in gateways]
+        for group in (workers, gateways, rest):
+            procs = [self.procs[n] for n in group if n in self.procs and self.procs[n].returncode is None]
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                try:
+                    await asyncio.wait_for(proc.wait(), 10)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
