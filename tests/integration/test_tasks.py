@@ -679,6 +679,39 @@ async def test_max_tool_calls_breaks_a_tool_loop(stack_factory, fake_openai: Fak
     assert task.attempt == 1  # not retryable: no second attempt
 
 
+async def test_tool_calls_nobody_offered_are_dropped_and_the_session_stays_usable(
+    stack_factory, fake_openai: FakeOpenAI
+):
+    # A model that invents a tool call in a run without tools: the answer's text is kept,
+    # the call is neither streamed nor stored (a stored call without a result would make
+    # the provider refuse every later turn of the session).
+    fake_openai.script("inventive", Reply(chunks=["Let me look that up."], tool_calls=[{
+        "id": "call-x", "type": "function", "function": {"name": "web_search", "arguments": "{}"},
+    }]))
+    fake_openai.default("inventive", Reply(chunks=["Second answer."]))
+    stack = await stack_factory(
+        config(providers={"fake": {"type": "openai", "base_url": fake_openai.url}},
+               agents={"plain": {"model": "fake/inventive"}})
+    ).start()
+    async with stack.client() as client:
+        first = await collect(client.send("stray", "find it", agent_id="plain"))
+        second = await collect(client.send("stray", "and now?", agent_id="plain"))
+        history = await transcript(client, first[0].session_id)
+
+    assert not any(e.HasField("tool_call") for e in first)
+    assert first[-1].completed.message.content == "Let me look that up."
+    assert not first[-1].completed.message.tool_calls
+    assert second[-1].completed.message.content == "Second answer."
+    assert [(m.role, m.content) for m in history] == [
+        (ROLE_USER, "find it"), (ROLE_ASSISTANT, "Let me look that up."),
+        (ROLE_USER, "and now?"), (ROLE_ASSISTANT, "Second answer."),
+    ]
+    assert not any(m.tool_calls for m in history)
+    follow_up = fake_openai.requests_for("inventive")[-1]
+    assert "tools" not in follow_up
+    assert not any(m.get("tool_calls") for m in follow_up["messages"])
+
+
 # ---------------------------------------------------------------- fallback
 
 

@@ -114,3 +114,16 @@ def test_credentials_in_provider_headers_are_refused_without_echoing_them(tmp_pa
         load_config(path, environ={})
     assert "providers.p.headers" in dict(error.value.problems)
     assert "sk-secret-value" not in str(error.value)
+
+
+def test_embedded_database_lives_under_runyard_home_unless_data_dir_is_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from runyard.cli.up import embedded_data_dir
+
+    monkeypatch.setenv("RUNYARD_HOME", str(tmp_path / "home"))
+    assert embedded_data_dir(load_config(environ={})) == tmp_path / "home" / "pgdata"
+    chosen = load_config(environ={"RUNYARD_DATA_DIR": str(tmp_path / "elsewhere")})
+    assert embedded_data_dir(chosen) == tmp_path / "elsewhere"
+    monkeypatch.delenv("RUNYARD_HOME")
+    assert embedded_data_dir(load_config(environ={})) == Path("~/.local/share/runyard/pgdata").expanduser()

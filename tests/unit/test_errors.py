@@ -6,7 +6,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from runyard import InvalidArgument, NotFound, ResourceExhausted, RunyardError
+from runyard import Cancelled, InvalidArgument, NotFound, ResourceExhausted, RunyardError, Unavailable
 from runyard.common.errors import from_rpc_error
 from runyard.common.server import ServiceServer
 
@@ -60,3 +60,23 @@ def test_run_error_keeps_code_reason_and_retryability():
     run_error = NotFound("no such agent", reason="AGENT_NOT_FOUND").to_run_error()
     assert (run_error.code, run_error.reason, run_error.retryable) == ("NOT_FOUND", "AGENT_NOT_FOUND", False)
     assert isinstance(RunyardError("x"), Exception)
+
+
+def _rpc_error(code: grpc.StatusCode, details: str, trailing: tuple = ()) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), details)
+
+
+def test_a_bare_cancelled_status_means_the_server_went_away_and_is_retryable():
+    # What gRPC core sends for calls a stopping server never handed to a handler
+    # (grpc/grpc#41785): a caller must retry it, not record the run as cancelled.
+    error = from_rpc_error(_rpc_error(grpc.StatusCode.CANCELLED, "CANCELLED"))
+    assert isinstance(error, Unavailable)
+    assert (error.code, error.reason, error.retryable) == (grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", True)
+    assert "CANCELLED" in error.message
+
+
+def test_a_cancelled_status_raised_by_a_runyard_service_stays_cancelled():
+    status = Cancelled("the run was cancelled", reason="RUN_CANCELLED").to_grpc_status()
+    error = from_rpc_error(_rpc_error(status.code, status.details, status.trailing_metadata))
+    assert isinstance(error, Cancelled)
+    assert (error.code, error.reason) == (grpc.StatusCode.CANCELLED, "RUN_CANCELLED")
