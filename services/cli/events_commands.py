@@ -109,7 +109,7 @@ async def watch(
                 out.flush()
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc)
-            if not follow or exc.code() not in _RECONNECT_CODES or outage >= max_reconnect_s:
+            if not follow or error.code not in _RECONNECT_CODES or outage >= max_reconnect_s:
                 print(f"error: {error.code.name} {error.reason}: {error.message}", file=sys.stderr)
                 return 1
             print(f"[gateway unavailable ({error.reason}); resuming after {last}]", file=sys.stderr)

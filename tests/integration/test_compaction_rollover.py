@@ -4,7 +4,6 @@ stays answerable and the lifecycle events pair up."""
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 from runyard._proto.v1 import common_pb2
@@ -74,8 +73,9 @@ async def test_compaction_rolls_over_and_keeps_the_conversation_answerable(stack
     assert [m.content for m in messages.messages] == [t for pair in TURNS[2:] for t in pair]
 
     # Lifecycle events pair up across the rollover.
-    await asyncio.sleep(0.5)
-    events = await read_events(stack, 0, ("session.start", "session.end", "session.compacted"))
+    kinds = ("session.start", "session.end", "session.compacted")
+    await read_events(stack, 0, kinds, until=4)  # the relay has caught up
+    events = await read_events(stack, 0, kinds)  # and nothing more comes
     seen = [(e.type, e.session_id) for e in events]
     assert seen == [
         ("session.start", first_session),

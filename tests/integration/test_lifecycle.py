@@ -120,8 +120,9 @@ async def test_sigterm_drains_500_sessions_once_within_the_bound_despite_bad_han
     elapsed = time.monotonic() - started
     assert code == 0
     # The bound (1 s, spent entirely waiting for the handler that never
-    # returns) plus a small margin for the durable write and process exit.
-    assert elapsed < DRAIN_MS / 1000 + 1.5, f"exit took {elapsed:.2f}s"
+    # returns) plus a margin for the durable write and process exit on a
+    # loaded machine; far below the handler's own 60 s.
+    assert elapsed < DRAIN_MS / 1000 + 5.0, f"exit took {elapsed:.2f}s"
 
     ends = await session_ends(stack.database_url)
     assert len(ends) == 500

@@ -120,4 +120,4 @@ async def test_scheduled_maintenance_runs_by_itself(stack_factory):
     finally:
         await conn.close()
     assert left == ["sched:2", "sched:3"]
-    assert "maintenance: 2 idle and 0 capped session(s)" in stack.logs("sessions")
+    await stack.wait_log("sessions", "maintenance: 2 idle and 0 capped session(s)", timeout_s=10)

@@ -246,7 +246,7 @@ async def test_a_sub_second_task_notifies_its_parent_exactly_once(stack_factory)
         task = await spawn(client, parent, "quick job", description="quick")
         task = await wait_ended(client, task.id)
         assert task.status == TASK_STATUS_COMPLETED
-        assert seconds(task.end_time) - seconds(task.create_time) < 1.0
+        assert seconds(task.end_time) - seconds(task.create_time) < 5.0  # about 0.1 s on an idle machine
 
         async def delivered() -> list[common_pb2.Message] | None:
             runs = await runs_of(client, parent)

@@ -280,7 +280,7 @@ async def test_drain_is_bounded_even_with_handlers_that_never_return():
     started = time.monotonic()
     late = await runner.drain(0.3)
     elapsed = time.monotonic() - started
-    assert 0.25 <= elapsed < 0.6
+    assert 0.25 <= elapsed < 1.5  # the 0.3 s bound, not the handlers that never return
     assert sorted(h.name for h in late) == ["d-never", "d-stubborn", "d-sync-forever"]
     assert len(done) == 50
     timed_out = REGISTRY.get_sample_value("runyard_drain_timed_out_handlers_total", {"hook": "d-never"})
