@@ -58,7 +58,8 @@ async def settle_before_reject(request_iterator: AsyncIterator[Any], wait_s: flo
     ``INTERNAL "Internal error from Core"`` instead of the status the server sent
     (UNAUTHENTICATED, say). Reading that message first lets the write complete, so
     the client sees the real status. Waits at most ``wait_s`` seconds; a client
-    that sends nothing is rejected after that. Never raises.
+    that sends nothing is rejected after that. Raises nothing but
+    ``asyncio.CancelledError`` (the client went away).
 
     Source: grpc/grpc#36066 (grpc-python aio's ``_write`` replaces a status already
     delivered with INTERNAL when a write fails as the RPC ends; still open with grpcio 1.85).
