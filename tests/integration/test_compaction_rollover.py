@@ -4,7 +4,6 @@ stays answerable and the lifecycle events pair up."""
 
 from __future__ import annotations
 
-
 import pytest
 from runyard._proto.v1 import common_pb2
 from runyard.v1 import GetMessagesRequest, GetSessionRequest

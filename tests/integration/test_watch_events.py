@@ -4,6 +4,7 @@ sessions restarts without a gap or a repeat (DESIGN.md section 6)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -105,10 +106,22 @@ async def test_watch_replays_then_tails_and_resumes_across_gateway_and_sessions_
     assert restart.session_start.reason == common_pb2.SESSION_START_REASON_RESUMED
     assert later["run.completed"] == 1 and later["run.queued"] == 1
 
-    await asyncio.sleep(2.5)  # let the follower catch up, then stop it
+    # Let the follower print up to the last event read above, then stop it.
+    printed: list[dict] = []
+
+    async def caught_up() -> None:
+        assert follower.stdout is not None
+        while not printed or int(printed[-1]["id"]) < ids[-1]:
+            line = await follower.stdout.readline()
+            if not line:
+                return
+            printed.append(json.loads(line))
+
+    with contextlib.suppress(TimeoutError):  # the assertion below reports what it printed
+        await asyncio.wait_for(caught_up(), 20)
     follower.send_signal(signal.SIGINT)
     out, err = await asyncio.wait_for(follower.communicate(), 10)
-    printed = [json.loads(line) for line in out.decode().splitlines()]
+    printed += [json.loads(line) for line in out.decode().splitlines()]
     assert [int(e["id"]) for e in printed][: len(ids)] == ids, err.decode()[-2000:]
     assert "resuming after" in err.decode()  # it did lose the gateway, and resumed
 
