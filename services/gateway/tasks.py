@@ -88,6 +88,7 @@ from runyard.common import metrics
 from runyard.common.auth import RunClaims, RunTokenSigner, check_internal, internal_metadata
 from runyard.common.clients import call, internal_channel
 from runyard.common.config import Config
+from runyard.common.outbox import HORIZON_SQL
 from runyard.common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -1004,8 +1005,6 @@ class TaskManager:
 
     async def _after(self, effects: _Effects) -> None:
         """Post-commit: cancel runs, wake the dispatcher and the loop."""
-        if effects.events:
-            OUTBOX.written()
         for org_id, run_id, reason in effects.cancel_runs:
             try:
                 row = await self.runs.cancel(org_id, run_id, f"task ended: {reason}"[:500])
@@ -1497,7 +1496,8 @@ class TaskManager:
             )
             if after is None:
                 return 0
-            top = await conn.fetchval("SELECT max(pos) FROM gateway.outbox")
+            # Only positions every writer has finished with (runyard.common.outbox).
+            top = await conn.fetchval(f"SELECT max(pos) FROM gateway.outbox WHERE pos < {HORIZON_SQL}")
             if top is None or top <= after:
                 return 0
             rows = await conn.fetch(

@@ -19,9 +19,10 @@ Every service that emits lifecycle events owns an outbox in its own schema
 * :class:`Watcher` serves ``WatchEvents(after_id, types)``: events of the
   caller's org with ``id > after_id`` in id order (replay), then live (LISTEN
   on ``runyard_gateway_events`` plus polling). Ids are ``gateway.outbox``
-  positions, assigned in commit order (:class:`runyard.common.outbox.Outbox`),
-  so a subscriber that resumes after the last id it saw, across gateway or
-  sessions restarts, misses nothing and sees nothing twice.
+  positions (:class:`runyard.common.outbox.Outbox`): a reader only sees rows
+  of transactions that have ended, so a subscriber that resumes after the
+  last id it saw, across gateway or sessions restarts, misses nothing and
+  sees nothing twice.
 
 ``service.*`` events belong to no org; callers with the ``admin`` scope see
 them too.
@@ -45,7 +46,7 @@ from runyard.common.clients import call, internal_channel
 from runyard.common.config import LIFECYCLE_EVENT_TYPES, Config
 from runyard.common.db import Listener
 from runyard.common.errors import InvalidArgument, RunyardError, Unavailable
-from runyard.common.outbox import Outbox, Sequencer
+from runyard.common.outbox import HORIZON_SQL, Outbox, xid_of
 from runyard.common.protoutil import now
 from runyard.common.runtime import database_url
 
@@ -72,6 +73,8 @@ OUTBOX = Outbox("gateway", EVENTS_CHANNEL)
 SOURCE_CHANNELS = {"sessions": "runyard_sessions_events", "router": "runyard_router_events"}
 
 _PAGE = 500
+#: First re-read delay when announced events are still above the horizon.
+_HORIZON_RETRY_S = 0.005
 _RETRY_UNIMPLEMENTED_S = 60.0
 
 # ---------------------------------------------------------------- the gateway's own events
@@ -289,17 +292,20 @@ class EventRelay:
             if moved is None:
                 return 0  # another replica relayed this page first
             await OUTBOX.emit(conn, relayed)
-        OUTBOX.written()
         metrics.EVENTS_RELAYED_TOTAL.labels(source).inc(len(events))
         return len(events)
 
-    async def _round(self) -> None:
+    async def _round(self) -> int:
+        """Relay every source until it has nothing new; returns how many events moved."""
+        moved = 0
         for source in self.sources:
             if time.monotonic() < self._skip_until.get(source, 0.0):
                 continue
             try:
-                while await self.relay_once(source) == _PAGE:
-                    pass
+                while (count := await self.relay_once(source)) > 0:
+                    moved += count
+                    if count < _PAGE:
+                        break
                 if source in self._failing:
                     self._failing.discard(source)
                     log.info("relaying %s events again", source)
@@ -318,6 +324,7 @@ class EventRelay:
                 if source not in self._failing:
                     self._failing.add(source)
                     log.exception("relaying %s events failed; retrying", source)
+        return moved
 
     async def _ensure_cursors(self) -> None:
         await self.pool.executemany(
@@ -334,11 +341,22 @@ class EventRelay:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("preparing the event relay failed (%s); retrying", exc)
                 await asyncio.sleep(self.poll_interval_s)
+        woken = False
         while True:
-            await self._round()
+            moved = await self._round()
+            if woken and not moved:
+                # A source announced events its readers cannot see yet (an
+                # older transaction on the server is still open; see
+                # runyard.common.outbox): look again shortly, a few times.
+                for delay in (0.005, 0.02, 0.08):
+                    await asyncio.sleep(delay)
+                    if await self._round():
+                        break
+            woken = False
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_interval_s):  # not wait_for: it can swallow a cancel
                     await self._wake.wait()
+                    woken = True
             self._wake.clear()
 
 
@@ -373,19 +391,30 @@ class Watcher:
         self.pool = pool
         self.poll_interval_s = poll_interval_s
         self._subscribers: set[asyncio.Event] = set()
+        #: Newest transaction id announced on the events channel.
+        self.notified_xid = 0
 
-    def notify(self, *_: object) -> None:
-        """New events were sequenced: wake every stream."""
+    def notify(self, payload: str = "") -> None:
+        """Events were committed (``payload``: the writer's transaction id):
+        wake every stream."""
+        with contextlib.suppress(ValueError):
+            self.notified_xid = max(self.notified_xid, int(payload))
         for wake in self._subscribers:
             wake.set()
 
-    async def _page(self, after: int, org_id: str, service_events: bool, types: list[str]) -> list[asyncpg.Record]:
-        return await self.pool.fetch(
-            """
-            SELECT pos, data FROM gateway.outbox
-            WHERE pos > $1 AND (org_id = $2 OR ($3 AND org_id = ''))
-              AND (cardinality($4::text[]) = 0 OR type = ANY($4::text[]))
-            ORDER BY pos LIMIT $5
+    async def _page(
+        self, after: int, org_id: str, service_events: bool, types: list[str]
+    ) -> tuple[list[asyncpg.Record], int]:
+        """Final events after ``after`` and the horizon they were read under."""
+        rows = await self.pool.fetch(
+            f"""
+            WITH h AS (SELECT {HORIZON_SQL} AS horizon)
+            SELECT h.horizon, o.pos, o.data FROM h LEFT JOIN LATERAL (
+                SELECT pos, data FROM gateway.outbox
+                WHERE pos > $1 AND pos < h.horizon AND (org_id = $2 OR ($3 AND org_id = ''))
+                  AND (cardinality($4::text[]) = 0 OR type = ANY($4::text[]))
+                ORDER BY pos LIMIT $5
+            ) o ON true
             """,
             after,
             org_id,
@@ -393,6 +422,8 @@ class Watcher:
             types,
             _PAGE,
         )
+        horizon = rows[0]["horizon"] if rows else 0
+        return [r for r in rows if r["pos"] is not None], horizon
 
     async def follow(
         self,
@@ -415,10 +446,11 @@ class Watcher:
         self._subscribers.add(wake)
         metrics.WATCH_STREAMS.inc()
         last = request.after_id
+        retry_s = _HORIZON_RETRY_S
         try:
             while True:
                 wake.clear()
-                rows = await self._page(last, org_id, service_events, types)
+                rows, horizon = await self._page(last, org_id, service_events, types)
                 for row in rows:
                     event = common_pb2.LifecycleEvent.FromString(row["data"])
                     event.id = row["pos"]
@@ -426,6 +458,11 @@ class Watcher:
                     yield event
                 if len(rows) == _PAGE:
                     continue
+                # Announced events of a transaction the horizon has not passed
+                # yet (an older writer is still open): look again shortly.
+                lagging = self.notified_xid >= xid_of(horizon)
+                timeout = retry_s if lagging else self.poll_interval_s
+                retry_s = min(retry_s * 2, self.poll_interval_s) if lagging else _HORIZON_RETRY_S
                 if closing.is_set():
                     raise Unavailable(
                         f"gateway is shutting down; resume with WatchEvents(after_id={last})",
@@ -435,7 +472,7 @@ class Watcher:
                     )
                 waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(closing.wait())]
                 try:
-                    await asyncio.wait(waits, timeout=self.poll_interval_s, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     for waiter in waits:
                         waiter.cancel()
@@ -453,8 +490,7 @@ class Watcher:
 
 class LifecycleStream:
     """Everything the gateway runs for lifecycle events: the relay of the
-    sessions and router outboxes, the sequencer of ``gateway.outbox``, one
-    LISTEN connection, the :class:`Watcher` behind ``WatchEvents``, and the
+    sessions and router outboxes, one LISTEN connection, the :class:`Watcher` behind ``WatchEvents``, and the
     hourly trim of events older than ``maintenance.event_retention_s``.
 
     The relay has channels of its own: its polling of a source that is down
@@ -478,16 +514,15 @@ class LifecycleStream:
             },
         )
         self.watcher = Watcher(pool)
-        self._sequencer = Sequencer(OUTBOX, pool, interval_s=0.25)
         self._listener = Listener(
             database_url(config), [EVENTS_CHANNEL, *SOURCE_CHANNELS.values()], self._on_notify,
             on_reconnect=self._on_reconnect,
         )
         self._tasks: list[asyncio.Task[None]] = []
 
-    def _on_notify(self, channel: str, _payload: str) -> None:
+    def _on_notify(self, channel: str, payload: str) -> None:
         if channel == EVENTS_CHANNEL:
-            self.watcher.notify()
+            self.watcher.notify(payload)
         else:
             self.relay.wake()
 
@@ -508,16 +543,15 @@ class LifecycleStream:
                     log.warning("trimming lifecycle events failed: %s", exc)
 
     async def start(self) -> None:
-        """LISTEN, then start the relay, the sequencer and the trim."""
+        """LISTEN, then start the relay and the trim."""
         await self._listener.start()
         self._tasks = [
             asyncio.create_task(self.relay.run(), name="event-relay"),
-            asyncio.create_task(self._sequencer.run(), name="gateway-outbox-sequencer"),
             asyncio.create_task(self._trim(), name="event-trim"),
         ]
 
     async def close(self) -> None:
-        """Stop everything (events already committed are sequenced first)."""
+        """Stop everything."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -528,8 +562,6 @@ class LifecycleStream:
             except Exception:  # noqa: BLE001 - shutdown goes on; the failure is logged
                 log.exception("a lifecycle-event task failed")
         self._tasks = []
-        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            await OUTBOX.sequence(self.pool)
         await self._listener.close()
         for channel in self._channels:
             await channel.close()

@@ -560,8 +560,6 @@ class CooldownStore:
             for state in committed:
                 self._apply(state)
             self._done_seq = max(self._done_seq, last)
-            if self.outbox is not None and any(op.event is not None for op in batch):
-                self.outbox.written()
             self._progress.set()
 
     async def _write(self, batch: Sequence[_Op]) -> list[CooldownState]:

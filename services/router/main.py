@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from runyard._proto.v1 import router_pb2, router_pb2_grpc
 from runyard.common.auth import RunTokenSigner
 from runyard.common.config import Config
 from runyard.common.metrics import serve_metrics
-from runyard.common.outbox import Outbox, Sequencer
+from runyard.common.outbox import Outbox, OutboxTrimmer
 from runyard.common.runtime import database_url, instance_id, open_database
 from runyard.common.server import ServiceServer
 from runyard.router.cooldowns import CooldownStore
@@ -42,8 +41,8 @@ async def serve(config: Config) -> None:
     await router.start()
     # model.failover events are relayed by the gateway within seconds; older
     # ones go after maintenance.event_retention_s like every other outbox.
-    sequencer = Sequencer(outbox, pool, retention_s=config.maintenance.event_retention_s)
-    background = asyncio.create_task(sequencer.run(), name="outbox-sequencer")
+    trimmer = OutboxTrimmer(outbox, pool, retention_s=config.maintenance.event_retention_s)
+    background = asyncio.create_task(trimmer.run(), name="outbox-trim")
     server = ServiceServer("router", cfg.listen, [SERVICE_NAME], shutdown_grace_s=cfg.shutdown_grace_s)
     router_pb2_grpc.add_RouterServiceServicer_to_server(
         RouterServicer(router, signer, config.auth.internal_secret, outbox), server.server
@@ -56,9 +55,5 @@ async def serve(config: Config) -> None:
     await server.begin_shutdown()
     await server.stop()
     await router.aclose()
-    background.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await background
-    with contextlib.suppress(OSError, asyncio.TimeoutError):
-        await outbox.sequence(pool)
+    await trimmer.stop(background)
     await pool.close()

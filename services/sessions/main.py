@@ -15,18 +15,14 @@ if a handler never returns.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 
-import asyncpg
 from runyard._proto.v1 import sessions_pb2, sessions_pb2_grpc
 from runyard.common.auth import RunTokenSigner
 from runyard.common.config import Config
 from runyard.common.hooks import HookRunner, load_handlers
 from runyard.common.metrics import serve_metrics
-from runyard.common.outbox import Sequencer
 from runyard.common.runtime import instance_id, open_database
 from runyard.common.server import ServiceServer
 from runyard.sessions.lifecycle import Lifecycle
@@ -71,8 +67,6 @@ async def serve(config: Config) -> None:
         SessionServicer(store, signer, config.auth.internal_secret, lifecycle=lifecycle, maintenance=maintenance),
         server.server,
     )
-    sequencer = Sequencer(store.outbox, pool)
-    background = asyncio.create_task(sequencer.run(), name="outbox-sequencer")
     await lifecycle.start()
     serve_metrics(cfg.metrics_port, cfg.listen.rsplit(":", 1)[0] or "0.0.0.0")
     server.install_signal_handlers()
@@ -95,11 +89,6 @@ async def serve(config: Config) -> None:
         raise
     finally:
         await hooks.close()
-        background.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await background
-        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            await store.sequence_outbox()
         await pool.close()
         if hooks.stuck:
             # A handler ignored cancellation; asyncio.run() would wait for it

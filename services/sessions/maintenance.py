@@ -335,7 +335,7 @@ class Maintenance:
         size = self.config.batch_size
         old_events = (
             "SELECT id FROM sessions.outbox WHERE created_at < now() - make_interval(secs => $1) "
-            "AND pos IS NOT NULL AND pos < (SELECT max(pos) FROM sessions.outbox)"
+            "AND pos < (SELECT max(pos) FROM sessions.outbox)"
         )
         if dry_run:
             stats.events_trimmed += int(await self.pool.fetchval(f"SELECT count(*) FROM ({old_events}) x", retention))

@@ -235,8 +235,7 @@ class SessionStore:
         await self.outbox.emit(conn, events)
 
     def _written(self, events: Sequence[common_pb2.LifecycleEvent] = ()) -> None:
-        """After a commit: wake the sequencer and hand ``events`` to listeners."""
-        self.outbox.written()
+        """After a commit: hand ``events`` to the in-process listeners (hooks)."""
         if not events:
             return
         for listener in self.listeners:
@@ -244,10 +243,6 @@ class SessionStore:
                 listener(events)
             except Exception:
                 log.exception("lifecycle event listener failed")
-
-    async def sequence_outbox(self) -> int:
-        """Sequence committed outbox rows (see :meth:`Outbox.sequence`)."""
-        return await self.outbox.sequence(self.pool)
 
     async def list_events(
         self, after_id: int, limit: int, types: Sequence[str] = ()
@@ -1004,7 +999,6 @@ class SessionStore:
             metrics.SESSION_ENDS_TOTAL.labels(reason).inc(len(rows))
             if hold is not None:
                 hold.extend(events)
-                self.outbox.written()
             else:
                 self._written(events)
             if len(rows) < size:

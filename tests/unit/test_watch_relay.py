@@ -46,7 +46,6 @@ async def test_concurrent_relays_copy_each_event_exactly_once(pool):
     relays = [EventRelay(pool, {"sessions": fetch}) for _ in range(4)]
     for _ in range(6):
         await asyncio.gather(*(relay.relay_once("sessions") for relay in relays))
-    await OUTBOX.sequence(pool)
     rows = await pool.fetch("SELECT session_id FROM gateway.outbox ORDER BY pos")
     assert [str(r["session_id"]) for r in rows] == [e.session_id for e in upstream]
     assert await pool.fetchval("SELECT after_id FROM gateway.event_cursors WHERE source = 'sessions'") == 1200
@@ -64,20 +63,19 @@ async def test_a_source_without_list_events_is_skipped_and_the_others_relay(pool
     relay = EventRelay(pool, {"router": unimplemented, "sessions": sessions})
     await relay._round()
     await relay._round()
-    await OUTBOX.sequence(pool)
     assert await pool.fetchval("SELECT count(*) FROM gateway.outbox") == 3
     assert "router" in relay._skip_until
 
 
 async def test_watch_is_scoped_by_org_and_resumes_after_an_id(pool):
     async with pool.acquire() as conn:
-        await OUTBOX.emit(conn, [
+        ids = await OUTBOX.emit(conn, [
             common_pb2.LifecycleEvent(type="session.start", org_id="a"),
             common_pb2.LifecycleEvent(type="session.start", org_id="b"),
             common_pb2.LifecycleEvent(type="service.startup", org_id=""),
             common_pb2.LifecycleEvent(type="session.end", org_id="a"),
         ])
-    await OUTBOX.sequence(pool)
+    assert ids == sorted(ids) and len(set(ids)) == 4
     watcher = Watcher(pool, poll_interval_s=0.1)
     closing = asyncio.Event()
 
@@ -93,9 +91,9 @@ async def test_watch_is_scoped_by_org_and_resumes_after_an_id(pool):
         finally:
             await stream.aclose()
 
-    assert await read("a", 0, False) == [(1, "session.start"), (4, "session.end")]
-    assert await read("a", 1, False) == [(4, "session.end")]
-    assert await read("b", 0, True) == [(2, "session.start"), (3, "service.startup")]
+    assert await read("a", 0, False) == [(ids[0], "session.start"), (ids[3], "session.end")]
+    assert await read("a", ids[0], False) == [(ids[3], "session.end")]
+    assert await read("b", 0, True) == [(ids[1], "session.start"), (ids[2], "service.startup")]
 
 
 def run_row(status: str, **extra):
@@ -160,12 +158,11 @@ def test_runyard_events_prints_one_readable_line_per_event():
 async def test_outbox_trim_keeps_recent_events_and_the_newest(pool):
     async with pool.acquire() as conn:
         await OUTBOX.emit(conn, [common_pb2.LifecycleEvent(type="session.start", org_id="o") for _ in range(5)])
-    await OUTBOX.sequence(pool)
     await pool.execute("UPDATE gateway.outbox SET created_at = now() - interval '2 days'")
     async with pool.acquire() as conn:
         await OUTBOX.emit(conn, [common_pb2.LifecycleEvent(type="session.start", org_id="o")])
-    await OUTBOX.sequence(pool)
+    newest = await pool.fetchval("SELECT max(pos) FROM gateway.outbox")
     assert await OUTBOX.trim(pool, 86_400, batch=2) == 5
-    assert [r["pos"] for r in await pool.fetch("SELECT pos FROM gateway.outbox")] == [6]
+    assert [r["pos"] for r in await pool.fetch("SELECT pos FROM gateway.outbox")] == [newest]
     await pool.execute("UPDATE gateway.outbox SET created_at = now() - interval '2 days'")
     assert await OUTBOX.trim(pool, 86_400) == 0  # the newest stays: the next position follows it
