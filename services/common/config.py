@@ -168,6 +168,10 @@ class GatewayConfig(_ServerSection):
     max_attempts: int = Field(default=3, ge=1, le=100)
     # Queue polling fallback when LISTEN/NOTIFY is quiet.
     poll_interval_ms: int = Field(default=1_000, ge=10, le=60_000)
+    # Run events reach this gateway's clients at once; they are stored (for
+    # JoinRun on other replicas and after restarts) in chunks, at the latest
+    # this long after they arrive, and with the run's end.
+    event_flush_interval_ms: int = Field(default=100, ge=1, le=10_000)
     # Per-message and per-request limits.
     max_text_bytes: int = Field(default=65_536, ge=1, le=16 * 1024 * 1024)
     max_session_key_length: int = Field(default=256, ge=1, le=4096)
@@ -697,11 +701,13 @@ class MaintenanceConfig(_Section):
     # At most this many stored sessions per (org, agent); the least recently
     # active go first, never one with an open activation; 0 = no cap.
     max_sessions_per_agent: int = Field(default=0, ge=0)
-    # Completed snapshots kept per session (the latest always is).
+    # Transcripts kept per compacted conversation: the current session's and
+    # those of the sessions it was compacted from, newest first.
     keep_snapshots: int = Field(default=5, ge=1, le=100_000)
-    # What happens to snapshots beyond keep_snapshots: "drop" or "archive".
+    # What happens to older transcripts: "drop" or "archive" (kept, never served).
     old_snapshots: Literal["drop", "archive"] = "drop"
-    # Pending snapshots (runs that never committed) older than this are dropped.
+    # Accepted for old configuration files; transcripts are appended per run
+    # and nothing is ever pending, so it has no effect.
     pending_snapshot_ttl_s: float = Field(default=86_400.0, ge=60)
     # Outbox events older than this are deleted; 0 = keep forever.
     event_retention_s: float = Field(default=7 * 86_400.0, ge=0)

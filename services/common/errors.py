@@ -34,6 +34,7 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "NotFound",
+    "OutOfRange",
     "PermissionDenied",
     "ResourceExhausted",
     "RunyardError",
@@ -139,6 +140,11 @@ class NotFound(RunyardError):
     default_reason = "NOT_FOUND"
 
 
+class OutOfRange(RunyardError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+    default_reason = "OUT_OF_RANGE"
+
+
 class AlreadyExists(RunyardError):
     code = grpc.StatusCode.ALREADY_EXISTS
     default_reason = "ALREADY_EXISTS"
@@ -197,6 +203,7 @@ _BY_CODE: dict[grpc.StatusCode, type[RunyardError]] = {
     for cls in (
         InvalidArgument,
         NotFound,
+        OutOfRange,
         AlreadyExists,
         FailedPrecondition,
         ResourceExhausted,

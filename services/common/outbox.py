@@ -78,68 +78,102 @@ class Outbox:
         schema: owning schema (``"sessions"``, ``"router"``, ``"gateway"``).
         channel: NOTIFY channel announcing new events (payload: the writing
             transaction's id).
+        relay_columns: the table also records, for events copied from
+            another service's outbox, that source and the event's position
+            there (``relayed_from``, ``relayed_pos``, unique together), and an
+            event copied twice is stored once (the gateway's outbox).
     """
 
-    def __init__(self, schema: str, channel: str):
+    def __init__(self, schema: str, channel: str, *, relay_columns: bool = False):
         self.schema = schema
         self.channel = channel
+        self.relay_columns = relay_columns
         self._emit_sql = f"""
-            WITH x AS (SELECT pg_current_xact_id()::text::bigint AS xid),
-                 b AS (SELECT coalesce(
-                           (SELECT max(o.pos) FROM {schema}.outbox o, x
-                            WHERE o.pos > x.xid << {_TX_BITS} AND o.pos < (x.xid + 1) << {_TX_BITS}),
-                           (SELECT x.xid << {_TX_BITS} FROM x)) AS base),
-                 ins AS (
-                    INSERT INTO {schema}.outbox (pos, type, org_id, session_id, data)
-                    SELECT b.base + u.n, u.type, u.org_id, u.session_id, u.data
-                    FROM b, unnest($1::text[], $2::text[], $3::uuid[], $4::bytea[])
-                         WITH ORDINALITY AS u(type, org_id, session_id, data, n)
-                    RETURNING pos)
-            SELECT pg_notify('{channel}', (SELECT xid FROM x)::text), (SELECT array_agg(pos ORDER BY pos) FROM ins)
+            WITH ins AS ({self.insert_sql(1)})
+            SELECT array_agg(pos ORDER BY pos) FROM ins
         """
 
-    def emit_args(self, events: Sequence[common_pb2.LifecycleEvent]) -> tuple[list, list, list, list]:
-        """The four array arguments of an outbox insert for ``events``
-        (types, org ids, session ids, serialized events), for callers that
-        fold the insert into a statement of their own (see
-        :meth:`insert_sql`)."""
+    def emit_args(
+        self, events: Sequence[common_pb2.LifecycleEvent], relayed_from: Sequence[str] | None = None
+    ) -> list[list[object]]:
+        """The array arguments of an outbox insert for ``events`` (see
+        :meth:`insert_sql`). With ``relayed_from`` (one source name per
+        event, "" for the gateway's own), an event's ``id`` is its position
+        in that source's outbox; it is not stored in the event itself."""
         if len(events) > MAX_EVENTS_PER_TRANSACTION:
             raise ValueError(f"at most {MAX_EVENTS_PER_TRANSACTION} events per transaction")
-        return (
+        data: list[object] = []
+        for event in events:
+            if event.id:
+                copy = common_pb2.LifecycleEvent()
+                copy.CopyFrom(event)
+                copy.ClearField("id")
+                data.append(copy.SerializeToString())
+            else:
+                data.append(event.SerializeToString())
+        args: list[list[object]] = [
             [e.type for e in events],
             [e.org_id for e in events],
             [uuid.UUID(e.session_id) if e.session_id else None for e in events],
-            [e.SerializeToString() for e in events],
-        )
+            data,
+        ]
+        if self.relay_columns:
+            sources = list(relayed_from) if relayed_from is not None else [""] * len(events)
+            args.append([source or None for source in sources])
+            args.append([e.id if source else None for e, source in zip(events, sources, strict=True)])
+        return args
 
-    def insert_sql(self, first_param: int) -> str:
-        """A data-modifying CTE body that inserts the events passed as
-        parameters ``$first_param .. $first_param+3`` (see :meth:`emit_args`)
-        and notifies readers; use it as ``WITH ..., ev AS (<this>)`` inside a
-        larger statement. Only one per statement: two in one statement would
+    @property
+    def arg_count(self) -> int:
+        """How many parameters :meth:`insert_sql` takes."""
+        return 6 if self.relay_columns else 4
+
+    def insert_sql(self, first_param: int, *, when: str = "") -> str:
+        """The body of a data-modifying CTE (``WITH ev AS (<this>)``) that
+        inserts the events passed as parameters ``$first_param`` and on (see
+        :meth:`emit_args`), numbers them and notifies readers on commit.
+        ``when`` is an extra SQL condition (e.g. ``EXISTS (SELECT 1 FROM
+        upd)``). At most one per statement: two in one statement would
         number their events from the same base."""
         p = first_param
+        columns = "pos, type, org_id, session_id, data"
+        values = "u.type, u.org_id, u.session_id, u.data"
+        arrays = f"${p}::text[], ${p + 1}::text[], ${p + 2}::uuid[], ${p + 3}::bytea[]"
+        names = "type, org_id, session_id, data"
+        conflict = ""
+        if self.relay_columns:
+            columns += ", relayed_from, relayed_pos"
+            values += ", u.relayed_from, u.relayed_pos"
+            arrays += f", ${p + 4}::text[], ${p + 5}::bigint[]"
+            names += ", relayed_from, relayed_pos"
+            conflict = "ON CONFLICT (relayed_from, relayed_pos) DO NOTHING"
+        lo = f"(x.xid << {_TX_BITS})"
         return f"""
-            INSERT INTO {self.schema}.outbox (pos, type, org_id, session_id, data)
-            SELECT (x.xid << {_TX_BITS}) + coalesce(
+            INSERT INTO {self.schema}.outbox ({columns})
+            SELECT {lo} + coalesce(
                        (SELECT max(o.pos) FROM {self.schema}.outbox o
-                        WHERE o.pos > x.xid << {_TX_BITS} AND o.pos < (x.xid + 1) << {_TX_BITS}) - (x.xid << {_TX_BITS}),
-                       0) + u.n,
-                   u.type, u.org_id, u.session_id, u.data
-            FROM (SELECT pg_current_xact_id()::text::bigint AS xid, pg_notify('{self.channel}',
-                         pg_current_xact_id()::text) AS notified) x,
-                 unnest(${p}::text[], ${p + 1}::text[], ${p + 2}::uuid[], ${p + 3}::bytea[])
-                     WITH ORDINALITY AS u(type, org_id, session_id, data, n)
-            WHERE cardinality(${p}::text[]) > 0
+                        WHERE o.pos > {lo} AND o.pos < {lo} + {1 << _TX_BITS}) - {lo}, 0) + u.n,
+                   {values}
+            FROM (SELECT pg_current_xact_id()::text::bigint AS xid,
+                         pg_notify('{self.channel}', pg_current_xact_id()::text) AS notified) x,
+                 unnest({arrays}) WITH ORDINALITY AS u({names}, n)
+            WHERE cardinality(${p}::text[]) > 0 {f"AND {when}" if when else ""}
+            {conflict}
             RETURNING pos
         """
 
-    async def emit(self, conn: asyncpg.Connection, events: Sequence[common_pb2.LifecycleEvent]) -> list[int]:
+    async def emit(
+        self,
+        conn: asyncpg.Connection,
+        events: Sequence[common_pb2.LifecycleEvent],
+        relayed_from: Sequence[str] | None = None,
+    ) -> list[int]:
         """Insert ``events`` in the caller's transaction (one statement);
-        returns their positions. Readers are notified when it commits."""
+        returns their positions (an event stored before, for a relaying
+        outbox, gets none). Readers are notified when it commits."""
         if not events:
             return []
-        positions = await conn.fetchval(self._emit_sql, *self.emit_args(events), column=1)
+        positions = await conn.fetchval(self._emit_sql, *self.emit_args(events, relayed_from))
         return list(positions or [])
 
     async def trim(self, pool: asyncpg.Pool, retention_s: float, batch: int = 1000) -> int:

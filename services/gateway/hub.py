@@ -3,9 +3,13 @@
 A worker opens ``WorkerHubService/Connect`` and must send ``hello`` within
 ``gateway.handshake_timeout_ms``. The :class:`Dispatcher` claims queued runs
 for connected workers with free capacity (woken by LISTEN/NOTIFY, with a
-polling fallback) and sweeps lapsed leases. Results are accepted only from
-the worker holding the run's current epoch; a completion is final once
-sessions has committed the run's snapshot.
+polling fallback), several per statement, and sweeps lapsed leases; a run
+sent to this gateway for a session with no active run is claimed as it is
+queued (:meth:`Dispatcher.reserve`). Events go to the run log
+(:mod:`runyard.gateway.events`). Results are accepted only from the worker
+holding the run's current epoch; a completion is final once sessions has
+committed the run's messages (``CommitRun``), in the transaction that ends
+the run.
 """
 
 from __future__ import annotations
@@ -29,12 +33,22 @@ from runyard.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     RunyardError,
     Unauthenticated,
 )
-from runyard.gateway.events import EventLog
+from runyard.gateway.events import PUBLISH_WINDOW, RunLog
 from runyard.gateway.runs import CANCEL_CHANNEL, QUEUE_CHANNEL, Claim, RunStore, event_bytes
+
+#: Errors of a commit that end the run failed (the transcript refuses it);
+#: anything else (the sessions service unreachable) leaves the result to be
+#: sent again.
+_COMMIT_REFUSALS = frozenset({
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+})
 
 __all__ = ["Dispatcher", "Hub", "WorkerConn"]
 
@@ -43,12 +57,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class RunState:
-    """A run assigned to a worker on this gateway."""
+    """A run assigned to a worker on this gateway; ``info`` holds what its
+    lifecycle events are built from (see :class:`Claim`)."""
 
     epoch: int
     org_id: str
     session_id: str
     agent_id: str
+    info: dict[str, object] = field(default_factory=dict)
     claimed_at: float = field(default_factory=time.monotonic)
 
 
@@ -61,10 +77,12 @@ class WorkerConn:
         self.runs: dict[uuid.UUID, RunState] = {}
         self.outbox: asyncio.Queue[worker_hub_pb2.ConnectResponse | None] = asyncio.Queue()
         self.draining = False
+        #: Slots promised to claims in flight (a dispatch, or a run being queued here).
+        self.reserved = 0
 
     @property
     def free(self) -> int:
-        return 0 if self.draining else max(self.capacity - len(self.runs), 0)
+        return 0 if self.draining else max(self.capacity - len(self.runs) - self.reserved, 0)
 
     def send(self, message: worker_hub_pb2.ConnectResponse) -> None:
         self.outbox.put_nowait(message)
@@ -73,9 +91,10 @@ class WorkerConn:
 class Dispatcher:
     """Claims queued runs for workers with free capacity and sweeps leases."""
 
-    def __init__(self, store: RunStore, signer: RunTokenSigner, *, poll_interval_s: float):
+    def __init__(self, store: RunStore, signer: RunTokenSigner, runlog: RunLog, *, poll_interval_s: float):
         self.store = store
         self.signer = signer
+        self.runlog = runlog
         self.poll_interval_s = poll_interval_s
         self.workers: dict[str, WorkerConn] = {}
         self._wake = asyncio.Event()
@@ -96,6 +115,22 @@ class Dispatcher:
         metrics.WORKERS_CONNECTED.set(len(self.workers))
         metrics.WORKER_FREE_CAPACITY.set(sum(w.free for w in self.workers.values()))
 
+    def reserve(self) -> WorkerConn | None:
+        """A slot of the connected worker with the most room, held until
+        :meth:`unreserve`, for a run about to be queued and claimed at once
+        (None when no worker has room or this gateway is stopping)."""
+        if self.stopping:
+            return None
+        worker = max(self.workers.values(), key=lambda w: w.free, default=None)
+        if worker is None or worker.free <= 0:
+            return None
+        worker.reserved += 1
+        return worker
+
+    @staticmethod
+    def unreserve(worker: WorkerConn, count: int = 1) -> None:
+        worker.reserved = max(worker.reserved - count, 0)
+
     async def run(self) -> None:
         last_sweep = 0.0
         while not self.stopping:
@@ -107,47 +142,80 @@ class Dispatcher:
             try:
                 if time.monotonic() - last_sweep >= self.poll_interval_s:
                     last_sweep = time.monotonic()
-                    if await self.store.requeue(None):
+                    if await self.store.requeue(None, window=PUBLISH_WINDOW):
                         self._wake.set()
                 await self._dispatch()
             except Exception:  # noqa: BLE001 - the loop must survive DB hiccups
                 log.exception("dispatch failed")
                 await asyncio.sleep(min(self.poll_interval_s, 1.0))
 
+    def _slots(self, limit: int = 64) -> list[WorkerConn]:
+        """Free slots, one entry per slot, spread across workers (most room first)."""
+        free = {w.worker_id: w.free for w in self.workers.values() if w.free > 0}
+        slots: list[WorkerConn] = []
+        while free and len(slots) < limit:
+            for worker_id in sorted(free, key=lambda k: -free[k]):
+                slots.append(self.workers[worker_id])
+                free[worker_id] -= 1
+                if free[worker_id] == 0:
+                    del free[worker_id]
+                if len(slots) >= limit:
+                    break
+        return slots
+
     async def _dispatch(self) -> None:
         while not self.stopping:
-            candidates = [w for w in self.workers.values() if w.free > 0]
-            if not candidates:
+            slots = self._slots()
+            if not slots:
                 return
-            worker = max(candidates, key=lambda w: w.free)
-            claim = await self.store.claim(worker.worker_id)
-            if claim is None:
-                return
-            if self.workers.get(worker.worker_id) is not worker:
-                # The worker left while we claimed: give the run straight back.
-                await self.store.requeue([(claim.run_id, claim.epoch)], count_attempt=False)
-                continue
-            if claim.first_claim:
-                wait = time.time() - claim.created_at.timestamp()
-                metrics.RUNS_QUEUE_WAIT_SECONDS.observe(max(wait, 0.0))
-            payload = common_pb2.RunPayload.FromString(claim.payload)
-            if self.prepare is not None:
-                try:
-                    await self.prepare(claim, payload)
-                except Exception:  # noqa: BLE001 - the run goes without the extra input
-                    log.exception("preparing run %s failed", claim.run_id)
-            payload.epoch = claim.epoch
-            payload.attempt = claim.attempt
-            payload.run_token = self.signer.sign(
-                org_id=claim.org_id,
-                agent_id=claim.agent_id,
-                session_id=str(claim.session_id),
-                run_id=str(claim.run_id),
-                epoch=claim.epoch,
-            )
-            worker.runs[claim.run_id] = RunState(claim.epoch, claim.org_id, str(claim.session_id), claim.agent_id)
-            worker.send(worker_hub_pb2.ConnectResponse(assign=worker_hub_pb2.RunAssignment(payload=payload)))
+            for worker in slots:
+                worker.reserved += 1
+            try:
+                claims = await self.store.claim([w.worker_id for w in slots])
+                for claim in claims:
+                    await self.assign(self.workers.get(claim.worker_id), claim)
+            finally:
+                for worker in slots:
+                    self.unreserve(worker)
             self.update_gauges()
+            if len(claims) < len(slots):
+                return
+
+    async def assign(
+        self, worker: WorkerConn | None, claim: Claim, payload: common_pb2.RunPayload | None = None
+    ) -> None:
+        """Send a claimed run to its worker: run token, run log stream,
+        assignment. A worker that left meanwhile gets nothing: the run goes
+        straight back to the queue."""
+        if worker is None or self.workers.get(worker.worker_id) is not worker:
+            await self.store.requeue([(claim.run_id, claim.epoch)], count_attempt=False)
+            return
+        if claim.first_claim:
+            wait = time.time() - claim.created_at.timestamp()
+            metrics.RUNS_QUEUE_WAIT_SECONDS.observe(max(wait, 0.0))
+        payload = payload or common_pb2.RunPayload.FromString(claim.payload)
+        if self.prepare is not None:
+            try:
+                await self.prepare(claim, payload)
+            except Exception:  # noqa: BLE001 - the run goes without the extra input
+                log.exception("preparing run %s failed", claim.run_id)
+            if self.workers.get(worker.worker_id) is not worker:  # it left while we prepared
+                await self.store.requeue([(claim.run_id, claim.epoch)], count_attempt=False)
+                return
+        payload.epoch = claim.epoch
+        payload.attempt = claim.attempt
+        payload.run_token = self.signer.sign(
+            org_id=claim.org_id,
+            agent_id=claim.agent_id,
+            session_id=str(claim.session_id),
+            run_id=str(claim.run_id),
+            epoch=claim.epoch,
+        )
+        worker.runs[claim.run_id] = RunState(
+            claim.epoch, claim.org_id, str(claim.session_id), claim.agent_id, info=claim.row
+        )
+        self.runlog.open(claim.run_id, str(claim.session_id), claim.epoch, claim.last_seq)
+        worker.send(worker_hub_pb2.ConnectResponse(assign=worker_hub_pb2.RunAssignment(payload=payload)))
 
     def find(self, run_id: uuid.UUID) -> tuple[WorkerConn, RunState] | None:
         for worker in self.workers.values():
@@ -183,7 +251,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
     def __init__(
         self,
         store: RunStore,
-        events: EventLog,
+        runlog: RunLog,
         dispatcher: Dispatcher,
         sessions: sessions_pb2_grpc.SessionServiceStub,
         *,
@@ -194,7 +262,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         gateway_id: str,
     ):
         self.store = store
-        self.events = events
+        self.runlog = runlog
         self.dispatcher = dispatcher
         self.sessions = sessions
         self.internal_secret = internal_secret
@@ -236,24 +304,25 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             )
         worker = WorkerConn(hello.worker_id, hello.capacity)
         leases = [(uuid.UUID(r.run_id), r.epoch) for r in hello.active_runs]
-        accepted = await self.store.reattach(worker.worker_id, leases)
+        accepted = {claim.run_id: claim for claim in await self.store.reattach(worker.worker_id, leases)}
         welcome = worker_hub_pb2.HubWelcome(
             gateway_id=self.gateway_id,
             heartbeat_interval_ms=self.heartbeat_interval_ms,
             lease_ms=self.lease_ms,
         )
         for run_id, epoch in leases:
-            if run_id in accepted:
-                welcome.accepted_runs.add(run_id=str(run_id), epoch=epoch, worker_seq=accepted[run_id])
+            claim = accepted.get(run_id)
+            if claim is not None:
+                worker_seq = int(claim.row["worker_seq"])  # type: ignore[call-overload]
+                welcome.accepted_runs.add(run_id=str(run_id), epoch=epoch, worker_seq=worker_seq)
+                worker.runs[run_id] = RunState(
+                    claim.epoch, claim.org_id, str(claim.session_id), claim.agent_id, info=claim.row
+                )
+                # The worker resends its events after worker_seq; they get
+                # the seqs they had (numbered from the stored last_seq).
+                self.runlog.open(run_id, str(claim.session_id), claim.epoch, claim.last_seq, worker_seq)
             else:
                 welcome.rejected_runs.add(run_id=str(run_id), epoch=epoch)
-        if accepted:
-            rows = await self.store.pool.fetch(
-                "SELECT id, org_id, session_id, agent_id, epoch FROM gateway.runs WHERE id = ANY($1::uuid[])",
-                list(accepted),
-            )
-            for row in rows:
-                worker.runs[row["id"]] = RunState(row["epoch"], row["org_id"], str(row["session_id"]), row["agent_id"])
         yield worker_hub_pb2.ConnectResponse(welcome=welcome)
         self.dispatcher.workers[worker.worker_id] = worker
         self.dispatcher.update_gauges()
@@ -277,10 +346,11 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             worker.runs.clear()
             if held and not self.shutting_down:
                 # The worker is gone: its runs go back to the queue now rather
-                # than after the lease lapses. (While this gateway shuts down,
-                # workers keep their runs and re-attach to another gateway.)
-                await self.events.flush()
+                # than after the lease lapses, with every event it sent stored.
+                await self.runlog.flush(run_id for run_id, _ in held)
                 await self.store.requeue(held)
+                for run_id, epoch in held:
+                    self.runlog.drop(run_id, epoch)
             log.info("worker %s disconnected (%d runs handed back)", worker.worker_id, len(held))
 
     async def _read(self, worker: WorkerConn, requests: AsyncIterator[worker_hub_pb2.ConnectRequest]) -> None:
@@ -313,7 +383,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         state = worker.runs.get(run_id)
         if state is None or state.epoch != message.epoch:
             return  # not (or no longer) this worker's run
-        self.events.append(run_id, state.session_id, state.epoch, message.event, message.worker_seq)
+        self.runlog.append(run_id, state.epoch, message.event, message.worker_seq)
 
     async def _on_heartbeat(self, worker: WorkerConn, heartbeat: worker_hub_pb2.WorkerHeartbeat) -> None:
         leases = [(run_id, state.epoch) for run_id, state in worker.runs.items()]
@@ -321,6 +391,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         for run_id, epoch in leases:
             if run_id not in held and worker.runs.get(run_id) is not None:
                 worker.runs.pop(run_id, None)
+                self.runlog.drop(run_id, epoch)
                 worker.send(
                     worker_hub_pb2.ConnectResponse(
                         cancel=worker_hub_pb2.RunCancel(run_id=str(run_id), epoch=epoch, reason="LEASE_LOST")
@@ -340,8 +411,6 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             if state is None or state.epoch != result.epoch:
                 message = "stale result: the run is no longer held at this epoch"
                 return
-            # Everything the worker streamed before its result is written first.
-            await self.events.flush()
             accepted, message = await self._apply_result(run_id, state, result)
         except Exception as exc:  # noqa: BLE001 - reported to the worker, run stays leased
             log.exception("handling the result of run %s failed", run_id)
@@ -349,6 +418,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         finally:
             if accepted or message.startswith("stale"):
                 worker.runs.pop(run_id, None)
+                self.runlog.drop(run_id, result.epoch)
             worker.send(
                 worker_hub_pb2.ConnectResponse(
                     ack=worker_hub_pb2.ResultAck(
@@ -364,51 +434,92 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
     ) -> tuple[bool, str]:
         outcome = result.WhichOneof("outcome")
         if outcome == "released":
+            await self.runlog.flush([run_id])
             rows = await self.store.requeue([(run_id, result.epoch)], count_attempt=False)
             return True, "released" if rows else "stale: not running at this epoch"
-        async with self.store.pool.acquire() as conn, conn.transaction():
-            row = await self.store.lock(conn, run_id)
-            if row is None or row["status"] != "running" or row["epoch"] != result.epoch:
-                return False, "stale: not running at this epoch"
-            status, event, error = "failed", b"", None
-            model, usage = "", None
-            if outcome == "completed" and row["cancel_requested"]:
-                outcome = "cancelled"
-                result.cancelled.reason = row["cancel_reason"] or "cancelled"
+        if outcome not in ("completed", "failed", "cancelled"):
+            return False, f"unknown outcome {outcome!r}"
+        pending = await self.runlog.begin_finish(run_id, result.epoch)
+        finish: dict[str, object] = {
+            "epoch": result.epoch,
+            "info": state.info or None,
+            "pending": pending.raws if pending is not None else (),
+            "expected_last_seq": pending.expected_last_seq if pending is not None else None,
+        }
+        try:
             if outcome == "completed":
-                completed = result.completed
-                try:
-                    await call(
-                        self.sessions.CommitSnapshot(
-                            sessions_pb2.CommitSnapshotRequest(
-                                org_id=state.org_id,
-                                session_id=state.session_id,
-                                run_id=str(run_id),
-                                epoch=result.epoch,
-                            ),
-                            metadata=internal_metadata(self.internal_secret),
-                            timeout=10,
-                        )
-                    )
-                except (FailedPrecondition, NotFound) as exc:
-                    error = exc.to_run_error()
-                    event = event_bytes(failed=common_pb2.RunFailed(error=error))
-                else:
-                    status = "completed"
-                    model, usage = completed.model, completed.usage
-                    event = event_bytes(completed=completed)
+                status, event, seq = await self._complete(run_id, state, result, finish)
             elif outcome == "failed":
-                error = result.failed.error
-                event = event_bytes(failed=result.failed)
-            elif outcome == "cancelled":
-                status = "cancelled"
-                event = event_bytes(cancelled=result.cancelled)
+                status, event = "failed", event_bytes(failed=result.failed)
+                seq = await self.store.finish(
+                    self.store.pool, run_id, status=status, event=event, error=result.failed.error, **finish
+                )
             else:
-                return False, f"unknown outcome {outcome!r}"
-            await self.store.finish(conn, run_id, status=status, event=event, model=model, usage=usage, error=error)
+                status, event = "cancelled", event_bytes(cancelled=result.cancelled)
+                seq = await self.store.finish(self.store.pool, run_id, status=status, event=event, **finish)
+        except BaseException:
+            self.runlog.abort_finish(run_id)
+            raise
+        if not seq:
+            self.runlog.drop(run_id, result.epoch)
+            return False, "stale: not running at this epoch"
+        terminal = common_pb2.RunEvent.FromString(event)
+        terminal.run_id = str(run_id)
+        terminal.session_id = state.session_id
+        terminal.seq = seq
+        self.runlog.finished(run_id, terminal)
         metrics.RUNS_TOTAL.labels(status).inc()
         metrics.RUN_DURATION_SECONDS.labels(status).observe(time.monotonic() - state.claimed_at)
         return True, status
+
+    async def _complete(
+        self, run_id: uuid.UUID, state: RunState, result: worker_hub_pb2.WorkerRunResult, finish: dict[str, object]
+    ) -> tuple[str, bytes, int]:
+        """A completion: commit the run's messages (sessions) and end the run,
+        with the run's row locked throughout, so a cancel or a requeue
+        cannot slip in between. Returns (status, terminal event, seq)."""
+        async with self.store.pool.acquire() as conn, conn.transaction():
+            row = await self.store.lock(conn, run_id)
+            if row is None or row["status"] != "running" or row["epoch"] != result.epoch:
+                return "failed", b"", 0
+            if row["cancel_requested"]:
+                cancelled = common_pb2.RunCancelled(reason=row["cancel_reason"] or "cancelled")
+                event = event_bytes(cancelled=cancelled)
+                seq = await self.store.finish(conn, run_id, status="cancelled", event=event, **finish)
+                return "cancelled", event, seq
+            error: common_pb2.RunError | None = None
+            relayed: list[common_pb2.LifecycleEvent] = []
+            try:
+                response = await call(
+                    self.sessions.CommitRun(
+                        sessions_pb2.CommitRunRequest(
+                            org_id=state.org_id,
+                            session_id=state.session_id,
+                            run_id=str(run_id),
+                            epoch=result.epoch,
+                            append=result.append,
+                        ),
+                        metadata=internal_metadata(self.internal_secret),
+                        timeout=10,
+                    )
+                )
+            except RunyardError as exc:
+                if exc.code not in _COMMIT_REFUSALS:
+                    raise  # the sessions service is unreachable: the worker sends the result again
+                error = exc.to_run_error()
+            else:
+                relayed = list(response.events)
+            if error is not None:
+                event = event_bytes(failed=common_pb2.RunFailed(error=error))
+                seq = await self.store.finish(conn, run_id, status="failed", event=event, error=error, **finish)
+                return "failed", event, seq
+            completed = result.completed
+            event = event_bytes(completed=completed)
+            seq = await self.store.finish(
+                conn, run_id, status="completed", event=event, model=completed.model, usage=completed.usage,
+                relayed=relayed, **finish,
+            )
+            return "completed", event, seq
 
     async def drain(self) -> None:
         """Tell every worker this gateway is going away (they re-attach elsewhere)."""

@@ -24,7 +24,7 @@ from runyard.common.metrics import serve_metrics
 from runyard.common.runtime import database_url, instance_id, open_database
 from runyard.common.server import ServiceServer
 from runyard.gateway.auth import Authenticator
-from runyard.gateway.events import Broker, EventLog
+from runyard.gateway.events import Broker, RunLog
 from runyard.gateway.hub import Dispatcher, Hub
 from runyard.gateway.keys import KEYS_CHANNEL, ApiKeyStore
 from runyard.gateway.runs import CANCEL_CHANNEL, EVENTS_CHANNEL, QUEUE_CHANNEL, RunStore
@@ -63,13 +63,13 @@ async def serve(config: Config) -> None:
         max_queued_per_session=cfg.max_queued_runs_per_session,
     )
     broker = Broker()
-    events = EventLog(pool, broker)
-    dispatcher = Dispatcher(store, signer, poll_interval_s=cfg.poll_interval_ms / 1000)
+    runlog = RunLog(store, broker, flush_interval_s=cfg.event_flush_interval_ms / 1000)
+    dispatcher = Dispatcher(store, signer, runlog, poll_interval_s=cfg.poll_interval_ms / 1000)
     sessions_channel = internal_channel(config.endpoints.sessions, max_message_bytes=cfg.max_message_bytes)
     sessions = sessions_pb2_grpc.SessionServiceStub(sessions_channel)
     hub = Hub(
         store,
-        events,
+        runlog,
         dispatcher,
         sessions,
         internal_secret=config.auth.internal_secret,
@@ -93,6 +93,7 @@ async def serve(config: Config) -> None:
         dispatcher,
         sessions,
         authenticator,
+        runlog,
     )
     # Background tasks (runyard.gateway.tasks): the API, the notification hook, the loop.
     router_channel, router = router_stub(config)
@@ -124,7 +125,7 @@ async def serve(config: Config) -> None:
         on_reconnect=on_reconnect,
     )
     await listener.start()
-    events.start()
+    runlog.start()
     # Lifecycle events: relay of other services' outboxes + WatchEvents (runyard.gateway.watch).
     lifecycle_events = LifecycleStream(config, pool)
     await lifecycle_events.start()
@@ -164,7 +165,7 @@ async def serve(config: Config) -> None:
     await hub.close()
     await tasks.close()
     await router_channel.close()
-    await events.close()
+    await runlog.close()
     await lifecycle_events.close()
     await listener.close()
     await sessions_channel.close()

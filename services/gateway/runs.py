@@ -1,13 +1,20 @@
 """The runs queue in PostgreSQL (schema ``gateway``).
 
-* Insert with an idempotency key: a repeat returns the existing run.
+* Insert with an idempotency key: a repeat returns the existing run. When
+  the session has no active run and this gateway has a worker with room, the
+  run is inserted already claimed for it (one transaction instead of two).
 * At most one running run per session (partial unique index); queued runs of
   a session run in arrival order.
-* Claims use ``FOR UPDATE SKIP LOCKED``, bump the run's ``epoch`` and set a
-  lease that worker heartbeats renew; a lapsed lease re-queues the run
-  (attempts are counted and capped, then the run fails).
-* Every status change that ends a run writes its terminal event in the same
-  statement, so a run never ends without its event.
+* Claims use ``FOR UPDATE SKIP LOCKED`` (several runs per statement, one per
+  free worker slot), bump the run's ``epoch`` and set a lease that worker
+  heartbeats renew; a lapsed lease re-queues the run (attempts are counted
+  and capped, then the run fails).
+* Run events are stored as chunks (``seq .. last_seq`` per row, see
+  :mod:`runyard.gateway.events`); every write of a chunk checks the run's
+  epoch and ``last_seq`` it follows, so a retried write stores nothing twice
+  and a gateway that lost the run writes nothing.
+* The statement that ends a run writes its last events, its terminal event
+  and its lifecycle events (outbox), so a run never ends without them.
 * NOTIFY ``runyard_runs`` wakes dispatchers; ``runyard_run_events`` carries
   ``run_id:last_seq`` for followers on other gateways; ``runyard_run_cancel``
   carries ``run_id:epoch:gateway_id`` for the gateway holding the worker.
@@ -20,7 +27,7 @@ import datetime as dt
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,15 +38,19 @@ from runyard.common import metrics
 from runyard.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from runyard.common.pagination import decode_time_cursor, page_size, time_cursor_page
 from runyard.common.protoutil import now, timestamp
-from runyard.gateway.watch import emit_run_events, fetch_with_events, fetchrow_with_events
+from runyard.gateway.watch import OUTBOX, emit_run_events, fetch_with_events, run_events
 
 __all__ = [
     "CANCEL_CHANNEL",
     "EVENTS_CHANNEL",
+    "FILLER_EVENT",
     "QUEUE_CHANNEL",
     "Claim",
+    "EventChunk",
     "RunStore",
     "TERMINAL",
+    "decode_batch",
+    "encode_batch",
     "event_bytes",
     "request_hash",
 ]
@@ -67,11 +78,80 @@ _RUN_COLUMNS = (
     "input_tokens, output_tokens, error, task_id, created_at, started_at, ended_at, first_claimed_at"
 )
 
+#: What the requeue of a lapsed run writes for each seq a dead gateway may
+#: have delivered from memory (events.PUBLISH_WINDOW): an empty delta, which
+#: clients append as nothing; the next attempt's ``started`` follows.
+FILLER_EVENT = common_pb2.RunEvent(text_delta=common_pb2.TextDelta()).SerializeToString()
+
 
 def event_bytes(**event: Any) -> bytes:
     """Serialized ``RunEvent`` with one oneof member set and the current time."""
     message = common_pb2.RunEvent(time=now(), **event)
     return message.SerializeToString()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_batch(raws: Iterable[bytes]) -> bytes:
+    """``RunEventBatch`` bytes from serialized events, without re-encoding
+    them (field 1, length-delimited: the protobuf encoding of ``repeated
+    RunEvent events = 1``)."""
+    return b"".join(b"\x0a" + _varint(len(raw)) + raw for raw in raws)
+
+
+def decode_batch(
+    run_id: uuid.UUID, session_id: str, first_seq: int, data: bytes
+) -> list[common_pb2.RunEvent]:
+    """The events of a stored chunk with their ids and seqs filled in."""
+    events = list(common_pb2.RunEventBatch.FromString(data).events)
+    for offset, event in enumerate(events):
+        event.run_id = str(run_id)
+        event.session_id = session_id
+        event.seq = first_seq + offset
+    return events
+
+
+@dataclass(frozen=True, slots=True)
+class EventChunk:
+    """Consecutive events of one run epoch to store (``first_seq`` must
+    follow the run's stored ``last_seq``); ``data`` is a ``RunEventBatch``,
+    ``worker_seq`` the worker's counter of the last one."""
+
+    run_id: uuid.UUID
+    epoch: int
+    first_seq: int
+    last_seq: int
+    data: bytes
+    worker_seq: int
+
+
+_WRITE_EVENTS_SQL = f"""
+WITH b AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bytea[], $6::bigint[])
+        AS b(run_id, epoch, first_seq, last_seq, data, wseq)
+), upd AS (
+    UPDATE gateway.runs r SET last_seq = b.last_seq, worker_seq = b.wseq
+    FROM b
+    WHERE r.id = b.run_id AND r.epoch = b.epoch AND r.status = 'running' AND r.last_seq = b.first_seq - 1
+    RETURNING r.id, r.last_seq
+), ins AS (
+    INSERT INTO gateway.run_events (run_id, seq, last_seq, data)
+    SELECT b.run_id, b.first_seq, b.last_seq, b.data FROM b JOIN upd ON upd.id = b.run_id
+    RETURNING run_id
+), n AS (
+    SELECT pg_notify('{EVENTS_CHANNEL}', upd.id::text || ':' || upd.last_seq) FROM upd
+)
+SELECT b.run_id, upd.id IS NOT NULL AS written,
+       (r.epoch = b.epoch AND r.last_seq >= b.last_seq) AS already, (SELECT count(*) FROM n) AS notified
+FROM b LEFT JOIN upd ON upd.id = b.run_id LEFT JOIN gateway.runs r ON r.id = b.run_id
+"""
 
 
 def request_hash(request: Any) -> bytes:
@@ -81,7 +161,8 @@ def request_hash(request: Any) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """A run claimed for a worker."""
+    """A run claimed for a worker; ``row`` has what its lifecycle events need
+    (see :func:`runyard.gateway.watch.run_events`)."""
 
     run_id: uuid.UUID
     org_id: str
@@ -92,6 +173,33 @@ class Claim:
     attempt: int
     created_at: dt.datetime
     first_claim: bool
+    last_seq: int
+    worker_id: str
+    row: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Claim:
+        return cls(
+            run_id=row["id"],
+            org_id=row["org_id"],
+            session_id=row["session_id"],
+            agent_id=row["agent_id"],
+            payload=bytes(row["payload"]),
+            epoch=row["epoch"],
+            attempt=row["attempt"],
+            created_at=row["created_at"],
+            first_claim=row["first_claimed_at"] == row["started_at"],
+            last_seq=row["last_seq"],
+            worker_id=row["worker_id"] or "",
+            row={k: row[k] for k in _INFO_COLUMNS},
+        )
+
+
+#: Columns a run's lifecycle events are built from (kept with its claim).
+_INFO_COLUMNS = (
+    "id", "org_id", "session_id", "session_key", "agent_id", "task_id", "input_text", "attempt",
+    "created_at", "first_claimed_at", "started_at",
+)
 
 
 def run_proto(row: asyncpg.Record) -> common_pb2.Run:
@@ -165,7 +273,9 @@ class RunStore:
         fingerprint: bytes,
         strategy: str,
         conn: asyncpg.Connection | None = None,
-    ) -> tuple[asyncpg.Record, bool]:
+        claim_for: str | None = None,
+        relayed: Sequence[common_pb2.LifecycleEvent] = (),
+    ) -> tuple[Mapping[str, Any], bool]:
         """Queue a run (its ``queued`` event is seq 1).
 
         With ``conn`` (a connection inside a transaction) the run is queued in
@@ -177,9 +287,19 @@ class RunStore:
         runs to cancel and queues behind them; COLLECT merges the text into a
         queued COLLECT follow-up run when one exists.
 
+        With ``claim_for`` (a worker connected to this gateway with a free
+        slot) a run whose session has no active run is inserted already
+        claimed for that worker (status ``running``, epoch 1), in the same
+        statement; the caller assigns it (:meth:`Claim.from_row`).
+        ``relayed`` are the sessions service's lifecycle events of the
+        session's resolution (``id`` = their sessions outbox position),
+        recorded before the run's own.
+
         Returns:
             ``(run row, created)``; ``created`` is False when an idempotent
-            repeat or a COLLECT merge returned an existing run.
+            repeat or a COLLECT merge returned an existing run. A created row
+            also has ``queued_event`` (the serialized seq-1 event) and, when
+            claimed, ``payload``.
 
         Raises:
             FailedPrecondition: REJECT while a run is active (reason
@@ -187,7 +307,6 @@ class RunStore:
             ResourceExhausted: too many active runs on the session.
             InvalidArgument: idempotency key reused with a different request.
         """
-        run_id = uuid.UUID(payload.run_id)
         session_id = uuid.UUID(payload.session_id)
         key = payload.idempotency_key or None
         connection = contextlib.nullcontext(conn) if conn is not None else self.pool.acquire()
@@ -245,36 +364,79 @@ class RunStore:
                     )
             position = sum(1 for r in active if r["status"] in ("queued", "running") and strategy != "INTERRUPT")
             queued = event_bytes(queued=common_pb2.RunQueued(position=position))
-            row = await conn.fetchrow(
-                f"""
-                WITH ins AS (
-                    INSERT INTO gateway.runs (id, org_id, session_id, session_key, agent_id, status, payload,
-                        input_text, metadata, idempotency_key, request_hash, multitask_strategy, max_attempts,
-                        last_seq, task_id)
-                    VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $8::jsonb, $9, $10, $11, $12, 1, $14)
-                    RETURNING {_RUN_COLUMNS}
-                ), ev AS (
-                    INSERT INTO gateway.run_events (run_id, seq, data) SELECT id, 1, $13 FROM ins
-                )
-                SELECT *, pg_notify('{QUEUE_CHANNEL}', '') FROM ins
-                """,
-                run_id,
-                payload.org_id,
-                session_id,
-                payload.session_key,
-                payload.agent_id,
-                payload.SerializeToString(),
-                payload.input.text,
-                json.dumps(dict(payload.metadata)),
-                key,
-                fingerprint,
-                strategy,
-                self.max_attempts,
-                queued,
-                uuid.UUID(payload.task_id) if payload.task_id else None,
+            # Claimed at once only when the session has no active run: every
+            # insert of the session holds its lock, and dispatchers only claim
+            # queued runs, so no other run of it can start meanwhile.
+            claimed = claim_for if not active else None
+            row = await self._insert_row(conn, payload, fingerprint, strategy, queued, claimed, relayed)
+            return {**dict(row), "queued_event": queued}, True
+
+    async def _insert_row(
+        self,
+        conn: asyncpg.Connection,
+        payload: common_pb2.RunPayload,
+        fingerprint: bytes,
+        strategy: str,
+        queued: bytes,
+        claim_for: str | None,
+        relayed: Sequence[common_pb2.LifecycleEvent],
+    ) -> asyncpg.Record:
+        """One statement: the run row (queued, or running for ``claim_for``),
+        its seq-1 event and its lifecycle events."""
+        run_id = uuid.UUID(payload.run_id)
+        stamp = dt.datetime.now(dt.UTC)
+        info = {
+            "id": run_id, "org_id": payload.org_id, "session_id": uuid.UUID(payload.session_id),
+            "session_key": payload.session_key, "agent_id": payload.agent_id, "input_text": payload.input.text,
+            "task_id": payload.task_id or None, "created_at": stamp,
+        }
+        lifecycle = list(relayed) + run_events({**info, "status": "queued"}, source=self.gateway_id)
+        if claim_for is not None:
+            lifecycle += run_events(
+                {**info, "status": "running", "attempt": 1, "first_claimed_at": stamp, "started_at": stamp},
+                source=self.gateway_id,
             )
-            await emit_run_events(conn, [row], source=self.gateway_id)  # run.queued, message.received
-            return row, True
+        sources = ["sessions"] * len(relayed) + [""] * (len(lifecycle) - len(relayed))
+        return await conn.fetchrow(
+            f"""
+            WITH ins AS (
+                INSERT INTO gateway.runs (id, org_id, session_id, session_key, agent_id, status, payload,
+                    input_text, metadata, idempotency_key, request_hash, multitask_strategy, max_attempts,
+                    last_seq, task_id, epoch, attempt, worker_id, gateway_id, lease_expires_at, started_at,
+                    first_claimed_at, created_at)
+                VALUES ($1, $2, $3, $4, $5, CASE WHEN $15::text IS NULL THEN 'queued' ELSE 'running' END, $6, $7,
+                    $8::jsonb, $9, $10, $11, $12, 1, $14,
+                    CASE WHEN $15::text IS NULL THEN 0 ELSE 1 END, CASE WHEN $15::text IS NULL THEN 0 ELSE 1 END,
+                    $15, CASE WHEN $15::text IS NULL THEN NULL ELSE $16 END,
+                    CASE WHEN $15::text IS NULL THEN NULL ELSE now() + make_interval(secs => $17) END,
+                    CASE WHEN $15::text IS NULL THEN NULL ELSE now() END,
+                    CASE WHEN $15::text IS NULL THEN NULL ELSE now() END, now())
+                RETURNING {_RUN_COLUMNS}, payload
+            ), ev AS (
+                INSERT INTO gateway.run_events (run_id, seq, last_seq, data)
+                SELECT id, 1, 1, $13 FROM ins
+            ), ob AS ({OUTBOX.insert_sql(18)})
+            SELECT ins.*, CASE WHEN $15::text IS NULL THEN pg_notify('{QUEUE_CHANNEL}', '') END AS notified FROM ins
+            """,
+            run_id,
+            payload.org_id,
+            uuid.UUID(payload.session_id),
+            payload.session_key,
+            payload.agent_id,
+            payload.SerializeToString(),
+            payload.input.text,
+            json.dumps(dict(payload.metadata)),
+            payload.idempotency_key or None,
+            fingerprint,
+            strategy,
+            self.max_attempts,
+            encode_batch([queued]),
+            uuid.UUID(payload.task_id) if payload.task_id else None,
+            claim_for,
+            self.gateway_id,
+            self.lease_s,
+            *OUTBOX.emit_args(lifecycle, sources),
+        )
 
     @staticmethod
     def _check_fingerprint(existing: asyncpg.Record, fingerprint: bytes) -> None:
@@ -308,7 +470,7 @@ class RunStore:
         )
 
     async def _interrupt(self, conn: asyncpg.Connection, run_ids: Sequence[uuid.UUID]) -> None:
-        cancelled = event_bytes(cancelled=common_pb2.RunCancelled(reason="interrupted by a newer message"))
+        cancelled = encode_batch([event_bytes(cancelled=common_pb2.RunCancelled(reason="interrupted by a newer message"))])
         dropped = await conn.fetch(  # for their lifecycle events (run.failed, status CANCELLED)
             f"SELECT {_RUN_COLUMNS} FROM gateway.runs WHERE id = ANY($1::uuid[]) AND status = 'queued' FOR UPDATE",
             list(run_ids),
@@ -324,7 +486,7 @@ class RunStore:
                 WHERE id = ANY($1::uuid[]) AND status = 'queued'
                 RETURNING id, last_seq
             ), ev AS (
-                INSERT INTO gateway.run_events (run_id, seq, data) SELECT id, last_seq, $2 FROM q
+                INSERT INTO gateway.run_events (run_id, seq, last_seq, data) SELECT id, last_seq, last_seq, $2 FROM q
             ), r AS (
                 UPDATE gateway.runs SET cancel_requested = true, cancel_reason = 'INTERRUPTED'
                 WHERE id = ANY($1::uuid[]) AND status = 'running'
@@ -341,59 +503,56 @@ class RunStore:
 
     # ------------------------------------------------------------ claims and leases
 
-    async def claim(self, worker_id: str) -> Claim | None:
-        """Claim the oldest runnable queued run for ``worker_id`` (None if none).
+    async def claim(self, worker_ids: Sequence[str]) -> list[Claim]:
+        """Claim up to one queued run per entry of ``worker_ids`` (a worker
+        appears once per free slot), oldest first, in one statement; the
+        i-th run goes to ``worker_ids[i]``.
 
         A run is runnable when its session has no running run and no older
-        queued run.
+        queued run (so two claimed runs never share a session).
         """
+        if not worker_ids:
+            return []
         for _ in range(5):
             try:
-                row = await fetchrow_with_events(  # + run.started, same transaction
+                rows = await fetch_with_events(  # + run.started, same transaction
                     self.pool,
-                    """
+                    f"""
+                    WITH picked AS (
+                        SELECT q.id, row_number() OVER (ORDER BY q.queue_pos) AS n FROM (
+                            SELECT q.id, q.queue_pos FROM gateway.runs q
+                            WHERE q.status = 'queued'
+                              AND NOT EXISTS (SELECT 1 FROM gateway.runs a
+                                              WHERE a.session_id = q.session_id AND a.status = 'running')
+                              AND NOT EXISTS (SELECT 1 FROM gateway.runs b
+                                              WHERE b.session_id = q.session_id AND b.status = 'queued'
+                                                AND b.queue_pos < q.queue_pos)
+                            ORDER BY q.queue_pos
+                            LIMIT cardinality($1::text[])
+                            FOR UPDATE SKIP LOCKED
+                        ) q
+                    ), slots AS (
+                        SELECT w.worker_id, w.n FROM unnest($1::text[]) WITH ORDINALITY AS w(worker_id, n)
+                    )
                     UPDATE gateway.runs r
                     SET status = 'running', epoch = r.epoch + 1, attempt = r.attempt + 1,
-                        worker_id = $1, gateway_id = $2, worker_seq = 0,
+                        worker_id = slots.worker_id, gateway_id = $2, worker_seq = 0,
                         lease_expires_at = now() + make_interval(secs => $3),
                         started_at = now(), first_claimed_at = coalesce(r.first_claimed_at, now())
-                    WHERE r.id = (
-                        SELECT q.id FROM gateway.runs q
-                        WHERE q.status = 'queued'
-                          AND NOT EXISTS (SELECT 1 FROM gateway.runs a
-                                          WHERE a.session_id = q.session_id AND a.status = 'running')
-                          AND NOT EXISTS (SELECT 1 FROM gateway.runs b
-                                          WHERE b.session_id = q.session_id AND b.status = 'queued'
-                                            AND b.queue_pos < q.queue_pos)
-                        ORDER BY q.queue_pos
-                        LIMIT 1
-                        FOR UPDATE SKIP LOCKED
-                    )
-                    RETURNING r.id, r.org_id, r.session_id, r.agent_id, r.payload, r.epoch, r.attempt,
-                              r.created_at, r.first_claimed_at = r.started_at AS first_claim,
-                              r.session_key, r.status, r.task_id, r.first_claimed_at
+                    FROM picked JOIN slots USING (n)
+                    WHERE r.id = picked.id
+                    RETURNING {", ".join(f"r.{c}" for c in _INFO_COLUMNS)}, r.payload, r.epoch, r.last_seq,
+                              r.worker_id, r.status
                     """,
-                    worker_id,
+                    list(worker_ids),
                     self.gateway_id,
                     self.lease_s,
                     source=self.gateway_id,
                 )
             except asyncpg.UniqueViolationError:
-                continue  # another gateway started a run of that session first
-            if row is None:
-                return None
-            return Claim(
-                run_id=row["id"],
-                org_id=row["org_id"],
-                session_id=row["session_id"],
-                agent_id=row["agent_id"],
-                payload=bytes(row["payload"]),
-                epoch=row["epoch"],
-                attempt=row["attempt"],
-                created_at=row["created_at"],
-                first_claim=row["first_claim"],
-            )
-        return None
+                continue  # another gateway started a run of one of those sessions first
+            return [Claim.from_row(row) for row in rows]
+        return []
 
     async def renew(self, worker_id: str, leases: Sequence[tuple[uuid.UUID, int]]) -> set[uuid.UUID]:
         """Renew leases held by ``worker_id``; returns the run ids still held."""
@@ -414,21 +573,21 @@ class RunStore:
         )
         return {row["id"] for row in rows}
 
-    async def reattach(
-        self, worker_id: str, leases: Sequence[tuple[uuid.UUID, int]]
-    ) -> dict[uuid.UUID, int]:
-        """Accept runs a reconnecting worker still executes.
+    async def reattach(self, worker_id: str, leases: Sequence[tuple[uuid.UUID, int]]) -> list[Claim]:
+        """Accept runs a reconnecting worker still executes (same epochs).
 
-        Returns ``{run_id: last persisted worker_seq}`` for the runs granted.
+        Returns the runs granted, with their persisted ``last_seq`` and (in
+        ``row["worker_seq"]``) the worker's last persisted event counter.
         """
         if not leases:
-            return {}
+            return []
         rows = await self.pool.fetch(
-            """
+            f"""
             UPDATE gateway.runs r SET lease_expires_at = now() + make_interval(secs => $4), gateway_id = $5
             FROM unnest($2::uuid[], $3::bigint[]) AS l(id, epoch)
             WHERE r.id = l.id AND r.epoch = l.epoch AND r.status = 'running' AND r.worker_id = $1
-            RETURNING r.id, r.worker_seq
+            RETURNING {", ".join(f"r.{c}" for c in _INFO_COLUMNS)}, r.payload, r.epoch, r.last_seq, r.worker_id,
+                      r.worker_seq
             """,
             worker_id,
             [run_id for run_id, _ in leases],
@@ -436,21 +595,35 @@ class RunStore:
             self.lease_s,
             self.gateway_id,
         )
-        return {row["id"]: row["worker_seq"] for row in rows}
+        claims = []
+        for row in rows:
+            claim = Claim.from_row(row)
+            claim.row["worker_seq"] = row["worker_seq"]
+            claims.append(claim)
+        return claims
 
     async def requeue(
         self,
         leases: Sequence[tuple[uuid.UUID, int]] | None,
         *,
         count_attempt: bool = True,
+        window: int = 0,
     ) -> list[asyncpg.Record]:
         """Hand running runs back to the queue.
 
         ``leases`` are ``(run_id, epoch)`` pairs to release now (a worker left
-        or gave them back); None means every run whose lease has lapsed. A run
-        with a pending cancel ends ``cancelled``; a run that has now been lost
-        ``max_attempts`` times ends ``failed`` (ATTEMPTS_EXHAUSTED). With
+        or gave them back; the caller has persisted their events first); None
+        means every run whose lease has lapsed. A run with a pending cancel
+        ends ``cancelled``; a run that has now been lost ``max_attempts``
+        times ends ``failed`` (ATTEMPTS_EXHAUSTED). With
         ``count_attempt=False`` (a graceful release) the loss is not counted.
+
+        A lapsed run's gateway may be dead after delivering up to ``window``
+        events from memory that it never stored: those seqs are filled with
+        empty deltas (:data:`FILLER_EVENT`), so the next attempt's events get
+        seqs no client has seen, and a client resuming inside the gap reads
+        the fillers, then the new attempt (``started`` with a higher
+        ``attempt`` tells it to drop the partial answer).
 
         Returns the rows changed (``id``, ``status``, ``session_id``, ...).
         """
@@ -460,11 +633,13 @@ class RunStore:
             message="the run's worker was lost on every attempt (gateway.max_attempts)",
             retryable=True,
         )
-        failed = event_bytes(failed=common_pb2.RunFailed(error=exhausted))
+        failed = encode_batch([event_bytes(failed=common_pb2.RunFailed(error=exhausted))])
         failed_error = exhausted.SerializeToString()
-        cancelled = event_bytes(cancelled=common_pb2.RunCancelled(reason="cancelled"))
+        cancelled = encode_batch([event_bytes(cancelled=common_pb2.RunCancelled(reason="cancelled"))])
         ids = [run_id for run_id, _ in leases] if leases is not None else None
         epochs = [epoch for _, epoch in leases] if leases is not None else None
+        fill = window if leases is None else 0
+        fillers = encode_batch([FILLER_EVENT] * fill)
         rows = await fetch_with_events(  # + run.failed for runs that end here, same transaction
             self.pool,
             f"""
@@ -487,18 +662,20 @@ class RunStore:
                     worker_id = NULL, gateway_id = NULL, lease_expires_at = NULL,
                     ended_at = CASE WHEN d.next_status <> 'queued' THEN now() END,
                     error = CASE WHEN d.next_status = 'failed' THEN $6::bytea END,
-                    last_seq = r.last_seq + CASE WHEN d.next_status <> 'queued' THEN 1 ELSE 0 END
+                    last_seq = r.last_seq + $7 + CASE WHEN d.next_status <> 'queued' THEN 1 ELSE 0 END
                 FROM decided d WHERE r.id = d.id
                 RETURNING r.id, r.status, r.session_id, r.org_id, r.last_seq, r.created_at, r.started_at,
-                          r.session_key, r.agent_id, r.attempt, r.error, r.ended_at, r.task_id, r.first_claimed_at
+                          r.session_key, r.agent_id, r.attempt, r.error, r.ended_at, r.task_id, r.first_claimed_at,
+                          $7 + CASE WHEN d.next_status <> 'queued' THEN 1 ELSE 0 END AS added
             ), ev AS (
-                INSERT INTO gateway.run_events (run_id, seq, data)
-                SELECT id, last_seq, CASE WHEN status = 'failed' THEN $4::bytea ELSE $5::bytea END
-                FROM upd WHERE status <> 'queued'
+                INSERT INTO gateway.run_events (run_id, seq, last_seq, data)
+                SELECT id, last_seq - added + 1, last_seq,
+                       $8::bytea || CASE WHEN status = 'failed' THEN $4::bytea
+                                         WHEN status = 'cancelled' THEN $5::bytea ELSE ''::bytea END
+                FROM upd WHERE added > 0
             )
             SELECT upd.*,
-                   CASE WHEN status <> 'queued'
-                        THEN pg_notify('{EVENTS_CHANNEL}', id::text || ':' || last_seq) END AS n1,
+                   CASE WHEN added > 0 THEN pg_notify('{EVENTS_CHANNEL}', id::text || ':' || last_seq) END AS n1,
                    pg_notify('{QUEUE_CHANNEL}', '') AS n2
             FROM upd
             """,
@@ -508,6 +685,8 @@ class RunStore:
             failed,
             cancelled,
             failed_error,
+            fill,
+            fillers,
             source=self.gateway_id,
             statuses=("failed", "cancelled"),
         )
@@ -515,6 +694,26 @@ class RunStore:
             if row["status"] != "queued":
                 metrics.RUNS_TOTAL.labels(row["status"]).inc()
         return list(rows)
+
+    async def write_events(self, chunks: Sequence[EventChunk]) -> dict[uuid.UUID, bool]:
+        """Store event chunks of running runs, one statement for all.
+
+        A chunk is written only if its run is still running at the chunk's
+        epoch and ``first_seq`` follows the stored ``last_seq``. Returns, per
+        run, True when its chunk is stored (now, or by an earlier attempt of
+        the same write whose answer was lost), False when the run is no
+        longer this epoch's (the events are not to be written).
+        """
+        rows = await self.pool.fetch(
+            _WRITE_EVENTS_SQL,
+            [c.run_id for c in chunks],
+            [c.epoch for c in chunks],
+            [c.first_seq for c in chunks],
+            [c.last_seq for c in chunks],
+            [c.data for c in chunks],
+            [c.worker_seq for c in chunks],
+        )
+        return {row["run_id"]: bool(row["written"] or row["already"]) for row in rows}
 
     # ------------------------------------------------------------ endings
 
@@ -528,7 +727,7 @@ class RunStore:
 
     async def finish(
         self,
-        conn: asyncpg.Connection,
+        conn: asyncpg.Connection | asyncpg.Pool,
         run_id: uuid.UUID,
         *,
         status: str,
@@ -536,20 +735,51 @@ class RunStore:
         model: str = "",
         usage: common_pb2.Usage | None = None,
         error: common_pb2.RunError | None = None,
+        epoch: int | None = None,
+        info: Mapping[str, Any] | None = None,
+        pending: Sequence[bytes] = (),
+        expected_last_seq: int | None = None,
+        relayed: Sequence[common_pb2.LifecycleEvent] = (),
     ) -> int:
-        """End a run with its terminal event; returns the event's seq."""
+        """End a run (still queued or running, at ``epoch`` if given) with
+        its terminal ``event``, in one statement; returns the event's seq, or
+        0 when the run had already ended or moved on (nothing is written).
+
+        ``pending`` are the run's events not stored yet (serialized, in seq
+        order after ``expected_last_seq``, which must then be the stored
+        ``last_seq``); they are stored with the terminal event as one chunk.
+        ``info`` (the run's lifecycle fields, see :class:`Claim`) lets the
+        lifecycle events (run.completed and message.sent, or run.failed)
+        go into the same statement; without it they are written after it,
+        so pass a connection in a transaction. ``relayed`` are sessions
+        events to record before them (a commit's session.updated).
+        """
+        added = len(pending) + 1
+        lifecycle: list[common_pb2.LifecycleEvent] = []
+        if info is not None:
+            ended = {
+                **info,
+                "status": status,
+                "model": model or None,
+                "error": error.SerializeToString() if error is not None else None,
+                "ended_at": dt.datetime.now(dt.UTC),
+            }
+            lifecycle = list(relayed) + run_events(ended, source=self.gateway_id, run_event=event)
+        sources = ["sessions"] * len(relayed) + [""] * (len(lifecycle) - len(relayed)) if info is not None else []
         seq = await conn.fetchval(
             f"""
             WITH upd AS (
-                UPDATE gateway.runs SET status = $2, ended_at = now(), last_seq = last_seq + 1,
+                UPDATE gateway.runs SET status = $2, ended_at = now(), last_seq = last_seq + $8,
                     model = coalesce(nullif($4, ''), model),
                     input_tokens = $5, output_tokens = $6, error = $7,
                     worker_id = NULL, lease_expires_at = NULL
                 WHERE id = $1 AND status IN ('queued', 'running')
+                  AND ($9::bigint IS NULL OR epoch = $9) AND ($10::bigint IS NULL OR last_seq = $10)
                 RETURNING id, last_seq
             ), ev AS (
-                INSERT INTO gateway.run_events (run_id, seq, data) SELECT id, last_seq, $3 FROM upd
-            )
+                INSERT INTO gateway.run_events (run_id, seq, last_seq, data)
+                SELECT id, last_seq - $8 + 1, last_seq, $3 FROM upd
+            ), ob AS ({OUTBOX.insert_sql(11, when="EXISTS (SELECT 1 FROM upd)")})
             SELECT last_seq FROM upd, LATERAL (
                 SELECT pg_notify('{EVENTS_CHANNEL}', upd.id::text || ':' || upd.last_seq),
                        pg_notify('{QUEUE_CHANNEL}', '')
@@ -557,13 +787,17 @@ class RunStore:
             """,
             run_id,
             status,
-            event,
+            encode_batch([*pending, event]),
             model,
             usage.input_tokens if usage else 0,
             usage.output_tokens if usage else 0,
             error.SerializeToString() if error is not None else None,
+            added,
+            epoch,
+            expected_last_seq,
+            *OUTBOX.emit_args(lifecycle, sources),
         )
-        if seq:  # lifecycle events (run.completed + message.sent, or run.failed), same transaction
+        if seq and info is None:  # lifecycle events (run.completed + message.sent, or run.failed), same transaction
             row = await conn.fetchrow(f"SELECT {_RUN_COLUMNS} FROM gateway.runs WHERE id = $1", run_id)
             await emit_run_events(conn, [row], source=self.gateway_id, run_event=event)
         return int(seq or 0)
@@ -598,15 +832,6 @@ class RunStore:
                     f"{run_id}:{row['epoch']}:{row['gateway_id'] or ''}",
                 )
             return await conn.fetchrow(f"SELECT {_RUN_COLUMNS} FROM gateway.runs WHERE id = $1", run_id)
-
-    async def record_worker_seq(self, run_id: uuid.UUID, epoch: int, worker_seq: int) -> None:
-        """Remember the highest worker_seq persisted for the run's epoch."""
-        await self.pool.execute(
-            "UPDATE gateway.runs SET worker_seq = greatest(worker_seq, $3) WHERE id = $1 AND epoch = $2",
-            run_id,
-            epoch,
-            worker_seq,
-        )
 
     # ------------------------------------------------------------ reads
 
@@ -645,14 +870,22 @@ class RunStore:
         page, next_token = time_cursor_page("runs", rows, limit)
         return [run_proto(r) for r in page], next_token
 
-    async def events_after(self, run_id: uuid.UUID, after_seq: int, limit: int = 500) -> list[asyncpg.Record]:
-        """Persisted events of a run with seq > after_seq, in order."""
-        return await self.pool.fetch(
-            "SELECT seq, data FROM gateway.run_events WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+    async def events_after(
+        self, run_id: uuid.UUID, session_id: str, after_seq: int, limit: int = 64
+    ) -> tuple[list[common_pb2.RunEvent], bool]:
+        """Stored events of a run with ``seq > after_seq``, in order, from at
+        most ``limit`` chunks; the flag says whether more chunks may follow."""
+        rows = await self.pool.fetch(
+            "SELECT seq, last_seq, data FROM gateway.run_events WHERE run_id = $1 AND last_seq > $2 "
+            "ORDER BY seq LIMIT $3",
             run_id,
             after_seq,
             limit,
         )
+        events: list[common_pb2.RunEvent] = []
+        for row in rows:
+            events += [e for e in decode_batch(run_id, session_id, row["seq"], bytes(row["data"])) if e.seq > after_seq]
+        return events, len(rows) == limit
 
     async def status(self, run_id: uuid.UUID) -> str | None:
         return await self.pool.fetchval("SELECT status FROM gateway.runs WHERE id = $1", run_id)

@@ -12,7 +12,8 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 
 import asyncpg
 import grpc
@@ -21,13 +22,13 @@ from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, session
 from runyard.common.auth import internal_metadata
 from runyard.common.clients import call, downstream_timeout
 from runyard.common.config import Config
-from runyard.common.errors import InvalidArgument, NotFound, RunyardError, Unavailable, Unimplemented
+from runyard.common.errors import InvalidArgument, NotFound, OutOfRange, RunyardError, Unavailable, Unimplemented
 from runyard.common.protoutil import now, parse_uuid
 from runyard.common.server import settle_before_reject
 from runyard.gateway.auth import Authenticator, Principal
-from runyard.gateway.events import Broker, follow
+from runyard.gateway.events import PUBLISH_WINDOW, Broker, RunLog, Subscription, follow
 from runyard.gateway.hub import Dispatcher
-from runyard.gateway.runs import RunStore, request_hash, run_proto
+from runyard.gateway.runs import TERMINAL, Claim, RunStore, request_hash, run_proto
 from runyard.gateway.tasks import SpawnRequest, TaskManager
 
 __all__ = ["GatewayServicer"]
@@ -53,6 +54,17 @@ def _require_session_ref(session_id: str, session_key: str) -> None:
         raise InvalidArgument("session_id or session_key is required", reason="MISSING_FIELD", field="session_id")
 
 
+@dataclass(slots=True)
+class _Submitted:
+    """A run a SendMessage (or Chat send) queued or found: for a run it just
+    queued, the subscription made before it existed and its first event."""
+
+    run_id: uuid.UUID
+    session_id: str
+    subscription: Subscription | None = None
+    known: list[common_pb2.RunEvent] = field(default_factory=list)
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """The public API over the runs queue and the sessions service."""
 
@@ -64,10 +76,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         dispatcher: Dispatcher,
         sessions: sessions_pb2_grpc.SessionServiceStub,
         auth: Authenticator,
+        runlog: RunLog | None = None,
     ):
         self.config = config
         self.store = store
         self.broker = broker
+        self.runlog = runlog
         self.dispatcher = dispatcher
         self.sessions = sessions
         self.auth = auth
@@ -147,8 +161,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def _submit(
         self, principal: Principal, request: gateway_pb2.SendMessageRequest, context: grpc.aio.ServicerContext
-    ) -> tuple[uuid.UUID, str]:
-        """Validate, resolve the session, queue the run; returns (run id, session id)."""
+    ) -> _Submitted:
+        """Validate, resolve the session, queue the run (claimed at once when
+        the session is idle and a worker here has room)."""
         principal.require("chat")
         strategy = self._validate_send(request)
         fingerprint = request_hash(request)
@@ -156,7 +171,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             existing = await self.store.find_idempotent(principal.org_id, request.idempotency_key)
             if existing is not None:
                 RunStore._check_fingerprint(existing, fingerprint)
-                return existing["id"], str(existing["session_id"])
+                return _Submitted(existing["id"], str(existing["session_id"]))
         agent_id = request.agent_id or self.config.gateway.default_agent
         resolved = await call(
             self.sessions.ResolveSession(
@@ -167,8 +182,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 timeout=downstream_timeout(context, 10.0),
             )
         )
+        run_id = uuid.uuid4()
         payload = common_pb2.RunPayload(
-            run_id=str(uuid.uuid4()),
+            run_id=str(run_id),
             org_id=principal.org_id,
             session_id=resolved.session.id,
             session_key=request.session_key,
@@ -181,14 +197,55 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             multitask_strategy=request.multitask_strategy,
             create_time=now(),
         )
-        row, created = await self.store.insert(payload, fingerprint=fingerprint, strategy=strategy)
-        if created:
+        # Subscribed before the run exists: no event of it can be missed, so
+        # the stream starts from memory without reading the table.
+        subscription = self.broker.subscribe(run_id)
+        worker = self.dispatcher.reserve()
+        try:
+            row, created = await self.store.insert(
+                payload,
+                fingerprint=fingerprint,
+                strategy=strategy,
+                claim_for=worker.worker_id if worker is not None else None,
+                relayed=resolved.events,
+            )
+            if created and row["status"] == "running":
+                await self.dispatcher.assign(worker, Claim.from_row(row), payload)
+        except BaseException:
+            self.broker.unsubscribe(run_id, subscription)
+            raise
+        finally:
+            if worker is not None:
+                self.dispatcher.unreserve(worker)
+        if created and row["status"] == "queued":
             self.dispatcher.wake()
-        return row["id"], str(row["session_id"])
+        if not created or row["id"] != run_id:
+            self.broker.unsubscribe(run_id, subscription)
+            return _Submitted(row["id"], str(row["session_id"]))
+        queued = common_pb2.RunEvent.FromString(row["queued_event"])
+        queued.run_id, queued.session_id, queued.seq = str(run_id), str(row["session_id"]), 1
+        return _Submitted(run_id, str(row["session_id"]), subscription, [queued])
 
-    async def _stream(self, run_id: uuid.UUID, session_id: str, after_seq: int) -> AsyncIterator[common_pb2.RunEvent]:
+    async def _stream(
+        self,
+        run_id: uuid.UUID,
+        session_id: str,
+        after_seq: int,
+        *,
+        subscription: Subscription | None = None,
+        known: list[common_pb2.RunEvent] | None = None,
+    ) -> AsyncIterator[common_pb2.RunEvent]:
         """Follow a run, ending with UNAVAILABLE (retry elsewhere) if this gateway shuts down."""
-        events = follow(self.store, self.broker, run_id, session_id, after_seq)
+        events = follow(
+            self.store,
+            self.broker,
+            run_id,
+            session_id,
+            after_seq,
+            memory=self.runlog.memory_after if self.runlog is not None else None,
+            subscription=subscription,
+            known=known or (),
+        )
         closing = asyncio.ensure_future(self.closing.wait())
         last = after_seq
         step: asyncio.Future[common_pb2.RunEvent] | None = None
@@ -219,13 +276,40 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     await step
             await events.aclose()
 
+    def _check_join(self, row: Mapping[str, object], after_seq: int) -> bool:
+        """Whether a join after ``after_seq`` has anything to follow.
+
+        Raises:
+            OutOfRange: ``after_seq`` is beyond the run's events (reason
+                AFTER_SEQ_OUT_OF_RANGE).
+        """
+        last = int(row["last_seq"])  # type: ignore[call-overload]
+        ended = row["status"] in TERMINAL
+        # A running run may have delivered up to PUBLISH_WINDOW events from
+        # memory beyond what is stored.
+        limit = last if ended else last + PUBLISH_WINDOW
+        if after_seq > limit:
+            raise OutOfRange(
+                f"after_seq {after_seq} is beyond the run's last event ({last})",
+                reason="AFTER_SEQ_OUT_OF_RANGE",
+                field="after_seq",
+                metadata={"last_seq": str(last)},
+            )
+        return not (ended and after_seq >= last)
+
     async def SendMessage(
         self, request: gateway_pb2.SendMessageRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.RunEvent]:
         principal = await self.auth.authenticate(context)
         with self.auth.stream_slot(principal):
-            run_id, session_id = await self._submit(principal, request, context)
-            async for event in self._stream(run_id, session_id, 0):
+            submitted = await self._submit(principal, request, context)
+            async for event in self._stream(
+                submitted.run_id,
+                submitted.session_id,
+                0,
+                subscription=submitted.subscription,
+                known=submitted.known,
+            ):
                 yield event
 
     async def JoinRun(
@@ -235,6 +319,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         principal.require("chat")
         run_id = parse_uuid(request.run_id, "run_id", what="run id")
         row = await self.store.get(principal.org_id, run_id)
+        if not self._check_join(row, request.after_seq):
+            return  # the run has ended and the caller has seen every event
         with self.auth.stream_slot(principal):
             async for event in self._stream(run_id, str(row["session_id"]), request.after_seq):
                 yield event
@@ -250,15 +336,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         out: asyncio.Queue[common_pb2.RunEvent | BaseException | None] = asyncio.Queue(maxsize=1024)
         followers: set[asyncio.Task[None]] = set()
 
-        async def pump(run_id: uuid.UUID, session_id: str, after_seq: int) -> None:
+        async def pump(run_id: uuid.UUID, session_id: str, after_seq: int, submitted: _Submitted | None) -> None:
             try:
-                async for event in self._stream(run_id, session_id, after_seq):
+                async for event in self._stream(
+                    run_id,
+                    session_id,
+                    after_seq,
+                    subscription=submitted.subscription if submitted is not None else None,
+                    known=submitted.known if submitted is not None else None,
+                ):
                     await out.put(event)
             except Exception as exc:  # noqa: BLE001 - forwarded to the stream
                 await out.put(exc)
 
-        def start(run_id: uuid.UUID, session_id: str, after_seq: int) -> None:
-            task = asyncio.create_task(pump(run_id, session_id, after_seq))
+        def start(run_id: uuid.UUID, session_id: str, after_seq: int, submitted: _Submitted | None = None) -> None:
+            task = asyncio.create_task(pump(run_id, session_id, after_seq, submitted))
             followers.add(task)
             task.add_done_callback(followers.discard)
 
@@ -267,13 +359,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 async for item in request_iterator:
                     kind = item.WhichOneof("request")
                     if kind == "send":
-                        run_id, session_id = await self._submit(principal, item.send, context)
-                        start(run_id, session_id, 0)
+                        submitted = await self._submit(principal, item.send, context)
+                        start(submitted.run_id, submitted.session_id, 0, submitted)
                     elif kind == "join":
                         principal.require("chat")
                         run_id = parse_uuid(item.join.run_id, "join.run_id", what="run id")
                         row = await self.store.get(principal.org_id, run_id)
-                        start(run_id, str(row["session_id"]), item.join.after_seq)
+                        if self._check_join(row, item.join.after_seq):
+                            start(run_id, str(row["session_id"]), item.join.after_seq)
                     elif kind == "cancel":
                         await self._cancel(principal, item.cancel)
                     else:

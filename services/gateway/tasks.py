@@ -99,7 +99,7 @@ from runyard.common.errors import (
 from runyard.common.pagination import decode_time_cursor, page_size, time_cursor_page
 from runyard.common.protoutil import now, parse_uuid, timestamp
 from runyard.gateway.hub import Dispatcher
-from runyard.gateway.runs import Claim, RunStore
+from runyard.gateway.runs import Claim, RunStore, decode_batch
 from runyard.gateway.watch import OUTBOX
 
 __all__ = [
@@ -1192,9 +1192,12 @@ class TaskManager:
     async def _run_events(self, conn: asyncpg.Connection, run_id: uuid.UUID) -> list[common_pb2.RunEvent]:
         """The run's first ``_MAX_EVENTS_SCANNED`` events (for its failovers)."""
         rows = await conn.fetch(
-            "SELECT data FROM gateway.run_events WHERE run_id = $1 ORDER BY seq LIMIT $2", run_id, _MAX_EVENTS_SCANNED
+            "SELECT seq, data FROM gateway.run_events WHERE run_id = $1 AND seq <= $2 ORDER BY seq",
+            run_id,
+            _MAX_EVENTS_SCANNED,
         )
-        return [common_pb2.RunEvent.FromString(bytes(r["data"])) for r in rows]
+        events = [e for r in rows for e in decode_batch(run_id, "", r["seq"], bytes(r["data"]))]
+        return events[:_MAX_EVENTS_SCANNED]
 
     async def _record_notices(self, conn: asyncpg.Connection, task_id: uuid.UUID, attempt: int, texts: Iterable[str]) -> int:
         """Store the distinct notices of one attempt; returns how many were new."""
@@ -1227,10 +1230,13 @@ class TaskManager:
         if run["status"] == "completed":
             await self._record_notices(conn, row["id"], attempt, notices)
             # The terminal event is the run's last (the scan above may stop short of it).
-            data = await conn.fetchval(
-                "SELECT data FROM gateway.run_events WHERE run_id = $1 AND seq = $2", run["id"], run["last_seq"]
+            chunk = await conn.fetchrow(
+                "SELECT seq, data FROM gateway.run_events WHERE run_id = $1 AND seq <= $2 AND last_seq >= $2",
+                run["id"],
+                run["last_seq"],
             )
-            last = common_pb2.RunEvent.FromString(bytes(data)) if data is not None else common_pb2.RunEvent()
+            stored = decode_batch(run["id"], "", chunk["seq"], bytes(chunk["data"])) if chunk is not None else []
+            last = stored[-1] if stored else common_pb2.RunEvent()
             result = last.completed.message.content[: self.cfg.result_max_chars]
             busy = await conn.fetchval(
                 """

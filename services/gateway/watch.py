@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 #: NOTIFY channel announcing newly sequenced gateway outbox events.
 EVENTS_CHANNEL = "runyard_gateway_events"
 #: The gateway's outbox (``gateway.outbox``).
-OUTBOX = Outbox("gateway", EVENTS_CHANNEL)
+OUTBOX = Outbox("gateway", EVENTS_CHANNEL, relay_columns=True)
 #: Relayed sources and the NOTIFY channels their outboxes announce on.
 SOURCE_CHANNELS = {"sessions": "runyard_sessions_events", "router": "runyard_router_events"}
 
@@ -273,12 +273,6 @@ class EventRelay:
         if not events:
             return 0
         last = max(e.id for e in events)
-        relayed = []
-        for event in events:  # the source's positions are not ours: ids are assigned on read
-            copy = common_pb2.LifecycleEvent()
-            copy.CopyFrom(event)
-            copy.ClearField("id")
-            relayed.append(copy)
         async with self.pool.acquire() as conn, conn.transaction():
             moved = await conn.fetchval(
                 """
@@ -291,7 +285,9 @@ class EventRelay:
             )
             if moved is None:
                 return 0  # another replica relayed this page first
-            await OUTBOX.emit(conn, relayed)
+            # Recorded with the source's position: events the gateway already
+            # recorded with the change they belong to are skipped.
+            await OUTBOX.emit(conn, events, [source] * len(events))
         metrics.EVENTS_RELAYED_TOTAL.labels(source).inc(len(events))
         return len(events)
 

@@ -1,24 +1,26 @@
-"""Session maintenance: prune, cap, trim snapshots and old events.
+"""Session maintenance: prune, cap, trim old transcripts and old events.
 
 One pass (:meth:`Maintenance.run`) does, in order:
 
 1. **prune**: delete sessions with no run for ``maintenance.prune_after_s``
-   (their snapshots go with them). An activation still open ends with
+   (their transcripts go with them). An activation still open ends with
    session.end DELETED in the same transaction.
 2. **cap**: per (org, agent), keep the ``max_sessions_per_agent`` most
    recently active sessions and delete the others, least recently active
    first, never one with an open activation. The sessions service cannot see
    the gateway's runs; a run always touches its session (resolve when queued,
-   snapshot read when started, write and commit when done), and an activation
+   transcript read when started, commit when done), and an activation
    stays open until ``sessions.idle_timeout_s`` after the last touch, so "no
    open activation" means "no run within the idle timeout".
-3. **snapshots**: keep at most ``keep_snapshots`` completed snapshots per
-   session (the head always), archive or drop the older ones
-   (``old_snapshots``), and drop pending snapshots of runs that never
-   committed (older than ``pending_snapshot_ttl_s``).
+3. **old transcripts**: a conversation that was compacted lives on in a
+   chain of sessions (each compaction starts a new one holding the summary);
+   the transcripts of the ``keep_snapshots`` newest sessions of a chain are
+   kept (the current one always), the turns of older ones are archived or
+   dropped (``old_snapshots``). Transcripts are stored as appended turns, so
+   there are no superseded copies within a session and nothing pending
+   (``pending_snapshot_ttl_s`` no longer has anything to do).
 4. **events**: delete outbox events and ended activations older than
-   ``event_retention_s`` (never the newest event, whose position the
-   sequencer continues from).
+   ``event_retention_s`` (never the newest event).
 
 Every step works in batches of ``batch_size`` rows (one statement each) and
 the dry run streams its candidates through a server-side cursor, so memory
@@ -64,37 +66,33 @@ WHERE r.rn > $3
 ORDER BY s.last_active_at, s.id
 """
 
-#: Completed snapshots beyond the {keep} newest of their session (never its
-#: head), in org $2 ('' = all).
-_EXTRA_SNAPSHOTS = """
-WITH ranked AS (
-    SELECT sn.id, s.head_snapshot_id,
-           row_number() OVER (PARTITION BY sn.session_id ORDER BY sn.created_at DESC, sn.id DESC) AS rn
-    FROM sessions.snapshots sn JOIN sessions.sessions s ON s.id = sn.session_id
-    WHERE sn.state = 'completed' AND ($2 = '' OR sn.org_id = $2)
+#: Current turns of sessions that are {keep} or more compactions behind their
+#: conversation's current session, in org $2 ('' = all).
+_OLD_TURNS = """
+WITH RECURSIVE back(id, depth) AS (
+    SELECT s.id, 0 FROM sessions.sessions s
+    WHERE s.end_reason IS DISTINCT FROM 'COMPACTION' AND ($2 = '' OR s.org_id = $2)
+      AND EXISTS (SELECT 1 FROM sessions.sessions p WHERE p.next_session_id = s.id AND p.end_reason = 'COMPACTION')
+    UNION ALL
+    SELECT p.id, b.depth + 1 FROM back b
+    JOIN sessions.sessions p ON p.next_session_id = b.id AND p.end_reason = 'COMPACTION'
+    WHERE b.depth < 1000
 )
-SELECT id FROM ranked WHERE rn > {keep} AND id IS DISTINCT FROM head_snapshot_id
+SELECT t.session_id, t.turn FROM back JOIN sessions.turns t ON t.session_id = back.id
+WHERE back.depth >= {keep} AND t.state = 'current'
 """
 
-#: Pending snapshots older than {ttl} seconds, in org $2.
-_PENDING_WHERE = "state = 'pending' AND created_at < now() - make_interval(secs => {ttl}) AND ($2 = '' OR org_id = $2)"
-
-#: Dry run: the snapshot counts the real pass would report. The sessions the
-#: prune ($1) and the cap ($3) remove take their snapshots with them, so
-#: those are not counted; $4 = keep_snapshots, $5 = pending_snapshot_ttl_s.
-_DRY_RUN_SNAPSHOTS = f"""
+#: Dry run: the turn count the real pass would report. The sessions the
+#: prune ($1) and the cap ($3) remove take their turns with them, so those
+#: are not counted; $4 = keep_snapshots.
+_DRY_RUN_TURNS = f"""
 WITH gone AS MATERIALIZED (
     SELECT s.id FROM sessions.sessions s WHERE $1 > 0 AND {_IDLE_WHERE}
     UNION ALL
     SELECT c.id FROM ({_CAP_CANDIDATES}) c WHERE $3 > 0
 )
-SELECT
-    (SELECT count(*) FROM ({_EXTRA_SNAPSHOTS.format(keep="$4")}) x
-     JOIN sessions.snapshots sn ON sn.id = x.id
-     WHERE NOT EXISTS (SELECT 1 FROM gone g WHERE g.id = sn.session_id)) AS extra,
-    (SELECT count(*) FROM sessions.snapshots sn
-     WHERE {_PENDING_WHERE.format(ttl="$5")}
-       AND NOT EXISTS (SELECT 1 FROM gone g WHERE g.id = sn.session_id)) AS pending
+SELECT count(*) FROM ({_OLD_TURNS.format(keep="$4")}) x
+WHERE NOT EXISTS (SELECT 1 FROM gone g WHERE g.id = x.session_id)
 """
 
 
@@ -178,10 +176,10 @@ class Maintenance:
                 if value:
                     metrics.MAINTENANCE_ITEMS_TOTAL.labels(action).inc(value)
         log.info(
-            "maintenance%s: %d idle and %d capped session(s), %d snapshot(s) archived, %d dropped, "
-            "%d pending dropped, %d event(s) trimmed",
+            "maintenance%s: %d idle and %d capped session(s), %d old transcript turn(s) archived, %d dropped, "
+            "%d event(s) trimmed",
             " (dry run)" if dry_run else "", stats.sessions_idle, stats.sessions_capped, stats.snapshots_archived,
-            stats.snapshots_dropped, stats.pending_snapshots_dropped, stats.events_trimmed,
+            stats.snapshots_dropped, stats.events_trimmed,
         )
         yield PruneBatch(stats=stats, done=True)
 
@@ -289,46 +287,34 @@ class Maintenance:
             yield batch
 
     async def _snapshots(self, stats: sessions_pb2.PruneStats, dry_run: bool, org_id: str) -> None:
+        """Archive or drop the turns of sessions ``keep_snapshots`` or more
+        compactions old (counted in ``snapshots_archived`` / ``snapshots_dropped``)."""
         cfg = self.config
         size = cfg.batch_size
         archive = cfg.old_snapshots == "archive"
         if dry_run:
-            extra, pending = await self.pool.fetchrow(
-                _DRY_RUN_SNAPSHOTS,
-                cfg.prune_after_s,
-                org_id,
-                cfg.max_sessions_per_agent,
-                cfg.keep_snapshots,
-                cfg.pending_snapshot_ttl_s,
+            extra = await self.pool.fetchval(
+                _DRY_RUN_TURNS, cfg.prune_after_s, org_id, cfg.max_sessions_per_agent, cfg.keep_snapshots
             )
         else:
-            extra = pending = 0
+            extra = 0
             change = (
-                "UPDATE sessions.snapshots SET state = 'archived' WHERE id IN"
-                if archive else "DELETE FROM sessions.snapshots WHERE id IN"
+                "UPDATE sessions.turns SET state = 'archived' WHERE (session_id, turn) IN"
+                if archive else "DELETE FROM sessions.turns WHERE (session_id, turn) IN"
             )
             while True:
                 done = _count(await self.pool.execute(
-                    f"{change} ({_EXTRA_SNAPSHOTS.format(keep='$1')} LIMIT {size})", cfg.keep_snapshots, org_id
-                ))
-                extra += done
-                if done < size:
-                    break
-            while True:
-                done = _count(await self.pool.execute(
-                    f"DELETE FROM sessions.snapshots WHERE id IN "
-                    f"(SELECT id FROM sessions.snapshots WHERE {_PENDING_WHERE.format(ttl='$1')} LIMIT {size})",
-                    cfg.pending_snapshot_ttl_s,
+                    f"{change} (SELECT * FROM ({_OLD_TURNS.format(keep='$1')}) x LIMIT {size})",
+                    cfg.keep_snapshots,
                     org_id,
                 ))
-                pending += done
+                extra += done
                 if done < size:
                     break
         if archive:
             stats.snapshots_archived += int(extra)
         else:
             stats.snapshots_dropped += int(extra)
-        stats.pending_snapshots_dropped += int(pending)
 
     async def _events(self, stats: sessions_pb2.PruneStats, dry_run: bool) -> None:
         retention = self.config.event_retention_s

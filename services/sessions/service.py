@@ -1,8 +1,10 @@
 """``runyard.v1.SessionService``: conversation state over gRPC.
 
 Org-scoped calls (resolve, list, read, reset, delete, commit) come from the
-gateway with the internal credential; snapshot reads and writes come from
-workers with a run token and are confined to the token's session.
+gateway with the internal credential; transcript reads come from workers
+with a run token and are confined to the token's session. Workers never
+write: a run's messages reach the transcript through the gateway's
+``CommitRun`` when it accepts the run's completion.
 """
 
 from __future__ import annotations
@@ -71,14 +73,14 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         org = _require_org(request.org_id)
         if not request.session_key:
             raise InvalidArgument("session_key is required", reason="MISSING_FIELD", field="session_key")
-        session, created = await self.store.resolve(
+        session, created, events = await self.store.resolve(
             org,
             request.session_key,
             request.agent_id,
             parent_session_id=_optional_uuid(request.parent_session_id, "parent_session_id"),
             create=not request.no_create,
         )
-        return sessions_pb2.ResolveSessionResponse(session=session, created=created)
+        return sessions_pb2.ResolveSessionResponse(session=session, created=created, events=events)
 
     async def GetSession(
         self, request: sessions_pb2.SessionServiceGetSessionRequest, context: grpc.aio.ServicerContext
@@ -146,46 +148,31 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         )
         return sessions_pb2.SessionServiceDeleteSessionResponse(session_id=deleted)
 
-    async def GetSnapshot(
-        self, request: sessions_pb2.GetSnapshotRequest, context: grpc.aio.ServicerContext
-    ) -> sessions_pb2.GetSnapshotResponse:
+    async def GetTranscript(
+        self, request: sessions_pb2.GetTranscriptRequest, context: grpc.aio.ServicerContext
+    ) -> sessions_pb2.GetTranscriptResponse:
         claims = self.signer.verify(request.run_token)
-        read = await self.store.get_snapshot(claims, request.session_id)
-        return sessions_pb2.GetSnapshotResponse(
+        read = await self.store.read_transcript(claims, request.session_id)
+        return sessions_pb2.GetTranscriptResponse(
             transcript=common_pb2.Transcript.FromString(read.data),
-            snapshot_id=read.snapshot_id,
-            run_id=read.run_id,
-            run_committed=read.run_committed,
             session_id=read.session_id,
+            head_turn=read.head_turn,
+            run_committed=read.run_committed,
         )
 
-    async def PutSnapshot(
-        self, request: sessions_pb2.PutSnapshotRequest, context: grpc.aio.ServicerContext
-    ) -> sessions_pb2.PutSnapshotResponse:
-        claims = self.signer.verify(request.run_token)
-        data = request.transcript.SerializeToString(deterministic=True)
-        snapshot_id = await self.store.put_snapshot(
-            claims,
-            data,
-            len(request.transcript.messages),
-            session_id=request.session_id,
-            base_snapshot_id=request.base_snapshot_id if request.HasField("base_snapshot_id") else None,
-            compaction=request.compaction if request.HasField("compaction") else None,
-        )
-        return sessions_pb2.PutSnapshotResponse(snapshot_id=snapshot_id, size_bytes=len(data))
-
-    async def CommitSnapshot(
-        self, request: sessions_pb2.CommitSnapshotRequest, context: grpc.aio.ServicerContext
-    ) -> sessions_pb2.CommitSnapshotResponse:
+    async def CommitRun(
+        self, request: sessions_pb2.CommitRunRequest, context: grpc.aio.ServicerContext
+    ) -> sessions_pb2.CommitRunResponse:
         check_internal(context, self.internal_secret)
-        snapshot_id, count, session_id = await self.store.commit_snapshot(
+        result = await self.store.commit_run(
             _require_org(request.org_id),
             parse_uuid(request.session_id, "session_id"),
             parse_uuid(request.run_id, "run_id"),
             request.epoch,
+            request.append,
         )
-        return sessions_pb2.CommitSnapshotResponse(
-            snapshot_id=snapshot_id, message_count=count, session_id=session_id
+        return sessions_pb2.CommitRunResponse(
+            session_id=result.session_id, message_count=result.message_count, turn=result.turn, events=result.events
         )
 
     async def ListEvents(

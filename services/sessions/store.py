@@ -1,4 +1,4 @@
-"""The sessions schema: sessions, snapshots, activations and the outbox.
+"""The sessions schema: sessions, transcripts, activations and the outbox.
 
 Every method takes the caller's org and scopes its SQL by it, so one org can
 never read or change another's rows. Lifecycle events are written to
@@ -12,11 +12,22 @@ events in the same transaction, so no activation ends twice, whichever
 instance, sweep or drain gets there first. Bulk endings (drain, crash
 recovery, idle expiry) are set-based: one statement per batch of rows.
 
-Compaction rolls a key over to a new session; a run whose token names the
-old session follows the rollover (``_follow``), because the conversation goes
-on there. A reset does not: the reset session, and the compaction
-predecessors whose transcript it continued, are purged (or archived) and
-never served again.
+A transcript is stored as turns (``sessions.turns``): each committed run
+appends one row with only its own messages, so the bytes a turn writes do
+not grow with the conversation, and the run's commit is that row (a run has
+at most one, ever). Reading a transcript concatenates the session's current
+turns (serialized ``Transcript`` messages concatenate into one).
+
+Compaction rolls a key over to a new session that starts with a checkpoint
+turn (summary and kept messages); a run whose token names the old session
+follows the rollover (``_follow``), because the conversation goes on there.
+A reset does not: the reset session, and the compaction predecessors whose
+transcript it continued, are purged (or archived) and never served again.
+
+The hot paths (resolving an active session, reading a transcript) are one
+read-only statement: ``last_active_at`` is refreshed only when it is older
+than ``touch_interval_s``, and an activation is (re)opened only when none is
+open or its owner is dead.
 """
 
 from __future__ import annotations
@@ -44,11 +55,11 @@ from runyard.common.outbox import Outbox
 from runyard.common.pagination import decode_time_cursor, page_size, time_cursor_page
 from runyard.common.protoutil import now, timestamp
 
-__all__ = ["EVENTS_CHANNEL", "SessionStore", "SnapshotRead", "session_proto"]
+__all__ = ["EVENTS_CHANNEL", "CommitResult", "SessionStore", "TranscriptRead", "session_proto"]
 
 log = logging.getLogger(__name__)
 
-#: NOTIFY channel announcing newly sequenced outbox events.
+#: NOTIFY channel announcing new outbox events.
 EVENTS_CHANNEL = "runyard_sessions_events"
 
 _END_REASONS = {
@@ -59,7 +70,7 @@ _END_REASONS = {
 
 _SESSION_COLUMNS = (
     "id, org_id, key, agent_id, parent_session_id, resumed_from_session_id, next_session_id, "
-    "created_at, updated_at, ended_at, end_reason, message_count, head_snapshot_id"
+    "created_at, updated_at, ended_at, end_reason, message_count, head_turn, transcript_bytes"
 )
 
 #: Longest compaction chain followed (a guard; real chains are short).
@@ -117,22 +128,69 @@ FROM ended e LEFT JOIN sessions.sessions s ON s.id = e.session_id
 #: Default rows per statement for bulk endings.
 END_BATCH = 5_000
 
+#: The key's current session with what resolve needs to decide whether to
+#: write anything: $3 = touch interval (s), $4 = this instance.
+_RESOLVE_SQL = f"""
+SELECT {", ".join(f"s.{c.strip()}" for c in _SESSION_COLUMNS.split(","))},
+       s.last_active_at < now() - make_interval(secs => $3) AS stale,
+       a.instance_id AS activation_owner,
+       (a.id IS NOT NULL AND a.instance_id <> $4 AND NOT EXISTS (
+            SELECT 1 FROM sessions.instances i
+            WHERE i.instance_id = a.instance_id AND i.stopped_at IS NULL AND i.lease_expires_at > now()))
+           AS orphaned
+FROM sessions.sessions s
+LEFT JOIN sessions.activations a ON a.session_id = s.id AND a.ended_at IS NULL
+WHERE s.org_id = $1 AND s.key = $2 AND s.ended_at IS NULL
+"""
+
+#: A session ($1) with its transcript (its current turns, concatenated),
+#: whether run $2 is committed, and whether it needs a touch ($3 s).
+_TRANSCRIPT_SQL = f"""
+SELECT {", ".join(f"s.{c.strip()}" for c in _SESSION_COLUMNS.split(","))},
+       s.last_active_at < now() - make_interval(secs => $3) AS stale,
+       (SELECT string_agg(t.data, ''::bytea ORDER BY t.turn) FROM sessions.turns t
+        WHERE t.session_id = s.id AND t.state = 'current') AS transcript,
+       EXISTS (SELECT 1 FROM sessions.turns t WHERE t.run_id = $2) AS committed
+FROM sessions.sessions s WHERE s.id = $1
+"""
+
+#: The run's session ($1, org $2) locked for its commit, and the turn run $3
+#: already has (if any).
+_COMMIT_LOCK_SQL = f"""
+SELECT {", ".join(f"s.{c.strip()}" for c in _SESSION_COLUMNS.split(","))},
+       d.session_id AS done_session_id, d.turn AS done_turn
+FROM sessions.sessions s LEFT JOIN sessions.turns d ON d.run_id = $3
+WHERE s.id = $1 AND s.org_id = $2
+FOR UPDATE OF s
+"""
+
 
 @dataclass(frozen=True, slots=True)
-class SnapshotRead:
-    """What :meth:`SessionStore.get_snapshot` returns.
+class TranscriptRead:
+    """What :meth:`SessionStore.read_transcript` returns.
 
     ``data`` is the serialized ``Transcript`` (b"" for none); ``session_id``
-    is the session it belongs to (the token's, or its compaction successor);
-    ``run_committed`` says whether the token's run already has a completed
-    snapshot.
+    is the session it belongs to (the token's, or its compaction successor)
+    and ``head_turn`` its committed turns; ``run_committed`` says whether the
+    token's run is already committed.
     """
 
     data: bytes
-    snapshot_id: str
-    run_id: str
-    run_committed: bool
     session_id: str
+    head_turn: int
+    run_committed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    """What :meth:`SessionStore.commit_run` returns: the session holding the
+    run's turn, its message count, the turn, and the lifecycle events the
+    commit wrote (``id`` = outbox position; empty for a repeat)."""
+
+    session_id: str
+    message_count: int
+    turn: int
+    events: list[common_pb2.LifecycleEvent]
 
 
 def session_proto(row: asyncpg.Record) -> common_pb2.Session:
@@ -208,9 +266,14 @@ class SessionStore:
     Args:
         pool: asyncpg pool on the database holding the ``sessions`` schema.
         instance_id: this service instance (owner of the activations it starts).
-        max_snapshot_bytes: largest transcript accepted by :meth:`put_snapshot`.
-        archive_on_reset: keep a reset session's snapshots as ``archived``
+        max_snapshot_bytes: largest transcript (bytes, all turns of a
+            session) :meth:`commit_run` lets a session grow to.
+        archive_on_reset: keep a reset session's turns as ``archived``
             instead of deleting them.
+        touch_interval_s: ``last_active_at`` is refreshed by resolves and
+            transcript reads only when older than this (idle expiry and
+            pruning work in much longer units), so the hot paths write
+            nothing.
     """
 
     def __init__(
@@ -220,11 +283,13 @@ class SessionStore:
         instance_id: str,
         max_snapshot_bytes: int,
         archive_on_reset: bool = False,
+        touch_interval_s: float = 1.0,
     ):
         self.pool = pool
         self.instance_id = instance_id
         self.max_snapshot_bytes = max_snapshot_bytes
         self.archive_on_reset = archive_on_reset
+        self.touch_interval_s = touch_interval_s
         self.outbox = Outbox("sessions", EVENTS_CHANNEL)
         #: Called with the events of every committed transaction (in-process hooks).
         self.listeners: list[Callable[[Sequence[common_pb2.LifecycleEvent]], None]] = []
@@ -232,7 +297,9 @@ class SessionStore:
     # ------------------------------------------------------------ outbox
 
     async def _emit(self, conn: asyncpg.Connection, events: Sequence[common_pb2.LifecycleEvent]) -> None:
-        await self.outbox.emit(conn, events)
+        """Write ``events`` to the outbox; each gets its position as ``id``."""
+        for event, position in zip(events, await self.outbox.emit(conn, events), strict=True):
+            event.id = position
 
     def _written(self, events: Sequence[common_pb2.LifecycleEvent] = ()) -> None:
         """After a commit: hand ``events`` to the in-process listeners (hooks)."""
@@ -406,20 +473,31 @@ class SessionStore:
         *,
         parent_session_id: uuid.UUID | None = None,
         create: bool = True,
-    ) -> tuple[common_pb2.Session, bool]:
+    ) -> tuple[common_pb2.Session, bool, list[common_pb2.LifecycleEvent]]:
         """The key's current session, created (session.start NEW) if missing.
 
-        Marks the session active now and opens an activation if none is open
-        (session.start RESUMED).
+        Marks the session active and opens an activation if none is open
+        (session.start RESUMED). An open activation whose owner instance is
+        dead (its lease lapsed or it stopped without ending it) is ended
+        first (session.end CRASH_RECOVERED), so a conversation used again
+        before the crash-recovery sweep never keeps a dead activation. When
+        the session is current, active and touched within
+        ``touch_interval_s``, this is one read-only statement.
 
         Returns:
-            ``(session, created)``.
+            ``(session, created, events)``: the lifecycle events committed,
+            each with its outbox position as ``id``.
 
         Raises:
             NotFound: no session and ``create`` is False.
             FailedPrecondition: the key's session belongs to another agent
                 (reason SESSION_AGENT_MISMATCH).
         """
+        row = await self.pool.fetchrow(_RESOLVE_SQL, org_id, key, self.touch_interval_s, self.instance_id)
+        if row is not None:
+            self._check_agent(row, key, agent_id)
+            if row["activation_owner"] is not None and not row["orphaned"] and not row["stale"]:
+                return session_proto(row), False, []
         for _ in range(3):
             async with self.pool.acquire() as conn, conn.transaction():
                 row = await conn.fetchrow(
@@ -432,25 +510,57 @@ class SessionStore:
                     key,
                 )
                 created = False
+                events: list[common_pb2.LifecycleEvent] = []
                 if row is None:
                     if not create:
-                        raise NotFound(f"no session for key {key!r}", reason="SESSION_NOT_FOUND", field="session_key")
+                        raise NotFound(
+                            "no session for this session_key", reason="SESSION_NOT_FOUND", field="session_key"
+                        )
                     row = await self._insert_session(conn, org_id, key, agent_id, parent_session_id)
                     if row is None:
                         continue  # a concurrent caller created it; read it again
                     created = True
-                elif agent_id and row["agent_id"] != agent_id:
-                    raise FailedPrecondition(
-                        f"session key {key!r} belongs to agent {row['agent_id']!r}, not {agent_id!r}",
-                        reason="SESSION_AGENT_MISMATCH",
-                        field="agent_id",
-                    )
-                events = await self._open_activation(conn, row, "NEW" if created else "RESUMED")
+                else:
+                    self._check_agent(row, key, agent_id)
+                    events += await self._recover_orphan(conn, row)
+                events += await self._open_activation(conn, row, "NEW" if created else "RESUMED")
                 await self._emit(conn, events)
             if events:
                 self._written(events)
-            return session_proto(row), created
-        raise FailedPrecondition(f"session key {key!r} is contended; retry", reason="SESSION_CONTENDED", retryable=True)
+            return session_proto(row), created, events
+        raise FailedPrecondition(
+            "the session key is contended; retry", reason="SESSION_CONTENDED", field="session_key", retryable=True
+        )
+
+    @staticmethod
+    def _check_agent(row: asyncpg.Record, key: str, agent_id: str) -> None:
+        if agent_id and row["agent_id"] != agent_id:
+            raise FailedPrecondition(
+                f"the session key belongs to agent {row['agent_id']!r}, not {agent_id!r}",
+                reason="SESSION_AGENT_MISMATCH",
+                field="agent_id",
+            )
+
+    async def _recover_orphan(self, conn: asyncpg.Connection, row: asyncpg.Record) -> list[common_pb2.LifecycleEvent]:
+        """End the session's open activation if its owner is dead
+        (session.end CRASH_RECOVERED); the session row is locked."""
+        ended = await conn.fetchrow(
+            """
+            UPDATE sessions.activations a SET ended_at = now(), end_reason = 'CRASH_RECOVERED'
+            WHERE a.session_id = $1 AND a.ended_at IS NULL AND a.instance_id <> $2
+              AND NOT EXISTS (SELECT 1 FROM sessions.instances i
+                              WHERE i.instance_id = a.instance_id AND i.stopped_at IS NULL
+                                AND i.lease_expires_at > now())
+            RETURNING started_at, ended_at
+            """,
+            row["id"],
+            self.instance_id,
+        )
+        if ended is None:
+            return []
+        metrics.SESSION_ENDS_TOTAL.labels("CRASH_RECOVERED").inc()
+        merged = {**dict(row), "started_at": ended["started_at"], "ended_at": ended["ended_at"]}
+        return [_end_event(merged, "CRASH_RECOVERED", source=self.instance_id)]
 
     async def reset(
         self, org_id: str, session_id: uuid.UUID | None, key: str
@@ -458,7 +568,7 @@ class SessionStore:
         """Roll the key over to a new, empty session.
 
         The old session ends (session.end RESET with next_session_id) and its
-        snapshots are purged (or archived); a new session starts (NEW).
+        transcript is purged (or archived); a new session starts (NEW).
 
         Returns:
             ``(new session, previous session id)``.
@@ -480,17 +590,13 @@ class SessionStore:
             # The transcript being forgotten lives in this session and in the
             # compaction predecessors it continued: none of it is served again.
             purged = [r["id"] for r in await conn.fetch(_PREDECESSORS_SQL, old["id"])]
-            await conn.execute(
-                "UPDATE sessions.sessions SET head_snapshot_id = NULL WHERE id = ANY($1::uuid[])", purged
-            )
             if self.archive_on_reset:
                 await conn.execute(
-                    "UPDATE sessions.snapshots SET state = 'archived' "
-                    "WHERE session_id = ANY($1::uuid[]) AND state <> 'archived'",
+                    "UPDATE sessions.turns SET state = 'archived' WHERE session_id = ANY($1::uuid[]) AND state = 'current'",
                     purged,
                 )
             else:
-                await conn.execute("DELETE FROM sessions.snapshots WHERE session_id = ANY($1::uuid[])", purged)
+                await conn.execute("DELETE FROM sessions.turns WHERE session_id = ANY($1::uuid[])", purged)
             events = await self._close_activation(conn, old, "RESET", next_session_id=new["id"])
             events += await self._open_activation(conn, new, "NEW")
             await self._emit(conn, events)
@@ -498,7 +604,7 @@ class SessionStore:
         return session_proto(new), str(old["id"])
 
     async def delete(self, org_id: str, session_id: uuid.UUID | None, key: str) -> str:
-        """Delete a session and its snapshots (session.end DELETED).
+        """Delete a session and its transcript (session.end DELETED).
 
         Returns the deleted session's id. Raises NotFound.
         """
@@ -547,331 +653,195 @@ class SessionStore:
         page, next_token = time_cursor_page("sessions", rows, limit)
         return [session_proto(r) for r in page], next_token
 
-    # ------------------------------------------------------------ snapshots
+    # ------------------------------------------------------------ transcripts
 
     async def _follow(self, conn: asyncpg.Connection | asyncpg.Pool, session_id: uuid.UUID) -> list[uuid.UUID]:
         """``session_id`` and its compaction successors, in order (the last is current)."""
         return [r["id"] for r in await conn.fetch(_CHAIN_SQL, session_id)]
 
-    async def _session_for_token(
-        self,
-        conn: asyncpg.Connection,
-        claims: RunClaims,
-        session_id: str = "",
-    ) -> asyncpg.Record:
-        """The session a run token may act on: the token's session, or the
-        session a compaction rolled it over to.
+    def _check_token(self, claims: RunClaims, session_id: str, row: asyncpg.Record | None) -> asyncpg.Record:
+        """The token's session row, checked against the token's scope.
 
         Raises:
             PermissionDenied: ``session_id`` is not the token's session, or
                 the token's agent is not the session's (TOKEN_SCOPE_MISMATCH).
             NotFound: no such session in the token's org.
-            FailedPrecondition: the conversation has ended (reset, deleted...).
         """
         if session_id and session_id != claims.session_id:
             raise PermissionDenied(
                 "run token is not scoped to this session", reason="TOKEN_SCOPE_MISMATCH", field="session_id"
             )
-        row = await conn.fetchrow(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions.sessions WHERE id = $1", uuid.UUID(claims.session_id)
-        )
         if row is None or row["org_id"] != claims.org_id:
             raise NotFound(f"session {claims.session_id} not found", reason="SESSION_NOT_FOUND")
         if row["agent_id"] != claims.agent_id:
             raise PermissionDenied("run token is not scoped to this session's agent", reason="TOKEN_SCOPE_MISMATCH")
-        if row["ended_at"] is not None:
-            # Compaction rolled the conversation over: follow it.
-            chain = await self._follow(conn, row["id"])
-            if chain:
-                row = await conn.fetchrow(
-                    f"SELECT {_SESSION_COLUMNS} FROM sessions.sessions WHERE id = $1", chain[-1]
-                ) or row
+        return row
+
+    async def read_transcript(self, claims: RunClaims, session_id: str = "") -> TranscriptRead:
+        """The transcript of the token's conversation (read when a run starts).
+
+        The conversation continues in the token's session, or in the session
+        a compaction rolled it over to. Marks the session active (at most
+        once per ``touch_interval_s``), so idle expiry leaves it alone. One
+        read-only statement on the hot path.
+
+        Raises:
+            PermissionDenied, NotFound: see :meth:`_check_token`.
+            FailedPrecondition: the conversation has ended (reset, deleted...).
+        """
+        run_id = uuid.UUID(claims.run_id)
+        row = await self.pool.fetchrow(_TRANSCRIPT_SQL, uuid.UUID(claims.session_id), run_id, self.touch_interval_s)
+        row = self._check_token(claims, session_id, row)
+        if row["end_reason"] == "COMPACTION":
+            chain = await self._follow(self.pool, row["id"])
+            if chain and chain[-1] != row["id"]:
+                row = await self.pool.fetchrow(_TRANSCRIPT_SQL, chain[-1], run_id, self.touch_interval_s) or row
         if row["ended_at"] is not None:
             raise FailedPrecondition(
                 f"session {claims.session_id} has ended ({(row['end_reason'] or '').lower()})",
                 reason="SESSION_ENDED",
             )
-        return row
-
-    async def get_snapshot(self, claims: RunClaims, session_id: str = "") -> SnapshotRead:
-        """The latest completed transcript of the token's conversation.
-
-        Marks the session active (a run is starting), so idle expiry leaves it.
-
-        Raises:
-            See :meth:`_session_for_token`.
-        """
-        async with self.pool.acquire() as conn:
-            row = await self._session_for_token(conn, claims, session_id)
-            await conn.execute("UPDATE sessions.sessions SET last_active_at = now() WHERE id = $1", row["id"])
-            snap = None
-            if row["head_snapshot_id"] is not None:
-                snap = await conn.fetchrow(
-                    "SELECT id, run_id, data FROM sessions.snapshots WHERE id = $1 AND state = 'completed'",
-                    row["head_snapshot_id"],
-                )
-            committed = await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM sessions.snapshots WHERE run_id = $1 AND state = 'completed')",
-                uuid.UUID(claims.run_id),
-            )
-        if snap is None:
-            return SnapshotRead(b"", "", "", bool(committed), str(row["id"]))
-        return SnapshotRead(bytes(snap["data"]), str(snap["id"]), str(snap["run_id"]), bool(committed), str(row["id"]))
+        if row["stale"]:
+            await self.pool.execute("UPDATE sessions.sessions SET last_active_at = now() WHERE id = $1", row["id"])
+        return TranscriptRead(bytes(row["transcript"] or b""), str(row["id"]), row["head_turn"], bool(row["committed"]))
 
     def _check_size(self, size: int) -> None:
         if size > self.max_snapshot_bytes:
             raise ResourceExhausted(
-                f"transcript is {size} bytes; the limit is {self.max_snapshot_bytes} "
+                f"the transcript would be {size} bytes; the limit is {self.max_snapshot_bytes} "
                 "(sessions.max_snapshot_bytes)",
                 reason="SNAPSHOT_TOO_LARGE",
                 field="transcript",
                 retryable=False,
             )
 
-    async def put_snapshot(
+    async def commit_run(
         self,
-        claims: RunClaims,
-        data: bytes,
-        message_count: int,
-        *,
-        session_id: str = "",
-        base_snapshot_id: str | None = None,
-        compaction: sessions_pb2.CompactionInfo | None = None,
-    ) -> str:
-        """Store the run's new transcript as pending (idempotent per run and epoch).
+        org_id: str,
+        session_id: uuid.UUID,
+        run_id: uuid.UUID,
+        epoch: int,
+        append: sessions_pb2.TranscriptAppend,
+    ) -> CommitResult:
+        """Append a completed run's messages to its conversation (its commit).
 
-        Args:
-            claims: the run token's scope.
-            data: serialized ``Transcript``.
-            message_count: messages in it.
-            session_id: the session the caller means (must be the token's).
-            base_snapshot_id: the head the transcript was built on ("" = none,
-                None = not said); a commit after another run's is rebased.
-            compaction: set when the transcript is compacted; the commit then
-                rolls the key over to a new session.
-
-        Raises:
-            ResourceExhausted: larger than ``max_snapshot_bytes`` (SNAPSHOT_TOO_LARGE).
-            PermissionDenied: another session than the token's (TOKEN_SCOPE_MISMATCH).
-            FailedPrecondition: the session has ended (SESSION_ENDED), or the
-                run's result was already committed (RUN_ALREADY_COMMITTED).
-        """
-        self._check_size(len(data))
-        run_id = uuid.UUID(claims.run_id)
-        base: uuid.UUID | None = None
-        if base_snapshot_id:
-            try:
-                base = uuid.UUID(base_snapshot_id)
-            except ValueError:
-                raise InvalidArgument(
-                    "base_snapshot_id is not a snapshot id", reason="INVALID_ID", field="base_snapshot_id"
-                ) from None
-        async with self.pool.acquire() as conn, conn.transaction():
-            row = await self._session_for_token(conn, claims, session_id)
-            committed_epoch = await conn.fetchval(
-                "SELECT epoch FROM sessions.snapshots WHERE run_id = $1 AND state = 'completed'", run_id
-            )
-            if committed_epoch is not None and committed_epoch != claims.epoch:
-                raise FailedPrecondition(
-                    f"run {claims.run_id} already has a completed snapshot (epoch {committed_epoch})",
-                    reason="RUN_ALREADY_COMMITTED",
-                )
-            snapshot_id = await conn.fetchval(
-                """
-                INSERT INTO sessions.snapshots (id, session_id, org_id, run_id, epoch, state, data, size_bytes,
-                    message_count, base_snapshot_id, based, compaction)
-                VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11)
-                ON CONFLICT (run_id, epoch) DO UPDATE SET epoch = EXCLUDED.epoch
-                RETURNING id
-                """,
-                uuid.uuid4(),
-                row["id"],
-                claims.org_id,
-                run_id,
-                claims.epoch,
-                data,
-                len(data),
-                message_count,
-                base,
-                base_snapshot_id is not None,
-                compaction.SerializeToString() if compaction is not None else None,
-            )
-            await conn.execute("UPDATE sessions.sessions SET last_active_at = now() WHERE id = $1", row["id"])
-        metrics.SNAPSHOT_BYTES.observe(len(data))
-        return str(snapshot_id)
-
-    async def commit_snapshot(
-        self, org_id: str, session_id: uuid.UUID, run_id: uuid.UUID, epoch: int
-    ) -> tuple[str, int, str]:
-        """Make the run's pending snapshot of ``epoch`` the conversation's latest.
-
-        Idempotent per run: once a run's snapshot is committed, a repeat
-        returns it. ``session_id`` is the run's session; the snapshot lands in
-        its current compaction successor. If another run committed after this
-        run read its transcript, this run's own messages are appended to the
-        newer transcript (nothing is lost, and a compaction is then skipped).
-        A compacted snapshot rolls the key over: session.end COMPACTION on the
-        old session, session.start RESUMED and session.compacted on the new.
-
-        Returns:
-            ``(snapshot id, message count, id of the session holding it)``.
+        Idempotent per run: a run has at most one turn, ever, so a repeat
+        (even of another epoch: the gateway only commits the epoch it holds,
+        and a re-executed run that finds its commit reports the stored
+        answer) returns the existing commit with no events. ``session_id``
+        is the run's session; the turn lands in its current compaction
+        successor. If another run committed after this run read its
+        transcript (``append.base``), this run's messages are appended after
+        it (nothing is lost) and a compaction is skipped. A compaction
+        (``append.compaction``) rolls the key over: session.end COMPACTION
+        on the old session, session.start RESUMED and session.compacted on
+        the new one, which starts with the summary and the kept messages.
 
         Raises:
-            NotFound: session or pending snapshot missing (SNAPSHOT_NOT_FOUND).
+            NotFound: the session is gone (SESSION_NOT_FOUND).
             FailedPrecondition: the conversation ended (SESSION_ENDED).
+            ResourceExhausted: the transcript would exceed
+                ``max_snapshot_bytes`` (SNAPSHOT_TOO_LARGE).
         """
         events: list[common_pb2.LifecycleEvent] = []
         async with self.pool.acquire() as conn, conn.transaction():
-            requested = await conn.fetchrow(
-                "SELECT id FROM sessions.sessions WHERE id = $1 AND org_id = $2", session_id, org_id
-            )
-            if requested is None:
+            current = await conn.fetchrow(_COMMIT_LOCK_SQL, session_id, org_id, run_id)
+            if current is None:
                 raise NotFound(f"session {session_id} not found", reason="SESSION_NOT_FOUND", field="session_id")
-            # A run's result is fixed once committed; the gateway only asks for
-            # the epoch it holds, so a repeat (even after a re-claim that found
-            # the run committed) confirms it.
-            done = await self._committed(conn, run_id)
-            if done is not None:
-                return done
+            if current["done_session_id"] is not None:
+                return await self._committed(conn, current["done_session_id"], current["done_turn"])
             for _ in range(3):
-                chain = await self._follow(conn, session_id)
-                current = None
-                if chain:
-                    current = await conn.fetchrow(
-                        f"SELECT {_SESSION_COLUMNS} FROM sessions.sessions WHERE id = $1 FOR UPDATE", chain[-1]
-                    )
-                if current is None:  # deleted meanwhile
-                    raise NotFound(f"session {session_id} not found", reason="SESSION_NOT_FOUND", field="session_id")
                 if current["end_reason"] != "COMPACTION":
                     break
-                # A concurrent compaction rolled it over while we waited for
-                # the lock: follow the chain again.
+                # The conversation goes on in a compaction successor: follow
+                # the chain (again, if a concurrent compaction rolled it over
+                # while we waited for the lock).
+                chain = await self._follow(conn, current["id"])
+                current = await conn.fetchrow(_COMMIT_LOCK_SQL, chain[-1], org_id, run_id) if chain else None
+                if current is None:
+                    raise NotFound(f"session {session_id} not found", reason="SESSION_NOT_FOUND", field="session_id")
             if current["ended_at"] is not None:
                 raise FailedPrecondition(
                     f"session {session_id} has ended ({(current['end_reason'] or '').lower()}); "
                     "the run's result is discarded",
                     reason="SESSION_ENDED",
                 )
-            snap = await conn.fetchrow(
-                """
-                SELECT id, session_id, base_snapshot_id, based, compaction, message_count, data
-                FROM sessions.snapshots
-                WHERE run_id = $1 AND epoch = $2 AND state = 'pending' AND session_id = ANY($3::uuid[])
-                FOR UPDATE
-                """,
-                run_id,
-                epoch,
-                chain,
-            )
-            if snap is None:
-                # A concurrent repeat of this commit may have won the lock.
-                done = await self._committed(conn, run_id)
-                if done is not None:
-                    return done
-                raise NotFound(
-                    f"no pending snapshot for run {run_id} epoch {epoch}", reason="SNAPSHOT_NOT_FOUND"
+            stale = append.base.session_id != str(current["id"]) or append.base.head_turn != current["head_turn"]
+            if stale and append.base.session_id:
+                log.info(
+                    "run %s committed after another commit in session %s: its %d message(s) go after it",
+                    run_id, current["id"], len(append.messages),
                 )
-            count = snap["message_count"]
-            compaction = snap["compaction"]
-            stale = snap["session_id"] != current["id"] or (
-                snap["based"] and snap["base_snapshot_id"] != current["head_snapshot_id"]
-            )
-            if stale:
-                count = await self._rebase(conn, snap["id"], bytes(snap["data"]), current, run_id)
-                compaction = None
-            target = current
-            if compaction is not None:
-                target, rollover = await self._roll_over(conn, current, snap["id"], count, compaction)
-                events += rollover
-            await conn.execute(
-                "UPDATE sessions.snapshots SET state = 'completed', committed_at = now() WHERE id = $1", snap["id"]
-            )
-            await conn.execute(
-                "DELETE FROM sessions.snapshots WHERE run_id = $1 AND state = 'pending'", run_id
-            )
-            updated = await conn.fetchrow(
-                f"""
-                UPDATE sessions.sessions
-                SET head_snapshot_id = $2, message_count = $3, updated_at = now(), last_active_at = now()
-                WHERE id = $1 RETURNING {_SESSION_COLUMNS}
-                """,
-                target["id"],
-                snap["id"],
-                count,
-            )
-            event = _event("session.updated", updated, source=self.instance_id)
-            event.run_id = str(run_id)
-            events.append(event)
+            if append.HasField("compaction") and not stale:
+                target, turn, count, events = await self._roll_over(conn, current, run_id, epoch, append)
+            else:
+                transcript = common_pb2.Transcript(messages=append.messages)
+                target, turn, count, events = await self._append_turn(conn, current, run_id, epoch, transcript)
             await self._emit(conn, events)
         self._written(events)
-        return str(snap["id"]), count, str(target["id"])
+        return CommitResult(str(target), count, turn, events)
 
-    @staticmethod
-    async def _committed(conn: asyncpg.Connection, run_id: uuid.UUID) -> tuple[str, int, str] | None:
-        """``commit_snapshot``'s answer for a run already committed, else None."""
-        done = await conn.fetchrow(
-            "SELECT id, session_id, message_count FROM sessions.snapshots WHERE run_id = $1 AND state = 'completed'",
-            run_id,
-        )
-        if done is None:
-            return None
-        return str(done["id"]), done["message_count"], str(done["session_id"])
-
-    async def _rebase(
+    async def _append_turn(
         self,
         conn: asyncpg.Connection,
-        snapshot_id: uuid.UUID,
-        data: bytes,
         current: asyncpg.Record,
         run_id: uuid.UUID,
-    ) -> int:
-        """Rewrite a pending snapshot as the current head plus the run's own
-        messages; returns its message count."""
-        head = b""
-        if current["head_snapshot_id"] is not None:
-            head = bytes(
-                await conn.fetchval(
-                    "SELECT data FROM sessions.snapshots WHERE id = $1 AND state = 'completed'",
-                    current["head_snapshot_id"],
-                )
-                or b""
+        epoch: int,
+        transcript: common_pb2.Transcript,
+        *,
+        checkpoint: bool = False,
+    ) -> tuple[uuid.UUID, int, int, list[common_pb2.LifecycleEvent]]:
+        """Add ``transcript`` as the next turn of the locked session
+        ``current``; returns (session id, turn, message count, events)."""
+        data = transcript.SerializeToString(deterministic=True)
+        self._check_size(current["transcript_bytes"] + len(data))
+        turn = current["head_turn"] + 1
+        updated = await conn.fetchrow(
+            f"""
+            WITH t AS (
+                INSERT INTO sessions.turns (session_id, turn, run_id, epoch, org_id, checkpoint, data,
+                    message_count, size_bytes)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
             )
-        transcript = common_pb2.Transcript.FromString(head)
-        mine = [m for m in common_pb2.Transcript.FromString(data).messages if m.run_id == str(run_id)]
-        transcript.messages.extend(mine)
-        rebased = transcript.SerializeToString(deterministic=True)
-        self._check_size(len(rebased))
-        await conn.execute(
-            """
-            UPDATE sessions.snapshots
-            SET session_id = $2, data = $3, size_bytes = $4, message_count = $5, compaction = NULL,
-                base_snapshot_id = $6
-            WHERE id = $1
+            UPDATE sessions.sessions
+            SET head_turn = $2, message_count = message_count + $8, transcript_bytes = transcript_bytes + $9,
+                updated_at = now(), last_active_at = now()
+            WHERE id = $1 RETURNING {_SESSION_COLUMNS}
             """,
-            snapshot_id,
             current["id"],
-            rebased,
-            len(rebased),
+            turn,
+            run_id,
+            epoch,
+            current["org_id"],
+            checkpoint,
+            data,
             len(transcript.messages),
-            current["head_snapshot_id"],
+            len(data),
         )
-        log.info(
-            "run %s committed after another run of session %s: appended its %d message(s) to the newer transcript",
-            run_id, current["id"], len(mine),
-        )
-        return len(transcript.messages)
+        metrics.SNAPSHOT_BYTES.observe(len(data))
+        event = _event("session.updated", updated, source=self.instance_id)
+        event.run_id = str(run_id)
+        return updated["id"], turn, updated["message_count"], [event]
+
+    @staticmethod
+    async def _committed(conn: asyncpg.Connection, session_id: uuid.UUID, turn: int) -> CommitResult:
+        """:meth:`commit_run`'s answer for a run committed before."""
+        count = await conn.fetchval("SELECT message_count FROM sessions.sessions WHERE id = $1", session_id)
+        return CommitResult(str(session_id), int(count or 0), int(turn), [])
 
     async def _roll_over(
         self,
         conn: asyncpg.Connection,
         current: asyncpg.Record,
-        snapshot_id: uuid.UUID,
-        count: int,
-        compaction: bytes,
-    ) -> tuple[asyncpg.Record, list[common_pb2.LifecycleEvent]]:
-        """Compaction: end ``current``, start its successor holding the
-        snapshot. Returns the new session row and the events."""
-        info = sessions_pb2.CompactionInfo.FromString(compaction)
+        run_id: uuid.UUID,
+        epoch: int,
+        append: sessions_pb2.TranscriptAppend,
+    ) -> tuple[uuid.UUID, int, int, list[common_pb2.LifecycleEvent]]:
+        """Compaction: end ``current``, start its successor with a checkpoint
+        turn (summary, kept messages, the run's messages). Returns (new
+        session id, turn, message count, events)."""
+        compaction = append.compaction
+        info = compaction.info
         await conn.execute(
             "UPDATE sessions.sessions SET ended_at = now(), end_reason = 'COMPACTION', updated_at = now() "
             "WHERE id = $1",
@@ -884,7 +854,10 @@ class SessionStore:
         await conn.execute(
             "UPDATE sessions.sessions SET next_session_id = $2 WHERE id = $1", current["id"], new["id"]
         )
-        await conn.execute("UPDATE sessions.snapshots SET session_id = $2 WHERE id = $1", snapshot_id, new["id"])
+        transcript = common_pb2.Transcript(summary=compaction.summary, resumed_from_session_id=str(current["id"]))
+        transcript.messages.extend(compaction.kept)
+        transcript.messages.extend(append.messages)
+        target, turn, count, updated = await self._append_turn(conn, new, run_id, epoch, transcript, checkpoint=True)
         events = await self._close_activation(conn, current, "COMPACTION", next_session_id=new["id"])
         events += await self._open_activation(conn, new, "RESUMED", resumed_from=current["id"])
         compacted = _event(
@@ -901,21 +874,26 @@ class SessionStore:
             ),
         )
         events.append(compacted)
+        events += updated
         metrics.COMPACTIONS_TOTAL.labels("rolled_over").inc()
         log.info(
             "session %s (%s) compacted: %d message(s) summarised, %d kept; key now at session %s",
             current["id"], current["key"], info.summarized_message_count, info.kept_message_count, new["id"],
         )
-        return new, events
+        return target, turn, count, events
 
-    async def head_transcript(self, org_id: str, session_id: uuid.UUID | None, key: str) -> tuple[asyncpg.Record, bytes]:
-        """The session row and its latest completed transcript bytes (b"" if none)."""
+    async def head_transcript(
+        self, org_id: str, session_id: uuid.UUID | None, key: str
+    ) -> tuple[asyncpg.Record, bytes]:
+        """The session row and its transcript bytes (b"" if none)."""
         async with self.pool.acquire() as conn:
             row = await self._find(conn, org_id, session_id, key)
-            if row["head_snapshot_id"] is None:
+            if row["head_turn"] == 0:
                 return row, b""
             data = await conn.fetchval(
-                "SELECT data FROM sessions.snapshots WHERE id = $1 AND state = 'completed'", row["head_snapshot_id"]
+                "SELECT string_agg(data, ''::bytea ORDER BY turn) FROM sessions.turns "
+                "WHERE session_id = $1 AND state = 'current'",
+                row["id"],
             )
         return row, bytes(data or b"")
 

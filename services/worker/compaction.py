@@ -12,11 +12,11 @@ model's window from ``compaction.context_windows``) or has more turns than
    summary (``Generate`` with purpose ``GENERATE_PURPOSE_SUMMARIZE``; the
    run's own token authorizes it; ``compaction.model`` may name a cheaper
    model);
-3. builds the run's prompt from the summary and the kept turns, and writes
-   the run's snapshot with a :class:`CompactionInfo`. When the gateway
-   commits the run, the sessions service rolls the key over to a new session
-   holding the compacted transcript (session.end COMPACTION on the old one,
-   session.start RESUMED on the new one).
+3. builds the run's prompt from the summary and the kept turns, and reports
+   the compaction with the run's messages (``TranscriptAppend.compaction``).
+   When the gateway commits the run, the sessions service rolls the key over
+   to a new session holding the compacted transcript (session.end COMPACTION
+   on the old one, session.start RESUMED on the new one).
 
 A failed summary call never fails the run: it goes on uncompacted (logged,
 ``runyard_compactions_total{outcome="failed"}``).
@@ -202,12 +202,12 @@ class Compactor:
         return min(limits) if limits else 0
 
     async def compact(
-        self, payload: common_pb2.RunPayload, snapshot: sessions_pb2.GetSnapshotResponse
+        self, payload: common_pb2.RunPayload, snapshot: sessions_pb2.GetTranscriptResponse
     ) -> sessions_pb2.CompactionInfo | None:
         """Compact ``snapshot.transcript`` in place when it is too long.
 
         Returns:
-            What was done (for ``PutSnapshotRequest.compaction``), or None
+            What was done (for ``TranscriptCompaction.info``), or None
             when the transcript is left as it is (short enough, compaction
             disabled, nothing safe to cut, or the summary call failed).
         """

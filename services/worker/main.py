@@ -146,6 +146,9 @@ class Worker:
         result = worker_hub_pb2.WorkerRunResult(run_id=run.run_id, epoch=run.epoch)
         if outcome.completed is not None:
             result.completed.CopyFrom(outcome.completed)
+            if outcome.append is not None:
+                result.append.CopyFrom(outcome.append)
+            result.already_committed = outcome.already_committed
         elif outcome.failed is not None:
             result.failed.CopyFrom(outcome.failed)
         else:

@@ -1,9 +1,11 @@
-"""Executes one run: hydrate, build the prompt, call the router, stream events,
-write the snapshot on success, report the outcome.
+"""Executes one run: read the transcript, build the prompt, call the router,
+stream events, report the outcome with the run's messages.
 
-A run whose snapshot was already committed (its completion report was lost
-before the gateway recorded it) is not executed again: it reports the stored
-answer.
+The worker never writes the transcript: a completed run's messages travel
+with its result, and the gateway commits them (``SessionService/CommitRun``)
+when it accepts the completion. A run that is already committed (its
+completion report was lost before the gateway recorded it) is not executed
+again: it reports the stored answer.
 """
 
 from __future__ import annotations
@@ -44,11 +46,16 @@ def _transient(exc: BaseException) -> bool:
 
 @dataclass(slots=True)
 class RunOutcome:
-    """What a run ended with: exactly one of the fields is set."""
+    """What a run ended with: exactly one of ``completed``, ``failed`` and
+    ``cancelled`` is set. A completed run carries its messages for the
+    transcript (``append``), or ``already_committed`` when an earlier
+    execution's commit stands."""
 
     completed: common_pb2.RunCompleted | None = None
     failed: common_pb2.RunFailed | None = None
     cancelled: common_pb2.RunCancelled | None = None
+    append: sessions_pb2.TranscriptAppend | None = None
+    already_committed: bool = False
 
 
 def build_prompt(
@@ -133,42 +140,35 @@ class RunExecutor:
         self, payload: common_pb2.RunPayload, emit: Callable[[common_pb2.RunEvent], None]
     ) -> RunOutcome:
         token = payload.run_token
-        snapshot = await self._retrying(
-            lambda: self.sessions.GetSnapshot(sessions_pb2.GetSnapshotRequest(run_token=token), timeout=30)
+        read = await self._retrying(
+            lambda: self.sessions.GetTranscript(sessions_pb2.GetTranscriptRequest(run_token=token), timeout=30)
         )
-        if snapshot.run_committed:
-            return self._already_done(payload, snapshot.transcript)
+        if read.run_committed:
+            return self._already_done(payload, read.transcript)
+        base = sessions_pb2.TranscriptBase(session_id=read.session_id, head_turn=read.head_turn)
         # -- compaction (runyard.worker.compaction): a transcript past the limits is summarised
-        # in place; the snapshot below carries it and its commit rolls the key to a new session.
-        compaction = await self.compactor.compact(payload, snapshot)
+        # in place; the run's commit then rolls the key over to a new session.
+        compaction = await self.compactor.compact(payload, read)
         # -- end compaction
         agent = self.config.agent(payload.agent_id)
         system_prompt = agent.system_prompt if agent is not None else ""
-        prompt, new_turn = build_prompt(system_prompt, snapshot.transcript, payload.input)
+        prompt, new_turn = build_prompt(system_prompt, read.transcript, payload.input)
         for message in new_turn:
             if not message.HasField("create_time"):
                 message.create_time.CopyFrom(now())
             message.run_id = payload.run_id
         final, produced = await self._converse(payload, prompt, emit)
-        transcript = common_pb2.Transcript()
-        transcript.CopyFrom(snapshot.transcript)
-        transcript.messages.extend(new_turn)
-        transcript.messages.extend(produced)  # tool calls and their results, in pairs
-        transcript.messages.append(final.message)
-        await self._retrying(
-            lambda: self.sessions.PutSnapshot(
-                sessions_pb2.PutSnapshotRequest(
-                    run_token=token,
-                    transcript=transcript,
-                    session_id=payload.session_id,
-                    base_snapshot_id=snapshot.snapshot_id,
-                    compaction=compaction,
-                ),
-                timeout=30,
-            )
-        )
+        append = sessions_pb2.TranscriptAppend(base=base)
+        append.messages.extend(new_turn)
+        append.messages.extend(produced)  # tool calls and their results, in pairs
+        append.messages.append(final.message)
+        if compaction is not None:
+            append.compaction.info.CopyFrom(compaction)
+            append.compaction.summary = read.transcript.summary
+            append.compaction.kept.extend(read.transcript.messages)
         return RunOutcome(
-            completed=common_pb2.RunCompleted(message=final.message, model=final.model, usage=final.usage)
+            completed=common_pb2.RunCompleted(message=final.message, model=final.model, usage=final.usage),
+            append=append,
         )
 
     async def _converse(
@@ -354,4 +354,6 @@ class RunExecutor:
             common_pb2.Message(role=common_pb2.ROLE_ASSISTANT),
         )
         log.info("run %s was already committed; reporting the stored answer", payload.run_id)
-        return RunOutcome(completed=common_pb2.RunCompleted(message=answer, model=answer.model))
+        return RunOutcome(
+            completed=common_pb2.RunCompleted(message=answer, model=answer.model), already_committed=True
+        )

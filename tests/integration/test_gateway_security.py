@@ -31,7 +31,7 @@ from runyard.v1 import (
     GatewayServiceStub,
     GetRunRequest,
     GetSessionRequest,
-    GetSnapshotRequest,
+    GetTranscriptRequest,
     GenerateRequest,
     ListSessionsRequest,
     Message,
@@ -167,7 +167,7 @@ async def test_hostile_inputs_get_their_status_and_the_stack_stays_healthy(stack
             ("", "RUN_TOKEN_MISSING"),
         ]:
             with pytest.raises(grpc.aio.AioRpcError) as bad:
-                await sessions.GetSnapshot(GetSnapshotRequest(run_token=token))
+                await sessions.GetTranscript(GetTranscriptRequest(run_token=token))
             assert bad.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert from_rpc_error(bad.value).reason == reason
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports['router']}") as channel:

@@ -215,35 +215,41 @@ async def test_reset_then_restart_never_brings_the_old_transcript_back_and_token
     last_prompt = fake_openai.requests_for("model-a")[-1]["messages"]
     assert all("1234" not in m["content"] for m in last_prompt)
     assert await count(
-        stack.database_url, f"SELECT count(*) FROM sessions.snapshots WHERE session_id = '{old_session}'"
+        stack.database_url, f"SELECT count(*) FROM sessions.turns WHERE session_id = '{old_session}'"
     ) == 0
 
-    # A run token for one session cannot read, write or compact (purge) another's.
+    # A run token for one session cannot read another's; a token cannot write
+    # or compact (purge) any transcript: commits take the internal credential.
     signer = RunTokenSigner(RUN_TOKEN_SECRET)
     new_session = reply[0].session_id
     token = signer.sign(org_id="default", agent_id="default", session_id=new_session,
                         run_id=str(uuid.uuid4()), epoch=1)
     channel, stub = sessions_stub(stack)
-    before = await stub.GetSnapshot(sessions_pb2.GetSnapshotRequest(
+    before = await stub.GetTranscript(sessions_pb2.GetTranscriptRequest(
         run_token=signer.sign(org_id="default", agent_id="default", session_id=other_session,
                               run_id=str(uuid.uuid4()), epoch=1)))
+    purge = sessions_pb2.TranscriptAppend(compaction=sessions_pb2.TranscriptCompaction(summary="gone"))
     calls = {
-        "read": stub.GetSnapshot(sessions_pb2.GetSnapshotRequest(run_token=token, session_id=other_session)),
-        "write": stub.PutSnapshot(sessions_pb2.PutSnapshotRequest(
-            run_token=token, session_id=other_session, transcript=common_pb2.Transcript())),
-        "purge": stub.PutSnapshot(sessions_pb2.PutSnapshotRequest(
-            run_token=token, session_id=other_session, transcript=common_pb2.Transcript(summary="gone"),
-            compaction=sessions_pb2.CompactionInfo(summarized_message_count=2))),
-        "other agent": stub.GetSnapshot(sessions_pb2.GetSnapshotRequest(run_token=signer.sign(
+        "read": (stub.GetTranscript(sessions_pb2.GetTranscriptRequest(run_token=token, session_id=other_session)),
+                 grpc.StatusCode.PERMISSION_DENIED),
+        "write": (stub.CommitRun(sessions_pb2.CommitRunRequest(
+            org_id="default", session_id=other_session, run_id=str(uuid.uuid4()), epoch=1,
+            append=sessions_pb2.TranscriptAppend(messages=[common_pb2.Message(content="injected")])),
+            metadata=(("authorization", f"Bearer {token}"),)), grpc.StatusCode.UNAUTHENTICATED),
+        "purge": (stub.CommitRun(sessions_pb2.CommitRunRequest(
+            org_id="default", session_id=other_session, run_id=str(uuid.uuid4()), epoch=1, append=purge)),
+            grpc.StatusCode.UNAUTHENTICATED),
+        "other agent": (stub.GetTranscript(sessions_pb2.GetTranscriptRequest(run_token=signer.sign(
             org_id="default", agent_id="intruder", session_id=other_session, run_id=str(uuid.uuid4()), epoch=1))),
+            grpc.StatusCode.PERMISSION_DENIED),
     }
-    for name, pending in calls.items():
+    for name, (pending, code) in calls.items():
         with pytest.raises(grpc.aio.AioRpcError) as denied:
             await pending
-        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
-    after = await stub.GetSnapshot(sessions_pb2.GetSnapshotRequest(
+        assert denied.value.code() == code, name
+    after = await stub.GetTranscript(sessions_pb2.GetTranscriptRequest(
         run_token=signer.sign(org_id="default", agent_id="default", session_id=other_session,
                               run_id=str(uuid.uuid4()), epoch=1)))
     await channel.close()
-    assert after.transcript == before.transcript and after.snapshot_id == before.snapshot_id
+    assert after.transcript == before.transcript and after.head_turn == before.head_turn
     assert [m.content for m in after.transcript.messages] == ["someone else's chat", "Hello from model-a."]

@@ -7,6 +7,7 @@ import asyncio
 import signal
 import uuid
 
+import asyncpg
 import pytest
 
 from runyard import FailedPrecondition, InvalidArgument, NotFound, RunyardError
@@ -38,6 +39,14 @@ def kinds(events: list[RunEvent]) -> list[str]:
 
 def text_of(events: list[RunEvent]) -> str:
     return "".join(e.text_delta.text for e in events if e.HasField("text_delta"))
+
+
+async def count(url: str, sql: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval(sql))
+    finally:
+        await conn.close()
 
 
 def assert_gap_free(events: list[RunEvent], start: int = 1) -> None:
@@ -330,3 +339,42 @@ async def test_two_gateways_share_one_database_and_stream_each_others_runs(stack
     assert [e.SerializeToString() for e in replay_second] == [e.SerializeToString() for e in events[2:]]
     assert [e.SerializeToString() for e in replay_first] == [e.SerializeToString() for e in events[2:]]
     assert "worker-1 connected" not in stack.logs("gateway-2")  # it really was the other gateway's worker
+
+
+async def test_join_of_a_long_run_through_another_gateway_mid_stream_and_after_completion(
+    stack_factory, fake_openai: FakeOpenAI
+):
+    """A run of hundreds of deltas executes behind gateway 1 (its worker's);
+    a client of gateway 2 joins mid-stream and again after the end. Gateway
+    1's clients get the deltas from memory; gateway 2 reads the chunks
+    gateway 1 stores: both see every seq once, byte for byte the same."""
+    from runyard.client import Client
+    from tests.stack import free_port
+
+    words = [f"d{i} " for i in range(300)]
+    fake_openai.script("model-a", Reply(chunks=words, delay_between_s=0.004))
+    stack = await stack_factory(provider_config(fake_openai)).start()
+    port = free_port()
+    await stack.spawn("gateway-2", "gateway", {"gateway": {"listen": f"127.0.0.1:{port}"}})
+    await stack.wait_healthy("gateway-2", f"127.0.0.1:{port}")
+    async with Client(f"127.0.0.1:{port}") as second, stack.client() as first:
+        live: list[RunEvent] = []
+        joined: list[RunEvent] = []
+        join_task = None
+        async for event in first.send("chat:long", "count to 300"):
+            live.append(event)
+            if len(live) == 80:
+                join_task = asyncio.create_task(collect(second.join(event.run_id, after_seq=40)))
+        assert join_task is not None
+        joined = await join_task
+        after = await collect(second.join(live[0].run_id, after_seq=0))
+        tail = await collect(second.join(live[0].run_id, after_seq=live[-1].seq))
+    assert_gap_free(live)
+    assert live[-1].HasField("completed") and text_of(live) == "".join(words)
+    assert_gap_free(joined, start=41)
+    assert [e.SerializeToString() for e in joined] == [e.SerializeToString() for e in live[40:]]
+    assert [e.SerializeToString() for e in after] == [e.SerializeToString() for e in live]
+    assert tail == []  # joined at the end of a finished run: nothing more, and no wait
+    # Stored coalesced: far fewer rows than events.
+    rows = await count(stack.database_url, f"SELECT count(*) FROM gateway.run_events WHERE run_id = '{live[0].run_id}'")
+    assert rows < len(live) / 10, rows

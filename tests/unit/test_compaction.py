@@ -125,9 +125,9 @@ class FakeRouter:
         return FakeCall([] if self.error else [final], self.error)
 
 
-def snapshot_of(messages, summary="") -> sessions_pb2.GetSnapshotResponse:
-    return sessions_pb2.GetSnapshotResponse(
-        transcript=common_pb2.Transcript(messages=messages, summary=summary), snapshot_id="snap-1",
+def snapshot_of(messages, summary="") -> sessions_pb2.GetTranscriptResponse:
+    return sessions_pb2.GetTranscriptResponse(
+        transcript=common_pb2.Transcript(messages=messages, summary=summary), head_turn=5,
         session_id="session-1",
     )
 

@@ -52,7 +52,8 @@ def assert_paired(events: list) -> None:
 async def test_every_activation_ends_once_whoever_ends_it(pool):
     store = await make_store(pool, "sessions-a")
     sessions = [await store.resolve("org", f"k{i}", "agent") for i in range(20)]
-    again, created = await store.resolve("org", "k0", "agent")  # already active: no second start
+    again, created, events = await store.resolve("org", "k0", "agent")  # already active: no second start
+    assert events == []
     assert not created and again.id == sessions[0][0].id
     for i in range(3):
         await store.reset("org", None, f"k{i}")
@@ -79,7 +80,7 @@ async def test_every_activation_ends_once_whoever_ends_it(pool):
 
 async def test_session_end_carries_message_count_and_duration(pool):
     store = await make_store(pool, "sessions-a")
-    session, _ = await store.resolve("org", "counted", "agent")
+    session, _, _ = await store.resolve("org", "counted", "agent")
     await pool.execute(
         "UPDATE sessions.sessions SET message_count = 7 WHERE id = $1", uuid.UUID(session.id)
     )
@@ -120,6 +121,29 @@ async def test_crash_recovery_ends_lapsed_instances_activations_once_across_reco
     assert await alive.count_owned() == 1
 
 
+async def test_a_dead_instances_session_used_again_is_recovered_before_it_resumes(pool):
+    dead = await make_store(pool, "sessions-dead")
+    session, _, _ = await dead.resolve("org", "live-chat", "agent")
+    await pool.execute(
+        "UPDATE sessions.instances SET lease_expires_at = now() - interval '1 second' WHERE instance_id = $1",
+        "sessions-dead",
+    )
+    alive = await make_store(pool, "sessions-alive")
+    # The conversation goes on before any crash-recovery sweep ran.
+    again, created, events = await alive.resolve("org", "live-chat", "agent")
+    assert (again.id, created) == (session.id, False)
+    assert [(e.type, e.session_end.reason, e.session_start.reason) for e in events] == [
+        ("session.end", common_pb2.SESSION_END_REASON_CRASH_RECOVERED, 0),
+        ("session.start", 0, common_pb2.SESSION_START_REASON_RESUMED),
+    ]
+    assert all(e.id for e in events)  # with their outbox positions, for the gateway
+    assert await alive.recover_crashed() == 0  # nothing left for the sweep (it would end the live one)
+    assert await alive.count_owned() == 1
+    assert_paired(await lifecycle_events(pool))
+    # Touched again: nothing to write.
+    assert (await alive.resolve("org", "live-chat", "agent"))[2] == []
+
+
 async def test_stopped_instance_leftovers_are_recovered(pool):
     stopped = await make_store(pool, "sessions-stopped")
     await stopped.resolve("org", "late", "agent")
@@ -143,8 +167,8 @@ async def test_idle_expiry_ends_only_idle_owned_activations_and_a_new_message_re
     )
     assert await store.expire_idle(3600) == 2  # not the other instance's
     assert await store.expire_idle(3600) == 0
-    _, created = await store.resolve("org", "i0", "agent")
-    assert not created
+    _, created, resumed_events = await store.resolve("org", "i0", "agent")
+    assert not created and [e.type for e in resumed_events] == ["session.start"]
     events = await lifecycle_events(pool)
     assert_paired(events)
     ends = [e for e in events if isinstance(e, SessionEnd)]

@@ -3,11 +3,13 @@ retention, event trimming; a dry run changes nothing."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import asyncpg
 import pytest
 from runyard._proto.v1 import common_pb2, sessions_pb2
+from runyard.common.auth import RunClaims
 from runyard.common.config import MaintenanceConfig
 from runyard.common.hooks import SessionEnd, from_proto
 from runyard.sessions.maintenance import Maintenance
@@ -25,28 +27,25 @@ async def store(migrated_url: str):
     await pool.close()
 
 
-async def add_snapshots(pool: asyncpg.Pool, session_id: uuid.UUID, count: int, state: str = "completed",
-                        age: str = "0 seconds") -> list[uuid.UUID]:
-    ids = []
-    for i in range(count):
-        sid = uuid.uuid4()
-        await pool.execute(
-            """
-            INSERT INTO sessions.snapshots (id, session_id, org_id, run_id, epoch, state, data, size_bytes,
-                message_count, created_at)
-            VALUES ($1, $2, 'org', $3, 1, $4, '\\x', 0, 0, now() - $5::text::interval + make_interval(secs => $6))
-            """,
-            sid, session_id, uuid.uuid4(), state, age, i,
-        )
-        ids.append(sid)
-    await pool.execute("UPDATE sessions.sessions SET head_snapshot_id = $2 WHERE id = $1", session_id, ids[-1])
-    return ids
+async def commit(store: SessionStore, session: common_pb2.Session, text: str, *, compact: bool = False) -> str:
+    """One run's commit, as the gateway makes it; returns the session it landed in."""
+    claims = RunClaims(session.org_id, session.agent_id, session.id, str(uuid.uuid4()), 1, int(time.time()) + 600)
+    read = await store.read_transcript(claims)
+    append = sessions_pb2.TranscriptAppend(
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text, run_id=claims.run_id)],
+        base=sessions_pb2.TranscriptBase(session_id=read.session_id, head_turn=read.head_turn),
+    )
+    if compact:
+        append.compaction.summary = f"before {text}"
+        append.compaction.info.summarized_message_count = 1
+    result = await store.commit_run("org", uuid.UUID(session.id), uuid.UUID(claims.run_id), 1, append)
+    return result.session_id
 
 
 async def fingerprint(pool: asyncpg.Pool) -> tuple:
     return (
         await pool.fetch("SELECT id, ended_at FROM sessions.sessions ORDER BY id"),
-        await pool.fetch("SELECT id, state FROM sessions.snapshots ORDER BY id"),
+        await pool.fetch("SELECT session_id, turn, state FROM sessions.turns ORDER BY session_id, turn"),
         await pool.fetch("SELECT id, ended_at FROM sessions.activations ORDER BY id"),
         await pool.fetchval("SELECT count(*) FROM sessions.outbox"),
     )
@@ -57,13 +56,26 @@ async def setup_world(store: SessionStore) -> dict[str, uuid.UUID]:
     ids: dict[str, uuid.UUID] = {}
     # Agent a: 8 sessions; s0-s1 idle for two days (s0 still has an open activation).
     for i in range(8):
-        session, _ = await store.resolve("org", f"a{i}", "agent-a")
+        session, _, _ = await store.resolve("org", f"a{i}", "agent-a")
         ids[f"a{i}"] = uuid.UUID(session.id)
-    # Agent b: 2 sessions (under the cap).
-    for i in range(2):
-        session, _ = await store.resolve("org", f"b{i}", "agent-b")
-        ids[f"b{i}"] = uuid.UUID(session.id)
-    # Activity order: a2 oldest ... a7 newest; a0/a1 idle for 2 days.
+    # Agent b: b0 compacted twice (b0 -> b0x -> b0y, the current one), and b1;
+    # four sessions, under the cap.
+    b0, _, _ = await store.resolve("org", "b0", "agent-b")
+    ids["b0"] = uuid.UUID(b0.id)
+    await commit(store, b0, "t1")
+    ids["b0x"] = uuid.UUID(await commit(store, b0, "t2", compact=True))
+    b0x = await store.get("org", ids["b0x"], "")
+    await commit(store, b0x, "t3")
+    ids["b0y"] = uuid.UUID(await commit(store, b0x, "t4", compact=True))
+    b1, _, _ = await store.resolve("org", "b1", "agent-b")
+    ids["b1"] = uuid.UUID(b1.id)
+    # Agent c: c0 compacted into c1; c0 is idle for two days (pruned, so its
+    # old turns are not counted as trimmed).
+    c0, _, _ = await store.resolve("org", "c0", "agent-c")
+    ids["c0"] = uuid.UUID(c0.id)
+    await commit(store, c0, "u1")
+    ids["c1"] = uuid.UUID(await commit(store, c0, "u2", compact=True))
+    # Activity order: a2 oldest ... a7 newest; a0/a1/c0 idle for 2 days.
     for rank, key in enumerate(["a2", "a3", "a4", "a5", "a6", "a7"]):
         await pool.execute(
             "UPDATE sessions.sessions SET last_active_at = now() - make_interval(mins => $2) WHERE id = $1",
@@ -71,7 +83,7 @@ async def setup_world(store: SessionStore) -> dict[str, uuid.UUID]:
         )
     await pool.execute(
         "UPDATE sessions.sessions SET last_active_at = now() - interval '2 days' WHERE id = ANY($1::uuid[])",
-        [ids["a0"], ids["a1"]],
+        [ids["a0"], ids["a1"], ids["c0"]],
     )
     # Only a0 (idle) and a3 (inside the cap's victims) keep an open activation.
     await pool.execute(
@@ -79,14 +91,10 @@ async def setup_world(store: SessionStore) -> dict[str, uuid.UUID]:
         "WHERE session_id <> ALL($1::uuid[]) AND ended_at IS NULL",
         [ids["a0"], ids["a3"]],
     )
-    await add_snapshots(pool, ids["a7"], 5)
-    # Snapshots of sessions the pass removes go with them: a dry run must not count them.
-    await add_snapshots(pool, ids["a1"], 4)
-    await add_snapshots(pool, ids["a2"], 1, state="pending", age="2 hours")
-    await add_snapshots(pool, ids["b0"], 1)
-    await add_snapshots(pool, ids["b1"], 1, state="pending", age="2 hours")
-    await pool.execute("UPDATE sessions.sessions SET head_snapshot_id = NULL WHERE id = $1", ids["b1"])
-    await pool.execute("UPDATE sessions.outbox SET created_at = now() - interval '10 days' WHERE id <= 3")
+    await pool.execute(
+        "UPDATE sessions.outbox SET created_at = now() - interval '10 days' "
+        "WHERE id IN (SELECT id FROM sessions.outbox ORDER BY pos LIMIT 3)"
+    )
     return ids
 
 
@@ -114,7 +122,7 @@ async def run(maintenance: Maintenance, dry_run: bool) -> tuple[list[sessions_pb
 async def test_dry_run_reports_exactly_what_the_real_run_removes_and_changes_nothing(store):
     ids = await setup_world(store)
     names = {v: k for k, v in ids.items()}
-    maintenance = Maintenance(store, config())
+    maintenance = Maintenance(store, config(keep_snapshots=1))
     before = await fingerprint(store.pool)
     dry, dry_stats = await run(maintenance, dry_run=True)
     assert await fingerprint(store.pool) == before
@@ -123,43 +131,48 @@ async def test_dry_run_reports_exactly_what_the_real_run_removes_and_changes_not
     key = lambda p: (names[uuid.UUID(p.session_id)], p.reason)
     assert sorted(map(key, dry)) == sorted(map(key, real))
     assert dry_stats == real_stats
-    # Idle: a0, a1. Cap 4 of the remaining six of agent a (a2..a7): a2, a3 are
-    # the oldest but a3 has an open activation, so only a2 goes.
+    # Idle: a0, a1, c0. Cap 4 of the remaining six of agent a (a2..a7): a2,
+    # a3 are the oldest but a3 has an open activation, so only a2 goes.
     assert sorted(map(key, real)) == [
         ("a0", sessions_pb2.PRUNE_REASON_IDLE),
         ("a1", sessions_pb2.PRUNE_REASON_IDLE),
         ("a2", sessions_pb2.PRUNE_REASON_CAP),
+        ("c0", sessions_pb2.PRUNE_REASON_IDLE),
     ]
-    assert (real_stats.sessions_idle, real_stats.sessions_capped) == (2, 1)
-    assert (real_stats.snapshots_dropped, real_stats.pending_snapshots_dropped) == (3, 1)
+    assert (real_stats.sessions_idle, real_stats.sessions_capped) == (3, 1)
+    # keep_snapshots = 1: the turns of b0 (1) and b0x (2) go; c0's went with c0.
+    assert (real_stats.snapshots_dropped, real_stats.snapshots_archived) == (3, 0)
     assert real_stats.events_trimmed == 3
 
-    left = {r["key"] for r in await store.pool.fetch("SELECT key FROM sessions.sessions")}
-    assert left == {"a3", "a4", "a5", "a6", "a7", "b0", "b1"}
-    kept = await store.pool.fetch(
-        "SELECT sn.id, s.head_snapshot_id FROM sessions.snapshots sn "
-        "JOIN sessions.sessions s ON s.id = sn.session_id WHERE sn.session_id = $1",
-        ids["a7"],
-    )
-    assert len(kept) == 2 and any(r["id"] == r["head_snapshot_id"] for r in kept)
+    left = {r["key"] for r in await store.pool.fetch("SELECT DISTINCT key FROM sessions.sessions")}
+    assert left == {"a3", "a4", "a5", "a6", "a7", "b0", "b1", "c0"}  # b0x/b0y/c1 keep their keys
+    turns = await store.pool.fetch("SELECT session_id, turn FROM sessions.turns ORDER BY session_id, turn")
+    assert sorted((names[r["session_id"]], r["turn"]) for r in turns) == [("b0y", 1), ("c1", 1)]
+    # The current transcript is whole.
+    _, data = await store.head_transcript("org", None, "b0")
+    transcript = common_pb2.Transcript.FromString(data)
+    assert (transcript.summary, [m.content for m in transcript.messages]) == ("before t4", ["t4"])
 
     # a0's open activation ended once, as DELETED, in the pruning transaction.
     rows = await store.pool.fetch("SELECT data FROM sessions.outbox WHERE type = 'session.end'")
     ends = [from_proto(common_pb2.LifecycleEvent.FromString(r["data"])) for r in rows]
-    assert [(e.session_key, e.reason) for e in ends if isinstance(e, SessionEnd)] == [("a0", "DELETED")]
+    assert [(e.session_key, e.reason) for e in ends if e.reason != "COMPACTION"] == [("a0", "DELETED")]
 
     again, again_stats = await run(maintenance, dry_run=False)
     assert again == [] and again_stats.sessions_idle == again_stats.sessions_capped == 0
 
 
-async def test_archive_mode_keeps_old_snapshots_as_archived(store):
+async def test_archive_mode_keeps_old_transcripts_as_archived_and_never_serves_them(store):
     ids = await setup_world(store)
     _, stats = await run(Maintenance(store, config(old_snapshots="archive", prune_after_s=0,
                                                    max_sessions_per_agent=0)), dry_run=False)
-    # a7's three oldest, and a1's two oldest (nothing pruned here).
-    assert (stats.snapshots_archived, stats.snapshots_dropped) == (5, 0)
-    states = await store.pool.fetch("SELECT state FROM sessions.snapshots WHERE session_id = $1", ids["a7"])
-    assert sorted(r["state"] for r in states) == ["archived", "archived", "archived", "completed", "completed"]
+    # keep_snapshots = 2: b0 is two compactions behind b0y (its one turn goes);
+    # b0x and c0 are one behind.
+    assert (stats.snapshots_archived, stats.snapshots_dropped) == (1, 0)
+    states = await store.pool.fetch("SELECT state FROM sessions.turns WHERE session_id = $1", ids["b0"])
+    assert [r["state"] for r in states] == ["archived"]
+    _, data = await store.head_transcript("org", ids["b0"], "")
+    assert common_pb2.Transcript.FromString(data).messages == []
 
 
 async def test_never_trims_the_newest_event(store):

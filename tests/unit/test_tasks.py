@@ -17,7 +17,7 @@ import pytest
 
 from runyard._proto.v1 import common_pb2
 from runyard.common.config import ConfigError, ProviderConfig, load_config
-from runyard.gateway.runs import RunStore, event_bytes
+from runyard.gateway.runs import RunStore, encode_batch, event_bytes
 from runyard.gateway.tasks import TaskManager, concurrency_key, normalise_notice, notification_message, slot_limit
 from runyard.gateway.watch import OUTBOX
 from runyard.router.providers import EchoProvider, Request, anthropic_messages
@@ -369,12 +369,17 @@ async def test_the_result_is_the_runs_final_answer_however_many_events_it_stream
     await manager.grant_all()
     run_id = await pool.fetchval("SELECT run_id FROM gateway.tasks WHERE id = $1", task_id)
     last = 25_002  # more events than the failover scan reads
-    await pool.execute(
-        "INSERT INTO gateway.run_events (run_id, seq, data) SELECT $1, g, $2 FROM generate_series(2, $3) g",
-        run_id, event_bytes(text_delta=common_pb2.TextDelta(text="word ")), last - 1,
+    delta = event_bytes(text_delta=common_pb2.TextDelta(text="word "))
+    await pool.execute(  # chunks of 100 events, as the run log stores them
+        "INSERT INTO gateway.run_events (run_id, seq, last_seq, data) "
+        "SELECT $1, g, least(g + 99, $3), $2 FROM generate_series(2, $3, 100) g",
+        run_id, encode_batch([delta] * 100), last - 1,
     )
     done = event_bytes(completed=common_pb2.RunCompleted(message=common_pb2.Message(content="the answer")))
-    await pool.execute("INSERT INTO gateway.run_events (run_id, seq, data) VALUES ($1, $2, $3)", run_id, last, done)
+    await pool.execute(
+        "INSERT INTO gateway.run_events (run_id, seq, last_seq, data) VALUES ($1, $2, $2, $3)",
+        run_id, last, encode_batch([done]),
+    )
     await pool.execute(
         "UPDATE gateway.runs SET status = 'completed', ended_at = now(), last_seq = $2 WHERE id = $1", run_id, last
     )

@@ -436,6 +436,12 @@ class RunEvent(_message.Message):
     model_select: ModelSelect
     def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queued: _Optional[_Union[RunQueued, _Mapping]] = ..., started: _Optional[_Union[RunStarted, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., model_failover: _Optional[_Union[ModelFailover, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCallEvent, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResultEvent, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., completed: _Optional[_Union[RunCompleted, _Mapping]] = ..., failed: _Optional[_Union[RunFailed, _Mapping]] = ..., cancelled: _Optional[_Union[RunCancelled, _Mapping]] = ..., model_select: _Optional[_Union[ModelSelect, _Mapping]] = ...) -> None: ...
 
+class RunEventBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[RunEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[RunEvent, _Mapping]]] = ...) -> None: ...
+
 class Run(_message.Message):
     __slots__ = ("id", "session_id", "session_key", "agent_id", "status", "create_time", "start_time", "end_time", "attempt", "error", "idempotency_key", "model", "usage", "last_seq", "input_text", "metadata", "multitask_strategy", "task_id")
     class MetadataEntry(_message.Message):

@@ -46,12 +46,14 @@ class ResolveSessionRequest(_message.Message):
     def __init__(self, org_id: _Optional[str] = ..., session_key: _Optional[str] = ..., agent_id: _Optional[str] = ..., parent_session_id: _Optional[str] = ..., no_create: _Optional[bool] = ...) -> None: ...
 
 class ResolveSessionResponse(_message.Message):
-    __slots__ = ("session", "created")
+    __slots__ = ("session", "created", "events")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     session: _common_pb2.Session
     created: bool
-    def __init__(self, session: _Optional[_Union[_common_pb2.Session, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+    events: _containers.RepeatedCompositeFieldContainer[_common_pb2.LifecycleEvent]
+    def __init__(self, session: _Optional[_Union[_common_pb2.Session, _Mapping]] = ..., created: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[_common_pb2.LifecycleEvent, _Mapping]]] = ...) -> None: ...
 
 class SessionServiceGetSessionRequest(_message.Message):
     __slots__ = ("org_id", "session_id", "session_key")
@@ -151,7 +153,7 @@ class SessionServiceDeleteSessionResponse(_message.Message):
     session_id: str
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
-class GetSnapshotRequest(_message.Message):
+class GetTranscriptRequest(_message.Message):
     __slots__ = ("run_token", "session_id")
     RUN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -159,33 +161,45 @@ class GetSnapshotRequest(_message.Message):
     session_id: str
     def __init__(self, run_token: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
-class GetSnapshotResponse(_message.Message):
-    __slots__ = ("transcript", "snapshot_id", "run_id", "run_committed", "session_id")
+class GetTranscriptResponse(_message.Message):
+    __slots__ = ("transcript", "session_id", "head_turn", "run_committed")
     TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
-    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
-    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HEAD_TURN_FIELD_NUMBER: _ClassVar[int]
     RUN_COMMITTED_FIELD_NUMBER: _ClassVar[int]
-    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     transcript: _common_pb2.Transcript
-    snapshot_id: str
-    run_id: str
+    session_id: str
+    head_turn: int
     run_committed: bool
-    session_id: str
-    def __init__(self, transcript: _Optional[_Union[_common_pb2.Transcript, _Mapping]] = ..., snapshot_id: _Optional[str] = ..., run_id: _Optional[str] = ..., run_committed: _Optional[bool] = ..., session_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, transcript: _Optional[_Union[_common_pb2.Transcript, _Mapping]] = ..., session_id: _Optional[str] = ..., head_turn: _Optional[int] = ..., run_committed: _Optional[bool] = ...) -> None: ...
 
-class PutSnapshotRequest(_message.Message):
-    __slots__ = ("run_token", "transcript", "session_id", "base_snapshot_id", "compaction")
-    RUN_TOKEN_FIELD_NUMBER: _ClassVar[int]
-    TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
+class TranscriptBase(_message.Message):
+    __slots__ = ("session_id", "head_turn")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    BASE_SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
-    COMPACTION_FIELD_NUMBER: _ClassVar[int]
-    run_token: str
-    transcript: _common_pb2.Transcript
+    HEAD_TURN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    base_snapshot_id: str
-    compaction: CompactionInfo
-    def __init__(self, run_token: _Optional[str] = ..., transcript: _Optional[_Union[_common_pb2.Transcript, _Mapping]] = ..., session_id: _Optional[str] = ..., base_snapshot_id: _Optional[str] = ..., compaction: _Optional[_Union[CompactionInfo, _Mapping]] = ...) -> None: ...
+    head_turn: int
+    def __init__(self, session_id: _Optional[str] = ..., head_turn: _Optional[int] = ...) -> None: ...
+
+class TranscriptCompaction(_message.Message):
+    __slots__ = ("info", "summary", "kept")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    info: CompactionInfo
+    summary: str
+    kept: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
+    def __init__(self, info: _Optional[_Union[CompactionInfo, _Mapping]] = ..., summary: _Optional[str] = ..., kept: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ...) -> None: ...
+
+class TranscriptAppend(_message.Message):
+    __slots__ = ("messages", "base", "compaction")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    COMPACTION_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
+    base: TranscriptBase
+    compaction: TranscriptCompaction
+    def __init__(self, messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., base: _Optional[_Union[TranscriptBase, _Mapping]] = ..., compaction: _Optional[_Union[TranscriptCompaction, _Mapping]] = ...) -> None: ...
 
 class CompactionInfo(_message.Message):
     __slots__ = ("summarized_message_count", "kept_message_count", "tokens_before", "tokens_after", "model")
@@ -201,35 +215,31 @@ class CompactionInfo(_message.Message):
     model: str
     def __init__(self, summarized_message_count: _Optional[int] = ..., kept_message_count: _Optional[int] = ..., tokens_before: _Optional[int] = ..., tokens_after: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
-class PutSnapshotResponse(_message.Message):
-    __slots__ = ("snapshot_id", "size_bytes")
-    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
-    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
-    snapshot_id: str
-    size_bytes: int
-    def __init__(self, snapshot_id: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
-
-class CommitSnapshotRequest(_message.Message):
-    __slots__ = ("org_id", "session_id", "run_id", "epoch")
+class CommitRunRequest(_message.Message):
+    __slots__ = ("org_id", "session_id", "run_id", "epoch", "append")
     ORG_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    APPEND_FIELD_NUMBER: _ClassVar[int]
     org_id: str
     session_id: str
     run_id: str
     epoch: int
-    def __init__(self, org_id: _Optional[str] = ..., session_id: _Optional[str] = ..., run_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+    append: TranscriptAppend
+    def __init__(self, org_id: _Optional[str] = ..., session_id: _Optional[str] = ..., run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., append: _Optional[_Union[TranscriptAppend, _Mapping]] = ...) -> None: ...
 
-class CommitSnapshotResponse(_message.Message):
-    __slots__ = ("snapshot_id", "message_count", "session_id")
-    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
-    MESSAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+class CommitRunResponse(_message.Message):
+    __slots__ = ("session_id", "message_count", "turn", "events")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    snapshot_id: str
-    message_count: int
+    MESSAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, snapshot_id: _Optional[str] = ..., message_count: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
+    message_count: int
+    turn: int
+    events: _containers.RepeatedCompositeFieldContainer[_common_pb2.LifecycleEvent]
+    def __init__(self, session_id: _Optional[str] = ..., message_count: _Optional[int] = ..., turn: _Optional[int] = ..., events: _Optional[_Iterable[_Union[_common_pb2.LifecycleEvent, _Mapping]]] = ...) -> None: ...
 
 class ListEventsRequest(_message.Message):
     __slots__ = ("after_id", "limit", "types")

@@ -66,20 +66,15 @@ class SessionServiceStub:
                 request_serializer=runyard_dot_v1_dot_sessions__pb2.SessionServiceDeleteSessionRequest.SerializeToString,
                 response_deserializer=runyard_dot_v1_dot_sessions__pb2.SessionServiceDeleteSessionResponse.FromString,
                 _registered_method=True)
-        self.GetSnapshot = channel.unary_unary(
-                '/runyard.v1.SessionService/GetSnapshot',
-                request_serializer=runyard_dot_v1_dot_sessions__pb2.GetSnapshotRequest.SerializeToString,
-                response_deserializer=runyard_dot_v1_dot_sessions__pb2.GetSnapshotResponse.FromString,
+        self.GetTranscript = channel.unary_unary(
+                '/runyard.v1.SessionService/GetTranscript',
+                request_serializer=runyard_dot_v1_dot_sessions__pb2.GetTranscriptRequest.SerializeToString,
+                response_deserializer=runyard_dot_v1_dot_sessions__pb2.GetTranscriptResponse.FromString,
                 _registered_method=True)
-        self.PutSnapshot = channel.unary_unary(
-                '/runyard.v1.SessionService/PutSnapshot',
-                request_serializer=runyard_dot_v1_dot_sessions__pb2.PutSnapshotRequest.SerializeToString,
-                response_deserializer=runyard_dot_v1_dot_sessions__pb2.PutSnapshotResponse.FromString,
-                _registered_method=True)
-        self.CommitSnapshot = channel.unary_unary(
-                '/runyard.v1.SessionService/CommitSnapshot',
-                request_serializer=runyard_dot_v1_dot_sessions__pb2.CommitSnapshotRequest.SerializeToString,
-                response_deserializer=runyard_dot_v1_dot_sessions__pb2.CommitSnapshotResponse.FromString,
+        self.CommitRun = channel.unary_unary(
+                '/runyard.v1.SessionService/CommitRun',
+                request_serializer=runyard_dot_v1_dot_sessions__pb2.CommitRunRequest.SerializeToString,
+                response_deserializer=runyard_dot_v1_dot_sessions__pb2.CommitRunResponse.FromString,
                 _registered_method=True)
         self.ListEvents = channel.unary_unary(
                 '/runyard.v1.SessionService/ListEvents',
@@ -139,24 +134,18 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetSnapshot(self, request, context):
-        """Run token: the latest completed snapshot of the token's session.
+    def GetTranscript(self, request, context):
+        """Run token: the transcript of the token's conversation as of its last
+        committed run (read by the worker when a run starts).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def PutSnapshot(self, request, context):
-        """Run token: stores the run's new transcript as pending (idempotent per
-        run and epoch). It becomes the latest completed snapshot on commit.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def CommitSnapshot(self, request, context):
-        """Internal: the gateway accepted the run's completion for `epoch`; the
-        pending snapshot of that run and epoch becomes the completed one.
+    def CommitRun(self, request, context):
+        """Internal (the gateway, when it accepts a run's completion for `epoch`):
+        appends the run's messages to its conversation's transcript, at most
+        once per run (a repeat confirms the first commit).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -220,20 +209,15 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     request_deserializer=runyard_dot_v1_dot_sessions__pb2.SessionServiceDeleteSessionRequest.FromString,
                     response_serializer=runyard_dot_v1_dot_sessions__pb2.SessionServiceDeleteSessionResponse.SerializeToString,
             ),
-            'GetSnapshot': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetSnapshot,
-                    request_deserializer=runyard_dot_v1_dot_sessions__pb2.GetSnapshotRequest.FromString,
-                    response_serializer=runyard_dot_v1_dot_sessions__pb2.GetSnapshotResponse.SerializeToString,
+            'GetTranscript': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTranscript,
+                    request_deserializer=runyard_dot_v1_dot_sessions__pb2.GetTranscriptRequest.FromString,
+                    response_serializer=runyard_dot_v1_dot_sessions__pb2.GetTranscriptResponse.SerializeToString,
             ),
-            'PutSnapshot': grpc.unary_unary_rpc_method_handler(
-                    servicer.PutSnapshot,
-                    request_deserializer=runyard_dot_v1_dot_sessions__pb2.PutSnapshotRequest.FromString,
-                    response_serializer=runyard_dot_v1_dot_sessions__pb2.PutSnapshotResponse.SerializeToString,
-            ),
-            'CommitSnapshot': grpc.unary_unary_rpc_method_handler(
-                    servicer.CommitSnapshot,
-                    request_deserializer=runyard_dot_v1_dot_sessions__pb2.CommitSnapshotRequest.FromString,
-                    response_serializer=runyard_dot_v1_dot_sessions__pb2.CommitSnapshotResponse.SerializeToString,
+            'CommitRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitRun,
+                    request_deserializer=runyard_dot_v1_dot_sessions__pb2.CommitRunRequest.FromString,
+                    response_serializer=runyard_dot_v1_dot_sessions__pb2.CommitRunResponse.SerializeToString,
             ),
             'ListEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEvents,
@@ -424,7 +408,7 @@ class SessionService:
             _registered_method=True)
 
     @staticmethod
-    def GetSnapshot(request,
+    def GetTranscript(request,
             target,
             options=(),
             channel_credentials=None,
@@ -437,9 +421,9 @@ class SessionService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/runyard.v1.SessionService/GetSnapshot',
-            runyard_dot_v1_dot_sessions__pb2.GetSnapshotRequest.SerializeToString,
-            runyard_dot_v1_dot_sessions__pb2.GetSnapshotResponse.FromString,
+            '/runyard.v1.SessionService/GetTranscript',
+            runyard_dot_v1_dot_sessions__pb2.GetTranscriptRequest.SerializeToString,
+            runyard_dot_v1_dot_sessions__pb2.GetTranscriptResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -451,7 +435,7 @@ class SessionService:
             _registered_method=True)
 
     @staticmethod
-    def PutSnapshot(request,
+    def CommitRun(request,
             target,
             options=(),
             channel_credentials=None,
@@ -464,36 +448,9 @@ class SessionService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/runyard.v1.SessionService/PutSnapshot',
-            runyard_dot_v1_dot_sessions__pb2.PutSnapshotRequest.SerializeToString,
-            runyard_dot_v1_dot_sessions__pb2.PutSnapshotResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def CommitSnapshot(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/runyard.v1.SessionService/CommitSnapshot',
-            runyard_dot_v1_dot_sessions__pb2.CommitSnapshotRequest.SerializeToString,
-            runyard_dot_v1_dot_sessions__pb2.CommitSnapshotResponse.FromString,
+            '/runyard.v1.SessionService/CommitRun',
+            runyard_dot_v1_dot_sessions__pb2.CommitRunRequest.SerializeToString,
+            runyard_dot_v1_dot_sessions__pb2.CommitRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
