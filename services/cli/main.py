@@ -3,8 +3,8 @@
 Sub-commands: ``up`` (the whole stack), ``serve SERVICE`` (one service),
 ``migrate``, ``send``, ``chat``, ``sessions list|show|reset|delete``,
 ``tasks spawn|list|show|cancel`` and ``config check``. Every command takes ``--config FILE`` (default
-``$RUNYARD_CONFIG``); client commands reach the gateway at
-``endpoints.gateway`` unless ``--gateway`` says otherwise.
+``$RUNYARD_CONFIG``), before or after the sub-command; client commands reach
+the gateway at ``endpoints.gateway`` unless ``--gateway`` says otherwise.
 """
 
 from __future__ import annotations
@@ -100,9 +100,39 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _accept_options_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Let an option of a command follow its sub-commands too: ``runyard config
+    check --config FILE`` and ``runyard sessions list --gateway ADDR``, as
+    people type them, not only ``runyard --config FILE config check``.
+
+    Each value-taking option of a parser that has sub-commands (``--config``,
+    ``--gateway``, ``--api-key``) is added to its sub-commands with a SUPPRESS
+    default, so a value given before the sub-command stays.
+    """
+    for action in parser._actions:  # argparse has no public walk of sub-parsers
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        inherited = [
+            a for a in parser._actions
+            if type(a) is argparse._StoreAction and a.option_strings
+        ]
+        for child in dict.fromkeys(action.choices.values()):
+            present = {o for a in child._actions for o in a.option_strings}
+            for option in inherited:
+                if not present & set(option.option_strings):
+                    child.add_argument(
+                        *option.option_strings, dest=option.dest, default=argparse.SUPPRESS, type=option.type,
+                        choices=option.choices, metavar=option.metavar, help=option.help,
+                    )
+            _accept_options_everywhere(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``runyard`` command."""
+    from runyard import __version__
+
     parser = argparse.ArgumentParser(prog="runyard", description="runyard: LLM agent conversations over gRPC")
+    parser.add_argument("--version", action="version", version=f"runyard {__version__}")
     parser.add_argument("--config", help="TOML config file (default: $RUNYARD_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -132,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parsers(sub)
+    _accept_options_everywhere(parser)
     return parser
 
 
