@@ -49,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
     tls.configure(config)
     admin.configure(config)
     setup_logging(args.service, config)
+    _setup_tracing(args.service)
     if args.service == "gateway":
         from runyard.gateway.main import serve
     elif args.service == "router":
@@ -57,8 +58,23 @@ def _serve(args: argparse.Namespace) -> int:
         from runyard.sessions.main import serve
     else:
         from runyard.worker.main import serve
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    finally:
+        from runyard.common import tracing
+
+        tracing.shutdown()  # exports the spans still buffered
     return 0
+
+
+def _setup_tracing(service: str) -> None:
+    """OpenTelemetry tracing when OTEL_EXPORTER_OTLP_ENDPOINT is set (runyard.common.tracing)."""
+    from runyard.common import tracing
+
+    try:
+        tracing.setup(service)
+    except ValueError as exc:
+        raise ConfigError([("OTEL_EXPORTER_OTLP_PROTOCOL", str(exc))]) from None
 
 
 def _up(args: argparse.Namespace) -> int:

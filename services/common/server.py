@@ -33,7 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from runyard import __version__
 from runyard._proto.v1 import admin_pb2_grpc
-from runyard.common import admin, metrics, tls
+from runyard.common import admin, metrics, tls, tracing
 from runyard.common.errors import InvalidArgument, RunyardError, Unavailable
 
 __all__ = [
@@ -303,6 +303,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             series.in_flight.dec()
             series.handled_for(labels, code).inc()
             series.seconds.observe(time.perf_counter() - started)
+            if tracing.ENABLED:
+                tracing.status_code(code)
 
         async def refuse_if_draining(started: float, context: grpc.aio.ServicerContext) -> None:
             # Counted like any other call (started, then handled as Unavailable).
@@ -326,6 +328,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 started = begin()
                 await refuse_if_draining(started, context)
+                if tracing.ENABLED and not handler.request_streaming:
+                    tracing.request_attributes(request)
                 code = grpc.StatusCode.OK
                 # Messages written with context.write() / read with context.read() are counted too.
                 metered = _MeteredContext(context, series)
@@ -358,6 +362,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             async def unary_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = begin()
                 await refuse_if_draining(started, context)
+                if tracing.ENABLED and not handler.request_streaming:
+                    tracing.request_attributes(request)
                 code = grpc.StatusCode.OK
                 try:
                     response = await behavior(
@@ -511,7 +517,8 @@ class ServiceServer:
         self.inflight = InFlight()
         self.interceptor = ServerInterceptor(self.inflight)
         self.server = grpc.aio.server(
-            interceptors=[self.interceptor], options=grpc_options(max_message_bytes)
+            # Tracing (when on) goes first, so its span covers ours and sees the final status.
+            interceptors=[*tracing.server_interceptors(), self.interceptor], options=grpc_options(max_message_bytes)
         )
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -18,6 +18,7 @@ import asyncpg
 import grpc
 
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, sessions_pb2, sessions_pb2_grpc
+from runyard.common import tracing
 from runyard.common.auth import internal_metadata
 from runyard.common.clients import call, downstream_timeout
 from runyard.common.config import Config
@@ -181,6 +182,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             multitask_strategy=request.multitask_strategy,
             create_time=now(),
         )
+        tracing.inject(payload.trace_context)  # the worker's run span continues this trace
         row, created = await self.store.insert(payload, fingerprint=fingerprint, strategy=strategy)
         if created:
             self.dispatcher.wake()
@@ -225,6 +227,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         principal = await self.auth.authenticate(context)
         with self.auth.stream_slot(principal):
             run_id, session_id = await self._submit(principal, request, context)
+            tracing.set_attributes(run_id=str(run_id), session_id=session_id)
             async for event in self._stream(run_id, session_id, 0):
                 yield event
 
