@@ -154,13 +154,16 @@ async def _print_run(
                         out.write(event.text_delta.text)
                         out.flush()
                     elif kind == "model_failover":
-                        progress.clear()
+                        # On a terminal every failover is shown; piped, only one that restarts
+                        # an answer already printed (the text before it is to be discarded).
                         failover = event.model_failover
-                        note = (f"[failover {failover.from_model} -> {failover.to_model}: "
-                                f"{_REASONS.get(failover.reason, '?')}")
-                        if failover.restart_output:
-                            note += "; restarting the answer"
-                        print(f"\n{note}]", file=sys.stderr, flush=True)
+                        if progress.enabled or failover.restart_output:
+                            progress.clear()
+                            note = (f"[failover {failover.from_model} -> {failover.to_model}: "
+                                    f"{_REASONS.get(failover.reason, '?')}")
+                            if failover.restart_output:
+                                note += "; restarting the answer"
+                            print(f"{note}]" if first_token is None else f"\n{note}]", file=sys.stderr, flush=True)
                     elif kind == "started" and event.started.attempt > 1:
                         progress.clear()
                         print(f"\n[run restarted, attempt {event.started.attempt}]", file=sys.stderr, flush=True)

@@ -205,7 +205,11 @@ async def test_up_with_a_dead_openai_url_and_no_model_says_what_to_do(tmp_path: 
 
 
 def stack_config() -> dict:
-    return {"providers": {"echo": {"type": "echo", "echo_delay_ms": 150}, "other": {"type": "echo"}}}
+    return {
+        "providers": {"echo": {"type": "echo", "echo_delay_ms": 150}, "other": {"type": "echo"}},
+        # echo/fail-404 behaves like a model that does not exist: a failover before the first token.
+        "agents": {"flaky": {"model": "echo/fail-404", "fallbacks": ["echo/echo"]}},
+    }
 
 
 async def test_send_shows_progress_on_a_terminal_only_and_takes_a_model(stack_factory):
@@ -225,6 +229,14 @@ async def test_send_shows_progress_on_a_terminal_only_and_takes_a_model(stack_fa
     code, out, err = await run("send", *gateway, "--session", "pipe", "hello", env=env)
     assert (code, out, err) == (0, "echo: hello\n", "")
 
+    # A failover before the first token: shown on a terminal, not when piped (the output is unaffected).
+    argv = [*RUNYARD, "send", *gateway, "--session", "flaky", "--agent", "flaky", "hi"]
+    with terminal(argv, env, stdout_pipe=True) as term:
+        term.expect("[failover echo/fail-404 -> echo/echo: MODEL_NOT_FOUND]")
+        assert term.proc.wait(30) == 0
+    code, out, err = await run("send", *gateway, "--session", "flaky", "--agent", "flaky", "again", env=env)
+    assert (code, out, err) == (0, "echo: again\n", "")
+
     # --model picks the model (ModelPreferences.model).
     code, out, err = await run("send", *gateway, "--session", "pipe", "--model", "other/m1", "--timing", "hi", env=env)
     assert (code, out) == (0, "echo: hi\n") and err.startswith("[other/m1; first token"), err
@@ -233,10 +245,10 @@ async def test_send_shows_progress_on_a_terminal_only_and_takes_a_model(stack_fa
     code, out, _ = await run("sessions", "list", *gateway, env=env)
     header, *rows = out.splitlines()
     assert code == 0 and header.split() == ["KEY", "SESSION", "AGENT", "MESSAGES", "CREATED", "STATE"]
-    assert sorted(row.split()[0] for row in rows) == ["pipe", "tty"]
+    assert sorted(row.split()[0] for row in rows) == ["flaky", "pipe", "tty"]
     code, out, _ = await run("sessions", "list", *gateway, "--json", env=env)
     sessions = {s["key"]: s for s in json.loads(out)}
-    assert set(sessions) == {"pipe", "tty"}
+    assert set(sessions) == {"flaky", "pipe", "tty"}
     assert (int(sessions["pipe"]["message_count"]), sessions["pipe"]["state"]) == (4, "current")
 
 
