@@ -31,6 +31,7 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+
 from runyard import __version__
 from runyard._proto.v1 import admin_pb2_grpc
 from runyard.common import admin, metrics, tls, tracing
@@ -346,7 +347,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 except (asyncio.CancelledError, GeneratorExit):
                     code = _ended_early_code(context)
                     raise
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - mapped to a status
                     code = exc.code if isinstance(exc, RunyardError) else grpc.StatusCode.INTERNAL
                     if context.code() is not None and not isinstance(exc, RunyardError):
                         # context.abort() was called by the handler
@@ -376,7 +377,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 except asyncio.CancelledError:
                     code = _ended_early_code(context)
                     raise
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - mapped to a status
                     code = exc.code if isinstance(exc, RunyardError) else grpc.StatusCode.INTERNAL
                     if context.code() is not None and not isinstance(exc, RunyardError):
                         code = _context_code(context)

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import runyard
 import yaml
 
+import runyard
 from tests.stack import free_port
 
 pytestmark = pytest.mark.timeout(180)
