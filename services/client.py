@@ -72,8 +72,13 @@ class Client:
         strategy: int = common_pb2.MULTITASK_STRATEGY_UNSPECIFIED,
         metadata: dict[str, str] | None = None,
         timeout_s: float | None = None,
+        model: str = "",
     ) -> AsyncIterator[common_pb2.RunEvent]:
-        """Send a message and stream the run's events until it ends."""
+        """Send a message and stream the run's events until it ends.
+
+        ``model`` (``"provider/model"``) replaces the agent's primary model for
+        this run (``ModelPreferences.model``); empty means the agent's chain.
+        """
         request = gateway_pb2.SendMessageRequest(
             session_key=session_key,
             agent_id=agent_id,
@@ -81,6 +86,7 @@ class Client:
             idempotency_key=idempotency_key,
             multitask_strategy=strategy,
             metadata=metadata or {},
+            model=common_pb2.ModelPreferences(model=model),
         )
         return self._stream(self.stub.SendMessage(request, metadata=self._metadata, timeout=timeout_s))
 

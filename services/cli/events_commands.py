@@ -20,6 +20,7 @@ from typing import Any, TextIO
 import grpc
 from google.protobuf import json_format
 from runyard._proto.v1 import common_pb2, gateway_pb2
+from runyard.cli.client_commands import describe_error
 from runyard.client import Client
 from runyard.common import tls
 from runyard.common.config import LIFECYCLE_EVENT_TYPES, load_config
@@ -110,7 +111,7 @@ async def watch(
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc)
             if not follow or error.code not in _RECONNECT_CODES or outage >= max_reconnect_s:
-                print(f"error: {error.code.name} {error.reason}: {error.message}", file=sys.stderr)
+                print(describe_error(error, client.address), file=sys.stderr)
                 return 1
             print(f"[gateway unavailable ({error.reason}); resuming after {last}]", file=sys.stderr)
             await asyncio.sleep(delay)
@@ -137,7 +138,7 @@ async def _events(args: argparse.Namespace) -> int:
                 as_json=args.json,
             )
         except RunyardError as exc:
-            print(f"error: {exc.code.name} {exc.reason}: {exc.message}", file=sys.stderr)
+            print(describe_error(exc, address), file=sys.stderr)
             return 1
 
 

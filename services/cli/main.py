@@ -3,8 +3,8 @@
 Sub-commands: ``up`` (the whole stack), ``serve SERVICE`` (one service),
 ``migrate``, ``send``, ``chat``, ``sessions list|show|reset|delete``,
 ``tasks spawn|list|show|cancel`` and ``config check``. Every command takes ``--config FILE`` (default
-``$RUNYARD_CONFIG``); client commands reach the gateway at
-``endpoints.gateway`` unless ``--gateway`` says otherwise.
+``$RUNYARD_CONFIG``), before or after the sub-command; client commands reach
+the gateway at ``endpoints.gateway`` unless ``--gateway`` says otherwise.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
     tls.configure(config)
     admin.configure(config)
     setup_logging(args.service, config)
+    _setup_tracing(args.service)
     if args.service == "gateway":
         from runyard.gateway.main import serve
     elif args.service == "router":
@@ -57,8 +58,23 @@ def _serve(args: argparse.Namespace) -> int:
         from runyard.sessions.main import serve
     else:
         from runyard.worker.main import serve
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    finally:
+        from runyard.common import tracing
+
+        tracing.shutdown()  # exports the spans still buffered
     return 0
+
+
+def _setup_tracing(service: str) -> None:
+    """OpenTelemetry tracing when OTEL_EXPORTER_OTLP_ENDPOINT is set (runyard.common.tracing)."""
+    from runyard.common import tracing
+
+    try:
+        tracing.setup(service)
+    except ValueError as exc:
+        raise ConfigError([("OTEL_EXPORTER_OTLP_PROTOCOL", str(exc))]) from None
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -100,9 +116,39 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _accept_options_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Let an option of a command follow its sub-commands too: ``runyard config
+    check --config FILE`` and ``runyard sessions list --gateway ADDR``, as
+    people type them, not only ``runyard --config FILE config check``.
+
+    Each value-taking option of a parser that has sub-commands (``--config``,
+    ``--gateway``, ``--api-key``) is added to its sub-commands with a SUPPRESS
+    default, so a value given before the sub-command stays.
+    """
+    for action in parser._actions:  # argparse has no public walk of sub-parsers
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        inherited = [
+            a for a in parser._actions
+            if type(a) is argparse._StoreAction and a.option_strings
+        ]
+        for child in dict.fromkeys(action.choices.values()):
+            present = {o for a in child._actions for o in a.option_strings}
+            for option in inherited:
+                if not present & set(option.option_strings):
+                    child.add_argument(
+                        *option.option_strings, dest=option.dest, default=argparse.SUPPRESS, type=option.type,
+                        choices=option.choices, metavar=option.metavar, help=option.help,
+                    )
+            _accept_options_everywhere(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``runyard`` command."""
+    from runyard import __version__
+
     parser = argparse.ArgumentParser(prog="runyard", description="runyard: LLM agent conversations over gRPC")
+    parser.add_argument("--version", action="version", version=f"runyard {__version__}")
     parser.add_argument("--config", help="TOML config file (default: $RUNYARD_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -132,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parsers(sub)
+    _accept_options_everywhere(parser)
     return parser
 
 

@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from runyard.common import db
 from runyard.common.config import Config, ConfigError, load_config
 
-__all__ = ["UpOptions", "database_url_for_cli", "find_local_model", "run_up"]
+__all__ = ["PortInUse", "UpOptions", "check_ports", "database_url_for_cli", "find_local_model", "run_up"]
 
 SERVICES = ("sessions", "router", "gateway", "worker")
 #: Shutdown order: workers hand back runs first, then the gateway, then the rest.
@@ -145,15 +146,107 @@ def _free_port() -> int:
 
 
 def _first_model(base_url: str, api_key: str) -> str:
-    request = urllib.request.Request(f"{base_url.rstrip('/')}/models")
+    """The first model ``GET {base_url}/models`` lists (OpenAI's List models).
+
+    Raises:
+        ValueError: the endpoint cannot be reached, refuses, or lists none; the
+            message names the URL, the cause and ``--model`` as the way around.
+    """
+    url = f"{base_url.rstrip('/')}/models"
+    request = urllib.request.Request(url)
     if api_key:
         request.add_header("authorization", f"Bearer {api_key}")
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - operator-given URL
-        data = json.loads(response.read())
-    models = [m.get("id") for m in data.get("data", []) if m.get("id")]
+    hint = "pass --model NAME to skip this lookup, or check --openai-base-url / OPENAI_BASE_URL"
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            data = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        auth = " (is OPENAI_API_KEY set and valid?)" if exc.code in (401, 403) else ""
+        raise ValueError(f"GET {url} answered HTTP {exc.code} {exc.reason}{auth}; {hint}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ConnectionRefusedError):
+            cause = "connection refused: is the model server running at that address?"
+        elif isinstance(reason, socket.gaierror):
+            cause = "the host name does not resolve"
+        elif isinstance(reason, TimeoutError):
+            cause = "no answer within 10 s"
+        else:
+            cause = str(reason)
+        raise ValueError(f"cannot list the models at {url} ({cause}); {hint}") from None
+    except ValueError:
+        raise ValueError(f"GET {url} did not answer JSON (is it an OpenAI-compatible /v1 URL?); {hint}") from None
+    models = [m.get("id") for m in data.get("data", []) if isinstance(m, dict) and m.get("id")]
     if not models:
-        raise ValueError("the endpoint lists no models")
+        raise ValueError(f"GET {url} lists no models; {hint}")
     return str(models[0])
+
+
+class PortInUse(Exception):
+    """A port ``runyard up`` needs is taken; ``str()`` is the one-line message."""
+
+
+def _ports(config: Config, options: UpOptions) -> list[tuple[str, str, int, str]]:
+    """Every TCP port ``runyard up`` will listen on: (what, host, port, setting)."""
+    ports: list[tuple[str, str, int, str]] = []
+    for name in SERVICES:
+        section = getattr(config, name)
+        host, _, port = section.listen.rpartition(":")
+        ports.append((f"{name} gRPC", host, int(port), f"RUNYARD_{name.upper()}__LISTEN"))
+        if section.metrics_port:
+            ports.append((f"{name} metrics", host, section.metrics_port, f"RUNYARD_{name.upper()}__METRICS_PORT"))
+    if options.local_model and options.local_model_port:
+        ports.append(("local model server", "127.0.0.1", options.local_model_port, "--local-model-port"))
+    return ports
+
+
+def _bindable(host: str, port: int) -> bool:
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return True  # not ours to judge here: the service reports an unusable address itself
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+        try:
+            sock.bind(address)
+        except OSError:
+            return False
+    return True
+
+
+async def check_ports(config: Config, options: UpOptions) -> None:
+    """Refuse to start when a port the stack needs is taken (before anything starts).
+
+    Raises:
+        PortInUse: naming the first taken port, what needs it, the likely cause
+            (a runyard stack answers gRPC health there, or another program)
+            and the setting that moves it.
+    """
+    seen: dict[int, str] = {}
+    for what, host, port, setting in _ports(config, options):
+        if port in seen:
+            raise PortInUse(f"port {port} is configured twice ({seen[port]} and {what}); change {setting}")
+        seen[port] = what
+        if await asyncio.to_thread(_bindable, host, port):
+            continue
+        if await _grpc_health_answers(port):
+            cause = ("another runyard stack is already running (`runyard status` shows it; "
+                     "stop it with Ctrl-C where it runs)")
+        else:
+            cause = f"another program listens there (`ss -ltnp 'sport = :{port}'` names it)"
+        raise PortInUse(f"port {port} ({what}) is already in use: {cause}; or set {setting} to a free port")
+
+
+async def _grpc_health_answers(port: int) -> bool:
+    """Whether a gRPC server answers health checks on 127.0.0.1:``port``."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return True
 
 
 class Stack:
@@ -243,6 +336,7 @@ class Stack:
         if opts.data_dir:
             self.env["RUNYARD_DATA_DIR"] = opts.data_dir
         config = load_config(opts.config_path, self.env)
+        await check_ports(config, opts)
         if opts.local_model:
             gguf = find_local_model()
             port = opts.local_model_port or _free_port()
@@ -354,6 +448,9 @@ async def run_up(options: UpOptions) -> int:
     except ConfigError as exc:
         print(f"invalid configuration:\n{exc}", file=sys.stderr)
         code = 2
+    except PortInUse as exc:
+        print(f"runyard up: {exc}", file=sys.stderr)
+        code = 1
     except (RuntimeError, TimeoutError, FileNotFoundError, ValueError, OSError) as exc:
         print(f"runyard up failed: {exc}", file=sys.stderr)
         code = 1

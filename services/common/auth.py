@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 import jwt
 
+from runyard.common import tracing
 from runyard.common.errors import PermissionDenied, Unauthenticated
 
 __all__ = ["INTERNAL_METADATA_KEY", "RunClaims", "RunTokenSigner", "check_internal", "internal_metadata"]
@@ -106,7 +107,7 @@ class RunTokenSigner:
                 f"run token is invalid: {exc}", reason="RUN_TOKEN_INVALID", field="run_token"
             ) from None
         try:
-            return RunClaims(
+            verified = RunClaims(
                 org_id=str(claims["org"]),
                 agent_id=str(claims["agt"]),
                 session_id=str(claims["ses"]),
@@ -118,6 +119,9 @@ class RunTokenSigner:
             raise Unauthenticated(
                 "run token lacks its scope claims", reason="RUN_TOKEN_INVALID", field="run_token"
             ) from None
+        # Whatever call carries a run token works for that run: say so on its span.
+        tracing.set_attributes(run_id=verified.run_id, session_id=verified.session_id)
+        return verified
 
 
 def internal_metadata(secret: str) -> tuple[tuple[str, str], ...]:

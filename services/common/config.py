@@ -21,11 +21,13 @@ the environment variable that holds its key (``api_key_env``).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +58,7 @@ __all__ = [
     "TasksConfig",
     "TlsConfig",
     "WorkerConfig",
+    "did_you_mean",
     "load_config",
 ]
 
@@ -811,47 +814,115 @@ class Config(_Section):
 
     def problems(self) -> list[tuple[str, str]]:
         """Cross-field problems (dangling references) as ``(path, message)``."""
-        problems: list[tuple[str, str]] = []
-        for agent_id, agent in self.agents.items():
-            refs = [("model" if index == 0 else "fallbacks", ref) for index, ref in enumerate(agent.chain)]
-            refs += [("context_window_chain", ref) for ref in agent.context_window_chain]
-            refs += [("content_policy_chain", ref) for ref in agent.content_policy_chain]
-            refs += [(f"task_models.{name}", ref) for name, ref in agent.task_models.items()]
-            for field, ref in refs:
-                provider = ref.split("/", 1)[0]
-                if provider not in self.providers:
-                    problems.append((
-                        f"agents.{agent_id}.{field}",
-                        f"model {ref!r} names provider {provider!r}, which is not configured "
-                        f"(known: {', '.join(sorted(self.providers)) or 'none'})",
-                    ))
-        if self.gateway.default_agent not in self.agents:
-            problems.append(
-                ("gateway.default_agent", f"agent {self.gateway.default_agent!r} is not configured")
-            )
-        known = ", ".join(sorted(self.providers)) or "none"
-        for ref in self.tasks.concurrency.models:
-            if ref.split("/", 1)[0] not in self.providers:
-                problems.append((
-                    f"tasks.concurrency.models.{ref}",
-                    f"model {ref!r} names a provider that is not configured (known: {known})",
-                ))
-        for name in self.tasks.concurrency.providers:
-            if name not in self.providers:
-                problems.append((
-                    f"tasks.concurrency.providers.{name}", f"provider {name!r} is not configured (known: {known})"
-                ))
-        if self.compaction.model and self.compaction.model.split("/", 1)[0] not in self.providers:
-            problems.append((
-                "compaction.model",
-                f"model {self.compaction.model!r} names a provider that is not configured "
-                f"(known: {', '.join(sorted(self.providers)) or 'none'})",
-            ))
-        return problems
+        return _reference_problems(self.model_dump())
 
     def agent(self, agent_id: str) -> AgentConfig | None:
         """The agent ``agent_id`` (empty = the default agent), or None."""
         return self.agents.get(agent_id or self.gateway.default_agent)
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the candidate closest to ``name`` (difflib,
+    ratio 0.6 or more), else ``""``."""
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _reference_problems(tree: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Dangling references in a configuration tree (validated or not).
+
+    Works on the raw merged data too, so that a file with other mistakes still
+    gets these reported in the same pass. Entries that are not well-formed
+    ``provider/model`` refs are left to field validation (reported once).
+    """
+    def table(value: Any) -> dict[str, Any]:
+        return value if isinstance(value, dict) else {}
+
+    def refs(value: Any) -> list[str]:
+        items = value if isinstance(value, list) else [value]
+        return [r for r in items if isinstance(r, str) and _MODEL_REF.match(r)]
+
+    problems: list[tuple[str, str]] = []
+    providers = table(tree.get("providers"))
+    known = ", ".join(sorted(providers)) or "none"
+
+    def missing(path: str, ref: str, provider: str) -> None:
+        problems.append((
+            path,
+            f"model {ref!r} names provider {provider!r}, which is not configured (known: {known})"
+            + did_you_mean(provider, providers),
+        ))
+
+    agents = table(tree.get("agents"))
+    for agent_id, agent in agents.items():
+        agent = table(agent)
+        fields: list[tuple[str, Any]] = [
+            ("model", agent.get("model")),
+            ("fallbacks", agent.get("fallbacks")),
+            ("context_window_chain", agent.get("context_window_chain")),
+            ("content_policy_chain", agent.get("content_policy_chain")),
+            *((f"task_models.{name}", ref) for name, ref in table(agent.get("task_models")).items()),
+        ]
+        for field, value in fields:
+            for ref in dict.fromkeys(refs(value)):
+                provider = ref.split("/", 1)[0]
+                if provider not in providers:
+                    missing(f"agents.{agent_id}.{field}", ref, provider)
+    default_agent = table(tree.get("gateway")).get("default_agent", "default")
+    if isinstance(default_agent, str) and default_agent not in agents:
+        problems.append((
+            "gateway.default_agent",
+            f"agent {default_agent!r} is not configured (known: {', '.join(sorted(agents)) or 'none'})"
+            + did_you_mean(default_agent, agents),
+        ))
+    concurrency = table(table(tree.get("tasks")).get("concurrency"))
+    for ref in table(concurrency.get("models")):
+        provider = ref.split("/", 1)[0]
+        if _MODEL_REF.match(ref) and provider not in providers:
+            problems.append((
+                f"tasks.concurrency.models.{ref}",
+                f"model {ref!r} names a provider that is not configured (known: {known})"
+                + did_you_mean(provider, providers),
+            ))
+    for name in table(concurrency.get("providers")):
+        if name not in providers:
+            problems.append((
+                f"tasks.concurrency.providers.{name}",
+                f"provider {name!r} is not configured (known: {known})" + did_you_mean(name, providers),
+            ))
+    model = table(tree.get("compaction")).get("model")
+    for ref in refs(model):
+        provider = ref.split("/", 1)[0]
+        if provider not in providers:
+            problems.append((
+                "compaction.model",
+                f"model {ref!r} names a provider that is not configured (known: {known})"
+                + did_you_mean(provider, providers),
+            ))
+    return problems
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    """The setting names allowed where ``loc``'s last part was found (for "did
+    you mean" on unknown settings): walks the models from :class:`Config`
+    through nested sections, tables (``dict[str, Model]``) and lists."""
+    model: Any = Config
+    parts = loc[:-1]
+    index = 0
+    while index < len(parts):
+        field = getattr(model, "model_fields", {}).get(parts[index])
+        if field is None:
+            return []
+        annotation = field.annotation
+        index += 1
+        origin = typing.get_origin(annotation)
+        if origin in (dict, list):
+            annotation = typing.get_args(annotation)[-1]
+            index += 1  # the table key or list index
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(getattr(model, "model_fields", {}))
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -910,10 +981,9 @@ def _describe(errors: ValidationError, sources: dict[str, str]) -> list[tuple[st
         loc = [str(part) for part in err["loc"]]
         path = ".".join(loc) or "(root)"
         message = err["msg"]
-        if message.startswith("Value error, "):
-            message = message[len("Value error, "):]
+        message = message.removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            message = "unknown setting"
+            message = "unknown setting" + did_you_mean(loc[-1], _fields_at(loc))
         source = sources.get(path)
         if source:
             message += f" (from environment variable {source})"
@@ -961,7 +1031,11 @@ def load_config(
     try:
         config = Config.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, sources)) from None
+        # Every problem in one pass: field errors and dangling references alike.
+        problems = _describe(exc, sources)
+        reported = {path for path, _ in problems}
+        problems += [p for p in _reference_problems(merged) if p[0] not in reported]
+        raise ConfigError(problems) from None
     problems = config.problems()
     if problems:
         raise ConfigError(problems)

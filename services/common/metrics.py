@@ -4,22 +4,42 @@ gRPC server metrics use the names and label values of go-grpc-prometheus /
 go-grpc-middleware (``grpc_server_handled_total{grpc_code="InvalidArgument"}``),
 so dashboards written for Go services work unchanged. Domain metrics are
 prefixed ``runyard_`` and use base units; no run or session id is ever a label.
+
+Like go-grpc-prometheus, no ``*_created`` series are exported (prometheus-client
+adds one per counter and histogram child by default: about a third of all
+samples). Every family is defined here, but a service's ``/metrics`` shows only
+the ``runyard_*`` families that service sets (:data:`SERVICE_FAMILIES`), the
+shared ones and the ``grpc_*``/process families.
+
+The same HTTP server answers ``/healthz`` and ``/readyz`` for container health
+checks (see :func:`set_health_probe` and :mod:`runyard.common.server`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from google.protobuf import descriptor_pool
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
+from prometheus_client.registry import Collector
+
+# Before any metric (or metric child) exists: the flag is read when one is created.
+disable_created_metrics()
 
 __all__ = [
     "GO_CODE_NAMES",
     "PROVIDER_STATES",
+    "SERVICE_FAMILIES",
     "init_grpc_server_metrics",
     "init_service_metrics",
     "serve_metrics",
+    "set_health_probe",
     "set_provider_state",
 ]
 
@@ -205,6 +225,66 @@ _SERVICE_LABELS: dict[str, list[tuple[Counter | Histogram | Gauge, tuple[str, ..
 }
 
 
+#: The ``runyard_*`` families each service sets; its ``/metrics`` shows these,
+#: :data:`SHARED_FAMILIES`, and every non-``runyard_`` family (grpc_*, process_*).
+SERVICE_FAMILIES: dict[str, tuple[Counter | Gauge | Histogram, ...]] = {
+    "gateway": (
+        RUNS_TOTAL, RUNS_QUEUE_WAIT_SECONDS, RUN_DURATION_SECONDS, RUN_EVENTS_PERSISTED, WORKERS_CONNECTED,
+        WORKER_FREE_CAPACITY, QUEUE_DEPTH, EVENTS_RELAYED_TOTAL, WATCH_STREAMS, TASK_SLOTS_IN_USE,
+    ),
+    "router": (
+        TIME_TO_FIRST_TOKEN_SECONDS, TOKENS_STREAMED, FAILOVERS_TOTAL, ROUTER_DECISIONS_TOTAL, ROUTER_PROBES_TOTAL,
+        PROVIDER_STATE, COOLDOWNS_TOTAL,
+    ),
+    "sessions": (
+        SNAPSHOT_BYTES, ACTIVE_SESSIONS, SESSION_ENDS_TOTAL, HOOK_ERRORS_TOTAL, HOOK_CALLS_TOTAL,
+        DRAIN_DURATION_SECONDS, DRAIN_TIMED_OUT_HANDLERS_TOTAL, COMPACTIONS_TOTAL, MAINTENANCE_ITEMS_TOTAL,
+    ),
+    "worker": (COMPACTIONS_TOTAL,),
+}
+#: ``runyard_*`` families every service exports.
+SHARED_FAMILIES: tuple[Counter | Gauge | Histogram, ...] = (RPCS_IN_FLIGHT, BUILD_INFO)
+
+#: The service of this process (set by :func:`init_service_metrics`); None until then.
+_service: str | None = None
+
+
+def _family_name(metric: Counter | Gauge | Histogram) -> str:
+    (family,) = metric.describe()
+    return family.name
+
+
+def _runyard_families() -> set[str]:
+    return {
+        _family_name(value)
+        for value in globals().values()
+        if isinstance(value, (Counter, Gauge, Histogram)) and _family_name(value).startswith("runyard_")
+    }
+
+
+class _ServiceView(Collector):
+    """The default registry as this process's service exports it: the
+    ``runyard_*`` families of other services are left out."""
+
+    def __init__(self, registry: Any = REGISTRY):
+        self._registry = registry
+        self._all = _runyard_families()
+        self._hidden: dict[str | None, frozenset[str]] = {}
+
+    def hidden(self, service: str | None) -> frozenset[str]:
+        found = self._hidden.get(service)
+        if found is None:
+            shown = {_family_name(m) for m in (*SHARED_FAMILIES, *SERVICE_FAMILIES.get(service or "", ()))}
+            found = self._hidden[service] = frozenset(self._all - shown)
+        return found
+
+    def collect(self) -> Iterator[Any]:
+        hidden = self.hidden(_service)
+        for family in self._registry.collect():
+            if family.name not in hidden:
+                yield family
+
+
 def set_provider_state(provider: str, auth_profile: str, model: str, state: str) -> None:
     """Record ``state`` (one of :data:`PROVIDER_STATES`) for one provider / profile / model."""
     if state not in PROVIDER_STATES:
@@ -214,7 +294,10 @@ def set_provider_state(provider: str, auth_profile: str, model: str, state: str)
 
 
 def init_service_metrics(service: str, version: str) -> None:
-    """Set ``runyard_build_info`` and pre-create the label values ``service`` reports."""
+    """Set ``runyard_build_info``, pre-create the label values ``service``
+    reports, and make ``/metrics`` show that service's families only."""
+    global _service
+    _service = service
     BUILD_INFO.labels(version, service).set(1)
     for metric, values in _SERVICE_LABELS.get(service, ()):
         metric.labels(*values)
@@ -250,7 +333,66 @@ def init_grpc_server_metrics(service_names: Iterable[str]) -> None:
                 GRPC_SERVER_HANDLED.labels(*labels, code)
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
-    """Serve ``/metrics`` on ``host:port`` in a background thread (0 = disabled)."""
-    if port:
-        start_http_server(port, addr=host)
+#: Answers ``/healthz`` and ``/readyz``: ``probe(path) -> (HTTP status, body)``.
+HealthProbe = Callable[[str], tuple[int, str]]
+_health_probe: HealthProbe | None = None
+HEALTH_PATHS = ("/healthz", "/readyz")
+
+
+def set_health_probe(probe: HealthProbe | None) -> None:
+    """Install what answers ``/healthz`` and ``/readyz`` on the metrics port
+    (:class:`runyard.common.server.ServiceServer` does; before that both
+    answer 503 ``starting``). ``probe`` is called on an HTTP server thread."""
+    global _health_probe
+    _health_probe = probe
+
+
+def _app() -> Callable[..., Any]:
+    metrics_app = make_wsgi_app(_ServiceView())
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path not in HEALTH_PATHS:
+            return metrics_app(environ, start_response)
+        probe = _health_probe
+        status, body = probe(path) if probe is not None else (503, "starting")
+        data = (body + "\n").encode()
+        reason = "OK" if status == 200 else "Service Unavailable"
+        start_response(
+            f"{status} {reason}",
+            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data))),
+             ("Cache-Control", "no-store")],
+        )
+        return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [data]
+
+    return app
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Probes every few seconds: no access log."""
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def serve_metrics(port: int, host: str = "0.0.0.0") -> WSGIServer | None:
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` in a
+    background thread (port 0 = disabled, returns None); returns the server
+    (``shutdown()`` stops it).
+
+    ``/metrics``: the Prometheus text format, this service's families only.
+    ``/readyz`` and ``/healthz``: see :func:`set_health_probe`.
+    """
+    if not port:
+        return None
+    host = host.strip("[]") or "0.0.0.0"
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+    class Server(_ThreadingServer):
+        address_family = family
+
+    server = make_server(str(address[0]), port, _app(), Server, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

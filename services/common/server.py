@@ -5,7 +5,10 @@
 * the :class:`ServerInterceptor` below: maps :class:`~runyard.common.errors.RunyardError`
   to a status with ``google.rpc.Status`` details, counts in-flight RPCs and
   records the standard ``grpc_server_*`` metrics (Go label values);
-* ``grpc.health.v1.Health`` (overall and per service) and server reflection;
+* ``grpc.health.v1.Health`` (overall and per service, ``Check``, ``Watch`` and
+  ``List``) and server reflection (``grpc.reflection.v1`` and ``v1alpha``);
+* ``/healthz`` and ``/readyz`` on the metrics port (HTTP, for container health
+  checks that should not start a gRPC client): see :meth:`ServiceServer.http_probe`;
 * ``runyard.v1.AdminService`` (:mod:`runyard.common.admin`: version, in-flight
   RPCs and the service's own status for ``runyard status``);
 * graceful shutdown on SIGTERM/SIGINT: health NOT_SERVING, the service's own
@@ -19,20 +22,31 @@ import asyncio
 import inspect
 import logging
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from runyard import __version__
 from runyard._proto.v1 import admin_pb2_grpc
-from runyard.common import admin, metrics, tls
+from runyard.common import admin, metrics, tls, tracing
 from runyard.common.errors import InvalidArgument, RunyardError, Unavailable
 
-__all__ = ["InFlight", "ServerInterceptor", "ServiceServer", "grpc_options", "settle_before_reject"]
+__all__ = [
+    "REFLECTION_V1",
+    "HealthServicer",
+    "InFlight",
+    "ServerInterceptor",
+    "ServiceServer",
+    "enable_reflection",
+    "grpc_options",
+    "settle_before_reject",
+]
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +304,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             series.in_flight.dec()
             series.handled_for(labels, code).inc()
             series.seconds.observe(time.perf_counter() - started)
+            if tracing.ENABLED:
+                tracing.status_code(code)
 
         async def refuse_if_draining(started: float, context: grpc.aio.ServicerContext) -> None:
             # Counted like any other call (started, then handled as Unavailable).
@@ -313,6 +329,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 started = begin()
                 await refuse_if_draining(started, context)
+                if tracing.ENABLED and not handler.request_streaming:
+                    tracing.request_attributes(request)
                 code = grpc.StatusCode.OK
                 # Messages written with context.write() / read with context.read() are counted too.
                 metered = _MeteredContext(context, series)
@@ -345,6 +363,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             async def unary_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = begin()
                 await refuse_if_draining(started, context)
+                if tracing.ENABLED and not handler.request_streaming:
+                    tracing.request_attributes(request)
                 code = grpc.StatusCode.OK
                 try:
                     response = await behavior(
@@ -372,6 +392,98 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+
+
+# ---------------------------------------------------------------- health and reflection
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class HealthServicer(health.aio.HealthServicer):
+    """``grpc.health.v1.Health`` (grpcio-health-checking's servicer) plus ``List``,
+    with the overall status readable from any thread (the HTTP probes).
+
+    The overall status ("" service) is NOT_SERVING until the server started.
+    ``List`` answers every registered service's status (gRFC A80; the
+    reference servicer leaves it UNIMPLEMENTED).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._server_status[""] = _NOT_SERVING
+        #: The overall status, updated with every change (a plain attribute: read by other threads).
+        self.overall: int = _NOT_SERVING
+
+    async def _set(self, service: str, status: int) -> None:  # type: ignore[override]
+        await super()._set(service, status)
+        if service == "":
+            self.overall = status
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        reply = health_pb2.HealthListResponse()
+        for service, status in sorted(self._server_status.items()):
+            reply.statuses[service].status = status
+        return reply
+
+
+#: Full name of the reflection service in its ``v1`` version (what current grpcurl,
+#: Postman and grpc-java/go clients ask first).
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+_REFLECTION_V1_FILE = "grpc/reflection/v1/reflection.proto"
+
+
+def _register_reflection_v1(pool: descriptor_pool.DescriptorPool) -> None:
+    """Add ``grpc/reflection/v1/reflection.proto`` to ``pool`` (so reflection
+    can describe itself), derived from grpcio-reflection's v1alpha file: the v1
+    file is the same messages and service under another package."""
+    try:
+        pool.FindFileByName(_REFLECTION_V1_FILE)
+        return
+    except KeyError:
+        pass
+    file = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(file)
+    file.name = _REFLECTION_V1_FILE
+    file.package = "grpc.reflection.v1"
+    file.ClearField("options")
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    for message in file.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):
+                field.type_name = field.type_name.replace(old, new)
+    for service in file.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new)
+            method.output_type = method.output_type.replace(old, new)
+    pool.Add(file)
+
+
+def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
+    """Serve server reflection in both versions, ``grpc.reflection.v1`` and
+    ``grpc.reflection.v1alpha``, listing ``service_names`` and both reflection services.
+
+    grpcio-reflection implements only v1alpha; v1 has byte-identical messages
+    (same fields and numbers, another package), so one servicer answers both.
+    """
+    pool = descriptor_pool.Default()
+    _register_reflection_v1(pool)
+    names = [*service_names, reflection.SERVICE_NAME, REFLECTION_V1]
+    servicer = reflection.aio.ReflectionServicer(names, pool=pool)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.method_handlers_generic_handler(
+        REFLECTION_V1,
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((v1,))
 
 
 class ServiceServer:
@@ -406,15 +518,21 @@ class ServiceServer:
         self.inflight = InFlight()
         self.interceptor = ServerInterceptor(self.inflight)
         self.server = grpc.aio.server(
-            interceptors=[self.interceptor], options=grpc_options(max_message_bytes)
+            # Tracing (when on) goes first, so its span covers ours and sees the final status.
+            interceptors=[*tracing.server_interceptors(), self.interceptor], options=grpc_options(max_message_bytes)
         )
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # /healthz and /readyz on the metrics port follow this server (metrics.serve_metrics).
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        metrics.set_health_probe(self.http_probe)
         # AdminService (`runyard status`); services add their part with admin.add_source().
         self.admin = admin.AdminServicer(self)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, self.server)
-        reflected = [*self.service_names, admin.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(reflected, self.server)
+        enable_reflection(self.server, [*self.service_names, admin.SERVICE_NAME, health.SERVICE_NAME])
         self.port = 0
         self.stop_requested = asyncio.Event()
         self.restart_expected = False
@@ -428,6 +546,7 @@ class ServiceServer:
             self.port = self.server.add_insecure_port(self.listen)
         if self.port == 0:
             raise OSError(f"{self.name}: cannot bind {self.listen}")
+        self._loop = asyncio.get_running_loop()
         await self.server.start()
         metrics.init_service_metrics(self.name, __version__)
         metrics.init_grpc_server_metrics([*self.service_names, admin.SERVICE_NAME, health.SERVICE_NAME])
@@ -435,6 +554,33 @@ class ServiceServer:
         for service in ("", *self.service_names):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s listening on %s", self.name, self.listen.rsplit(":", 1)[0] + f":{self.port}")
+
+    def http_probe(self, path: str, timeout_s: float = 2.0) -> tuple[int, str]:
+        """The HTTP health endpoints (called on the metrics server's thread).
+
+        * ``/readyz``: 200 while the overall gRPC health is SERVING; 503 before
+          the server started and from the moment a drain begins (NOT_SERVING).
+        * ``/healthz``: liveness: 200 while this process's event loop runs a
+          callback within ``timeout_s`` (also during a drain, so an orchestrator
+          never restarts a draining process), else 503.
+
+        The body names the gRPC status (``SERVING``, ``NOT_SERVING``).
+        Returns ``(HTTP status, body)``.
+        """
+        state = health_pb2.HealthCheckResponse.ServingStatus.Name(self.health.overall)
+        if path == "/readyz":
+            return (200 if self.health.overall == _SERVING else 503), state
+        loop = self._loop
+        answered = threading.Event()
+        try:
+            if loop is None:
+                raise RuntimeError("no event loop yet")
+            loop.call_soon_threadsafe(answered.set)
+        except RuntimeError:  # the loop is closed
+            return 503, f"event loop stopped ({state})"
+        if not answered.wait(timeout_s):
+            return 503, f"event loop blocked for more than {timeout_s:g}s ({state})"
+        return 200, f"alive ({state})"
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT request a graceful stop; SIGUSR1 one that expects a restart."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from runyard._proto.v1 import common_pb2, sessions_pb2, sessions_pb2_grpc, worker_hub_pb2, worker_hub_pb2_grpc
-from runyard.common import metrics
+from runyard.common import metrics, tracing
 from runyard.common.auth import RunTokenSigner, check_internal, internal_metadata
 from runyard.common.clients import call
 from runyard.common.server import settle_before_reject
@@ -65,6 +65,8 @@ class RunState:
     session_id: str
     agent_id: str
     info: dict[str, object] = field(default_factory=dict)
+    #: The run's trace context (RunPayload.trace_context): its commit joins the trace.
+    trace_context: dict[str, str] = field(default_factory=dict)
     claimed_at: float = field(default_factory=time.monotonic)
 
 
@@ -212,7 +214,8 @@ class Dispatcher:
             epoch=claim.epoch,
         )
         worker.runs[claim.run_id] = RunState(
-            claim.epoch, claim.org_id, str(claim.session_id), claim.agent_id, info=claim.row
+            claim.epoch, claim.org_id, str(claim.session_id), claim.agent_id, info=claim.row,
+            trace_context=dict(payload.trace_context),
         )
         self.runlog.open(claim.run_id, str(claim.session_id), claim.epoch, claim.last_seq)
         worker.send(worker_hub_pb2.ConnectResponse(assign=worker_hub_pb2.RunAssignment(payload=payload)))
@@ -490,19 +493,20 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             error: common_pb2.RunError | None = None
             relayed: list[common_pb2.LifecycleEvent] = []
             try:
-                response = await call(
-                    self.sessions.CommitRun(
-                        sessions_pb2.CommitRunRequest(
-                            org_id=state.org_id,
-                            session_id=state.session_id,
-                            run_id=str(run_id),
-                            epoch=result.epoch,
-                            append=result.append,
-                        ),
-                        metadata=internal_metadata(self.internal_secret),
-                        timeout=10,
+                with tracing.attached(state.trace_context):
+                    response = await call(
+                        self.sessions.CommitRun(
+                            sessions_pb2.CommitRunRequest(
+                                org_id=state.org_id,
+                                session_id=state.session_id,
+                                run_id=str(run_id),
+                                epoch=result.epoch,
+                                append=result.append,
+                            ),
+                            metadata=internal_metadata(self.internal_secret),
+                            timeout=10,
+                        )
                     )
-                )
             except RunyardError as exc:
                 if exc.code not in _COMMIT_REFUSALS:
                     raise  # the sessions service is unreachable: the worker sends the result again

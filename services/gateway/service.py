@@ -19,6 +19,7 @@ import asyncpg
 import grpc
 
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, sessions_pb2, sessions_pb2_grpc
+from runyard.common import tracing
 from runyard.common.auth import internal_metadata
 from runyard.common.clients import call, downstream_timeout
 from runyard.common.config import Config
@@ -197,6 +198,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             multitask_strategy=request.multitask_strategy,
             create_time=now(),
         )
+        tracing.inject(payload.trace_context)  # the worker's run span continues this trace
         # Subscribed before the run exists: no event of it can be missed, so
         # the stream starts from memory without reading the table.
         subscription = self.broker.subscribe(run_id)
@@ -303,6 +305,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         principal = await self.auth.authenticate(context)
         with self.auth.stream_slot(principal):
             submitted = await self._submit(principal, request, context)
+            tracing.set_attributes(run_id=str(submitted.run_id), session_id=submitted.session_id)
             async for event in self._stream(
                 submitted.run_id,
                 submitted.session_id,

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2
+from runyard.common import tracing
 from runyard.common.auth import RunTokenSigner, check_internal
 from runyard.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from runyard.common.outbox import Outbox
@@ -85,7 +86,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         if not request.messages:
             raise InvalidArgument("messages must not be empty", reason="MISSING_FIELD", field="messages")
         remaining = context.time_remaining()
-        async for response in self.router.generate(run, request.messages, request.tools, timeout_s=remaining):
+        stream = self.router.generate(run, request.messages, request.tools, timeout_s=remaining)
+        if tracing.ENABLED:
+            stream = tracing.noting_models(stream)  # runyard.model on the Generate span
+        async for response in stream:
             yield response
 
     async def GetProviderStatus(

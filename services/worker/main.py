@@ -33,6 +33,7 @@ from runyard._proto.v1 import (
     worker_hub_pb2,
     worker_hub_pb2_grpc,
 )
+from runyard.common import tracing
 from runyard.common.auth import internal_metadata
 from runyard.common.clients import internal_channel
 from runyard.common.config import Config
@@ -123,7 +124,11 @@ class Worker:
 
     async def _execute(self, run: ActiveRun) -> None:
         try:
-            outcome = await self.executor.execute(run.payload, lambda event: self._emit(run, event))
+            # One span per execution, continuing the trace of the request that queued the run.
+            with tracing.run_span(run.payload) as span:
+                outcome = await self.executor.execute(run.payload, lambda event: self._emit(run, event))
+                if span is not None and outcome.completed is not None:
+                    span.set_attribute("runyard.model", outcome.completed.model)
         except asyncio.CancelledError:
             reason = run.cancel_reason or "CANCELLED"
             if reason == "LEASE_LOST":

@@ -6,6 +6,7 @@ manifests run is parsed by the real ``runyard`` argument parser."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -18,7 +19,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from runyard.cli.main import build_parser
 from runyard.common import metrics
 from runyard.common.config import GatewayConfig, RouterConfig, SessionsConfig, WorkerConfig
@@ -81,11 +81,11 @@ def check_compose(compose: dict[str, Any]) -> None:
         service = services[name]
         assert service["command"] == ["serve", name]
         parses_as_runyard_command(service["command"])
-        # gRPC health check on the service's own port, with the runyard CLI.
+        # A cheap HTTP probe of /readyz on the service's own metrics port (no
+        # gRPC client, no runyard import); test_compose_health_check_follows_readiness runs it.
         test = service["healthcheck"]["test"]
-        assert test[0] == "CMD" and test[1:3] == ["runyard", "health"], test
-        assert test[3] == f"127.0.0.1:{GRPC_PORT[name]}"
-        parses_as_runyard_command(test[2:])
+        assert test[:5] == ["CMD", "python", "-I", "-S", "-c"], test
+        assert f"'127.0.0.1', {METRICS_PORT[name]}," in test[5] and "'/readyz'" in test[5], test
         # Every dependency on another runyard service waits for it to be healthy,
         # on the migration for it to have completed.
         depends = service["depends_on"]
@@ -120,13 +120,20 @@ def check_compose(compose: dict[str, Any]) -> None:
     for name in ("gateway", "router", "sessions"):
         assert endpoints[f"RUNYARD_ENDPOINTS__{name.upper()}"] == f"{name}:{GRPC_PORT[name]}"
 
-    # Prometheus scrapes every service with the compose scrape config.
+    # Prometheus scrapes every service with the compose scrape config and loads the alerting rules.
     prometheus = services["prometheus"]
     mounts = [v if isinstance(v, str) else f"{v['source']}:{v['target']}" for v in prometheus["volumes"]]
     config_mount = next(m for m in mounts if m.split(":")[1] == "/etc/prometheus/prometheus.yml")
     source = (ROOT / config_mount.split(":")[0]).resolve()
     assert source == ROOT / "deploy" / "prometheus.compose.yml"
     scrape = yaml.safe_load(source.read_text())
+    rules_mount = next(m for m in mounts if m.split(":")[1] == "/etc/prometheus/alerts.yml")
+    assert (ROOT / rules_mount.split(":")[0]).resolve() == ROOT / "deploy" / "alerts.yml"
+    assert scrape["rule_files"] == ["alerts.yml"]
+    # Prometheus and Grafana have health checks of their own; Grafana waits for Prometheus.
+    assert "http://127.0.0.1:9090/-/ready" in prometheus["healthcheck"]["test"]
+    assert "http://127.0.0.1:3000/api/health" in services["grafana"]["healthcheck"]["test"]
+    assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
     jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
     assert set(jobs) == set(SERVICES)
     for name, job in jobs.items():
@@ -142,6 +149,35 @@ def check_compose(compose: dict[str, Any]) -> None:
 
 def test_compose_file_structure():
     check_compose(yaml.safe_load((ROOT / "compose.yaml").read_text()))
+
+
+async def test_compose_health_check_follows_readiness():
+    """The compose health check command itself, run against a live server's
+    metrics port: exit 0 while SERVING, non-zero once a drain began."""
+    from runyard.common.server import ServiceServer
+
+    from tests.stack import free_port
+
+    test = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["worker"]["healthcheck"]["test"]
+    port = free_port()
+    argv = [sys.executable, *test[2:5], test[5].replace(str(METRICS_PORT["worker"]), str(port))]
+    http = metrics.serve_metrics(port, "127.0.0.1")
+
+    def probe() -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(argv, check=False, capture_output=True, timeout=30)
+
+    server = ServiceServer("worker", "127.0.0.1:0", [], shutdown_grace_s=0.1)
+    try:
+        await server.start()
+        assert (await asyncio.to_thread(probe)).returncode == 0
+        await server.begin_shutdown()
+        assert (await asyncio.to_thread(probe)).returncode != 0
+    finally:
+        await server.stop(0)
+        assert http is not None
+        http.shutdown()
+        http.server_close()
+        metrics.set_health_probe(None)
 
 
 def _compose_available() -> str | None:
@@ -194,6 +230,7 @@ def test_docker_compose_refuses_to_run_without_secrets():
 
 def test_prometheus_configs_scrape_every_service():
     local = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    assert local["rule_files"] == ["alerts.yml"]
     jobs = {job["job_name"]: job for job in local["scrape_configs"]}
     assert set(jobs) == set(SERVICES)
     for name, job in jobs.items():
@@ -205,6 +242,60 @@ def test_prometheus_configs_scrape_every_service():
     for path in ("deploy/prometheus.yml", "deploy/prometheus.compose.yml"):
         result = subprocess.run([promtool, "check", "config", path], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- alerts
+
+ALERTS = ROOT / "deploy" / "alerts.yml"
+
+
+def _promtool() -> str:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (the Debian prometheus package) is not installed")
+    return promtool
+
+
+def alert_rules() -> dict[str, dict[str, Any]]:
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    return {rule["alert"]: rule for group in groups for rule in group["rules"]}
+
+
+def test_alert_rules_cover_the_operators_cases_with_metrics_runyard_exports():
+    rules = alert_rules()
+    for name in (
+        "RunyardTargetDown", "RunyardServiceMissing", "RunyardNoWorkers",  # services down
+        "RunyardDrainTimeouts", "RunyardHookErrors", "RunyardFailoverBurst",
+        "RunyardQueueDepthHigh", "RunyardQueueWaitHigh",  # queue depth and age
+        "RunyardAllModelsFailing", "RunyardRunsFailing",
+    ):
+        assert name in rules, name
+    defined = defined_sample_names()
+    for name, rule in rules.items():
+        assert rule["labels"]["severity"] in ("critical", "warning"), name
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+        used = set(re.findall(r"\b(runyard_[a-z_]+)\b", rule["expr"]))
+        assert used <= defined, (name, sorted(used - defined))
+
+
+def test_alert_rules_pass_promtool_check_and_their_unit_tests(tmp_path):
+    promtool = _promtool()
+    result = subprocess.run([promtool, "check", "rules", str(ALERTS)], check=False, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = subprocess.run(
+        [promtool, "test", "rules", "alerts.test.yml"], check=False, cwd=ALERTS.parent, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    tested = set(re.findall(r"alertname: (\w+)", (ALERTS.parent / "alerts.test.yml").read_text()))
+    assert tested == set(alert_rules()), "every alert has a unit test"
+    # The unit tests do catch a rule that no longer fires as intended.
+    rules = ALERTS.read_text().replace("max(runyard_queue_depth) > 100", "max(runyard_queue_depth) > 1000")
+    (tmp_path / "alerts.yml").write_text(rules)
+    shutil.copy(ALERTS.parent / "alerts.test.yml", tmp_path)
+    broken = subprocess.run(
+        [promtool, "test", "rules", "alerts.test.yml"], check=False, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert broken.returncode != 0 and "RunyardQueueDepthHigh" in broken.stdout + broken.stderr
 
 
 # ---------------------------------------------------------------- grafana
@@ -349,6 +440,35 @@ def test_k8s_manifests_match_the_kubernetes_api_schemas():
         kubernetes_validate.validate(broken, "1.30.0", strict=True)
 
 
+def assert_restricted(pod_spec: dict[str, Any], name: str) -> None:
+    """What the "restricted" Pod Security Standard checks, plus no service account token."""
+    assert pod_spec["automountServiceAccountToken"] is False, name
+    security = pod_spec["securityContext"]
+    assert security["runAsNonRoot"] is True and security["seccompProfile"] == {"type": "RuntimeDefault"}, name
+    for container in pod_spec["containers"]:
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False, name
+        assert context["capabilities"]["drop"] == ["ALL"], name
+
+
+def test_k8s_network_policies_let_in_only_what_each_service_needs():
+    docs = k8s_documents()
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    deployments = {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"}
+    deny = policies["runyard-default-deny-ingress"]
+    (selector,) = deny["podSelector"]["matchExpressions"]
+    assert deployments <= set(selector["values"]) and "ingress" not in deny
+    assert policies["runyard-gateway"]["ingress"] == [{"ports": [{"port": "grpc"}]}]
+    for name in ("runyard-router", "runyard-sessions"):
+        (rule,) = policies[name]["ingress"]
+        sources = {peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for peer in rule["from"]}
+        assert sources == {"runyard-gateway", "runyard-worker"} and rule["ports"] == [{"port": "grpc"}], name
+    (metrics_rule,) = policies["runyard-metrics"]["ingress"]
+    assert metrics_rule["ports"] == [{"port": "metrics"}]
+    assert not any(p["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") == "runyard-worker"
+                   for p in policies.values()), "nothing but metrics reaches a worker"
+
+
 def test_k8s_deployments_probe_drain_and_scale():
     docs = k8s_documents()
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
@@ -373,9 +493,12 @@ def test_k8s_deployments_probe_drain_and_scale():
             ("RUNYARD_RUN_TOKEN_SECRET", "run-token-secret"),
         ):
             assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "runyard", "key": secret_key}
-        # gRPC readiness, liveness and startup probes on the gRPC port.
-        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-            assert container[probe]["grpc"]["port"] == GRPC_PORT[name], (name, probe)
+        # HTTP probes on the metrics port: readiness and startup follow the gRPC
+        # health (/readyz), liveness is /healthz (stays up while draining).
+        for probe, path in (("readinessProbe", "/readyz"), ("startupProbe", "/readyz"), ("livenessProbe", "/healthz")):
+            assert container[probe]["httpGet"] == {"path": path, "port": "metrics"}, (name, probe)
+        # The "restricted" Pod Security profile admits the pod; no API token is mounted.
+        assert_restricted(pod["spec"], name)
         # The pod gets longer than its drain to stop: preStop pause + shutdown_grace_s + margin.
         grace = float(env[f"RUNYARD_{name.upper()}__SHUTDOWN_GRACE_S"]["value"])
         pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
@@ -398,6 +521,7 @@ def test_k8s_deployments_probe_drain_and_scale():
         host, port = config["data"][f"RUNYARD_ENDPOINTS__{name.upper()}"].split(":")
         assert host in services and int(port) == GRPC_PORT[name]
     job = next(d for d in docs if d["kind"] == "Job")
+    assert_restricted(job["spec"]["template"]["spec"], "migrate")
     (migrate,) = job["spec"]["template"]["spec"]["containers"]
     assert migrate["args"] == ["migrate"]
     parses_as_runyard_command(migrate["args"])
@@ -433,6 +557,18 @@ def test_dockerfile_runs_runyard_on_every_interface():
         assert f"RUNYARD_{name.upper()}__LISTEN=0.0.0.0:{GRPC_PORT[name]}" in env
     users = [rest for kind, rest in instructions if kind == "USER"]
     assert users and not users[-1].startswith(("0", "root"))
+
+
+def test_build_requires_a_setuptools_that_reads_the_spdx_license():
+    """``license = "Apache-2.0"`` (a PEP 639 SPDX expression) needs setuptools 77
+    or later; an older one fails the build, so the declared minimum must be 77."""
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert isinstance(pyproject["project"]["license"], str)
+    (setuptools,) = [r for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")]
+    minimum = re.fullmatch(r"setuptools>=(\d+)(?:\.\d+)*(?:,.*)?", setuptools.replace(" ", ""))
+    assert minimum is not None and int(minimum.group(1)) >= 77, setuptools
 
 
 @pytest.mark.slow

@@ -221,6 +221,12 @@ async def test_prometheus_scrapes_every_service_and_sees_the_runs(stack_factory,
         for r in prometheus.query("runyard_build_info")
     }
     assert versions == {(name, name, runyard.__version__) for name in SERVICES}
+    # No *_created series (go-grpc-prometheus exports none), and a service
+    # exports only the runyard_* families it sets.
+    assert prometheus.query('{__name__=~".+_created"}') == []
+    assert prometheus.query('runyard_runs_total{job!="gateway"}') == []
+    assert prometheus.query('runyard_failovers_total{job!="router"}') == []
+    assert {r["metric"]["job"] for r in prometheus.query("runyard_snapshot_bytes_count")} == {"sessions"}
     # The worker's hub stream is in flight on the gateway.
     hub = 'grpc_service="runyard.v1.WorkerHubService", grpc_type="bidi_stream"'
     assert (

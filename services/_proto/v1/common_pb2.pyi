@@ -272,8 +272,15 @@ class RunOptions(_message.Message):
     def __init__(self, max_output_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., max_tool_calls: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., tools_enabled: _Optional[bool] = ...) -> None: ...
 
 class RunPayload(_message.Message):
-    __slots__ = ("run_id", "org_id", "session_id", "session_key", "agent_id", "run_token", "input", "model", "options", "metadata", "epoch", "attempt", "parent_session_id", "task_id", "create_time", "idempotency_key", "multitask_strategy")
+    __slots__ = ("run_id", "org_id", "session_id", "session_key", "agent_id", "run_token", "input", "model", "options", "metadata", "epoch", "attempt", "parent_session_id", "task_id", "create_time", "idempotency_key", "multitask_strategy", "trace_context")
     class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -297,6 +304,7 @@ class RunPayload(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     MULTITASK_STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     org_id: str
     session_id: str
@@ -314,7 +322,8 @@ class RunPayload(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     idempotency_key: str
     multitask_strategy: MultitaskStrategy
-    def __init__(self, run_id: _Optional[str] = ..., org_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_key: _Optional[str] = ..., agent_id: _Optional[str] = ..., run_token: _Optional[str] = ..., input: _Optional[_Union[RunInput, _Mapping]] = ..., model: _Optional[_Union[ModelPreferences, _Mapping]] = ..., options: _Optional[_Union[RunOptions, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., epoch: _Optional[int] = ..., attempt: _Optional[int] = ..., parent_session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., multitask_strategy: _Optional[_Union[MultitaskStrategy, str]] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, run_id: _Optional[str] = ..., org_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_key: _Optional[str] = ..., agent_id: _Optional[str] = ..., run_token: _Optional[str] = ..., input: _Optional[_Union[RunInput, _Mapping]] = ..., model: _Optional[_Union[ModelPreferences, _Mapping]] = ..., options: _Optional[_Union[RunOptions, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., epoch: _Optional[int] = ..., attempt: _Optional[int] = ..., parent_session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., multitask_strategy: _Optional[_Union[MultitaskStrategy, str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RunQueued(_message.Message):
     __slots__ = ("position",)
