@@ -13,12 +13,12 @@ How a request is served:
 2. **Pick** (:meth:`Router._pick`): the first candidate with an auth profile
    that is not cooling down (the session's pinned profile, else the least
    recently used one). When every candidate is cooling, the one whose
-   cooldown ends soonest is *probed* (at most one probe per provider per
-   request, and per key at most once per ``probe_interval_ms`` across
-   requests; never a key disabled for billing or a revoked credential, nor a
-   key that failed authentication in this request; a failed probe extends the
+   cooldown ends soonest is *probed* (each cooldown at most once per
+   request, and never one this request already failed on; per model and key
+   at most once per ``probe_interval_ms`` across requests; never a key
+   disabled for billing or a revoked credential; a failed probe extends the
    cooldown without escalating it); if none may be probed the request fails
-   at once with UNAVAILABLE ``ALL_MODELS_COOLING`` and a Retry-After.
+   at once with ``ALL_MODELS_COOLING``.
 3. **Attempt**: open the stream and wait for the first token
    (``ttft_timeout_ms``), then for each next one (``idle_timeout_ms``); a
    stall is a TIMEOUT failure. Every attempt shares one deadline: the shorter
@@ -28,7 +28,8 @@ How a request is served:
    bounded by ``max_retries`` and the deadline), rotate the auth profile,
    move to the next model (or the agent's context-window / content-policy
    chain), or abort with FAILED_PRECONDITION naming the URL or field.
-   Each failure updates the cooldowns (:mod:`runyard.router.cooldowns`) and
+   Each failure updates the cooldowns (:mod:`runyard.router.cooldowns`:
+   the model's on its key, or the key's; one request escalates a key once) and
    each decision is a ``model.failover`` lifecycle event and a metric.
    After tokens were streamed the answer restarts on the next model and the
    ``model_failover`` event says ``restart_output``.
@@ -132,8 +133,15 @@ class _State:
     session: str
     request: Request
     excluded: set[str]
+    #: Candidates not tried yet, in order (the chain, or a special chain).
+    remaining: list[Candidate] = field(default_factory=list)
     tried: set[str] = field(default_factory=set)
-    probed_providers: set[str] = field(default_factory=set)
+    #: Cooldown keys this request already probed or failed on: never probed
+    #: (again) by it.
+    probed_keys: set[CooldownKey] = field(default_factory=set)
+    #: Cooldown keys whose failure count this request already raised: its
+    #: further failures on them extend the cooldown without escalating it.
+    escalated: set[CooldownKey] = field(default_factory=set)
     #: (provider, auth profile) pairs whose key failed (AUTH, AUTH_PERMANENT,
     #: BILLING) during this request: never probed again by it.
     failed_profiles: set[tuple[str, str]] = field(default_factory=set)
@@ -170,6 +178,8 @@ class _AttemptFailed(Exception):
         self.cooldown: CooldownState | None = None
         self.cooldown_key: CooldownKey | None = None
         self.cooled = False
+        #: The request already escalated this failure's cooldown key.
+        self.repeat = False
 
 
 class _Watchdog:
@@ -467,32 +477,37 @@ class Router:
         mono: float,
         *,
         within: float | None = None,
-    ) -> tuple[float, Candidate, str] | None:
-        best: tuple[float, Candidate, str] | None = None
+    ) -> tuple[float, Candidate, str, CooldownKey | None] | None:
+        best: tuple[float, Candidate, str, CooldownKey | None] | None = None
         for candidate in candidates:
-            if candidate.provider in state.probed_providers:
-                continue
             for name in self.profiles.names(candidate.provider):
                 if (candidate.provider, name) in state.failed_profiles:
                     continue  # it just failed in this very request
                 blocking = self.store.blocking(candidate.provider, name, candidate.model, now)
                 if blocking is not None and blocking.health_at(now) == DISABLED:
                     continue  # billing / revoked key: disabled for hours, not worth a probe
+                if blocking is not None and blocking.key in state.probed_keys:
+                    continue  # this request already probed that very cooldown
                 until = blocking.until if blocking is not None and blocking.until is not None else now
                 if within is not None and until - now > within:
                     continue
                 if not self._probe_allowed((candidate.provider, name, candidate.model), mono):
                     continue
                 if best is None or until < best[0]:
-                    best = (until, candidate, name)
+                    best = (until, candidate, name, blocking.key if blocking is not None else None)
         return best
 
     def _take_probe(
-        self, remaining: list[Candidate], state: _State, target: tuple[float, Candidate, str], mono: float
+        self,
+        remaining: list[Candidate],
+        state: _State,
+        target: tuple[float, Candidate, str, CooldownKey | None],
+        mono: float,
     ) -> _Pick:
-        _, candidate, name = target
+        _, candidate, name, key = target
         self._mark_probe((candidate.provider, name, candidate.model), mono)
-        state.probed_providers.add(candidate.provider)
+        if key is not None:
+            state.probed_keys.add(key)
         index = remaining.index(candidate)
         del remaining[index]
         state.tried.add(candidate.ref)
@@ -556,7 +571,7 @@ class Router:
             ),
             excluded=set(run.model.exclude_models),
         )
-        remaining = list(selection.candidates)
+        remaining = state.remaining = list(selection.candidates)
         try:
             pick = self._pick(remaining, state, first=True)
         except _AllCooling as cooling:
@@ -630,7 +645,7 @@ class Router:
                 self._decide(failure, state, Decision.ABORT)
                 raise self._abort_error(failure, state)
             decision = chain_name
-        self._cool(failure)
+        self._cool(failure, state)
         try:
             nxt = self._pick(remaining, state)
         except _AllCooling as cooling:
@@ -669,7 +684,7 @@ class Router:
                     return
                 if policy.rotate == "once" and rotations >= 1:
                     return
-                self._cool(failure)
+                self._cool(failure, state)
                 now = time.time()
                 usable = self._usable(candidate, now)
                 options = [
@@ -694,12 +709,24 @@ class Router:
             state.succeeded = True
             return
 
-    def _retry_same(self, exc: BaseException) -> bool:
+    def _others_left(self, state: _State) -> bool:
+        """Whether another candidate could still be tried after the current
+        one: one with a usable profile, or one that may be probed."""
+        now = time.time()
+        for candidate in state.remaining:
+            for name in self.profiles.names(candidate.provider):
+                if self.store.blocking(candidate.provider, name, candidate.model, now) is None:
+                    return True
+        return self._probe_target(state.remaining, state, now, time.monotonic()) is not None
+
+    def _retry_same(self, exc: BaseException, state: _State) -> bool:
         if not isinstance(exc, _AttemptFailed) or exc.probe:
             return False
         policy = policy_for(exc.verdict.reason)
         if policy.retry_same == "backoff":
             return True
+        if policy.retry_same == "backoff_if_last":
+            return not self._others_left(state)
         if policy.retry_same == "retry_after":
             after = exc.verdict.retry_after_s
             return after is not None and after <= self.max_retry_after_s
@@ -729,7 +756,7 @@ class Router:
         try:
             opened = await self._open(candidate, profile, state, probe=probe)
         except _AttemptFailed as failure:
-            if not self._retry_same(failure):
+            if not self._retry_same(failure, state):
                 raise
             opened = await self._retry(candidate, profile, state, failure, probe=probe)
         text: list[str] = []
@@ -823,7 +850,7 @@ class Router:
         first: list[_AttemptFailed] = [failure]
         opened: _Opened | None = None
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception(self._retry_same),
+            retry=retry_if_exception(lambda exc: self._retry_same(exc, state)),
             wait=self._retry_wait,
             stop=stop,
             before_sleep=before_sleep,
@@ -936,7 +963,7 @@ class Router:
         probe: bool,
     ) -> _AttemptFailed:
         exc.redact(profile.api_key())  # some providers quote the key they refused
-        verdict = classify(exc)
+        verdict = classify(exc, candidate.model)
         log.warning(
             "%s (auth profile %s) failed: %s [%s] %s",
             candidate.ref,
@@ -947,21 +974,32 @@ class Router:
         )
         return _AttemptFailed(candidate, profile, exc, verdict, started_at, streamed=streamed, probe=probe)
 
-    def _cool(self, failure: _AttemptFailed) -> None:
-        """Apply ``failure``'s cooldown to the cache (once per failure)."""
+    @staticmethod
+    def _cooldown_key(failure: _AttemptFailed) -> CooldownKey | None:
+        """The key ``failure`` cools down (None: it sets no cooldown)."""
+        scope = policy_for(failure.verdict.reason).scope
+        if scope == "model_or_profile":
+            scope = "profile" if failure.verdict.key_wide else "model"
+        provider, profile = failure.candidate.provider, failure.profile.name
+        if scope == "model":
+            return CooldownKey(provider, profile, failure.candidate.model)
+        if scope == "profile":
+            return CooldownKey(provider, profile, "")
+        return None
+
+    def _cool(self, failure: _AttemptFailed, state: _State) -> None:
+        """Apply ``failure``'s cooldown to the cache (once per failure; a
+        second failure of the same request on the same key does not escalate)."""
         if failure.cooled:
             return
         failure.cooled = True
-        policy = policy_for(failure.verdict.reason)
-        provider, profile, model = failure.candidate.provider, failure.profile.name, failure.candidate.model
-        if policy.scope == "model":
-            key = CooldownKey(provider, profile, model)
-        elif policy.scope == "profile":
-            key = CooldownKey(provider, profile, "")
-        elif policy.scope == "provider_model":
-            key = CooldownKey(provider, "", model)
-        else:
+        key = self._cooldown_key(failure)
+        if key is None:
             return
+        failure.repeat = key in state.escalated
+        state.escalated.add(key)
+        state.probed_keys.add(key)  # this request has its answer about that key
+        provider = failure.candidate.provider
         failure.cooldown_key = key
         failure.cooldown = self.store.apply_failure(key, self._failure_record(failure))
         metrics.COOLDOWNS_TOTAL.labels(provider, failure.verdict.reason).inc()
@@ -975,6 +1013,7 @@ class Router:
             attempt_started_at=failure.started_at,
             at=failure.failed_at,
             probe=failure.probe,
+            repeat=failure.repeat,
         )
 
     def _decide(
@@ -987,7 +1026,7 @@ class Router:
         to_profile: str = "",
     ) -> None:
         """Record one decision: cooldown (database), lifecycle event, metrics."""
-        self._cool(failure)
+        self._cool(failure, state)
         reason = failure.verdict.reason
         metrics.FAILOVERS_TOTAL.labels(reason).inc()
         metrics.ROUTER_DECISIONS_TOTAL.labels(reason, decision).inc()

@@ -136,14 +136,13 @@ async def test_rate_limit_rotates_the_profile_once_then_moves_on_and_keeps_sibli
     [
         (Reply(status=503, body='{"error": {"message": "Service Unavailable"}}'), "OVERLOADED"),
         (Reply(status=500, body='{"error": {"message": "boom", "type": "server_error"}}'), "SERVER_ERROR"),
-        (Reply(stall_after=0), "TIMEOUT"),
         (Reply(cut_after=0), "NETWORK"),
     ],
-    ids=["overloaded", "server_error", "timeout", "network"],
+    ids=["overloaded", "server_error", "network"],
 )
 async def test_transient_errors_retry_with_backoff_then_succeed(router_factory, fast_openai, reply, expected):
     fast_openai.script("m", reply, reply)
-    h = await router_factory(setup(fast_openai, ["fake/m", "fake/other"], router={"ttft_timeout_ms": 300}))
+    h = await router_factory(setup(fast_openai, ["fake/m", "fake/other"]))
     out = await h.generate()
 
     assert text_of(out) == "Hello from m." and failovers(out) == []
@@ -152,35 +151,99 @@ async def test_transient_errors_retry_with_backoff_then_succeed(router_factory, 
     assert [(e.model.decision, e.model.reason) for e in events] == [
         ("retry_same_model", reason(expected))
     ] * 2
-    assert events[1].model.cooldown_key == "fake/default/*"  # profile-scoped, short
-    row = await h.row("fake", "default", "")
+    assert events[1].model.cooldown_key == "fake/default/m"  # that model on that key, briefly
+    row = await h.row("fake", "default", "m")
     assert (row["failure_count"], row["health"]) == (0, "ok")  # cleared by the success
+    assert await h.row("fake", "default", "") is None  # the key itself never cooled
 
 
-async def test_retries_are_bounded_then_next_model_and_the_profile_cools_briefly(router_factory, fast_openai):
+async def test_a_stall_moves_to_the_next_model_at_once_and_is_retried_only_when_last(
+    router_factory, fast_openai
+):
+    stall = Reply(stall_after=0)
+    fast_openai.script("m", stall)
+    h = await router_factory(setup(fast_openai, ["fake/m", "fake/other"], router={"ttft_timeout_ms": 300}))
+    out = await h.generate()
+    assert text_of(out) == "Hello from other."
+    assert len(fast_openai.requests_for("m")) == 1  # no same-model retry while another model is left
+    assert [f.reason for f in failovers(out)] == [reason("TIMEOUT")]
+
+    # The last model left is retried (with backoff) rather than given up.
+    fast_openai.script("last", stall, stall)
+    out = await h.generate(payload(model="fake/last", exclude_models=["fake/m", "fake/other"]))
+    assert text_of(out) == "Hello from last." and len(fast_openai.requests_for("last")) == 3
+
+
+async def test_retries_are_bounded_then_next_model_and_that_model_cools_briefly_once(
+    router_factory, fast_openai
+):
     fast_openai.default("m", Reply(status=502, body="<html>Bad Gateway</html>"))
     fast_openai.script("other", Reply(status=502, body="<html>Bad Gateway</html>"))
-    # "other" lives on a second provider so the first provider's profile cooldown does not apply to it.
-    second = FakeOpenAI(poll_interval_s=0.05).start()
-    try:
-        h = await router_factory(
-            setup(
-                fast_openai,
-                ["fake/m", "fake2/other"],
-                router={"max_retries": 1},
-                providers={"fake2": {"type": "openai", "base_url": second.url}},
-            )
-        )
-        before = time.time()
-        out = await h.generate()
-    finally:
-        second.stop()
+    h = await router_factory(setup(fast_openai, ["fake/m", "fake/other"], router={"max_retries": 1}))
+    before = time.time()
+    out = await h.generate()
     assert len(fast_openai.requests_for("m")) == 2  # one try + max_retries
-    assert text_of(out) == "Hello from other."
+    assert text_of(out) == "Hello from other."  # same provider, same key: not cooled by m's errors
     assert failovers(out)[0].reason == reason("SERVER_ERROR")
-    row = await h.row("fake", "default", "")
-    assert (row["health"], row["failure_count"]) == ("cooling", 2)
-    assert before + 5 <= row["until"].timestamp() <= time.time() + 10  # transient schedule: 5 s, 10 s
+    row = await h.row("fake", "default", "m")
+    # One request is one failure: the initial transient cooldown (5 s), however many retries failed.
+    assert (row["health"], row["failure_count"]) == ("cooling", 1)
+    assert before + 5 <= row["until"].timestamp() <= time.time() + 5
+    # other's success cleared other's state, never m's.
+    assert (await h.row("fake", "default", "other"))["failure_count"] == 0
+
+
+async def test_a_5xx_primary_with_a_same_provider_fallback_answers_ten_messages_in_a_row(
+    router_factory, fast_openai
+):
+    fast_openai.default("broken", Reply(status=500, body='{"error": {"message": "boom"}}'))
+    provider = {"p": {"type": "openai", "base_url": fast_openai.url}}
+    h = await router_factory(setup(fast_openai, ["p/broken", "p/good"], providers=provider))
+    answers = [await h.generate() for _ in range(10)]
+
+    assert [text_of(out) for out in answers] == ["Hello from good."] * 10
+    # The first message's try and its two retries; then skipped while it cools.
+    assert len(fast_openai.requests_for("broken")) == 3
+    assert [out[0].model_select.rule for out in answers[1:]] == ["cooldown_skip"] * 9
+    assert (await h.row("p", "default", "broken"))["failure_count"] == 1
+    assert await h.row("p", "default", "") is None and await h.row("p", "default", "good") is None
+
+
+async def test_a_429_with_retry_after_cools_only_that_model_for_the_initial_cooldown(
+    router_factory, fast_openai
+):
+    fast_openai.default("m", Reply(status=429, body=RATE_LIMITED, headers={"retry-after": "1"}))
+    h = await router_factory(setup(fast_openai, ["fake/m", "fake/sibling"], router={"max_retries": 2}))
+    out = await h.generate()
+    assert text_of(out) == "Hello from sibling."
+    assert len(fast_openai.requests_for("m")) == 3  # waited out Retry-After twice
+    row = await h.row("fake", "default", "m")
+    # Three 429s in one request: one failure, the initial cooldown (30 s), not 4x.
+    assert (row["health"], row["failure_count"]) == ("cooling", 1)
+    assert (row["until"] - row["last_failure_at"]).total_seconds() == pytest.approx(30, abs=0.01)
+    assert await h.row("fake", "default", "") is None and await h.row("fake", "default", "sibling") is None
+    out = await h.generate()  # the sibling on the same key is used at once
+    assert (out[0].model_select.model, text_of(out)) == ("fake/sibling", "Hello from sibling.")
+
+
+async def test_a_key_wide_rate_limit_cools_the_key_and_is_probed_once_per_request(
+    router_factory, fast_openai
+):
+    key_wide = Reply(
+        status=429,
+        body='{"error": {"code": 429, "message": "Rate limit exceeded: free-models-per-day"}}',
+        headers={"retry-after": "90"},
+    )
+    fast_openai.script("a", key_wide, key_wide)
+    h = await router_factory(setup(fast_openai, ["fake/a", "fake/b"], router={"probe_interval_ms": 0}))
+    with pytest.raises(Unavailable):
+        await h.generate()  # a's 429 cools the whole key, so b (same key) is not tried
+    assert [r["model"] for r in fast_openai.requests] == ["a"]
+    assert (await h.row("fake", "default", ""))["last_reason"] == "RATE_LIMIT"
+    with pytest.raises(Unavailable) as cooling:
+        await h.generate()  # one probe of the key (a fails again); b waits on the same key
+    assert [r["model"] for r in fast_openai.requests] == ["a", "a"]
+    assert cooling.value.reason == "ALL_MODELS_COOLING"
 
 
 # ---------------------------------------------------------------- AUTH, AUTH_PERMANENT, BILLING
@@ -260,10 +323,10 @@ async def test_billing_and_revoked_keys_disable_the_profile_for_hours(
 # ---------------------------------------------------------------- MODEL_NOT_FOUND
 
 
-async def test_model_not_found_cascades_in_milliseconds_and_cools_that_model_only(
+async def test_model_not_found_cascades_in_milliseconds_and_cools_that_model_on_that_key(
     router_factory, fast_openai, two_keys
 ):
-    fast_openai.script("gone", Reply(status=404, body=NOT_FOUND % "gone"))
+    fast_openai.default("gone", Reply(status=404, body=NOT_FOUND % "gone"))
     h = await router_factory(setup(fast_openai, ["fake/gone", "fake/next"], profiles=two_keys))
     started = time.perf_counter()
     out = await h.generate()
@@ -274,12 +337,14 @@ async def test_model_not_found_cascades_in_milliseconds_and_cools_that_model_onl
     assert text_of(out) == "Hello from next."
     assert len(fast_openai.requests_for("gone")) == 1  # no retry, no rotation
     assert elapsed < 3.0  # no backoff; the cascade's own latency is measured by `runyard bench router`
-    row = await h.row("fake", "", "gone")  # every profile of the provider
+    row = await h.row("fake", "a", "gone")  # that model on that key: another key may have access to it
     assert (row["health"], row["last_reason"]) == ("cooling", "MODEL_NOT_FOUND")
-    # The next request skips it without calling it.
+    assert await h.row("fake", "a", "") is None  # the key still serves "next"
+    # The next request tries it once with the other key, then it is skipped without a call.
+    await h.generate()
     out = await h.generate()
+    assert keys_used(fast_openai, "gone") == ["key-a", "key-b"]
     assert out[0].model_select.model == "fake/next" and out[0].model_select.rule == "cooldown_skip"
-    assert len(fast_openai.requests_for("gone")) == 1
 
 
 # ---------------------------------------------------------------- aborts
@@ -475,31 +540,24 @@ async def test_all_candidates_cooling_probes_the_soonest_then_clears_it(router_f
     assert (await h.row("fake", "default", "a"))["health"] == "cooling"
 
 
-async def test_probes_are_throttled_and_limited_to_one_per_provider_per_request(router_factory, fast_openai):
+async def test_probes_are_throttled_and_spent_once_per_cooldown_per_request(router_factory, fast_openai):
     limited = Reply(status=429, body=RATE_LIMITED, headers={"retry-after": "90"})
     fast_openai.script("a", limited, limited)
     fast_openai.script("b", limited)
     h = await router_factory(setup(fast_openai, ["fake/a", "fake/b"], router={"probe_interval_ms": 60_000}))
     with pytest.raises(Unavailable):
-        await h.generate()  # a and b both rate limited: both cool for 90 s
+        await h.generate()  # a and b both rate limited: each cools (its own model key) for 90 s
     calls = len(fast_openai.requests)
 
-    # a ends first, so a is probed; it fails, and b (same provider) is not
-    # probed in the same request: one call, then ALL_MODELS_COOLING.
-    with pytest.raises(Unavailable) as probed:
-        await h.generate()
-    assert len(fast_openai.requests) == calls + 1
-    assert fast_openai.requests[-1]["model"] == "a"
-    assert probed.value.reason == "ALL_MODELS_COOLING"
-    assert probed.value.metadata["failover_reason"] == "RATE_LIMIT"
-    assert "last failure: fake/a (RATE_LIMIT: HTTP 429: Rate limit reached)" in probed.value.message
-
-    # a may not be probed again within probe_interval_ms; b may, and works.
+    # a ends first, so a is probed; it fails, and b's own cooldown is probed
+    # next in the same request (a's failure says nothing about b): it works.
     out = await h.generate()
-    assert (out[0].model_select.model, out[0].model_select.rule) == ("fake/b", "cooldown_probe")
+    assert [r["model"] for r in fast_openai.requests[calls:]] == ["a", "b"]
+    assert (out[0].model_select.model, out[0].model_select.rule) == ("fake/a", "cooldown_probe")
     assert text_of(out) == "Hello from b."
 
-    # Only a left (b excluded): throttled, so the request fails at once with a Retry-After.
+    # Only a left (b excluded): probed within probe_interval_ms already, so
+    # the request fails at once with a Retry-After.
     calls = len(fast_openai.requests)
     with pytest.raises(Unavailable) as throttled:
         await h.generate(payload(model="fake/a", exclude_models=["fake/b"]))
@@ -691,7 +749,7 @@ async def test_failover_metrics_count_by_reason(router_factory, fast_openai):
     h.router.update_gauges()
     assert metrics.PROVIDER_STATE.labels("fake", "default", "gone", "cooling")._value.get() == 1
     assert metrics.PROVIDER_STATE.labels("fake", "default", "next", "ok")._value.get() == 1
-    assert h.store.get(CooldownKey("fake", "", "gone")) is not None
+    assert h.store.get(CooldownKey("fake", "default", "gone")) is not None
 
 
 async def test_a_consumer_that_goes_away_closes_the_provider_call(router_factory, fast_openai):
