@@ -53,7 +53,15 @@ from runyard.common import metrics
 from runyard.common.config import AgentConfig, Config
 from runyard.common.errors import DeadlineExceeded, FailedPrecondition, NotFound, RunyardError, Unavailable
 from runyard.router.classify import Classification, Reason, classify
-from runyard.router.cooldowns import DISABLED, OK, CooldownKey, CooldownState, CooldownStore, Failure, fill_cooldown
+from runyard.router.cooldowns import (
+    DISABLED,
+    OK,
+    CooldownKey,
+    CooldownState,
+    CooldownStore,
+    Failure,
+    fill_cooldown,
+)
 from runyard.router.policy import Decision, policy_for
 from runyard.router.profiles import AuthProfile, AuthProfiles
 from runyard.router.providers import Chunk, Provider, ProviderError, Request, build_provider
@@ -147,6 +155,13 @@ class _State:
     failed_profiles: set[tuple[str, str]] = field(default_factory=set)
     last: _AttemptFailed | None = None
     succeeded: bool = False
+    #: This request's budget in seconds, and the run's in ms (for messages).
+    budget_s: float = 0.0
+    run_budget_ms: int = 0
+    #: Until when (monotonic) the current candidate may wait for its first
+    #: token: half of what is left while another model could still answer,
+    #: else the request's deadline.
+    slot_end: float = 0.0
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -263,6 +278,10 @@ class _Opened:
     watchdog: _Watchdog
     #: When the successful attempt started (epoch seconds).
     started_at: float
+    #: The longest wait for each next token (seconds), and whether that is
+    #: a share of the run's budget rather than ``idle_timeout_ms``.
+    idle_s: float = 0.0
+    idle_cut: bool = False
 
 
 class _AllCooling(Exception):
@@ -538,9 +557,14 @@ class Router:
             run: the run payload (agent, model preferences, options, ids).
             messages: the whole prompt.
             tools: tools offered to the model.
-            timeout_s: the caller's remaining deadline, if any; the shorter of
-                it and ``router.request_timeout_ms`` bounds every attempt,
-                retry and fallback together.
+            timeout_s: the caller's remaining deadline, if any. The shorter
+                of it and the run's budget (``RunOptions.timeout_ms``, else
+                the agent's ``timeout_ms``, else ``router.request_timeout_ms``)
+                bounds every attempt, retry and fallback together; while
+                another model could still answer, a model may wait for its
+                first token at most half of what is left (and its retries
+                must fit in that half), so a stalled model cannot starve the
+                chain.
 
         Raises:
             NotFound: unknown agent.
@@ -552,8 +576,9 @@ class Router:
                 candidate is cooling down (ALL_MODELS_COOLING, with RetryInfo).
             DeadlineExceeded: the shared deadline passed (ROUTER_DEADLINE).
         """
-        budget = self.request_timeout_s if timeout_s is None else min(timeout_s, self.request_timeout_s)
         agent = self._agent(run.agent_id)
+        run_budget_ms = self.config.run_timeout_ms(run.agent_id, run.options.timeout_ms)
+        budget = run_budget_ms / 1000 if timeout_s is None else max(min(timeout_s, run_budget_ms / 1000), 0.0)
         selection = self.select(run, messages)
         temperature = run.options.temperature if run.options.HasField("temperature") else agent.temperature
         state = _State(
@@ -570,6 +595,8 @@ class Router:
                 max_output_tokens=run.options.max_output_tokens or agent.max_output_tokens,
             ),
             excluded=set(run.model.exclude_models),
+            budget_s=budget,
+            run_budget_ms=run_budget_ms,
         )
         remaining = state.remaining = list(selection.candidates)
         try:
@@ -663,6 +690,8 @@ class Router:
         candidate, profile = pick.candidate, pick.profile
         rotated: set[str] = set()
         rotations = 0
+        now = time.monotonic()
+        state.slot_end = now + (state.deadline - now) / 2 if self._others_left(state) else state.deadline
         while True:
             rotated.add(profile.name)
             try:
@@ -712,6 +741,8 @@ class Router:
     def _others_left(self, state: _State) -> bool:
         """Whether another candidate could still be tried after the current
         one: one with a usable profile, or one that may be probed."""
+        if not state.remaining:
+            return False
         now = time.time()
         for candidate in state.remaining:
             for name in self.profiles.names(candidate.provider):
@@ -774,7 +805,9 @@ class Router:
                 elif stream is None:
                     break
                 else:
-                    chunk = await self._read(stream, watchdog, candidate, state, first=False)
+                    chunk = await self._read(
+                        stream, watchdog, candidate, state, opened.idle_s, first=False, cut=opened.idle_cut
+                    )
                     if chunk is None:
                         break
                 if chunk.kind == "text":
@@ -828,8 +861,8 @@ class Router:
     ) -> _Opened:
         """Same-model retries after ``failure`` (tenacity: jittered exponential
         backoff, Retry-After honoured, at most ``max_retries`` more attempts,
-        never sleeping past the request's deadline). The success path never
-        gets here, so it pays nothing for retry bookkeeping.
+        never sleeping past the candidate's share of the budget). The success
+        path never gets here, so it pays nothing for retry bookkeeping.
 
         Raises:
             _AttemptFailed: the last failure, once no retry is left or allowed.
@@ -838,7 +871,8 @@ class Router:
         def stop(retry_state: RetryCallState) -> bool:
             if retry_state.attempt_number > self.max_retries:
                 return True
-            return retry_state.upcoming_sleep >= state.remaining_s()
+            # Retry only while the rest of the chain keeps its share of the budget.
+            return retry_state.upcoming_sleep >= state.slot_end - time.monotonic()
 
         def before_sleep(retry_state: RetryCallState) -> None:
             exc = retry_state.outcome.exception() if retry_state.outcome is not None else None
@@ -869,27 +903,42 @@ class Router:
             child = self._token_counters[provider] = metrics.TOKENS_STREAMED.labels(provider)
         return child
 
+    def _stall(self, configured_s: float, limit: float) -> tuple[float, bool]:
+        """The wait allowed for a token: ``configured_s``, or what is left
+        until ``limit`` (monotonic) when that is shorter (then ``True``: the
+        wait is cut by the run's budget, not by the model's own timer)."""
+        left = max(limit - time.monotonic(), 0.0)
+        return (configured_s, False) if configured_s <= left else (left, True)
+
+    def _idle(self, state: _State) -> tuple[float, bool]:
+        """The wait allowed between tokens once an answer started: the idle
+        timer, or half of what is left while another model could still
+        answer (a model that stalls mid-answer leaves the rest to the chain)."""
+        if not state.remaining or not self._others_left(state):
+            return self.idle_timeout_s, False
+        return self._stall(self.idle_timeout_s, time.monotonic() + state.remaining_s() / 2)
+
     async def _read(
         self,
         stream: AsyncIterator[Chunk],
         watchdog: _Watchdog,
         candidate: Candidate,
         state: _State,
+        stall_s: float,
         *,
         first: bool,
+        cut: bool = False,
     ) -> Chunk | None:
-        """The next chunk within the stall timer and the deadline (None at the end).
+        """The next chunk within ``stall_s`` and the deadline (None at the end).
 
         Raises:
-            ProviderError: stalled (``stalled`` = "ttft" or "idle").
+            ProviderError: stalled (``stalled`` = "ttft" or "idle";
+                ``budget_cut`` when ``stall_s`` was the run budget's share).
             DeadlineExceeded: the request's deadline passed.
         """
         if state.remaining_s() <= 0:
-            raise DeadlineExceeded(
-                "the request's deadline passed while waiting for the model", reason="ROUTER_DEADLINE"
-            )
-        stall = self.ttft_timeout_s if first else self.idle_timeout_s
-        watchdog.arm(stall)
+            raise self._deadline_error(state, candidate)
+        watchdog.arm(stall_s)
         try:
             return await anext(stream)
         except StopAsyncIteration:
@@ -897,14 +946,13 @@ class Router:
         except asyncio.CancelledError:
             fired = watchdog.take()
             if fired == "deadline":
-                raise DeadlineExceeded(
-                    f"the request's deadline passed while waiting for {candidate.ref}",
-                    reason="ROUTER_DEADLINE",
-                ) from None
+                raise self._deadline_error(state, candidate) from None
             if fired == "stall":
+                share = " (its share of the run's time budget)" if cut else ""
                 raise ProviderError(
-                    f"{candidate.ref}: no {'first ' if first else ''}token within {stall:.3g}s",
+                    f"{candidate.ref}: no {'first ' if first else ''}token within {stall_s:.3g}s{share}",
                     stalled="ttft" if first else "idle",
+                    budget_cut=cut,
                 ) from None
             raise
         finally:
@@ -926,13 +974,24 @@ class Router:
         watchdog = _Watchdog(state.deadline)
         buffered: list[Chunk] = []
         started = time.perf_counter()
+        first_s, first_cut = self._stall(self.ttft_timeout_s, state.slot_end)
+        idle_s, idle_cut = self.idle_timeout_s, False
         alive = False  # a first token of any kind came: from then on the idle timer applies
         try:
             while True:
-                chunk = await self._read(stream, watchdog, candidate, state, first=not alive)
+                if alive:
+                    chunk = await self._read(
+                        stream, watchdog, candidate, state, idle_s, first=False, cut=idle_cut
+                    )
+                else:
+                    chunk = await self._read(
+                        stream, watchdog, candidate, state, first_s, first=True, cut=first_cut
+                    )
                 if chunk is None:
-                    return _Opened(None, buffered, watchdog, started_at)
-                alive = True
+                    return _Opened(None, buffered, watchdog, started_at, idle_s, idle_cut)
+                if not alive:
+                    alive = True
+                    idle_s, idle_cut = self._idle(state)
                 if chunk.kind == "progress":  # tool-call arguments or reasoning under way
                     continue
                 buffered.append(chunk)
@@ -940,7 +999,7 @@ class Router:
                     metrics.TIME_TO_FIRST_TOKEN_SECONDS.labels(candidate.provider).observe(
                         time.perf_counter() - started
                     )
-                    return _Opened(stream, buffered, watchdog, started_at)
+                    return _Opened(stream, buffered, watchdog, started_at, idle_s, idle_cut)
         except ProviderError as exc:
             watchdog.close()
             await stream.aclose()  # type: ignore[attr-defined]
@@ -993,6 +1052,8 @@ class Router:
         if failure.cooled:
             return
         failure.cooled = True
+        if failure.error.budget_cut:
+            return  # cut short by this run's budget: says nothing about the model
         key = self._cooldown_key(failure)
         if key is None:
             return
@@ -1103,6 +1164,17 @@ class Router:
                 f"{state.agent_id!r} has no model left in agents.{state.agent_id}.content_policy_chain"
             )
         return FailedPrecondition(message, reason=verdict.reason, metadata=metadata)
+
+    def _deadline_error(self, state: _State, candidate: Candidate) -> RunyardError:
+        left = ""
+        if state.budget_s * 1000 < state.run_budget_ms - 50:
+            left = f" ({state.budget_s:.2f}s of it were left for this model call)"
+        return DeadlineExceeded(
+            f"the run's time budget of {state.run_budget_ms} ms ran out while waiting for "
+            f"{candidate.ref}{left}",
+            reason="ROUTER_DEADLINE",
+            metadata={"model": candidate.ref},
+        )
 
     def _exhausted_error(self, state: _State) -> RunyardError:
         last = state.last

@@ -80,6 +80,8 @@ class ProviderError(Exception):
         url: the URL called (no query secrets).
         cause: the transport exception, if any (httpx.ConnectError, ...).
         stalled: "ttft" or "idle" when the router's stall timer fired.
+        budget_cut: the stall timer was the run budget's share, shorter
+            than the configured timer (says nothing about the model).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class ProviderError(Exception):
         url: str = "",
         cause: BaseException | None = None,
         stalled: str = "",
+        budget_cut: bool = False,
     ):
         super().__init__(message)
         self.message = message
@@ -101,6 +104,7 @@ class ProviderError(Exception):
         self.url = url
         self.cause = cause
         self.stalled = stalled
+        self.budget_cut = budget_cut
 
     def redact(self, secret: str) -> None:
         """Replace ``secret`` (the API key sent) wherever the provider echoed it

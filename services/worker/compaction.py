@@ -36,6 +36,7 @@ from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_
 from runyard.common import metrics
 from runyard.common.config import Config
 from runyard.common.errors import RunyardError, from_rpc_error
+from runyard.worker.budget import time_left
 
 __all__ = ["Compactor", "CutPlan", "estimate_tokens", "plan_cut", "render", "safe_cuts", "turn_starts"]
 
@@ -278,11 +279,17 @@ class Compactor:
             common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=SUMMARY_INSTRUCTIONS.format(words=words)),
             common_pb2.Message(role=common_pb2.ROLE_USER, content="\n\n".join(parts)),
         ]
+        timeout = cfg.timeout_s
+        left = time_left()  # within the run's budget (runyard.worker.budget)
+        if left is not None:
+            if left <= 0:
+                raise TimeoutError("the run's time budget is spent")
+            timeout = min(timeout, left)
         call = self.router.Generate(
             router_pb2.GenerateRequest(
                 run=request_payload, messages=prompt, purpose=router_pb2.GENERATE_PURPOSE_SUMMARIZE
             ),
-            timeout=cfg.timeout_s,
+            timeout=timeout,
         )
         final: router_pb2.GenerateFinal | None = None
         try:

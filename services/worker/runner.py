@@ -21,8 +21,9 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 
 from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 from runyard.common.config import Config
-from runyard.common.errors import ResourceExhausted, RunyardError, from_rpc_error
+from runyard.common.errors import DeadlineExceeded, ResourceExhausted, RunyardError, from_rpc_error
 from runyard.common.protoutil import now
+from runyard.worker.budget import ROUTER_DEADLINE_MARGIN_S, run_deadline, time_left
 from runyard.worker.compaction import Compactor
 from runyard.worker.tools import TaskTools, offered_tools
 
@@ -105,9 +106,14 @@ class RunExecutor:
 
         Cancellation (``asyncio.CancelledError``) propagates after the router
         call is cancelled; no snapshot is written for an unfinished run.
+
+        The run's time budget (:mod:`runyard.worker.budget`) starts now and
+        bounds every router call of the run.
         """
+        budget_s = self.config.run_timeout_ms(payload.agent_id, payload.options.timeout_ms) / 1000
         try:
-            return await self._execute(payload, emit)
+            with run_deadline(budget_s):
+                return await self._execute(payload, emit)
         except RunyardError as exc:
             return RunOutcome(failed=common_pb2.RunFailed(error=exc.to_run_error()))
         except grpc.aio.AioRpcError as exc:
@@ -280,14 +286,33 @@ class RunExecutor:
         for up to ``worker.dependency_retry_s``; when text was already
         streamed, a ``model_failover`` with ``restart_output`` tells the client
         to discard it.
+
+        Every call gets what is left of the run's budget as its deadline
+        (:mod:`runyard.worker.budget`; the router stops at the budget itself
+        and answers ROUTER_DEADLINE).
+
+        Raises:
+            DeadlineExceeded: the run's budget is spent (RUN_DEADLINE).
         """
-        deadline = time.monotonic() + self.config.worker.dependency_retry_s
-        timeout = (payload.options.timeout_ms or self.config.router.request_timeout_ms) / 1000 + 5
+        # -- run budget (issue 12): was `timeout_ms + 5 s` per call
+        budget_ms = self.config.run_timeout_ms(payload.agent_id, payload.options.timeout_ms)
+        budget_left = time_left()
+        if budget_left is None:  # called outside execute(): one budget for this call
+            budget_left = budget_ms / 1000
+        run_ends = time.monotonic() + budget_left
+        deadline = min(time.monotonic() + self.config.worker.dependency_retry_s, run_ends)
+        # -- end run budget
         delay = 0.1
         started = announced
         while True:
             model = ""
             streamed = False
+            left = run_ends - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(
+                    f"the run's time budget ({budget_ms} ms) is spent", reason="RUN_DEADLINE"
+                )
+            timeout = left + ROUTER_DEADLINE_MARGIN_S
             call = self.router.Generate(
                 router_pb2.GenerateRequest(
                     run=payload, messages=prompt, tools=tools or (), purpose=router_pb2.GENERATE_PURPOSE_RUN

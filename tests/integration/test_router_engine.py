@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from runyard._proto.v1 import common_pb2
+from runyard.common.config import RouterConfig
 from runyard.common.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from runyard.router.classify import Reason
 from runyard.router.cooldowns import CooldownKey
@@ -351,7 +352,9 @@ async def test_model_not_found_cascades_in_milliseconds_and_cools_that_model_on_
 
 
 @pytest.mark.parametrize("status", [404, 405, 200], ids=["404-page", "405", "200-web-page"])
-async def test_endpoint_not_found_aborts_naming_the_url_and_cools_nothing(router_factory, fast_openai, status):
+async def test_endpoint_not_found_aborts_naming_the_url_and_cools_nothing(
+    router_factory, fast_openai, status
+):
     wrong = NotFoundServer(status)
     try:
         config = setup(fast_openai, ["fake/m", "echo/echo"])
@@ -492,6 +495,59 @@ async def test_stall_before_the_first_token_is_a_timeout(router_factory, fast_op
     assert 0.25 <= time.perf_counter() - started < 3.0  # the stall is cut at 250 ms, not at a default timeout
     [failover] = failovers(out)
     assert failover.reason == reason("TIMEOUT") and not failover.restart_output
+
+
+async def test_a_stalled_primary_leaves_the_fallback_its_share_of_a_short_budget(router_factory, fast_openai):
+    fast_openai.default("m", Reply(stall_after=0))
+    # Default stall timers (30 s): only the 2 s budget limits the wait.
+    h = await router_factory(
+        setup(
+            fast_openai,
+            ["fake/m", "fake/next"],
+            router={"ttft_timeout_ms": 30_000, "idle_timeout_ms": 30_000},
+        )
+    )
+    started = time.perf_counter()
+    out = await h.generate(timeout_s=2.0)
+    elapsed = time.perf_counter() - started
+
+    assert text_of(out) == "Hello from next."
+    [failover] = failovers(out)
+    assert failover.reason == reason("TIMEOUT") and "share of the run's time budget" in failover.message
+    assert len(fast_openai.requests_for("m")) == 1
+    assert 1.0 <= elapsed < 2.0  # half the budget for m, the answer within the rest
+    # Cut short by this run's budget, not by ttft_timeout_ms: m is not cooled for everyone else.
+    assert await h.row("fake", "default", "m") is None
+    [event] = await h.events()
+    assert (event.model.decision, event.model.cooldown_key) == ("next_model", "")
+
+
+async def test_with_default_timers_a_stall_reaches_the_fallback_after_one_first_token_timeout(
+    router_factory, fast_openai
+):
+    fast_openai.default("m", Reply(stall_after=0))
+    defaults = RouterConfig().model_dump(
+        include={"max_retries", "retry_backoff_initial_ms", "retry_backoff_max_ms"}
+    )
+    h = await router_factory(
+        setup(fast_openai, ["fake/m", "fake/next"], router={**defaults, "ttft_timeout_ms": 1_000})
+    )
+    started = time.perf_counter()
+    out = await h.generate()
+    elapsed = time.perf_counter() - started
+    assert text_of(out) == "Hello from next."
+    assert len(fast_openai.requests_for("m")) == 1  # not max_retries more stalls before the fallback
+    assert 1.0 <= elapsed <= 1.0 + 5
+    # A stall of the configured timer is the model's: it cools (briefly).
+    assert (await h.row("fake", "default", "m"))["last_reason"] == "TIMEOUT"
+
+
+async def test_keep_alives_do_not_hide_a_stall(router_factory, fast_openai):
+    fast_openai.script("m", Reply(first_token_delay_s=5, keepalive_every_s=0.05))
+    h = await router_factory(setup(fast_openai, ["fake/m", "fake/next"], router={"ttft_timeout_ms": 400}))
+    out = await h.generate()
+    assert text_of(out) == "Hello from next."
+    assert [f.reason for f in failovers(out)] == [reason("TIMEOUT")]
 
 
 async def test_every_attempt_shares_one_deadline(router_factory, fast_openai):

@@ -14,7 +14,7 @@ import uuid
 import grpc
 import pytest
 
-from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2
+from runyard._proto.v1 import common_pb2, gateway_pb2, router_pb2, router_pb2_grpc, sessions_pb2
 from runyard.common.auth import RunTokenSigner, internal_metadata
 from runyard.common.errors import Unauthenticated, from_rpc_error
 
@@ -203,6 +203,39 @@ async def test_failover_after_tokens_through_the_whole_stack(stack_factory, fast
     assert "".join(e.text_delta.text for e in events[index:] if e.HasField("text_delta")) == "Blue."
     assert events[-1].completed.message.content == "Blue."
     assert events[-1].completed.model == "fake/model-b"
+
+
+async def send_with_budget(stack, session_key: str, text: str, timeout_ms: int) -> tuple[list, float]:
+    """The run's events and its duration seen by the client (send to the terminal event)."""
+    request = gateway_pb2.SendMessageRequest(
+        session_key=session_key, text=text, options=common_pb2.RunOptions(timeout_ms=timeout_ms)
+    )
+    async with stack.client() as client:
+        started = time.monotonic()
+        events = [e async for e in client.stub.SendMessage(request, timeout=60)]
+        return events, time.monotonic() - started
+
+
+async def test_a_run_budget_bounds_the_run_and_a_stalled_primary_leaves_the_fallback_time(
+    stack_factory, fast_openai: FakeOpenAI
+):
+    # Default router timers (30 s first-token timeout); the run's timeout_ms is 2 s.
+    fast_openai.default("model-a", Reply(stall_after=0))
+    stack = await stack_factory(provider_config(fast_openai, fallbacks=["fake/model-b"])).start()
+    events, elapsed = await send_with_budget(stack, "svc:budget", "hello", 2_000)
+    assert events[-1].completed.model == "fake/model-b"
+    assert events[-1].completed.message.content == "Hello from model-b."
+    failover = next(e.model_failover for e in events if e.HasField("model_failover"))
+    assert failover.reason == common_pb2.FAILOVER_REASON_TIMEOUT
+    assert elapsed <= 2.0 * 1.1, elapsed  # within timeout_ms + 10 %, end to end
+
+    # Every model stalled: the run ends at its budget, saying so, not 5 s (or 90 s) later.
+    fast_openai.default("model-b", Reply(stall_after=0))
+    events, elapsed = await send_with_budget(stack, "svc:budget", "again", 2_000)
+    error = events[-1].failed.error
+    assert (error.code, error.reason) == ("DEADLINE_EXCEEDED", "ROUTER_DEADLINE"), error
+    assert "time budget of 2000 ms ran out while waiting for fake/model-b" in error.message
+    assert elapsed <= 2.0 * 1.1, elapsed
 
 
 def test_bench_router_runs_and_reports(pg_url: str):
