@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
 import uuid
@@ -121,13 +122,64 @@ class StatusRow:
 _KEY_REASONS = frozenset({Reason.AUTH, Reason.AUTH_PERMANENT, Reason.BILLING})
 
 
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What kept one model from answering this request (for errors and skips)."""
+
+    ref: str
+    reason: str
+    detail: str = ""
+    #: End of its cooldown (epoch seconds), if one applies.
+    until: float | None = None
+    #: Its key is disabled (BILLING, AUTH_PERMANENT).
+    disabled: bool = False
+    #: Passed over because it is cooling down, never called.
+    skipped: bool = False
+    profile: str = ""
+
+    def retryable(self) -> bool:
+        """Whether waiting (and asking again) may help."""
+        return not self.disabled and policy_for(self.reason).retryable
+
+    def describe(self, now: float) -> str:
+        """``provider/model: REASON (detail), cooling until <UTC> (in 12s)``."""
+        text = f"{self.ref}: {'skipped, ' if self.skipped else ''}{self.reason}"
+        if self.detail:
+            text += f" ({self.detail})"
+        if self.until is not None and self.until > now:
+            what = "key disabled" if self.disabled else "cooling"
+            text += f", {what} until {_utc(self.until)} (in {_duration(self.until - now)})"
+        return text
+
+    def skip(self) -> common_pb2.ModelSkip:
+        """The wire form (``ModelSelect.skipped``, ``ModelFailover.skipped``)."""
+        skip = common_pb2.ModelSkip(model=self.ref, disabled=self.disabled, auth_profile=self.profile)
+        with contextlib.suppress(ValueError):  # a reason a newer replica wrote
+            skip.reason = failover_reason_value(self.reason)
+        if self.until is not None:
+            skip.until.FromNanoseconds(int(self.until * 1e9))
+        return skip
+
+
+def _utc(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 @dataclass(slots=True)
 class _Pick:
     candidate: Candidate
     profile: AuthProfile
     probe: bool = False
-    #: A candidate earlier in the list was skipped because it was cooling.
-    skipped: bool = False
+    #: Candidates earlier in the list passed over because they are cooling.
+    skips: list[_Outcome] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -154,7 +206,13 @@ class _State:
     #: BILLING) during this request: never probed again by it.
     failed_profiles: set[tuple[str, str]] = field(default_factory=set)
     last: _AttemptFailed | None = None
+    #: Per model, in the order met: its last failure in this request, or why
+    #: it was passed over.
+    outcomes: dict[str, _AttemptFailed | _Outcome] = field(default_factory=dict)
     succeeded: bool = False
+    #: GenerateRequest.purpose and after_compaction (CONTEXT_OVERFLOW handling).
+    purpose: int = 0
+    after_compaction: bool = False
     #: This request's budget in seconds, and the run's in ms (for messages).
     budget_s: float = 0.0
     run_budget_ms: int = 0
@@ -285,10 +343,9 @@ class _Opened:
 
 
 class _AllCooling(Exception):
-    def __init__(self, soonest: float, refs: list[str]):
+    def __init__(self, candidates: list[Candidate]):
         super().__init__("every candidate is cooling down")
-        self.soonest = soonest
-        self.refs = refs
+        self.candidates = list(candidates)
 
 
 class Router:
@@ -465,9 +522,10 @@ class Router:
         for index, candidate in enumerate(remaining):
             profiles = self.profiles.ordered(candidate.provider, state.session, self._usable(candidate, now))
             if profiles:
+                skips = self._skips(remaining[:index], state, now) if index else []
                 del remaining[index]
                 state.tried.add(candidate.ref)
-                return _Pick(candidate, profiles[0], skipped=index > 0)
+                return _Pick(candidate, profiles[0], skips=skips)
             if first and index == 0 and self.primary_probe_margin_s > 0:
                 early = self._probe_target([candidate], state, now, mono, within=self.primary_probe_margin_s)
                 if early is not None:
@@ -477,16 +535,40 @@ class Router:
             return self._take_probe(remaining, state, target, mono)
         if not remaining:
             return None
-        soonest = min(
-            (
-                (blocking.until or now)
-                for c in remaining
-                for name in self.profiles.names(c.provider)
-                if (blocking := self.store.blocking(c.provider, name, c.model, now)) is not None
-            ),
-            default=now,
+        raise _AllCooling(remaining)
+
+    def _cooling(self, candidate: Candidate, now: float) -> _Outcome | None:
+        """Why ``candidate`` is cooling on every profile (the block that ends
+        soonest), or None if a profile is usable."""
+        best: tuple[str, CooldownState] | None = None
+        for name in self.profiles.names(candidate.provider):
+            blocking = self.store.blocking(candidate.provider, name, candidate.model, now)
+            if blocking is None:
+                return None
+            if best is None or (blocking.until or now) < (best[1].until or now):
+                best = (name, blocking)
+        if best is None:
+            return None
+        name, blocking = best
+        return _Outcome(
+            candidate.ref,
+            blocking.last_reason or Reason.UNKNOWN,
+            blocking.last_message,
+            blocking.until,
+            blocking.health_at(now) == DISABLED,
+            skipped=True,
+            profile=name if blocking.key.profile else "",
         )
-        raise _AllCooling(soonest, [c.ref for c in remaining])
+
+    def _skips(self, candidates: Sequence[Candidate], state: _State, now: float) -> list[_Outcome]:
+        """The cooling ``candidates`` passed over, recorded in ``state``."""
+        skips = []
+        for candidate in candidates:
+            outcome = self._cooling(candidate, now)
+            if outcome is not None:
+                skips.append(outcome)
+                state.outcomes.setdefault(candidate.ref, outcome)
+        return skips
 
     def _probe_target(
         self,
@@ -528,9 +610,10 @@ class Router:
         if key is not None:
             state.probed_keys.add(key)
         index = remaining.index(candidate)
+        skips = self._skips(remaining[:index], state, time.time()) if index else []
         del remaining[index]
         state.tried.add(candidate.ref)
-        return _Pick(candidate, self.profiles.get(candidate.provider, name), probe=True, skipped=index > 0)
+        return _Pick(candidate, self.profiles.get(candidate.provider, name), probe=True, skips=skips)
 
     def _chain(self, refs: Sequence[str], state: _State) -> list[Candidate]:
         return [
@@ -550,6 +633,8 @@ class Router:
         tools: Sequence[common_pb2.ToolDefinition] = (),
         *,
         timeout_s: float | None = None,
+        purpose: int = router_pb2.GENERATE_PURPOSE_UNSPECIFIED,
+        after_compaction: bool = False,
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
         """Stream one answer for ``run``, failing over as the policy says.
 
@@ -565,6 +650,12 @@ class Router:
                 first token at most half of what is left (and its retries
                 must fit in that half), so a stalled model cannot starve the
                 chain.
+            purpose: ``GenerateRequest.purpose``. For a run's answer
+                (GENERATE_PURPOSE_RUN) a CONTEXT_OVERFLOW with no larger model
+                left asks the worker to compact the session (decision
+                ``compact_session``) when compaction is enabled.
+            after_compaction: the worker already compacted the session for
+                this run: another overflow aborts.
 
         Raises:
             NotFound: unknown agent.
@@ -573,7 +664,12 @@ class Router:
                 URL and the field the provider blamed), CONTEXT_OVERFLOW or
                 CONTENT_POLICY with no chain left.
             Unavailable: every model failed (ALL_MODELS_FAILED) or every
-                candidate is cooling down (ALL_MODELS_COOLING, with RetryInfo).
+                candidate is cooling down (ALL_MODELS_COOLING), and waiting
+                may help (RetryInfo: when the first cooldown ends). The
+                message lists each model with its reason and until when.
+            FailedPrecondition: the same, but no model can recover by
+                waiting (AUTH, BILLING, MODEL_NOT_FOUND, disabled keys):
+                ``retryable`` is false.
             DeadlineExceeded: the shared deadline passed (ROUTER_DEADLINE).
         """
         agent = self._agent(run.agent_id)
@@ -597,29 +693,40 @@ class Router:
             excluded=set(run.model.exclude_models),
             budget_s=budget,
             run_budget_ms=run_budget_ms,
+            purpose=purpose,
+            after_compaction=after_compaction,
         )
         remaining = state.remaining = list(selection.candidates)
         try:
             pick = self._pick(remaining, state, first=True)
         except _AllCooling as cooling:
-            raise self._cooling_error(state, cooling) from None
+            error = self._cooling_error(state, cooling)
+            metrics.ROUTER_ABORTS_TOTAL.labels(error.metadata.get("failover_reason", ""), "all_cooling").inc()
+            raise error from None
         assert pick is not None
         rule = selection.rule
         if pick.probe:
             rule = "cooldown_probe"
-        elif pick.skipped:
+        elif pick.skips:
             rule = "cooldown_skip"
         yield router_pb2.GenerateResponse(
             model_select=common_pb2.ModelSelect(
-                model=pick.candidate.ref, task_class=selection.task_class, rule=rule
+                model=pick.candidate.ref,
+                task_class=selection.task_class,
+                rule=rule,
+                skipped=[skip.skip() for skip in pick.skips],
             )
         )
         while True:
             # aclosing: a client that goes away closes the provider call now,
             # not whenever the generator is garbage collected.
-            async with contextlib.aclosing(self._serve(pick, state)) as served:
-                async for response in served:
-                    yield response
+            try:
+                async with contextlib.aclosing(self._serve(pick, state)) as served:
+                    async for response in served:
+                        yield response
+            except DeadlineExceeded:
+                metrics.ROUTER_ABORTS_TOTAL.labels(Reason.TIMEOUT, Decision.DEADLINE).inc()
+                raise
             if state.succeeded:
                 return
             failure = state.last
@@ -632,6 +739,7 @@ class Router:
                     reason=failover_reason_value(failure.verdict.reason),
                     restart_output=failure.streamed,
                     message=failure.verdict.detail or failure.error.message,
+                    skipped=[skip.skip() for skip in nxt.skips],
                 )
             )
             log.info(
@@ -669,7 +777,10 @@ class Router:
             )
             remaining[:] = self._chain(refs, state)
             if not remaining:
-                self._decide(failure, state, Decision.ABORT)
+                if chain_name == "context_window_chain" and self._compaction_available(state):
+                    self._decide(failure, state, Decision.COMPACT_SESSION)
+                else:
+                    self._decide(failure, state, Decision.ABORT)
                 raise self._abort_error(failure, state)
             decision = chain_name
         self._cool(failure, state)
@@ -683,6 +794,15 @@ class Router:
             raise self._exhausted_error(state)
         self._decide(failure, state, decision, to_model=nxt.candidate.ref, to_profile=nxt.profile.name)
         return nxt, decision
+
+    def _compaction_available(self, state: _State) -> bool:
+        """Whether the worker may compact the session and ask again after a
+        CONTEXT_OVERFLOW: a run's answer, compaction enabled, not done yet."""
+        return (
+            state.purpose == router_pb2.GENERATE_PURPOSE_RUN
+            and self.config.compaction.enabled
+            and not state.after_compaction
+        )
 
     async def _serve(self, pick: _Pick, state: _State) -> AsyncIterator[router_pb2.GenerateResponse]:
         """Serve ``pick``'s candidate, rotating auth profiles as the policy
@@ -702,6 +822,8 @@ class Router:
                         yield response
             except _AttemptFailed as failure:
                 state.last = failure
+                state.outcomes.pop(candidate.ref, None)  # keep the order of events
+                state.outcomes[candidate.ref] = failure
                 if failure.verdict.reason in _KEY_REASONS:
                     # The key itself is bad: no other model may be probed with it in this request.
                     state.failed_profiles.add((candidate.provider, profile.name))
@@ -1089,8 +1211,14 @@ class Router:
         """Record one decision: cooldown (database), lifecycle event, metrics."""
         self._cool(failure, state)
         reason = failure.verdict.reason
-        metrics.FAILOVERS_TOTAL.labels(reason).inc()
         metrics.ROUTER_DECISIONS_TOTAL.labels(reason, decision).inc()
+        if decision in Decision.SWITCHES:
+            metrics.FAILOVERS_TOTAL.labels(reason).inc()
+        elif decision in Decision.RETRIES:
+            kind = "same_model" if decision == Decision.RETRY_SAME_MODEL else "auth_profile"
+            metrics.ROUTER_RETRIES_TOTAL.labels(reason, kind).inc()
+        else:
+            metrics.ROUTER_ABORTS_TOTAL.labels(reason, decision).inc()
         event = self._event(failure, state, decision, to_model, to_profile)
         if failure.cooldown_key is not None:
             self.store.enqueue_failure(failure.cooldown_key, self._failure_record(failure), event)
@@ -1153,11 +1281,18 @@ class Router:
             if verdict.param:
                 metadata["provider_field"] = verdict.param
         elif verdict.reason == Reason.CONTEXT_OVERFLOW:
-            message = (
-                f"the prompt is too long for {candidate.ref} ({verdict.detail}) and agent "
-                f"{state.agent_id!r} has no larger model left in "
-                f"agents.{state.agent_id}.context_window_chain; reset or compact the session"
-            )
+            if state.after_compaction:
+                message = (
+                    f"the prompt is too long for {candidate.ref} ({verdict.detail}) even after compacting "
+                    f"the session, and agent {state.agent_id!r} has no larger model left in "
+                    f"agents.{state.agent_id}.context_window_chain; reset the session or add a larger model"
+                )
+            else:
+                message = (
+                    f"the prompt is too long for {candidate.ref} ({verdict.detail}) and agent "
+                    f"{state.agent_id!r} has no larger model left in "
+                    f"agents.{state.agent_id}.context_window_chain; reset or compact the session"
+                )
         else:
             message = (
                 f"{candidate.ref} refused the request under its content policy ({verdict.detail}) and agent "
@@ -1169,6 +1304,10 @@ class Router:
         left = ""
         if state.budget_s * 1000 < state.run_budget_ms - 50:
             left = f" ({state.budget_s:.2f}s of it were left for this model call)"
+        now = time.time()
+        earlier = [self._outcome(item, now) for ref, item in state.outcomes.items() if ref != candidate.ref]
+        if earlier:
+            left += "; earlier: " + "; ".join(o.describe(now) for o in earlier)
         return DeadlineExceeded(
             f"the run's time budget of {state.run_budget_ms} ms ran out while waiting for "
             f"{candidate.ref}{left}",
@@ -1176,35 +1315,63 @@ class Router:
             metadata={"model": candidate.ref},
         )
 
-    def _exhausted_error(self, state: _State) -> RunyardError:
+    def _outcome(self, item: _AttemptFailed | _Outcome, now: float) -> _Outcome:
+        if isinstance(item, _Outcome):
+            return item
+        cooldown = item.cooldown
+        until = cooldown.until if cooldown is not None and cooldown.active(now) else None
+        return _Outcome(
+            item.candidate.ref,
+            item.verdict.reason,
+            item.verdict.detail or item.error.message,
+            until,
+            cooldown is not None and cooldown.health_at(now) == DISABLED,
+            profile=item.profile.name,
+        )
+
+    def _chain_error(
+        self, state: _State, reason: str, head: str, extra: Sequence[Candidate] = ()
+    ) -> RunyardError:
+        """ALL_MODELS_FAILED / ALL_MODELS_COOLING: every model with why and
+        until when (this request's failures and skips, then ``extra``
+        cooling candidates). UNAVAILABLE with RetryInfo (the first cooldown
+        that waiting ends) when waiting may help, else FAILED_PRECONDITION
+        (``retryable`` false: a bad key, no balance, a missing model)."""
+        now = time.time()
+        outcomes = {ref: self._outcome(item, now) for ref, item in state.outcomes.items()}
+        for candidate in extra:
+            if candidate.ref not in outcomes and (cooling := self._cooling(candidate, now)) is not None:
+                outcomes[candidate.ref] = cooling
+        listed = list(outcomes.values())
         last = state.last
-        reason = last.verdict.reason if last else Reason.UNKNOWN
-        model = last.candidate.ref if last else ""
-        return Unavailable(
-            f"every model of agent {state.agent_id!r} failed; last: {model} ({reason}"
-            f"{': ' + last.verdict.detail if last and last.verdict.detail else ''})",
-            reason="ALL_MODELS_FAILED",
-            retry_after_s=last.verdict.retry_after_s if last else None,
-            metadata={"failover_reason": reason, "model": model},
+        metadata = {
+            "models": ",".join(o.ref for o in listed),
+            "reasons": ",".join(o.reason for o in listed),
+            "until": ",".join(_utc(o.until) if o.until is not None and o.until > now else "" for o in listed),
+            "failover_reason": last.verdict.reason
+            if last
+            else (listed[0].reason if listed else Reason.UNKNOWN),
+        }
+        if last is not None:
+            metadata["model"] = last.candidate.ref
+        message = f"{head}: " + "; ".join(o.describe(now) for o in listed) if listed else head
+        if listed and not any(o.retryable() for o in listed):
+            return FailedPrecondition(message, reason=reason, metadata=metadata, retryable=False)
+        waits = [o.until - now for o in listed if o.retryable() and o.until is not None and o.until > now]
+        retry_after = min(waits) if waits else (last.verdict.retry_after_s if last else None)
+        return Unavailable(message, reason=reason, retry_after_s=retry_after, metadata=metadata)
+
+    def _exhausted_error(self, state: _State) -> RunyardError:
+        return self._chain_error(
+            state, "ALL_MODELS_FAILED", f"every model of agent {state.agent_id!r} failed"
         )
 
     def _cooling_error(self, state: _State, cooling: _AllCooling) -> RunyardError:
-        wait = max(cooling.soonest - time.time(), 0.0)
-        metadata = {"models": ",".join(cooling.refs)}
-        cause = ""
-        if state.last is not None:
-            last = state.last
-            metadata["failover_reason"] = last.verdict.reason
-            metadata["model"] = last.candidate.ref
-            # Say why, so a bad key or an empty balance is not hidden behind "cooling".
-            cause = f"; this request's last failure: {last.candidate.ref} ({last.verdict.reason}"
-            cause += f": {last.verdict.detail})" if last.verdict.detail else ")"
-        return Unavailable(
-            f"every remaining model of agent {state.agent_id!r} is cooling down ({', '.join(cooling.refs)}) "
-            f"and none may be probed now; the first cooldown ends in {wait:.1f}s{cause}",
-            reason="ALL_MODELS_COOLING",
-            retry_after_s=wait,
-            metadata=metadata,
+        return self._chain_error(
+            state,
+            "ALL_MODELS_COOLING",
+            f"every remaining model of agent {state.agent_id!r} is cooling down and none may be probed now",
+            cooling.candidates,
         )
 
     # ------------------------------------------------------------ status

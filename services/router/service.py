@@ -93,7 +93,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             # own error (what ran out, waiting for which model) reaches the
             # caller instead of a bare DEADLINE_EXCEEDED.
             remaining = max(remaining - DEADLINE_MARGIN_S, 0.0)
-        async for response in self.router.generate(run, request.messages, request.tools, timeout_s=remaining):
+        async for response in self.router.generate(
+            run,
+            request.messages,
+            request.tools,
+            timeout_s=remaining,
+            purpose=request.purpose,
+            after_compaction=request.after_compaction,
+        ):
             yield response
 
     async def GetProviderStatus(

@@ -643,18 +643,30 @@ async def test_failed_probe_extends_the_cooldown_without_escalating_it(router_fa
     assert (await h.row("fake", "default", "a"))["failure_count"] == 0
 
 
-async def test_a_disabled_key_is_never_probed_before_its_time(router_factory, fast_openai):
+async def test_a_disabled_key_is_never_probed_and_every_later_message_says_billing(
+    router_factory, fast_openai
+):
     fast_openai.script("a", Reply(status=402, body='{"error": {"message": "Insufficient credits"}}'))
     h = await router_factory(setup(fast_openai, ["fake/a"], router={"probe_interval_ms": 0}))
-    with pytest.raises(Unavailable):
+    with pytest.raises(FailedPrecondition) as first:
         await h.generate()
+    assert (first.value.reason, first.value.retryable) == ("ALL_MODELS_FAILED", False)
+    assert first.value.message.startswith("every model of agent 'default' failed: fake/a: BILLING (HTTP 402")
     row = await h.row("fake", "default", "")  # billing disables the whole key
     assert row["health"] == "disabled"
     calls = len(fast_openai.requests)
     for _ in range(3):
-        with pytest.raises(Unavailable) as cooling:
+        with pytest.raises(FailedPrecondition) as later:
             await h.generate()
-        assert cooling.value.reason == "ALL_MODELS_COOLING"
+        # Not a bare "cooling, retry in 5 h": why, that the key is disabled, until when; no retry helps.
+        error = later.value
+        assert (error.reason, error.retryable, error.retry_after_s) == ("ALL_MODELS_COOLING", False, None)
+        assert (
+            "fake/a: skipped, BILLING (HTTP 402: Insufficient credits), key disabled until " in error.message
+        )
+        assert "(in 5.0 h)" in error.message
+        assert (error.metadata["models"], error.metadata["reasons"]) == ("fake/a", "BILLING")
+        assert error.metadata["failover_reason"] == "BILLING" and error.metadata["until"].endswith("Z")
     assert len(fast_openai.requests) == calls  # no probe reached the provider
     again = await h.row("fake", "default", "")
     assert (again["failure_count"], again["until"]) == (row["failure_count"], row["until"])
@@ -665,12 +677,62 @@ async def test_a_key_that_failed_auth_is_not_probed_again_by_the_same_request(ro
     fast_openai.default("a", bad_key)
     fast_openai.default("b", bad_key)
     h = await router_factory(setup(fast_openai, ["fake/a", "fake/b"], router={"probe_interval_ms": 0}))
-    with pytest.raises(Unavailable) as error:
+    with pytest.raises(FailedPrecondition) as error:
         await h.generate()  # the only key is bad: b (same provider, same key) is not tried with it
     assert [r["model"] for r in fast_openai.requests] == ["a"]
-    assert "AUTH" in error.value.message
+    assert error.value.retryable is False  # a bad key does not fix itself
+    assert "fake/a: AUTH (HTTP 401: Incorrect API key), cooling until" in error.value.message
+    assert "fake/b: skipped, AUTH" in error.value.message
     row = await h.row("fake", "default", "")
     assert row["failure_count"] == 1
+
+
+async def test_every_model_failing_is_listed_with_its_reason_and_until_when(router_factory, fast_openai):
+    fast_openai.default("a", Reply(status=500, body='{"error": {"message": "boom"}}'))
+    fast_openai.default("b", Reply(status=404, body=NOT_FOUND % "b"))
+    fast_openai.default("c", Reply(status=429, body=RATE_LIMITED, headers={"retry-after": "40"}))
+    h = await router_factory(setup(fast_openai, ["fake/a", "fake/b", "fake/c"], router={"max_retries": 0}))
+    with pytest.raises(Unavailable) as failed:
+        await h.generate()
+    error = failed.value
+    assert error.reason == "ALL_MODELS_FAILED" and error.retryable  # a and c may recover
+    parts = error.message.split(": ", 1)[1].split("; ")
+    assert [p.split(" (")[0] for p in parts] == [
+        "fake/a: SERVER_ERROR",
+        "fake/b: MODEL_NOT_FOUND",
+        "fake/c: RATE_LIMIT",
+    ]
+    assert all(", cooling until " in p for p in parts)
+    assert error.metadata["reasons"] == "SERVER_ERROR,MODEL_NOT_FOUND,RATE_LIMIT"
+    assert 4 <= error.retry_after_s <= 5  # a's 5 s cooldown ends first
+    # The next request probes each cooldown once (they fail again); the one
+    # after that may probe none (probe_interval_ms) and says why for each.
+    with pytest.raises(Unavailable):
+        await h.generate()
+    calls = len(fast_openai.requests)
+    with pytest.raises(Unavailable) as cooling:
+        await h.generate()
+    assert len(fast_openai.requests) == calls
+    assert cooling.value.reason == "ALL_MODELS_COOLING"
+    assert cooling.value.metadata["reasons"] == "SERVER_ERROR,MODEL_NOT_FOUND,RATE_LIMIT"
+    assert cooling.value.message.count(": skipped, ") == 3
+
+
+async def test_a_skipped_model_says_why(router_factory, fast_openai):
+    fast_openai.script("a", Reply(status=429, body=RATE_LIMITED, headers={"retry-after": "90"}))
+    h = await router_factory(setup(fast_openai, ["fake/a", "fake/b"]))
+    await h.generate()
+    out = await h.generate()
+    select = out[0].model_select
+    assert (select.model, select.rule) == ("fake/b", "cooldown_skip")
+    [skip] = select.skipped
+    assert (skip.model, skip.reason, skip.disabled, skip.auth_profile) == (
+        "fake/a",
+        reason("RATE_LIMIT"),
+        False,
+        "default",
+    )
+    assert 85 < skip.until.ToSeconds() - time.time() <= 90
 
 
 async def test_primary_is_probed_just_before_its_cooldown_ends(router_factory, fast_openai):
@@ -794,14 +856,31 @@ async def test_a_tool_call_streaming_longer_than_the_stall_timers_is_not_a_stall
     assert (call.name, out[-1].final.model) == ("write_file", "claude/claude-x")
 
 
-async def test_failover_metrics_count_by_reason(router_factory, fast_openai):
+async def test_failover_metrics_count_switches_apart_from_retries_and_aborts(router_factory, fast_openai):
     from runyard.common import metrics
 
-    before = metrics.FAILOVERS_TOTAL.labels(Reason.MODEL_NOT_FOUND)._value.get()
+    def value(counter, *labels: str) -> float:
+        return counter.labels(*labels)._value.get()
+
+    counters = {
+        "switch": (metrics.FAILOVERS_TOTAL, Reason.SERVER_ERROR),
+        "retry": (metrics.ROUTER_RETRIES_TOTAL, Reason.SERVER_ERROR, "same_model"),
+        "abort": (metrics.ROUTER_ABORTS_TOTAL, Reason.FORMAT, "abort"),
+        "404": (metrics.FAILOVERS_TOTAL, Reason.MODEL_NOT_FOUND),
+    }
+    before = {name: value(*spec) for name, spec in counters.items()}
+    fast_openai.script("broken", *[Reply(status=500, body='{"error": {"message": "boom"}}')] * 3)
     fast_openai.script("gone", Reply(status=404, body=NOT_FOUND % "gone"))
-    h = await router_factory(setup(fast_openai, ["fake/gone", "fake/next"]))
-    await h.generate()
-    assert metrics.FAILOVERS_TOTAL.labels(Reason.MODEL_NOT_FOUND)._value.get() == before + 1
+    bad = Reply(
+        status=400, body='{"error": {"message": "bad", "type": "invalid_request_error", "param": "x"}}'
+    )
+    fast_openai.script("strict", bad)
+    h = await router_factory(setup(fast_openai, ["fake/broken", "fake/gone", "fake/next"]))
+    await h.generate()  # broken: try + 2 retries, then a switch; gone: a switch
+    with pytest.raises(FailedPrecondition):
+        await h.generate(payload(model="fake/strict"))  # an abort
+    delta = {name: value(*spec) - before[name] for name, spec in counters.items()}
+    assert delta == {"switch": 1, "retry": 2, "abort": 1, "404": 1}
     h.router.update_gauges()
     assert metrics.PROVIDER_STATE.labels("fake", "default", "gone", "cooling")._value.get() == 1
     assert metrics.PROVIDER_STATE.labels("fake", "default", "next", "ok")._value.get() == 1

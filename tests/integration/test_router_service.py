@@ -238,6 +238,30 @@ async def test_a_run_budget_bounds_the_run_and_a_stalled_primary_leaves_the_fall
     assert elapsed <= 2.0 * 1.1, elapsed
 
 
+async def test_a_billing_disabled_key_fails_later_runs_naming_billing_and_not_retryable(
+    stack_factory, fast_openai: FakeOpenAI
+):
+    fast_openai.default(
+        "model-a", Reply(status=402, body='{"error": {"code": 402, "message": "Insufficient credits"}}')
+    )
+    stack = await stack_factory(provider_config(fast_openai)).start()
+    failures = []
+    async with stack.client() as client:
+        for text in ("one", "two", "three"):
+            events = [e async for e in client.send("svc:billing", text)]
+            failures.append(events[-1].failed.error)
+    assert len(fast_openai.requests_for("model-a")) == 1  # the later runs never reach the provider
+    for error in failures:
+        assert error.reason in ("ALL_MODELS_FAILED", "ALL_MODELS_COOLING")
+        assert error.failover_reason == common_pb2.FAILOVER_REASON_BILLING
+        assert (
+            "fake/model-a:" in error.message and "BILLING (HTTP 402: Insufficient credits)" in error.message
+        )
+        assert "key disabled until" in error.message
+        assert (error.code, error.retryable) == ("FAILED_PRECONDITION", False)
+    assert [e.reason for e in failures[1:]] == ["ALL_MODELS_COOLING"] * 2
+
+
 def test_bench_router_runs_and_reports(pg_url: str):
     result = subprocess.run(
         [
