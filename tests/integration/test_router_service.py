@@ -262,6 +262,54 @@ async def test_a_billing_disabled_key_fails_later_runs_naming_billing_and_not_re
     assert [e.reason for e in failures[1:]] == ["ALL_MODELS_COOLING"] * 2
 
 
+async def test_context_overflow_with_compaction_available_compacts_and_completes(
+    stack_factory, fast_openai: FakeOpenAI
+):
+    from tests.integration.test_watch_events import read_events
+
+    fast_openai.context_window("model-a", 1_500)  # characters of message content
+    fast_openai.default("summarizer", Reply(chunks=["The user sent a long line of As."]))
+    config = provider_config(fast_openai)  # no context_window_chain
+    config["compaction"] = {"max_tokens": 0, "model": "fake/summarizer"}  # thresholds never trigger it
+    stack = await stack_factory(config).start()
+    async with stack.client() as client:
+        first = [e async for e in client.send("svc:overflow", "A" * 1_000)]
+        second = [e async for e in client.send("svc:overflow", "B" * 600)]  # 1 626 characters in all
+        third = [e async for e in client.send("svc:overflow", "and now?")]
+        alone = [e async for e in client.send("svc:too-long", "C" * 2_000)]  # nothing older to compact
+        still = [e async for e in client.send("svc:still", "hi")]
+        still += [e async for e in client.send("svc:still", "D" * 1_600)]  # too long even compacted
+
+    assert first[-1].completed.message.content == "Hello from model-a."
+    assert second[-1].completed.message.content == "Hello from model-a.", second[-1]
+    [notice] = [e.model_failover for e in second if e.HasField("model_failover")]
+    assert (notice.from_model, notice.to_model, notice.reason) == (
+        "fake/model-a",
+        "fake/model-a",
+        common_pb2.FAILOVER_REASON_CONTEXT_OVERFLOW,
+    )
+    assert "compacted the session" in notice.message
+    overflowed, retried = fast_openai.requests_for("model-a")[1:3]
+    assert "A" * 1_000 in str(overflowed["messages"]) and "A" * 1_000 not in str(retried["messages"])
+    assert "The user sent a long line of As." in retried["messages"][0]["content"]
+    # The commit rolled the session over; the next run goes on from the summary.
+    assert third[-1].HasField("completed") and third[0].session_id != first[0].session_id
+
+    error = alone[-1].failed.error
+    assert (error.code, error.reason) == ("FAILED_PRECONDITION", "CONTEXT_OVERFLOW")
+    assert "reset or compact the session" in error.message
+    error = still[-1].failed.error
+    assert (error.code, error.reason) == ("FAILED_PRECONDITION", "CONTEXT_OVERFLOW")
+    assert "even after compacting the session" in error.message
+
+    events = await read_events(stack, 0, ("model.failover", "session.compacted"), quiet_s=2.0)
+    decisions = [e.model.decision for e in events if e.type == "model.failover"]
+    # Each overflow that compaction can address says so; the one after compaction aborts.
+    assert decisions == ["compact_session", "compact_session", "compact_session", "abort"], decisions
+    compacted = [e for e in events if e.type == "session.compacted"]
+    assert [e.session_compacted.summarized_message_count for e in compacted] == [2]
+
+
 def test_bench_router_runs_and_reports(pg_url: str):
     result = subprocess.run(
         [
