@@ -337,9 +337,22 @@ def test_bench_router_runs_and_reports(pg_url: str):
         timeout=120,
         check=False,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(result.stdout)
-    assert data["error_count"] == 0
+    assert data["error_count"] == 0, result.stderr[-3000:]
+    # The verdict follows the gated (concurrency-1 and cascade) targets; the
+    # figures themselves depend on the machine's load, so either may happen here.
+    missed = [t["name"] for t in data["targets"] if t["gated"] and not t["met"]]
+    assert {t["name"] for t in data["targets"] if t["gated"]} == {
+        "concurrency 1 ttft overhead p50",
+        "concurrency 1 ttft overhead p99",
+        "concurrency 1 total overhead p50",
+        "concurrency 1 total overhead p99",
+        "cascade p50",
+        "cascade p99",
+    }
+    assert result.returncode == (1 if missed else 0), result.stderr[-3000:]
+    verdict = result.stderr.strip().splitlines()[-1]
+    assert verdict == (f"targets MISSED: {', '.join(missed)}" if missed else "targets met")
     assert [(row["concurrency"], row["metric"]) for row in data["overhead"]] == [
         (1, "ttft"),
         (1, "total"),
