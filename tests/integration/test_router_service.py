@@ -339,14 +339,12 @@ def test_bench_router_runs_and_reports(pg_url: str):
     )
     data = json.loads(result.stdout)
     assert data["error_count"] == 0, result.stderr[-3000:]
-    # The verdict follows the gated (concurrency-1 and cascade) targets; the
+    # The verdict follows the gated (concurrency-1 TTFT and cascade) targets; the
     # figures themselves depend on the machine's load, so either may happen here.
     missed = [t["name"] for t in data["targets"] if t["gated"] and not t["met"]]
     assert {t["name"] for t in data["targets"] if t["gated"]} == {
         "concurrency 1 ttft overhead p50",
         "concurrency 1 ttft overhead p99",
-        "concurrency 1 total overhead p50",
-        "concurrency 1 total overhead p99",
         "cascade p50",
         "cascade p99",
     }

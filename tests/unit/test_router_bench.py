@@ -1,4 +1,4 @@
-"""`runyard bench router`'s verdict: the concurrency-1 targets and the
+"""`runyard bench router`'s verdict: the concurrency-1 TTFT targets and the
 cascade gate the exit code and print "targets MISSED"."""
 
 from __future__ import annotations
@@ -77,10 +77,15 @@ def test_a_missed_cascade_target_is_gated_too(capsys: pytest.CaptureFixture[str]
     assert '"gated": true' in captured.out
 
 
-def test_higher_concurrency_is_reported_but_not_gated(capsys: pytest.CaptureFixture[str]):
-    assert bench.report(results(c1_p99=1.0, c32_p99=9.0), args()) == 0
+def test_the_whole_answer_and_higher_concurrency_are_reported_but_not_gated(
+    capsys: pytest.CaptureFixture[str],
+):
+    data = results(c1_p99=1.0, c32_p99=9.0)
+    data["overhead"][1]["overhead_p50_ms"] = 2.2  # concurrency 1, whole answer
+    assert bench.report(data, args()) == 0
     out = capsys.readouterr().out
     assert "concurrency 32 ttft overhead p99: 9.000 ms < 5.0 ms MISSED (not gated)" in out
+    assert "concurrency 1 total overhead p50: 2.200 ms < 1.0 ms MISSED (not gated)" in out
 
 
 def test_failed_requests_exit_2(capsys: pytest.CaptureFixture[str]):
