@@ -733,6 +733,12 @@ async def test_a_skipped_model_says_why(router_factory, fast_openai):
         "default",
     )
     assert 85 < skip.until.ToSeconds() - time.time() <= 90
+    # A failover that passes over a cooling model says why too.
+    fast_openai.script("gone", Reply(status=404, body=NOT_FOUND % "gone"))
+    out = await h.generate(payload(model="fake/gone"))  # chain: gone, a (cooling), b
+    [failover] = failovers(out)
+    assert (failover.from_model, failover.to_model) == ("fake/gone", "fake/b")
+    assert [(s.model, s.reason) for s in failover.skipped] == [("fake/a", reason("RATE_LIMIT"))]
 
 
 async def test_primary_is_probed_just_before_its_cooldown_ends(router_factory, fast_openai):
