@@ -212,7 +212,9 @@ class RouterConfig(_ServerSection):
 
     listen: str = "127.0.0.1:50052"
     metrics_port: int = Field(default=9102, ge=0, le=65535)
-    # One deadline for all attempts of a request (unless the caller's is shorter).
+    # Default time budget of a run (RunOptions.timeout_ms, then
+    # agents.<id>.timeout_ms, override it): every attempt, retry, fallback and
+    # tool-loop call of the run shares it, end to end.
     request_timeout_ms: int = Field(default=120_000, ge=100, le=3_600_000)
     # No first token within this -> TIMEOUT, next model.
     ttft_timeout_ms: int = Field(default=30_000, ge=10, le=600_000)
@@ -402,7 +404,11 @@ class AgentConfig(_Section):
     system_prompt: str = "You are a helpful assistant."
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_output_tokens: int = Field(default=0, ge=0)
-    # On CONTEXT_OVERFLOW: larger-context models to try, in order (else abort).
+    # Time budget of this agent's runs when RunOptions.timeout_ms is 0
+    # (0 = router.request_timeout_ms).
+    timeout_ms: int = Field(default=0, ge=0, le=3_600_000)
+    # On CONTEXT_OVERFLOW: larger-context models to try, in order (else the
+    # worker compacts the session and retries once, else abort).
     context_window_chain: list[str] = Field(default_factory=list)
     # On CONTENT_POLICY: models to try, in order (else abort).
     content_policy_chain: list[str] = Field(default_factory=list)
@@ -819,6 +825,14 @@ class Config(_Section):
     def agent(self, agent_id: str) -> AgentConfig | None:
         """The agent ``agent_id`` (empty = the default agent), or None."""
         return self.agents.get(agent_id or self.gateway.default_agent)
+
+    def run_timeout_ms(self, agent_id: str, requested_ms: int = 0) -> int:
+        """A run's time budget in ms, end to end: ``requested_ms``
+        (``RunOptions.timeout_ms``), else the agent's ``timeout_ms``, else
+        ``router.request_timeout_ms``."""
+        agent = self.agent(agent_id)
+        agent_ms = agent.timeout_ms if agent is not None else 0
+        return requested_ms or agent_ms or self.router.request_timeout_ms
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

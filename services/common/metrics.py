@@ -135,12 +135,27 @@ TOKENS_STREAMED = Counter(
     "runyard_tokens_streamed_total", "Text deltas streamed from models.", ("provider",)
 )
 FAILOVERS_TOTAL = Counter(
-    "runyard_failovers_total", "Model failovers by reason.", ("reason",)
+    "runyard_failovers_total",
+    "Switches of an answer from one model to another (next_model, context_window_chain, "
+    "content_policy_chain), by the failover reason of the model left behind.",
+    ("reason",),
+)
+ROUTER_RETRIES_TOTAL = Counter(
+    "runyard_router_retries_total",
+    "Router retries of the same model, by failover reason and kind (same_model: after a backoff; "
+    "auth_profile: with another key).",
+    ("reason", "kind"),
+)
+ROUTER_ABORTS_TOTAL = Counter(
+    "runyard_router_aborts_total",
+    "Router requests that ended without an answer, by the failover reason that decided it and outcome "
+    "(abort, exhausted, all_cooling, deadline, compact_session).",
+    ("reason", "outcome"),
 )
 ROUTER_DECISIONS_TOTAL = Counter(
     "runyard_router_decisions_total",
     "Router failover decisions by reason and decision (retry_same_model, rotate_auth_profile, next_model, "
-    "context_window_chain, content_policy_chain, abort, exhausted).",
+    "context_window_chain, content_policy_chain, compact_session, abort, exhausted).",
     ("reason", "decision"),
 )
 ROUTER_PROBES_TOTAL = Counter(

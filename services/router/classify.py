@@ -90,6 +90,13 @@ unknown                  UNKNOWN             anything else
 
 An error event inside a 200 stream whose body carries a numeric HTTP
 ``code`` (OpenRouter, vLLM) is classified as if it had that status.
+
+A RATE_LIMIT is the model's (OpenAI/Groq "Rate limit reached for <model> in
+organization ...", Together "specific to this model", Azure deployments)
+unless the provider says the limit is the key's or the account's and does
+not name the model: "... limit ... for this API key", LiteLLM's "rate limit
+type = key", OpenRouter's ``free-models-per-day``; then
+:attr:`Classification.key_wide` is set and the whole key cools down.
 """
 
 from __future__ import annotations
@@ -138,7 +145,8 @@ class Classification:
     Retry-After hint in seconds, if any. ``detail``: a short human-readable
     explanation (never a credential). ``rule``: the :data:`RULES` entry that
     matched. ``param``: the request field the provider blamed (OpenAI
-    ``param``), if any.
+    ``param``), if any. ``key_wide``: a RATE_LIMIT that the provider says
+    applies to the whole key or account, not to the model called.
     """
 
     reason: str
@@ -146,6 +154,7 @@ class Classification:
     detail: str = ""
     rule: str = ""
     param: str = ""
+    key_wide: bool = False
 
 
 @dataclass(slots=True)
@@ -223,6 +232,12 @@ _CONTEXT = re.compile(
 _CONTENT = re.compile(
     r"content[_ ]filter|content[_ ]policy|content management policy|safety (system|policy)|flagged|moderation"
     r"|responsible ai|policy[_ ]violation",
+    re.IGNORECASE,
+)
+_KEY_WIDE = re.compile(
+    r"\bkey\b[^.]{0,40}\b(rate[ _-]?limit|limit|quota)"
+    r"|\b(rate[ _-]?limit|limit|quota)\b[^.]{0,40}\b(for|of|on|per) (this |your |the )?(api[ _-]?)?key\b"
+    r"|rate[ _-]?limit type\s*=\s*key|free-models-per-(day|min)|account[ _-]wide|across all models",
     re.IGNORECASE,
 )
 _OVERLOADED = re.compile(r"overloaded", re.IGNORECASE)
@@ -562,12 +577,13 @@ def _find_provider_error(error: BaseException) -> ProviderError | None:
     return None
 
 
-def classify(error: BaseException) -> Classification:
+def classify(error: BaseException, model: str = "") -> Classification:
     """Classify any failure of a model call (see the module table).
 
     A :class:`ProviderError` anywhere in ``error``'s cause chain is read;
     other exceptions are classified by their transport type (TIMEOUT,
-    NETWORK) or as UNKNOWN. Never raises.
+    NETWORK) or as UNKNOWN. ``model`` is the model called: a rate limit
+    that names it is the model's, never key-wide. Never raises.
     """
     provider_error = _find_provider_error(error)
     if provider_error is None:
@@ -579,8 +595,21 @@ def classify(error: BaseException) -> Classification:
     facts = facts_of(provider_error)
     for rule in RULES:
         if rule.match(facts):
-            return Classification(rule.reason, facts.retry_after_s, _detail(facts), rule.name, facts.param)
+            key_wide = (
+                rule.reason == Reason.RATE_LIMIT and _has(_KEY_WIDE, facts) and not _names(facts, model)
+            )
+            return Classification(
+                rule.reason, facts.retry_after_s, _detail(facts), rule.name, facts.param, key_wide
+            )
     raise AssertionError("the last rule always matches")  # pragma: no cover
+
+
+def _names(facts: Facts, model: str) -> bool:
+    """Whether the error text names ``model`` (as a whole word: "gpt-4o" is
+    not named by "gpt-4o-mini")."""
+    if not model:
+        return False
+    return re.search(rf"(?<![\w.-]){re.escape(model)}(?![\w.-])", facts.text, re.IGNORECASE) is not None
 
 
 def _detail(facts: Facts) -> str:

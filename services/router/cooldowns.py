@@ -1,19 +1,24 @@
 """Cooldowns: which provider / auth profile / model to avoid, and until when.
 
 A cooldown is keyed by ``(provider, auth_profile, model)`` where an empty
-profile or model means "every": RATE_LIMIT cools *that model on that
-profile* (a sibling model stays usable), transient errors and AUTH/BILLING
-cool *the profile*, MODEL_NOT_FOUND cools *that model on every profile of
-the provider* (see :mod:`runyard.router.policy`).
+model means "every model of that key": what a model did (rate limit,
+SERVER_ERROR, TIMEOUT, NETWORK, OVERLOADED, MODEL_NOT_FOUND) cools *that
+model on that key*, so a sibling model on the same key stays usable; what
+the key did (AUTH, AUTH_PERMANENT, BILLING, a key-wide rate limit) cools
+*the key* (see :mod:`runyard.router.policy`). Rows with an empty profile
+(a model on every key) were written by earlier versions and are still read.
 
 The schedule is exponential with a cap: the n-th failure of an episode
 cools for ``initial * multiplier^(n-1)``, at most ``max``; BILLING and
 AUTH_PERMANENT *disable* the profile on the ``disable_*`` schedule (5 h
 doubling to 24 h by default). A further failure during a cooldown extends it
-(never shortens it); a Retry-After longer than the schedule wins; a success
-clears the key. A failure (or success) of an attempt that started *before*
-the episode's latest failure is the same incident seen late by a request
-that was already in flight: it neither escalates nor clears.
+(never shortens it); a Retry-After longer than the schedule wins. One
+request escalates a key at most once (its same-model retries and a failed
+probe extend, never escalate). A success clears the state of the model it
+succeeded on and of its key, never another model's. A failure (or success)
+of an attempt that started *before* the episode's latest failure is the
+same incident seen late by a request that was already in flight: it neither
+escalates nor clears.
 
 State is shared by every router replica through the ``router.cooldowns``
 table: the hot path reads only an in-memory cache; each failure updates the
@@ -121,6 +126,10 @@ class Failure:
     #: does not escalate it (steady traffic would otherwise push every
     #: cooldown to its cap within seconds).
     probe: bool = False
+    #: The same request already failed on this key (a same-model retry, a
+    #: rotation back): it extends the cooldown but does not escalate it, so
+    #: one request counts as one failure.
+    repeat: bool = False
 
 
 class Schedules:
@@ -153,8 +162,8 @@ def next_state(
     * An attempt that started before the episode's latest failure does not
       escalate: it only lets a longer Retry-After extend the cooldown.
     * Otherwise the failure count grows (it restarts at 1 when the key has
-      been out of cooldown for ``failure_window_s``; a failed probe keeps it),
-      and the cooldown becomes
+      been out of cooldown for ``failure_window_s``; a failed probe and a
+      repeat failure of the same request keep it), and the cooldown becomes
       ``max(current end, now + schedule(count), now + Retry-After)``.
     """
     now = failure.at
@@ -175,7 +184,7 @@ def next_state(
     fresh = (
         prev is None or prev.failure_count == 0 or prev.until is None or now > prev.until + schedules.window_s
     )
-    count = 1 if fresh else base.failure_count + (0 if failure.probe else 1)
+    count = 1 if fresh else base.failure_count + (0 if failure.probe or failure.repeat else 1)
     until = now + schedules.duration(schedule, count)
     if prev is not None and prev.active(now):
         until = max(until, prev.until or now)
@@ -368,7 +377,9 @@ class CooldownStore:
 
     def record_success(self, provider: str, profile: str, model: str, attempt_started_at: float) -> None:
         """Clear the keys of ``model`` on ``profile`` after a success of an
-        attempt started at ``attempt_started_at`` (epoch seconds)."""
+        attempt started at ``attempt_started_at`` (epoch seconds): the
+        model's own state and its key's (the key evidently works); never the
+        state of another model on the same key."""
         for key in self.keys_for(provider, profile, model):
             prev = self._cache.get(key)
             state = cleared_state(prev, attempt_started_at)

@@ -13,12 +13,12 @@ How a request is served:
 2. **Pick** (:meth:`Router._pick`): the first candidate with an auth profile
    that is not cooling down (the session's pinned profile, else the least
    recently used one). When every candidate is cooling, the one whose
-   cooldown ends soonest is *probed* (at most one probe per provider per
-   request, and per key at most once per ``probe_interval_ms`` across
-   requests; never a key disabled for billing or a revoked credential, nor a
-   key that failed authentication in this request; a failed probe extends the
+   cooldown ends soonest is *probed* (each cooldown at most once per
+   request, and never one this request already failed on; per model and key
+   at most once per ``probe_interval_ms`` across requests; never a key
+   disabled for billing or a revoked credential; a failed probe extends the
    cooldown without escalating it); if none may be probed the request fails
-   at once with UNAVAILABLE ``ALL_MODELS_COOLING`` and a Retry-After.
+   at once with ``ALL_MODELS_COOLING``.
 3. **Attempt**: open the stream and wait for the first token
    (``ttft_timeout_ms``), then for each next one (``idle_timeout_ms``); a
    stall is a TIMEOUT failure. Every attempt shares one deadline: the shorter
@@ -28,7 +28,8 @@ How a request is served:
    bounded by ``max_retries`` and the deadline), rotate the auth profile,
    move to the next model (or the agent's context-window / content-policy
    chain), or abort with FAILED_PRECONDITION naming the URL or field.
-   Each failure updates the cooldowns (:mod:`runyard.router.cooldowns`) and
+   Each failure updates the cooldowns (:mod:`runyard.router.cooldowns`:
+   the model's on its key, or the key's; one request escalates a key once) and
    each decision is a ``model.failover`` lifecycle event and a metric.
    After tokens were streamed the answer restarts on the next model and the
    ``model_failover`` event says ``restart_output``.
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
 import uuid
@@ -52,7 +54,15 @@ from runyard.common import metrics
 from runyard.common.config import AgentConfig, Config
 from runyard.common.errors import DeadlineExceeded, FailedPrecondition, NotFound, RunyardError, Unavailable
 from runyard.router.classify import Classification, Reason, classify
-from runyard.router.cooldowns import DISABLED, OK, CooldownKey, CooldownState, CooldownStore, Failure, fill_cooldown
+from runyard.router.cooldowns import (
+    DISABLED,
+    OK,
+    CooldownKey,
+    CooldownState,
+    CooldownStore,
+    Failure,
+    fill_cooldown,
+)
 from runyard.router.policy import Decision, policy_for
 from runyard.router.profiles import AuthProfile, AuthProfiles
 from runyard.router.providers import Chunk, Provider, ProviderError, Request, build_provider
@@ -112,13 +122,64 @@ class StatusRow:
 _KEY_REASONS = frozenset({Reason.AUTH, Reason.AUTH_PERMANENT, Reason.BILLING})
 
 
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What kept one model from answering this request (for errors and skips)."""
+
+    ref: str
+    reason: str
+    detail: str = ""
+    #: End of its cooldown (epoch seconds), if one applies.
+    until: float | None = None
+    #: Its key is disabled (BILLING, AUTH_PERMANENT).
+    disabled: bool = False
+    #: Passed over because it is cooling down, never called.
+    skipped: bool = False
+    profile: str = ""
+
+    def retryable(self) -> bool:
+        """Whether waiting (and asking again) may help."""
+        return not self.disabled and policy_for(self.reason).retryable
+
+    def describe(self, now: float) -> str:
+        """``provider/model: REASON (detail), cooling until <UTC> (in 12s)``."""
+        text = f"{self.ref}: {'skipped, ' if self.skipped else ''}{self.reason}"
+        if self.detail:
+            text += f" ({self.detail})"
+        if self.until is not None and self.until > now:
+            what = "key disabled" if self.disabled else "cooling"
+            text += f", {what} until {_utc(self.until)} (in {_duration(self.until - now)})"
+        return text
+
+    def skip(self) -> common_pb2.ModelSkip:
+        """The wire form (``ModelSelect.skipped``, ``ModelFailover.skipped``)."""
+        skip = common_pb2.ModelSkip(model=self.ref, disabled=self.disabled, auth_profile=self.profile)
+        with contextlib.suppress(ValueError):  # a reason a newer replica wrote
+            skip.reason = failover_reason_value(self.reason)
+        if self.until is not None:
+            skip.until.FromNanoseconds(int(self.until * 1e9))
+        return skip
+
+
+def _utc(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 @dataclass(slots=True)
 class _Pick:
     candidate: Candidate
     profile: AuthProfile
     probe: bool = False
-    #: A candidate earlier in the list was skipped because it was cooling.
-    skipped: bool = False
+    #: Candidates earlier in the list passed over because they are cooling.
+    skips: list[_Outcome] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -132,13 +193,33 @@ class _State:
     session: str
     request: Request
     excluded: set[str]
+    #: Candidates not tried yet, in order (the chain, or a special chain).
+    remaining: list[Candidate] = field(default_factory=list)
     tried: set[str] = field(default_factory=set)
-    probed_providers: set[str] = field(default_factory=set)
+    #: Cooldown keys this request already probed or failed on: never probed
+    #: (again) by it.
+    probed_keys: set[CooldownKey] = field(default_factory=set)
+    #: Cooldown keys whose failure count this request already raised: its
+    #: further failures on them extend the cooldown without escalating it.
+    escalated: set[CooldownKey] = field(default_factory=set)
     #: (provider, auth profile) pairs whose key failed (AUTH, AUTH_PERMANENT,
     #: BILLING) during this request: never probed again by it.
     failed_profiles: set[tuple[str, str]] = field(default_factory=set)
     last: _AttemptFailed | None = None
+    #: Per model, in the order met: its last failure in this request, or why
+    #: it was passed over.
+    outcomes: dict[str, _AttemptFailed | _Outcome] = field(default_factory=dict)
     succeeded: bool = False
+    #: GenerateRequest.purpose and after_compaction (CONTEXT_OVERFLOW handling).
+    purpose: int = 0
+    after_compaction: bool = False
+    #: This request's budget in seconds, and the run's in ms (for messages).
+    budget_s: float = 0.0
+    run_budget_ms: int = 0
+    #: Until when (monotonic) the current candidate may wait for its first
+    #: token: half of what is left while another model could still answer,
+    #: else the request's deadline.
+    slot_end: float = 0.0
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -170,6 +251,8 @@ class _AttemptFailed(Exception):
         self.cooldown: CooldownState | None = None
         self.cooldown_key: CooldownKey | None = None
         self.cooled = False
+        #: The request already escalated this failure's cooldown key.
+        self.repeat = False
 
 
 class _Watchdog:
@@ -253,13 +336,16 @@ class _Opened:
     watchdog: _Watchdog
     #: When the successful attempt started (epoch seconds).
     started_at: float
+    #: The longest wait for each next token (seconds), and whether that is
+    #: a share of the run's budget rather than ``idle_timeout_ms``.
+    idle_s: float = 0.0
+    idle_cut: bool = False
 
 
 class _AllCooling(Exception):
-    def __init__(self, soonest: float, refs: list[str]):
+    def __init__(self, candidates: list[Candidate]):
         super().__init__("every candidate is cooling down")
-        self.soonest = soonest
-        self.refs = refs
+        self.candidates = list(candidates)
 
 
 class Router:
@@ -436,9 +522,10 @@ class Router:
         for index, candidate in enumerate(remaining):
             profiles = self.profiles.ordered(candidate.provider, state.session, self._usable(candidate, now))
             if profiles:
+                skips = self._skips(remaining[:index], state, now) if index else []
                 del remaining[index]
                 state.tried.add(candidate.ref)
-                return _Pick(candidate, profiles[0], skipped=index > 0)
+                return _Pick(candidate, profiles[0], skips=skips)
             if first and index == 0 and self.primary_probe_margin_s > 0:
                 early = self._probe_target([candidate], state, now, mono, within=self.primary_probe_margin_s)
                 if early is not None:
@@ -448,16 +535,40 @@ class Router:
             return self._take_probe(remaining, state, target, mono)
         if not remaining:
             return None
-        soonest = min(
-            (
-                (blocking.until or now)
-                for c in remaining
-                for name in self.profiles.names(c.provider)
-                if (blocking := self.store.blocking(c.provider, name, c.model, now)) is not None
-            ),
-            default=now,
+        raise _AllCooling(remaining)
+
+    def _cooling(self, candidate: Candidate, now: float) -> _Outcome | None:
+        """Why ``candidate`` is cooling on every profile (the block that ends
+        soonest), or None if a profile is usable."""
+        best: tuple[str, CooldownState] | None = None
+        for name in self.profiles.names(candidate.provider):
+            blocking = self.store.blocking(candidate.provider, name, candidate.model, now)
+            if blocking is None:
+                return None
+            if best is None or (blocking.until or now) < (best[1].until or now):
+                best = (name, blocking)
+        if best is None:
+            return None
+        name, blocking = best
+        return _Outcome(
+            candidate.ref,
+            blocking.last_reason or Reason.UNKNOWN,
+            blocking.last_message,
+            blocking.until,
+            blocking.health_at(now) == DISABLED,
+            skipped=True,
+            profile=name if blocking.key.profile else "",
         )
-        raise _AllCooling(soonest, [c.ref for c in remaining])
+
+    def _skips(self, candidates: Sequence[Candidate], state: _State, now: float) -> list[_Outcome]:
+        """The cooling ``candidates`` passed over, recorded in ``state``."""
+        skips = []
+        for candidate in candidates:
+            outcome = self._cooling(candidate, now)
+            if outcome is not None:
+                skips.append(outcome)
+                state.outcomes.setdefault(candidate.ref, outcome)
+        return skips
 
     def _probe_target(
         self,
@@ -467,36 +578,42 @@ class Router:
         mono: float,
         *,
         within: float | None = None,
-    ) -> tuple[float, Candidate, str] | None:
-        best: tuple[float, Candidate, str] | None = None
+    ) -> tuple[float, Candidate, str, CooldownKey | None] | None:
+        best: tuple[float, Candidate, str, CooldownKey | None] | None = None
         for candidate in candidates:
-            if candidate.provider in state.probed_providers:
-                continue
             for name in self.profiles.names(candidate.provider):
                 if (candidate.provider, name) in state.failed_profiles:
                     continue  # it just failed in this very request
                 blocking = self.store.blocking(candidate.provider, name, candidate.model, now)
                 if blocking is not None and blocking.health_at(now) == DISABLED:
                     continue  # billing / revoked key: disabled for hours, not worth a probe
+                if blocking is not None and blocking.key in state.probed_keys:
+                    continue  # this request already probed that very cooldown
                 until = blocking.until if blocking is not None and blocking.until is not None else now
                 if within is not None and until - now > within:
                     continue
                 if not self._probe_allowed((candidate.provider, name, candidate.model), mono):
                     continue
                 if best is None or until < best[0]:
-                    best = (until, candidate, name)
+                    best = (until, candidate, name, blocking.key if blocking is not None else None)
         return best
 
     def _take_probe(
-        self, remaining: list[Candidate], state: _State, target: tuple[float, Candidate, str], mono: float
+        self,
+        remaining: list[Candidate],
+        state: _State,
+        target: tuple[float, Candidate, str, CooldownKey | None],
+        mono: float,
     ) -> _Pick:
-        _, candidate, name = target
+        _, candidate, name, key = target
         self._mark_probe((candidate.provider, name, candidate.model), mono)
-        state.probed_providers.add(candidate.provider)
+        if key is not None:
+            state.probed_keys.add(key)
         index = remaining.index(candidate)
+        skips = self._skips(remaining[:index], state, time.time()) if index else []
         del remaining[index]
         state.tried.add(candidate.ref)
-        return _Pick(candidate, self.profiles.get(candidate.provider, name), probe=True, skipped=index > 0)
+        return _Pick(candidate, self.profiles.get(candidate.provider, name), probe=True, skips=skips)
 
     def _chain(self, refs: Sequence[str], state: _State) -> list[Candidate]:
         return [
@@ -516,6 +633,8 @@ class Router:
         tools: Sequence[common_pb2.ToolDefinition] = (),
         *,
         timeout_s: float | None = None,
+        purpose: int = router_pb2.GENERATE_PURPOSE_UNSPECIFIED,
+        after_compaction: bool = False,
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
         """Stream one answer for ``run``, failing over as the policy says.
 
@@ -523,9 +642,20 @@ class Router:
             run: the run payload (agent, model preferences, options, ids).
             messages: the whole prompt.
             tools: tools offered to the model.
-            timeout_s: the caller's remaining deadline, if any; the shorter of
-                it and ``router.request_timeout_ms`` bounds every attempt,
-                retry and fallback together.
+            timeout_s: the caller's remaining deadline, if any. The shorter
+                of it and the run's budget (``RunOptions.timeout_ms``, else
+                the agent's ``timeout_ms``, else ``router.request_timeout_ms``)
+                bounds every attempt, retry and fallback together; while
+                another model could still answer, a model may wait for its
+                first token at most half of what is left (and its retries
+                must fit in that half), so a stalled model cannot starve the
+                chain.
+            purpose: ``GenerateRequest.purpose``. For a run's answer
+                (GENERATE_PURPOSE_RUN) a CONTEXT_OVERFLOW with no larger model
+                left asks the worker to compact the session (decision
+                ``compact_session``) when compaction is enabled.
+            after_compaction: the worker already compacted the session for
+                this run: another overflow aborts.
 
         Raises:
             NotFound: unknown agent.
@@ -534,11 +664,17 @@ class Router:
                 URL and the field the provider blamed), CONTEXT_OVERFLOW or
                 CONTENT_POLICY with no chain left.
             Unavailable: every model failed (ALL_MODELS_FAILED) or every
-                candidate is cooling down (ALL_MODELS_COOLING, with RetryInfo).
+                candidate is cooling down (ALL_MODELS_COOLING), and waiting
+                may help (RetryInfo: when the first cooldown ends). The
+                message lists each model with its reason and until when.
+            FailedPrecondition: the same, but no model can recover by
+                waiting (AUTH, BILLING, MODEL_NOT_FOUND, disabled keys):
+                ``retryable`` is false.
             DeadlineExceeded: the shared deadline passed (ROUTER_DEADLINE).
         """
-        budget = self.request_timeout_s if timeout_s is None else min(timeout_s, self.request_timeout_s)
         agent = self._agent(run.agent_id)
+        run_budget_ms = self.config.run_timeout_ms(run.agent_id, run.options.timeout_ms)
+        budget = run_budget_ms / 1000 if timeout_s is None else max(min(timeout_s, run_budget_ms / 1000), 0.0)
         selection = self.select(run, messages)
         temperature = run.options.temperature if run.options.HasField("temperature") else agent.temperature
         state = _State(
@@ -555,29 +691,42 @@ class Router:
                 max_output_tokens=run.options.max_output_tokens or agent.max_output_tokens,
             ),
             excluded=set(run.model.exclude_models),
+            budget_s=budget,
+            run_budget_ms=run_budget_ms,
+            purpose=purpose,
+            after_compaction=after_compaction,
         )
-        remaining = list(selection.candidates)
+        remaining = state.remaining = list(selection.candidates)
         try:
             pick = self._pick(remaining, state, first=True)
         except _AllCooling as cooling:
-            raise self._cooling_error(state, cooling) from None
+            error = self._cooling_error(state, cooling)
+            metrics.ROUTER_ABORTS_TOTAL.labels(error.metadata.get("failover_reason", ""), "all_cooling").inc()
+            raise error from None
         assert pick is not None
         rule = selection.rule
         if pick.probe:
             rule = "cooldown_probe"
-        elif pick.skipped:
+        elif pick.skips:
             rule = "cooldown_skip"
         yield router_pb2.GenerateResponse(
             model_select=common_pb2.ModelSelect(
-                model=pick.candidate.ref, task_class=selection.task_class, rule=rule
+                model=pick.candidate.ref,
+                task_class=selection.task_class,
+                rule=rule,
+                skipped=[skip.skip() for skip in pick.skips],
             )
         )
         while True:
             # aclosing: a client that goes away closes the provider call now,
             # not whenever the generator is garbage collected.
-            async with contextlib.aclosing(self._serve(pick, state)) as served:
-                async for response in served:
-                    yield response
+            try:
+                async with contextlib.aclosing(self._serve(pick, state)) as served:
+                    async for response in served:
+                        yield response
+            except DeadlineExceeded:
+                metrics.ROUTER_ABORTS_TOTAL.labels(Reason.TIMEOUT, Decision.DEADLINE).inc()
+                raise
             if state.succeeded:
                 return
             failure = state.last
@@ -590,6 +739,7 @@ class Router:
                     reason=failover_reason_value(failure.verdict.reason),
                     restart_output=failure.streamed,
                     message=failure.verdict.detail or failure.error.message,
+                    skipped=[skip.skip() for skip in nxt.skips],
                 )
             )
             log.info(
@@ -627,10 +777,13 @@ class Router:
             )
             remaining[:] = self._chain(refs, state)
             if not remaining:
-                self._decide(failure, state, Decision.ABORT)
+                if chain_name == "context_window_chain" and self._compaction_available(state):
+                    self._decide(failure, state, Decision.COMPACT_SESSION)
+                else:
+                    self._decide(failure, state, Decision.ABORT)
                 raise self._abort_error(failure, state)
             decision = chain_name
-        self._cool(failure)
+        self._cool(failure, state)
         try:
             nxt = self._pick(remaining, state)
         except _AllCooling as cooling:
@@ -642,12 +795,23 @@ class Router:
         self._decide(failure, state, decision, to_model=nxt.candidate.ref, to_profile=nxt.profile.name)
         return nxt, decision
 
+    def _compaction_available(self, state: _State) -> bool:
+        """Whether the worker may compact the session and ask again after a
+        CONTEXT_OVERFLOW: a run's answer, compaction enabled, not done yet."""
+        return (
+            state.purpose == router_pb2.GENERATE_PURPOSE_RUN
+            and self.config.compaction.enabled
+            and not state.after_compaction
+        )
+
     async def _serve(self, pick: _Pick, state: _State) -> AsyncIterator[router_pb2.GenerateResponse]:
         """Serve ``pick``'s candidate, rotating auth profiles as the policy
         allows; sets ``state.succeeded``, else ``state.last``."""
         candidate, profile = pick.candidate, pick.profile
         rotated: set[str] = set()
         rotations = 0
+        now = time.monotonic()
+        state.slot_end = now + (state.deadline - now) / 2 if self._others_left(state) else state.deadline
         while True:
             rotated.add(profile.name)
             try:
@@ -658,6 +822,8 @@ class Router:
                         yield response
             except _AttemptFailed as failure:
                 state.last = failure
+                state.outcomes.pop(candidate.ref, None)  # keep the order of events
+                state.outcomes[candidate.ref] = failure
                 if failure.verdict.reason in _KEY_REASONS:
                     # The key itself is bad: no other model may be probed with it in this request.
                     state.failed_profiles.add((candidate.provider, profile.name))
@@ -669,7 +835,7 @@ class Router:
                     return
                 if policy.rotate == "once" and rotations >= 1:
                     return
-                self._cool(failure)
+                self._cool(failure, state)
                 now = time.time()
                 usable = self._usable(candidate, now)
                 options = [
@@ -694,12 +860,26 @@ class Router:
             state.succeeded = True
             return
 
-    def _retry_same(self, exc: BaseException) -> bool:
+    def _others_left(self, state: _State) -> bool:
+        """Whether another candidate could still be tried after the current
+        one: one with a usable profile, or one that may be probed."""
+        if not state.remaining:
+            return False
+        now = time.time()
+        for candidate in state.remaining:
+            for name in self.profiles.names(candidate.provider):
+                if self.store.blocking(candidate.provider, name, candidate.model, now) is None:
+                    return True
+        return self._probe_target(state.remaining, state, now, time.monotonic()) is not None
+
+    def _retry_same(self, exc: BaseException, state: _State) -> bool:
         if not isinstance(exc, _AttemptFailed) or exc.probe:
             return False
         policy = policy_for(exc.verdict.reason)
         if policy.retry_same == "backoff":
             return True
+        if policy.retry_same == "backoff_if_last":
+            return not self._others_left(state)
         if policy.retry_same == "retry_after":
             after = exc.verdict.retry_after_s
             return after is not None and after <= self.max_retry_after_s
@@ -729,7 +909,7 @@ class Router:
         try:
             opened = await self._open(candidate, profile, state, probe=probe)
         except _AttemptFailed as failure:
-            if not self._retry_same(failure):
+            if not self._retry_same(failure, state):
                 raise
             opened = await self._retry(candidate, profile, state, failure, probe=probe)
         text: list[str] = []
@@ -747,7 +927,9 @@ class Router:
                 elif stream is None:
                     break
                 else:
-                    chunk = await self._read(stream, watchdog, candidate, state, first=False)
+                    chunk = await self._read(
+                        stream, watchdog, candidate, state, opened.idle_s, first=False, cut=opened.idle_cut
+                    )
                     if chunk is None:
                         break
                 if chunk.kind == "text":
@@ -801,8 +983,8 @@ class Router:
     ) -> _Opened:
         """Same-model retries after ``failure`` (tenacity: jittered exponential
         backoff, Retry-After honoured, at most ``max_retries`` more attempts,
-        never sleeping past the request's deadline). The success path never
-        gets here, so it pays nothing for retry bookkeeping.
+        never sleeping past the candidate's share of the budget). The success
+        path never gets here, so it pays nothing for retry bookkeeping.
 
         Raises:
             _AttemptFailed: the last failure, once no retry is left or allowed.
@@ -811,7 +993,8 @@ class Router:
         def stop(retry_state: RetryCallState) -> bool:
             if retry_state.attempt_number > self.max_retries:
                 return True
-            return retry_state.upcoming_sleep >= state.remaining_s()
+            # Retry only while the rest of the chain keeps its share of the budget.
+            return retry_state.upcoming_sleep >= state.slot_end - time.monotonic()
 
         def before_sleep(retry_state: RetryCallState) -> None:
             exc = retry_state.outcome.exception() if retry_state.outcome is not None else None
@@ -823,7 +1006,7 @@ class Router:
         first: list[_AttemptFailed] = [failure]
         opened: _Opened | None = None
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception(self._retry_same),
+            retry=retry_if_exception(lambda exc: self._retry_same(exc, state)),
             wait=self._retry_wait,
             stop=stop,
             before_sleep=before_sleep,
@@ -842,27 +1025,42 @@ class Router:
             child = self._token_counters[provider] = metrics.TOKENS_STREAMED.labels(provider)
         return child
 
+    def _stall(self, configured_s: float, limit: float) -> tuple[float, bool]:
+        """The wait allowed for a token: ``configured_s``, or what is left
+        until ``limit`` (monotonic) when that is shorter (then ``True``: the
+        wait is cut by the run's budget, not by the model's own timer)."""
+        left = max(limit - time.monotonic(), 0.0)
+        return (configured_s, False) if configured_s <= left else (left, True)
+
+    def _idle(self, state: _State) -> tuple[float, bool]:
+        """The wait allowed between tokens once an answer started: the idle
+        timer, or half of what is left while another model could still
+        answer (a model that stalls mid-answer leaves the rest to the chain)."""
+        if not state.remaining or not self._others_left(state):
+            return self.idle_timeout_s, False
+        return self._stall(self.idle_timeout_s, time.monotonic() + state.remaining_s() / 2)
+
     async def _read(
         self,
         stream: AsyncIterator[Chunk],
         watchdog: _Watchdog,
         candidate: Candidate,
         state: _State,
+        stall_s: float,
         *,
         first: bool,
+        cut: bool = False,
     ) -> Chunk | None:
-        """The next chunk within the stall timer and the deadline (None at the end).
+        """The next chunk within ``stall_s`` and the deadline (None at the end).
 
         Raises:
-            ProviderError: stalled (``stalled`` = "ttft" or "idle").
+            ProviderError: stalled (``stalled`` = "ttft" or "idle";
+                ``budget_cut`` when ``stall_s`` was the run budget's share).
             DeadlineExceeded: the request's deadline passed.
         """
         if state.remaining_s() <= 0:
-            raise DeadlineExceeded(
-                "the request's deadline passed while waiting for the model", reason="ROUTER_DEADLINE"
-            )
-        stall = self.ttft_timeout_s if first else self.idle_timeout_s
-        watchdog.arm(stall)
+            raise self._deadline_error(state, candidate)
+        watchdog.arm(stall_s)
         try:
             return await anext(stream)
         except StopAsyncIteration:
@@ -870,14 +1068,13 @@ class Router:
         except asyncio.CancelledError:
             fired = watchdog.take()
             if fired == "deadline":
-                raise DeadlineExceeded(
-                    f"the request's deadline passed while waiting for {candidate.ref}",
-                    reason="ROUTER_DEADLINE",
-                ) from None
+                raise self._deadline_error(state, candidate) from None
             if fired == "stall":
+                share = " (its share of the run's time budget)" if cut else ""
                 raise ProviderError(
-                    f"{candidate.ref}: no {'first ' if first else ''}token within {stall:.3g}s",
+                    f"{candidate.ref}: no {'first ' if first else ''}token within {stall_s:.3g}s{share}",
                     stalled="ttft" if first else "idle",
+                    budget_cut=cut,
                 ) from None
             raise
         finally:
@@ -899,13 +1096,24 @@ class Router:
         watchdog = _Watchdog(state.deadline)
         buffered: list[Chunk] = []
         started = time.perf_counter()
+        first_s, first_cut = self._stall(self.ttft_timeout_s, state.slot_end)
+        idle_s, idle_cut = self.idle_timeout_s, False
         alive = False  # a first token of any kind came: from then on the idle timer applies
         try:
             while True:
-                chunk = await self._read(stream, watchdog, candidate, state, first=not alive)
+                if alive:
+                    chunk = await self._read(
+                        stream, watchdog, candidate, state, idle_s, first=False, cut=idle_cut
+                    )
+                else:
+                    chunk = await self._read(
+                        stream, watchdog, candidate, state, first_s, first=True, cut=first_cut
+                    )
                 if chunk is None:
-                    return _Opened(None, buffered, watchdog, started_at)
-                alive = True
+                    return _Opened(None, buffered, watchdog, started_at, idle_s, idle_cut)
+                if not alive:
+                    alive = True
+                    idle_s, idle_cut = self._idle(state)
                 if chunk.kind == "progress":  # tool-call arguments or reasoning under way
                     continue
                 buffered.append(chunk)
@@ -913,7 +1121,7 @@ class Router:
                     metrics.TIME_TO_FIRST_TOKEN_SECONDS.labels(candidate.provider).observe(
                         time.perf_counter() - started
                     )
-                    return _Opened(stream, buffered, watchdog, started_at)
+                    return _Opened(stream, buffered, watchdog, started_at, idle_s, idle_cut)
         except ProviderError as exc:
             watchdog.close()
             await stream.aclose()  # type: ignore[attr-defined]
@@ -936,7 +1144,7 @@ class Router:
         probe: bool,
     ) -> _AttemptFailed:
         exc.redact(profile.api_key())  # some providers quote the key they refused
-        verdict = classify(exc)
+        verdict = classify(exc, candidate.model)
         log.warning(
             "%s (auth profile %s) failed: %s [%s] %s",
             candidate.ref,
@@ -947,21 +1155,34 @@ class Router:
         )
         return _AttemptFailed(candidate, profile, exc, verdict, started_at, streamed=streamed, probe=probe)
 
-    def _cool(self, failure: _AttemptFailed) -> None:
-        """Apply ``failure``'s cooldown to the cache (once per failure)."""
+    @staticmethod
+    def _cooldown_key(failure: _AttemptFailed) -> CooldownKey | None:
+        """The key ``failure`` cools down (None: it sets no cooldown)."""
+        scope = policy_for(failure.verdict.reason).scope
+        if scope == "model_or_profile":
+            scope = "profile" if failure.verdict.key_wide else "model"
+        provider, profile = failure.candidate.provider, failure.profile.name
+        if scope == "model":
+            return CooldownKey(provider, profile, failure.candidate.model)
+        if scope == "profile":
+            return CooldownKey(provider, profile, "")
+        return None
+
+    def _cool(self, failure: _AttemptFailed, state: _State) -> None:
+        """Apply ``failure``'s cooldown to the cache (once per failure; a
+        second failure of the same request on the same key does not escalate)."""
         if failure.cooled:
             return
         failure.cooled = True
-        policy = policy_for(failure.verdict.reason)
-        provider, profile, model = failure.candidate.provider, failure.profile.name, failure.candidate.model
-        if policy.scope == "model":
-            key = CooldownKey(provider, profile, model)
-        elif policy.scope == "profile":
-            key = CooldownKey(provider, profile, "")
-        elif policy.scope == "provider_model":
-            key = CooldownKey(provider, "", model)
-        else:
+        if failure.error.budget_cut:
+            return  # cut short by this run's budget: says nothing about the model
+        key = self._cooldown_key(failure)
+        if key is None:
             return
+        failure.repeat = key in state.escalated
+        state.escalated.add(key)
+        state.probed_keys.add(key)  # this request has its answer about that key
+        provider = failure.candidate.provider
         failure.cooldown_key = key
         failure.cooldown = self.store.apply_failure(key, self._failure_record(failure))
         metrics.COOLDOWNS_TOTAL.labels(provider, failure.verdict.reason).inc()
@@ -975,6 +1196,7 @@ class Router:
             attempt_started_at=failure.started_at,
             at=failure.failed_at,
             probe=failure.probe,
+            repeat=failure.repeat,
         )
 
     def _decide(
@@ -987,10 +1209,16 @@ class Router:
         to_profile: str = "",
     ) -> None:
         """Record one decision: cooldown (database), lifecycle event, metrics."""
-        self._cool(failure)
+        self._cool(failure, state)
         reason = failure.verdict.reason
-        metrics.FAILOVERS_TOTAL.labels(reason).inc()
         metrics.ROUTER_DECISIONS_TOTAL.labels(reason, decision).inc()
+        if decision in Decision.SWITCHES:
+            metrics.FAILOVERS_TOTAL.labels(reason).inc()
+        elif decision in Decision.RETRIES:
+            kind = "same_model" if decision == Decision.RETRY_SAME_MODEL else "auth_profile"
+            metrics.ROUTER_RETRIES_TOTAL.labels(reason, kind).inc()
+        else:
+            metrics.ROUTER_ABORTS_TOTAL.labels(reason, decision).inc()
         event = self._event(failure, state, decision, to_model, to_profile)
         if failure.cooldown_key is not None:
             self.store.enqueue_failure(failure.cooldown_key, self._failure_record(failure), event)
@@ -1053,11 +1281,18 @@ class Router:
             if verdict.param:
                 metadata["provider_field"] = verdict.param
         elif verdict.reason == Reason.CONTEXT_OVERFLOW:
-            message = (
-                f"the prompt is too long for {candidate.ref} ({verdict.detail}) and agent "
-                f"{state.agent_id!r} has no larger model left in "
-                f"agents.{state.agent_id}.context_window_chain; reset or compact the session"
-            )
+            if state.after_compaction:
+                message = (
+                    f"the prompt is too long for {candidate.ref} ({verdict.detail}) even after compacting "
+                    f"the session, and agent {state.agent_id!r} has no larger model left in "
+                    f"agents.{state.agent_id}.context_window_chain; reset the session or add a larger model"
+                )
+            else:
+                message = (
+                    f"the prompt is too long for {candidate.ref} ({verdict.detail}) and agent "
+                    f"{state.agent_id!r} has no larger model left in "
+                    f"agents.{state.agent_id}.context_window_chain; reset or compact the session"
+                )
         else:
             message = (
                 f"{candidate.ref} refused the request under its content policy ({verdict.detail}) and agent "
@@ -1065,35 +1300,78 @@ class Router:
             )
         return FailedPrecondition(message, reason=verdict.reason, metadata=metadata)
 
-    def _exhausted_error(self, state: _State) -> RunyardError:
+    def _deadline_error(self, state: _State, candidate: Candidate) -> RunyardError:
+        left = ""
+        if state.budget_s * 1000 < state.run_budget_ms - 50:
+            left = f" ({state.budget_s:.2f}s of it were left for this model call)"
+        now = time.time()
+        earlier = [self._outcome(item, now) for ref, item in state.outcomes.items() if ref != candidate.ref]
+        if earlier:
+            left += "; earlier: " + "; ".join(o.describe(now) for o in earlier)
+        return DeadlineExceeded(
+            f"the run's time budget of {state.run_budget_ms} ms ran out while waiting for "
+            f"{candidate.ref}{left}",
+            reason="ROUTER_DEADLINE",
+            metadata={"model": candidate.ref},
+        )
+
+    def _outcome(self, item: _AttemptFailed | _Outcome, now: float) -> _Outcome:
+        if isinstance(item, _Outcome):
+            return item
+        cooldown = item.cooldown
+        until = cooldown.until if cooldown is not None and cooldown.active(now) else None
+        return _Outcome(
+            item.candidate.ref,
+            item.verdict.reason,
+            item.verdict.detail or item.error.message,
+            until,
+            cooldown is not None and cooldown.health_at(now) == DISABLED,
+            profile=item.profile.name,
+        )
+
+    def _chain_error(
+        self, state: _State, reason: str, head: str, extra: Sequence[Candidate] = ()
+    ) -> RunyardError:
+        """ALL_MODELS_FAILED / ALL_MODELS_COOLING: every model with why and
+        until when (this request's failures and skips, then ``extra``
+        cooling candidates). UNAVAILABLE with RetryInfo (the first cooldown
+        that waiting ends) when waiting may help, else FAILED_PRECONDITION
+        (``retryable`` false: a bad key, no balance, a missing model)."""
+        now = time.time()
+        outcomes = {ref: self._outcome(item, now) for ref, item in state.outcomes.items()}
+        for candidate in extra:
+            if candidate.ref not in outcomes and (cooling := self._cooling(candidate, now)) is not None:
+                outcomes[candidate.ref] = cooling
+        listed = list(outcomes.values())
         last = state.last
-        reason = last.verdict.reason if last else Reason.UNKNOWN
-        model = last.candidate.ref if last else ""
-        return Unavailable(
-            f"every model of agent {state.agent_id!r} failed; last: {model} ({reason}"
-            f"{': ' + last.verdict.detail if last and last.verdict.detail else ''})",
-            reason="ALL_MODELS_FAILED",
-            retry_after_s=last.verdict.retry_after_s if last else None,
-            metadata={"failover_reason": reason, "model": model},
+        metadata = {
+            "models": ",".join(o.ref for o in listed),
+            "reasons": ",".join(o.reason for o in listed),
+            "until": ",".join(_utc(o.until) if o.until is not None and o.until > now else "" for o in listed),
+            "failover_reason": last.verdict.reason
+            if last
+            else (listed[0].reason if listed else Reason.UNKNOWN),
+        }
+        if last is not None:
+            metadata["model"] = last.candidate.ref
+        message = f"{head}: " + "; ".join(o.describe(now) for o in listed) if listed else head
+        if listed and not any(o.retryable() for o in listed):
+            return FailedPrecondition(message, reason=reason, metadata=metadata, retryable=False)
+        waits = [o.until - now for o in listed if o.retryable() and o.until is not None and o.until > now]
+        retry_after = min(waits) if waits else (last.verdict.retry_after_s if last else None)
+        return Unavailable(message, reason=reason, retry_after_s=retry_after, metadata=metadata)
+
+    def _exhausted_error(self, state: _State) -> RunyardError:
+        return self._chain_error(
+            state, "ALL_MODELS_FAILED", f"every model of agent {state.agent_id!r} failed"
         )
 
     def _cooling_error(self, state: _State, cooling: _AllCooling) -> RunyardError:
-        wait = max(cooling.soonest - time.time(), 0.0)
-        metadata = {"models": ",".join(cooling.refs)}
-        cause = ""
-        if state.last is not None:
-            last = state.last
-            metadata["failover_reason"] = last.verdict.reason
-            metadata["model"] = last.candidate.ref
-            # Say why, so a bad key or an empty balance is not hidden behind "cooling".
-            cause = f"; this request's last failure: {last.candidate.ref} ({last.verdict.reason}"
-            cause += f": {last.verdict.detail})" if last.verdict.detail else ")"
-        return Unavailable(
-            f"every remaining model of agent {state.agent_id!r} is cooling down ({', '.join(cooling.refs)}) "
-            f"and none may be probed now; the first cooldown ends in {wait:.1f}s{cause}",
-            reason="ALL_MODELS_COOLING",
-            retry_after_s=wait,
-            metadata=metadata,
+        return self._chain_error(
+            state,
+            "ALL_MODELS_COOLING",
+            f"every remaining model of agent {state.agent_id!r} is cooling down and none may be probed now",
+            cooling.candidates,
         )
 
     # ------------------------------------------------------------ status

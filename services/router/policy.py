@@ -1,30 +1,42 @@
 """What the router does about each failover reason: one decision table.
 
-Each row: what happens to the same model, the auth profile and the chain,
-and which cooldown the failure sets (scope; schedule in ``[router]``).
+Each row: what happens to the same model, the auth profile (the key) and the
+chain, which cooldown the failure sets (scope; schedule in ``[router]``) and
+whether a later retry of the same request can help (``retryable``).
 
 * RATE_LIMIT: same model again only if Retry-After is short
   (``max_retry_after_ms``); rotate the auth profile once; then the next model.
-  Cools that model on that profile (``cooldown_*``).
-* OVERLOADED, SERVER_ERROR, TIMEOUT, NETWORK: up to ``max_retries``
-  same-model retries with jittered exponential backoff; no rotation; then the
-  next model. Cools the profile briefly (``transient_*``).
+  Cools that model on that key (``cooldown_*``), or the whole key when the
+  provider says the limit is the key's (:attr:`Classification.key_wide`).
+* OVERLOADED, SERVER_ERROR, NETWORK: up to ``max_retries`` same-model
+  retries with jittered exponential backoff; no rotation; then the next
+  model. Cools that model on that key briefly (``transient_*``): a sibling
+  model on the same key stays usable.
+* TIMEOUT: the next model at once (a stall already spent its share of the
+  run's budget); retried with backoff only when it is the last model left.
+  Cools that model on that key briefly (``transient_*``), unless the stall
+  was cut short by the run's budget rather than by ``ttft_timeout_ms`` /
+  ``idle_timeout_ms`` (that says nothing about the model).
 * AUTH: no retry; rotate through the profiles; the next model once none is
-  left. Cools the profile (``cooldown_*``).
+  left. Cools the key (``cooldown_*``).
 * AUTH_PERMANENT, BILLING: no retry; rotate; then the next model. Disables
-  the profile for hours (``disable_*``).
-* MODEL_NOT_FOUND: the next model at once. Cools that model on every profile
-  of the provider (``cooldown_*``).
+  the key for hours (``disable_*``).
+* MODEL_NOT_FOUND: the next model at once. Cools that model on that key
+  (``cooldown_*``): another key may have access to it.
 * ENDPOINT_NOT_FOUND, FORMAT: abort, naming the URL / the rejected field.
   No cooldown.
 * CONTEXT_OVERFLOW: the agent's ``context_window_chain`` (larger models),
-  else abort. No cooldown.
+  else the worker compacts the session and retries once (when compaction is
+  enabled), else abort. No cooldown.
 * CONTENT_POLICY: the agent's ``content_policy_chain``, else abort. No
   cooldown.
 * UNKNOWN: the next model. No cooldown.
 
 Once tokens of an answer were streamed, no same-model retry or rotation
 happens: the answer restarts on the next model (``restart_output``).
+
+Escalation: one request raises a key's failure count at most once, however
+many of its retries failed on that key (see :class:`~runyard.router.cooldowns.Failure`).
 """
 
 from __future__ import annotations
@@ -36,12 +48,14 @@ from runyard.router.classify import Reason
 
 __all__ = ["DISABLE_REASONS", "POLICIES", "Decision", "Policy", "policy_for"]
 
-RetrySame = Literal["no", "backoff", "retry_after"]
+RetrySame = Literal["no", "backoff", "backoff_if_last", "retry_after"]
 Rotate = Literal["no", "once", "all"]
 NextModel = Literal["yes", "context_window_chain", "content_policy_chain", "abort"]
-#: ``model``: (provider, profile, model); ``profile``: (provider, profile, *);
-#: ``provider_model``: (provider, *, model).
-Scope = Literal["none", "model", "profile", "provider_model"]
+#: ``model``: (provider, profile, model); ``profile``: (provider, profile, *),
+#: the key as a whole; ``model_or_profile``: ``profile`` when the
+#: classification says the failure is the key's (key-wide rate limit), else
+#: ``model``.
+Scope = Literal["none", "model", "profile", "model_or_profile"]
 Schedule = Literal["none", "standard", "transient", "disable"]
 
 
@@ -56,6 +70,16 @@ class Decision:
     ABORT = "abort"
     #: Nothing left to try (or everything left is cooling and not probeable).
     EXHAUSTED = "exhausted"
+    #: CONTEXT_OVERFLOW with no larger model: the worker compacts the session
+    #: and asks once more.
+    COMPACT_SESSION = "compact_session"
+    #: The run's time budget ran out.
+    DEADLINE = "deadline"
+
+    #: Decisions that move the answer to another model (``runyard_failovers_total``).
+    SWITCHES = frozenset({"next_model", "context_window_chain", "content_policy_chain"})
+    #: Decisions that try the same model again (``runyard_router_retries_total``).
+    RETRIES = frozenset({"retry_same_model", "rotate_auth_profile"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,27 +92,34 @@ class Policy:
     next_model: NextModel
     scope: Scope
     schedule: Schedule
+    #: Whether the same request may succeed later (RunError.retryable; an
+    #: error made only of non-retryable failures is FAILED_PRECONDITION).
+    retryable: bool
 
 
-_TRANSIENT = ("backoff", "no", "yes", "profile", "transient")
+_TRANSIENT = ("backoff", "no", "yes", "model", "transient", True)
 
 POLICIES: dict[str, Policy] = {
-    Reason.RATE_LIMIT: Policy(Reason.RATE_LIMIT, "retry_after", "once", "yes", "model", "standard"),
+    Reason.RATE_LIMIT: Policy(
+        Reason.RATE_LIMIT, "retry_after", "once", "yes", "model_or_profile", "standard", True
+    ),
     Reason.OVERLOADED: Policy(Reason.OVERLOADED, *_TRANSIENT),  # type: ignore[arg-type]
     Reason.SERVER_ERROR: Policy(Reason.SERVER_ERROR, *_TRANSIENT),  # type: ignore[arg-type]
-    Reason.TIMEOUT: Policy(Reason.TIMEOUT, *_TRANSIENT),  # type: ignore[arg-type]
+    Reason.TIMEOUT: Policy(Reason.TIMEOUT, "backoff_if_last", "no", "yes", "model", "transient", True),
     Reason.NETWORK: Policy(Reason.NETWORK, *_TRANSIENT),  # type: ignore[arg-type]
-    Reason.AUTH: Policy(Reason.AUTH, "no", "all", "yes", "profile", "standard"),
-    Reason.AUTH_PERMANENT: Policy(Reason.AUTH_PERMANENT, "no", "all", "yes", "profile", "disable"),
-    Reason.BILLING: Policy(Reason.BILLING, "no", "all", "yes", "profile", "disable"),
-    Reason.MODEL_NOT_FOUND: Policy(Reason.MODEL_NOT_FOUND, "no", "no", "yes", "provider_model", "standard"),
-    Reason.ENDPOINT_NOT_FOUND: Policy(Reason.ENDPOINT_NOT_FOUND, "no", "no", "abort", "none", "none"),
-    Reason.FORMAT: Policy(Reason.FORMAT, "no", "no", "abort", "none", "none"),
+    Reason.AUTH: Policy(Reason.AUTH, "no", "all", "yes", "profile", "standard", False),
+    Reason.AUTH_PERMANENT: Policy(Reason.AUTH_PERMANENT, "no", "all", "yes", "profile", "disable", False),
+    Reason.BILLING: Policy(Reason.BILLING, "no", "all", "yes", "profile", "disable", False),
+    Reason.MODEL_NOT_FOUND: Policy(Reason.MODEL_NOT_FOUND, "no", "no", "yes", "model", "standard", False),
+    Reason.ENDPOINT_NOT_FOUND: Policy(Reason.ENDPOINT_NOT_FOUND, "no", "no", "abort", "none", "none", False),
+    Reason.FORMAT: Policy(Reason.FORMAT, "no", "no", "abort", "none", "none", False),
     Reason.CONTEXT_OVERFLOW: Policy(
-        Reason.CONTEXT_OVERFLOW, "no", "no", "context_window_chain", "none", "none"
+        Reason.CONTEXT_OVERFLOW, "no", "no", "context_window_chain", "none", "none", False
     ),
-    Reason.CONTENT_POLICY: Policy(Reason.CONTENT_POLICY, "no", "no", "content_policy_chain", "none", "none"),
-    Reason.UNKNOWN: Policy(Reason.UNKNOWN, "no", "no", "yes", "none", "none"),
+    Reason.CONTENT_POLICY: Policy(
+        Reason.CONTENT_POLICY, "no", "no", "content_policy_chain", "none", "none", False
+    ),
+    Reason.UNKNOWN: Policy(Reason.UNKNOWN, "no", "no", "yes", "none", "none", True),
 }
 
 #: Reasons that disable a profile for hours (health DISABLED).

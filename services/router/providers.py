@@ -1,6 +1,12 @@
 """Model provider adapters: OpenAI-compatible chat completions, Anthropic
 Messages, and the built-in echo provider.
 
+Both HTTP adapters read Server-Sent Events with ``httpx-sse`` (the WHATWG
+event-stream rules: multi-line ``data`` fields, ``:`` comments, CR/LF/CRLF
+line ends, ``event``/``id``/``retry`` fields); comments and empty events
+(keep-alives) are not model output, so they never reset the router's stall
+timers.
+
 Every adapter turns one model call into an async stream of :class:`Chunk`
 objects and reports failures as :class:`ProviderError` carrying what the
 classifier (:mod:`runyard.router.classify`) needs: HTTP status, headers,
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
+from httpx_sse import EventSource, SSEError
 
 from runyard._proto.v1 import common_pb2
 from runyard.common.config import ProviderConfig
@@ -73,6 +80,8 @@ class ProviderError(Exception):
         url: the URL called (no query secrets).
         cause: the transport exception, if any (httpx.ConnectError, ...).
         stalled: "ttft" or "idle" when the router's stall timer fired.
+        budget_cut: the stall timer was the run budget's share, shorter
+            than the configured timer (says nothing about the model).
     """
 
     def __init__(
@@ -85,6 +94,7 @@ class ProviderError(Exception):
         url: str = "",
         cause: BaseException | None = None,
         stalled: str = "",
+        budget_cut: bool = False,
     ):
         super().__init__(message)
         self.message = message
@@ -94,6 +104,7 @@ class ProviderError(Exception):
         self.url = url
         self.cause = cause
         self.stalled = stalled
+        self.budget_cut = budget_cut
 
     def redact(self, secret: str) -> None:
         """Replace ``secret`` (the API key sent) wherever the provider echoed it
@@ -214,14 +225,11 @@ class OpenAIProvider:
         calls: dict[int, dict[str, str]] = {}
         finish = ""
         done = False
-        lines = response.aiter_lines()
-        async for line in lines:
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
+        events = _sse_data(response, self.name, url)
+        async for data in events:
+            if data.strip() == "[DONE]":
                 done = True
-                await _drain(lines)
+                await _drain(events)
                 break
             try:
                 event = json.loads(data)
@@ -356,15 +364,40 @@ class EchoProvider:
 DRAIN_TIMEOUT_S = 0.5
 
 
-async def _drain(lines: AsyncIterator[str]) -> None:
+async def _drain(events: AsyncIterator[str]) -> None:
     """Read what follows the end-of-answer marker (normally just the end of
     the chunked body) so httpx can put the connection back in its pool, as
     the OpenAI SDK does; a server that keeps the body open is cut off after
     :data:`DRAIN_TIMEOUT_S` (the answer is complete either way)."""
-    with contextlib.suppress(TimeoutError, httpx.HTTPError):
+    with contextlib.suppress(TimeoutError, httpx.HTTPError, ProviderError):
         async with asyncio.timeout(DRAIN_TIMEOUT_S):
-            async for _ in lines:
+            async for _ in events:
                 pass
+
+
+async def _sse_data(response: httpx.Response, name: str, url: str) -> AsyncIterator[str]:
+    """The ``data`` of each Server-Sent Event of ``response`` that carries
+    any (parsed by ``httpx-sse``: multi-line data joined with ``\n``,
+    comments and empty keep-alive events skipped, any line ending).
+
+    Raises:
+        ProviderError: the response is not an event stream (its body, up to
+            8 KiB, is attached for the classifier: an error object in a
+            ``200 application/json`` answer is read like any other).
+    """
+    source = EventSource(response)
+    try:
+        async for event in source.aiter_sse():
+            if event.data:
+                yield event.data
+    except SSEError:
+        content_type = response.headers.get("content-type", "") or "no content type"
+        raise await _error_from(
+            name,
+            response,
+            url,
+            f"{name} answered {content_type} instead of an event stream (text/event-stream) for {url}",
+        ) from None
 
 
 class HttpClients:
@@ -591,15 +624,13 @@ class AnthropicProvider:
         input_tokens = output_tokens = 0
         finish = ""
         stopped = False
-        lines = response.aiter_lines()
-        async for line in lines:
-            if not line.startswith("data:"):
-                continue
+        events = _sse_data(response, self.name, url)
+        async for data in events:
             try:
-                event = json.loads(line[5:].strip())
+                event = json.loads(data)
             except json.JSONDecodeError:
                 raise ProviderError(
-                    f"{self.name} sent a malformed stream event", url=url, body=line[:2048]
+                    f"{self.name} sent a malformed stream event", url=url, body=data[:2048]
                 ) from None
             kind = event.get("type") if isinstance(event, dict) else None
             if kind == "error":
@@ -649,7 +680,7 @@ class AnthropicProvider:
                     input_tokens = int(usage["input_tokens"])
             elif kind == "message_stop":
                 stopped = True
-                await _drain(lines)
+                await _drain(events)
                 break
         if not stopped:
             raise ProviderError(

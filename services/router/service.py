@@ -20,10 +20,13 @@ from runyard.common.errors import FailedPrecondition, InvalidArgument, Permissio
 from runyard.common.outbox import Outbox
 from runyard.router.engine import Router, StatusRow, failover_reason_value
 
-__all__ = ["MAX_EVENTS_PAGE", "RouterServicer", "provider_state"]
+__all__ = ["DEADLINE_MARGIN_S", "MAX_EVENTS_PAGE", "RouterServicer", "provider_state"]
 
 #: Largest ListEvents page.
 MAX_EVENTS_PAGE = 1000
+#: Generate stops this long before the caller's gRPC deadline (the worker adds
+#: the same margin to its calls: runyard.worker.budget.ROUTER_DEADLINE_MARGIN_S).
+DEADLINE_MARGIN_S = 0.25
 
 _HEALTH = {
     "ok": router_pb2.PROVIDER_HEALTH_OK,
@@ -86,7 +89,19 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         if not request.messages:
             raise InvalidArgument("messages must not be empty", reason="MISSING_FIELD", field="messages")
         remaining = context.time_remaining()
-        stream = self.router.generate(run, request.messages, request.tools, timeout_s=remaining)
+        if remaining is not None:
+            # Stop a little before the caller's deadline, so that the router's
+            # own error (what ran out, waiting for which model) reaches the
+            # caller instead of a bare DEADLINE_EXCEEDED.
+            remaining = max(remaining - DEADLINE_MARGIN_S, 0.0)
+        stream = self.router.generate(
+            run,
+            request.messages,
+            request.tools,
+            timeout_s=remaining,
+            purpose=request.purpose,
+            after_compaction=request.after_compaction,
+        )
         if tracing.ENABLED:
             stream = tracing.noting_models(stream)  # runyard.model on the Generate span
         async for response in stream:

@@ -750,6 +750,11 @@ class SessionStore:
                 raise NotFound(f"session {session_id} not found", reason="SESSION_NOT_FOUND", field="session_id")
             if current["done_session_id"] is not None:
                 return await self._committed(conn, current["done_session_id"], current["done_turn"])
+            if not append.messages:
+                raise InvalidArgument(
+                    f"run {run_id} has no messages to commit and no earlier commit", reason="NOTHING_TO_COMMIT",
+                    field="append.messages",
+                )
             for _ in range(3):
                 if current["end_reason"] != "COMPACTION":
                     break

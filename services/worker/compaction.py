@@ -21,6 +21,12 @@ model's window from ``compaction.context_windows``) or has more turns than
 A failed summary call never fails the run: it goes on uncompacted (logged,
 ``runyard_compactions_total{outcome="failed"}``).
 
+The same compaction also runs when a model refuses the prompt as too long
+(CONTEXT_OVERFLOW) and the agent has no larger model in its
+``context_window_chain``: :meth:`Compactor.compact` with ``overflow_tokens``
+cuts whatever the thresholds say, keeping recent turns only while they fit
+in half of the prompt that overflowed, and the worker asks once more.
+
 Token counts are estimates: about four characters per token, plus a few
 tokens per message, which is close enough to decide when to compact.
 """
@@ -36,6 +42,7 @@ from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_
 from runyard.common import metrics
 from runyard.common.config import Config
 from runyard.common.errors import RunyardError, from_rpc_error
+from runyard.worker.budget import time_left
 
 __all__ = ["Compactor", "CutPlan", "estimate_tokens", "plan_cut", "render", "safe_cuts", "turn_starts"]
 
@@ -107,6 +114,7 @@ def plan_cut(
     threshold_tokens: int,
     max_turns: int,
     keep_recent_turns: int,
+    force: str = "",
 ) -> CutPlan | None:
     """Decide whether to compact and where to cut (None = leave it).
 
@@ -118,14 +126,18 @@ def plan_cut(
         keep_recent_turns: turns to keep verbatim: fewer if they alone exceed
             half the token threshold, and at most ``max_turns - 2`` so that the
             next run does not compact again at once.
+        force: compact whatever the limits say, for this reason (a model
+            refused the prompt as too long); None only when nothing can be cut.
     """
     messages = list(transcript.messages)
     if not messages:
         return None
     before = estimate_tokens(messages, transcript.summary) + new_turn_tokens
     turns = turn_starts(messages)
-    reason = ""
-    if threshold_tokens and before > threshold_tokens:
+    reason = force
+    if reason:
+        pass
+    elif threshold_tokens and before > threshold_tokens:
         reason = f"~{before} tokens > {threshold_tokens}"
     elif max_turns and len(turns) + 1 > max_turns:
         reason = f"{len(turns) + 1} turns > {max_turns}"
@@ -202,9 +214,18 @@ class Compactor:
         return min(limits) if limits else 0
 
     async def compact(
-        self, payload: common_pb2.RunPayload, snapshot: sessions_pb2.GetTranscriptResponse
+        self,
+        payload: common_pb2.RunPayload,
+        snapshot: sessions_pb2.GetTranscriptResponse,
+        *,
+        overflow_tokens: int = 0,
+        overflow_model: str = "",
     ) -> sessions_pb2.CompactionInfo | None:
         """Compact ``snapshot.transcript`` in place when it is too long.
+
+        ``overflow_tokens``: ``overflow_model`` refused a prompt estimated at
+        this many tokens as too long (CONTEXT_OVERFLOW): compact whatever the
+        thresholds say, keeping recent turns only while they fit in half of it.
 
         Returns:
             What was done (for ``TranscriptCompaction.info``), or None
@@ -221,9 +242,12 @@ class Compactor:
         plan = plan_cut(
             transcript,
             estimate_tokens(new_turn),
-            threshold_tokens=self.threshold(payload),
-            max_turns=cfg.max_turns,
+            threshold_tokens=overflow_tokens or self.threshold(payload),
+            max_turns=0 if overflow_tokens else cfg.max_turns,
             keep_recent_turns=cfg.keep_recent_turns,
+            force=f"the prompt (~{overflow_tokens} tokens) is too long for {overflow_model}"
+            if overflow_tokens
+            else "",
         )
         if plan is None:
             return None
@@ -278,11 +302,17 @@ class Compactor:
             common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=SUMMARY_INSTRUCTIONS.format(words=words)),
             common_pb2.Message(role=common_pb2.ROLE_USER, content="\n\n".join(parts)),
         ]
+        timeout = cfg.timeout_s
+        left = time_left()  # within the run's budget (runyard.worker.budget)
+        if left is not None:
+            if left <= 0:
+                raise TimeoutError("the run's time budget is spent")
+            timeout = min(timeout, left)
         call = self.router.Generate(
             router_pb2.GenerateRequest(
                 run=request_payload, messages=prompt, purpose=router_pb2.GENERATE_PURPOSE_SUMMARIZE
             ),
-            timeout=cfg.timeout_s,
+            timeout=timeout,
         )
         final: router_pb2.GenerateFinal | None = None
         try:

@@ -23,9 +23,10 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 
 from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 from runyard.common.config import Config
-from runyard.common.errors import ResourceExhausted, RunyardError, from_rpc_error
+from runyard.common.errors import DeadlineExceeded, ResourceExhausted, RunyardError, from_rpc_error
 from runyard.common.protoutil import now
-from runyard.worker.compaction import Compactor
+from runyard.worker.budget import ROUTER_DEADLINE_MARGIN_S, run_deadline, time_left
+from runyard.worker.compaction import Compactor, estimate_tokens
 from runyard.worker.tools import TaskTools, offered_tools
 
 __all__ = ["RunOutcome", "RunExecutor", "build_prompt"]
@@ -56,6 +57,46 @@ class RunOutcome:
     cancelled: common_pb2.RunCancelled | None = None
     append: sessions_pb2.TranscriptAppend | None = None
     already_committed: bool = False
+
+
+@dataclass(slots=True)
+class _OverflowRetry:
+    """One run's CONTEXT_OVERFLOW retry (issue 12): the snapshot whose
+    transcript is compacted in place, and after that the prompt prefix
+    (system prompt with the summary, kept turns) that replaces the old one
+    in every later call of the run (tool-loop turns included)."""
+
+    snapshot: sessions_pb2.GetTranscriptResponse
+    system_prompt: str
+    #: What the run's commit carries: its own compaction, merged
+    #: with the overflow's.
+    compaction: sessions_pb2.CompactionInfo | None
+    #: How many leading prompt messages come from the system prompt and the
+    #: transcript as it was before the overflow compaction.
+    prefix_len: int = 0
+    prefix: list[common_pb2.Message] | None = None
+    used: bool = False
+
+    def __post_init__(self) -> None:
+        before, _ = build_prompt(self.system_prompt, self.snapshot.transcript, common_pb2.RunInput())
+        self.prefix_len = len(before)
+
+    def rewrite(self, prompt: list[common_pb2.Message]) -> list[common_pb2.Message]:
+        """``prompt`` with the compacted prefix (unchanged before compaction)."""
+        if self.prefix is None:
+            return prompt
+        return [*self.prefix, *prompt[self.prefix_len :]]
+
+    def merge(self, info: sessions_pb2.CompactionInfo) -> None:
+        """Fold the overflow compaction into the run's own (if any)."""
+        if self.compaction is None:
+            self.compaction = info
+            return
+        merged = sessions_pb2.CompactionInfo()
+        merged.CopyFrom(info)
+        merged.summarized_message_count += self.compaction.summarized_message_count
+        merged.tokens_before = self.compaction.tokens_before
+        self.compaction = merged
 
 
 def build_prompt(
@@ -104,6 +145,8 @@ class RunExecutor:
         self.compactor = Compactor(config, router)
         #: The built-in tools (spawn_task, task_output); None = none offered.
         self.tools = tools
+        #: run id -> what a CONTEXT_OVERFLOW retry needs (see _overflow_retry).
+        self._overflows: dict[str, _OverflowRetry] = {}
 
     async def execute(
         self, payload: common_pb2.RunPayload, emit: Callable[[common_pb2.RunEvent], None]
@@ -111,14 +154,21 @@ class RunExecutor:
         """Execute ``payload``, emitting events; returns the outcome.
 
         Cancellation (``asyncio.CancelledError``) propagates after the router
-        call is cancelled; no snapshot is written for an unfinished run.
+        call is cancelled; nothing is committed for an unfinished run.
+
+        The run's time budget (:mod:`runyard.worker.budget`) starts now and
+        bounds every router call of the run.
         """
+        budget_s = self.config.run_timeout_ms(payload.agent_id, payload.options.timeout_ms) / 1000
         try:
-            return await self._execute(payload, emit)
+            with run_deadline(budget_s):
+                return await self._execute(payload, emit)
         except RunyardError as exc:
             return RunOutcome(failed=common_pb2.RunFailed(error=exc.to_run_error()))
         except grpc.aio.AioRpcError as exc:
             return RunOutcome(failed=common_pb2.RunFailed(error=from_rpc_error(exc).to_run_error()))
+        finally:
+            self._overflows.pop(payload.run_id, None)
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """``call()``, retried while the callee is unavailable (restart, deploy),
@@ -153,6 +203,7 @@ class RunExecutor:
         agent = self.config.agent(payload.agent_id)
         system_prompt = agent.system_prompt if agent is not None else ""
         prompt, new_turn = build_prompt(system_prompt, read.transcript, payload.input)
+        overflow = self._overflow_retry(payload, read, system_prompt, compaction)  # issue 12
         for message in new_turn:
             if not message.HasField("create_time"):
                 message.create_time.CopyFrom(now())
@@ -162,8 +213,10 @@ class RunExecutor:
         append.messages.extend(new_turn)
         append.messages.extend(produced)  # tool calls and their results, in pairs
         append.messages.append(final.message)
-        if compaction is not None:
-            append.compaction.info.CopyFrom(compaction)
+        # The run's compaction, or an overflow's (issue 12): the transcript
+        # was compacted in place, so it now holds the summary and kept turns.
+        if overflow.compaction is not None:
+            append.compaction.info.CopyFrom(overflow.compaction)
             append.compaction.summary = read.transcript.summary
             append.compaction.kept.extend(read.transcript.messages)
         return RunOutcome(
@@ -280,17 +333,47 @@ class RunExecutor:
         for up to ``worker.dependency_retry_s``; when text was already
         streamed, a ``model_failover`` with ``restart_output`` tells the client
         to discard it.
+
+        Every call gets what is left of the run's budget as its deadline
+        (:mod:`runyard.worker.budget`; the router stops at the budget itself
+        and answers ROUTER_DEADLINE).
+
+        When the router answers CONTEXT_OVERFLOW (no larger model in the
+        agent's ``context_window_chain``), the session is compacted and the
+        call made once more (:meth:`_compact_after_overflow`).
+
+        Raises:
+            DeadlineExceeded: the run's budget is spent (RUN_DEADLINE).
         """
-        deadline = time.monotonic() + self.config.worker.dependency_retry_s
-        timeout = (payload.options.timeout_ms or self.config.router.request_timeout_ms) / 1000 + 5
+        # -- run budget (issue 12): was `timeout_ms + 5 s` per call
+        budget_ms = self.config.run_timeout_ms(payload.agent_id, payload.options.timeout_ms)
+        budget_left = time_left()
+        if budget_left is None:  # called outside execute(): one budget for this call
+            budget_left = budget_ms / 1000
+        run_ends = time.monotonic() + budget_left
+        deadline = min(time.monotonic() + self.config.worker.dependency_retry_s, run_ends)
+        # -- end run budget
+        overflow = self._overflows.get(payload.run_id)  # issue 12: CONTEXT_OVERFLOW -> compact, retry once
+        if overflow is not None:
+            prompt = overflow.rewrite(prompt)
         delay = 0.1
         started = announced
         while True:
             model = ""
             streamed = False
+            left = run_ends - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(
+                    f"the run's time budget ({budget_ms} ms) is spent", reason="RUN_DEADLINE"
+                )
+            timeout = left + ROUTER_DEADLINE_MARGIN_S
             call = self.router.Generate(
                 router_pb2.GenerateRequest(
-                    run=payload, messages=prompt, tools=tools or (), purpose=router_pb2.GENERATE_PURPOSE_RUN
+                    run=payload,
+                    messages=prompt,
+                    tools=tools or (),
+                    purpose=router_pb2.GENERATE_PURPOSE_RUN,
+                    after_compaction=overflow is not None and overflow.used,
                 ),
                 timeout=timeout,
             )
@@ -327,6 +410,11 @@ class RunExecutor:
                 raise RunyardError("the router ended without an answer", reason="NO_ANSWER")
             except grpc.aio.AioRpcError as exc:
                 error = from_rpc_error(exc)
+                if error.reason == "CONTEXT_OVERFLOW" and not streamed:
+                    compacted = await self._compact_after_overflow(payload, prompt, error, model, emit)
+                    if compacted is not None:
+                        prompt = compacted
+                        continue
                 if not _transient(error) or time.monotonic() + delay > deadline:
                     raise error from None
                 log.warning("router unavailable for run %s (%s); retrying", payload.run_id, error.message)
@@ -347,6 +435,76 @@ class RunExecutor:
             except asyncio.CancelledError:
                 call.cancel()
                 raise
+
+    # -- CONTEXT_OVERFLOW: compact the session and retry once (issue 12) --------------------------------
+
+    def _overflow_retry(
+        self,
+        payload: common_pb2.RunPayload,
+        snapshot: sessions_pb2.GetTranscriptResponse,
+        system_prompt: str,
+        compaction: sessions_pb2.CompactionInfo | None,
+    ) -> _OverflowRetry:
+        """Register what an overflow retry of this run needs (the snapshot it
+        compacts in place, the system prompt, the run's own compaction); its
+        ``compaction`` is what the run's commit carries."""
+        overflow = _OverflowRetry(snapshot, system_prompt, compaction)
+        self._overflows[payload.run_id] = overflow
+        return overflow
+
+    async def _compact_after_overflow(
+        self,
+        payload: common_pb2.RunPayload,
+        prompt: list[common_pb2.Message],
+        error: RunyardError,
+        model: str,
+        emit: Callable[[common_pb2.RunEvent], None],
+    ) -> list[common_pb2.Message] | None:
+        """After the router's CONTEXT_OVERFLOW (no larger model left):
+        compact the session with the existing compaction, once per run, and
+        return the prompt to ask again with. None when that is not possible
+        (compaction disabled or already done, nothing to cut, the summary
+        failed): the run then fails with the router's message.
+
+        The router recorded the decision as a ``model.failover`` lifecycle
+        event (``compact_session``); the client sees a ``model_failover``
+        (same model, CONTEXT_OVERFLOW) saying the session was compacted; the
+        commit of the run rolls the session over (``session.compacted``).
+        """
+        overflow = self._overflows.get(payload.run_id)
+        if overflow is None or overflow.used or not self.config.compaction.enabled:
+            return None
+        overflow.used = True
+        model = error.metadata.get("model") or model
+        tokens = estimate_tokens(prompt)
+        info = await self.compactor.compact(
+            payload, overflow.snapshot, overflow_tokens=tokens, overflow_model=model
+        )
+        if info is None:
+            log.warning("run %s: %s overflowed and the session could not be compacted", payload.run_id, model)
+            return None
+        overflow.prefix, _ = build_prompt(
+            overflow.system_prompt, overflow.snapshot.transcript, common_pb2.RunInput()
+        )
+        overflow.merge(info)
+        emit(
+            common_pb2.RunEvent(
+                model_failover=common_pb2.ModelFailover(
+                    from_model=model,
+                    to_model=model,
+                    reason=common_pb2.FAILOVER_REASON_CONTEXT_OVERFLOW,
+                    message=(
+                        f"the prompt (~{tokens} tokens) was too long for {model}: compacted the session "
+                        f"({info.summarized_message_count} older message(s) summarised, ~{info.tokens_after} "
+                        "tokens left) and asking once more"
+                    ),
+                )
+            )
+        )
+        log.info("run %s: %s overflowed; compacted the session and retrying once", payload.run_id, model)
+        return overflow.rewrite(prompt)
+
+    # -- end CONTEXT_OVERFLOW ---------------------------------------------------------------------------
 
     def _already_done(self, payload: common_pb2.RunPayload, transcript: common_pb2.Transcript) -> RunOutcome:
         answer = next(

@@ -48,6 +48,8 @@ class AnthropicReply:
     also paces the two halves of each tool_use's input_json_delta).
     stall_after / cut_after: hang / close the connection after N text chunks.
     stream_error: ``{"type", "message"}`` sent as an ``error`` event after the chunks.
+    sse_multiline / sse_crlf: each event's JSON over several ``data:`` lines / CRLF line ends,
+        with a ``:`` comment before each event.
     """
 
     status: int = 200
@@ -62,6 +64,8 @@ class AnthropicReply:
     stall_after: int | None = None
     cut_after: int | None = None
     stream_error: dict[str, str] | None = None
+    sse_multiline: bool = False
+    sse_crlf: bool = False
 
 
 class FakeAnthropic:
@@ -117,8 +121,18 @@ class FakeAnthropic:
                 self.end_headers()
                 self.wfile.write(body)
 
+            reply: AnthropicReply = AnthropicReply()
+
             def _event(self, name: str, data: dict[str, Any]) -> None:
-                payload = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+                reply = self.reply
+                end = "\r\n" if reply.sse_crlf else "\n"
+                lines = [f"event: {name}"]
+                if reply.sse_multiline:
+                    lines.insert(0, ": spread over several data lines")
+                    lines += [f"data: {line}" for line in json.dumps(data, indent=1).split("\n")]
+                else:
+                    lines.append(f"data: {json.dumps(data)}")
+                payload = (end.join(lines) + end + end).encode()
                 self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
                 self.wfile.flush()
 
@@ -148,6 +162,7 @@ class FakeAnthropic:
                     return
 
             def _stream(self, model: str, reply: AnthropicReply) -> None:
+                self.reply = reply
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")
                 self.send_header("transfer-encoding", "chunked")

@@ -2,7 +2,10 @@
 
 It streams Server-Sent Events like the real API, records every request it
 receives, and injects faults on demand: error statuses with any body and
-headers, stalls before the first token or mid-stream, and cut connections.
+headers, stalls before the first token or mid-stream, cut connections, every
+legal variant of the event-stream format (multi-line ``data``, comments,
+CRLF, keep-alives, events split across writes) and a context window per
+model (prompts longer than it get OpenAI's ``context_length_exceeded``).
 
     server = FakeOpenAI().start()
     server.script("gpt-x", Reply(status=404, body='{"error": {"code": "model_not_found"}}'))
@@ -42,6 +45,12 @@ class Reply:
     tool_calls: OpenAI tool_call dicts streamed after the text.
     usage: (prompt_tokens, completion_tokens) in the last chunk.
     stream_error: a JSON object sent as an ``error`` event mid-stream (after the chunks).
+    sse_multiline: each event's JSON is spread over several ``data:`` lines.
+    sse_comments: a ``: comment`` line before each event, and ``event:``/``id:`` fields.
+    sse_crlf: CRLF line ends instead of LF.
+    sse_split: every event is written in 3-byte pieces, each flushed (lines split mid-way).
+    keepalive_every_s: while waiting for the first token, a ``: keep-alive``
+        comment and an empty event this often (not model output).
     """
 
     status: int = 200
@@ -56,6 +65,11 @@ class Reply:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     usage: tuple[int, int] = (10, 5)
     stream_error: dict[str, Any] | None = None
+    sse_multiline: bool = False
+    sse_comments: bool = False
+    sse_crlf: bool = False
+    sse_split: bool = False
+    keepalive_every_s: float = 0.0
 
 
 class FakeOpenAI:
@@ -75,6 +89,8 @@ class FakeOpenAI:
         #: ``client_gone_at`` is the time.monotonic() when it was noticed.
         self.client_gone = threading.Event()
         self.client_gone_at: float | None = None
+        #: model -> context window in characters of message content (see context_window()).
+        self._windows: dict[str, int] = {}
 
     @property
     def port(self) -> int:
@@ -95,6 +111,13 @@ class FakeOpenAI:
         with self._lock:
             self._defaults[model] = reply
 
+    def context_window(self, model: str, chars: int) -> None:
+        """``model`` answers HTTP 400 ``context_length_exceeded`` (OpenAI's
+        body) to any request whose messages' content is longer than ``chars``
+        characters in total, before any script."""
+        with self._lock:
+            self._windows[model] = chars
+
     def requests_for(self, model: str) -> list[dict[str, Any]]:
         with self._lock:
             return [r for r in self.requests if r.get("model") == model]
@@ -104,8 +127,23 @@ class FakeOpenAI:
             self.client_gone_at = time.monotonic()
         self.client_gone.set()
 
-    def _next(self, model: str) -> Reply:
+    def _next(self, model: str, request: dict[str, Any]) -> Reply:
         with self._lock:
+            window = self._windows.get(model)
+            if window is not None:
+                size = sum(len(str(m.get("content") or "")) for m in request.get("messages") or ())
+                if size > window:
+                    return Reply(
+                        status=400,
+                        body=json.dumps({"error": {
+                            "message": f"This model's maximum context length is {window} characters. "
+                            f"However, your messages resulted in {size} characters. "
+                            "Please reduce the length of the messages.",
+                            "type": "invalid_request_error",
+                            "param": "messages",
+                            "code": "context_length_exceeded",
+                        }}),
+                    )
             queue = self._scripts.get(model)
             if queue:
                 return queue.popleft()
@@ -136,10 +174,29 @@ class FakeOpenAI:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def _event(self, data: str) -> None:
-                payload = f"data: {data}\n\n".encode()
-                self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
-                self.wfile.flush()
+            def _write(self, payload: bytes, split: bool = False) -> None:
+                pieces = [payload[i : i + 3] for i in range(0, len(payload), 3)] if split else [payload]
+                for piece in pieces:
+                    self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                    self.wfile.flush()
+
+            def _event(self, data: str, reply: Reply | None = None) -> None:
+                reply = reply or Reply()
+                end = "\r\n" if reply.sse_crlf else "\n"
+                lines: list[str] = []
+                if reply.sse_comments:
+                    lines += [": this is a comment", "event: message", "id: 42"]
+                if reply.sse_multiline and data.startswith("{"):
+                    # json.dumps(indent=1) puts every member on its own line: one data field each.
+                    lines += [f"data: {line}" for line in json.dumps(json.loads(data), indent=1).split("\n")]
+                else:
+                    lines.append(f"data: {data}")
+                payload = (end.join(lines) + end + end).encode()
+                self._write(payload, reply.sse_split)
+
+            def _keepalive(self, reply: Reply) -> None:
+                end = "\r\n" if reply.sse_crlf else "\n"
+                self._write(f": keep-alive{end}{end}data:{end}{end}".encode())
 
             def do_POST(self) -> None:  # noqa: N802 - stdlib name
                 length = int(self.headers.get("content-length") or 0)
@@ -157,7 +214,7 @@ class FakeOpenAI:
                     self._send(404, b"<html><body><h1>404 Not Found</h1></body></html>", "text/html")
                     return
                 model = str(request.get("model", ""))
-                reply = fake._next(model)
+                reply = fake._next(model, request)
                 if reply.delay_before_s:
                     time.sleep(reply.delay_before_s)
                 if reply.status >= 400 or reply.body:
@@ -181,7 +238,11 @@ class FakeOpenAI:
                 self.end_headers()
                 self.wfile.flush()
                 if reply.first_token_delay_s:
-                    time.sleep(reply.first_token_delay_s)
+                    until = time.monotonic() + reply.first_token_delay_s
+                    while reply.keepalive_every_s and time.monotonic() + reply.keepalive_every_s < until:
+                        time.sleep(reply.keepalive_every_s)
+                        self._keepalive(reply)
+                    time.sleep(max(until - time.monotonic(), 0))
                 chunks = reply.chunks if reply.chunks is not None else ["Hello ", "from ", f"{model}."]
                 base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model}
                 for index, text in enumerate(chunks):
@@ -193,7 +254,7 @@ class FakeOpenAI:
                         return
                     if index and reply.delay_between_s:
                         time.sleep(reply.delay_between_s)
-                    self._event(json.dumps({**base, "choices": [{"index": 0, "delta": {"content": text}}]}))
+                    self._event(json.dumps({**base, "choices": [{"index": 0, "delta": {"content": text}}]}), reply)
                 if reply.stall_after is not None and reply.stall_after >= len(chunks):
                     self._hang()
                     return
@@ -201,20 +262,22 @@ class FakeOpenAI:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if reply.stream_error is not None:
-                    self._event(json.dumps({"error": reply.stream_error}))
+                    self._event(json.dumps({"error": reply.stream_error}), reply)
                     self.wfile.write(b"0\r\n\r\n")
                     return
                 for index, call in enumerate(reply.tool_calls):
                     self._event(
-                        json.dumps({**base, "choices": [{"index": 0, "delta": {"tool_calls": [{"index": index, **call}]}}]})
+                        json.dumps({**base, "choices": [{"index": 0, "delta": {"tool_calls": [{"index": index, **call}]}}]}),
+                        reply,
                     )
                 finish = "tool_calls" if reply.tool_calls else "stop"
-                self._event(json.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}))
+                self._event(json.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}), reply)
                 prompt, completion = reply.usage
                 self._event(
-                    json.dumps({**base, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion}})
+                    json.dumps({**base, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}),
+                    reply,
                 )
-                self._event("[DONE]")
+                self._event("[DONE]", reply)
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from runyard._proto.v1 import common_pb2
+from runyard.common.config import RouterConfig
 from runyard.common.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from runyard.router.classify import Reason
 from runyard.router.cooldowns import CooldownKey
@@ -136,14 +137,13 @@ async def test_rate_limit_rotates_the_profile_once_then_moves_on_and_keeps_sibli
     [
         (Reply(status=503, body='{"error": {"message": "Service Unavailable"}}'), "OVERLOADED"),
         (Reply(status=500, body='{"error": {"message": "boom", "type": "server_error"}}'), "SERVER_ERROR"),
-        (Reply(stall_after=0), "TIMEOUT"),
         (Reply(cut_after=0), "NETWORK"),
     ],
-    ids=["overloaded", "server_error", "timeout", "network"],
+    ids=["overloaded", "server_error", "network"],
 )
 async def test_transient_errors_retry_with_backoff_then_succeed(router_factory, fast_openai, reply, expected):
     fast_openai.script("m", reply, reply)
-    h = await router_factory(setup(fast_openai, ["fake/m", "fake/other"], router={"ttft_timeout_ms": 300}))
+    h = await router_factory(setup(fast_openai, ["fake/m", "fake/other"]))
     out = await h.generate()
 
     assert text_of(out) == "Hello from m." and failovers(out) == []
@@ -152,35 +152,99 @@ async def test_transient_errors_retry_with_backoff_then_succeed(router_factory, 
     assert [(e.model.decision, e.model.reason) for e in events] == [
         ("retry_same_model", reason(expected))
     ] * 2
-    assert events[1].model.cooldown_key == "fake/default/*"  # profile-scoped, short
-    row = await h.row("fake", "default", "")
+    assert events[1].model.cooldown_key == "fake/default/m"  # that model on that key, briefly
+    row = await h.row("fake", "default", "m")
     assert (row["failure_count"], row["health"]) == (0, "ok")  # cleared by the success
+    assert await h.row("fake", "default", "") is None  # the key itself never cooled
 
 
-async def test_retries_are_bounded_then_next_model_and_the_profile_cools_briefly(router_factory, fast_openai):
+async def test_a_stall_moves_to_the_next_model_at_once_and_is_retried_only_when_last(
+    router_factory, fast_openai
+):
+    stall = Reply(stall_after=0)
+    fast_openai.script("m", stall)
+    h = await router_factory(setup(fast_openai, ["fake/m", "fake/other"], router={"ttft_timeout_ms": 300}))
+    out = await h.generate()
+    assert text_of(out) == "Hello from other."
+    assert len(fast_openai.requests_for("m")) == 1  # no same-model retry while another model is left
+    assert [f.reason for f in failovers(out)] == [reason("TIMEOUT")]
+
+    # The last model left is retried (with backoff) rather than given up.
+    fast_openai.script("last", stall, stall)
+    out = await h.generate(payload(model="fake/last", exclude_models=["fake/m", "fake/other"]))
+    assert text_of(out) == "Hello from last." and len(fast_openai.requests_for("last")) == 3
+
+
+async def test_retries_are_bounded_then_next_model_and_that_model_cools_briefly_once(
+    router_factory, fast_openai
+):
     fast_openai.default("m", Reply(status=502, body="<html>Bad Gateway</html>"))
     fast_openai.script("other", Reply(status=502, body="<html>Bad Gateway</html>"))
-    # "other" lives on a second provider so the first provider's profile cooldown does not apply to it.
-    second = FakeOpenAI(poll_interval_s=0.05).start()
-    try:
-        h = await router_factory(
-            setup(
-                fast_openai,
-                ["fake/m", "fake2/other"],
-                router={"max_retries": 1},
-                providers={"fake2": {"type": "openai", "base_url": second.url}},
-            )
-        )
-        before = time.time()
-        out = await h.generate()
-    finally:
-        second.stop()
+    h = await router_factory(setup(fast_openai, ["fake/m", "fake/other"], router={"max_retries": 1}))
+    before = time.time()
+    out = await h.generate()
     assert len(fast_openai.requests_for("m")) == 2  # one try + max_retries
-    assert text_of(out) == "Hello from other."
+    assert text_of(out) == "Hello from other."  # same provider, same key: not cooled by m's errors
     assert failovers(out)[0].reason == reason("SERVER_ERROR")
-    row = await h.row("fake", "default", "")
-    assert (row["health"], row["failure_count"]) == ("cooling", 2)
-    assert before + 5 <= row["until"].timestamp() <= time.time() + 10  # transient schedule: 5 s, 10 s
+    row = await h.row("fake", "default", "m")
+    # One request is one failure: the initial transient cooldown (5 s), however many retries failed.
+    assert (row["health"], row["failure_count"]) == ("cooling", 1)
+    assert before + 5 <= row["until"].timestamp() <= time.time() + 5
+    # other's success cleared other's state, never m's.
+    assert (await h.row("fake", "default", "other"))["failure_count"] == 0
+
+
+async def test_a_5xx_primary_with_a_same_provider_fallback_answers_ten_messages_in_a_row(
+    router_factory, fast_openai
+):
+    fast_openai.default("broken", Reply(status=500, body='{"error": {"message": "boom"}}'))
+    provider = {"p": {"type": "openai", "base_url": fast_openai.url}}
+    h = await router_factory(setup(fast_openai, ["p/broken", "p/good"], providers=provider))
+    answers = [await h.generate() for _ in range(10)]
+
+    assert [text_of(out) for out in answers] == ["Hello from good."] * 10
+    # The first message's try and its two retries; then skipped while it cools.
+    assert len(fast_openai.requests_for("broken")) == 3
+    assert [out[0].model_select.rule for out in answers[1:]] == ["cooldown_skip"] * 9
+    assert (await h.row("p", "default", "broken"))["failure_count"] == 1
+    assert await h.row("p", "default", "") is None and await h.row("p", "default", "good") is None
+
+
+async def test_a_429_with_retry_after_cools_only_that_model_for_the_initial_cooldown(
+    router_factory, fast_openai
+):
+    fast_openai.default("m", Reply(status=429, body=RATE_LIMITED, headers={"retry-after": "1"}))
+    h = await router_factory(setup(fast_openai, ["fake/m", "fake/sibling"], router={"max_retries": 2}))
+    out = await h.generate()
+    assert text_of(out) == "Hello from sibling."
+    assert len(fast_openai.requests_for("m")) == 3  # waited out Retry-After twice
+    row = await h.row("fake", "default", "m")
+    # Three 429s in one request: one failure, the initial cooldown (30 s), not 4x.
+    assert (row["health"], row["failure_count"]) == ("cooling", 1)
+    assert (row["until"] - row["last_failure_at"]).total_seconds() == pytest.approx(30, abs=0.01)
+    assert await h.row("fake", "default", "") is None and await h.row("fake", "default", "sibling") is None
+    out = await h.generate()  # the sibling on the same key is used at once
+    assert (out[0].model_select.model, text_of(out)) == ("fake/sibling", "Hello from sibling.")
+
+
+async def test_a_key_wide_rate_limit_cools_the_key_and_is_probed_once_per_request(
+    router_factory, fast_openai
+):
+    key_wide = Reply(
+        status=429,
+        body='{"error": {"code": 429, "message": "Rate limit exceeded: free-models-per-day"}}',
+        headers={"retry-after": "90"},
+    )
+    fast_openai.script("a", key_wide, key_wide)
+    h = await router_factory(setup(fast_openai, ["fake/a", "fake/b"], router={"probe_interval_ms": 0}))
+    with pytest.raises(Unavailable):
+        await h.generate()  # a's 429 cools the whole key, so b (same key) is not tried
+    assert [r["model"] for r in fast_openai.requests] == ["a"]
+    assert (await h.row("fake", "default", ""))["last_reason"] == "RATE_LIMIT"
+    with pytest.raises(Unavailable) as cooling:
+        await h.generate()  # one probe of the key (a fails again); b waits on the same key
+    assert [r["model"] for r in fast_openai.requests] == ["a", "a"]
+    assert cooling.value.reason == "ALL_MODELS_COOLING"
 
 
 # ---------------------------------------------------------------- AUTH, AUTH_PERMANENT, BILLING
@@ -260,10 +324,10 @@ async def test_billing_and_revoked_keys_disable_the_profile_for_hours(
 # ---------------------------------------------------------------- MODEL_NOT_FOUND
 
 
-async def test_model_not_found_cascades_in_milliseconds_and_cools_that_model_only(
+async def test_model_not_found_cascades_in_milliseconds_and_cools_that_model_on_that_key(
     router_factory, fast_openai, two_keys
 ):
-    fast_openai.script("gone", Reply(status=404, body=NOT_FOUND % "gone"))
+    fast_openai.default("gone", Reply(status=404, body=NOT_FOUND % "gone"))
     h = await router_factory(setup(fast_openai, ["fake/gone", "fake/next"], profiles=two_keys))
     started = time.perf_counter()
     out = await h.generate()
@@ -274,19 +338,23 @@ async def test_model_not_found_cascades_in_milliseconds_and_cools_that_model_onl
     assert text_of(out) == "Hello from next."
     assert len(fast_openai.requests_for("gone")) == 1  # no retry, no rotation
     assert elapsed < 3.0  # no backoff; the cascade's own latency is measured by `runyard bench router`
-    row = await h.row("fake", "", "gone")  # every profile of the provider
+    row = await h.row("fake", "a", "gone")  # that model on that key: another key may have access to it
     assert (row["health"], row["last_reason"]) == ("cooling", "MODEL_NOT_FOUND")
-    # The next request skips it without calling it.
+    assert await h.row("fake", "a", "") is None  # the key still serves "next"
+    # The next request tries it once with the other key, then it is skipped without a call.
+    await h.generate()
     out = await h.generate()
+    assert keys_used(fast_openai, "gone") == ["key-a", "key-b"]
     assert out[0].model_select.model == "fake/next" and out[0].model_select.rule == "cooldown_skip"
-    assert len(fast_openai.requests_for("gone")) == 1
 
 
 # ---------------------------------------------------------------- aborts
 
 
 @pytest.mark.parametrize("status", [404, 405, 200], ids=["404-page", "405", "200-web-page"])
-async def test_endpoint_not_found_aborts_naming_the_url_and_cools_nothing(router_factory, fast_openai, status):
+async def test_endpoint_not_found_aborts_naming_the_url_and_cools_nothing(
+    router_factory, fast_openai, status
+):
     wrong = NotFoundServer(status)
     try:
         config = setup(fast_openai, ["fake/m", "echo/echo"])
@@ -429,6 +497,59 @@ async def test_stall_before_the_first_token_is_a_timeout(router_factory, fast_op
     assert failover.reason == reason("TIMEOUT") and not failover.restart_output
 
 
+async def test_a_stalled_primary_leaves_the_fallback_its_share_of_a_short_budget(router_factory, fast_openai):
+    fast_openai.default("m", Reply(stall_after=0))
+    # Default stall timers (30 s): only the 2 s budget limits the wait.
+    h = await router_factory(
+        setup(
+            fast_openai,
+            ["fake/m", "fake/next"],
+            router={"ttft_timeout_ms": 30_000, "idle_timeout_ms": 30_000},
+        )
+    )
+    started = time.perf_counter()
+    out = await h.generate(timeout_s=2.0)
+    elapsed = time.perf_counter() - started
+
+    assert text_of(out) == "Hello from next."
+    [failover] = failovers(out)
+    assert failover.reason == reason("TIMEOUT") and "share of the run's time budget" in failover.message
+    assert len(fast_openai.requests_for("m")) == 1
+    assert 1.0 <= elapsed < 2.0  # half the budget for m, the answer within the rest
+    # Cut short by this run's budget, not by ttft_timeout_ms: m is not cooled for everyone else.
+    assert await h.row("fake", "default", "m") is None
+    [event] = await h.events()
+    assert (event.model.decision, event.model.cooldown_key) == ("next_model", "")
+
+
+async def test_with_default_timers_a_stall_reaches_the_fallback_after_one_first_token_timeout(
+    router_factory, fast_openai
+):
+    fast_openai.default("m", Reply(stall_after=0))
+    defaults = RouterConfig().model_dump(
+        include={"max_retries", "retry_backoff_initial_ms", "retry_backoff_max_ms"}
+    )
+    h = await router_factory(
+        setup(fast_openai, ["fake/m", "fake/next"], router={**defaults, "ttft_timeout_ms": 1_000})
+    )
+    started = time.perf_counter()
+    out = await h.generate()
+    elapsed = time.perf_counter() - started
+    assert text_of(out) == "Hello from next."
+    assert len(fast_openai.requests_for("m")) == 1  # not max_retries more stalls before the fallback
+    assert 1.0 <= elapsed <= 1.0 + 5
+    # A stall of the configured timer is the model's: it cools (briefly).
+    assert (await h.row("fake", "default", "m"))["last_reason"] == "TIMEOUT"
+
+
+async def test_keep_alives_do_not_hide_a_stall(router_factory, fast_openai):
+    fast_openai.script("m", Reply(first_token_delay_s=5, keepalive_every_s=0.05))
+    h = await router_factory(setup(fast_openai, ["fake/m", "fake/next"], router={"ttft_timeout_ms": 400}))
+    out = await h.generate()
+    assert text_of(out) == "Hello from next."
+    assert [f.reason for f in failovers(out)] == [reason("TIMEOUT")]
+
+
 async def test_every_attempt_shares_one_deadline(router_factory, fast_openai):
     for model in ("a", "b", "c"):
         fast_openai.default(model, Reply(stall_after=0))
@@ -475,31 +596,24 @@ async def test_all_candidates_cooling_probes_the_soonest_then_clears_it(router_f
     assert (await h.row("fake", "default", "a"))["health"] == "cooling"
 
 
-async def test_probes_are_throttled_and_limited_to_one_per_provider_per_request(router_factory, fast_openai):
+async def test_probes_are_throttled_and_spent_once_per_cooldown_per_request(router_factory, fast_openai):
     limited = Reply(status=429, body=RATE_LIMITED, headers={"retry-after": "90"})
     fast_openai.script("a", limited, limited)
     fast_openai.script("b", limited)
     h = await router_factory(setup(fast_openai, ["fake/a", "fake/b"], router={"probe_interval_ms": 60_000}))
     with pytest.raises(Unavailable):
-        await h.generate()  # a and b both rate limited: both cool for 90 s
+        await h.generate()  # a and b both rate limited: each cools (its own model key) for 90 s
     calls = len(fast_openai.requests)
 
-    # a ends first, so a is probed; it fails, and b (same provider) is not
-    # probed in the same request: one call, then ALL_MODELS_COOLING.
-    with pytest.raises(Unavailable) as probed:
-        await h.generate()
-    assert len(fast_openai.requests) == calls + 1
-    assert fast_openai.requests[-1]["model"] == "a"
-    assert probed.value.reason == "ALL_MODELS_COOLING"
-    assert probed.value.metadata["failover_reason"] == "RATE_LIMIT"
-    assert "last failure: fake/a (RATE_LIMIT: HTTP 429: Rate limit reached)" in probed.value.message
-
-    # a may not be probed again within probe_interval_ms; b may, and works.
+    # a ends first, so a is probed; it fails, and b's own cooldown is probed
+    # next in the same request (a's failure says nothing about b): it works.
     out = await h.generate()
-    assert (out[0].model_select.model, out[0].model_select.rule) == ("fake/b", "cooldown_probe")
+    assert [r["model"] for r in fast_openai.requests[calls:]] == ["a", "b"]
+    assert (out[0].model_select.model, out[0].model_select.rule) == ("fake/a", "cooldown_probe")
     assert text_of(out) == "Hello from b."
 
-    # Only a left (b excluded): throttled, so the request fails at once with a Retry-After.
+    # Only a left (b excluded): probed within probe_interval_ms already, so
+    # the request fails at once with a Retry-After.
     calls = len(fast_openai.requests)
     with pytest.raises(Unavailable) as throttled:
         await h.generate(payload(model="fake/a", exclude_models=["fake/b"]))
@@ -529,18 +643,30 @@ async def test_failed_probe_extends_the_cooldown_without_escalating_it(router_fa
     assert (await h.row("fake", "default", "a"))["failure_count"] == 0
 
 
-async def test_a_disabled_key_is_never_probed_before_its_time(router_factory, fast_openai):
+async def test_a_disabled_key_is_never_probed_and_every_later_message_says_billing(
+    router_factory, fast_openai
+):
     fast_openai.script("a", Reply(status=402, body='{"error": {"message": "Insufficient credits"}}'))
     h = await router_factory(setup(fast_openai, ["fake/a"], router={"probe_interval_ms": 0}))
-    with pytest.raises(Unavailable):
+    with pytest.raises(FailedPrecondition) as first:
         await h.generate()
+    assert (first.value.reason, first.value.retryable) == ("ALL_MODELS_FAILED", False)
+    assert first.value.message.startswith("every model of agent 'default' failed: fake/a: BILLING (HTTP 402")
     row = await h.row("fake", "default", "")  # billing disables the whole key
     assert row["health"] == "disabled"
     calls = len(fast_openai.requests)
     for _ in range(3):
-        with pytest.raises(Unavailable) as cooling:
+        with pytest.raises(FailedPrecondition) as later:
             await h.generate()
-        assert cooling.value.reason == "ALL_MODELS_COOLING"
+        # Not a bare "cooling, retry in 5 h": why, that the key is disabled, until when; no retry helps.
+        error = later.value
+        assert (error.reason, error.retryable, error.retry_after_s) == ("ALL_MODELS_COOLING", False, None)
+        assert (
+            "fake/a: skipped, BILLING (HTTP 402: Insufficient credits), key disabled until " in error.message
+        )
+        assert "(in 5.0 h)" in error.message
+        assert (error.metadata["models"], error.metadata["reasons"]) == ("fake/a", "BILLING")
+        assert error.metadata["failover_reason"] == "BILLING" and error.metadata["until"].endswith("Z")
     assert len(fast_openai.requests) == calls  # no probe reached the provider
     again = await h.row("fake", "default", "")
     assert (again["failure_count"], again["until"]) == (row["failure_count"], row["until"])
@@ -551,12 +677,68 @@ async def test_a_key_that_failed_auth_is_not_probed_again_by_the_same_request(ro
     fast_openai.default("a", bad_key)
     fast_openai.default("b", bad_key)
     h = await router_factory(setup(fast_openai, ["fake/a", "fake/b"], router={"probe_interval_ms": 0}))
-    with pytest.raises(Unavailable) as error:
+    with pytest.raises(FailedPrecondition) as error:
         await h.generate()  # the only key is bad: b (same provider, same key) is not tried with it
     assert [r["model"] for r in fast_openai.requests] == ["a"]
-    assert "AUTH" in error.value.message
+    assert error.value.retryable is False  # a bad key does not fix itself
+    assert "fake/a: AUTH (HTTP 401: Incorrect API key), cooling until" in error.value.message
+    assert "fake/b: skipped, AUTH" in error.value.message
     row = await h.row("fake", "default", "")
     assert row["failure_count"] == 1
+
+
+async def test_every_model_failing_is_listed_with_its_reason_and_until_when(router_factory, fast_openai):
+    fast_openai.default("a", Reply(status=500, body='{"error": {"message": "boom"}}'))
+    fast_openai.default("b", Reply(status=404, body=NOT_FOUND % "b"))
+    fast_openai.default("c", Reply(status=429, body=RATE_LIMITED, headers={"retry-after": "40"}))
+    h = await router_factory(setup(fast_openai, ["fake/a", "fake/b", "fake/c"], router={"max_retries": 0}))
+    with pytest.raises(Unavailable) as failed:
+        await h.generate()
+    error = failed.value
+    assert error.reason == "ALL_MODELS_FAILED" and error.retryable  # a and c may recover
+    parts = error.message.split(": ", 1)[1].split("; ")
+    assert [p.split(" (")[0] for p in parts] == [
+        "fake/a: SERVER_ERROR",
+        "fake/b: MODEL_NOT_FOUND",
+        "fake/c: RATE_LIMIT",
+    ]
+    assert all(", cooling until " in p for p in parts)
+    assert error.metadata["reasons"] == "SERVER_ERROR,MODEL_NOT_FOUND,RATE_LIMIT"
+    assert 4 <= error.retry_after_s <= 5  # a's 5 s cooldown ends first
+    # The next request probes each cooldown once (they fail again); the one
+    # after that may probe none (probe_interval_ms) and says why for each.
+    with pytest.raises(Unavailable):
+        await h.generate()
+    calls = len(fast_openai.requests)
+    with pytest.raises(Unavailable) as cooling:
+        await h.generate()
+    assert len(fast_openai.requests) == calls
+    assert cooling.value.reason == "ALL_MODELS_COOLING"
+    assert cooling.value.metadata["reasons"] == "SERVER_ERROR,MODEL_NOT_FOUND,RATE_LIMIT"
+    assert cooling.value.message.count(": skipped, ") == 3
+
+
+async def test_a_skipped_model_says_why(router_factory, fast_openai):
+    fast_openai.script("a", Reply(status=429, body=RATE_LIMITED, headers={"retry-after": "90"}))
+    h = await router_factory(setup(fast_openai, ["fake/a", "fake/b"]))
+    await h.generate()
+    out = await h.generate()
+    select = out[0].model_select
+    assert (select.model, select.rule) == ("fake/b", "cooldown_skip")
+    [skip] = select.skipped
+    assert (skip.model, skip.reason, skip.disabled, skip.auth_profile) == (
+        "fake/a",
+        reason("RATE_LIMIT"),
+        False,
+        "default",
+    )
+    assert 85 < skip.until.ToSeconds() - time.time() <= 90
+    # A failover that passes over a cooling model says why too.
+    fast_openai.script("gone", Reply(status=404, body=NOT_FOUND % "gone"))
+    out = await h.generate(payload(model="fake/gone"))  # chain: gone, a (cooling), b
+    [failover] = failovers(out)
+    assert (failover.from_model, failover.to_model) == ("fake/gone", "fake/b")
+    assert [(s.model, s.reason) for s in failover.skipped] == [("fake/a", reason("RATE_LIMIT"))]
 
 
 async def test_primary_is_probed_just_before_its_cooldown_ends(router_factory, fast_openai):
@@ -680,18 +862,35 @@ async def test_a_tool_call_streaming_longer_than_the_stall_timers_is_not_a_stall
     assert (call.name, out[-1].final.model) == ("write_file", "claude/claude-x")
 
 
-async def test_failover_metrics_count_by_reason(router_factory, fast_openai):
+async def test_failover_metrics_count_switches_apart_from_retries_and_aborts(router_factory, fast_openai):
     from runyard.common import metrics
 
-    before = metrics.FAILOVERS_TOTAL.labels(Reason.MODEL_NOT_FOUND)._value.get()
+    def value(counter, *labels: str) -> float:
+        return counter.labels(*labels)._value.get()
+
+    counters = {
+        "switch": (metrics.FAILOVERS_TOTAL, Reason.SERVER_ERROR),
+        "retry": (metrics.ROUTER_RETRIES_TOTAL, Reason.SERVER_ERROR, "same_model"),
+        "abort": (metrics.ROUTER_ABORTS_TOTAL, Reason.FORMAT, "abort"),
+        "404": (metrics.FAILOVERS_TOTAL, Reason.MODEL_NOT_FOUND),
+    }
+    before = {name: value(*spec) for name, spec in counters.items()}
+    fast_openai.script("broken", *[Reply(status=500, body='{"error": {"message": "boom"}}')] * 3)
     fast_openai.script("gone", Reply(status=404, body=NOT_FOUND % "gone"))
-    h = await router_factory(setup(fast_openai, ["fake/gone", "fake/next"]))
-    await h.generate()
-    assert metrics.FAILOVERS_TOTAL.labels(Reason.MODEL_NOT_FOUND)._value.get() == before + 1
+    bad = Reply(
+        status=400, body='{"error": {"message": "bad", "type": "invalid_request_error", "param": "x"}}'
+    )
+    fast_openai.script("strict", bad)
+    h = await router_factory(setup(fast_openai, ["fake/broken", "fake/gone", "fake/next"]))
+    await h.generate()  # broken: try + 2 retries, then a switch; gone: a switch
+    with pytest.raises(FailedPrecondition):
+        await h.generate(payload(model="fake/strict"))  # an abort
+    delta = {name: value(*spec) - before[name] for name, spec in counters.items()}
+    assert delta == {"switch": 1, "retry": 2, "abort": 1, "404": 1}
     h.router.update_gauges()
     assert metrics.PROVIDER_STATE.labels("fake", "default", "gone", "cooling")._value.get() == 1
     assert metrics.PROVIDER_STATE.labels("fake", "default", "next", "ok")._value.get() == 1
-    assert h.store.get(CooldownKey("fake", "", "gone")) is not None
+    assert h.store.get(CooldownKey("fake", "default", "gone")) is not None
 
 
 async def test_a_consumer_that_goes_away_closes_the_provider_call(router_factory, fast_openai):

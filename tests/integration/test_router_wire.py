@@ -280,3 +280,68 @@ async def test_anthropic_wrong_route_is_endpoint_not_found(fake_anthropic: FakeA
     assert error.url == f"{fake_anthropic.url}/beta/messages"
     assert classify(error).reason == Reason.ENDPOINT_NOT_FOUND
     assert json.loads(error.body) == json.loads(anthropic_error("not_found_error", "Not Found"))
+
+
+# ---------------------------------------------------------------- the event-stream format (httpx-sse)
+
+TOOL_CALL = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}}
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        {"sse_multiline": True},
+        {"sse_comments": True},
+        {"sse_crlf": True},
+        {"sse_split": True},
+        {"sse_multiline": True, "sse_comments": True, "sse_crlf": True, "sse_split": True},
+    ],
+    ids=["multi-line-data", "comments-and-fields", "crlf", "split-writes", "all-at-once"],
+)
+async def test_openai_stream_in_every_legal_event_stream_framing(fast_openai: FakeOpenAI, framing):
+    fast_openai.script(
+        "m", Reply(chunks=["Hel", "lo\nthere"], tool_calls=[TOOL_CALL], usage=(4, 2), **framing)
+    )
+    chunks = await drain(
+        OpenAIProvider("fake", ProviderConfig(type="openai", base_url=fast_openai.url)), request()
+    )
+    assert "".join(c.text for c in chunks if c.kind == "text") == "Hello\nthere"
+    assert [c.tool_call.arguments_json for c in chunks if c.kind == "tool_call"] == ['{"q": "x"}']
+    assert [(c.input_tokens, c.output_tokens) for c in chunks if c.kind == "usage"] == [(4, 2)]
+    assert chunks[-1].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    "framing", [{"sse_multiline": True}, {"sse_crlf": True}, {"sse_multiline": True, "sse_crlf": True}]
+)
+async def test_anthropic_stream_with_multi_line_data_and_crlf(fake_anthropic: FakeAnthropic, framing):
+    fake_anthropic.script("m", AnthropicReply(chunks=["Hi ", "there."], usage=(5, 3), **framing))
+    chunks = await drain(
+        AnthropicProvider("claude", ProviderConfig(type="anthropic", base_url=fake_anthropic.url)), request()
+    )
+    assert "".join(c.text for c in chunks if c.kind == "text") == "Hi there."
+    assert [(c.input_tokens, c.output_tokens) for c in chunks if c.kind == "usage"] == [(5, 3)]
+
+
+async def test_keep_alives_are_not_model_output(fast_openai: FakeOpenAI):
+    # Comments and empty events before the first token: nothing reaches the
+    # router (so its first-token timer keeps running; see test_router_engine).
+    fast_openai.script(
+        "m", Reply(chunks=["ok"], first_token_delay_s=0.35, keepalive_every_s=0.05, sse_crlf=True)
+    )
+    chunks = await drain(
+        OpenAIProvider("fake", ProviderConfig(type="openai", base_url=fast_openai.url)), request()
+    )
+    assert [c.kind for c in chunks] == ["text", "usage", "finish"]
+
+
+async def test_an_answer_that_is_not_an_event_stream_is_reported_with_its_body(fast_openai: FakeOpenAI):
+    # A 200 whose body is JSON (here an OpenRouter-style error object) instead of text/event-stream.
+    fast_openai.script(
+        "m", Reply(status=200, body='{"error": {"code": 503, "message": "Provider overloaded"}}')
+    )
+    error = await failure(
+        OpenAIProvider("fake", ProviderConfig(type="openai", base_url=fast_openai.url)), request()
+    )
+    assert "application/json instead of an event stream" in error.message
+    assert classify(error).reason == Reason.OVERLOADED

@@ -596,3 +596,34 @@ def test_retry_after(headers, body, expected):
 def test_retry_after_reaches_the_verdict():
     verdict = classify(err(429, anthropic("rate_limit_error", "slow down"), {"retry-after": "2"}))
     assert verdict.retry_after_s == 2.0
+
+
+@pytest.mark.parametrize(
+    ("body", "key_wide"),
+    [
+        # The model's own limits (named, or nothing said about the key).
+        (openai("Rate limit reached for gpt-4o in organization org-1 on requests per min (RPM)."), False),
+        (openai("Rate limit reached", "requests", "rate_limit_exceeded"), False),
+        (anthropic("rate_limit_error", "This request would exceed the rate limit for your organization"),
+         False),
+        ({"error": {"message": "You have reached the rate limit specific to this model gpt-4o"}}, False),
+        (openrouter(429, "Rate limit exceeded: limit_rpm/google/gemini-flash/abc"), False),
+        # The key's or the account's.
+        (openrouter(429, "Rate limit exceeded: free-models-per-day. Add 10 credits to unlock more"), True),
+        (openai("Max parallel request limit reached for this API key."), True),
+        ({"error": {"message": "LiteLLM Rate Limit Handler for rate limit type = key. Crossed TPM"}}, True),
+        (openai("API key rate limit exceeded, slow down"), True),
+    ],
+)
+def test_a_rate_limit_is_the_models_unless_the_provider_says_it_is_the_keys(body, key_wide):
+    verdict = classify(err(429, body, {"retry-after": "3"}), model="gpt-4o")
+    assert (verdict.reason, verdict.key_wide) == (Reason.RATE_LIMIT, key_wide)
+
+
+def test_a_key_wide_rate_limit_that_names_the_model_is_the_models():
+    body = openai("Rate limit for this API key exceeded on model gpt-4o")
+    assert classify(err(429, body), model="gpt-4o").key_wide is False
+    assert classify(err(429, body), model="other").key_wide is True
+    assert classify(err(429, body), model="gpt-4").key_wide is True  # "gpt-4o" does not name "gpt-4"
+    assert classify(err(429, openai("API key rate limit reached")), model="a").key_wide is True
+    assert classify(err(401, openai("Incorrect API key; limit your retries"))).key_wide is False

@@ -25,33 +25,35 @@ KEY = CooldownKey("p", "a", "m")
 
 
 @pytest.mark.parametrize(
-    ("reason", "retry_same", "rotate", "next_model", "scope", "schedule"),
+    ("reason", "retry_same", "rotate", "next_model", "scope", "schedule", "retryable"),
     [
-        (Reason.RATE_LIMIT, "retry_after", "once", "yes", "model", "standard"),
-        (Reason.OVERLOADED, "backoff", "no", "yes", "profile", "transient"),
-        (Reason.SERVER_ERROR, "backoff", "no", "yes", "profile", "transient"),
-        (Reason.TIMEOUT, "backoff", "no", "yes", "profile", "transient"),
-        (Reason.NETWORK, "backoff", "no", "yes", "profile", "transient"),
-        (Reason.AUTH, "no", "all", "yes", "profile", "standard"),
-        (Reason.AUTH_PERMANENT, "no", "all", "yes", "profile", "disable"),
-        (Reason.BILLING, "no", "all", "yes", "profile", "disable"),
-        (Reason.MODEL_NOT_FOUND, "no", "no", "yes", "provider_model", "standard"),
-        (Reason.ENDPOINT_NOT_FOUND, "no", "no", "abort", "none", "none"),
-        (Reason.FORMAT, "no", "no", "abort", "none", "none"),
-        (Reason.CONTEXT_OVERFLOW, "no", "no", "context_window_chain", "none", "none"),
-        (Reason.CONTENT_POLICY, "no", "no", "content_policy_chain", "none", "none"),
-        (Reason.UNKNOWN, "no", "no", "yes", "none", "none"),
+        (Reason.RATE_LIMIT, "retry_after", "once", "yes", "model_or_profile", "standard", True),
+        (Reason.OVERLOADED, "backoff", "no", "yes", "model", "transient", True),
+        (Reason.SERVER_ERROR, "backoff", "no", "yes", "model", "transient", True),
+        (Reason.TIMEOUT, "backoff_if_last", "no", "yes", "model", "transient", True),
+        (Reason.NETWORK, "backoff", "no", "yes", "model", "transient", True),
+        (Reason.AUTH, "no", "all", "yes", "profile", "standard", False),
+        (Reason.AUTH_PERMANENT, "no", "all", "yes", "profile", "disable", False),
+        (Reason.BILLING, "no", "all", "yes", "profile", "disable", False),
+        (Reason.MODEL_NOT_FOUND, "no", "no", "yes", "model", "standard", False),
+        (Reason.ENDPOINT_NOT_FOUND, "no", "no", "abort", "none", "none", False),
+        (Reason.FORMAT, "no", "no", "abort", "none", "none", False),
+        (Reason.CONTEXT_OVERFLOW, "no", "no", "context_window_chain", "none", "none", False),
+        (Reason.CONTENT_POLICY, "no", "no", "content_policy_chain", "none", "none", False),
+        (Reason.UNKNOWN, "no", "no", "yes", "none", "none", True),
     ],
 )
-def test_decision_table_row(reason, retry_same, rotate, next_model, scope, schedule):
+def test_decision_table_row(reason, retry_same, rotate, next_model, scope, schedule, retryable):
     policy = policy_for(reason)
-    assert (policy.retry_same, policy.rotate, policy.next_model, policy.scope, policy.schedule) == (
-        retry_same,
-        rotate,
-        next_model,
-        scope,
-        schedule,
+    row = (
+        policy.retry_same,
+        policy.rotate,
+        policy.next_model,
+        policy.scope,
+        policy.schedule,
+        policy.retryable,
     )
+    assert row == (retry_same, rotate, next_model, scope, schedule, retryable)
 
 
 def test_every_reason_has_a_row():
@@ -65,9 +67,16 @@ def schedules(**overrides: object) -> Schedules:
 
 
 def fail(
-    reason: str, at: float, *, started: float | None = None, retry_after: float | None = None
+    reason: str,
+    at: float,
+    *,
+    started: float | None = None,
+    retry_after: float | None = None,
+    repeat: bool = False,
 ) -> Failure:
-    return Failure(reason, f"{reason} at {at}", retry_after, at if started is None else started, at)
+    return Failure(
+        reason, f"{reason} at {at}", retry_after, at if started is None else started, at, repeat=repeat
+    )
 
 
 def test_standard_schedule_doubles_to_the_cap():
@@ -110,6 +119,17 @@ def test_in_flight_attempt_from_before_the_failure_does_not_escalate():
     # ... but its longer Retry-After still extends the cooldown.
     longer = next_state(first, KEY, fail(Reason.RATE_LIMIT, 101.0, started=99.0, retry_after=100.0), s)
     assert (longer.until, longer.failure_count) == (201.0, 1)
+
+
+def test_one_request_escalates_a_key_once():
+    s = schedules()
+    first = next_state(None, KEY, fail(Reason.RATE_LIMIT, 100.0, retry_after=1.0), s)
+    # The same request's retry 1 s later fails on the same key: extended, not escalated.
+    retried = next_state(first, KEY, fail(Reason.RATE_LIMIT, 101.0, retry_after=1.0, repeat=True), s)
+    assert (retried.failure_count, retried.until) == (1, 131.0)
+    # The next request (a new incident) escalates.
+    later = next_state(retried, KEY, fail(Reason.RATE_LIMIT, 140.0), s)
+    assert (later.failure_count, later.until) == (2, 200.0)
 
 
 def test_retry_after_overrides_when_longer():
@@ -163,7 +183,8 @@ def test_memory_store_blocks_the_right_keys():
     store = CooldownStore(RouterConfig())
     now = 1_000.0
     store.record_failure(CooldownKey("p", "a", "m1"), fail(Reason.RATE_LIMIT, now))
-    store.record_failure(CooldownKey("p", "", "gone"), fail(Reason.MODEL_NOT_FOUND, now))
+    store.record_failure(CooldownKey("p", "a", "broken"), fail(Reason.SERVER_ERROR, now))
+    store.record_failure(CooldownKey("p", "", "gone"), fail(Reason.MODEL_NOT_FOUND, now))  # an older row
     store.record_failure(CooldownKey("p", "b", ""), fail(Reason.AUTH, now))
     assert store.blocking("p", "a", "m1", now + 1) is not None
     assert store.blocking("p", "a", "m2", now + 1) is None  # sibling model stays usable
@@ -172,3 +193,6 @@ def test_memory_store_blocks_the_right_keys():
     assert store.blocking("p", "a", "m1", now + 31) is None  # expired
     store.record_success("p", "a", "m1", attempt_started_at=now + 1)
     assert store.get(CooldownKey("p", "a", "m1")).failure_count == 0
+    # A success on one model never clears another model's state on the same key.
+    store.record_success("p", "a", "m2", attempt_started_at=now + 1)
+    assert store.blocking("p", "a", "broken", now + 2) is not None

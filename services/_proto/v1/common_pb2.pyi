@@ -348,18 +348,34 @@ class TextDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
 class ModelFailover(_message.Message):
-    __slots__ = ("from_model", "to_model", "reason", "restart_output", "message")
+    __slots__ = ("from_model", "to_model", "reason", "restart_output", "message", "skipped")
     FROM_MODEL_FIELD_NUMBER: _ClassVar[int]
     TO_MODEL_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     RESTART_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     from_model: str
     to_model: str
     reason: FailoverReason
     restart_output: bool
     message: str
-    def __init__(self, from_model: _Optional[str] = ..., to_model: _Optional[str] = ..., reason: _Optional[_Union[FailoverReason, str]] = ..., restart_output: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    skipped: _containers.RepeatedCompositeFieldContainer[ModelSkip]
+    def __init__(self, from_model: _Optional[str] = ..., to_model: _Optional[str] = ..., reason: _Optional[_Union[FailoverReason, str]] = ..., restart_output: _Optional[bool] = ..., message: _Optional[str] = ..., skipped: _Optional[_Iterable[_Union[ModelSkip, _Mapping]]] = ...) -> None: ...
+
+class ModelSkip(_message.Message):
+    __slots__ = ("model", "reason", "until", "disabled", "auth_profile")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    DISABLED_FIELD_NUMBER: _ClassVar[int]
+    AUTH_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    reason: FailoverReason
+    until: _timestamp_pb2.Timestamp
+    disabled: bool
+    auth_profile: str
+    def __init__(self, model: _Optional[str] = ..., reason: _Optional[_Union[FailoverReason, str]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disabled: _Optional[bool] = ..., auth_profile: _Optional[str] = ...) -> None: ...
 
 class ToolCallEvent(_message.Message):
     __slots__ = ("call",)
@@ -380,14 +396,16 @@ class ToolResultEvent(_message.Message):
     def __init__(self, tool_call_id: _Optional[str] = ..., name: _Optional[str] = ..., content: _Optional[str] = ..., is_error: _Optional[bool] = ...) -> None: ...
 
 class ModelSelect(_message.Message):
-    __slots__ = ("model", "task_class", "rule")
+    __slots__ = ("model", "task_class", "rule", "skipped")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TASK_CLASS_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     model: str
     task_class: str
     rule: str
-    def __init__(self, model: _Optional[str] = ..., task_class: _Optional[str] = ..., rule: _Optional[str] = ...) -> None: ...
+    skipped: _containers.RepeatedCompositeFieldContainer[ModelSkip]
+    def __init__(self, model: _Optional[str] = ..., task_class: _Optional[str] = ..., rule: _Optional[str] = ..., skipped: _Optional[_Iterable[_Union[ModelSkip, _Mapping]]] = ...) -> None: ...
 
 class RunCompleted(_message.Message):
     __slots__ = ("message", "model", "usage")

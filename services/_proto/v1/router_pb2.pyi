@@ -35,16 +35,18 @@ PROVIDER_HEALTH_COOLING: ProviderHealth
 PROVIDER_HEALTH_DISABLED: ProviderHealth
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("run", "messages", "tools", "purpose")
+    __slots__ = ("run", "messages", "tools", "purpose", "after_compaction")
     RUN_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_COMPACTION_FIELD_NUMBER: _ClassVar[int]
     run: _common_pb2.RunPayload
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
     tools: _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolDefinition]
     purpose: GeneratePurpose
-    def __init__(self, run: _Optional[_Union[_common_pb2.RunPayload, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.ToolDefinition, _Mapping]]] = ..., purpose: _Optional[_Union[GeneratePurpose, str]] = ...) -> None: ...
+    after_compaction: bool
+    def __init__(self, run: _Optional[_Union[_common_pb2.RunPayload, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.ToolDefinition, _Mapping]]] = ..., purpose: _Optional[_Union[GeneratePurpose, str]] = ..., after_compaction: _Optional[bool] = ...) -> None: ...
 
 class GenerateFinal(_message.Message):
     __slots__ = ("message", "model", "usage", "finish_reason")
