@@ -50,6 +50,8 @@ class RunState:
     session_id: str
     agent_id: str
     claimed_at: float = field(default_factory=time.monotonic)
+    #: When the worker's current run token was signed (monotonic; 0 = unknown, e.g. re-attached).
+    token_signed_at: float = 0.0
 
 
 class WorkerConn:
@@ -145,7 +147,9 @@ class Dispatcher:
                 run_id=str(claim.run_id),
                 epoch=claim.epoch,
             )
-            worker.runs[claim.run_id] = RunState(claim.epoch, claim.org_id, str(claim.session_id), claim.agent_id)
+            worker.runs[claim.run_id] = RunState(
+                claim.epoch, claim.org_id, str(claim.session_id), claim.agent_id, token_signed_at=time.monotonic()
+            )
             worker.send(worker_hub_pb2.ConnectResponse(assign=worker_hub_pb2.RunAssignment(payload=payload)))
             self.update_gauges()
 
@@ -318,6 +322,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
     async def _on_heartbeat(self, worker: WorkerConn, heartbeat: worker_hub_pb2.WorkerHeartbeat) -> None:
         leases = [(run_id, state.epoch) for run_id, state in worker.runs.items()]
         held = await self.store.renew(worker.worker_id, leases)
+        self._refresh_tokens(worker, held)
         for run_id, epoch in leases:
             if run_id not in held and worker.runs.get(run_id) is not None:
                 worker.runs.pop(run_id, None)
@@ -327,6 +332,26 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
                     )
                 )
         self.dispatcher.update_gauges()
+
+    def _refresh_tokens(self, worker: WorkerConn, held: set[uuid.UUID]) -> None:
+        """Send a fresh run token for each run whose lease was just renewed in
+        PostgreSQL and whose token is a third of its lifetime old (or of
+        unknown age): tokens are only ever signed for a run and epoch the
+        database has just confirmed running (docs/security.md)."""
+        signer = self.dispatcher.signer
+        due = time.monotonic() - signer.ttl_s / 3
+        for run_id in held:
+            state = worker.runs.get(run_id)
+            if state is None or state.token_signed_at > due:
+                continue
+            state.token_signed_at = time.monotonic()
+            token = signer.sign(
+                org_id=state.org_id, agent_id=state.agent_id, session_id=state.session_id,
+                run_id=str(run_id), epoch=state.epoch,
+            )
+            worker.send(worker_hub_pb2.ConnectResponse(
+                token_refresh=worker_hub_pb2.RunTokenRefresh(run_id=str(run_id), epoch=state.epoch, run_token=token)
+            ))
 
     async def _on_result(self, worker: WorkerConn, result: worker_hub_pb2.WorkerRunResult) -> None:
         try:

@@ -13,6 +13,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import grpc
@@ -21,7 +22,15 @@ from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, session
 from runyard.common.auth import internal_metadata
 from runyard.common.clients import call, downstream_timeout
 from runyard.common.config import Config
-from runyard.common.errors import InvalidArgument, NotFound, RunyardError, Unavailable, Unimplemented
+from runyard.common.errors import (
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    RunyardError,
+    Unavailable,
+    Unimplemented,
+)
+from runyard.common.faults import budget_for, retry_transient
 from runyard.common.protoutil import now, parse_uuid
 from runyard.common.server import settle_before_reject
 from runyard.gateway.auth import Authenticator, Principal
@@ -46,7 +55,11 @@ _STRATEGIES = {
 
 
 def _require_session_ref(session_id: str, session_key: str) -> None:
-    """Validate a (session_id | session_key) pair: one of them, a well-formed id."""
+    """Validate a (session_id | session_key) pair: one of them, a well-formed id.
+
+    The contract's rules (protos/runyard/v1/gateway.proto) already checked the
+    shape; this is for callers inside the gateway.
+    """
     if session_id:
         parse_uuid(session_id, "session_id", what="session id")
     elif not session_key:
@@ -79,23 +92,30 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     # ------------------------------------------------------------ validation
 
+    def _check_session_key(self, key: str, field: str = "session_key") -> None:
+        """This deployment's limits on a session key (the contract's rules hold
+        already; ``gateway.max_session_key_length`` may be tighter). Applies on
+        every path that takes a key, reads included; the message never repeats the key."""
+        limit = self.config.gateway.max_session_key_length
+        if len(key) > limit:
+            raise InvalidArgument(
+                f"{field} is {len(key)} characters; the limit is {limit} (gateway.max_session_key_length)",
+                reason="SESSION_KEY_TOO_LONG",
+                field=field,
+            )
+        if key and not _SESSION_KEY.match(key):
+            raise InvalidArgument(
+                f"{field} may contain only letters, digits and _ . : @ / + = # ~ | -",
+                reason="INVALID_SESSION_KEY",
+                field=field,
+            )
+
     def _validate_send(self, request: gateway_pb2.SendMessageRequest) -> str:
         cfg = self.config.gateway
         key = request.session_key
         if not key:
             raise InvalidArgument("session_key is required", reason="MISSING_FIELD", field="session_key")
-        if len(key) > cfg.max_session_key_length:
-            raise InvalidArgument(
-                f"session_key is {len(key)} characters; the limit is {cfg.max_session_key_length}",
-                reason="SESSION_KEY_TOO_LONG",
-                field="session_key",
-            )
-        if not _SESSION_KEY.match(key):
-            raise InvalidArgument(
-                "session_key may contain only letters, digits and _ . : @ / + = # ~ | -",
-                reason="INVALID_SESSION_KEY",
-                field="session_key",
-            )
+        self._check_session_key(key)
         if not request.text.strip() and not request.attachments:
             raise InvalidArgument("text must not be empty", reason="EMPTY_TEXT", field="text")
         size = len(request.text.encode("utf-8"))
@@ -132,12 +152,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 field="multitask_strategy",
             )
         if request.agent_id and request.agent_id not in self.config.agents:
-            raise NotFound(f"agent {request.agent_id!r} is not configured", reason="AGENT_NOT_FOUND", field="agent_id")
+            raise NotFound(
+                f"agent {request.agent_id[:64]!r} is not configured", reason="AGENT_NOT_FOUND", field="agent_id"
+            )
         if request.model.model:
             provider = request.model.model.split("/", 1)[0]
             if "/" not in request.model.model or provider not in self.config.providers:
                 raise InvalidArgument(
-                    f"model {request.model.model!r} must be 'provider/model' with a configured provider",
+                    f"model {request.model.model[:128]!r} must be 'provider/model' with a configured provider",
                     reason="UNKNOWN_MODEL",
                     field="model.model",
                 )
@@ -153,7 +175,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         strategy = self._validate_send(request)
         fingerprint = request_hash(request)
         if request.idempotency_key:
-            existing = await self.store.find_idempotent(principal.org_id, request.idempotency_key)
+            existing = await retry_transient(
+                lambda: self.store.find_idempotent(principal.org_id, request.idempotency_key),
+                budget_s=budget_for(context),
+            )
             if existing is not None:
                 RunStore._check_fingerprint(existing, fingerprint)
                 return existing["id"], str(existing["session_id"])
@@ -181,10 +206,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             multitask_strategy=request.multitask_strategy,
             create_time=now(),
         )
-        row, created = await self.store.insert(payload, fingerprint=fingerprint, strategy=strategy)
+        row, created = await self._insert(principal, payload, fingerprint, strategy, context)
         if created:
             self.dispatcher.wake()
         return row["id"], str(row["session_id"])
+
+    async def _insert(
+        self,
+        principal: Principal,
+        payload: common_pb2.RunPayload,
+        fingerprint: bytes,
+        strategy: str,
+        context: grpc.aio.ServicerContext,
+    ) -> tuple[Any, bool]:
+        """Queue the run, retrying a database blip: a retry first looks for the
+        run id this request already chose (the lost attempt may have committed),
+        so a blip never queues the message twice nor fails the call."""
+        attempts = 0
+
+        async def once() -> tuple[Any, bool]:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                with contextlib.suppress(NotFound):
+                    return await self.store.get(principal.org_id, uuid.UUID(payload.run_id)), True
+            return await self.store.insert(payload, fingerprint=fingerprint, strategy=strategy)
+
+        return await retry_transient(once, budget_s=budget_for(context))
 
     async def _stream(self, run_id: uuid.UUID, session_id: str, after_seq: int) -> AsyncIterator[common_pb2.RunEvent]:
         """Follow a run, ending with UNAVAILABLE (retry elsewhere) if this gateway shuts down."""
@@ -207,16 +255,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     event = step.result()
                 except StopAsyncIteration:
                     return
+                finally:
+                    step = None
                 last = event.seq
                 yield event
         finally:
             # The client left or the gateway is closing: stop the pending read
             # before closing the generator it runs in.
             closing.cancel()
-            if step is not None and not step.done():
-                step.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await step
+            if step is not None:
+                if not step.done():
+                    step.cancel()
+                    await asyncio.wait({step})  # never raises the step's outcome
+                # Retrieve the outcome whatever it is (an event, the end of the run,
+                # an error): a finished step left unread makes asyncio log "Task
+                # exception was never retrieved ... StopAsyncIteration".
+                if not step.cancelled():
+                    step.exception()
             await events.aclose()
 
     async def SendMessage(
@@ -243,10 +298,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request_iterator: AsyncIterator[gateway_pb2.ChatRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.RunEvent]:
         try:
-            principal = await self.auth.authenticate(context)
+            # Charged per message below, not per stream (gateway.rate_limit_rps applies to each).
+            principal = await self.auth.authenticate(context, charge=False)
         except RunyardError:
             await settle_before_reject(request_iterator)
             raise
+        max_follows = self.config.gateway.max_follows_per_chat
         out: asyncio.Queue[common_pb2.RunEvent | BaseException | None] = asyncio.Queue(maxsize=1024)
         followers: set[asyncio.Task[None]] = set()
 
@@ -265,7 +322,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         async def read() -> None:
             try:
                 async for item in request_iterator:
+                    self.auth.charge(principal)
                     kind = item.WhichOneof("request")
+                    if kind in ("send", "join") and len(followers) >= max_follows:
+                        raise ResourceExhausted(
+                            f"this Chat stream already follows {len(followers)} runs "
+                            "(gateway.max_follows_per_chat); wait for one to end or open another stream",
+                            reason="TOO_MANY_FOLLOWS",
+                            retry_after_s=1.0,
+                        )
                     if kind == "send":
                         run_id, session_id = await self._submit(principal, item.send, context)
                         start(run_id, session_id, 0)
@@ -344,6 +409,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, principal: Principal, session_id: str, session_key: str, context: grpc.aio.ServicerContext
     ) -> common_pb2.Session:
         _require_session_ref(session_id, session_key)
+        self._check_session_key(session_key)
         response = await call(
             self.sessions.GetSession(
                 sessions_pb2.SessionServiceGetSessionRequest(
@@ -392,6 +458,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
         _require_session_ref(request.session_id, request.session_key)
+        self._check_session_key(request.session_key)
         response = await call(
             self.sessions.GetMessages(
                 sessions_pb2.SessionServiceGetMessagesRequest(
@@ -415,6 +482,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         principal = await self.auth.authenticate(context)
         principal.require("sessions:admin")
         _require_session_ref(request.session_id, request.session_key)
+        self._check_session_key(request.session_key)
         response = await call(
             self.sessions.ResetSession(
                 sessions_pb2.SessionServiceResetSessionRequest(
@@ -435,6 +503,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         principal = await self.auth.authenticate(context)
         principal.require("sessions:admin")
         _require_session_ref(request.session_id, request.session_key)
+        self._check_session_key(request.session_key)
         response = await call(
             self.sessions.DeleteSession(
                 sessions_pb2.SessionServiceDeleteSessionRequest(
@@ -471,6 +540,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def SpawnTask(self, request: gateway_pb2.SpawnTaskRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.SpawnTaskResponse:
         principal = await self.auth.authenticate(context)
         principal.require("chat")
+        self._check_session_key(request.parent_session_key, "parent_session_key")
         spawn = SpawnRequest(
             parent_session_id=request.parent_session_id,
             parent_session_key=request.parent_session_key,

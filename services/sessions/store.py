@@ -133,6 +133,8 @@ class SnapshotRead:
     run_id: str
     run_committed: bool
     session_id: str
+    #: Epoch at which the token's run committed (None: not committed).
+    committed_epoch: int | None = None
 
 
 def session_proto(row: asyncpg.Record) -> common_pb2.Session:
@@ -299,7 +301,7 @@ class SessionStore:
             if row is not None:
                 break
         if row is None:
-            raise NotFound(f"no session for key {key!r}", reason="SESSION_NOT_FOUND", field="session_key")
+            raise NotFound(f"no session for key {key[:64]!r}", reason="SESSION_NOT_FOUND", field="session_key")
         return row
 
     async def get(self, org_id: str, session_id: uuid.UUID | None, key: str) -> common_pb2.Session:
@@ -439,7 +441,7 @@ class SessionStore:
                 created = False
                 if row is None:
                     if not create:
-                        raise NotFound(f"no session for key {key!r}", reason="SESSION_NOT_FOUND", field="session_key")
+                        raise NotFound(f"no session for key {key[:64]!r}", reason="SESSION_NOT_FOUND", field="session_key")
                     row = await self._insert_session(conn, org_id, key, agent_id, parent_session_id)
                     if row is None:
                         continue  # a concurrent caller created it; read it again
@@ -616,12 +618,13 @@ class SessionStore:
                     row["head_snapshot_id"],
                 )
             committed = await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM sessions.snapshots WHERE run_id = $1 AND state = 'completed')",
+                "SELECT max(epoch) FROM sessions.snapshots WHERE run_id = $1 AND state = 'completed'",
                 uuid.UUID(claims.run_id),
             )
+        done = committed is not None
         if snap is None:
-            return SnapshotRead(b"", "", "", bool(committed), str(row["id"]))
-        return SnapshotRead(bytes(snap["data"]), str(snap["id"]), str(snap["run_id"]), bool(committed), str(row["id"]))
+            return SnapshotRead(b"", "", "", done, str(row["id"]), committed)
+        return SnapshotRead(bytes(snap["data"]), str(snap["id"]), str(snap["run_id"]), done, str(row["id"]), committed)
 
     def _check_size(self, size: int) -> None:
         if size > self.max_snapshot_bytes:

@@ -22,6 +22,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 from runyard.common.config import Config
 from runyard.common.errors import ResourceExhausted, RunyardError, from_rpc_error
+from runyard.common.faults import infrastructure_error
 from runyard.common.protoutil import now
 from runyard.worker.compaction import Compactor
 from runyard.worker.tools import TaskTools, offered_tools
@@ -32,14 +33,26 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Local exceptions that mean the network to a dependency failed.
+_LOCAL_INFRASTRUCTURE = (ConnectionError, TimeoutError)
+
 
 def _transient(exc: BaseException) -> bool:
-    """A dependency is restarting or unreachable (not a model failure)."""
-    return (
-        isinstance(exc, RunyardError)
-        and exc.code == grpc.StatusCode.UNAVAILABLE
-        and exc.reason in ("UNAVAILABLE", "DRAINING")
-    )
+    """A dependency is restarting, unreachable or lost its database for a
+    moment (not a model failure): see :func:`infrastructure_failure`."""
+    return infrastructure_failure(exc)
+
+
+def infrastructure_failure(exc: BaseException) -> bool:
+    """Whether a run failed because of infrastructure rather than the model or
+    its input: :func:`runyard.common.faults.infrastructure_error` (UNAVAILABLE
+    from a restarting peer or a database blip, peer resets such as "Stream
+    removed" or RST_STREAM from a dead peer), plus an expired run token (the
+    gateway could not renew the lease in time). Such a run is handed back to
+    the queue (``released``), never failed."""
+    if isinstance(exc, RunyardError) and exc.reason == "RUN_TOKEN_EXPIRED":
+        return True
+    return infrastructure_error(exc)
 
 
 @dataclass(slots=True)
@@ -49,6 +62,8 @@ class RunOutcome:
     completed: common_pb2.RunCompleted | None = None
     failed: common_pb2.RunFailed | None = None
     cancelled: common_pb2.RunCancelled | None = None
+    #: The run met an infrastructure fault: give it back to the queue (why).
+    released: str | None = None
 
 
 def build_prompt(
@@ -108,10 +123,15 @@ class RunExecutor:
         """
         try:
             return await self._execute(payload, emit)
-        except RunyardError as exc:
-            return RunOutcome(failed=common_pb2.RunFailed(error=exc.to_run_error()))
-        except grpc.aio.AioRpcError as exc:
-            return RunOutcome(failed=common_pb2.RunFailed(error=from_rpc_error(exc).to_run_error()))
+        except (RunyardError, grpc.aio.AioRpcError, *_LOCAL_INFRASTRUCTURE) as exc:
+            error = from_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
+            if infrastructure_failure(error):
+                # Not the run's fault: it goes back to the queue and runs again.
+                log.warning("run %s hit an infrastructure fault (%s); handing it back", payload.run_id, error)
+                return RunOutcome(released=f"infrastructure: {str(error)[:200]}")
+            if not isinstance(error, RunyardError):
+                raise
+            return RunOutcome(failed=common_pb2.RunFailed(error=error.to_run_error()))
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """``call()``, retried while the callee is unavailable (restart, deploy),
@@ -132,9 +152,9 @@ class RunExecutor:
     async def _execute(
         self, payload: common_pb2.RunPayload, emit: Callable[[common_pb2.RunEvent], None]
     ) -> RunOutcome:
-        token = payload.run_token
+        # payload.run_token is read at each call: the hub renews it with the lease.
         snapshot = await self._retrying(
-            lambda: self.sessions.GetSnapshot(sessions_pb2.GetSnapshotRequest(run_token=token), timeout=30)
+            lambda: self.sessions.GetSnapshot(sessions_pb2.GetSnapshotRequest(run_token=payload.run_token), timeout=30)
         )
         if snapshot.run_committed:
             return self._already_done(payload, snapshot.transcript)
@@ -158,7 +178,7 @@ class RunExecutor:
         await self._retrying(
             lambda: self.sessions.PutSnapshot(
                 sessions_pb2.PutSnapshotRequest(
-                    run_token=token,
+                    run_token=payload.run_token,
                     transcript=transcript,
                     session_id=payload.session_id,
                     base_snapshot_id=snapshot.snapshot_id,

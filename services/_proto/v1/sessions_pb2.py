@@ -24,75 +24,140 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from runyard._proto.buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from runyard._proto.v1 import common_pb2 as runyard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19runyard/v1/sessions.proto\x12\nrunyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17runyard/v1/common.proto\"|\n\x15ResolveSessionRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x19\n\x11parent_session_id\x18\x04 \x01(\t\x12\x11\n\tno_create\x18\x05 \x01(\x08\"O\n\x16ResolveSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Session\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"Z\n\x1fSessionServiceGetSessionRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bsession_key\x18\x03 \x01(\t\"H\n SessionServiceGetSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Session\"\x9e\x01\n!SessionServiceListSessionsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x15\n\rinclude_ended\x18\x05 \x01(\x08\x12\x19\n\x11parent_session_id\x18\x06 \x01(\t\"d\n\"SessionServiceListSessionsResponse\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.runyard.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x82\x01\n SessionServiceGetMessagesRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bsession_key\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"t\n!SessionServiceGetMessagesResponse\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.runyard.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t\"\\\n!SessionServiceResetSessionRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bsession_key\x18\x03 \x01(\t\"g\n\"SessionServiceResetSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Session\x12\x1b\n\x13previous_session_id\x18\x02 \x01(\t\"]\n\"SessionServiceDeleteSessionRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bsession_key\x18\x03 \x01(\t\"9\n#SessionServiceDeleteSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\";\n\x12GetSnapshotRequest\x12\x11\n\trun_token\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x91\x01\n\x13GetSnapshotResponse\x12*\n\ntranscript\x18\x01 \x01(\x0b\x32\x16.runyard.v1.Transcript\x12\x13\n\x0bsnapshot_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x15\n\rrun_committed\x18\x04 \x01(\x08\x12\x12\n\nsession_id\x18\x05 \x01(\t\"\xcb\x01\n\x12PutSnapshotRequest\x12\x11\n\trun_token\x18\x01 \x01(\t\x12*\n\ntranscript\x18\x02 \x01(\x0b\x32\x16.runyard.v1.Transcript\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x1d\n\x10\x62\x61se_snapshot_id\x18\x04 \x01(\tH\x00\x88\x01\x01\x12.\n\ncompaction\x18\x05 \x01(\x0b\x32\x1a.runyard.v1.CompactionInfoB\x13\n\x11_base_snapshot_id\"\x8a\x01\n\x0e\x43ompactionInfo\x12 \n\x18summarized_message_count\x18\x01 \x01(\r\x12\x1a\n\x12kept_message_count\x18\x02 \x01(\r\x12\x15\n\rtokens_before\x18\x03 \x01(\x04\x12\x14\n\x0ctokens_after\x18\x04 \x01(\x04\x12\r\n\x05model\x18\x05 \x01(\t\">\n\x13PutSnapshotResponse\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"Z\n\x15\x43ommitSnapshotRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"X\n\x16\x43ommitSnapshotResponse\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x15\n\rmessage_count\x18\x02 \x01(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\t\"C\n\x11ListEventsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\r\n\x05types\x18\x03 \x03(\t\"@\n\x12ListEventsResponse\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.runyard.v1.LifecycleEvent\"7\n\x14PruneSessionsRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x0e\n\x06org_id\x18\x02 \x01(\t\"\xc8\x01\n\rPrunedSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\'\n\x06reason\x18\x05 \x01(\x0e\x32\x17.runyard.v1.PruneReason\x12\x34\n\x10last_active_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmessage_count\x18\x07 \x01(\x04\"\xae\x01\n\nPruneStats\x12\x15\n\rsessions_idle\x18\x01 \x01(\x04\x12\x17\n\x0fsessions_capped\x18\x02 \x01(\x04\x12\x1a\n\x12snapshots_archived\x18\x03 \x01(\x04\x12\x19\n\x11snapshots_dropped\x18\x04 \x01(\x04\x12!\n\x19pending_snapshots_dropped\x18\x05 \x01(\x04\x12\x16\n\x0e\x65vents_trimmed\x18\x06 \x01(\x04\"\x8a\x01\n\x15PruneSessionsResponse\x12+\n\x08sessions\x18\x01 \x03(\x0b\x32\x19.runyard.v1.PrunedSession\x12%\n\x05stats\x18\x02 \x01(\x0b\x32\x16.runyard.v1.PruneStats\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\"@\n\x16SetShutdownModeRequest\x12&\n\x04mode\x18\x01 \x01(\x0e\x32\x18.runyard.v1.ShutdownMode\"V\n\x17SetShutdownModeResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12&\n\x04mode\x18\x02 \x01(\x0e\x32\x18.runyard.v1.ShutdownMode*X\n\x0bPruneReason\x12\x1c\n\x18PRUNE_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11PRUNE_REASON_IDLE\x10\x01\x12\x14\n\x10PRUNE_REASON_CAP\x10\x02*d\n\x0cShutdownMode\x12\x1d\n\x19SHUTDOWN_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SHUTDOWN_MODE_SHUTDOWN\x10\x01\x12\x19\n\x15SHUTDOWN_MODE_RESTART\x10\x02\x32\x88\t\n\x0eSessionService\x12W\n\x0eResolveSession\x12!.runyard.v1.ResolveSessionRequest\x1a\".runyard.v1.ResolveSessionResponse\x12g\n\nGetSession\x12+.runyard.v1.SessionServiceGetSessionRequest\x1a,.runyard.v1.SessionServiceGetSessionResponse\x12m\n\x0cListSessions\x12-.runyard.v1.SessionServiceListSessionsRequest\x1a..runyard.v1.SessionServiceListSessionsResponse\x12j\n\x0bGetMessages\x12,.runyard.v1.SessionServiceGetMessagesRequest\x1a-.runyard.v1.SessionServiceGetMessagesResponse\x12m\n\x0cResetSession\x12-.runyard.v1.SessionServiceResetSessionRequest\x1a..runyard.v1.SessionServiceResetSessionResponse\x12p\n\rDeleteSession\x12..runyard.v1.SessionServiceDeleteSessionRequest\x1a/.runyard.v1.SessionServiceDeleteSessionResponse\x12N\n\x0bGetSnapshot\x12\x1e.runyard.v1.GetSnapshotRequest\x1a\x1f.runyard.v1.GetSnapshotResponse\x12N\n\x0bPutSnapshot\x12\x1e.runyard.v1.PutSnapshotRequest\x1a\x1f.runyard.v1.PutSnapshotResponse\x12W\n\x0e\x43ommitSnapshot\x12!.runyard.v1.CommitSnapshotRequest\x1a\".runyard.v1.CommitSnapshotResponse\x12K\n\nListEvents\x12\x1d.runyard.v1.ListEventsRequest\x1a\x1e.runyard.v1.ListEventsResponse\x12V\n\rPruneSessions\x12 .runyard.v1.PruneSessionsRequest\x1a!.runyard.v1.PruneSessionsResponse0\x01\x12Z\n\x0fSetShutdownMode\x12\".runyard.v1.SetShutdownModeRequest\x1a#.runyard.v1.SetShutdownModeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19runyard/v1/sessions.proto\x12\nrunyard.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17runyard/v1/common.proto\"\x96\x02\n\x15ResolveSessionRequest\x12\x1b\n\x06org_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\x18\x80\x02\xc8\x01\x01\x12;\n\x0bsession_key\x18\x02 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xd8\x01\x01\x12\x1a\n\x08\x61gent_id\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x02\x12&\n\x11parent_session_id\x18\x04 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x11\n\tno_create\x18\x05 \x01(\x08:L\xbaHI\x1aG\n\x14session_key.required\x12\x17session_key is required\x1a\x16this.session_key != \'\'\"O\n\x16ResolveSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Session\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x9c\x01\n\x1fSessionServiceGetSessionRequest\x12\x1b\n\x06org_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\x18\x80\x02\xc8\x01\x01\x12\x1f\n\nsession_id\x18\x02 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12;\n\x0bsession_key\x18\x03 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xd8\x01\x01\"H\n SessionServiceGetSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Session\"\xd5\x01\n!SessionServiceListSessionsRequest\x12\x1b\n\x06org_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\x18\x80\x02\xc8\x01\x01\x12\x1a\n\x08\x61gent_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x02\x12\x1a\n\tpage_size\x18\x03 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x04 \x01(\tB\x08\xbaH\x05r\x03\x18\x80 \x12\x15\n\rinclude_ended\x18\x05 \x01(\x08\x12&\n\x11parent_session_id\x18\x06 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\"d\n\"SessionServiceListSessionsResponse\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.runyard.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xd7\x01\n SessionServiceGetMessagesRequest\x12\x1b\n\x06org_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\x18\x80\x02\xc8\x01\x01\x12\x1f\n\nsession_id\x18\x02 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12;\n\x0bsession_key\x18\x03 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xd8\x01\x01\x12\x1a\n\tpage_size\x18\x04 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x05 \x01(\tB\x08\xbaH\x05r\x03\x18\x80 \"t\n!SessionServiceGetMessagesResponse\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.runyard.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t\"\x9e\x01\n!SessionServiceResetSessionRequest\x12\x1b\n\x06org_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\x18\x80\x02\xc8\x01\x01\x12\x1f\n\nsession_id\x18\x02 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12;\n\x0bsession_key\x18\x03 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xd8\x01\x01\"g\n\"SessionServiceResetSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Session\x12\x1b\n\x13previous_session_id\x18\x02 \x01(\t\"\x9f\x01\n\"SessionServiceDeleteSessionRequest\x12\x1b\n\x06org_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\x18\x80\x02\xc8\x01\x01\x12\x1f\n\nsession_id\x18\x02 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12;\n\x0bsession_key\x18\x03 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xd8\x01\x01\"9\n#SessionServiceDeleteSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\";\n\x12GetSnapshotRequest\x12\x11\n\trun_token\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x91\x01\n\x13GetSnapshotResponse\x12*\n\ntranscript\x18\x01 \x01(\x0b\x32\x16.runyard.v1.Transcript\x12\x13\n\x0bsnapshot_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x15\n\rrun_committed\x18\x04 \x01(\x08\x12\x12\n\nsession_id\x18\x05 \x01(\t\"\xcb\x01\n\x12PutSnapshotRequest\x12\x11\n\trun_token\x18\x01 \x01(\t\x12*\n\ntranscript\x18\x02 \x01(\x0b\x32\x16.runyard.v1.Transcript\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x1d\n\x10\x62\x61se_snapshot_id\x18\x04 \x01(\tH\x00\x88\x01\x01\x12.\n\ncompaction\x18\x05 \x01(\x0b\x32\x1a.runyard.v1.CompactionInfoB\x13\n\x11_base_snapshot_id\"\x8a\x01\n\x0e\x43ompactionInfo\x12 \n\x18summarized_message_count\x18\x01 \x01(\r\x12\x1a\n\x12kept_message_count\x18\x02 \x01(\r\x12\x15\n\rtokens_before\x18\x03 \x01(\x04\x12\x14\n\x0ctokens_after\x18\x04 \x01(\x04\x12\r\n\x05model\x18\x05 \x01(\t\">\n\x13PutSnapshotResponse\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"Z\n\x15\x43ommitSnapshotRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"X\n\x16\x43ommitSnapshotResponse\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x15\n\rmessage_count\x18\x02 \x01(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\t\"C\n\x11ListEventsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\r\n\x05types\x18\x03 \x03(\t\"@\n\x12ListEventsResponse\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.runyard.v1.LifecycleEvent\"7\n\x14PruneSessionsRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x0e\n\x06org_id\x18\x02 \x01(\t\"\xc8\x01\n\rPrunedSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\'\n\x06reason\x18\x05 \x01(\x0e\x32\x17.runyard.v1.PruneReason\x12\x34\n\x10last_active_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmessage_count\x18\x07 \x01(\x04\"\xae\x01\n\nPruneStats\x12\x15\n\rsessions_idle\x18\x01 \x01(\x04\x12\x17\n\x0fsessions_capped\x18\x02 \x01(\x04\x12\x1a\n\x12snapshots_archived\x18\x03 \x01(\x04\x12\x19\n\x11snapshots_dropped\x18\x04 \x01(\x04\x12!\n\x19pending_snapshots_dropped\x18\x05 \x01(\x04\x12\x16\n\x0e\x65vents_trimmed\x18\x06 \x01(\x04\"\x8a\x01\n\x15PruneSessionsResponse\x12+\n\x08sessions\x18\x01 \x03(\x0b\x32\x19.runyard.v1.PrunedSession\x12%\n\x05stats\x18\x02 \x01(\x0b\x32\x16.runyard.v1.PruneStats\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\"@\n\x16SetShutdownModeRequest\x12&\n\x04mode\x18\x01 \x01(\x0e\x32\x18.runyard.v1.ShutdownMode\"V\n\x17SetShutdownModeResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12&\n\x04mode\x18\x02 \x01(\x0e\x32\x18.runyard.v1.ShutdownMode*X\n\x0bPruneReason\x12\x1c\n\x18PRUNE_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11PRUNE_REASON_IDLE\x10\x01\x12\x14\n\x10PRUNE_REASON_CAP\x10\x02*d\n\x0cShutdownMode\x12\x1d\n\x19SHUTDOWN_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SHUTDOWN_MODE_SHUTDOWN\x10\x01\x12\x19\n\x15SHUTDOWN_MODE_RESTART\x10\x02\x32\xb0\t\n\x0eSessionService\x12\\\n\x0eResolveSession\x12!.runyard.v1.ResolveSessionRequest\x1a\".runyard.v1.ResolveSessionResponse\"\x03\x90\x02\x02\x12l\n\nGetSession\x12+.runyard.v1.SessionServiceGetSessionRequest\x1a,.runyard.v1.SessionServiceGetSessionResponse\"\x03\x90\x02\x01\x12r\n\x0cListSessions\x12-.runyard.v1.SessionServiceListSessionsRequest\x1a..runyard.v1.SessionServiceListSessionsResponse\"\x03\x90\x02\x01\x12o\n\x0bGetMessages\x12,.runyard.v1.SessionServiceGetMessagesRequest\x1a-.runyard.v1.SessionServiceGetMessagesResponse\"\x03\x90\x02\x01\x12m\n\x0cResetSession\x12-.runyard.v1.SessionServiceResetSessionRequest\x1a..runyard.v1.SessionServiceResetSessionResponse\x12p\n\rDeleteSession\x12..runyard.v1.SessionServiceDeleteSessionRequest\x1a/.runyard.v1.SessionServiceDeleteSessionResponse\x12S\n\x0bGetSnapshot\x12\x1e.runyard.v1.GetSnapshotRequest\x1a\x1f.runyard.v1.GetSnapshotResponse\"\x03\x90\x02\x02\x12S\n\x0bPutSnapshot\x12\x1e.runyard.v1.PutSnapshotRequest\x1a\x1f.runyard.v1.PutSnapshotResponse\"\x03\x90\x02\x02\x12\\\n\x0e\x43ommitSnapshot\x12!.runyard.v1.CommitSnapshotRequest\x1a\".runyard.v1.CommitSnapshotResponse\"\x03\x90\x02\x02\x12P\n\nListEvents\x12\x1d.runyard.v1.ListEventsRequest\x1a\x1e.runyard.v1.ListEventsResponse\"\x03\x90\x02\x01\x12V\n\rPruneSessions\x12 .runyard.v1.PruneSessionsRequest\x1a!.runyard.v1.PruneSessionsResponse0\x01\x12Z\n\x0fSetShutdownMode\x12\".runyard.v1.SetShutdownModeRequest\x1a#.runyard.v1.SetShutdownModeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'runyard.v1.sessions_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRUNEREASON']._serialized_start=3008
-  _globals['_PRUNEREASON']._serialized_end=3096
-  _globals['_SHUTDOWNMODE']._serialized_start=3098
-  _globals['_SHUTDOWNMODE']._serialized_end=3198
-  _globals['_RESOLVESESSIONREQUEST']._serialized_start=99
-  _globals['_RESOLVESESSIONREQUEST']._serialized_end=223
-  _globals['_RESOLVESESSIONRESPONSE']._serialized_start=225
-  _globals['_RESOLVESESSIONRESPONSE']._serialized_end=304
-  _globals['_SESSIONSERVICEGETSESSIONREQUEST']._serialized_start=306
-  _globals['_SESSIONSERVICEGETSESSIONREQUEST']._serialized_end=396
-  _globals['_SESSIONSERVICEGETSESSIONRESPONSE']._serialized_start=398
-  _globals['_SESSIONSERVICEGETSESSIONRESPONSE']._serialized_end=470
-  _globals['_SESSIONSERVICELISTSESSIONSREQUEST']._serialized_start=473
-  _globals['_SESSIONSERVICELISTSESSIONSREQUEST']._serialized_end=631
-  _globals['_SESSIONSERVICELISTSESSIONSRESPONSE']._serialized_start=633
-  _globals['_SESSIONSERVICELISTSESSIONSRESPONSE']._serialized_end=733
-  _globals['_SESSIONSERVICEGETMESSAGESREQUEST']._serialized_start=736
-  _globals['_SESSIONSERVICEGETMESSAGESREQUEST']._serialized_end=866
-  _globals['_SESSIONSERVICEGETMESSAGESRESPONSE']._serialized_start=868
-  _globals['_SESSIONSERVICEGETMESSAGESRESPONSE']._serialized_end=984
-  _globals['_SESSIONSERVICERESETSESSIONREQUEST']._serialized_start=986
-  _globals['_SESSIONSERVICERESETSESSIONREQUEST']._serialized_end=1078
-  _globals['_SESSIONSERVICERESETSESSIONRESPONSE']._serialized_start=1080
-  _globals['_SESSIONSERVICERESETSESSIONRESPONSE']._serialized_end=1183
-  _globals['_SESSIONSERVICEDELETESESSIONREQUEST']._serialized_start=1185
-  _globals['_SESSIONSERVICEDELETESESSIONREQUEST']._serialized_end=1278
-  _globals['_SESSIONSERVICEDELETESESSIONRESPONSE']._serialized_start=1280
-  _globals['_SESSIONSERVICEDELETESESSIONRESPONSE']._serialized_end=1337
-  _globals['_GETSNAPSHOTREQUEST']._serialized_start=1339
-  _globals['_GETSNAPSHOTREQUEST']._serialized_end=1398
-  _globals['_GETSNAPSHOTRESPONSE']._serialized_start=1401
-  _globals['_GETSNAPSHOTRESPONSE']._serialized_end=1546
-  _globals['_PUTSNAPSHOTREQUEST']._serialized_start=1549
-  _globals['_PUTSNAPSHOTREQUEST']._serialized_end=1752
-  _globals['_COMPACTIONINFO']._serialized_start=1755
-  _globals['_COMPACTIONINFO']._serialized_end=1893
-  _globals['_PUTSNAPSHOTRESPONSE']._serialized_start=1895
-  _globals['_PUTSNAPSHOTRESPONSE']._serialized_end=1957
-  _globals['_COMMITSNAPSHOTREQUEST']._serialized_start=1959
-  _globals['_COMMITSNAPSHOTREQUEST']._serialized_end=2049
-  _globals['_COMMITSNAPSHOTRESPONSE']._serialized_start=2051
-  _globals['_COMMITSNAPSHOTRESPONSE']._serialized_end=2139
-  _globals['_LISTEVENTSREQUEST']._serialized_start=2141
-  _globals['_LISTEVENTSREQUEST']._serialized_end=2208
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=2210
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=2274
-  _globals['_PRUNESESSIONSREQUEST']._serialized_start=2276
-  _globals['_PRUNESESSIONSREQUEST']._serialized_end=2331
-  _globals['_PRUNEDSESSION']._serialized_start=2334
-  _globals['_PRUNEDSESSION']._serialized_end=2534
-  _globals['_PRUNESTATS']._serialized_start=2537
-  _globals['_PRUNESTATS']._serialized_end=2711
-  _globals['_PRUNESESSIONSRESPONSE']._serialized_start=2714
-  _globals['_PRUNESESSIONSRESPONSE']._serialized_end=2852
-  _globals['_SETSHUTDOWNMODEREQUEST']._serialized_start=2854
-  _globals['_SETSHUTDOWNMODEREQUEST']._serialized_end=2918
-  _globals['_SETSHUTDOWNMODERESPONSE']._serialized_start=2920
-  _globals['_SETSHUTDOWNMODERESPONSE']._serialized_end=3006
-  _globals['_SESSIONSERVICE']._serialized_start=3201
-  _globals['_SESSIONSERVICE']._serialized_end=4361
+  _globals['_RESOLVESESSIONREQUEST'].fields_by_name['org_id']._loaded_options = None
+  _globals['_RESOLVESESSIONREQUEST'].fields_by_name['org_id']._serialized_options = b'\272H\010r\003\030\200\002\310\001\001'
+  _globals['_RESOLVESESSIONREQUEST'].fields_by_name['session_key']._loaded_options = None
+  _globals['_RESOLVESESSIONREQUEST'].fields_by_name['session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\330\001\001'
+  _globals['_RESOLVESESSIONREQUEST'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_RESOLVESESSIONREQUEST'].fields_by_name['agent_id']._serialized_options = b'\272H\005r\003\030\200\002'
+  _globals['_RESOLVESESSIONREQUEST'].fields_by_name['parent_session_id']._loaded_options = None
+  _globals['_RESOLVESESSIONREQUEST'].fields_by_name['parent_session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_RESOLVESESSIONREQUEST']._loaded_options = None
+  _globals['_RESOLVESESSIONREQUEST']._serialized_options = b'\272HI\032G\n\024session_key.required\022\027session_key is required\032\026this.session_key != \'\''
+  _globals['_SESSIONSERVICEGETSESSIONREQUEST'].fields_by_name['org_id']._loaded_options = None
+  _globals['_SESSIONSERVICEGETSESSIONREQUEST'].fields_by_name['org_id']._serialized_options = b'\272H\010r\003\030\200\002\310\001\001'
+  _globals['_SESSIONSERVICEGETSESSIONREQUEST'].fields_by_name['session_id']._loaded_options = None
+  _globals['_SESSIONSERVICEGETSESSIONREQUEST'].fields_by_name['session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_SESSIONSERVICEGETSESSIONREQUEST'].fields_by_name['session_key']._loaded_options = None
+  _globals['_SESSIONSERVICEGETSESSIONREQUEST'].fields_by_name['session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\330\001\001'
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['org_id']._loaded_options = None
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['org_id']._serialized_options = b'\272H\010r\003\030\200\002\310\001\001'
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['agent_id']._serialized_options = b'\272H\005r\003\030\200\002'
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200 '
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['parent_session_id']._loaded_options = None
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['parent_session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['org_id']._loaded_options = None
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['org_id']._serialized_options = b'\272H\010r\003\030\200\002\310\001\001'
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['session_id']._loaded_options = None
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['session_key']._loaded_options = None
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\330\001\001'
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200 '
+  _globals['_SESSIONSERVICERESETSESSIONREQUEST'].fields_by_name['org_id']._loaded_options = None
+  _globals['_SESSIONSERVICERESETSESSIONREQUEST'].fields_by_name['org_id']._serialized_options = b'\272H\010r\003\030\200\002\310\001\001'
+  _globals['_SESSIONSERVICERESETSESSIONREQUEST'].fields_by_name['session_id']._loaded_options = None
+  _globals['_SESSIONSERVICERESETSESSIONREQUEST'].fields_by_name['session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_SESSIONSERVICERESETSESSIONREQUEST'].fields_by_name['session_key']._loaded_options = None
+  _globals['_SESSIONSERVICERESETSESSIONREQUEST'].fields_by_name['session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\330\001\001'
+  _globals['_SESSIONSERVICEDELETESESSIONREQUEST'].fields_by_name['org_id']._loaded_options = None
+  _globals['_SESSIONSERVICEDELETESESSIONREQUEST'].fields_by_name['org_id']._serialized_options = b'\272H\010r\003\030\200\002\310\001\001'
+  _globals['_SESSIONSERVICEDELETESESSIONREQUEST'].fields_by_name['session_id']._loaded_options = None
+  _globals['_SESSIONSERVICEDELETESESSIONREQUEST'].fields_by_name['session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_SESSIONSERVICEDELETESESSIONREQUEST'].fields_by_name['session_key']._loaded_options = None
+  _globals['_SESSIONSERVICEDELETESESSIONREQUEST'].fields_by_name['session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\330\001\001'
+  _globals['_SESSIONSERVICE'].methods_by_name['ResolveSession']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['ResolveSession']._serialized_options = b'\220\002\002'
+  _globals['_SESSIONSERVICE'].methods_by_name['GetSession']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['GetSession']._serialized_options = b'\220\002\001'
+  _globals['_SESSIONSERVICE'].methods_by_name['ListSessions']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['ListSessions']._serialized_options = b'\220\002\001'
+  _globals['_SESSIONSERVICE'].methods_by_name['GetMessages']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['GetMessages']._serialized_options = b'\220\002\001'
+  _globals['_SESSIONSERVICE'].methods_by_name['GetSnapshot']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['GetSnapshot']._serialized_options = b'\220\002\002'
+  _globals['_SESSIONSERVICE'].methods_by_name['PutSnapshot']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['PutSnapshot']._serialized_options = b'\220\002\002'
+  _globals['_SESSIONSERVICE'].methods_by_name['CommitSnapshot']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['CommitSnapshot']._serialized_options = b'\220\002\002'
+  _globals['_SESSIONSERVICE'].methods_by_name['ListEvents']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['ListEvents']._serialized_options = b'\220\002\001'
+  _globals['_PRUNEREASON']._serialized_start=3533
+  _globals['_PRUNEREASON']._serialized_end=3621
+  _globals['_SHUTDOWNMODE']._serialized_start=3623
+  _globals['_SHUTDOWNMODE']._serialized_end=3723
+  _globals['_RESOLVESESSIONREQUEST']._serialized_start=129
+  _globals['_RESOLVESESSIONREQUEST']._serialized_end=407
+  _globals['_RESOLVESESSIONRESPONSE']._serialized_start=409
+  _globals['_RESOLVESESSIONRESPONSE']._serialized_end=488
+  _globals['_SESSIONSERVICEGETSESSIONREQUEST']._serialized_start=491
+  _globals['_SESSIONSERVICEGETSESSIONREQUEST']._serialized_end=647
+  _globals['_SESSIONSERVICEGETSESSIONRESPONSE']._serialized_start=649
+  _globals['_SESSIONSERVICEGETSESSIONRESPONSE']._serialized_end=721
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST']._serialized_start=724
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST']._serialized_end=937
+  _globals['_SESSIONSERVICELISTSESSIONSRESPONSE']._serialized_start=939
+  _globals['_SESSIONSERVICELISTSESSIONSRESPONSE']._serialized_end=1039
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST']._serialized_start=1042
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST']._serialized_end=1257
+  _globals['_SESSIONSERVICEGETMESSAGESRESPONSE']._serialized_start=1259
+  _globals['_SESSIONSERVICEGETMESSAGESRESPONSE']._serialized_end=1375
+  _globals['_SESSIONSERVICERESETSESSIONREQUEST']._serialized_start=1378
+  _globals['_SESSIONSERVICERESETSESSIONREQUEST']._serialized_end=1536
+  _globals['_SESSIONSERVICERESETSESSIONRESPONSE']._serialized_start=1538
+  _globals['_SESSIONSERVICERESETSESSIONRESPONSE']._serialized_end=1641
+  _globals['_SESSIONSERVICEDELETESESSIONREQUEST']._serialized_start=1644
+  _globals['_SESSIONSERVICEDELETESESSIONREQUEST']._serialized_end=1803
+  _globals['_SESSIONSERVICEDELETESESSIONRESPONSE']._serialized_start=1805
+  _globals['_SESSIONSERVICEDELETESESSIONRESPONSE']._serialized_end=1862
+  _globals['_GETSNAPSHOTREQUEST']._serialized_start=1864
+  _globals['_GETSNAPSHOTREQUEST']._serialized_end=1923
+  _globals['_GETSNAPSHOTRESPONSE']._serialized_start=1926
+  _globals['_GETSNAPSHOTRESPONSE']._serialized_end=2071
+  _globals['_PUTSNAPSHOTREQUEST']._serialized_start=2074
+  _globals['_PUTSNAPSHOTREQUEST']._serialized_end=2277
+  _globals['_COMPACTIONINFO']._serialized_start=2280
+  _globals['_COMPACTIONINFO']._serialized_end=2418
+  _globals['_PUTSNAPSHOTRESPONSE']._serialized_start=2420
+  _globals['_PUTSNAPSHOTRESPONSE']._serialized_end=2482
+  _globals['_COMMITSNAPSHOTREQUEST']._serialized_start=2484
+  _globals['_COMMITSNAPSHOTREQUEST']._serialized_end=2574
+  _globals['_COMMITSNAPSHOTRESPONSE']._serialized_start=2576
+  _globals['_COMMITSNAPSHOTRESPONSE']._serialized_end=2664
+  _globals['_LISTEVENTSREQUEST']._serialized_start=2666
+  _globals['_LISTEVENTSREQUEST']._serialized_end=2733
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=2735
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=2799
+  _globals['_PRUNESESSIONSREQUEST']._serialized_start=2801
+  _globals['_PRUNESESSIONSREQUEST']._serialized_end=2856
+  _globals['_PRUNEDSESSION']._serialized_start=2859
+  _globals['_PRUNEDSESSION']._serialized_end=3059
+  _globals['_PRUNESTATS']._serialized_start=3062
+  _globals['_PRUNESTATS']._serialized_end=3236
+  _globals['_PRUNESESSIONSRESPONSE']._serialized_start=3239
+  _globals['_PRUNESESSIONSRESPONSE']._serialized_end=3377
+  _globals['_SETSHUTDOWNMODEREQUEST']._serialized_start=3379
+  _globals['_SETSHUTDOWNMODEREQUEST']._serialized_end=3443
+  _globals['_SETSHUTDOWNMODERESPONSE']._serialized_start=3445
+  _globals['_SETSHUTDOWNMODERESPONSE']._serialized_end=3531
+  _globals['_SESSIONSERVICE']._serialized_start=3726
+  _globals['_SESSIONSERVICE']._serialized_end=4926
 # @@protoc_insertion_point(module_scope)
