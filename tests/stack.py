@@ -26,10 +26,10 @@ from runyard.common.auth import public_key_text, load_private_key, run_token_env
 __all__ = ["Stack", "free_port", "flatten_env"]
 
 INTERNAL_SECRET = "test-internal-secret-0123456789-abcdef"
-#: The gateway's run-token signing key (Ed25519 seed, base64); the other
+#: The gateway's run-token signing key (Ed25519 secret key, base64 of 64 bytes); the other
 #: services get its public half (RUN_TOKEN_PUBLIC_KEY). Tests that mint tokens
 #: sign with it: RunTokenSigner(RUN_TOKEN_PRIVATE_KEY).
-RUN_TOKEN_PRIVATE_KEY = "d4dJTI3wtzd0yG0GHKQI1o1hRTMqkuEBwyKe5VMxzhY="
+RUN_TOKEN_PRIVATE_KEY = "yc8QuxqRoobal2o4kvjETUtTKKMVwaYNofS4UDjUZC1FyZwb/buhANTmMLPgXmfjWPPhQwx327ydP82+PH+FZg=="
 RUN_TOKEN_PUBLIC_KEY = public_key_text(load_private_key(RUN_TOKEN_PRIVATE_KEY).public_key())
 #: Kept for tests written before run tokens were Ed25519: now the signing key.
 RUN_TOKEN_SECRET = RUN_TOKEN_PRIVATE_KEY

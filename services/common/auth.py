@@ -94,10 +94,14 @@ def _decode_raw(text: str) -> bytes | None:
 
 def load_private_key(text: str) -> Ed25519PrivateKey:
     """An Ed25519 private key from PEM (PKCS#8, ``openssl genpkey -algorithm ed25519``)
-    or the base64 of its 32-byte seed (``runyard keys run-token``).
+    or the base64 of its 64-byte secret key (32-byte seed then the 32-byte
+    public key, libsodium's layout; what ``runyard keys run-token`` prints). A
+    32-byte value is refused: it is what a public key looks like, and any 32
+    bytes would pass as a seed.
 
     Raises:
-        ValueError: neither form, or not an Ed25519 key (the message never repeats the key).
+        ValueError: neither form, not an Ed25519 key, or halves that do not
+            match (the message never repeats the key).
     """
     text = text.strip()
     if text.startswith("-----BEGIN"):
@@ -109,9 +113,14 @@ def load_private_key(text: str) -> Ed25519PrivateKey:
             raise ValueError("the PEM key is not an Ed25519 key")
         return key
     raw = _decode_raw(text)
-    if raw is None or len(raw) != 32:
-        raise ValueError("expected an Ed25519 private key: PEM, or base64 of the 32-byte seed")
-    return Ed25519PrivateKey.from_private_bytes(raw)
+    if raw is not None and len(raw) == 32:
+        raise ValueError("this looks like a public key (32 bytes); the private key is 64 bytes or PEM")
+    if raw is None or len(raw) != 64:
+        raise ValueError("expected an Ed25519 private key: PEM, or base64 of the 64-byte secret key")
+    key = Ed25519PrivateKey.from_private_bytes(raw[:32])
+    if public_key_text(key.public_key()) != base64.b64encode(raw[32:]).decode():
+        raise ValueError("the private key's two halves do not match")
+    return key
 
 
 def load_public_key(text: str) -> Ed25519PublicKey:
@@ -142,10 +151,11 @@ def public_key_text(key: Ed25519PublicKey) -> str:
 
 
 def generate_run_token_keys() -> tuple[str, str]:
-    """A new key pair as ``(private, public)`` base64 strings."""
+    """A new key pair as ``(private, public)`` base64 strings (64 and 32 bytes)."""
     key = Ed25519PrivateKey.generate()
     seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-    return base64.b64encode(seed).decode(), public_key_text(key.public_key())
+    public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(seed + public).decode(), base64.b64encode(public).decode()
 
 
 @dataclass(frozen=True, slots=True)
