@@ -263,10 +263,11 @@ class Authenticator:
             key_id = ""
         keys = (source, key_id) if key_id else (source,)
         digest = hashlib.sha256(token.encode()).digest()
-        # A key id under attack stays usable for the holder of its real secret
-        # (one this gateway verified before), while guesses are refused unread.
-        known = key_id and hmac.compare_digest(self._verified.get(key_id, b""), digest)
-        self.failures.check(*(keys if not known else (source,)))
+        known = bool(key_id) and hmac.compare_digest(self._verified.get(key_id, b""), digest)
+        if not known:
+            # A key this gateway verified before is no guess: it is looked up
+            # whatever the address or key id has failed (NAT, a key under attack).
+            self.failures.check(*keys)
         try:
             if not key_id:
                 raise Unauthenticated("the API key is not valid", reason="API_KEY_INVALID")

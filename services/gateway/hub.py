@@ -24,6 +24,7 @@ from runyard._proto.v1 import common_pb2, sessions_pb2, sessions_pb2_grpc, worke
 from runyard.common import metrics
 from runyard.common.auth import RunTokenSigner, check_internal, internal_metadata
 from runyard.common.clients import call
+from runyard.common.faults import retry_transient, transient_database_error
 from runyard.common.server import settle_before_reject
 from runyard.common.errors import (
     DeadlineExceeded,
@@ -321,7 +322,16 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
 
     async def _on_heartbeat(self, worker: WorkerConn, heartbeat: worker_hub_pb2.WorkerHeartbeat) -> None:
         leases = [(run_id, state.epoch) for run_id, state in worker.runs.items()]
-        held = await self.store.renew(worker.worker_id, leases)
+        try:
+            # Renewing is idempotent: a database blip is retried, and one that outlasts
+            # the retries skips this beat (the lease outlives several) instead of
+            # dropping the worker's stream and every run on it.
+            held = await retry_transient(lambda: self.store.renew(worker.worker_id, leases), budget_s=1.0)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not transient_database_error(exc):
+                raise
+            log.warning("renewing the leases of worker %s failed (%s); next heartbeat", worker.worker_id, exc)
+            return
         self._refresh_tokens(worker, held)
         for run_id, epoch in leases:
             if run_id not in held and worker.runs.get(run_id) is not None:

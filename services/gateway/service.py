@@ -314,19 +314,30 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             except Exception as exc:  # noqa: BLE001 - forwarded to the stream
                 await out.put(exc)
 
+        following: dict[uuid.UUID, asyncio.Task[None]] = {}
+
         def start(run_id: uuid.UUID, session_id: str, after_seq: int) -> None:
+            if run_id in following:
+                return  # already streaming this run's events on this stream (a repeat send or join)
             task = asyncio.create_task(pump(run_id, session_id, after_seq))
             followers.add(task)
-            task.add_done_callback(followers.discard)
+            following[run_id] = task
+
+            def done(finished: asyncio.Task[None]) -> None:
+                followers.discard(finished)
+                if following.get(run_id) is finished:
+                    del following[run_id]
+
+            task.add_done_callback(done)
 
         async def read() -> None:
             try:
                 async for item in request_iterator:
                     self.auth.charge(principal)
                     kind = item.WhichOneof("request")
-                    if kind in ("send", "join") and len(followers) >= max_follows:
+                    if kind in ("send", "join") and len(following) >= max_follows:
                         raise ResourceExhausted(
-                            f"this Chat stream already follows {len(followers)} runs "
+                            f"this Chat stream already follows {len(following)} runs "
                             "(gateway.max_follows_per_chat); wait for one to end or open another stream",
                             reason="TOO_MANY_FOLLOWS",
                             retry_after_s=1.0,
