@@ -24,15 +24,14 @@ from typing import TypeVar
 import asyncpg
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential, wait_random
-
 from runyard.common.errors import InvalidArgument, RunyardError, Unavailable, from_rpc_error
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential, wait_random
 
 __all__ = [
     "DATABASE_UNAVAILABLE",
     "INFRASTRUCTURE_REASONS",
-    "budget_for",
     "as_runyard_error",
+    "budget_for",
     "infrastructure_error",
     "retry_transient",
     "rpc_idempotent",

@@ -28,7 +28,6 @@ from typing import Any
 import protovalidate
 from google.protobuf import descriptor
 from google.protobuf.message import Message
-
 from runyard.common.errors import InvalidArgument
 
 __all__ = ["INT64_MAX", "check_request", "validated_service"]
@@ -154,14 +153,13 @@ def _nul(path: str) -> InvalidArgument:
 
 def _scalar(path: str, field: descriptor.FieldDescriptor, value: Any, content: bool) -> InvalidArgument | None:
     kind = field.type
-    if kind == descriptor.FieldDescriptor.TYPE_STRING:
-        if not content and "\x00" in value:
-            return _nul(path)
-    elif kind in (descriptor.FieldDescriptor.TYPE_UINT64, descriptor.FieldDescriptor.TYPE_FIXED64):
-        if value > INT64_MAX:
-            return InvalidArgument(
-                f"{path} must be at most {INT64_MAX} (the int64 range)", reason="OUT_OF_RANGE", field=path
-            )
+    if kind == descriptor.FieldDescriptor.TYPE_STRING and not content and "\x00" in value:
+        return _nul(path)
+    unsigned = kind in (descriptor.FieldDescriptor.TYPE_UINT64, descriptor.FieldDescriptor.TYPE_FIXED64)
+    if unsigned and value > INT64_MAX:
+        return InvalidArgument(
+            f"{path} must be at most {INT64_MAX} (the int64 range)", reason="OUT_OF_RANGE", field=path
+        )
     return None
 
 

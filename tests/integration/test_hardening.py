@@ -21,7 +21,6 @@ import jwt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from runyard import RunyardError
 from runyard._proto.v1 import admin_pb2, admin_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from runyard.common.auth import RunTokenSigner, internal_metadata, load_private_key
@@ -31,7 +30,6 @@ from runyard.v1 import (
     ChatRequest,
     ConnectRequest,
     DeleteSessionRequest,
-    GatewayServiceStub,
     GenerateRequest,
     GetMessagesRequest,
     GetRunRequest,
@@ -50,6 +48,7 @@ from runyard.v1 import (
     WorkerHello,
     WorkerHubServiceStub,
 )
+
 from tests.stack import INTERNAL_SECRET, RUN_TOKEN_PRIVATE_KEY, RUN_TOKEN_PUBLIC_KEY, Stack
 
 ROOT = Path(__file__).parents[2]
@@ -374,9 +373,7 @@ def _text(events) -> str:
     text = ""
     for event in events:
         kind = event.WhichOneof("event")
-        if kind == "started" and event.started.attempt > 1:
-            text = ""
-        elif kind == "model_failover" and event.model_failover.restart_output:
+        if kind == "started" and event.started.attempt > 1 or kind == "model_failover" and event.model_failover.restart_output:
             text = ""
         elif kind == "text_delta":
             text += event.text_delta.text

@@ -14,7 +14,7 @@ import grpc
 import jwt
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
+from runyard._proto.v1 import sessions_pb2
 from runyard.common import auth, faults
 from runyard.common.config import ConfigError, load_config
 from runyard.common.errors import InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
@@ -32,7 +32,7 @@ from runyard.v1 import (
     Transcript,
     WatchEventsRequest,
 )
-from runyard._proto.v1 import sessions_pb2
+
 from tests.stack import INTERNAL_SECRET, RUN_TOKEN_PRIVATE_KEY, RUN_TOKEN_PUBLIC_KEY
 
 RUN = "2b1e2c56-8d27-4b0c-a4a6-5a0c2d3e4f50"
@@ -301,7 +301,7 @@ async def test_stream_helper_never_leaves_a_finished_read_unretrieved(monkeypatc
         for _ in range(20):
             got = asyncio.Event()
 
-            async def client() -> None:
+            async def client(got: asyncio.Event = got) -> None:
                 async for _event in servicer._stream(RUN, RUN, 0):
                     got.set()
 

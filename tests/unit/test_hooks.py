@@ -27,6 +27,7 @@ from runyard.common.hooks import (
     load_handlers,
 )
 from runyard.common.protoutil import now
+
 from tests.stack import INTERNAL_SECRET, RUN_TOKEN_PUBLIC_KEY
 
 pytestmark = pytest.mark.timeout(30)
