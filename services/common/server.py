@@ -324,6 +324,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     AdminService) are refused with UNAVAILABLE and a retry hint, and counted as
     handled with ``Unavailable``.
 
+    Before a handler runs (:class:`_CallGuard`): on an internal listener
+    (``internal_secret`` set) every call but health checks must carry the
+    internal secret (UNAUTHENTICATED ``INTERNAL_AUTH_REQUIRED``); every request
+    message passes :func:`runyard.common.validation.check_request`
+    (INVALID_ARGUMENT). Exceptions that are infrastructure faults map through
+    :func:`runyard.common.faults.as_runyard_error` (a database blip is
+    UNAVAILABLE ``DATABASE_UNAVAILABLE``, never INTERNAL), and unary methods
+    the contract declares idempotent are retried over such a blip.
+
     Metrics follow go-grpc-prometheus: a message counts as sent once grpc has
     written it; a handler cancelled because the client went away ends
     ``Canceled``, one whose deadline passed ``DeadlineExceeded``.
