@@ -12,9 +12,9 @@ so before anything is written:
 2. rules that hold for every field and are not worth an annotation on each:
    no string may contain U+0000 (PostgreSQL's ``text`` and ``jsonb`` refuse
    it) and no 64-bit unsigned integer may exceed the int64 range (PostgreSQL's
-   ``bigint``). Conversation content (``Message``, ``Transcript``) is exempt
-   from the NUL rule: it is stored as protobuf bytes, where a NUL is just a
-   character a model may produce.
+   ``bigint``). Conversation content (``Message``, ``Transcript``) is exempt:
+   it is stored as protobuf bytes, where a NUL is just a character a model may
+   produce (and a large transcript is not walked field by field).
 
 A violation is INVALID_ARGUMENT with a reason, the field path, and a message
 that names the rule but never repeats the value (so an oversized field can
@@ -110,7 +110,8 @@ def _contract_violation(message: Message) -> InvalidArgument | None:
 
 def _walk(message: Message, prefix: str, content: bool) -> InvalidArgument | None:
     """The first NUL character or out-of-range uint64 in ``message``."""
-    content = content or message.DESCRIPTOR.full_name in _CONTENT_TYPES
+    if content or message.DESCRIPTOR.full_name in _CONTENT_TYPES:
+        return None  # conversation content: stored as protobuf bytes, any character goes
     for field, value in message.ListFields():
         name = f"{prefix}{field.name}"
         kind = field.type
