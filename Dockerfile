@@ -28,12 +28,14 @@ ENV PATH=/opt/runyard/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     RUNYARD_GATEWAY__LISTEN=0.0.0.0:50051 \
+    RUNYARD_GATEWAY__INTERNAL_LISTEN=0.0.0.0:50055 \
     RUNYARD_ROUTER__LISTEN=0.0.0.0:50052 \
     RUNYARD_SESSIONS__LISTEN=0.0.0.0:50053 \
     RUNYARD_WORKER__LISTEN=0.0.0.0:50054
 USER 10001:10001
 # gRPC: gateway 50051 (public API), router 50052, sessions 50053, worker 50054
-# (health only); /metrics: 9101-9104 in the same order.
-EXPOSE 50051 50052 50053 50054 9101 9102 9103 9104
+# (health only), gateway internal listener 50055 (workers, status; never
+# publish it); /metrics: 9101-9104 in the same order.
+EXPOSE 50051 50052 50053 50054 50055 9101 9102 9103 9104
 ENTRYPOINT ["runyard"]
 CMD ["--help"]

@@ -39,7 +39,7 @@ class Client:
     def __init__(self, address: str, *, api_key: str = ""):
         self.address = address
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._channel = internal_channel(address)
+        self._channel = internal_channel(address, credential=False)  # never send a service secret
         self.stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
 
     async def __aenter__(self) -> Client:

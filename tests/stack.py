@@ -21,11 +21,18 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runyard.client import Client
+from runyard.common.auth import public_key_text, load_private_key, run_token_env
 
 __all__ = ["Stack", "free_port", "flatten_env"]
 
-INTERNAL_SECRET = "test-internal-secret-0123456789"
-RUN_TOKEN_SECRET = "test-run-token-secret-0123456789abcdef"
+INTERNAL_SECRET = "test-internal-secret-0123456789-abcdef"
+#: The gateway's run-token signing key (Ed25519 secret key, base64 of 64 bytes); the other
+#: services get its public half (RUN_TOKEN_PUBLIC_KEY). Tests that mint tokens
+#: sign with it: RunTokenSigner(RUN_TOKEN_PRIVATE_KEY).
+RUN_TOKEN_PRIVATE_KEY = "yc8QuxqRoobal2o4kvjETUtTKKMVwaYNofS4UDjUZC1FyZwb/buhANTmMLPgXmfjWPPhQwx327ydP82+PH+FZg=="
+RUN_TOKEN_PUBLIC_KEY = public_key_text(load_private_key(RUN_TOKEN_PRIVATE_KEY).public_key())
+#: Kept for tests written before run tokens were Ed25519: now the signing key.
+RUN_TOKEN_SECRET = RUN_TOKEN_PRIVATE_KEY
 
 
 def free_port() -> int:
@@ -73,16 +80,19 @@ class Stack:
     def __init__(self, tmp_path: Path, database_url: str, config: dict[str, Any] | None = None):
         self.tmp_path = tmp_path
         self.database_url = database_url
-        self.ports = {"gateway": free_port(), "router": free_port(), "sessions": free_port()}
+        self.ports = {"gateway": free_port(), "router": free_port(), "sessions": free_port(),
+                      "gateway_internal": free_port()}
         base: dict[str, Any] = {
             "log_level": "INFO",
             "endpoints": {
                 "gateway": f"127.0.0.1:{self.ports['gateway']}",
+                "gateway_internal": f"127.0.0.1:{self.ports['gateway_internal']}",
                 "router": f"127.0.0.1:{self.ports['router']}",
                 "sessions": f"127.0.0.1:{self.ports['sessions']}",
             },
             "gateway": {
                 "listen": f"127.0.0.1:{self.ports['gateway']}",
+                "internal_listen": f"127.0.0.1:{self.ports['gateway_internal']}",
                 "metrics_port": 0,
                 "poll_interval_ms": 200,
                 "heartbeat_interval_ms": 300,
@@ -103,12 +113,17 @@ class Stack:
     def gateway_address(self) -> str:
         return f"127.0.0.1:{self.ports['gateway']}"
 
-    def env(self, extra: dict[str, Any] | None = None) -> dict[str, str]:
+    @property
+    def gateway_internal_address(self) -> str:
+        return f"127.0.0.1:{self.ports['gateway_internal']}"
+
+    def env(self, extra: dict[str, Any] | None = None, service: str = "") -> dict[str, str]:
+        """The environment of ``runyard serve <service>``: its half of the run-token keys."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
+        env["RUNYARD_INTERNAL_SECRET"] = INTERNAL_SECRET
+        env.update(run_token_env(service, RUN_TOKEN_PRIVATE_KEY))
         env.update(flatten_env(_merge(self.config, extra or {})))
         env["RUNYARD_DATABASE_URL"] = self.database_url
-        env["RUNYARD_INTERNAL_SECRET"] = INTERNAL_SECRET
-        env["RUNYARD_RUN_TOKEN_SECRET"] = RUN_TOKEN_SECRET
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
@@ -123,7 +138,8 @@ class Stack:
         """Start ``runyard serve <service>`` as process ``name`` (not waiting for health)."""
         handle = self.log_path(name).open("ab")
         self.procs[name] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "runyard", "serve", service, env=self.env(extra), stdout=handle, stderr=handle
+            sys.executable, "-m", "runyard", "serve", service, env=self.env(extra, service), stdout=handle,
+            stderr=handle,
         )
         handle.close()
 

@@ -67,3 +67,21 @@ def add_parsers(sub: Any) -> None:
     revoke = ksub.add_parser("revoke", help="revoke a key on every gateway at once")
     revoke.add_argument("key_id")
     keys.set_defaults(func=lambda a: asyncio.run(_keys(a)))
+    # Offline, no database: the run-token key pair (docs/security.md).
+    pair = ksub.add_parser(
+        "run-token",
+        help="print a new Ed25519 key pair for run tokens: the private key for the gateway only, "
+        "the public key for every service",
+    )
+    pair.set_defaults(func=_run_token_keys)
+
+
+def _run_token_keys(args: argparse.Namespace) -> int:
+    """Print ``RUNYARD_RUN_TOKEN_PRIVATE_KEY=...`` and ``RUNYARD_RUN_TOKEN_PUBLIC_KEY=...``."""
+    from runyard.common.auth import generate_run_token_keys
+
+    private, public = generate_run_token_keys()
+    print(f"RUNYARD_RUN_TOKEN_PRIVATE_KEY={private}")
+    print(f"RUNYARD_RUN_TOKEN_PUBLIC_KEY={public}")
+    print("give the private key to the gateway only; every service gets the public key", file=sys.stderr)
+    return 0

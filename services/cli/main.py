@@ -41,13 +41,14 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from runyard.common import admin, tls
+    from runyard.common import admin, auth, tls
     from runyard.common.runtime import check_service_config, setup_logging
 
     config = _load(args)
-    check_service_config(config)
+    check_service_config(config, args.service)
     tls.configure(config)
     admin.configure(config)
+    auth.configure(config)  # internal listeners require it; internal channels send it
     setup_logging(args.service, config)
     _setup_tracing(args.service)
     if args.service == "gateway":

@@ -290,7 +290,8 @@ def internal_secret(config: Config) -> str:
 
 def _targets(args: argparse.Namespace, config: Config) -> list[tuple[str, str]]:
     targets = [
-        ("gateway", args.gateway or config.endpoints.gateway),
+        # AdminService is on the gateway's internal listener.
+        ("gateway", args.gateway or config.endpoints.gateway_internal),
         ("router", args.router or config.endpoints.router),
         ("sessions", args.sessions or config.endpoints.sessions),
     ]
@@ -338,7 +339,7 @@ def add_parsers(sub: Any) -> None:
         "status",
         help="health, version, in-flight RPCs, workers, queue depth and provider states of every service",
     )
-    status.add_argument("--gateway", help="gateway host:port (default: endpoints.gateway)")
+    status.add_argument("--gateway", help="gateway internal host:port (default: endpoints.gateway_internal)")
     status.add_argument("--router", help="router host:port (default: endpoints.router)")
     status.add_argument("--sessions", help="sessions host:port (default: endpoints.sessions)")
     status.add_argument(

@@ -120,14 +120,27 @@ def database_url_for_cli(config: Config) -> str:
 
 
 def _secrets(home: Path) -> dict[str, str]:
-    """Internal and run-token secrets, generated once and kept (mode 0600)."""
+    """The internal secret and the run-token key pair, generated once and kept (mode 0600).
+
+    A file from before run tokens were Ed25519 (it holds ``run_token_secret``)
+    gets the key pair added; its internal secret is kept.
+    """
+    from runyard.common.auth import MIN_INTERNAL_SECRET_BYTES, generate_run_token_keys
+
     path = home / "secrets.json"
-    if path.exists():
-        data = json.loads(path.read_text())
-    else:
-        data = {"internal_secret": secrets.token_urlsafe(32), "run_token_secret": secrets.token_urlsafe(48)}
+    data: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    changed = False
+    if len(data.get("internal_secret", "").encode()) < MIN_INTERNAL_SECRET_BYTES:
+        data["internal_secret"] = secrets.token_urlsafe(32)
+        changed = True
+    if not data.get("run_token_private_key"):
+        data["run_token_private_key"], data["run_token_public_key"] = generate_run_token_keys()
+        data.pop("run_token_secret", None)
+        changed = True
+    if changed:
         home.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
+        path.chmod(0o600)
         path.write_text(json.dumps(data))
     return data
 
@@ -259,17 +272,18 @@ class Stack:
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.env: dict[str, str] = {}
         self.pg: object | None = None
+        self.run_token_private_key = ""
 
     def log(self, text: str) -> None:
         print(text, flush=True)
 
-    async def _spawn(self, name: str, argv: list[str]) -> None:
+    async def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         log_file = (self.logs / f"{name}.log").open("ab")
         out = None if self.options.verbose else log_file
         proc = await asyncio.create_subprocess_exec(
             *argv,
-            env=self.env,
+            env=self.env if env is None else env,
             stdout=out,
             stderr=out,
             start_new_session=True,
@@ -320,12 +334,23 @@ class Stack:
                 "RUNYARD_AGENTS__DEFAULT__MODEL": f"openai/{model}",
                 "RUNYARD_AGENTS__DEFAULT__FALLBACKS": "[]",
             })
-        if not config.auth.internal_secret or not config.auth.run_token_secret:
+        if not config.auth.internal_secret or not config.auth.run_token_private_key:
             kept = _secrets(self.home)
             if not config.auth.internal_secret:
                 env["RUNYARD_INTERNAL_SECRET"] = kept["internal_secret"]
-            if not config.auth.run_token_secret:
-                env["RUNYARD_RUN_TOKEN_SECRET"] = kept["run_token_secret"]
+            if not config.auth.run_token_private_key:
+                # Handed out per service by _service_env: the private key to the gateway only.
+                self.run_token_private_key = kept["run_token_private_key"]
+        return env
+
+    def _service_env(self, name: str) -> dict[str, str]:
+        """The environment of one service: the gateway alone gets the run-token private key."""
+        from runyard.common.auth import run_token_env
+
+        env = dict(self.env)
+        private = env.pop("RUNYARD_RUN_TOKEN_PRIVATE_KEY", "") or self.run_token_private_key
+        if private:
+            env.update(run_token_env(name, private))
         return env
 
     async def start(self) -> Config:
@@ -367,7 +392,7 @@ class Stack:
         if any(applied.values()):
             self.log("migrations applied")
         for name in SERVICES:
-            await self._spawn(name, [sys.executable, "-m", "runyard", "serve", name])
+            await self._spawn(name, [sys.executable, "-m", "runyard", "serve", name], self._service_env(name))
         addresses = {
             "sessions": config.sessions.listen,
             "router": config.router.listen,
@@ -386,6 +411,7 @@ class Stack:
         for name in ("gateway", "router", "sessions", "worker"):
             metric = f"metrics :{metrics[name]}" if metrics[name] else "metrics off"
             self.log(f"  {name:<9} grpc {addresses[name]:<22} {metric}")
+        self.log(f"  {'':<9} internal {config.gateway.internal_listen} (workers, status; needs the internal secret)")
         agent = config.agent("")
         if agent is not None:
             self.log(f"  default agent: {agent.model}" + (f" (fallbacks: {', '.join(agent.fallbacks)})" if agent.fallbacks else ""))

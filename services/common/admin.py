@@ -9,8 +9,8 @@ and streams it is handling; a service adds its own part through a
 
 Calls must carry the internal secret (``x-runyard-internal``) when the process
 has one: ``runyard serve`` passes it with :func:`configure`. AdminService is
-served on the gateway's public port too, and what it tells (worker ids, queue
-depth) is for operators only.
+served on internal listeners only (the gateway's on ``gateway.internal_listen``,
+never its public port): what it tells (worker ids, queue depth) is for operators.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import grpc
 
-from runyard.common import tls, tracing
+from runyard.common import auth, tls, tracing
 from runyard.common.client_metrics import client_metrics_interceptors
 from runyard.common.errors import from_rpc_error
 from runyard.common.server import grpc_options
@@ -26,14 +26,22 @@ DEADLINE_MARGIN_S = 0.05
 _RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
-def internal_channel(address: str, *, max_message_bytes: int = 16 * 1024 * 1024) -> grpc.aio.Channel:
+def internal_channel(
+    address: str, *, max_message_bytes: int = 16 * 1024 * 1024, credential: bool = True
+) -> grpc.aio.Channel:
     """A channel to another runyard service: TLS (mutual, with this process's
     client certificate) when ``[tls]`` is enabled, else plaintext; every call on it
-    is counted in the ``grpc_client_*`` metrics and, with tracing on, traced."""
+    is counted in the ``grpc_client_*`` metrics, traced with tracing on, and, with
+    ``credential``, carries this process's internal secret
+    (:func:`runyard.common.auth.configure`)."""
     options = grpc_options(max_message_bytes) + tls.channel_options() + _RECONNECT_OPTIONS
     credentials = tls.channel_credentials()
     # Tracing interceptors (none when tracing is off) put `traceparent` in the call's metadata.
-    interceptors = [*client_metrics_interceptors(), *tracing.client_interceptors()]
+    interceptors = [
+        *client_metrics_interceptors(),
+        *tracing.client_interceptors(),
+        *(auth.credential_interceptors() if credential else []),
+    ]
     if credentials is not None:
         return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)

@@ -68,7 +68,10 @@ ENV_ALIASES: dict[str, str] = {
     "RUNYARD_DATA_DIR": "database.data_dir",
     "RUNYARD_HANDSHAKE_TIMEOUT_MS": "gateway.handshake_timeout_ms",
     "RUNYARD_INTERNAL_SECRET": "auth.internal_secret",
+    # Retired (HS256); kept so a leftover variable gets a clear error instead of being ignored.
     "RUNYARD_RUN_TOKEN_SECRET": "auth.run_token_secret",
+    "RUNYARD_RUN_TOKEN_PRIVATE_KEY": "auth.run_token_private_key",
+    "RUNYARD_RUN_TOKEN_PUBLIC_KEY": "auth.run_token_public_key",
     "RUNYARD_LOG_LEVEL": "log_level",
 }
 
@@ -134,9 +137,15 @@ class DatabaseConfig(_Section):
 
 
 class EndpointsConfig(_Section):
-    """Addresses at which the services reach each other (``host:port``)."""
+    """Addresses at which the services reach each other (``host:port``).
+
+    ``gateway`` is the public API (clients, the CLI); ``gateway_internal`` is
+    the gateway's internal listener (``gateway.internal_listen``): workers'
+    hub and task tools, and AdminService for ``runyard status``.
+    """
 
     gateway: str = "127.0.0.1:50051"
+    gateway_internal: str = "127.0.0.1:50055"
     router: str = "127.0.0.1:50052"
     sessions: str = "127.0.0.1:50053"
 
@@ -160,7 +169,11 @@ class _ServerSection(_Section):
 class GatewayConfig(_ServerSection):
     """The public API, runs queue and worker hub."""
 
+    # Public listener: GatewayService (plus health and reflection) only.
     listen: str = "127.0.0.1:50051"
+    # Internal listener: WorkerHubService, TaskService, AdminService; every
+    # call needs the internal secret (and a client certificate with mutual TLS).
+    internal_listen: str = "127.0.0.1:50055"
     metrics_port: int = Field(default=9101, ge=0, le=65535)
     # A worker must send its hello within this; clamped to 1000-120000.
     handshake_timeout_ms: int = 15_000
@@ -187,6 +200,19 @@ class GatewayConfig(_ServerSection):
     rate_limit_burst: int = Field(default=100, ge=1)
     # Open streams (SendMessage, Chat, JoinRun, WatchEvents) per API key per replica.
     max_streams_per_key: int = Field(default=64, ge=1, le=100_000)
+    # Runs one Chat stream may follow at once (its sends and joins).
+    max_follows_per_chat: int = Field(default=16, ge=1, le=10_000)
+    # Failed authentications (a bad, unknown or revoked key) allowed per
+    # source address and per key id: a token bucket refilled at this rate
+    # per second, holding at most the burst. Beyond it, RESOURCE_EXHAUSTED
+    # AUTH_RATE_LIMITED before any database lookup; 0 = unlimited.
+    auth_failure_rate_per_s: float = Field(default=1.0, ge=0)
+    auth_failure_burst: int = Field(default=10, ge=1, le=100_000)
+
+    @field_validator("internal_listen")
+    @classmethod
+    def _check_internal_listen(cls, value: str) -> str:
+        return cls._check_listen(value)
     # The agent used when a request names none.
     default_agent: str = "default"
 
@@ -317,11 +343,59 @@ class AuthConfig(_Section):
     # Accept clients without an API key (as org `default_org`).
     anonymous: bool = True
     default_org: str = "default"
-    # Shared secret for service-to-service calls; empty = no check (local only).
+    # Shared secret for service-to-service calls (at least 32 bytes): every
+    # internal listener requires it, and no service starts without it
+    # (`runyard up` generates one).
     internal_secret: str = ""
-    # HS256 key for run tokens (JWT). Required by every service.
+    # Ed25519 key pair for run tokens (JWT, EdDSA): PEM or base64 (see
+    # `runyard keys run-token`). The private key goes to the gateway only
+    # (it signs); every other service gets the public key (it verifies).
+    run_token_private_key: str = ""
+    run_token_public_key: str = ""
+    # Lifetime of a run token; the gateway sends a fresh one with the lease
+    # renewal once a third of it has passed.
+    run_token_ttl_s: int = Field(default=30, ge=2, le=3_600)
+    # Retired: run tokens are no longer HS256. Setting it is an error that says what to do.
     run_token_secret: str = ""
-    run_token_ttl_s: int = Field(default=3_600, ge=10, le=7 * 24 * 3600)
+
+    @field_validator("run_token_secret")
+    @classmethod
+    def _retired_secret(cls, value: str) -> str:
+        if value:
+            raise ValueError(
+                "HS256 run tokens were replaced by Ed25519: set auth.run_token_private_key on the gateway "
+                "and auth.run_token_public_key on the other services (RUNYARD_RUN_TOKEN_PRIVATE_KEY / "
+                "RUNYARD_RUN_TOKEN_PUBLIC_KEY; `runyard keys run-token` makes a pair), and drop this setting"
+            )
+        return value
+
+    @field_validator("run_token_private_key")
+    @classmethod
+    def _check_private(cls, value: str) -> str:
+        if value:
+            from runyard.common.auth import load_private_key
+
+            load_private_key(value)  # ValueError never repeats the key
+        return value
+
+    @field_validator("run_token_public_key")
+    @classmethod
+    def _check_public(cls, value: str) -> str:
+        if value:
+            from runyard.common.auth import load_public_key
+
+            load_public_key(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> AuthConfig:
+        if self.run_token_private_key and self.run_token_public_key:
+            from runyard.common.auth import load_private_key, load_public_key, public_key_text
+
+            derived = public_key_text(load_private_key(self.run_token_private_key).public_key())
+            if derived != public_key_text(load_public_key(self.run_token_public_key)):
+                raise ValueError("run_token_public_key is not the public half of run_token_private_key")
+        return self
 
 
 _CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key"})

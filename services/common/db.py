@@ -24,7 +24,6 @@ __all__ = [
     "SCHEMAS",
     "connect",
     "create_pool",
-    "is_transient",
     "migrate",
     "migrate_all",
     "pending_migrations",
@@ -38,30 +37,6 @@ SCHEMAS: dict[str, str] = {
     "gateway": "runyard.gateway",
     "router": "runyard.router",
 }
-
-
-#: SQLSTATE classes of errors a retry can get past: connection exceptions
-#: (08), insufficient resources (53: too many connections...), operator
-#: intervention (57: admin shutdown, a terminated backend, cannot connect
-#: now), and transaction rollbacks (40: serialization failure, deadlock).
-_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for database errors that a retry can get past: the server is
-    unreachable, restarting, out of connections, terminated our backend, or
-    rolled the transaction back for a conflict. Errors in the statement or
-    the data (a bug) are not transient.
-
-    Source: PostgreSQL's error code classes (Appendix A, "PostgreSQL Error
-    Codes").
-    """
-    if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError)):
-        return True  # connection lost or closed under us, or the server unreachable
-    if isinstance(exc, asyncpg.PostgresError):
-        state = getattr(exc, "sqlstate", "") or ""
-        return state[:2] in _TRANSIENT_SQLSTATE_CLASSES
-    return False
 
 
 async def connect(url: str, *, timeout_s: float = 10.0) -> asyncpg.Connection:

@@ -36,7 +36,7 @@ class _RedactingFormatter(logging.Formatter):
 def setup_logging(service: str, config: Config) -> None:
     """Log lines ``time level service logger: message`` to stderr, secrets masked."""
     handler = logging.StreamHandler(sys.stderr)
-    secrets = [config.auth.internal_secret, config.auth.run_token_secret]
+    secrets = [config.auth.internal_secret, config.auth.run_token_private_key]
     for provider in config.providers.values():
         if provider.api_key_env:
             secrets.append(os.environ.get(provider.api_key_env, ""))
@@ -68,23 +68,66 @@ def database_url(config: Config) -> str:
     return config.database.url
 
 
-def check_service_config(config: Config) -> None:
-    """What a service process needs beyond a valid file: a database and secrets.
+def check_service_config(config: Config, service: str | None = None) -> None:
+    """What a service process needs beyond a valid file: a database, the
+    internal secret and its half of the run-token key pair.
+
+    Every service refuses to start without an internal secret of at least
+    32 bytes: its internal listener would otherwise accept anyone (``runyard
+    up`` generates one and passes it to every service). The gateway needs
+    ``auth.run_token_private_key``; the others need
+    ``auth.run_token_public_key`` and must NOT hold the private key (only the
+    gateway signs run tokens).
+
+    Args:
+        config: the loaded configuration.
+        service: ``gateway``, ``router``, ``sessions`` or ``worker`` (None:
+            either half of the key pair will do).
 
     Raises:
-        ConfigError: listing every missing setting.
+        ConfigError: listing every missing or misplaced setting.
     """
+    from runyard.common.auth import MIN_INTERNAL_SECRET_BYTES
+
     problems: list[tuple[str, str]] = []
+    auth = config.auth
     if not config.database.url:
         problems.append((
             "database.url",
             "required to start a service on its own (set RUNYARD_DATABASE_URL); "
             "`runyard up` starts an embedded PostgreSQL instead",
         ))
-    if len(config.auth.run_token_secret.encode()) < 32:
+    if len(auth.internal_secret.encode()) < MIN_INTERNAL_SECRET_BYTES:
         problems.append((
-            "auth.run_token_secret",
-            "required, at least 32 bytes (set RUNYARD_RUN_TOKEN_SECRET); `runyard up` generates one",
+            "auth.internal_secret",
+            f"required, at least {MIN_INTERNAL_SECRET_BYTES} bytes (set RUNYARD_INTERNAL_SECRET, e.g. "
+            "`openssl rand -base64 48`): without it the internal listener would accept anyone; "
+            "`runyard up` generates one",
+        ))
+    if service == "gateway":
+        if not auth.run_token_private_key:
+            problems.append((
+                "auth.run_token_private_key",
+                "required on the gateway, which signs run tokens (set RUNYARD_RUN_TOKEN_PRIVATE_KEY; "
+                "`runyard keys run-token` makes a key pair, `runyard up` generates one)",
+            ))
+    elif service is not None:
+        if auth.run_token_private_key:
+            problems.append((
+                "auth.run_token_private_key",
+                f"must not be given to the {service}: only the gateway signs run tokens; give this "
+                "service auth.run_token_public_key (RUNYARD_RUN_TOKEN_PUBLIC_KEY) instead",
+            ))
+        if not auth.run_token_public_key:
+            problems.append((
+                "auth.run_token_public_key",
+                "required: the gateway's Ed25519 public key, to verify run tokens "
+                "(set RUNYARD_RUN_TOKEN_PUBLIC_KEY; `runyard keys run-token` makes a key pair)",
+            ))
+    elif not (auth.run_token_private_key or auth.run_token_public_key):
+        problems.append((
+            "auth.run_token_public_key",
+            "required (or auth.run_token_private_key on the gateway); `runyard keys run-token` makes a key pair",
         ))
     if problems:
         raise ConfigError(problems)

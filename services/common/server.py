@@ -34,10 +34,11 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from runyard import __version__
 from runyard._proto.v1 import admin_pb2_grpc
-from runyard.common import admin, metrics, tls, tracing
-from runyard.common.errors import InvalidArgument, RunyardError, Unavailable
+from runyard.common import admin, auth, faults, metrics, tls, tracing, validation
+from runyard.common.errors import InvalidArgument, RunyardError, Unauthenticated, Unavailable
 
 __all__ = [
+    "KEEPALIVE_TIME_MS",
     "REFLECTION_V1",
     "HealthServicer",
     "InFlight",
@@ -45,20 +46,60 @@ __all__ = [
     "ServiceServer",
     "enable_reflection",
     "grpc_options",
+    "grpc_server_options",
     "settle_before_reject",
 ]
 
 log = logging.getLogger(__name__)
 
 
-def grpc_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str, Any]]:
-    """Channel/server options shared by runyard servers and internal clients."""
+#: Keepalive: clients (and servers) ping an idle connection this often.
+KEEPALIVE_TIME_MS = 20_000
+#: ... and drop it when the ping is not answered within this.
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
+def grpc_options(
+    max_message_bytes: int = 16 * 1024 * 1024, *, keepalive_time_ms: int = KEEPALIVE_TIME_MS
+) -> list[tuple[str, Any]]:
+    """Channel options of runyard clients (internal channels, the client library).
+
+    Clients ping every ``keepalive_time_ms`` even with no call open, so a
+    dead peer or a silently dropped connection is noticed within
+    ``keepalive_time_ms + KEEPALIVE_TIMEOUT_MS``. Servers accept exactly that
+    (:func:`grpc_server_options`).
+    """
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 20_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_time_ms", keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def grpc_server_options(
+    max_message_bytes: int = 16 * 1024 * 1024, *, keepalive_time_ms: int = KEEPALIVE_TIME_MS
+) -> list[tuple[str, Any]]:
+    """Server options that agree with :func:`grpc_options`' client keepalive.
+
+    gRPC servers by default accept a ping without data at most every 5
+    minutes, and none while no call is open; a client pinging more often gets
+    ``GOAWAY ENHANCE_YOUR_CALM too_many_pings`` after two strikes. Here the
+    server permits pings without calls and accepts one every
+    ``keepalive_time_ms / 2`` (half the clients' period, so jitter never makes
+    a strike). Source: gRPC core ``doc/keepalive.md`` (``GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS``,
+    ``GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS``).
+    """
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", max(keepalive_time_ms // 2, 1)),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.so_reuseport", 0),
     ]
@@ -238,6 +279,49 @@ class _MeteredContext:
         return getattr(self._context, name)
 
 
+def _mapped_code(exc: BaseException) -> grpc.StatusCode:
+    mapped = faults.as_runyard_error(exc)
+    return mapped.code if mapped is not None else grpc.StatusCode.INTERNAL
+
+
+class _CallGuard:
+    """What the interceptor checks on one method: the internal credential (on
+    internal listeners), request validation (:mod:`runyard.common.validation`)
+    and whether a transient database error may be retried (the method's
+    ``idempotency_level`` in the contract, unary calls only)."""
+
+    __slots__ = ("idempotent", "secret", "validate")
+
+    def __init__(self, secret: str, validate: bool, idempotent: bool):
+        self.secret = secret
+        self.validate = validate
+        self.idempotent = idempotent
+
+    @classmethod
+    def for_method(cls, internal_secret: str | None, service: str, full_method: str, kind: str) -> _CallGuard:
+        # Health stays open on internal listeners (probes, load balancers).
+        secret = internal_secret or ""
+        if service.startswith("grpc.health."):
+            secret = ""
+        return cls(secret, validation.validated_service(service), kind == "unary" and faults.rpc_idempotent(full_method))
+
+    def check(self, request: Any) -> Any:
+        if self.validate:
+            validation.check_request(request)
+        return request
+
+    async def authenticate(self, context: grpc.aio.ServicerContext, request_stream: Any | None) -> None:
+        """UNAUTHENTICATED ``INTERNAL_AUTH_REQUIRED`` without the internal secret."""
+        if not self.secret or auth.has_internal_credential(context.invocation_metadata(), self.secret):
+            return
+        if request_stream is not None:
+            await settle_before_reject(request_stream)
+        raise Unauthenticated(
+            "this is an internal listener: calls need the service credential (x-runyard-internal)",
+            reason="INTERNAL_AUTH_REQUIRED",
+        )
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Errors, in-flight tracking and ``grpc_server_*`` metrics for every RPC.
 
@@ -248,14 +332,25 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     AdminService) are refused with UNAVAILABLE and a retry hint, and counted as
     handled with ``Unavailable``.
 
+    Before a handler runs (:class:`_CallGuard`): on an internal listener
+    (``internal_secret`` set) every call but health checks must carry the
+    internal secret (UNAUTHENTICATED ``INTERNAL_AUTH_REQUIRED``); every request
+    message passes :func:`runyard.common.validation.check_request`
+    (INVALID_ARGUMENT). Exceptions that are infrastructure faults map through
+    :func:`runyard.common.faults.as_runyard_error` (a database blip is
+    UNAVAILABLE ``DATABASE_UNAVAILABLE``, never INTERNAL), and unary methods
+    the contract declares idempotent are retried over such a blip.
+
     Metrics follow go-grpc-prometheus: a message counts as sent once grpc has
     written it; a handler cancelled because the client went away ends
     ``Canceled``, one whose deadline passed ``DeadlineExceeded``.
     """
 
-    def __init__(self, inflight: InFlight):
+    def __init__(self, inflight: InFlight, *, internal_secret: str | None = None):
         self.inflight = inflight
         self.draining = False
+        #: Set on internal listeners: every call but health checks must carry it.
+        self.internal_secret = internal_secret
 
     async def intercept_service(
         self,
@@ -280,16 +375,17 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         series = _series(labels)
         streaming = kind != "unary"
         interceptor = self
+        guard = _CallGuard.for_method(self.internal_secret, service, handler_call_details.method, kind)
 
         def count_requests(request: Any) -> Any:
             if not handler.request_streaming:
                 series.received.inc()
-                return _check_decoded(request)
+                return guard.check(_check_decoded(request))
 
             async def counted() -> AsyncIterator[Any]:
                 async for item in request:
                     series.received.inc()
-                    yield _check_decoded(item)
+                    yield guard.check(_check_decoded(item))
 
             return counted()
 
@@ -317,8 +413,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort_with_status(error.to_grpc_status())
 
         async def fail(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-            if isinstance(exc, RunyardError):
-                await context.abort_with_status(exc.to_grpc_status())
+            mapped = faults.as_runyard_error(exc)
+            if mapped is not None:
+                if mapped is not exc:
+                    log.warning("%s/%s: %s (%s)", service, method, mapped.reason, type(exc).__name__)
+                await context.abort_with_status(mapped.to_grpc_status())
             log.exception("unhandled error in %s/%s", service, method)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
             raise AssertionError("unreachable")  # pragma: no cover
@@ -335,6 +434,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 # Messages written with context.write() / read with context.read() are counted too.
                 metered = _MeteredContext(context, series)
                 try:
+                    await guard.authenticate(context, request if handler.request_streaming else None)
                     if is_async_gen:
                         async for item in behavior(count_requests(request), metered):
                             yield item
@@ -348,7 +448,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     code = _ended_early_code(context)
                     raise
                 except Exception as exc:  # noqa: BLE001 - mapped to a status
-                    code = exc.code if isinstance(exc, RunyardError) else grpc.StatusCode.INTERNAL
+                    code = _mapped_code(exc)
                     if context.code() is not None and not isinstance(exc, RunyardError):
                         # context.abort() was called by the handler
                         code = _context_code(context)
@@ -367,9 +467,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     tracing.request_attributes(request)
                 code = grpc.StatusCode.OK
                 try:
-                    response = await behavior(
-                        count_requests(request), _MeteredContext(context, series) if streaming else context
-                    )
+                    await guard.authenticate(context, request if handler.request_streaming else None)
+                    checked = count_requests(request)
+                    target = _MeteredContext(context, series) if streaming else context
+                    if guard.idempotent:
+                        # Declared safe to repeat in the contract: a database blip is retried here.
+                        response = await faults.retry_transient(
+                            lambda: behavior(checked, target), budget_s=faults.budget_for(context)
+                        )
+                    else:
+                        response = await behavior(checked, target)
                     code = _context_code(context)
                     if code == grpc.StatusCode.OK:
                         series.sent.inc()
@@ -378,7 +485,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     code = _ended_early_code(context)
                     raise
                 except Exception as exc:  # noqa: BLE001 - mapped to a status
-                    code = exc.code if isinstance(exc, RunyardError) else grpc.StatusCode.INTERNAL
+                    code = _mapped_code(exc)
                     if context.code() is not None and not isinstance(exc, RunyardError):
                         code = _context_code(context)
                         raise
@@ -489,15 +596,30 @@ def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> 
 class ServiceServer:
     """A ``grpc.aio`` server with health, reflection, metrics and graceful shutdown.
 
+    Listeners: a service's listener is *internal* (every call but health
+    checks needs the internal secret, see :mod:`runyard.common.auth`) unless
+    ``public`` is set. The gateway's public listener serves and reflects only
+    ``service_names`` (GatewayService) plus health and reflection; its
+    internal services (``internal_service_names``: WorkerHubService,
+    TaskService) and AdminService go on a second, internal listener at
+    ``internal_listen``.
+
     Args:
         name: service name for logs (``"gateway"``).
         listen: ``host:port`` to bind (port 0 picks a free port; see ``port``).
-        service_names: full names of the gRPC services registered (for health
-            and reflection), e.g. ``"runyard.v1.GatewayService"``.
+        service_names: full names of the gRPC services registered on
+            ``server`` (for health and reflection), e.g. ``"runyard.v1.GatewayService"``.
         shutdown_grace_s: how long in-flight calls may run after SIGTERM.
         max_message_bytes: gRPC max send/receive message size.
-        public: serves outside clients (the gateway): with TLS on, client
-            certificates are required only if ``tls.gateway_require_client_cert``.
+        public: serves outside clients (the gateway): no internal credential
+            is required there, and with TLS on, client certificates are
+            required only if ``tls.gateway_require_client_cert``.
+        internal_listen: with ``public``, the ``host:port`` of the internal
+            listener (``internal_server``, ``internal_port``).
+        internal_service_names: services registered on ``internal_server``.
+        internal_secret: what internal listeners require (default: this
+            process's, :func:`runyard.common.auth.configure`; "" = no check,
+            which ``runyard serve`` never allows).
     """
 
     def __init__(
@@ -509,6 +631,9 @@ class ServiceServer:
         shutdown_grace_s: float = 10.0,
         max_message_bytes: int = 16 * 1024 * 1024,
         public: bool = False,
+        internal_listen: str = "",
+        internal_service_names: Iterable[str] = (),
+        internal_secret: str | None = None,
     ):
         self.name = name
         self.public = public
@@ -516,10 +641,13 @@ class ServiceServer:
         self.service_names = list(service_names)
         self.shutdown_grace_s = shutdown_grace_s
         self.inflight = InFlight()
-        self.interceptor = ServerInterceptor(self.inflight)
+        self.internal_secret = auth.process_secret() if internal_secret is None else internal_secret
+        self.interceptor = ServerInterceptor(self.inflight, internal_secret=None if public else self.internal_secret)
+        self.interceptors = [self.interceptor]
+        self._options = grpc_server_options(max_message_bytes)
         self.server = grpc.aio.server(
             # Tracing (when on) goes first, so its span covers ours and sees the final status.
-            interceptors=[*tracing.server_interceptors(), self.interceptor], options=grpc_options(max_message_bytes)
+            interceptors=[*tracing.server_interceptors(), self.interceptor], options=self._options
         )
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -531,29 +659,65 @@ class ServiceServer:
         metrics.set_health_probe(self.http_probe)
         # AdminService (`runyard status`); services add their part with admin.add_source().
         self.admin = admin.AdminServicer(self)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, self.server)
-        enable_reflection(self.server, [*self.service_names, admin.SERVICE_NAME, health.SERVICE_NAME])
+        self.internal_listen = internal_listen if public else ""
+        self.internal_service_names = list(internal_service_names)
+        self.internal_port = 0
+        if self.internal_listen:
+            self.internal_server = self._internal_server()
+            enable_reflection(self.server, [*self.service_names, health.SERVICE_NAME])
+        else:
+            self.internal_server = self.server
+            admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, self.server)
+            enable_reflection(
+                self.server, [*self.service_names, *self.internal_service_names, admin.SERVICE_NAME, health.SERVICE_NAME]
+            )
         self.port = 0
         self.stop_requested = asyncio.Event()
         self.restart_expected = False
 
+    def _internal_server(self) -> grpc.aio.Server:
+        """The second listener of a public service: internal services, AdminService,
+        health and reflection of those; the internal credential required."""
+        interceptor = ServerInterceptor(self.inflight, internal_secret=self.internal_secret)
+        self.interceptors.append(interceptor)
+        server = grpc.aio.server(interceptors=[*tracing.server_interceptors(), interceptor], options=self._options)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, server)
+        enable_reflection(server, [*self.internal_service_names, admin.SERVICE_NAME, health.SERVICE_NAME])
+        return server
+
+    def _bind(self, server: grpc.aio.Server, listen: str, *, public: bool) -> int:
+        credentials = tls.server_credentials(public=public)
+        if credentials is not None:
+            port = server.add_secure_port(listen, credentials)
+        else:
+            port = server.add_insecure_port(listen)
+        if port == 0:
+            raise OSError(f"{self.name}: cannot bind {listen}")
+        return port
+
     async def start(self) -> None:
         """Bind (TLS when configured), start serving and mark every service SERVING."""
-        credentials = tls.server_credentials(public=self.public)
-        if credentials is not None:
-            self.port = self.server.add_secure_port(self.listen, credentials)
+        self.port = self._bind(self.server, self.listen, public=self.public)
+        if self.internal_listen:
+            self.internal_port = self._bind(self.internal_server, self.internal_listen, public=False)
+            await self.internal_server.start()
         else:
-            self.port = self.server.add_insecure_port(self.listen)
-        if self.port == 0:
-            raise OSError(f"{self.name}: cannot bind {self.listen}")
+            self.internal_port = self.port
         self._loop = asyncio.get_running_loop()
         await self.server.start()
+        every = [*self.service_names, *self.internal_service_names]
         metrics.init_service_metrics(self.name, __version__)
-        metrics.init_grpc_server_metrics([*self.service_names, admin.SERVICE_NAME, health.SERVICE_NAME])
+        metrics.init_grpc_server_metrics([*every, admin.SERVICE_NAME, health.SERVICE_NAME])
         self.admin.start()
-        for service in ("", *self.service_names):
+        for service in ("", *every):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s listening on %s", self.name, self.listen.rsplit(":", 1)[0] + f":{self.port}")
+        host = self.listen.rsplit(":", 1)[0]
+        if self.internal_listen:
+            log.info("%s listening on %s:%d (public), %s:%d (internal)", self.name, host, self.port,
+                     self.internal_listen.rsplit(":", 1)[0], self.internal_port)
+        else:
+            log.info("%s listening on %s:%d", self.name, host, self.port)
 
     def http_probe(self, path: str, timeout_s: float = 2.0) -> tuple[int, str]:
         """The HTTP health endpoints (called on the metrics server's thread).
@@ -597,9 +761,12 @@ class ServiceServer:
     async def begin_shutdown(self) -> None:
         """Health NOT_SERVING and refuse new calls (UNAVAILABLE, DRAINING)."""
         await self.health.enter_graceful_shutdown()
-        self.interceptor.draining = True
+        for interceptor in self.interceptors:
+            interceptor.draining = True
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop the server; in-flight calls get ``grace_s`` seconds to finish."""
+        """Stop the server(s); in-flight calls get ``grace_s`` seconds to finish."""
         await self.admin.stop()
-        await self.server.stop(self.shutdown_grace_s if grace_s is None else grace_s)
+        grace = self.shutdown_grace_s if grace_s is None else grace_s
+        servers = [self.server] if self.internal_server is self.server else [self.server, self.internal_server]
+        await asyncio.gather(*(server.stop(grace) for server in servers))

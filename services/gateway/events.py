@@ -40,7 +40,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from runyard._proto.v1 import common_pb2
 from runyard.common import metrics
-from runyard.common.db import is_transient
+from runyard.common.faults import transient_database_error
 from runyard.gateway.runs import EVENTS_CHANNEL, EventChunk, RunStore, encode_batch
 
 __all__ = [
@@ -408,7 +408,7 @@ class RunLog:
             )
         try:
             async for attempt in AsyncRetrying(
-                retry=retry_if_exception(is_transient),
+                retry=retry_if_exception(transient_database_error),
                 wait=wait_exponential(multiplier=0.05, max=2.0),
                 stop=stop_after_attempt(8),
                 reraise=True,

@@ -28,6 +28,7 @@ from runyard._proto.v1 import common_pb2, sessions_pb2, sessions_pb2_grpc, worke
 from runyard.common import metrics, tracing
 from runyard.common.auth import RunTokenSigner, check_internal, internal_metadata
 from runyard.common.clients import call
+from runyard.common.faults import retry_transient, transient_database_error
 from runyard.common.server import settle_before_reject
 from runyard.common.errors import (
     DeadlineExceeded,
@@ -68,6 +69,8 @@ class RunState:
     #: The run's trace context (RunPayload.trace_context): its commit joins the trace.
     trace_context: dict[str, str] = field(default_factory=dict)
     claimed_at: float = field(default_factory=time.monotonic)
+    #: When the worker's current run token was signed (monotonic; 0 = unknown, e.g. re-attached).
+    token_signed_at: float = 0.0
 
 
 class WorkerConn:
@@ -215,7 +218,7 @@ class Dispatcher:
         )
         worker.runs[claim.run_id] = RunState(
             claim.epoch, claim.org_id, str(claim.session_id), claim.agent_id, info=claim.row,
-            trace_context=dict(payload.trace_context),
+            trace_context=dict(payload.trace_context), token_signed_at=time.monotonic(),
         )
         self.runlog.open(claim.run_id, str(claim.session_id), claim.epoch, claim.last_seq)
         worker.send(worker_hub_pb2.ConnectResponse(assign=worker_hub_pb2.RunAssignment(payload=payload)))
@@ -390,7 +393,17 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
 
     async def _on_heartbeat(self, worker: WorkerConn, heartbeat: worker_hub_pb2.WorkerHeartbeat) -> None:
         leases = [(run_id, state.epoch) for run_id, state in worker.runs.items()]
-        held = await self.store.renew(worker.worker_id, leases)
+        try:
+            # Renewing is idempotent: a database blip is retried, and one that outlasts
+            # the retries skips this beat (the lease outlives several) instead of
+            # dropping the worker's stream and every run on it.
+            held = await retry_transient(lambda: self.store.renew(worker.worker_id, leases), budget_s=1.0)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not transient_database_error(exc):
+                raise
+            log.warning("renewing the leases of worker %s failed (%s); next heartbeat", worker.worker_id, exc)
+            return
+        self._refresh_tokens(worker, held)
         for run_id, epoch in leases:
             if run_id not in held and worker.runs.get(run_id) is not None:
                 worker.runs.pop(run_id, None)
@@ -401,6 +414,26 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
                     )
                 )
         self.dispatcher.update_gauges()
+
+    def _refresh_tokens(self, worker: WorkerConn, held: set[uuid.UUID]) -> None:
+        """Send a fresh run token for each run whose lease was just renewed in
+        PostgreSQL and whose token is a third of its lifetime old (or of
+        unknown age): tokens are only ever signed for a run and epoch the
+        database has just confirmed running (docs/security.md)."""
+        signer = self.dispatcher.signer
+        due = time.monotonic() - signer.ttl_s / 3
+        for run_id in held:
+            state = worker.runs.get(run_id)
+            if state is None or state.token_signed_at > due:
+                continue
+            state.token_signed_at = time.monotonic()
+            token = signer.sign(
+                org_id=state.org_id, agent_id=state.agent_id, session_id=state.session_id,
+                run_id=str(run_id), epoch=state.epoch,
+            )
+            worker.send(worker_hub_pb2.ConnectResponse(
+                token_refresh=worker_hub_pb2.RunTokenRefresh(run_id=str(run_id), epoch=state.epoch, run_token=token)
+            ))
 
     async def _on_result(self, worker: WorkerConn, result: worker_hub_pb2.WorkerRunResult) -> None:
         try:

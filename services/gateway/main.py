@@ -36,8 +36,10 @@ __all__ = ["serve"]
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = [
-    gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
+#: Served (and reflected) on the public listener, gateway.listen.
+SERVICE_NAMES = [gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name]
+#: Served on the internal listener, gateway.internal_listen (plus AdminService).
+INTERNAL_SERVICE_NAMES = [
     worker_hub_pb2.DESCRIPTOR.services_by_name["WorkerHubService"].full_name,
     tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
 ]
@@ -53,7 +55,7 @@ async def serve(config: Config) -> None:
     """
     cfg = config.gateway
     gateway_id = instance_id("gateway")
-    signer = RunTokenSigner(config.auth.run_token_secret, config.auth.run_token_ttl_s)
+    signer = RunTokenSigner(config.auth.run_token_private_key, config.auth.run_token_ttl_s)
     pool = await open_database(config, "gateway")
     store = RunStore(
         pool,
@@ -85,6 +87,8 @@ async def serve(config: Config) -> None:
         rate_limit_rps=cfg.rate_limit_rps,
         rate_limit_burst=cfg.rate_limit_burst,
         max_streams_per_key=cfg.max_streams_per_key,
+        auth_failure_rate_per_s=cfg.auth_failure_rate_per_s,
+        auth_failure_burst=cfg.auth_failure_burst,
     )
     gateway = GatewayServicer(
         config,
@@ -137,11 +141,14 @@ async def serve(config: Config) -> None:
         shutdown_grace_s=cfg.shutdown_grace_s,
         max_message_bytes=cfg.max_message_bytes,
         public=True,
+        internal_listen=cfg.internal_listen,
+        internal_service_names=INTERNAL_SERVICE_NAMES,
     )
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server.server)
-    worker_hub_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, server.server)
+    # Internal listener only: workers, task tools and AdminService, with the internal secret.
+    worker_hub_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, server.internal_server)
     tasks_pb2_grpc.add_TaskServiceServicer_to_server(
-        TaskServicer(tasks, signer, internal_secret=config.auth.internal_secret), server.server
+        TaskServicer(tasks, signer, internal_secret=config.auth.internal_secret), server.internal_server
     )
     server.admin.add_source(GatewayStatus(store, dispatcher))  # `runyard status`: queue depth, workers
     dispatch_task = asyncio.create_task(dispatcher.run(), name="dispatcher")

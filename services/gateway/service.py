@@ -14,6 +14,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import grpc
@@ -23,12 +24,21 @@ from runyard.common import tracing
 from runyard.common.auth import internal_metadata
 from runyard.common.clients import call, downstream_timeout
 from runyard.common.config import Config
-from runyard.common.errors import InvalidArgument, NotFound, OutOfRange, RunyardError, Unavailable, Unimplemented
+from runyard.common.errors import (
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    RunyardError,
+    Unavailable,
+    Unimplemented,
+)
+from runyard.common.faults import budget_for, retry_transient
 from runyard.common.protoutil import now, parse_uuid
 from runyard.common.server import settle_before_reject
 from runyard.gateway.auth import Authenticator, Principal
 from runyard.gateway.events import PUBLISH_WINDOW, Broker, RunLog, Subscription, follow
-from runyard.gateway.hub import Dispatcher
+from runyard.gateway.hub import Dispatcher, WorkerConn
 from runyard.gateway.runs import TERMINAL, Claim, RunStore, request_hash, run_proto
 from runyard.gateway.tasks import SpawnRequest, TaskManager
 
@@ -48,7 +58,11 @@ _STRATEGIES = {
 
 
 def _require_session_ref(session_id: str, session_key: str) -> None:
-    """Validate a (session_id | session_key) pair: one of them, a well-formed id."""
+    """Validate a (session_id | session_key) pair: one of them, a well-formed id.
+
+    The contract's rules (protos/runyard/v1/gateway.proto) already checked the
+    shape; this is for callers inside the gateway.
+    """
     if session_id:
         parse_uuid(session_id, "session_id", what="session id")
     elif not session_key:
@@ -94,23 +108,30 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     # ------------------------------------------------------------ validation
 
+    def _check_session_key(self, key: str, field: str = "session_key") -> None:
+        """This deployment's limits on a session key (the contract's rules hold
+        already; ``gateway.max_session_key_length`` may be tighter). Applies on
+        every path that takes a key, reads included; the message never repeats the key."""
+        limit = self.config.gateway.max_session_key_length
+        if len(key) > limit:
+            raise InvalidArgument(
+                f"{field} is {len(key)} characters; the limit is {limit} (gateway.max_session_key_length)",
+                reason="SESSION_KEY_TOO_LONG",
+                field=field,
+            )
+        if key and not _SESSION_KEY.match(key):
+            raise InvalidArgument(
+                f"{field} may contain only letters, digits and _ . : @ / + = # ~ | -",
+                reason="INVALID_SESSION_KEY",
+                field=field,
+            )
+
     def _validate_send(self, request: gateway_pb2.SendMessageRequest) -> str:
         cfg = self.config.gateway
         key = request.session_key
         if not key:
             raise InvalidArgument("session_key is required", reason="MISSING_FIELD", field="session_key")
-        if len(key) > cfg.max_session_key_length:
-            raise InvalidArgument(
-                f"session_key is {len(key)} characters; the limit is {cfg.max_session_key_length}",
-                reason="SESSION_KEY_TOO_LONG",
-                field="session_key",
-            )
-        if not _SESSION_KEY.match(key):
-            raise InvalidArgument(
-                "session_key may contain only letters, digits and _ . : @ / + = # ~ | -",
-                reason="INVALID_SESSION_KEY",
-                field="session_key",
-            )
+        self._check_session_key(key)
         if not request.text.strip() and not request.attachments:
             raise InvalidArgument("text must not be empty", reason="EMPTY_TEXT", field="text")
         size = len(request.text.encode("utf-8"))
@@ -147,12 +168,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 field="multitask_strategy",
             )
         if request.agent_id and request.agent_id not in self.config.agents:
-            raise NotFound(f"agent {request.agent_id!r} is not configured", reason="AGENT_NOT_FOUND", field="agent_id")
+            raise NotFound(
+                f"agent {request.agent_id[:64]!r} is not configured", reason="AGENT_NOT_FOUND", field="agent_id"
+            )
         if request.model.model:
             provider = request.model.model.split("/", 1)[0]
             if "/" not in request.model.model or provider not in self.config.providers:
                 raise InvalidArgument(
-                    f"model {request.model.model!r} must be 'provider/model' with a configured provider",
+                    f"model {request.model.model[:128]!r} must be 'provider/model' with a configured provider",
                     reason="UNKNOWN_MODEL",
                     field="model.model",
                 )
@@ -169,7 +192,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         strategy = self._validate_send(request)
         fingerprint = request_hash(request)
         if request.idempotency_key:
-            existing = await self.store.find_idempotent(principal.org_id, request.idempotency_key)
+            existing = await retry_transient(
+                lambda: self.store.find_idempotent(principal.org_id, request.idempotency_key),
+                budget_s=budget_for(context),
+            )
             if existing is not None:
                 RunStore._check_fingerprint(existing, fingerprint)
                 return _Submitted(existing["id"], str(existing["session_id"]))
@@ -204,13 +230,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         subscription = self.broker.subscribe(run_id)
         worker = self.dispatcher.reserve()
         try:
-            row, created = await self.store.insert(
-                payload,
-                fingerprint=fingerprint,
-                strategy=strategy,
-                claim_for=worker.worker_id if worker is not None else None,
-                relayed=resolved.events,
-            )
+            row, created = await self._insert(principal, payload, fingerprint, strategy, context, worker, resolved)
             if created and row["status"] == "running":
                 await self.dispatcher.assign(worker, Claim.from_row(row), payload)
         except BaseException:
@@ -219,7 +239,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         finally:
             if worker is not None:
                 self.dispatcher.unreserve(worker)
-        if created and row["status"] == "queued":
+        if not created or row["status"] == "queued":
             self.dispatcher.wake()
         if not created or row["id"] != run_id:
             self.broker.unsubscribe(run_id, subscription)
@@ -227,6 +247,44 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         queued = common_pb2.RunEvent.FromString(row["queued_event"])
         queued.run_id, queued.session_id, queued.seq = str(run_id), str(row["session_id"]), 1
         return _Submitted(run_id, str(row["session_id"]), subscription, [queued])
+
+    async def _insert(
+        self,
+        principal: Principal,
+        payload: common_pb2.RunPayload,
+        fingerprint: bytes,
+        strategy: str,
+        context: grpc.aio.ServicerContext,
+        worker: WorkerConn | None,
+        resolved: sessions_pb2.ResolveSessionResponse,
+    ) -> tuple[Any, bool]:
+        """Queue the run (claimed for ``worker`` when it can be), retrying a
+        database blip: a retry first looks for the run id this request
+        already chose (the lost attempt may have committed), so a blip never
+        queues the message twice nor fails the call. A run found that way is
+        followed from the table (``created`` False); if the lost attempt had
+        claimed it for ``worker``, it goes back to the queue at once."""
+        attempts = 0
+
+        async def once() -> tuple[Any, bool]:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                with contextlib.suppress(NotFound):
+                    return await self.store.get(principal.org_id, uuid.UUID(payload.run_id)), False
+            return await self.store.insert(
+                payload,
+                fingerprint=fingerprint,
+                strategy=strategy,
+                claim_for=worker.worker_id if worker is not None else None,
+                relayed=resolved.events,
+            )
+
+        row, created = await retry_transient(once, budget_s=budget_for(context))
+        if not created and worker is not None and row["id"] == uuid.UUID(payload.run_id) \
+                and row["status"] == "running" and row["worker_id"] == worker.worker_id:
+            await self.store.requeue([(row["id"], row["epoch"])], count_attempt=False)
+        return row, created
 
     async def _stream(
         self,
@@ -266,16 +324,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     event = step.result()
                 except StopAsyncIteration:
                     return
+                finally:
+                    step = None
                 last = event.seq
                 yield event
         finally:
             # The client left or the gateway is closing: stop the pending read
             # before closing the generator it runs in.
             closing.cancel()
-            if step is not None and not step.done():
-                step.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await step
+            if step is not None:
+                if not step.done():
+                    step.cancel()
+                    await asyncio.wait({step})  # never raises the step's outcome
+                # Retrieve the outcome whatever it is (an event, the end of the run,
+                # an error): a finished step left unread makes asyncio log "Task
+                # exception was never retrieved ... StopAsyncIteration".
+                if not step.cancelled():
+                    step.exception()
             await events.aclose()
 
     def _check_join(self, row: Mapping[str, object], after_seq: int) -> bool:
@@ -332,10 +397,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request_iterator: AsyncIterator[gateway_pb2.ChatRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.RunEvent]:
         try:
-            principal = await self.auth.authenticate(context)
+            # Charged per message below, not per stream (gateway.rate_limit_rps applies to each).
+            principal = await self.auth.authenticate(context, charge=False)
         except RunyardError:
             await settle_before_reject(request_iterator)
             raise
+        max_follows = self.config.gateway.max_follows_per_chat
         out: asyncio.Queue[common_pb2.RunEvent | BaseException | None] = asyncio.Queue(maxsize=1024)
         followers: set[asyncio.Task[None]] = set()
 
@@ -352,15 +419,36 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             except Exception as exc:  # noqa: BLE001 - forwarded to the stream
                 await out.put(exc)
 
+        following: dict[uuid.UUID, asyncio.Task[None]] = {}
+
         def start(run_id: uuid.UUID, session_id: str, after_seq: int, submitted: _Submitted | None = None) -> None:
+            if run_id in following:
+                if submitted is not None and submitted.subscription is not None:
+                    self.broker.unsubscribe(run_id, submitted.subscription)
+                return  # already streaming this run's events on this stream (a repeat send or join)
             task = asyncio.create_task(pump(run_id, session_id, after_seq, submitted))
             followers.add(task)
-            task.add_done_callback(followers.discard)
+            following[run_id] = task
+
+            def done(finished: asyncio.Task[None]) -> None:
+                followers.discard(finished)
+                if following.get(run_id) is finished:
+                    del following[run_id]
+
+            task.add_done_callback(done)
 
         async def read() -> None:
             try:
                 async for item in request_iterator:
+                    self.auth.charge(principal)
                     kind = item.WhichOneof("request")
+                    if kind in ("send", "join") and len(following) >= max_follows:
+                        raise ResourceExhausted(
+                            f"this Chat stream already follows {len(following)} runs "
+                            "(gateway.max_follows_per_chat); wait for one to end or open another stream",
+                            reason="TOO_MANY_FOLLOWS",
+                            retry_after_s=1.0,
+                        )
                     if kind == "send":
                         submitted = await self._submit(principal, item.send, context)
                         start(submitted.run_id, submitted.session_id, 0, submitted)
@@ -440,6 +528,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, principal: Principal, session_id: str, session_key: str, context: grpc.aio.ServicerContext
     ) -> common_pb2.Session:
         _require_session_ref(session_id, session_key)
+        self._check_session_key(session_key)
         response = await call(
             self.sessions.GetSession(
                 sessions_pb2.SessionServiceGetSessionRequest(
@@ -488,6 +577,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
         _require_session_ref(request.session_id, request.session_key)
+        self._check_session_key(request.session_key)
         response = await call(
             self.sessions.GetMessages(
                 sessions_pb2.SessionServiceGetMessagesRequest(
@@ -511,6 +601,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         principal = await self.auth.authenticate(context)
         principal.require("sessions:admin")
         _require_session_ref(request.session_id, request.session_key)
+        self._check_session_key(request.session_key)
         response = await call(
             self.sessions.ResetSession(
                 sessions_pb2.SessionServiceResetSessionRequest(
@@ -531,6 +622,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         principal = await self.auth.authenticate(context)
         principal.require("sessions:admin")
         _require_session_ref(request.session_id, request.session_key)
+        self._check_session_key(request.session_key)
         response = await call(
             self.sessions.DeleteSession(
                 sessions_pb2.SessionServiceDeleteSessionRequest(
@@ -567,6 +659,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def SpawnTask(self, request: gateway_pb2.SpawnTaskRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.SpawnTaskResponse:
         principal = await self.auth.authenticate(context)
         principal.require("chat")
+        self._check_session_key(request.parent_session_key, "parent_session_key")
         spawn = SpawnRequest(
             parent_session_id=request.parent_session_id,
             parent_session_key=request.parent_session_key,

@@ -85,7 +85,7 @@ from runyard._proto.v1 import (
     tasks_pb2_grpc,
 )
 from runyard.common import metrics
-from runyard.common.auth import RunClaims, RunTokenSigner, check_internal, internal_metadata
+from runyard.common.auth import RunClaims, RunTokenVerifier, check_internal, internal_metadata
 from runyard.common.clients import call, internal_channel
 from runyard.common.config import Config
 from runyard.common.outbox import HORIZON_SQL
@@ -1813,7 +1813,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
     tasks after a compaction rolled it over to a new session id).
     """
 
-    def __init__(self, manager: TaskManager, signer: RunTokenSigner, *, internal_secret: str):
+    def __init__(self, manager: TaskManager, signer: RunTokenVerifier, *, internal_secret: str):
         self.manager = manager
         self.signer = signer
         self.internal_secret = internal_secret

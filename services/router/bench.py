@@ -67,7 +67,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc
 from runyard.cli.bench import percentile
-from runyard.common.auth import RunTokenSigner
+from runyard.common.auth import RunTokenSigner, credential_interceptors, generate_run_token_keys, run_token_env
 from runyard.common.config import Config, ProviderConfig
 from runyard.common.outbox import Outbox
 from runyard.router.cooldowns import CooldownStore
@@ -423,13 +423,14 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         provider_url = f"http://127.0.0.1:{provider_port}/v1"
         router_port = _free_port()
         address = f"127.0.0.1:{router_port}"
-        run_token_secret = secrets.token_urlsafe(48)
+        run_token_key, _ = generate_run_token_keys()
+        internal_secret = secrets.token_urlsafe(32)
         env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
         env.update(
             {
                 "RUNYARD_DATABASE_URL": database_url,
-                "RUNYARD_RUN_TOKEN_SECRET": run_token_secret,
-                "RUNYARD_INTERNAL_SECRET": secrets.token_urlsafe(32),
+                **run_token_env("router", run_token_key),
+                "RUNYARD_INTERNAL_SECRET": internal_secret,
                 "RUNYARD_LOG_LEVEL": "WARNING",
                 "RUNYARD_ROUTER__LISTEN": address,
                 "RUNYARD_ROUTER__METRICS_PORT": "0",
@@ -441,7 +442,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         log_dir = procs.tmp.name if procs.tmp is not None else tempfile.gettempdir()
         log_path = Path(log_dir) / f"runyard-bench-router-{os.getpid()}.log"
         await _start_router(env, address, log_path, procs)
-        signer = RunTokenSigner(run_token_secret)
+        signer = RunTokenSigner(run_token_key)
         results: dict[str, Any] = {
             "chunks": args.chunks,
             "requests": args.requests,
@@ -450,7 +451,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             "overhead": [],
             "cascade": {},
         }
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with grpc.aio.insecure_channel(
+            address, interceptors=credential_interceptors(internal_secret)
+        ) as channel:
             client = _Client(provider_url, router_pb2_grpc.RouterServiceStub(channel), signer, args.chunks)
             router_pid = procs.procs[-1].pid
             try:

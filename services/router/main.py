@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from runyard._proto.v1 import router_pb2, router_pb2_grpc
-from runyard.common.auth import RunTokenSigner
+from runyard.common.auth import run_token_verifier
 from runyard.common.config import Config
 from runyard.common.metrics import serve_metrics
 from runyard.common.outbox import Outbox, OutboxTrimmer
@@ -33,7 +33,7 @@ async def serve(config: Config) -> None:
     shutdown writes pending cooldowns and events before closing.
     """
     cfg = config.router
-    signer = RunTokenSigner(config.auth.run_token_secret, config.auth.run_token_ttl_s)
+    signer = run_token_verifier(config)  # the public key only: this service never signs
     pool = await open_database(config, "router")
     outbox = Outbox("router", EVENTS_CHANNEL)
     store = CooldownStore(cfg, pool, database_url=database_url(config), outbox=outbox)

@@ -15,7 +15,7 @@ import grpc
 
 from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2
 from runyard.common import tracing
-from runyard.common.auth import RunTokenSigner, check_internal
+from runyard.common.auth import RunTokenVerifier, check_internal
 from runyard.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from runyard.common.outbox import Outbox
 from runyard.router.engine import Router, StatusRow, failover_reason_value
@@ -67,7 +67,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     """
 
     def __init__(
-        self, router: Router, signer: RunTokenSigner, internal_secret: str = "", outbox: Outbox | None = None
+        self, router: Router, signer: RunTokenVerifier, internal_secret: str = "", outbox: Outbox | None = None
     ):
         self.router = router
         self.signer = signer

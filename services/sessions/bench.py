@@ -48,7 +48,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 from runyard.common import db
-from runyard.common.auth import internal_metadata
+from runyard.common.auth import generate_run_token_keys, internal_metadata, run_token_env
 from runyard.common.config import GatewayConfig
 
 __all__ = ["add_arguments", "main", "noop_handler"]
@@ -127,19 +127,22 @@ class _Services:
     """Service processes on free ports, configured through ``RUNYARD_*``."""
 
     def __init__(self, url: str, workdir: Path, extra_env: dict[str, str] | None = None):
-        self.ports = {"gateway": _free_port(), "router": _free_port(), "sessions": _free_port()}
+        self.ports = {"gateway": _free_port(), "router": _free_port(), "sessions": _free_port(),
+                      "gateway_internal": _free_port()}
+        self.run_token_key, _ = generate_run_token_keys()
         self.secret = secrets.token_urlsafe(24)
         self.workdir = workdir
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
         self.env.update({
             "RUNYARD_DATABASE_URL": url,
             "RUNYARD_INTERNAL_SECRET": self.secret,
-            "RUNYARD_RUN_TOKEN_SECRET": secrets.token_urlsafe(48),
             "RUNYARD_LOG_LEVEL": "INFO",
             "RUNYARD_ENDPOINTS__GATEWAY": f"127.0.0.1:{self.ports['gateway']}",
             "RUNYARD_ENDPOINTS__ROUTER": f"127.0.0.1:{self.ports['router']}",
             "RUNYARD_ENDPOINTS__SESSIONS": f"127.0.0.1:{self.ports['sessions']}",
             "RUNYARD_GATEWAY__LISTEN": f"127.0.0.1:{self.ports['gateway']}",
+            "RUNYARD_GATEWAY__INTERNAL_LISTEN": f"127.0.0.1:{self.ports['gateway_internal']}",
+            "RUNYARD_ENDPOINTS__GATEWAY_INTERNAL": f"127.0.0.1:{self.ports['gateway_internal']}",
             "RUNYARD_SESSIONS__LISTEN": f"127.0.0.1:{self.ports['sessions']}",
             "RUNYARD_GATEWAY__METRICS_PORT": "0",
             "RUNYARD_SESSIONS__METRICS_PORT": "0",
@@ -160,8 +163,9 @@ class _Services:
 
     async def start(self, name: str) -> asyncio.subprocess.Process:
         handle = (self.workdir / f"{name}.log").open("ab")
+        env = {**self.env, **run_token_env(name, self.run_token_key)}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "runyard", "serve", name, env=self.env, stdout=handle, stderr=handle
+            sys.executable, "-m", "runyard", "serve", name, env=env, stdout=handle, stderr=handle
         )
         handle.close()
         self.procs[name] = proc

@@ -19,7 +19,7 @@ import logging
 import os
 
 from runyard._proto.v1 import sessions_pb2, sessions_pb2_grpc
-from runyard.common.auth import RunTokenSigner
+from runyard.common.auth import run_token_verifier
 from runyard.common.config import Config
 from runyard.common.hooks import HookRunner, load_handlers
 from runyard.common.metrics import serve_metrics
@@ -45,7 +45,7 @@ async def serve(config: Config) -> None:
     """
     cfg = config.sessions
     handlers = load_handlers(config)
-    signer = RunTokenSigner(config.auth.run_token_secret, config.auth.run_token_ttl_s)
+    signer = run_token_verifier(config)  # the public key only: this service never signs
     pool = await open_database(config, "sessions")
     store = SessionStore(
         pool,

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from runyard._proto.v1 import common_pb2, sessions_pb2, sessions_pb2_grpc
-from runyard.common.auth import RunTokenSigner, check_internal
+from runyard.common.auth import RunTokenVerifier, check_internal
 from runyard.common.errors import FailedPrecondition, InvalidArgument
 from runyard.common.pagination import decode_page_token, encode_page_token, invalid_page_token, page_size
 from runyard.common.protoutil import parse_uuid
@@ -54,7 +54,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
     def __init__(
         self,
         store: SessionStore,
-        signer: RunTokenSigner,
+        signer: RunTokenVerifier,
         internal_secret: str,
         *,
         lifecycle: Lifecycle | None = None,
@@ -153,6 +153,15 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
     ) -> sessions_pb2.GetTranscriptResponse:
         claims = self.signer.verify(request.run_token)
         read = await self.store.read_transcript(claims, request.session_id)
+        if read.committed_epoch is not None and read.committed_epoch >= claims.epoch:
+            # The run finished under this (or a later) claim: its tokens are spent. A later
+            # claim of the same run (its completion report was lost) reads run_committed.
+            raise FailedPrecondition(
+                f"run {claims.run_id} already finished (committed at epoch {read.committed_epoch}); "
+                "its run token is no longer accepted",
+                reason="RUN_NOT_ACTIVE",
+                field="run_token",
+            )
         return sessions_pb2.GetTranscriptResponse(
             transcript=common_pb2.Transcript.FromString(read.data),
             session_id=read.session_id,

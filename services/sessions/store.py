@@ -150,7 +150,7 @@ SELECT {", ".join(f"s.{c.strip()}" for c in _SESSION_COLUMNS.split(","))},
        s.last_active_at < now() - make_interval(secs => $3) AS stale,
        (SELECT string_agg(t.data, ''::bytea ORDER BY t.turn) FROM sessions.turns t
         WHERE t.session_id = s.id AND t.state = 'current') AS transcript,
-       EXISTS (SELECT 1 FROM sessions.turns t WHERE t.run_id = $2) AS committed
+       (SELECT t.epoch FROM sessions.turns t WHERE t.run_id = $2) AS committed_epoch
 FROM sessions.sessions s WHERE s.id = $1
 """
 
@@ -179,6 +179,8 @@ class TranscriptRead:
     session_id: str
     head_turn: int
     run_committed: bool
+    #: Epoch at which the token's run committed (None: not committed).
+    committed_epoch: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,7 +363,7 @@ class SessionStore:
             if row is not None:
                 break
         if row is None:
-            raise NotFound(f"no session for key {key!r}", reason="SESSION_NOT_FOUND", field="session_key")
+            raise NotFound(f"no session for key {key[:64]!r}", reason="SESSION_NOT_FOUND", field="session_key")
         return row
 
     async def get(self, org_id: str, session_id: uuid.UUID | None, key: str) -> common_pb2.Session:
@@ -703,7 +705,10 @@ class SessionStore:
             )
         if row["stale"]:
             await self.pool.execute("UPDATE sessions.sessions SET last_active_at = now() WHERE id = $1", row["id"])
-        return TranscriptRead(bytes(row["transcript"] or b""), str(row["id"]), row["head_turn"], bool(row["committed"]))
+        committed = row["committed_epoch"]
+        return TranscriptRead(
+            bytes(row["transcript"] or b""), str(row["id"]), row["head_turn"], committed is not None, committed
+        )
 
     def _check_size(self, size: int) -> None:
         if size > self.max_snapshot_bytes:

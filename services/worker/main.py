@@ -78,8 +78,8 @@ class Worker:
         self._queue: asyncio.Queue[worker_hub_pb2.ConnectRequest | None] | None = None
         self._sessions_channel = internal_channel(config.endpoints.sessions)
         self._router_channel = internal_channel(config.endpoints.router)
-        # The built-in tools call the gateway's TaskService with each run's token.
-        self._tasks_channel = internal_channel(config.endpoints.gateway)
+        # The built-in tools call the gateway's TaskService (internal listener) with each run's token.
+        self._tasks_channel = internal_channel(config.endpoints.gateway_internal)
         self.executor = RunExecutor(
             config,
             self.worker_id,
@@ -149,7 +149,9 @@ class Worker:
     @staticmethod
     def _result(run: ActiveRun, outcome: RunOutcome) -> worker_hub_pb2.WorkerRunResult:
         result = worker_hub_pb2.WorkerRunResult(run_id=run.run_id, epoch=run.epoch)
-        if outcome.completed is not None:
+        if outcome.released is not None:
+            result.released.CopyFrom(worker_hub_pb2.RunReleased(reason=outcome.released))
+        elif outcome.completed is not None:
             result.completed.CopyFrom(outcome.completed)
             if outcome.append is not None:
                 result.append.CopyFrom(outcome.append)
@@ -215,6 +217,12 @@ class Worker:
         if self.draining:
             self._send(worker_hub_pb2.ConnectRequest(draining=worker_hub_pb2.WorkerDraining(reason="shutdown")))
 
+    def _on_token(self, refresh: worker_hub_pb2.RunTokenRefresh) -> None:
+        """A fresh run token (the lease was renewed): later calls of the run use it."""
+        run = self.runs.get(refresh.run_id)
+        if run is not None and run.epoch == refresh.epoch and refresh.run_token:
+            run.payload.run_token = refresh.run_token
+
     def _on_ack(self, ack: worker_hub_pb2.ResultAck) -> None:
         run = self.runs.get(ack.run_id)
         if run is None or run.epoch != ack.epoch:
@@ -234,7 +242,7 @@ class Worker:
         asyncio.get_running_loop().create_task(retry())
 
     async def _connection(self) -> None:
-        channel = internal_channel(self.config.endpoints.gateway)
+        channel = internal_channel(self.config.endpoints.gateway_internal)
         queue: asyncio.Queue[worker_hub_pb2.ConnectRequest | None] = asyncio.Queue()
         heartbeat: asyncio.Task[None] | None = None
         try:
@@ -259,6 +267,8 @@ class Worker:
                     self._cancel_run(response.cancel.run_id, response.cancel.reason or "CANCELLED")
                 elif kind == "ack":
                     self._on_ack(response.ack)
+                elif kind == "token_refresh":
+                    self._on_token(response.token_refresh)
                 elif kind == "drain":
                     log.info("gateway is draining; reconnecting")
                     break

@@ -24,6 +24,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 from runyard.common.config import Config
 from runyard.common.errors import DeadlineExceeded, ResourceExhausted, RunyardError, from_rpc_error
+from runyard.common.faults import infrastructure_error
 from runyard.common.protoutil import now
 from runyard.worker.budget import ROUTER_DEADLINE_MARGIN_S, run_deadline, time_left
 from runyard.worker.compaction import Compactor, estimate_tokens
@@ -35,14 +36,26 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Local exceptions that mean the network to a dependency failed.
+_LOCAL_INFRASTRUCTURE = (ConnectionError, TimeoutError)
+
 
 def _transient(exc: BaseException) -> bool:
-    """A dependency is restarting or unreachable (not a model failure)."""
-    return (
-        isinstance(exc, RunyardError)
-        and exc.code == grpc.StatusCode.UNAVAILABLE
-        and exc.reason in ("UNAVAILABLE", "DRAINING")
-    )
+    """A dependency is restarting, unreachable or lost its database for a
+    moment (not a model failure): see :func:`infrastructure_failure`."""
+    return infrastructure_failure(exc)
+
+
+def infrastructure_failure(exc: BaseException) -> bool:
+    """Whether a run failed because of infrastructure rather than the model or
+    its input: :func:`runyard.common.faults.infrastructure_error` (UNAVAILABLE
+    from a restarting peer or a database blip, peer resets such as "Stream
+    removed" or RST_STREAM from a dead peer), plus an expired run token (the
+    gateway could not renew the lease in time). Such a run is handed back to
+    the queue (``released``), never failed."""
+    if isinstance(exc, RunyardError) and exc.reason == "RUN_TOKEN_EXPIRED":
+        return True
+    return infrastructure_error(exc)
 
 
 @dataclass(slots=True)
@@ -97,6 +110,8 @@ class _OverflowRetry:
         merged.summarized_message_count += self.compaction.summarized_message_count
         merged.tokens_before = self.compaction.tokens_before
         self.compaction = merged
+    #: The run met an infrastructure fault: give it back to the queue (why).
+    released: str | None = None
 
 
 def build_prompt(
@@ -163,10 +178,15 @@ class RunExecutor:
         try:
             with run_deadline(budget_s):
                 return await self._execute(payload, emit)
-        except RunyardError as exc:
-            return RunOutcome(failed=common_pb2.RunFailed(error=exc.to_run_error()))
-        except grpc.aio.AioRpcError as exc:
-            return RunOutcome(failed=common_pb2.RunFailed(error=from_rpc_error(exc).to_run_error()))
+        except (RunyardError, grpc.aio.AioRpcError, *_LOCAL_INFRASTRUCTURE) as exc:
+            error = from_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
+            if infrastructure_failure(error):
+                # Not the run's fault: it goes back to the queue and runs again.
+                log.warning("run %s hit an infrastructure fault (%s); handing it back", payload.run_id, error)
+                return RunOutcome(released=f"infrastructure: {str(error)[:200]}")
+            if not isinstance(error, RunyardError):
+                raise
+            return RunOutcome(failed=common_pb2.RunFailed(error=error.to_run_error()))
         finally:
             self._overflows.pop(payload.run_id, None)
 
@@ -189,9 +209,11 @@ class RunExecutor:
     async def _execute(
         self, payload: common_pb2.RunPayload, emit: Callable[[common_pb2.RunEvent], None]
     ) -> RunOutcome:
-        token = payload.run_token
+        # payload.run_token is read at each call: the hub renews it with the lease.
         read = await self._retrying(
-            lambda: self.sessions.GetTranscript(sessions_pb2.GetTranscriptRequest(run_token=token), timeout=30)
+            lambda: self.sessions.GetTranscript(
+                sessions_pb2.GetTranscriptRequest(run_token=payload.run_token), timeout=30
+            )
         )
         if read.run_committed:
             return self._already_done(payload, read.transcript)

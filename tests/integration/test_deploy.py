@@ -22,6 +22,7 @@ import yaml
 from runyard.cli.main import build_parser
 from runyard.common import metrics
 from runyard.common.config import GatewayConfig, RouterConfig, SessionsConfig, WorkerConfig
+from tests.stack import RUN_TOKEN_PRIVATE_KEY, RUN_TOKEN_PUBLIC_KEY
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -38,7 +39,10 @@ METRICS_PORT = {name: cfg.metrics_port for name, cfg in DEFAULTS.items()}
 #: Seconds a stop must leave beyond shutdown_grace_s: the worker's 5 s wait for
 #: result acknowledgements and the sessions hook drain bound (2 s), with margin.
 DRAIN_MARGIN_S = 10
-SECRETS = {"RUNYARD_INTERNAL_SECRET": "i" * 40, "RUNYARD_RUN_TOKEN_SECRET": "r" * 40}
+SECRETS = {"RUNYARD_INTERNAL_SECRET": "i" * 40, "RUNYARD_RUN_TOKEN_PRIVATE_KEY": RUN_TOKEN_PRIVATE_KEY,
+           "RUNYARD_RUN_TOKEN_PUBLIC_KEY": RUN_TOKEN_PUBLIC_KEY}
+#: The gateway's internal listener (workers, status): its own port, never published.
+GATEWAY_INTERNAL_PORT = int(GatewayConfig().internal_listen.rsplit(":", 1)[1])
 
 
 def seconds(duration: str | float) -> float:
@@ -97,12 +101,15 @@ def check_compose(compose: dict[str, Any]) -> None:
         for key in (
             "RUNYARD_DATABASE_URL",
             "RUNYARD_INTERNAL_SECRET",
-            "RUNYARD_RUN_TOKEN_SECRET",
+            "RUNYARD_RUN_TOKEN_PUBLIC_KEY",
             "RUNYARD_ENDPOINTS__GATEWAY",
+            "RUNYARD_ENDPOINTS__GATEWAY_INTERNAL",
             "RUNYARD_ENDPOINTS__ROUTER",
             "RUNYARD_ENDPOINTS__SESSIONS",
         ):
             assert key in env, (name, key)
+        # Only the gateway signs run tokens.
+        assert ("RUNYARD_RUN_TOKEN_PRIVATE_KEY" in env) == (name == "gateway"), name
         # stop_grace_period longer than the service's drain bound.
         grace = float(env[f"RUNYARD_{name.upper()}__SHUTDOWN_GRACE_S"])
         assert seconds(service["stop_grace_period"]) >= grace + DRAIN_MARGIN_S, name
@@ -119,6 +126,10 @@ def check_compose(compose: dict[str, Any]) -> None:
     endpoints = services["gateway"]["environment"]
     for name in ("gateway", "router", "sessions"):
         assert endpoints[f"RUNYARD_ENDPOINTS__{name.upper()}"] == f"{name}:{GRPC_PORT[name]}"
+    assert endpoints["RUNYARD_ENDPOINTS__GATEWAY_INTERNAL"] == f"gateway:{GATEWAY_INTERNAL_PORT}"
+    # The internal listener is reachable by the other containers, never published.
+    assert GATEWAY_INTERNAL_PORT in {int(p) for p in services["gateway"]["expose"]}
+    assert all(str(GATEWAY_INTERNAL_PORT) not in str(port) for port in services["gateway"].get("ports", []))
 
     # Prometheus scrapes every service with the compose scrape config and loads the alerting rules.
     prometheus = services["prometheus"]
@@ -212,7 +223,8 @@ def test_docker_compose_config_validates():
     check_compose(normalized)
     # Interpolation reached the services.
     worker_env = normalized["services"]["worker"]["environment"]
-    assert worker_env["RUNYARD_RUN_TOKEN_SECRET"] == SECRETS["RUNYARD_RUN_TOKEN_SECRET"]
+    assert worker_env["RUNYARD_RUN_TOKEN_PUBLIC_KEY"] == SECRETS["RUNYARD_RUN_TOKEN_PUBLIC_KEY"]
+    assert "RUNYARD_RUN_TOKEN_PRIVATE_KEY" not in worker_env
     assert worker_env["RUNYARD_DATABASE_URL"] == "postgresql://runyard:runyard@postgres:5432/runyard"
 
 
@@ -222,7 +234,7 @@ def test_docker_compose_refuses_to_run_without_secrets():
         pytest.skip(reason)
     result = docker_compose_config({})
     assert result.returncode != 0
-    assert "RUNYARD_INTERNAL_SECRET" in result.stderr or "RUNYARD_RUN_TOKEN_SECRET" in result.stderr
+    assert "RUNYARD_INTERNAL_SECRET" in result.stderr or "RUNYARD_RUN_TOKEN_" in result.stderr
 
 
 # ---------------------------------------------------------------- prometheus
@@ -483,16 +495,27 @@ def test_k8s_deployments_probe_drain_and_scale():
         assert container["args"] == ["serve", name]
         parses_as_runyard_command(container["args"])
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"grpc": GRPC_PORT[name], "metrics": METRICS_PORT[name]}
+        expected_ports = {"grpc": GRPC_PORT[name], "metrics": METRICS_PORT[name]}
+        if name == "gateway":
+            expected_ports["grpc-internal"] = GATEWAY_INTERNAL_PORT
+        assert ports == expected_ports
         env = {e["name"]: e for e in container["env"]}
         assert env[f"RUNYARD_{name.upper()}__LISTEN"]["value"] == f"0.0.0.0:{GRPC_PORT[name]}"
         assert env[f"RUNYARD_{name.upper()}__METRICS_PORT"]["value"] == str(METRICS_PORT[name])
         for key, secret_key in (
             ("RUNYARD_DATABASE_URL", "database-url"),
             ("RUNYARD_INTERNAL_SECRET", "internal-secret"),
-            ("RUNYARD_RUN_TOKEN_SECRET", "run-token-secret"),
         ):
             assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "runyard", "key": secret_key}
+        # The run-token private key is the gateway's alone (a Secret of its own); the rest verify.
+        if name == "gateway":
+            assert env["RUNYARD_RUN_TOKEN_PRIVATE_KEY"]["valueFrom"]["secretKeyRef"] == {
+                "name": "runyard-gateway", "key": "run-token-private-key"}
+            assert env["RUNYARD_GATEWAY__INTERNAL_LISTEN"]["value"] == f"0.0.0.0:{GATEWAY_INTERNAL_PORT}"
+        else:
+            assert "RUNYARD_RUN_TOKEN_PRIVATE_KEY" not in env, name
+            assert env["RUNYARD_RUN_TOKEN_PUBLIC_KEY"]["valueFrom"]["secretKeyRef"] == {
+                "name": "runyard", "key": "run-token-public-key"}
         # HTTP probes on the metrics port: readiness and startup follow the gRPC
         # health (/readyz), liveness is /healthz (stays up while draining).
         for probe, path in (("readinessProbe", "/readyz"), ("startupProbe", "/readyz"), ("livenessProbe", "/healthz")):
@@ -520,6 +543,11 @@ def test_k8s_deployments_probe_drain_and_scale():
     for name in ("gateway", "router", "sessions"):
         host, port = config["data"][f"RUNYARD_ENDPOINTS__{name.upper()}"].split(":")
         assert host in services and int(port) == GRPC_PORT[name]
+    # The public Service carries GatewayService only; the internal listener has its own ClusterIP Service.
+    assert GATEWAY_INTERNAL_PORT not in {p["port"] for p in services["runyard-gateway"]["spec"]["ports"]}
+    host, port = config["data"]["RUNYARD_ENDPOINTS__GATEWAY_INTERNAL"].split(":")
+    internal = services[host]
+    assert internal["spec"].get("type", "ClusterIP") == "ClusterIP" and int(port) == GATEWAY_INTERNAL_PORT
     job = next(d for d in docs if d["kind"] == "Job")
     assert_restricted(job["spec"]["template"]["spec"], "migrate")
     (migrate,) = job["spec"]["template"]["spec"]["containers"]
@@ -551,7 +579,7 @@ def test_dockerfile_runs_runyard_on_every_interface():
     instructions = dockerfile_instructions()
     assert ("ENTRYPOINT", '["runyard"]') in instructions
     exposed = {int(p) for kind, rest in instructions if kind == "EXPOSE" for p in rest.split()}
-    assert exposed == set(GRPC_PORT.values()) | set(METRICS_PORT.values())
+    assert exposed == set(GRPC_PORT.values()) | set(METRICS_PORT.values()) | {GATEWAY_INTERNAL_PORT}
     env = " ".join(rest for kind, rest in instructions if kind == "ENV")
     for name in SERVICES:
         assert f"RUNYARD_{name.upper()}__LISTEN=0.0.0.0:{GRPC_PORT[name]}" in env

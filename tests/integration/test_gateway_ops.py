@@ -44,7 +44,7 @@ def text_of(events: list[RunEvent]) -> str:
 
 async def test_a_silent_worker_is_dropped_after_the_handshake_timeout(stack_factory):
     stack = await stack_factory({"gateway": {"handshake_timeout_ms": 1000}}).start(workers=0)
-    async with grpc.aio.insecure_channel(stack.gateway_address) as channel:
+    async with grpc.aio.insecure_channel(stack.gateway_internal_address) as channel:
         hub = WorkerHubServiceStub(channel)
         silence = asyncio.Event()
 

@@ -22,6 +22,7 @@ from runyard import (
     RunyardError,
     Unauthenticated,
 )
+from runyard.common.auth import internal_metadata, load_private_key
 from runyard.common.errors import from_rpc_error
 from runyard.gateway.keys import ApiKeyStore
 from runyard.v1 import (
@@ -82,8 +83,9 @@ def _token(**overrides: object) -> str:
         "epo": 1,
     }
     claims.update(overrides)
-    secret = str(claims.pop("_secret", RUN_TOKEN_SECRET))
-    return jwt.encode(claims, secret, algorithm="HS256")
+    # Signed like the gateway signs (Ed25519) unless a test forges it with another key.
+    key = claims.pop("_key", load_private_key(RUN_TOKEN_SECRET))
+    return jwt.encode(claims, key, algorithm=str(claims.pop("_alg", "EdDSA")))
 
 
 async def test_hostile_inputs_get_their_status_and_the_stack_stays_healthy(stack_factory, migrated_url):
@@ -92,7 +94,9 @@ async def test_hostile_inputs_get_their_status_and_the_stack_stays_healthy(stack
         {
             "auth": {"anonymous": False},
             "gateway": {"max_text_bytes": 2000, "max_metadata_entries": 4, "max_session_key_length": 64,
-                        "rate_limit_rps": 1000, "rate_limit_burst": 1000},
+                        "rate_limit_rps": 1000, "rate_limit_burst": 1000,
+                        # The rejected-stream race below fails authentication 25 times on purpose.
+                        "auth_failure_rate_per_s": 1000, "auth_failure_burst": 1000},
         }
     ).start()
     async with stack.client(keys["a"]) as a, stack.client(keys["b"]) as b, stack.client() as anonymous, \
@@ -161,13 +165,13 @@ async def test_hostile_inputs_get_their_status_and_the_stack_stays_healthy(stack
             await sessions.ResolveSession(ResolveSessionRequest(org_id="org-a", session_key="x", agent_id="default"))
         assert from_rpc_error(no_secret.value).reason == "INTERNAL_AUTH_REQUIRED"
         for token, reason in [
-            (_token(_secret="forged-secret-forged-secret-forged-secret"), "RUN_TOKEN_INVALID"),
+            (_token(_key="forged-secret-forged-secret-forged-secret", _alg="HS256"), "RUN_TOKEN_INVALID"),
             (_token(exp=int(time.time()) - 5), "RUN_TOKEN_EXPIRED"),
             (_token(aud="someone-else"), "RUN_TOKEN_INVALID"),
             ("", "RUN_TOKEN_MISSING"),
         ]:
             with pytest.raises(grpc.aio.AioRpcError) as bad:
-                await sessions.GetTranscript(GetTranscriptRequest(run_token=token))
+                await sessions.GetTranscript(GetTranscriptRequest(run_token=token), metadata=internal_metadata(INTERNAL_SECRET))
             assert bad.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert from_rpc_error(bad.value).reason == reason
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports['router']}") as channel:
@@ -176,11 +180,13 @@ async def test_hostile_inputs_get_their_status_and_the_stack_stays_healthy(stack
         other = RunPayload(run_id=str(uuid.uuid4()), org_id="org-a", session_id=str(uuid.uuid4()),
                            agent_id="default", run_token=token)
         with pytest.raises(grpc.aio.AioRpcError) as scope:
-            await collect(router.Generate(GenerateRequest(run=other, messages=[Message(content="hi")])))
+            await collect(router.Generate(GenerateRequest(run=other, messages=[Message(content="hi")]),
+                                          metadata=internal_metadata(INTERNAL_SECRET)))
         assert scope.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert from_rpc_error(scope.value).reason == "TOKEN_SCOPE_MISMATCH"
-    async with grpc.aio.insecure_channel(stack.gateway_address) as channel:
-        hub = WorkerHubServiceStub(channel)
+    async with grpc.aio.insecure_channel(stack.gateway_internal_address) as internal, \
+            grpc.aio.insecure_channel(stack.gateway_address) as channel:
+        hub = WorkerHubServiceStub(internal)
 
         async def hello():
             yield ConnectRequest(hello=WorkerHello(worker_id="intruder", capacity=1))

@@ -15,7 +15,7 @@ import asyncpg
 import grpc
 import pytest
 from runyard._proto.v1 import common_pb2, sessions_pb2, sessions_pb2_grpc
-from runyard.common.auth import RunTokenSigner, internal_metadata
+from runyard.common.auth import RunTokenSigner, credential_interceptors, internal_metadata
 from runyard.common.hooks import SessionEnd
 from runyard.v1 import GetMessagesRequest, ResetSessionRequest
 
@@ -52,7 +52,10 @@ def records(event: SessionEnd) -> None:
 
 
 def sessions_stub(stack) -> tuple[grpc.aio.Channel, sessions_pb2_grpc.SessionServiceStub]:
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports['sessions']}")
+    # The sessions listener is internal: every call carries the service credential.
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{stack.ports['sessions']}", interceptors=credential_interceptors(INTERNAL_SECRET)
+    )
     return channel, sessions_pb2_grpc.SessionServiceStub(channel)
 
 

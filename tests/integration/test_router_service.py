@@ -66,7 +66,7 @@ async def test_provider_status_over_grpc_and_the_cli(
     )
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
-        responses = [r async for r in stub.Generate(generate_request(run_payload()), timeout=20)]
+        responses = [r async for r in stub.Generate(generate_request(run_payload()), timeout=20, metadata=internal_metadata(INTERNAL_SECRET))]
         assert [r.WhichOneof("event") for r in responses][:2] == ["model_select", "model_failover"]
 
         with pytest.raises(grpc.aio.AioRpcError) as denied:
@@ -129,7 +129,7 @@ async def test_list_events_pages_filters_and_requires_the_internal_credential(
     metadata = internal_metadata(INTERNAL_SECRET)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
-        [r async for r in stub.Generate(generate_request(run), timeout=20)]
+        [r async for r in stub.Generate(generate_request(run), timeout=20, metadata=internal_metadata(INTERNAL_SECRET))]
         events: list[common_pb2.LifecycleEvent] = []
         deadline = time.monotonic() + 10
         while len(events) < 3 and time.monotonic() < deadline:
@@ -175,7 +175,7 @@ async def test_the_callers_grpc_deadline_bounds_retries(stack_factory, fast_open
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         started = time.monotonic()
-        responses = [r async for r in stub.Generate(generate_request(run_payload()), timeout=5)]
+        responses = [r async for r in stub.Generate(generate_request(run_payload()), timeout=5, metadata=internal_metadata(INTERNAL_SECRET))]
         elapsed = time.monotonic() - started
     assert responses[-1].final.model == "fake/model-b"
     assert elapsed < 4.0  # did not wait out the 10 s Retry-After

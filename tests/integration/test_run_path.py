@@ -327,7 +327,9 @@ async def test_two_gateways_share_one_database_and_stream_each_others_runs(stack
     fake_openai.script("model-a", Reply(chunks=[f"p{i} " for i in range(12)], delay_between_s=0.02))
     stack = await stack_factory(provider_config(fake_openai)).start()
     port = free_port()
-    await stack.spawn("gateway-2", "gateway", {"gateway": {"listen": f"127.0.0.1:{port}"}})
+    await stack.spawn(
+        "gateway-2", "gateway", {"gateway": {"listen": f"127.0.0.1:{port}", "internal_listen": f"127.0.0.1:{free_port()}"}}
+    )
     await stack.wait_healthy("gateway-2", f"127.0.0.1:{port}")
     async with Client(f"127.0.0.1:{port}") as second, stack.client() as first:
         events = await collect(second.send("chat:two", "across gateways"))

@@ -38,7 +38,7 @@ def status_args(stack: Stack, *workers: str) -> list[str]:
     args = [
         "status",
         "--gateway",
-        stack.gateway_address,
+        stack.gateway_internal_address,
         "--router",
         f"127.0.0.1:{stack.ports['router']}",
         "--sessions",
@@ -60,7 +60,7 @@ async def test_status_reports_every_service_and_health_checks(stack_factory):
         assert entry["version"] == runyard.__version__
         assert entry["draining"] is False
         assert entry["problems"] == []
-    gateway = report[("gateway", stack.gateway_address)]
+    gateway = report[("gateway", stack.gateway_internal_address)]
     assert gateway["queue_depth"] == 0
     assert sorted(w["worker_id"] for w in gateway["workers"]) == ["worker-1", "worker-2"]
     for worker in gateway["workers"]:
@@ -86,7 +86,7 @@ async def test_status_reports_every_service_and_health_checks(stack_factory):
         "PROVIDERS",
     ]
     gateway_row = next(line for line in lines if line.startswith("gateway"))
-    assert stack.gateway_address in gateway_row and "SERVING" in gateway_row
+    assert stack.gateway_internal_address in gateway_row and "SERVING" in gateway_row
     assert "2 (8/8 free)" in gateway_row
     assert any(line.split()[:1] == ["worker-1"] for line in lines), table.stdout
     assert "workers connected to gateway" in table.stdout

@@ -31,7 +31,7 @@ from runyard._proto.v1 import (
     tasks_pb2,
     tasks_pb2_grpc,
 )
-from runyard.common.auth import internal_metadata
+from runyard.common.auth import internal_metadata, load_private_key
 from runyard.v1 import (
     ROLE_ASSISTANT,
     ROLE_SYSTEM,
@@ -799,9 +799,12 @@ async def test_spawn_task_rejects_bad_requests_with_precise_errors(stack_factory
 
 
 def run_token(org_id: str, session_id: str, run_id: str, epoch: int = 1, secret: str = RUN_TOKEN_SECRET) -> str:
+    """A run token signed like the gateway signs (Ed25519); ``secret`` another key forges one."""
     now_s = int(time.time())
     claims = {"iss": "runyard.gateway", "aud": "runyard.internal", "sub": run_id, "iat": now_s, "exp": now_s + 600,
               "org": org_id, "agt": "default", "ses": session_id, "epo": epoch}
+    if secret == RUN_TOKEN_SECRET:
+        return jwt.encode(claims, load_private_key(secret), algorithm="EdDSA")
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
@@ -842,7 +845,7 @@ async def test_tasks_are_scoped_by_org_and_the_task_service_by_run_token(stack_f
         events = [await anext(stream) for _ in range(2)]
         other, other_run = events[0].session_id, events[0].run_id
         assert events[1].HasField("started")
-        async with grpc.aio.insecure_channel(stack.gateway_address) as channel:
+        async with grpc.aio.insecure_channel(stack.gateway_internal_address) as channel:
             service = tasks_pb2_grpc.TaskServiceStub(channel)
             internal = (("x-runyard-internal", INTERNAL_SECRET),)
             live = run_token("org-a", other, other_run)

@@ -28,6 +28,8 @@ from runyard.common.hooks import (
 )
 from runyard.common.protoutil import now
 
+from tests.stack import INTERNAL_SECRET, RUN_TOKEN_PUBLIC_KEY
+
 pytestmark = pytest.mark.timeout(30)
 
 ROOT = Path(__file__).parents[2]
@@ -197,7 +199,8 @@ def test_the_service_refuses_to_start_with_a_bad_hook_and_names_the_path(tmp_pat
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
     env.update({
         "RUNYARD_DATABASE_URL": "postgresql://127.0.0.1:1/none",
-        "RUNYARD_RUN_TOKEN_SECRET": "x" * 40,
+        "RUNYARD_INTERNAL_SECRET": INTERNAL_SECRET,
+        "RUNYARD_RUN_TOKEN_PUBLIC_KEY": RUN_TOKEN_PUBLIC_KEY,
         "RUNYARD_HOOKS__HANDLERS": '[{"path": "no_such_module_xyz:on_end", "events": ["session.end"]}]',
     })
     result = subprocess.run(

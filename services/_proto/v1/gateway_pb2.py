@@ -24,10 +24,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from runyard._proto.buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from runyard._proto.v1 import common_pb2 as runyard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18runyard/v1/gateway.proto\x12\nrunyard.v1\x1a\x17runyard/v1/common.proto\"\x91\x03\n\x12SendMessageRequest\x12\x13\n\x0bsession_key\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x39\n\x12multitask_strategy\x18\x05 \x01(\x0e\x32\x1d.runyard.v1.MultitaskStrategy\x12>\n\x08metadata\x18\x06 \x03(\x0b\x32,.runyard.v1.SendMessageRequest.MetadataEntry\x12+\n\x05model\x18\x07 \x01(\x0b\x32\x1c.runyard.v1.ModelPreferences\x12\'\n\x07options\x18\x08 \x01(\x0b\x32\x16.runyard.v1.RunOptions\x12+\n\x0b\x61ttachments\x18\t \x03(\x0b\x32\x16.runyard.v1.Attachment\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"1\n\x11\x43\x61ncelRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.runyard.v1.Run\"3\n\x0eJoinRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"\xa4\x01\n\x0b\x43hatRequest\x12.\n\x04send\x18\x01 \x01(\x0b\x32\x1e.runyard.v1.SendMessageRequestH\x00\x12.\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1c.runyard.v1.CancelRunRequestH\x00\x12*\n\x04join\x18\x03 \x01(\x0b\x32\x1a.runyard.v1.JoinRunRequestH\x00\x42\t\n\x07request\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\".\n\x0eGetRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.runyard.v1.Run\"a\n\x0fListRunsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"J\n\x10ListRunsResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.runyard.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x80\x01\n\x13ListSessionsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x15\n\rinclude_ended\x18\x04 \x01(\x08\x12\x19\n\x11parent_session_id\x18\x05 \x01(\t\"V\n\x14ListSessionsResponse\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.runyard.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"<\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\t\":\n\x12GetSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Session\"d\n\x12GetMessagesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"f\n\x13GetMessagesResponse\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.runyard.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t\">\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\t\"Y\n\x14ResetSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Session\x12\x1b\n\x13previous_session_id\x18\x02 \x01(\t\"?\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\t\"+\n\x15\x44\x65leteSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xc0\x01\n\x10SpawnTaskRequest\x12\x19\n\x11parent_session_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x16\n\x0emax_tool_calls\x18\x06 \x01(\r\x12\x1a\n\x12parent_session_key\x18\x07 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\"3\n\x11SpawnTaskResponse\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x10.runyard.v1.Task\"p\n\x10ListTasksRequest\x12\x19\n\x11parent_session_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x1a\n\x12parent_session_key\x18\x04 \x01(\t\"M\n\x11ListTasksResponse\x12\x1f\n\x05tasks\x18\x01 \x03(\x0b\x32\x10.runyard.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"1\n\x0fGetTaskResponse\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x10.runyard.v1.Task\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"4\n\x12\x43\x61ncelTaskResponse\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x10.runyard.v1.Task\"5\n\x12WatchEventsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x04\x12\r\n\x05types\x18\x02 \x03(\t2\xae\t\n\x0eGatewayService\x12\x45\n\x0bSendMessage\x12\x1e.runyard.v1.SendMessageRequest\x1a\x14.runyard.v1.RunEvent0\x01\x12\x39\n\x04\x43hat\x12\x17.runyard.v1.ChatRequest\x1a\x14.runyard.v1.RunEvent(\x01\x30\x01\x12=\n\x07JoinRun\x12\x1a.runyard.v1.JoinRunRequest\x1a\x14.runyard.v1.RunEvent0\x01\x12?\n\x06GetRun\x12\x19.runyard.v1.GetRunRequest\x1a\x1a.runyard.v1.GetRunResponse\x12H\n\tCancelRun\x12\x1c.runyard.v1.CancelRunRequest\x1a\x1d.runyard.v1.CancelRunResponse\x12\x45\n\x08ListRuns\x12\x1b.runyard.v1.ListRunsRequest\x1a\x1c.runyard.v1.ListRunsResponse\x12Q\n\x0cListSessions\x12\x1f.runyard.v1.ListSessionsRequest\x1a .runyard.v1.ListSessionsResponse\x12K\n\nGetSession\x12\x1d.runyard.v1.GetSessionRequest\x1a\x1e.runyard.v1.GetSessionResponse\x12N\n\x0bGetMessages\x12\x1e.runyard.v1.GetMessagesRequest\x1a\x1f.runyard.v1.GetMessagesResponse\x12Q\n\x0cResetSession\x12\x1f.runyard.v1.ResetSessionRequest\x1a .runyard.v1.ResetSessionResponse\x12T\n\rDeleteSession\x12 .runyard.v1.DeleteSessionRequest\x1a!.runyard.v1.DeleteSessionResponse\x12H\n\tSpawnTask\x12\x1c.runyard.v1.SpawnTaskRequest\x1a\x1d.runyard.v1.SpawnTaskResponse\x12H\n\tListTasks\x12\x1c.runyard.v1.ListTasksRequest\x1a\x1d.runyard.v1.ListTasksResponse\x12\x42\n\x07GetTask\x12\x1a.runyard.v1.GetTaskRequest\x1a\x1b.runyard.v1.GetTaskResponse\x12K\n\nCancelTask\x12\x1d.runyard.v1.CancelTaskRequest\x1a\x1e.runyard.v1.CancelTaskResponse\x12K\n\x0bWatchEvents\x12\x1e.runyard.v1.WatchEventsRequest\x1a\x1a.runyard.v1.LifecycleEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18runyard/v1/gateway.proto\x12\nrunyard.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x17runyard/v1/common.proto\"\xfd\x03\n\x12SendMessageRequest\x12;\n\x0bsession_key\x18\x01 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xc8\x01\x01\x12\x1a\n\x08\x61gent_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x02\x12\x18\n\x04text\x18\x03 \x01(\tB\n\xbaH\x07r\x05(\x80\x80\x80\x08\x12!\n\x0fidempotency_key\x18\x04 \x01(\tB\x08\xbaH\x05r\x03\x18\xff\x01\x12\x43\n\x12multitask_strategy\x18\x05 \x01(\x0e\x32\x1d.runyard.v1.MultitaskStrategyB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12X\n\x08metadata\x18\x06 \x03(\x0b\x32,.runyard.v1.SendMessageRequest.MetadataEntryB\x18\xbaH\x15\x9a\x01\x12\x10\x80\x08\"\x05r\x03\x18\x80\x02*\x06r\x04(\x80\x80@\x12+\n\x05model\x18\x07 \x01(\x0b\x32\x1c.runyard.v1.ModelPreferences\x12\'\n\x07options\x18\x08 \x01(\x0b\x32\x16.runyard.v1.RunOptions\x12+\n\x0b\x61ttachments\x18\t \x03(\x0b\x32\x16.runyard.v1.Attachment\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x10\x43\x61ncelRunRequest\x12\x18\n\x06run_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\x18\n\x06reason\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\"1\n\x11\x43\x61ncelRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.runyard.v1.Run\"N\n\x0eJoinRunRequest\x12\x18\n\x06run_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\"\n\tafter_seq\x18\x02 \x01(\x04\x42\x0f\xbaH\x0c\x32\n\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f\"\xa4\x01\n\x0b\x43hatRequest\x12.\n\x04send\x18\x01 \x01(\x0b\x32\x1e.runyard.v1.SendMessageRequestH\x00\x12.\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1c.runyard.v1.CancelRunRequestH\x00\x12*\n\x04join\x18\x03 \x01(\x0b\x32\x1a.runyard.v1.JoinRunRequestH\x00\x42\t\n\x07request\")\n\rGetRunRequest\x12\x18\n\x06run_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\".\n\x0eGetRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.runyard.v1.Run\"\xa9\x01\n\x0fListRunsRequest\x12\x1f\n\nsession_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12;\n\x0bsession_key\x18\x02 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xd8\x01\x01\x12\x1a\n\tpage_size\x18\x03 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x04 \x01(\tB\x08\xbaH\x05r\x03\x18\x80 \"J\n\x10ListRunsResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.runyard.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xaa\x01\n\x13ListSessionsRequest\x12\x1a\n\x08\x61gent_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x02\x12\x1a\n\tpage_size\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80 \x12\x15\n\rinclude_ended\x18\x04 \x01(\x08\x12&\n\x11parent_session_id\x18\x05 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\"V\n\x14ListSessionsResponse\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.runyard.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xe6\x01\n\x11GetSessionRequest\x12\x1f\n\nsession_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12;\n\x0bsession_key\x18\x02 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xd8\x01\x01:s\xbaHp\x1an\n\x14session_ref.required\x12%session_id or session_key is required\x1a/this.session_id != \'\' || this.session_key != \'\'\":\n\x12GetSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Session\"\xa1\x02\n\x12GetMessagesRequest\x12\x1f\n\nsession_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12;\n\x0bsession_key\x18\x02 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xd8\x01\x01\x12\x1a\n\tpage_size\x18\x03 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x04 \x01(\tB\x08\xbaH\x05r\x03\x18\x80 :s\xbaHp\x1an\n\x14session_ref.required\x12%session_id or session_key is required\x1a/this.session_id != \'\' || this.session_key != \'\'\"f\n\x13GetMessagesResponse\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.runyard.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t\"\xe8\x01\n\x13ResetSessionRequest\x12\x1f\n\nsession_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12;\n\x0bsession_key\x18\x02 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xd8\x01\x01:s\xbaHp\x1an\n\x14session_ref.required\x12%session_id or session_key is required\x1a/this.session_id != \'\' || this.session_key != \'\'\"Y\n\x14ResetSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Session\x12\x1b\n\x13previous_session_id\x18\x02 \x01(\t\"\xe9\x01\n\x14\x44\x65leteSessionRequest\x12\x1f\n\nsession_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12;\n\x0bsession_key\x18\x02 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xd8\x01\x01:s\xbaHp\x1an\n\x14session_ref.required\x12%session_id or session_key is required\x1a/this.session_id != \'\' || this.session_key != \'\'\"+\n\x15\x44\x65leteSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xa9\x02\n\x10SpawnTaskRequest\x12&\n\x11parent_session_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x1a\n\x08\x61gent_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x02\x12\x1a\n\x06prompt\x18\x03 \x01(\tB\n\xbaH\x07r\x05(\x80\x80\x80\x08\x12\x1d\n\x0b\x64\x65scription\x18\x04 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\x12\x17\n\x05model\x18\x05 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\x12\x16\n\x0emax_tool_calls\x18\x06 \x01(\r\x12\x42\n\x12parent_session_key\x18\x07 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xd8\x01\x01\x12!\n\x0fidempotency_key\x18\x08 \x01(\tB\x08\xbaH\x05r\x03\x18\xff\x01\"3\n\x11SpawnTaskResponse\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x10.runyard.v1.Task\"\xb8\x01\n\x10ListTasksRequest\x12&\n\x11parent_session_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x1a\n\tpage_size\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80 \x12\x42\n\x12parent_session_key\x18\x04 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xd8\x01\x01\"M\n\x11ListTasksResponse\x12\x1f\n\x05tasks\x18\x01 \x03(\x0b\x32\x10.runyard.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"+\n\x0eGetTaskRequest\x12\x19\n\x07task_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"1\n\x0fGetTaskResponse\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x10.runyard.v1.Task\"H\n\x11\x43\x61ncelTaskRequest\x12\x19\n\x07task_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\x18\n\x06reason\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\"4\n\x12\x43\x61ncelTaskResponse\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x10.runyard.v1.Task\"V\n\x12WatchEventsRequest\x12!\n\x08\x61\x66ter_id\x18\x01 \x01(\x04\x42\x0f\xbaH\x0c\x32\n\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12\x1d\n\x05types\x18\x02 \x03(\tB\x0e\xbaH\x0b\x92\x01\x08\x10@\"\x04r\x02\x18@2\xd6\t\n\x0eGatewayService\x12\x45\n\x0bSendMessage\x12\x1e.runyard.v1.SendMessageRequest\x1a\x14.runyard.v1.RunEvent0\x01\x12\x39\n\x04\x43hat\x12\x17.runyard.v1.ChatRequest\x1a\x14.runyard.v1.RunEvent(\x01\x30\x01\x12=\n\x07JoinRun\x12\x1a.runyard.v1.JoinRunRequest\x1a\x14.runyard.v1.RunEvent0\x01\x12\x44\n\x06GetRun\x12\x19.runyard.v1.GetRunRequest\x1a\x1a.runyard.v1.GetRunResponse\"\x03\x90\x02\x01\x12M\n\tCancelRun\x12\x1c.runyard.v1.CancelRunRequest\x1a\x1d.runyard.v1.CancelRunResponse\"\x03\x90\x02\x02\x12J\n\x08ListRuns\x12\x1b.runyard.v1.ListRunsRequest\x1a\x1c.runyard.v1.ListRunsResponse\"\x03\x90\x02\x01\x12V\n\x0cListSessions\x12\x1f.runyard.v1.ListSessionsRequest\x1a .runyard.v1.ListSessionsResponse\"\x03\x90\x02\x01\x12P\n\nGetSession\x12\x1d.runyard.v1.GetSessionRequest\x1a\x1e.runyard.v1.GetSessionResponse\"\x03\x90\x02\x01\x12S\n\x0bGetMessages\x12\x1e.runyard.v1.GetMessagesRequest\x1a\x1f.runyard.v1.GetMessagesResponse\"\x03\x90\x02\x01\x12Q\n\x0cResetSession\x12\x1f.runyard.v1.ResetSessionRequest\x1a .runyard.v1.ResetSessionResponse\x12T\n\rDeleteSession\x12 .runyard.v1.DeleteSessionRequest\x1a!.runyard.v1.DeleteSessionResponse\x12H\n\tSpawnTask\x12\x1c.runyard.v1.SpawnTaskRequest\x1a\x1d.runyard.v1.SpawnTaskResponse\x12M\n\tListTasks\x12\x1c.runyard.v1.ListTasksRequest\x1a\x1d.runyard.v1.ListTasksResponse\"\x03\x90\x02\x01\x12G\n\x07GetTask\x12\x1a.runyard.v1.GetTaskRequest\x1a\x1b.runyard.v1.GetTaskResponse\"\x03\x90\x02\x01\x12K\n\nCancelTask\x12\x1d.runyard.v1.CancelTaskRequest\x1a\x1e.runyard.v1.CancelTaskResponse\x12K\n\x0bWatchEvents\x12\x1e.runyard.v1.WatchEventsRequest\x1a\x1a.runyard.v1.LifecycleEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,64 +37,178 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SENDMESSAGEREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_SENDMESSAGEREQUEST_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_SENDMESSAGEREQUEST']._serialized_start=66
-  _globals['_SENDMESSAGEREQUEST']._serialized_end=467
-  _globals['_SENDMESSAGEREQUEST_METADATAENTRY']._serialized_start=420
-  _globals['_SENDMESSAGEREQUEST_METADATAENTRY']._serialized_end=467
-  _globals['_CANCELRUNREQUEST']._serialized_start=469
-  _globals['_CANCELRUNREQUEST']._serialized_end=519
-  _globals['_CANCELRUNRESPONSE']._serialized_start=521
-  _globals['_CANCELRUNRESPONSE']._serialized_end=570
-  _globals['_JOINRUNREQUEST']._serialized_start=572
-  _globals['_JOINRUNREQUEST']._serialized_end=623
-  _globals['_CHATREQUEST']._serialized_start=626
-  _globals['_CHATREQUEST']._serialized_end=790
-  _globals['_GETRUNREQUEST']._serialized_start=792
-  _globals['_GETRUNREQUEST']._serialized_end=823
-  _globals['_GETRUNRESPONSE']._serialized_start=825
-  _globals['_GETRUNRESPONSE']._serialized_end=871
-  _globals['_LISTRUNSREQUEST']._serialized_start=873
-  _globals['_LISTRUNSREQUEST']._serialized_end=970
-  _globals['_LISTRUNSRESPONSE']._serialized_start=972
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1046
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1049
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1177
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1179
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1265
-  _globals['_GETSESSIONREQUEST']._serialized_start=1267
-  _globals['_GETSESSIONREQUEST']._serialized_end=1327
-  _globals['_GETSESSIONRESPONSE']._serialized_start=1329
-  _globals['_GETSESSIONRESPONSE']._serialized_end=1387
-  _globals['_GETMESSAGESREQUEST']._serialized_start=1389
-  _globals['_GETMESSAGESREQUEST']._serialized_end=1489
-  _globals['_GETMESSAGESRESPONSE']._serialized_start=1491
-  _globals['_GETMESSAGESRESPONSE']._serialized_end=1593
-  _globals['_RESETSESSIONREQUEST']._serialized_start=1595
-  _globals['_RESETSESSIONREQUEST']._serialized_end=1657
-  _globals['_RESETSESSIONRESPONSE']._serialized_start=1659
-  _globals['_RESETSESSIONRESPONSE']._serialized_end=1748
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1750
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1813
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1815
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1858
-  _globals['_SPAWNTASKREQUEST']._serialized_start=1861
-  _globals['_SPAWNTASKREQUEST']._serialized_end=2053
-  _globals['_SPAWNTASKRESPONSE']._serialized_start=2055
-  _globals['_SPAWNTASKRESPONSE']._serialized_end=2106
-  _globals['_LISTTASKSREQUEST']._serialized_start=2108
-  _globals['_LISTTASKSREQUEST']._serialized_end=2220
-  _globals['_LISTTASKSRESPONSE']._serialized_start=2222
-  _globals['_LISTTASKSRESPONSE']._serialized_end=2299
-  _globals['_GETTASKREQUEST']._serialized_start=2301
-  _globals['_GETTASKREQUEST']._serialized_end=2334
-  _globals['_GETTASKRESPONSE']._serialized_start=2336
-  _globals['_GETTASKRESPONSE']._serialized_end=2385
-  _globals['_CANCELTASKREQUEST']._serialized_start=2387
-  _globals['_CANCELTASKREQUEST']._serialized_end=2439
-  _globals['_CANCELTASKRESPONSE']._serialized_start=2441
-  _globals['_CANCELTASKRESPONSE']._serialized_end=2493
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=2495
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=2548
-  _globals['_GATEWAYSERVICE']._serialized_start=2551
-  _globals['_GATEWAYSERVICE']._serialized_end=3749
+  _globals['_SENDMESSAGEREQUEST'].fields_by_name['session_key']._loaded_options = None
+  _globals['_SENDMESSAGEREQUEST'].fields_by_name['session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\310\001\001'
+  _globals['_SENDMESSAGEREQUEST'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_SENDMESSAGEREQUEST'].fields_by_name['agent_id']._serialized_options = b'\272H\005r\003\030\200\002'
+  _globals['_SENDMESSAGEREQUEST'].fields_by_name['text']._loaded_options = None
+  _globals['_SENDMESSAGEREQUEST'].fields_by_name['text']._serialized_options = b'\272H\007r\005(\200\200\200\010'
+  _globals['_SENDMESSAGEREQUEST'].fields_by_name['idempotency_key']._loaded_options = None
+  _globals['_SENDMESSAGEREQUEST'].fields_by_name['idempotency_key']._serialized_options = b'\272H\005r\003\030\377\001'
+  _globals['_SENDMESSAGEREQUEST'].fields_by_name['multitask_strategy']._loaded_options = None
+  _globals['_SENDMESSAGEREQUEST'].fields_by_name['multitask_strategy']._serialized_options = b'\272H\005\202\001\002\020\001'
+  _globals['_SENDMESSAGEREQUEST'].fields_by_name['metadata']._loaded_options = None
+  _globals['_SENDMESSAGEREQUEST'].fields_by_name['metadata']._serialized_options = b'\272H\025\232\001\022\020\200\010\"\005r\003\030\200\002*\006r\004(\200\200@'
+  _globals['_CANCELRUNREQUEST'].fields_by_name['run_id']._loaded_options = None
+  _globals['_CANCELRUNREQUEST'].fields_by_name['run_id']._serialized_options = b'\272H\005r\003\260\001\001'
+  _globals['_CANCELRUNREQUEST'].fields_by_name['reason']._loaded_options = None
+  _globals['_CANCELRUNREQUEST'].fields_by_name['reason']._serialized_options = b'\272H\005r\003\030\200\010'
+  _globals['_JOINRUNREQUEST'].fields_by_name['run_id']._loaded_options = None
+  _globals['_JOINRUNREQUEST'].fields_by_name['run_id']._serialized_options = b'\272H\005r\003\260\001\001'
+  _globals['_JOINRUNREQUEST'].fields_by_name['after_seq']._loaded_options = None
+  _globals['_JOINRUNREQUEST'].fields_by_name['after_seq']._serialized_options = b'\272H\0142\n\030\377\377\377\377\377\377\377\377\177'
+  _globals['_GETRUNREQUEST'].fields_by_name['run_id']._loaded_options = None
+  _globals['_GETRUNREQUEST'].fields_by_name['run_id']._serialized_options = b'\272H\005r\003\260\001\001'
+  _globals['_LISTRUNSREQUEST'].fields_by_name['session_id']._loaded_options = None
+  _globals['_LISTRUNSREQUEST'].fields_by_name['session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_LISTRUNSREQUEST'].fields_by_name['session_key']._loaded_options = None
+  _globals['_LISTRUNSREQUEST'].fields_by_name['session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\330\001\001'
+  _globals['_LISTRUNSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTRUNSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_LISTRUNSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTRUNSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200 '
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['agent_id']._serialized_options = b'\272H\005r\003\030\200\002'
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200 '
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['parent_session_id']._loaded_options = None
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['parent_session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_GETSESSIONREQUEST'].fields_by_name['session_id']._loaded_options = None
+  _globals['_GETSESSIONREQUEST'].fields_by_name['session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_GETSESSIONREQUEST'].fields_by_name['session_key']._loaded_options = None
+  _globals['_GETSESSIONREQUEST'].fields_by_name['session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\330\001\001'
+  _globals['_GETSESSIONREQUEST']._loaded_options = None
+  _globals['_GETSESSIONREQUEST']._serialized_options = b'\272Hp\032n\n\024session_ref.required\022%session_id or session_key is required\032/this.session_id != \'\' || this.session_key != \'\''
+  _globals['_GETMESSAGESREQUEST'].fields_by_name['session_id']._loaded_options = None
+  _globals['_GETMESSAGESREQUEST'].fields_by_name['session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_GETMESSAGESREQUEST'].fields_by_name['session_key']._loaded_options = None
+  _globals['_GETMESSAGESREQUEST'].fields_by_name['session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\330\001\001'
+  _globals['_GETMESSAGESREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_GETMESSAGESREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_GETMESSAGESREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_GETMESSAGESREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200 '
+  _globals['_GETMESSAGESREQUEST']._loaded_options = None
+  _globals['_GETMESSAGESREQUEST']._serialized_options = b'\272Hp\032n\n\024session_ref.required\022%session_id or session_key is required\032/this.session_id != \'\' || this.session_key != \'\''
+  _globals['_RESETSESSIONREQUEST'].fields_by_name['session_id']._loaded_options = None
+  _globals['_RESETSESSIONREQUEST'].fields_by_name['session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_RESETSESSIONREQUEST'].fields_by_name['session_key']._loaded_options = None
+  _globals['_RESETSESSIONREQUEST'].fields_by_name['session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\330\001\001'
+  _globals['_RESETSESSIONREQUEST']._loaded_options = None
+  _globals['_RESETSESSIONREQUEST']._serialized_options = b'\272Hp\032n\n\024session_ref.required\022%session_id or session_key is required\032/this.session_id != \'\' || this.session_key != \'\''
+  _globals['_DELETESESSIONREQUEST'].fields_by_name['session_id']._loaded_options = None
+  _globals['_DELETESESSIONREQUEST'].fields_by_name['session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_DELETESESSIONREQUEST'].fields_by_name['session_key']._loaded_options = None
+  _globals['_DELETESESSIONREQUEST'].fields_by_name['session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\330\001\001'
+  _globals['_DELETESESSIONREQUEST']._loaded_options = None
+  _globals['_DELETESESSIONREQUEST']._serialized_options = b'\272Hp\032n\n\024session_ref.required\022%session_id or session_key is required\032/this.session_id != \'\' || this.session_key != \'\''
+  _globals['_SPAWNTASKREQUEST'].fields_by_name['parent_session_id']._loaded_options = None
+  _globals['_SPAWNTASKREQUEST'].fields_by_name['parent_session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_SPAWNTASKREQUEST'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_SPAWNTASKREQUEST'].fields_by_name['agent_id']._serialized_options = b'\272H\005r\003\030\200\002'
+  _globals['_SPAWNTASKREQUEST'].fields_by_name['prompt']._loaded_options = None
+  _globals['_SPAWNTASKREQUEST'].fields_by_name['prompt']._serialized_options = b'\272H\007r\005(\200\200\200\010'
+  _globals['_SPAWNTASKREQUEST'].fields_by_name['description']._loaded_options = None
+  _globals['_SPAWNTASKREQUEST'].fields_by_name['description']._serialized_options = b'\272H\005r\003\030\200\010'
+  _globals['_SPAWNTASKREQUEST'].fields_by_name['model']._loaded_options = None
+  _globals['_SPAWNTASKREQUEST'].fields_by_name['model']._serialized_options = b'\272H\005r\003\030\200\004'
+  _globals['_SPAWNTASKREQUEST'].fields_by_name['parent_session_key']._loaded_options = None
+  _globals['_SPAWNTASKREQUEST'].fields_by_name['parent_session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\330\001\001'
+  _globals['_SPAWNTASKREQUEST'].fields_by_name['idempotency_key']._loaded_options = None
+  _globals['_SPAWNTASKREQUEST'].fields_by_name['idempotency_key']._serialized_options = b'\272H\005r\003\030\377\001'
+  _globals['_LISTTASKSREQUEST'].fields_by_name['parent_session_id']._loaded_options = None
+  _globals['_LISTTASKSREQUEST'].fields_by_name['parent_session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_LISTTASKSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTTASKSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_LISTTASKSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTTASKSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200 '
+  _globals['_LISTTASKSREQUEST'].fields_by_name['parent_session_key']._loaded_options = None
+  _globals['_LISTTASKSREQUEST'].fields_by_name['parent_session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\330\001\001'
+  _globals['_GETTASKREQUEST'].fields_by_name['task_id']._loaded_options = None
+  _globals['_GETTASKREQUEST'].fields_by_name['task_id']._serialized_options = b'\272H\005r\003\260\001\001'
+  _globals['_CANCELTASKREQUEST'].fields_by_name['task_id']._loaded_options = None
+  _globals['_CANCELTASKREQUEST'].fields_by_name['task_id']._serialized_options = b'\272H\005r\003\260\001\001'
+  _globals['_CANCELTASKREQUEST'].fields_by_name['reason']._loaded_options = None
+  _globals['_CANCELTASKREQUEST'].fields_by_name['reason']._serialized_options = b'\272H\005r\003\030\200\010'
+  _globals['_WATCHEVENTSREQUEST'].fields_by_name['after_id']._loaded_options = None
+  _globals['_WATCHEVENTSREQUEST'].fields_by_name['after_id']._serialized_options = b'\272H\0142\n\030\377\377\377\377\377\377\377\377\177'
+  _globals['_WATCHEVENTSREQUEST'].fields_by_name['types']._loaded_options = None
+  _globals['_WATCHEVENTSREQUEST'].fields_by_name['types']._serialized_options = b'\272H\013\222\001\010\020@\"\004r\002\030@'
+  _globals['_GATEWAYSERVICE'].methods_by_name['GetRun']._loaded_options = None
+  _globals['_GATEWAYSERVICE'].methods_by_name['GetRun']._serialized_options = b'\220\002\001'
+  _globals['_GATEWAYSERVICE'].methods_by_name['CancelRun']._loaded_options = None
+  _globals['_GATEWAYSERVICE'].methods_by_name['CancelRun']._serialized_options = b'\220\002\002'
+  _globals['_GATEWAYSERVICE'].methods_by_name['ListRuns']._loaded_options = None
+  _globals['_GATEWAYSERVICE'].methods_by_name['ListRuns']._serialized_options = b'\220\002\001'
+  _globals['_GATEWAYSERVICE'].methods_by_name['ListSessions']._loaded_options = None
+  _globals['_GATEWAYSERVICE'].methods_by_name['ListSessions']._serialized_options = b'\220\002\001'
+  _globals['_GATEWAYSERVICE'].methods_by_name['GetSession']._loaded_options = None
+  _globals['_GATEWAYSERVICE'].methods_by_name['GetSession']._serialized_options = b'\220\002\001'
+  _globals['_GATEWAYSERVICE'].methods_by_name['GetMessages']._loaded_options = None
+  _globals['_GATEWAYSERVICE'].methods_by_name['GetMessages']._serialized_options = b'\220\002\001'
+  _globals['_GATEWAYSERVICE'].methods_by_name['ListTasks']._loaded_options = None
+  _globals['_GATEWAYSERVICE'].methods_by_name['ListTasks']._serialized_options = b'\220\002\001'
+  _globals['_GATEWAYSERVICE'].methods_by_name['GetTask']._loaded_options = None
+  _globals['_GATEWAYSERVICE'].methods_by_name['GetTask']._serialized_options = b'\220\002\001'
+  _globals['_SENDMESSAGEREQUEST']._serialized_start=95
+  _globals['_SENDMESSAGEREQUEST']._serialized_end=604
+  _globals['_SENDMESSAGEREQUEST_METADATAENTRY']._serialized_start=557
+  _globals['_SENDMESSAGEREQUEST_METADATAENTRY']._serialized_end=604
+  _globals['_CANCELRUNREQUEST']._serialized_start=606
+  _globals['_CANCELRUNREQUEST']._serialized_end=676
+  _globals['_CANCELRUNRESPONSE']._serialized_start=678
+  _globals['_CANCELRUNRESPONSE']._serialized_end=727
+  _globals['_JOINRUNREQUEST']._serialized_start=729
+  _globals['_JOINRUNREQUEST']._serialized_end=807
+  _globals['_CHATREQUEST']._serialized_start=810
+  _globals['_CHATREQUEST']._serialized_end=974
+  _globals['_GETRUNREQUEST']._serialized_start=976
+  _globals['_GETRUNREQUEST']._serialized_end=1017
+  _globals['_GETRUNRESPONSE']._serialized_start=1019
+  _globals['_GETRUNRESPONSE']._serialized_end=1065
+  _globals['_LISTRUNSREQUEST']._serialized_start=1068
+  _globals['_LISTRUNSREQUEST']._serialized_end=1237
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1239
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1313
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1316
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1486
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1488
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1574
+  _globals['_GETSESSIONREQUEST']._serialized_start=1577
+  _globals['_GETSESSIONREQUEST']._serialized_end=1807
+  _globals['_GETSESSIONRESPONSE']._serialized_start=1809
+  _globals['_GETSESSIONRESPONSE']._serialized_end=1867
+  _globals['_GETMESSAGESREQUEST']._serialized_start=1870
+  _globals['_GETMESSAGESREQUEST']._serialized_end=2159
+  _globals['_GETMESSAGESRESPONSE']._serialized_start=2161
+  _globals['_GETMESSAGESRESPONSE']._serialized_end=2263
+  _globals['_RESETSESSIONREQUEST']._serialized_start=2266
+  _globals['_RESETSESSIONREQUEST']._serialized_end=2498
+  _globals['_RESETSESSIONRESPONSE']._serialized_start=2500
+  _globals['_RESETSESSIONRESPONSE']._serialized_end=2589
+  _globals['_DELETESESSIONREQUEST']._serialized_start=2592
+  _globals['_DELETESESSIONREQUEST']._serialized_end=2825
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=2827
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=2870
+  _globals['_SPAWNTASKREQUEST']._serialized_start=2873
+  _globals['_SPAWNTASKREQUEST']._serialized_end=3170
+  _globals['_SPAWNTASKRESPONSE']._serialized_start=3172
+  _globals['_SPAWNTASKRESPONSE']._serialized_end=3223
+  _globals['_LISTTASKSREQUEST']._serialized_start=3226
+  _globals['_LISTTASKSREQUEST']._serialized_end=3410
+  _globals['_LISTTASKSRESPONSE']._serialized_start=3412
+  _globals['_LISTTASKSRESPONSE']._serialized_end=3489
+  _globals['_GETTASKREQUEST']._serialized_start=3491
+  _globals['_GETTASKREQUEST']._serialized_end=3534
+  _globals['_GETTASKRESPONSE']._serialized_start=3536
+  _globals['_GETTASKRESPONSE']._serialized_end=3585
+  _globals['_CANCELTASKREQUEST']._serialized_start=3587
+  _globals['_CANCELTASKREQUEST']._serialized_end=3659
+  _globals['_CANCELTASKRESPONSE']._serialized_start=3661
+  _globals['_CANCELTASKRESPONSE']._serialized_end=3713
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=3715
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=3801
+  _globals['_GATEWAYSERVICE']._serialized_start=3804
+  _globals['_GATEWAYSERVICE']._serialized_end=5042
 # @@protoc_insertion_point(module_scope)

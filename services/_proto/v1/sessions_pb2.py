@@ -24,79 +24,142 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from runyard._proto.buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from runyard._proto.v1 import common_pb2 as runyard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19runyard/v1/sessions.proto\x12\nrunyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17runyard/v1/common.proto\"|\n\x15ResolveSessionRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x19\n\x11parent_session_id\x18\x04 \x01(\t\x12\x11\n\tno_create\x18\x05 \x01(\x08\"{\n\x16ResolveSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Session\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12*\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x1a.runyard.v1.LifecycleEvent\"Z\n\x1fSessionServiceGetSessionRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bsession_key\x18\x03 \x01(\t\"H\n SessionServiceGetSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Session\"\x9e\x01\n!SessionServiceListSessionsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x15\n\rinclude_ended\x18\x05 \x01(\x08\x12\x19\n\x11parent_session_id\x18\x06 \x01(\t\"d\n\"SessionServiceListSessionsResponse\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.runyard.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x82\x01\n SessionServiceGetMessagesRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bsession_key\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"t\n!SessionServiceGetMessagesResponse\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.runyard.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t\"\\\n!SessionServiceResetSessionRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bsession_key\x18\x03 \x01(\t\"g\n\"SessionServiceResetSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Session\x12\x1b\n\x13previous_session_id\x18\x02 \x01(\t\"]\n\"SessionServiceDeleteSessionRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bsession_key\x18\x03 \x01(\t\"9\n#SessionServiceDeleteSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\"=\n\x14GetTranscriptRequest\x12\x11\n\trun_token\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x81\x01\n\x15GetTranscriptResponse\x12*\n\ntranscript\x18\x01 \x01(\x0b\x32\x16.runyard.v1.Transcript\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\thead_turn\x18\x03 \x01(\x04\x12\x15\n\rrun_committed\x18\x04 \x01(\x08\"7\n\x0eTranscriptBase\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\thead_turn\x18\x02 \x01(\x04\"t\n\x14TranscriptCompaction\x12(\n\x04info\x18\x01 \x01(\x0b\x32\x1a.runyard.v1.CompactionInfo\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12!\n\x04kept\x18\x03 \x03(\x0b\x32\x13.runyard.v1.Message\"\x99\x01\n\x10TranscriptAppend\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.runyard.v1.Message\x12(\n\x04\x62\x61se\x18\x02 \x01(\x0b\x32\x1a.runyard.v1.TranscriptBase\x12\x34\n\ncompaction\x18\x03 \x01(\x0b\x32 .runyard.v1.TranscriptCompaction\"\x8a\x01\n\x0e\x43ompactionInfo\x12 \n\x18summarized_message_count\x18\x01 \x01(\r\x12\x1a\n\x12kept_message_count\x18\x02 \x01(\r\x12\x15\n\rtokens_before\x18\x03 \x01(\x04\x12\x14\n\x0ctokens_after\x18\x04 \x01(\x04\x12\r\n\x05model\x18\x05 \x01(\t\"\x83\x01\n\x10\x43ommitRunRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12,\n\x06\x61ppend\x18\x05 \x01(\x0b\x32\x1c.runyard.v1.TranscriptAppend\"x\n\x11\x43ommitRunResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rmessage_count\x18\x02 \x01(\x04\x12\x0c\n\x04turn\x18\x03 \x01(\x04\x12*\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x1a.runyard.v1.LifecycleEvent\"C\n\x11ListEventsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\r\n\x05types\x18\x03 \x03(\t\"@\n\x12ListEventsResponse\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.runyard.v1.LifecycleEvent\"7\n\x14PruneSessionsRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x0e\n\x06org_id\x18\x02 \x01(\t\"\xc8\x01\n\rPrunedSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\'\n\x06reason\x18\x05 \x01(\x0e\x32\x17.runyard.v1.PruneReason\x12\x34\n\x10last_active_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmessage_count\x18\x07 \x01(\x04\"\xb2\x01\n\nPruneStats\x12\x15\n\rsessions_idle\x18\x01 \x01(\x04\x12\x17\n\x0fsessions_capped\x18\x02 \x01(\x04\x12\x1a\n\x12snapshots_archived\x18\x03 \x01(\x04\x12\x19\n\x11snapshots_dropped\x18\x04 \x01(\x04\x12%\n\x19pending_snapshots_dropped\x18\x05 \x01(\x04\x42\x02\x18\x01\x12\x16\n\x0e\x65vents_trimmed\x18\x06 \x01(\x04\"\x8a\x01\n\x15PruneSessionsResponse\x12+\n\x08sessions\x18\x01 \x03(\x0b\x32\x19.runyard.v1.PrunedSession\x12%\n\x05stats\x18\x02 \x01(\x0b\x32\x16.runyard.v1.PruneStats\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\"@\n\x16SetShutdownModeRequest\x12&\n\x04mode\x18\x01 \x01(\x0e\x32\x18.runyard.v1.ShutdownMode\"V\n\x17SetShutdownModeResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12&\n\x04mode\x18\x02 \x01(\x0e\x32\x18.runyard.v1.ShutdownMode*X\n\x0bPruneReason\x12\x1c\n\x18PRUNE_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11PRUNE_REASON_IDLE\x10\x01\x12\x14\n\x10PRUNE_REASON_CAP\x10\x02*d\n\x0cShutdownMode\x12\x1d\n\x19SHUTDOWN_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SHUTDOWN_MODE_SHUTDOWN\x10\x01\x12\x19\n\x15SHUTDOWN_MODE_RESTART\x10\x02\x32\xaf\x08\n\x0eSessionService\x12W\n\x0eResolveSession\x12!.runyard.v1.ResolveSessionRequest\x1a\".runyard.v1.ResolveSessionResponse\x12g\n\nGetSession\x12+.runyard.v1.SessionServiceGetSessionRequest\x1a,.runyard.v1.SessionServiceGetSessionResponse\x12m\n\x0cListSessions\x12-.runyard.v1.SessionServiceListSessionsRequest\x1a..runyard.v1.SessionServiceListSessionsResponse\x12j\n\x0bGetMessages\x12,.runyard.v1.SessionServiceGetMessagesRequest\x1a-.runyard.v1.SessionServiceGetMessagesResponse\x12m\n\x0cResetSession\x12-.runyard.v1.SessionServiceResetSessionRequest\x1a..runyard.v1.SessionServiceResetSessionResponse\x12p\n\rDeleteSession\x12..runyard.v1.SessionServiceDeleteSessionRequest\x1a/.runyard.v1.SessionServiceDeleteSessionResponse\x12T\n\rGetTranscript\x12 .runyard.v1.GetTranscriptRequest\x1a!.runyard.v1.GetTranscriptResponse\x12H\n\tCommitRun\x12\x1c.runyard.v1.CommitRunRequest\x1a\x1d.runyard.v1.CommitRunResponse\x12K\n\nListEvents\x12\x1d.runyard.v1.ListEventsRequest\x1a\x1e.runyard.v1.ListEventsResponse\x12V\n\rPruneSessions\x12 .runyard.v1.PruneSessionsRequest\x1a!.runyard.v1.PruneSessionsResponse0\x01\x12Z\n\x0fSetShutdownMode\x12\".runyard.v1.SetShutdownModeRequest\x1a#.runyard.v1.SetShutdownModeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19runyard/v1/sessions.proto\x12\nrunyard.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17runyard/v1/common.proto\"\x96\x02\n\x15ResolveSessionRequest\x12\x1b\n\x06org_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\x18\x80\x02\xc8\x01\x01\x12;\n\x0bsession_key\x18\x02 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xd8\x01\x01\x12\x1a\n\x08\x61gent_id\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x02\x12&\n\x11parent_session_id\x18\x04 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12\x11\n\tno_create\x18\x05 \x01(\x08:L\xbaHI\x1aG\n\x14session_key.required\x12\x17session_key is required\x1a\x16this.session_key != \'\'\"{\n\x16ResolveSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Session\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12*\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x1a.runyard.v1.LifecycleEvent\"\x9c\x01\n\x1fSessionServiceGetSessionRequest\x12\x1b\n\x06org_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\x18\x80\x02\xc8\x01\x01\x12\x1f\n\nsession_id\x18\x02 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12;\n\x0bsession_key\x18\x03 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xd8\x01\x01\"H\n SessionServiceGetSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Session\"\xd5\x01\n!SessionServiceListSessionsRequest\x12\x1b\n\x06org_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\x18\x80\x02\xc8\x01\x01\x12\x1a\n\x08\x61gent_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x02\x12\x1a\n\tpage_size\x18\x03 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x04 \x01(\tB\x08\xbaH\x05r\x03\x18\x80 \x12\x15\n\rinclude_ended\x18\x05 \x01(\x08\x12&\n\x11parent_session_id\x18\x06 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\"d\n\"SessionServiceListSessionsResponse\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.runyard.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xd7\x01\n SessionServiceGetMessagesRequest\x12\x1b\n\x06org_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\x18\x80\x02\xc8\x01\x01\x12\x1f\n\nsession_id\x18\x02 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12;\n\x0bsession_key\x18\x03 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xd8\x01\x01\x12\x1a\n\tpage_size\x18\x04 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x05 \x01(\tB\x08\xbaH\x05r\x03\x18\x80 \"t\n!SessionServiceGetMessagesResponse\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.runyard.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t\"\x9e\x01\n!SessionServiceResetSessionRequest\x12\x1b\n\x06org_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\x18\x80\x02\xc8\x01\x01\x12\x1f\n\nsession_id\x18\x02 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12;\n\x0bsession_key\x18\x03 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xd8\x01\x01\"g\n\"SessionServiceResetSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Session\x12\x1b\n\x13previous_session_id\x18\x02 \x01(\t\"\x9f\x01\n\"SessionServiceDeleteSessionRequest\x12\x1b\n\x06org_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\x18\x80\x02\xc8\x01\x01\x12\x1f\n\nsession_id\x18\x02 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12;\n\x0bsession_key\x18\x03 \x01(\tB&\xbaH#r\x1e\x18\x80 2\x19^[A-Za-z0-9_.:@/+=#~|-]+$\xd8\x01\x01\"9\n#SessionServiceDeleteSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\"=\n\x14GetTranscriptRequest\x12\x11\n\trun_token\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x81\x01\n\x15GetTranscriptResponse\x12*\n\ntranscript\x18\x01 \x01(\x0b\x32\x16.runyard.v1.Transcript\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\thead_turn\x18\x03 \x01(\x04\x12\x15\n\rrun_committed\x18\x04 \x01(\x08\"7\n\x0eTranscriptBase\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\thead_turn\x18\x02 \x01(\x04\"t\n\x14TranscriptCompaction\x12(\n\x04info\x18\x01 \x01(\x0b\x32\x1a.runyard.v1.CompactionInfo\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12!\n\x04kept\x18\x03 \x03(\x0b\x32\x13.runyard.v1.Message\"\x99\x01\n\x10TranscriptAppend\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.runyard.v1.Message\x12(\n\x04\x62\x61se\x18\x02 \x01(\x0b\x32\x1a.runyard.v1.TranscriptBase\x12\x34\n\ncompaction\x18\x03 \x01(\x0b\x32 .runyard.v1.TranscriptCompaction\"\x8a\x01\n\x0e\x43ompactionInfo\x12 \n\x18summarized_message_count\x18\x01 \x01(\r\x12\x1a\n\x12kept_message_count\x18\x02 \x01(\r\x12\x15\n\rtokens_before\x18\x03 \x01(\x04\x12\x14\n\x0ctokens_after\x18\x04 \x01(\x04\x12\r\n\x05model\x18\x05 \x01(\t\"\x83\x01\n\x10\x43ommitRunRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12,\n\x06\x61ppend\x18\x05 \x01(\x0b\x32\x1c.runyard.v1.TranscriptAppend\"x\n\x11\x43ommitRunResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rmessage_count\x18\x02 \x01(\x04\x12\x0c\n\x04turn\x18\x03 \x01(\x04\x12*\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x1a.runyard.v1.LifecycleEvent\"C\n\x11ListEventsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\r\n\x05types\x18\x03 \x03(\t\"@\n\x12ListEventsResponse\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.runyard.v1.LifecycleEvent\"7\n\x14PruneSessionsRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x0e\n\x06org_id\x18\x02 \x01(\t\"\xc8\x01\n\rPrunedSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\'\n\x06reason\x18\x05 \x01(\x0e\x32\x17.runyard.v1.PruneReason\x12\x34\n\x10last_active_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmessage_count\x18\x07 \x01(\x04\"\xb2\x01\n\nPruneStats\x12\x15\n\rsessions_idle\x18\x01 \x01(\x04\x12\x17\n\x0fsessions_capped\x18\x02 \x01(\x04\x12\x1a\n\x12snapshots_archived\x18\x03 \x01(\x04\x12\x19\n\x11snapshots_dropped\x18\x04 \x01(\x04\x12%\n\x19pending_snapshots_dropped\x18\x05 \x01(\x04\x42\x02\x18\x01\x12\x16\n\x0e\x65vents_trimmed\x18\x06 \x01(\x04\"\x8a\x01\n\x15PruneSessionsResponse\x12+\n\x08sessions\x18\x01 \x03(\x0b\x32\x19.runyard.v1.PrunedSession\x12%\n\x05stats\x18\x02 \x01(\x0b\x32\x16.runyard.v1.PruneStats\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\"@\n\x16SetShutdownModeRequest\x12&\n\x04mode\x18\x01 \x01(\x0e\x32\x18.runyard.v1.ShutdownMode\"V\n\x17SetShutdownModeResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12&\n\x04mode\x18\x02 \x01(\x0e\x32\x18.runyard.v1.ShutdownMode*X\n\x0bPruneReason\x12\x1c\n\x18PRUNE_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11PRUNE_REASON_IDLE\x10\x01\x12\x14\n\x10PRUNE_REASON_CAP\x10\x02*d\n\x0cShutdownMode\x12\x1d\n\x19SHUTDOWN_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SHUTDOWN_MODE_SHUTDOWN\x10\x01\x12\x19\n\x15SHUTDOWN_MODE_RESTART\x10\x02\x32\xd2\x08\n\x0eSessionService\x12\\\n\x0eResolveSession\x12!.runyard.v1.ResolveSessionRequest\x1a\".runyard.v1.ResolveSessionResponse\"\x03\x90\x02\x02\x12l\n\nGetSession\x12+.runyard.v1.SessionServiceGetSessionRequest\x1a,.runyard.v1.SessionServiceGetSessionResponse\"\x03\x90\x02\x01\x12r\n\x0cListSessions\x12-.runyard.v1.SessionServiceListSessionsRequest\x1a..runyard.v1.SessionServiceListSessionsResponse\"\x03\x90\x02\x01\x12o\n\x0bGetMessages\x12,.runyard.v1.SessionServiceGetMessagesRequest\x1a-.runyard.v1.SessionServiceGetMessagesResponse\"\x03\x90\x02\x01\x12m\n\x0cResetSession\x12-.runyard.v1.SessionServiceResetSessionRequest\x1a..runyard.v1.SessionServiceResetSessionResponse\x12p\n\rDeleteSession\x12..runyard.v1.SessionServiceDeleteSessionRequest\x1a/.runyard.v1.SessionServiceDeleteSessionResponse\x12Y\n\rGetTranscript\x12 .runyard.v1.GetTranscriptRequest\x1a!.runyard.v1.GetTranscriptResponse\"\x03\x90\x02\x02\x12M\n\tCommitRun\x12\x1c.runyard.v1.CommitRunRequest\x1a\x1d.runyard.v1.CommitRunResponse\"\x03\x90\x02\x02\x12P\n\nListEvents\x12\x1d.runyard.v1.ListEventsRequest\x1a\x1e.runyard.v1.ListEventsResponse\"\x03\x90\x02\x01\x12V\n\rPruneSessions\x12 .runyard.v1.PruneSessionsRequest\x1a!.runyard.v1.PruneSessionsResponse0\x01\x12Z\n\x0fSetShutdownMode\x12\".runyard.v1.SetShutdownModeRequest\x1a#.runyard.v1.SetShutdownModeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'runyard.v1.sessions_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RESOLVESESSIONREQUEST'].fields_by_name['org_id']._loaded_options = None
+  _globals['_RESOLVESESSIONREQUEST'].fields_by_name['org_id']._serialized_options = b'\272H\010r\003\030\200\002\310\001\001'
+  _globals['_RESOLVESESSIONREQUEST'].fields_by_name['session_key']._loaded_options = None
+  _globals['_RESOLVESESSIONREQUEST'].fields_by_name['session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\330\001\001'
+  _globals['_RESOLVESESSIONREQUEST'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_RESOLVESESSIONREQUEST'].fields_by_name['agent_id']._serialized_options = b'\272H\005r\003\030\200\002'
+  _globals['_RESOLVESESSIONREQUEST'].fields_by_name['parent_session_id']._loaded_options = None
+  _globals['_RESOLVESESSIONREQUEST'].fields_by_name['parent_session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_RESOLVESESSIONREQUEST']._loaded_options = None
+  _globals['_RESOLVESESSIONREQUEST']._serialized_options = b'\272HI\032G\n\024session_key.required\022\027session_key is required\032\026this.session_key != \'\''
+  _globals['_SESSIONSERVICEGETSESSIONREQUEST'].fields_by_name['org_id']._loaded_options = None
+  _globals['_SESSIONSERVICEGETSESSIONREQUEST'].fields_by_name['org_id']._serialized_options = b'\272H\010r\003\030\200\002\310\001\001'
+  _globals['_SESSIONSERVICEGETSESSIONREQUEST'].fields_by_name['session_id']._loaded_options = None
+  _globals['_SESSIONSERVICEGETSESSIONREQUEST'].fields_by_name['session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_SESSIONSERVICEGETSESSIONREQUEST'].fields_by_name['session_key']._loaded_options = None
+  _globals['_SESSIONSERVICEGETSESSIONREQUEST'].fields_by_name['session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\330\001\001'
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['org_id']._loaded_options = None
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['org_id']._serialized_options = b'\272H\010r\003\030\200\002\310\001\001'
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['agent_id']._serialized_options = b'\272H\005r\003\030\200\002'
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200 '
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['parent_session_id']._loaded_options = None
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST'].fields_by_name['parent_session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['org_id']._loaded_options = None
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['org_id']._serialized_options = b'\272H\010r\003\030\200\002\310\001\001'
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['session_id']._loaded_options = None
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['session_key']._loaded_options = None
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\330\001\001'
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200 '
+  _globals['_SESSIONSERVICERESETSESSIONREQUEST'].fields_by_name['org_id']._loaded_options = None
+  _globals['_SESSIONSERVICERESETSESSIONREQUEST'].fields_by_name['org_id']._serialized_options = b'\272H\010r\003\030\200\002\310\001\001'
+  _globals['_SESSIONSERVICERESETSESSIONREQUEST'].fields_by_name['session_id']._loaded_options = None
+  _globals['_SESSIONSERVICERESETSESSIONREQUEST'].fields_by_name['session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_SESSIONSERVICERESETSESSIONREQUEST'].fields_by_name['session_key']._loaded_options = None
+  _globals['_SESSIONSERVICERESETSESSIONREQUEST'].fields_by_name['session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\330\001\001'
+  _globals['_SESSIONSERVICEDELETESESSIONREQUEST'].fields_by_name['org_id']._loaded_options = None
+  _globals['_SESSIONSERVICEDELETESESSIONREQUEST'].fields_by_name['org_id']._serialized_options = b'\272H\010r\003\030\200\002\310\001\001'
+  _globals['_SESSIONSERVICEDELETESESSIONREQUEST'].fields_by_name['session_id']._loaded_options = None
+  _globals['_SESSIONSERVICEDELETESESSIONREQUEST'].fields_by_name['session_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_SESSIONSERVICEDELETESESSIONREQUEST'].fields_by_name['session_key']._loaded_options = None
+  _globals['_SESSIONSERVICEDELETESESSIONREQUEST'].fields_by_name['session_key']._serialized_options = b'\272H#r\036\030\200 2\031^[A-Za-z0-9_.:@/+=#~|-]+$\330\001\001'
   _globals['_PRUNESTATS'].fields_by_name['pending_snapshots_dropped']._loaded_options = None
   _globals['_PRUNESTATS'].fields_by_name['pending_snapshots_dropped']._serialized_options = b'\030\001'
-  _globals['_PRUNEREASON']._serialized_start=3177
-  _globals['_PRUNEREASON']._serialized_end=3265
-  _globals['_SHUTDOWNMODE']._serialized_start=3267
-  _globals['_SHUTDOWNMODE']._serialized_end=3367
-  _globals['_RESOLVESESSIONREQUEST']._serialized_start=99
-  _globals['_RESOLVESESSIONREQUEST']._serialized_end=223
-  _globals['_RESOLVESESSIONRESPONSE']._serialized_start=225
-  _globals['_RESOLVESESSIONRESPONSE']._serialized_end=348
-  _globals['_SESSIONSERVICEGETSESSIONREQUEST']._serialized_start=350
-  _globals['_SESSIONSERVICEGETSESSIONREQUEST']._serialized_end=440
-  _globals['_SESSIONSERVICEGETSESSIONRESPONSE']._serialized_start=442
-  _globals['_SESSIONSERVICEGETSESSIONRESPONSE']._serialized_end=514
-  _globals['_SESSIONSERVICELISTSESSIONSREQUEST']._serialized_start=517
-  _globals['_SESSIONSERVICELISTSESSIONSREQUEST']._serialized_end=675
-  _globals['_SESSIONSERVICELISTSESSIONSRESPONSE']._serialized_start=677
-  _globals['_SESSIONSERVICELISTSESSIONSRESPONSE']._serialized_end=777
-  _globals['_SESSIONSERVICEGETMESSAGESREQUEST']._serialized_start=780
-  _globals['_SESSIONSERVICEGETMESSAGESREQUEST']._serialized_end=910
-  _globals['_SESSIONSERVICEGETMESSAGESRESPONSE']._serialized_start=912
-  _globals['_SESSIONSERVICEGETMESSAGESRESPONSE']._serialized_end=1028
-  _globals['_SESSIONSERVICERESETSESSIONREQUEST']._serialized_start=1030
-  _globals['_SESSIONSERVICERESETSESSIONREQUEST']._serialized_end=1122
-  _globals['_SESSIONSERVICERESETSESSIONRESPONSE']._serialized_start=1124
-  _globals['_SESSIONSERVICERESETSESSIONRESPONSE']._serialized_end=1227
-  _globals['_SESSIONSERVICEDELETESESSIONREQUEST']._serialized_start=1229
-  _globals['_SESSIONSERVICEDELETESESSIONREQUEST']._serialized_end=1322
-  _globals['_SESSIONSERVICEDELETESESSIONRESPONSE']._serialized_start=1324
-  _globals['_SESSIONSERVICEDELETESESSIONRESPONSE']._serialized_end=1381
-  _globals['_GETTRANSCRIPTREQUEST']._serialized_start=1383
-  _globals['_GETTRANSCRIPTREQUEST']._serialized_end=1444
-  _globals['_GETTRANSCRIPTRESPONSE']._serialized_start=1447
-  _globals['_GETTRANSCRIPTRESPONSE']._serialized_end=1576
-  _globals['_TRANSCRIPTBASE']._serialized_start=1578
-  _globals['_TRANSCRIPTBASE']._serialized_end=1633
-  _globals['_TRANSCRIPTCOMPACTION']._serialized_start=1635
-  _globals['_TRANSCRIPTCOMPACTION']._serialized_end=1751
-  _globals['_TRANSCRIPTAPPEND']._serialized_start=1754
-  _globals['_TRANSCRIPTAPPEND']._serialized_end=1907
-  _globals['_COMPACTIONINFO']._serialized_start=1910
-  _globals['_COMPACTIONINFO']._serialized_end=2048
-  _globals['_COMMITRUNREQUEST']._serialized_start=2051
-  _globals['_COMMITRUNREQUEST']._serialized_end=2182
-  _globals['_COMMITRUNRESPONSE']._serialized_start=2184
-  _globals['_COMMITRUNRESPONSE']._serialized_end=2304
-  _globals['_LISTEVENTSREQUEST']._serialized_start=2306
-  _globals['_LISTEVENTSREQUEST']._serialized_end=2373
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=2375
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=2439
-  _globals['_PRUNESESSIONSREQUEST']._serialized_start=2441
-  _globals['_PRUNESESSIONSREQUEST']._serialized_end=2496
-  _globals['_PRUNEDSESSION']._serialized_start=2499
-  _globals['_PRUNEDSESSION']._serialized_end=2699
-  _globals['_PRUNESTATS']._serialized_start=2702
-  _globals['_PRUNESTATS']._serialized_end=2880
-  _globals['_PRUNESESSIONSRESPONSE']._serialized_start=2883
-  _globals['_PRUNESESSIONSRESPONSE']._serialized_end=3021
-  _globals['_SETSHUTDOWNMODEREQUEST']._serialized_start=3023
-  _globals['_SETSHUTDOWNMODEREQUEST']._serialized_end=3087
-  _globals['_SETSHUTDOWNMODERESPONSE']._serialized_start=3089
-  _globals['_SETSHUTDOWNMODERESPONSE']._serialized_end=3175
-  _globals['_SESSIONSERVICE']._serialized_start=3370
-  _globals['_SESSIONSERVICE']._serialized_end=4441
+  _globals['_SESSIONSERVICE'].methods_by_name['ResolveSession']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['ResolveSession']._serialized_options = b'\220\002\002'
+  _globals['_SESSIONSERVICE'].methods_by_name['GetSession']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['GetSession']._serialized_options = b'\220\002\001'
+  _globals['_SESSIONSERVICE'].methods_by_name['ListSessions']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['ListSessions']._serialized_options = b'\220\002\001'
+  _globals['_SESSIONSERVICE'].methods_by_name['GetMessages']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['GetMessages']._serialized_options = b'\220\002\001'
+  _globals['_SESSIONSERVICE'].methods_by_name['GetTranscript']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['GetTranscript']._serialized_options = b'\220\002\002'
+  _globals['_SESSIONSERVICE'].methods_by_name['CommitRun']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['CommitRun']._serialized_options = b'\220\002\002'
+  _globals['_SESSIONSERVICE'].methods_by_name['ListEvents']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['ListEvents']._serialized_options = b'\220\002\001'
+  _globals['_PRUNEREASON']._serialized_start=3702
+  _globals['_PRUNEREASON']._serialized_end=3790
+  _globals['_SHUTDOWNMODE']._serialized_start=3792
+  _globals['_SHUTDOWNMODE']._serialized_end=3892
+  _globals['_RESOLVESESSIONREQUEST']._serialized_start=129
+  _globals['_RESOLVESESSIONREQUEST']._serialized_end=407
+  _globals['_RESOLVESESSIONRESPONSE']._serialized_start=409
+  _globals['_RESOLVESESSIONRESPONSE']._serialized_end=532
+  _globals['_SESSIONSERVICEGETSESSIONREQUEST']._serialized_start=535
+  _globals['_SESSIONSERVICEGETSESSIONREQUEST']._serialized_end=691
+  _globals['_SESSIONSERVICEGETSESSIONRESPONSE']._serialized_start=693
+  _globals['_SESSIONSERVICEGETSESSIONRESPONSE']._serialized_end=765
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST']._serialized_start=768
+  _globals['_SESSIONSERVICELISTSESSIONSREQUEST']._serialized_end=981
+  _globals['_SESSIONSERVICELISTSESSIONSRESPONSE']._serialized_start=983
+  _globals['_SESSIONSERVICELISTSESSIONSRESPONSE']._serialized_end=1083
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST']._serialized_start=1086
+  _globals['_SESSIONSERVICEGETMESSAGESREQUEST']._serialized_end=1301
+  _globals['_SESSIONSERVICEGETMESSAGESRESPONSE']._serialized_start=1303
+  _globals['_SESSIONSERVICEGETMESSAGESRESPONSE']._serialized_end=1419
+  _globals['_SESSIONSERVICERESETSESSIONREQUEST']._serialized_start=1422
+  _globals['_SESSIONSERVICERESETSESSIONREQUEST']._serialized_end=1580
+  _globals['_SESSIONSERVICERESETSESSIONRESPONSE']._serialized_start=1582
+  _globals['_SESSIONSERVICERESETSESSIONRESPONSE']._serialized_end=1685
+  _globals['_SESSIONSERVICEDELETESESSIONREQUEST']._serialized_start=1688
+  _globals['_SESSIONSERVICEDELETESESSIONREQUEST']._serialized_end=1847
+  _globals['_SESSIONSERVICEDELETESESSIONRESPONSE']._serialized_start=1849
+  _globals['_SESSIONSERVICEDELETESESSIONRESPONSE']._serialized_end=1906
+  _globals['_GETTRANSCRIPTREQUEST']._serialized_start=1908
+  _globals['_GETTRANSCRIPTREQUEST']._serialized_end=1969
+  _globals['_GETTRANSCRIPTRESPONSE']._serialized_start=1972
+  _globals['_GETTRANSCRIPTRESPONSE']._serialized_end=2101
+  _globals['_TRANSCRIPTBASE']._serialized_start=2103
+  _globals['_TRANSCRIPTBASE']._serialized_end=2158
+  _globals['_TRANSCRIPTCOMPACTION']._serialized_start=2160
+  _globals['_TRANSCRIPTCOMPACTION']._serialized_end=2276
+  _globals['_TRANSCRIPTAPPEND']._serialized_start=2279
+  _globals['_TRANSCRIPTAPPEND']._serialized_end=2432
+  _globals['_COMPACTIONINFO']._serialized_start=2435
+  _globals['_COMPACTIONINFO']._serialized_end=2573
+  _globals['_COMMITRUNREQUEST']._serialized_start=2576
+  _globals['_COMMITRUNREQUEST']._serialized_end=2707
+  _globals['_COMMITRUNRESPONSE']._serialized_start=2709
+  _globals['_COMMITRUNRESPONSE']._serialized_end=2829
+  _globals['_LISTEVENTSREQUEST']._serialized_start=2831
+  _globals['_LISTEVENTSREQUEST']._serialized_end=2898
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=2900
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=2964
+  _globals['_PRUNESESSIONSREQUEST']._serialized_start=2966
+  _globals['_PRUNESESSIONSREQUEST']._serialized_end=3021
+  _globals['_PRUNEDSESSION']._serialized_start=3024
+  _globals['_PRUNEDSESSION']._serialized_end=3224
+  _globals['_PRUNESTATS']._serialized_start=3227
+  _globals['_PRUNESTATS']._serialized_end=3405
+  _globals['_PRUNESESSIONSRESPONSE']._serialized_start=3408
+  _globals['_PRUNESESSIONSRESPONSE']._serialized_end=3546
+  _globals['_SETSHUTDOWNMODEREQUEST']._serialized_start=3548
+  _globals['_SETSHUTDOWNMODEREQUEST']._serialized_end=3612
+  _globals['_SETSHUTDOWNMODERESPONSE']._serialized_start=3614
+  _globals['_SETSHUTDOWNMODERESPONSE']._serialized_end=3700
+  _globals['_SESSIONSERVICE']._serialized_start=3895
+  _globals['_SESSIONSERVICE']._serialized_end=5001
 # @@protoc_insertion_point(module_scope)

@@ -2,6 +2,7 @@
 # Change the .proto file and run `python scripts/gen_protos.py`.
 import datetime
 
+from runyard._proto.buf.validate import validate_pb2 as _validate_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from runyard._proto.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers

@@ -155,16 +155,28 @@ class HubDrain(_message.Message):
     reason: str
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
+class RunTokenRefresh(_message.Message):
+    __slots__ = ("run_id", "epoch", "run_token")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RUN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    epoch: int
+    run_token: str
+    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., run_token: _Optional[str] = ...) -> None: ...
+
 class ConnectResponse(_message.Message):
-    __slots__ = ("welcome", "assign", "cancel", "ack", "drain")
+    __slots__ = ("welcome", "assign", "cancel", "ack", "drain", "token_refresh")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_REFRESH_FIELD_NUMBER: _ClassVar[int]
     welcome: HubWelcome
     assign: RunAssignment
     cancel: RunCancel
     ack: ResultAck
     drain: HubDrain
-    def __init__(self, welcome: _Optional[_Union[HubWelcome, _Mapping]] = ..., assign: _Optional[_Union[RunAssignment, _Mapping]] = ..., cancel: _Optional[_Union[RunCancel, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., drain: _Optional[_Union[HubDrain, _Mapping]] = ...) -> None: ...
+    token_refresh: RunTokenRefresh
+    def __init__(self, welcome: _Optional[_Union[HubWelcome, _Mapping]] = ..., assign: _Optional[_Union[RunAssignment, _Mapping]] = ..., cancel: _Optional[_Union[RunCancel, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., drain: _Optional[_Union[HubDrain, _Mapping]] = ..., token_refresh: _Optional[_Union[RunTokenRefresh, _Mapping]] = ...) -> None: ...
