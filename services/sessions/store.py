@@ -748,6 +748,23 @@ class SessionStore:
             ResourceExhausted: the transcript would exceed
                 ``max_snapshot_bytes`` (SNAPSHOT_TOO_LARGE).
         """
+        try:
+            return await self._commit_run(org_id, session_id, run_id, epoch, append)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != "turns_run":
+                raise
+            # A concurrent repeat of this commit got there first (its turn was
+            # not in our snapshot when we took the lock): confirm it.
+            return await self._commit_run(org_id, session_id, run_id, epoch, append)
+
+    async def _commit_run(
+        self,
+        org_id: str,
+        session_id: uuid.UUID,
+        run_id: uuid.UUID,
+        epoch: int,
+        append: sessions_pb2.TranscriptAppend,
+    ) -> CommitResult:
         events: list[common_pb2.LifecycleEvent] = []
         async with self.pool.acquire() as conn, conn.transaction():
             current = await conn.fetchrow(_COMMIT_LOCK_SQL, session_id, org_id, run_id)

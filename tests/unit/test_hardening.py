@@ -292,7 +292,7 @@ async def test_stream_helper_never_leaves_a_finished_read_unretrieved(monkeypatc
 
     monkeypatch.setattr(gateway_service, "follow", one_event)
     servicer = object.__new__(gateway_service.GatewayServicer)
-    servicer.store = servicer.broker = None
+    servicer.store = servicer.broker = servicer.runlog = None
     servicer.closing = asyncio.Event()
     unretrieved: list[dict] = []
     loop = asyncio.get_running_loop()

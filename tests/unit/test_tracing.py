@@ -13,7 +13,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from runyard._proto.v1 import common_pb2, gateway_pb2
+from runyard._proto.v1 import common_pb2
 from runyard.common import tracing
 from runyard.common.clients import internal_channel
 from runyard.common.errors import InvalidArgument, Unavailable
@@ -56,7 +56,7 @@ def spans():
     assert not tracing.ENABLED
 
 
-async def _handler(request: gateway_pb2.GetRunRequest, context: grpc.aio.ServicerContext) -> common_pb2.Run:
+async def _handler(request: common_pb2.RunPayload, context: grpc.aio.ServicerContext) -> common_pb2.Run:
     if request.run_id == "bad":
         raise InvalidArgument("run_id is bad", reason="BAD", field="run_id")
     if request.run_id == "down":
@@ -64,7 +64,7 @@ async def _handler(request: gateway_pb2.GetRunRequest, context: grpc.aio.Service
     return common_pb2.Run(id=request.run_id)
 
 
-async def _stream(request: gateway_pb2.GetRunRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.Run]:
+async def _stream(request: common_pb2.RunPayload, context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.Run]:
     for index in range(3):
         yield common_pb2.Run(id=f"{request.run_id}-{index}")
 
@@ -74,10 +74,10 @@ async def traced_server(spans):
     server = ServiceServer("router", "127.0.0.1:0", [], shutdown_grace_s=0.1)
     server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
         "Get": grpc.unary_unary_rpc_method_handler(
-            _handler, request_deserializer=gateway_pb2.GetRunRequest.FromString,
+            _handler, request_deserializer=common_pb2.RunPayload.FromString,
             response_serializer=common_pb2.Run.SerializeToString),
         "Watch": grpc.unary_stream_rpc_method_handler(
-            _stream, request_deserializer=gateway_pb2.GetRunRequest.FromString,
+            _stream, request_deserializer=common_pb2.RunPayload.FromString,
             response_serializer=common_pb2.Run.SerializeToString),
     }),))
     await server.start()
@@ -89,7 +89,7 @@ async def traced_server(spans):
 
 def _call(channel: grpc.aio.Channel, method: str):
     make = channel.unary_stream if method == "Watch" else channel.unary_unary
-    return make(f"/{SERVICE}/{method}", request_serializer=gateway_pb2.GetRunRequest.SerializeToString,
+    return make(f"/{SERVICE}/{method}", request_serializer=common_pb2.RunPayload.SerializeToString,
                 response_deserializer=common_pb2.Run.FromString)
 
 
@@ -109,8 +109,8 @@ async def test_a_run_span_continues_the_queued_trace_across_grpc_with_ids_as_att
     # gRPC calls made in it carry it on (traceparent in the metadata).
     with tracing.run_span(payload) as run_span:
         assert run_span is not None
-        assert (await _call(traced_server, "Get")(gateway_pb2.GetRunRequest(run_id="run-1"))).id == "run-1"
-        assert [r.id async for r in _call(traced_server, "Watch")(gateway_pb2.GetRunRequest(run_id="run-1"))] == [
+        assert (await _call(traced_server, "Get")(common_pb2.RunPayload(run_id="run-1"))).id == "run-1"
+        assert [r.id async for r in _call(traced_server, "Watch")(common_pb2.RunPayload(run_id="run-1"))] == [
             "run-1-0", "run-1-1", "run-1-2"]
     finished = {(s.name, s.kind): s for s in spans.get_finished_spans()}
     run = finished[("runyard.run", SpanKind.CONSUMER)]
@@ -130,7 +130,7 @@ async def test_server_spans_carry_the_grpc_status(spans, traced_server):
     with tracing.run_span(payload):
         for run_id in ("bad", "down"):
             with pytest.raises(grpc.aio.AioRpcError):
-                await _call(traced_server, "Get")(gateway_pb2.GetRunRequest(run_id=run_id))
+                await _call(traced_server, "Get")(common_pb2.RunPayload(run_id=run_id))
     servers = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
     by_run = {s.attributes["runyard.run_id"]: s for s in servers}
     assert by_run["bad"].attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -141,5 +141,5 @@ async def test_server_spans_carry_the_grpc_status(spans, traced_server):
 
 async def test_background_client_calls_start_no_trace(spans, traced_server):
     # A poll with no request or run around it (no current span): nothing is recorded, either side.
-    assert (await _call(traced_server, "Get")(gateway_pb2.GetRunRequest(run_id="poll"))).id == "poll"
+    assert (await _call(traced_server, "Get")(common_pb2.RunPayload(run_id="poll"))).id == "poll"
     assert spans.get_finished_spans() == ()
