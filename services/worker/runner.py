@@ -70,6 +70,8 @@ class RunOutcome:
     cancelled: common_pb2.RunCancelled | None = None
     append: sessions_pb2.TranscriptAppend | None = None
     already_committed: bool = False
+    #: The run met an infrastructure fault: give it back to the queue (why).
+    released: str | None = None
 
 
 @dataclass(slots=True)
@@ -110,8 +112,6 @@ class _OverflowRetry:
         merged.summarized_message_count += self.compaction.summarized_message_count
         merged.tokens_before = self.compaction.tokens_before
         self.compaction = merged
-    #: The run met an infrastructure fault: give it back to the queue (why).
-    released: str | None = None
 
 
 def build_prompt(
