@@ -257,8 +257,7 @@ class WalInspector:
     ``bytes`` sums record lengths (full-page images included); the LSN
     difference also counts page headers and alignment.
 
-    Build with :meth:`open` on a connection to the benchmark's database (it
-    creates the extension there); ``reason`` says why it is unavailable.
+    Build with :meth:`open`; ``reason`` says why it is unavailable.
     """
 
     def __init__(self, conn: asyncpg.Connection | None, database_oid: int, reason: str = ""):
@@ -271,12 +270,17 @@ class WalInspector:
         return self.conn is not None
 
     @classmethod
-    async def open(cls, url: str) -> WalInspector:
+    async def open(cls, url: str, database: str) -> WalInspector:
         """Connect to ``url`` and enable ``pg_walinspect`` there (needs
-        PostgreSQL 15+ with contrib, as a superuser)."""
+        PostgreSQL 15+ with contrib, as a superuser), to attribute WAL to
+        ``database``. ``url`` should name another database than ``database``
+        so that this connection's own transactions are not counted in
+        ``database``'s statistics."""
         conn = await asyncpg.connect(url)
         try:
-            oid = int(await conn.fetchval("SELECT oid FROM pg_database WHERE datname = current_database()"))
+            oid = await conn.fetchval("SELECT oid FROM pg_database WHERE datname = $1", database)
+            if oid is None:
+                raise ValueError(f"no database {database!r}")
             await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
             # Reading back the WAL after ``start`` proves access (asyncpg passes
             # pg_lsn values as integers: bytes from 0/0).
@@ -286,13 +290,14 @@ class WalInspector:
         except (asyncpg.PostgresError, ValueError) as exc:
             await conn.close()
             return cls(None, 0, f"pg_walinspect unavailable ({type(exc).__name__}: {str(exc).splitlines()[0]})")
-        return cls(conn, oid)
+        return cls(conn, int(oid))
 
     async def attribute(self, start: int, end: int) -> dict[str, int] | None:
         """WAL of the database between two insert positions (bytes from 0/0):
         ``bytes``, ``fpi_bytes``, ``records``, ``write_commits`` (commit
         records) and ``all_bytes`` (every record in the range). None if the
-        range cannot be read (e.g. its segments were already recycled)."""
+        range cannot be read (its segments are recycled after a checkpoint:
+        call this soon after the range was written)."""
         if self.conn is None or end <= start:
             return None
         await _flushed_past(self.conn, end)
@@ -301,13 +306,6 @@ class WalInspector:
         except asyncpg.PostgresError as exc:
             self.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             return None
-        finally:
-            # Publish this connection's own statistics now, not 10 s later
-            # inside the next measurement (PostgreSQL 15+).
-            try:
-                await self.conn.execute("SELECT pg_stat_force_next_flush()")
-            except asyncpg.UndefinedFunctionError:
-                pass
         return {key: int(row[key]) for key in ("bytes", "fpi_bytes", "records", "write_commits", "all_bytes")}
 
     async def close(self) -> None:

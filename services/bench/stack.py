@@ -156,6 +156,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--turns", type=int, help="messages of the one-session growth measurement (default 200)"
     )
     parser.add_argument(
+        "--message-bytes",
+        type=int,
+        default=200,
+        help="random text per message, so transcripts grow as real ones do "
+        "(identical messages would compress away in PostgreSQL's TOAST); default 200",
+    )
+    parser.add_argument(
         "--settle-s",
         type=float,
         help=f"quiet seconds before reading pg_stat_database (default {procstat.STATS_SETTLE_S:g}: "
@@ -186,6 +193,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "worker_capacity": args.worker_capacity or max(sessions),
         "turns_per_key": args.turns_per_key,
         "turns": args.turns if args.turns is not None else (20 if quick else 200),
+        "message_bytes": args.message_bytes,
         "settle_s": args.settle_s if args.settle_s is not None else (2.0 if quick else procstat.STATS_SETTLE_S),
         "litellm": bool(args.litellm),
         "quick": quick,
@@ -215,7 +223,8 @@ class _Processes:
         self.dir = Path(self.tmp.name)
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.pg: Any = None
-        self.scratch: tuple[str, str] | None = None  # (server url, database name)
+        self.server_url = ""
+        self.databases: list[str] = []  # scratch databases to drop
 
     def log(self, name: str) -> str:
         path = self.dir / f"{name}.log"
@@ -288,12 +297,12 @@ class _Processes:
         workers = [n for n in self.procs if n.startswith("worker")]
         for group in (workers, ["gateway"], [n for n in self.procs if n not in workers and n != "gateway"]):
             await self._stop([n for n in group if n in self.procs])
-        if self.scratch is not None:
-            server_url, name = self.scratch
+        if self.databases:
             with contextlib.suppress(OSError, asyncpg.PostgresError):
-                conn = await asyncpg.connect(server_url)
+                conn = await asyncpg.connect(self.server_url)
                 try:
-                    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                    for name in self.databases:
+                        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
                 finally:
                     await conn.close()
         if self.pg is not None:
@@ -302,8 +311,11 @@ class _Processes:
 
 
 async def _database(database_url: str | None, procs: _Processes) -> tuple[str, str, str]:
-    """``(server url, scratch database url, scratch database name)``; the
-    scratch database is dropped by ``procs.close``."""
+    """``(server url, scratch database url, scratch database name)``.
+
+    Also creates ``<name>_wal``, where the WAL inspector connects (so its own
+    transactions stay out of the scratch database's counters). Both are
+    dropped by ``procs.close``."""
     server_url = database_url or os.environ.get("RUNYARD_DATABASE_URL", "")
     if not server_url:
         with warnings.catch_warnings():
@@ -313,13 +325,19 @@ async def _database(database_url: str | None, procs: _Processes) -> tuple[str, s
             procs.pg = await asyncio.to_thread(pgserver.get_server, procs.dir / "pg", cleanup_mode="stop")
         server_url = str(procs.pg.get_uri())
     name = f"runyard_bench_{uuid.uuid4().hex[:10]}"
+    procs.server_url = server_url
     conn = await asyncpg.connect(server_url)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        for database in (name, f"{name}_wal"):
+            await conn.execute(f'CREATE DATABASE "{database}"')
+            procs.databases.append(database)
     finally:
         await conn.close()
-    procs.scratch = (server_url, name)
-    return server_url, urlunsplit(urlsplit(server_url)._replace(path=f"/{name}")), name
+    return server_url, _with_database(server_url, name), name
+
+
+def _with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 async def _start_provider(name: str, deltas: int, procs: _Processes) -> int:
@@ -469,11 +487,24 @@ async def _drive(n: int, call: Call, *, duration_s: float | None, runs: int | No
     return load
 
 
+def _filler(size: int) -> str:
+    """``size`` characters of random URL-safe text (does not compress)."""
+    return secrets.token_urlsafe(size)[:size] if size > 0 else ""
+
+
 class _StackCaller:
     """``SendMessage`` through the gateway, timed; checks the final answer."""
 
-    def __init__(self, stub: gateway_pb2_grpc.GatewayServiceStub, deltas: int, prefix: str, turns_per_key: int):
+    def __init__(
+        self,
+        stub: gateway_pb2_grpc.GatewayServiceStub,
+        deltas: int,
+        prefix: str,
+        turns_per_key: int,
+        message_bytes: int,
+    ):
         self.stub = stub
+        self.message_bytes = message_bytes
         self.agent = _agent(deltas)
         self.expected = _expected(deltas)
         self.prefix = prefix
@@ -484,9 +515,8 @@ class _StackCaller:
         return f"{self.prefix}:{session}:{rotation}"
 
     async def __call__(self, session: int, turn: int) -> tuple[float, float]:
-        request = gateway_pb2.SendMessageRequest(
-            session_key=self.key(session, turn), agent_id=self.agent, text=f"message {turn} of session {session}"
-        )
+        text = f"message {turn} of session {session}: {_filler(self.message_bytes)}"
+        request = gateway_pb2.SendMessageRequest(session_key=self.key(session, turn), agent_id=self.agent, text=text)
         started = time.perf_counter()
         first: float | None = None
         final: str | None = None
@@ -512,13 +542,13 @@ class _StackCaller:
 class _DirectCaller:
     """The provider called directly with the router's OpenAI adapter."""
 
-    def __init__(self, base_url: str, model: str, deltas: int):
+    def __init__(self, base_url: str, model: str, deltas: int, message_bytes: int):
         self.provider = OpenAIProvider("direct", ProviderConfig(type="openai", base_url=base_url))
         self.model = model
         self.expected = _expected(deltas)
         self.messages = [
             common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content="You are a helpful assistant."),
-            common_pb2.Message(role=common_pb2.ROLE_USER, content="message 0 of session 0"),
+            common_pb2.Message(role=common_pb2.ROLE_USER, content=f"message 0 of session 0: {_filler(message_bytes)}"),
         ]
 
     async def __call__(self, session: int, turn: int) -> tuple[float, float]:
@@ -620,7 +650,7 @@ class _Bench:
 
     async def _side_load(self, base_url: str, model: str, deltas: int, n: int, pid: int | None) -> dict[str, Any]:
         """Direct (or LiteLLM) load: warm-up, then the measured window."""
-        caller = _DirectCaller(base_url, model, deltas)
+        caller = _DirectCaller(base_url, model, deltas, self.settings["message_bytes"])
         try:
             await _drive(n, caller, duration_s=self.settings["warmup_s"], runs=None)
             cpu_before = procstat.cpu_seconds(pid) if pid else None
@@ -643,7 +673,7 @@ class _Bench:
         # 1. Warm up the stack at this concurrency (connections, pools, code paths).
         await _drive(
             n,
-            _StackCaller(self.stub, deltas, prefix + ":warm", settings["turns_per_key"]),
+            _StackCaller(self.stub, deltas, prefix + ":warm", settings["turns_per_key"], settings["message_bytes"]),
             duration_s=settings["warmup_s"],
             runs=None,
         )
@@ -662,10 +692,15 @@ class _Bench:
         counters_before = await procstat.db_counters(self.admin, self.database)
         before = await self._snapshot(deltas)
         stack = await _drive(
-            n, _StackCaller(self.stub, deltas, prefix, settings["turns_per_key"]), **self._amount()
+            n,
+            _StackCaller(self.stub, deltas, prefix, settings["turns_per_key"], settings["message_bytes"]),
+            **self._amount(),
         )
         await asyncio.sleep(TAIL_S)
         after = await self._snapshot(deltas)
+        # WAL segments are recycled after a checkpoint: read the range now.
+        wal = await self.wal.attribute(before["lsn"], after["lsn"])
+        wal_error = self.wal.reason if wal is None and self.wal.available else ""
         # 4. Quiet again until every backend has published its counters; then
         #    the same again, to measure the idle stack's own background commits
         #    (sequencers, pollers) and take the settling period's share out.
@@ -678,8 +713,6 @@ class _Bench:
             name: (counters_later[name] - counters_after[name]) / (time.perf_counter() - settled_at)
             for name in ("xact_commit", "tup_inserted", "tup_updated", "tup_deleted")
         }
-        wal = await self.wal.attribute(before["lsn"], after["lsn"])
-        wal_error = self.wal.reason if wal is None and self.wal.available else ""
         return self._point_figures(
             deltas, n, load_average, stack, direct, litellm, before, after,
             (counters_before, counters_after, background, settled_at - after["time"]), wal, wal_error,
@@ -766,7 +799,9 @@ class _Bench:
             low = max(1, min(turn - width // 2, count - width + 1))
             windows[turn] = (low, low + width - 1)
         window_end = {end: turn for turn, (_, end) in windows.items()}
-        caller = _StackCaller(self.stub, deltas, f"bench:turns:{uuid.uuid4().hex[:8]}", 0)
+        caller = _StackCaller(
+            self.stub, deltas, f"bench:turns:{uuid.uuid4().hex[:8]}", 0, self.settings["message_bytes"]
+        )
         per_turn: dict[int, dict[str, Any]] = {}
         errors: list[str] = []
         wal_errors: list[str] = []
@@ -788,6 +823,7 @@ class _Bench:
                         lo, hi = per_turn[index]["range"]
                         wal = await self.wal.attribute(lo, hi)
                         per_turn[index]["db"] = wal["bytes"] if wal is not None else None
+                        per_turn[index]["db_no_fpi"] = wal["bytes"] - wal["fpi_bytes"] if wal is not None else None
                         if wal is None and self.wal.available:
                             wal_errors.append(f"turn {index}: {self.wal.reason}")
         result: dict[str, Any] = {
@@ -799,17 +835,25 @@ class _Bench:
             if not rows:
                 continue
             db_values = [r["db"] for r in rows if r.get("db") is not None]
+            no_fpi = [r["db_no_fpi"] for r in rows if r.get("db_no_fpi") is not None]
             result["samples"][str(turn)] = {
                 "turns": [low, high],
                 "server_bytes_median": statistics.median(r["server"] for r in rows),
                 "server_bytes_mean": statistics.fmean(r["server"] for r in rows),
                 "db_bytes_median": statistics.median(db_values) if db_values else None,
                 "db_bytes_mean": statistics.fmean(db_values) if db_values else None,
+                "db_bytes_no_fpi_median": statistics.median(no_fpi) if no_fpi else None,
                 "run_ms_median": statistics.median(r["latency_s"] for r in rows) * 1000,
             }
         first, last = result["samples"].get("1"), result["samples"].get(str(count))
         if first and last:
-            key = "db_bytes_median" if first["db_bytes_median"] and last["db_bytes_median"] else "server_bytes_median"
+            # Full-page images depend on when checkpoints happen, not on the
+            # turn: compare without them where pg_walinspect can tell them apart.
+            key = (
+                "db_bytes_no_fpi_median"
+                if first["db_bytes_no_fpi_median"] and last["db_bytes_no_fpi_median"]
+                else "server_bytes_median"
+            )
             result["ratio_basis"] = key
             result["ratio"] = last[key] / first[key] if first[key] else float("nan")
         return result
@@ -906,7 +950,7 @@ async def _run(settings: dict[str, Any], database_url: str | None) -> dict[str, 
         bench.pg = await procstat.PgProcesses.locate(bench.admin)
         if not bench.pg.available:
             results["notes"].append(f"PostgreSQL CPU not measured: {bench.pg.reason}")
-        bench.wal = await procstat.WalInspector.open(scratch_url)
+        bench.wal = await procstat.WalInspector.open(_with_database(server_url, f"{name}_wal"), name)
         if not bench.wal.available:
             results["notes"].append(
                 f"WAL per database not measured ({bench.wal.reason}); WAL figures are whole-server LSN differences"
@@ -1084,9 +1128,9 @@ def _report(results: dict[str, Any]) -> str:
         for turn, sample in turns["samples"].items():
             low, high = sample["turns"]
             lines.append(
-                f"  turn {turn:>3} (turns {low}-{high}): WAL db {_f(sample['db_bytes_median'], 0)} B "
-                f"(mean {_f(sample['db_bytes_mean'], 0)}), WAL server {sample['server_bytes_median']:,.0f} B, "
-                f"run {sample['run_ms_median']:.1f} ms"
+                f"  turn {turn:>3} (turns {low}-{high}): WAL db {_f(sample['db_bytes_median'], 0)} B, "
+                f"without full-page images {_f(sample['db_bytes_no_fpi_median'], 0)} B; "
+                f"WAL server {sample['server_bytes_median']:,.0f} B; run {sample['run_ms_median']:.1f} ms"
             )
         if "ratio" in turns:
             lines.append(f"  turn {turns['turns']} / turn 1: {turns['ratio']:.2f}x ({turns['ratio_basis']})")
@@ -1124,6 +1168,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if settings["workers"] < 1 or settings["turns"] < 1 or settings["turns_per_key"] < 0:
         print("--workers and --turns must be at least 1, --turns-per-key at least 0", file=sys.stderr)
+        return 2
+    if not 0 <= settings["message_bytes"] <= 60_000:
+        print("--message-bytes must be between 0 and 60000 (the gateway's max_text_bytes is 65536)", file=sys.stderr)
         return 2
     results = asyncio.run(_run(settings, args.database_url))
     results["targets"] = _evaluate(results)
