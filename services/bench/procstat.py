@@ -257,6 +257,13 @@ class WalInspector:
     ``bytes`` sums record lengths (full-page images included); the LSN
     difference also counts page headers and alignment.
 
+    WAL segments are recycled after every checkpoint, and a server where
+    other databases are created and dropped (each DROP DATABASE forces a
+    checkpoint) recycles them within seconds. So the inspector holds a
+    temporary physical replication slot (its own connection; PostgreSQL
+    drops it when that connection ends, so nothing is left behind) and
+    :meth:`hold` moves it forward to the start of each range to be read.
+
     Build with :meth:`open`; ``reason`` says why it is unavailable.
     """
 
@@ -264,6 +271,11 @@ class WalInspector:
         self.conn = conn
         self.database_oid = database_oid
         self.reason = reason
+        self.slot_conn: asyncpg.Connection | None = None
+        self.slot = ""
+        self.held = 0
+        #: Why WAL is not retained by a slot ("" when it is).
+        self.slot_note = "not opened"
 
     @property
     def available(self) -> bool:
@@ -290,7 +302,37 @@ class WalInspector:
         except (asyncpg.PostgresError, ValueError) as exc:
             await conn.close()
             return cls(None, 0, f"pg_walinspect unavailable ({type(exc).__name__}: {str(exc).splitlines()[0]})")
-        return cls(conn, int(oid))
+        inspector = cls(conn, int(oid))
+        slot_conn = await asyncpg.connect(url)
+        name = f"runyard_bench_{os.getpid()}_{int(time.time() * 1000) % 1_000_000}"
+        try:
+            row = await slot_conn.fetchrow(
+                "SELECT lsn FROM pg_create_physical_replication_slot($1, true, true)", name
+            )
+        except asyncpg.PostgresError as exc:
+            await slot_conn.close()
+            inspector.slot_note = f"no replication slot ({str(exc).splitlines()[0]}): WAL may be recycled before it is read"
+        else:
+            inspector.slot_conn, inspector.slot, inspector.held = slot_conn, name, int(row["lsn"] or 0)
+            inspector.slot_note = ""
+        return inspector
+
+    async def hold(self, position: int) -> None:
+        """Keep the WAL from ``position`` on (release what is before it).
+        Only moves forward: an error on the slot's connection would drop it."""
+        if self.slot_conn is None or position <= self.held:
+            return
+        try:
+            flushed = await _flushed_past(self.slot_conn, position)
+            self.held = int(
+                await self.slot_conn.fetchval(
+                    "SELECT end_lsn FROM pg_replication_slot_advance($1, $2)", self.slot, min(position, flushed)
+                )
+            )
+        except asyncpg.PostgresError as exc:
+            await self.slot_conn.close()
+            self.slot_conn = None
+            self.slot_note = f"replication slot lost ({str(exc).splitlines()[0]}): WAL may be recycled"
 
     async def attribute(self, start: int, end: int) -> dict[str, int] | None:
         """WAL of the database between two insert positions (bytes from 0/0):
@@ -309,9 +351,10 @@ class WalInspector:
         return {key: int(row[key]) for key in ("bytes", "fpi_bytes", "records", "write_commits", "all_bytes")}
 
     async def close(self) -> None:
-        if self.conn is not None:
-            await self.conn.close()
-            self.conn = None
+        for conn in (self.slot_conn, self.conn):
+            if conn is not None:
+                await conn.close()
+        self.conn = self.slot_conn = None
 
 
 def cpu_model() -> str:

@@ -18,7 +18,9 @@ sessions in parallel through the public gateway (``SendMessage``, one gRPC
 channel): each session sends its messages back to back, each message a new
 run; a session moves to a fresh session key every ``--turns-per-key``
 messages so that transcript length, and with it per-run cost, is the same
-at every N. The same load is also sent **directly** to the provider (same
+at every N. Each message carries ``--message-bytes`` of random text (real
+transcripts do not compress away in PostgreSQL's TOAST the way identical
+messages would). The same load is also sent **directly** to the provider (same
 concurrency, the router's own OpenAI adapter: httpx streaming + SSE
 parsing), and, with ``--litellm``, through a LiteLLM proxy in front of the
 same provider.
@@ -38,12 +40,19 @@ Per point, after a warm-up:
   included), rows written (``tup_inserted + tup_updated + tup_deleted``) and
   WAL bytes per run. ``pg_stat_database`` is read after
   :data:`~runyard.bench.procstat.STATS_SETTLE_S` of quiet before and after
-  the window; WAL is the insert-LSN difference (whole server) and, with
-  ``pg_walinspect``, the part attributable to the scratch database.
+  the window, and the idle stack's own background commits and rows during
+  the settling after it (measured over one more settling period) are taken
+  out. WAL is the insert-LSN difference (whole server: other databases'
+  writes included) and, with ``pg_walinspect``, the part attributable to the
+  scratch database (read right after the window, from a sibling database
+  ``<scratch>_wal`` so that the inspection's own transactions are not
+  counted).
 
 Then one session sends ``--turns`` (200) messages in a row and the WAL
 written per turn is reported at turns 1, 100 and 200 (median of 5
-neighbouring turns each).
+consecutive turns each); the ratio turn 200 / turn 1 leaves out full-page
+images (they follow checkpoints, not turns) when ``pg_walinspect`` can tell
+them apart.
 
 Targets (issue 10), PASS/MISS, exit code 1 on a miss or on any failed run:
 at N = 32 with 8-delta answers at least 150 completed runs/s and a ratio of
@@ -691,6 +700,7 @@ class _Bench:
         # 3. The measured window.
         counters_before = await procstat.db_counters(self.admin, self.database)
         before = await self._snapshot(deltas)
+        await self.wal.hold(before["lsn"])
         stack = await _drive(
             n,
             _StackCaller(self.stub, deltas, prefix, settings["turns_per_key"], settings["message_bytes"]),
@@ -805,8 +815,13 @@ class _Bench:
         per_turn: dict[int, dict[str, Any]] = {}
         errors: list[str] = []
         wal_errors: list[str] = []
+        starts = {low for low, _ in windows.values()}
+        inside = {t for low, high in windows.values() for t in range(low + 1, high + 1)}
         for turn in range(1, count + 1):
             start = await procstat.wal_insert_lsn(self.admin)
+            if turn in starts or turn not in inside:
+                await self.wal.hold(start)  # keep this window's WAL until it is read
+                start = await procstat.wal_insert_lsn(self.admin)
             try:
                 _, total = await caller(0, turn - 1)
             except _RunError as exc:
@@ -951,6 +966,8 @@ async def _run(settings: dict[str, Any], database_url: str | None) -> dict[str, 
         if not bench.pg.available:
             results["notes"].append(f"PostgreSQL CPU not measured: {bench.pg.reason}")
         bench.wal = await procstat.WalInspector.open(_with_database(server_url, f"{name}_wal"), name)
+        if bench.wal.available and bench.wal.slot_note:
+            results["notes"].append(bench.wal.slot_note)
         if not bench.wal.available:
             results["notes"].append(
                 f"WAL per database not measured ({bench.wal.reason}); WAL figures are whole-server LSN differences"
@@ -971,6 +988,8 @@ async def _run(settings: dict[str, Any], database_url: str | None) -> dict[str, 
                     print(_point_line(point), file=sys.stderr, flush=True)
             results["turns"] = await bench.turns(settings["deltas"][0])
         results["machine"]["load_average_after"] = list(os.getloadavg())
+        if bench.wal.available and bench.wal.slot_note and bench.wal.slot_note not in results["notes"]:
+            results["notes"].append(bench.wal.slot_note)
         return results
     finally:
         await bench.wal.close()
