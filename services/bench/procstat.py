@@ -101,14 +101,16 @@ class PgCpu:
 
     def delta(self, later: PgCpu) -> dict[str, float]:
         """CPU seconds per group from this sample to ``later``, plus
-        ``exited``: processes present here and gone later (their CPU after
-        this sample is lost; pool connections rarely close, so this is
-        normally 0)."""
+        ``exited``: processes of the database or the server's background
+        present here and gone later (their CPU after this sample is lost;
+        pool connections rarely close, so this is normally 0)."""
         out = {"db": 0.0, "background": 0.0, "other": 0.0, "exited": 0.0}
         for key, (group, cpu) in later.processes.items():
             before = self.processes.get(key)
             out[group] += cpu - (before[1] if before is not None else 0.0)
-        out["exited"] = float(sum(1 for key in self.processes if key not in later.processes))
+        out["exited"] = float(
+            sum(1 for key, (group, _) in self.processes.items() if group != "other" and key not in later.processes)
+        )
         return out
 
 

@@ -1130,6 +1130,13 @@ def _report(results: dict[str, Any]) -> str:
         )
         if g.get("wal_error"):
             lines.append(f"{'':>10} WAL db not measured: {g['wal_error']}")
+    exited = [f"d={p['deltas']} N={p['sessions']}: {p['pg']['backends_exited']}" for p in results["points"]
+              if p["pg"]["backends_exited"]]
+    if exited:
+        lines.append(
+            "PostgreSQL processes of the scratch database that exited during a window (their CPU after the first "
+            "sample is not counted): " + ", ".join(exited)
+        )
     litellm = [p for p in results["points"] if "litellm" in p]
     if litellm:
         lines += ["", "LiteLLM proxy, same provider and concurrency",
