@@ -551,7 +551,8 @@ class _StackCaller:
 class _DirectCaller:
     """The provider called directly with the router's OpenAI adapter."""
 
-    def __init__(self, base_url: str, model: str, deltas: int, message_bytes: int):
+    def __init__(self, base_url: str, model: str, deltas: int, message_bytes: int, api_key: str = ""):
+        self.api_key = api_key
         self.provider = OpenAIProvider("direct", ProviderConfig(type="openai", base_url=base_url))
         self.model = model
         self.expected = _expected(deltas)
@@ -565,7 +566,7 @@ class _DirectCaller:
         first: float | None = None
         text: list[str] = []
         try:
-            async for chunk in self.provider.stream(Request(model=self.model, messages=self.messages), ""):
+            async for chunk in self.provider.stream(Request(model=self.model, messages=self.messages), self.api_key):
                 if chunk.kind == "text":
                     if first is None:
                         first = time.perf_counter()
@@ -598,6 +599,7 @@ class _Bench:
         self.wal = procstat.WalInspector(None, 0, "not opened")
         self.stub: gateway_pb2_grpc.GatewayServiceStub | None = None
         self.litellm_port = 0
+        self.litellm_key = ""
         self.litellm_note = ""
         self.point_index = 0
 
@@ -657,9 +659,11 @@ class _Bench:
     def _amount(self) -> dict[str, Any]:
         return {"duration_s": self.settings["duration_s"], "runs": self.settings["runs"]}
 
-    async def _side_load(self, base_url: str, model: str, deltas: int, n: int, pid: int | None) -> dict[str, Any]:
+    async def _side_load(
+        self, base_url: str, model: str, deltas: int, n: int, pid: int | None, api_key: str = ""
+    ) -> dict[str, Any]:
         """Direct (or LiteLLM) load: warm-up, then the measured window."""
-        caller = _DirectCaller(base_url, model, deltas, self.settings["message_bytes"])
+        caller = _DirectCaller(base_url, model, deltas, self.settings["message_bytes"], api_key)
         try:
             await _drive(n, caller, duration_s=self.settings["warmup_s"], runs=None)
             cpu_before = procstat.cpu_seconds(pid) if pid else None
@@ -694,7 +698,12 @@ class _Bench:
         litellm = None
         if self.litellm_port:
             litellm = await self._side_load(
-                f"http://127.0.0.1:{self.litellm_port}/v1", _agent(deltas), deltas, n, self.procs.pid("litellm")
+                f"http://127.0.0.1:{self.litellm_port}/v1",
+                _agent(deltas),
+                deltas,
+                n,
+                self.procs.pid("litellm"),
+                self.litellm_key,
             )
         await asyncio.sleep(max(0.0, settings["settle_s"] - (time.monotonic() - quiet_from)))
         # 3. The measured window.
@@ -895,6 +904,9 @@ class _Bench:
         port = _free_port()
         env = dict(os.environ)
         env.setdefault("LITELLM_LOG", "ERROR")
+        # The proxy refuses to start without a master key (LiteLLM 1.106+).
+        self.litellm_key = "sk-bench-" + secrets.token_urlsafe(24)
+        env["LITELLM_MASTER_KEY"] = self.litellm_key
         await self.procs.spawn(
             "litellm",
             [
@@ -1046,6 +1058,14 @@ def _evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+_MODES = ("stack", "direct", "litellm")
+
+
+def _failed(results: dict[str, Any]) -> int:
+    """Failed runs and requests over every point and mode."""
+    return sum(p[mode]["errors"] for p in results["points"] for mode in _MODES if mode in p)
+
+
 def _f(value: Any, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -1166,9 +1186,11 @@ def _report(results: dict[str, Any]) -> str:
             lines.append(f"  WAL db not measured: {error}")
     for note in results["notes"]:
         lines.append(f"note: {note}")
-    errors = sum(p["stack"]["errors"] + p["direct"]["errors"] for p in results["points"])
+    errors = _failed(results)
     if errors:
-        first = next(e for p in results["points"] for e in p["stack"]["first_errors"] + p["direct"]["first_errors"])
+        first = next(
+            e for p in results["points"] for mode in _MODES if mode in p for e in p[mode]["first_errors"]
+        )
         lines.append(f"errors: {errors} failed runs/requests (first: {first})")
     lines += ["", "targets (issue 10):"]
     for target in results["targets"]:
@@ -1203,7 +1225,6 @@ def main(args: argparse.Namespace) -> int:
     print(_report(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
-    failed = sum(p["stack"]["errors"] + p["direct"]["errors"] for p in results["points"])
-    failed += len(results.get("turns", {}).get("errors", []))
+    failed = _failed(results) + len(results.get("turns", {}).get("errors", []))
     missed = any(t["verdict"] == "MISS" for t in results["targets"])
     return 1 if failed or missed else 0
