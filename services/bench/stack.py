@@ -96,6 +96,7 @@ import asyncpg
 import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from runyard.common.auth import generate_run_token_keys, run_token_env
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from runyard.bench import procstat
 from runyard.cli.bench import percentile
@@ -370,12 +371,15 @@ async def _start_stack(
 ) -> tuple[str, list[str]]:
     """The four services; returns the gateway address and the worker names."""
     ports = {"gateway": _free_port(), "router": _free_port(), "sessions": _free_port()}
+    gateway_internal = f"127.0.0.1:{_free_port()}"
+    private_key, _public_key = generate_run_token_keys()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
     env.update({
         "PYTHONUNBUFFERED": "1",
         "RUNYARD_DATABASE_URL": database_url,
-        "RUNYARD_INTERNAL_SECRET": secrets.token_urlsafe(32),
-        "RUNYARD_RUN_TOKEN_SECRET": secrets.token_urlsafe(48),
+        "RUNYARD_INTERNAL_SECRET": secrets.token_urlsafe(48),
+        "RUNYARD_GATEWAY__INTERNAL_LISTEN": gateway_internal,
+        "RUNYARD_ENDPOINTS__GATEWAY_INTERNAL": gateway_internal,
         "RUNYARD_AUTH__ANONYMOUS": "true",
         "RUNYARD_GATEWAY__RATE_LIMIT_RPS": "0",
         "RUNYARD_GATEWAY__MAX_STREAMS_PER_KEY": str(max(1000, 4 * max(settings["sessions"]))),
@@ -390,13 +394,13 @@ async def _start_stack(
         env[f"RUNYARD_AGENTS__{_agent(deltas).upper()}__MODEL"] = f"loop_d{deltas}/bench"
     serve = [sys.executable, "-m", "runyard", "serve"]
     for service in ("sessions", "router", "gateway"):
-        await procs.spawn(service, [*serve, service], env)
+        await procs.spawn(service, [*serve, service], {**env, **run_token_env(service, private_key)})
     await asyncio.gather(*(procs.wait_healthy(s, f"127.0.0.1:{ports[s]}") for s in ("sessions", "router", "gateway")))
     workers = []
     for index in range(1, settings["workers"] + 1):
         name = f"worker-{index}"
         port = _free_port()
-        worker_env = dict(env)
+        worker_env = {**env, **run_token_env("worker", private_key)}
         worker_env.update({
             "RUNYARD_WORKER__LISTEN": f"127.0.0.1:{port}",
             "RUNYARD_WORKER__METRICS_PORT": "0",

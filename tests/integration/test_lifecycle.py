@@ -232,14 +232,17 @@ async def test_reset_then_restart_never_brings_the_old_transcript_back_and_token
         run_token=signer.sign(org_id="default", agent_id="default", session_id=other_session,
                               run_id=str(uuid.uuid4()), epoch=1)))
     purge = sessions_pb2.TranscriptAppend(compaction=sessions_pb2.TranscriptCompaction(summary="gone"))
+    # A worker's credentials (a run token, no internal secret) on the commit call.
+    bare_channel = grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports['sessions']}")
+    bare = sessions_pb2_grpc.SessionServiceStub(bare_channel)
     calls = {
         "read": (stub.GetTranscript(sessions_pb2.GetTranscriptRequest(run_token=token, session_id=other_session)),
                  grpc.StatusCode.PERMISSION_DENIED),
-        "write": (stub.CommitRun(sessions_pb2.CommitRunRequest(
+        "write": (bare.CommitRun(sessions_pb2.CommitRunRequest(
             org_id="default", session_id=other_session, run_id=str(uuid.uuid4()), epoch=1,
             append=sessions_pb2.TranscriptAppend(messages=[common_pb2.Message(content="injected")])),
             metadata=(("authorization", f"Bearer {token}"),)), grpc.StatusCode.UNAUTHENTICATED),
-        "purge": (stub.CommitRun(sessions_pb2.CommitRunRequest(
+        "purge": (bare.CommitRun(sessions_pb2.CommitRunRequest(
             org_id="default", session_id=other_session, run_id=str(uuid.uuid4()), epoch=1, append=purge)),
             grpc.StatusCode.UNAUTHENTICATED),
         "other agent": (stub.GetTranscript(sessions_pb2.GetTranscriptRequest(run_token=signer.sign(
@@ -254,5 +257,6 @@ async def test_reset_then_restart_never_brings_the_old_transcript_back_and_token
         run_token=signer.sign(org_id="default", agent_id="default", session_id=other_session,
                               run_id=str(uuid.uuid4()), epoch=1)))
     await channel.close()
+    await bare_channel.close()
     assert after.transcript == before.transcript and after.head_turn == before.head_turn
     assert [m.content for m in after.transcript.messages] == ["someone else's chat", "Hello from model-a."]

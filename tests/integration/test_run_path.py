@@ -357,7 +357,9 @@ async def test_join_of_a_long_run_through_another_gateway_mid_stream_and_after_c
     fake_openai.script("model-a", Reply(chunks=words, delay_between_s=0.004))
     stack = await stack_factory(provider_config(fake_openai)).start()
     port = free_port()
-    await stack.spawn("gateway-2", "gateway", {"gateway": {"listen": f"127.0.0.1:{port}"}})
+    await stack.spawn(
+        "gateway-2", "gateway", {"gateway": {"listen": f"127.0.0.1:{port}", "internal_listen": f"127.0.0.1:{free_port()}"}}
+    )
     await stack.wait_healthy("gateway-2", f"127.0.0.1:{port}")
     async with Client(f"127.0.0.1:{port}") as second, stack.client() as first:
         live: list[RunEvent] = []
