@@ -40,6 +40,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from runyard._proto.v1 import common_pb2
 from runyard.common import metrics
+from runyard.common.errors import Unavailable
 from runyard.common.faults import transient_database_error
 from runyard.gateway.runs import EVENTS_CHANNEL, EventChunk, RunStore, encode_batch
 
@@ -92,6 +93,10 @@ class Broker:
 
     def __init__(self) -> None:
         self._subs: dict[uuid.UUID, set[Subscription]] = {}
+        #: ``(run_id, seq) -> bool``: whether this gateway delivers that event
+        #: itself, from memory (set by :class:`RunLog`); its NOTIFY is then
+        #: not a reason for followers to read the table.
+        self.delivers_locally: Callable[[uuid.UUID, int], bool] | None = None
 
     def subscribe(self, run_id: uuid.UUID) -> Subscription:
         sub = Subscription()
@@ -119,8 +124,17 @@ class Broker:
             seq = int(seq_text)
         except ValueError:
             return
-        for sub in self._subs.get(run_id, ()):
+        subs = self._subs.get(run_id)
+        if not subs or (self.delivers_locally is not None and self.delivers_locally(run_id, seq)):
+            return
+        for sub in subs:
             sub.poke(seq)
+
+    def wake_all(self) -> None:
+        """Wake every follower (it re-checks whether the gateway is closing)."""
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.wake.set()
 
     def poke_all(self) -> None:
         """Wake every follower to re-read (after a LISTEN reconnect)."""
@@ -200,6 +214,7 @@ class RunLog:
         self.flush_events = flush_events
         self.flush_bytes = flush_bytes
         self.streams: dict[uuid.UUID, RunStream] = {}
+        broker.delivers_locally = self._delivers_locally
         self._wake = asyncio.Event()
         self._urgent = False
         self._waiters: list[asyncio.Future[None]] = []
@@ -230,6 +245,13 @@ class RunLog:
         stream = RunStream(run_id, session_id, epoch, durable_seq=last_seq, durable_worker_seq=worker_seq)
         self.streams[run_id] = stream
         return stream
+
+    def _delivers_locally(self, run_id: uuid.UUID, seq: int) -> bool:
+        """Whether event ``seq`` of the run is (or is about to be) published
+        from memory here: an event of a stream this gateway holds, up to its
+        next seq (the terminal event of a run being ended)."""
+        stream = self.streams.get(run_id)
+        return stream is not None and not stream.stale and seq <= stream.next_seq
 
     def drop(self, run_id: uuid.UUID, epoch: int | None = None) -> None:
         """Forget a run's stream (it is no longer executed here)."""
@@ -457,6 +479,7 @@ async def follow(
     memory: Callable[[uuid.UUID, int], list[common_pb2.RunEvent]] | None = None,
     subscription: Subscription | None = None,
     known: Sequence[common_pb2.RunEvent] = (),
+    closing: asyncio.Event | None = None,
 ) -> AsyncIterator[common_pb2.RunEvent]:
     """Every event of the run with ``seq > after_seq``, then live, until it ends.
 
@@ -469,6 +492,12 @@ async def follow(
         subscription: made by the caller before any event after ``known``
             could exist (a run it just queued); then ``known`` (the events
             right after ``after_seq``) replaces the first read.
+        closing: when set (and the broker woken, :meth:`Broker.wake_all`),
+            the follow ends with UNAVAILABLE (DRAINING) naming the run and
+            the ``after_seq`` to resume from on another gateway.
+
+    Raises:
+        Unavailable: ``closing`` was set.
     """
     sub = subscription or broker.subscribe(run_id)
     last = after_seq
@@ -481,6 +510,13 @@ async def follow(
                 if event.WhichOneof("event") in TERMINAL_EVENTS:
                     return
         while True:
+            if closing is not None and closing.is_set():
+                raise Unavailable(
+                    f"gateway is shutting down; resume with JoinRun(run_id={run_id}, after_seq={last})",
+                    reason="DRAINING",
+                    retry_after_s=0.5,
+                    metadata={"run_id": str(run_id), "after_seq": str(last)},
+                )
             if need_read:
                 sub.overflow = False
                 events, full = await store.events_after(run_id, session_id, last)
@@ -496,11 +532,14 @@ async def follow(
                 if full:
                     continue
                 need_read = False
-            try:
-                await asyncio.wait_for(sub.wake.wait(), _SAFETY_POLL_S)
-            except TimeoutError:
-                need_read = True
-                continue
+            if not sub.wake.is_set():
+                try:
+                    # asyncio.timeout, not wait_for: no task per wait.
+                    async with asyncio.timeout(_SAFETY_POLL_S):
+                        await sub.wake.wait()
+                except TimeoutError:
+                    need_read = True
+                    continue
             sub.wake.clear()
             if sub.overflow:
                 sub.events.clear()

@@ -103,6 +103,10 @@ class Dispatcher:
         self.poll_interval_s = poll_interval_s
         self.workers: dict[str, WorkerConn] = {}
         self._wake = asyncio.Event()
+        #: Whether queued runs may be waiting (False once a claim found fewer than it had room for).
+        self._maybe_queued = True
+        #: Bumped by every signal that runs were queued (see _dispatch).
+        self._signals = 0
         self.stopping = False
         #: Called with each claimed run's payload before it is assigned; may
         #: add input messages (background-task notifications, see
@@ -110,11 +114,20 @@ class Dispatcher:
         self.prepare: Callable[[Claim, common_pb2.RunPayload], Awaitable[None]] | None = None
 
     def wake(self, *_: object) -> None:
+        """Dispatch soon: runs may have been queued."""
+        self._signals += 1
         self._wake.set()
+
+    def capacity_freed(self) -> None:
+        """A worker slot came free: dispatch only if the queue may hold runs
+        (a claim that found nothing left is not repeated for every run that
+        ends, which would be a transaction per run)."""
+        if self._maybe_queued:
+            self._wake.set()
 
     def on_notify(self, channel: str, payload: str) -> None:
         if channel == QUEUE_CHANNEL:
-            self._wake.set()
+            self.wake()
 
     def update_gauges(self) -> None:
         metrics.WORKERS_CONNECTED.set(len(self.workers))
@@ -139,8 +152,11 @@ class Dispatcher:
     async def run(self) -> None:
         last_sweep = 0.0
         while not self.stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
+            try:
+                async with asyncio.timeout(self.poll_interval_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                self._maybe_queued = True  # the polling fallback: look anyway
             self._wake.clear()
             if self.stopping:
                 return
@@ -175,6 +191,8 @@ class Dispatcher:
                 return
             for worker in slots:
                 worker.reserved += 1
+            signals = self._signals
+            self._maybe_queued = True
             try:
                 claims = await self.store.claim([w.worker_id for w in slots])
                 for claim in claims:
@@ -184,6 +202,8 @@ class Dispatcher:
                     self.unreserve(worker)
             self.update_gauges()
             if len(claims) < len(slots):
+                if self._signals == signals:  # nothing was queued while we claimed
+                    self._maybe_queued = False
                 return
 
     async def assign(
@@ -463,7 +483,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
                 )
             )
             self.dispatcher.update_gauges()
-            self.dispatcher.wake()
+            self.dispatcher.capacity_freed()
 
     async def _apply_result(
         self, run_id: uuid.UUID, state: RunState, result: worker_hub_pb2.WorkerRunResult

@@ -165,7 +165,7 @@ async def serve(config: Config) -> None:
     dispatcher.wake()
     with contextlib.suppress(asyncio.CancelledError):
         await dispatch_task
-    gateway.closing.set()
+    gateway.close_streams()
     await hub.drain()
     await server.inflight.wait_idle(cfg.shutdown_grace_s)
     await server.stop(1.0)

@@ -775,14 +775,19 @@ class RunStore:
                     worker_id = NULL, lease_expires_at = NULL
                 WHERE id = $1 AND status IN ('queued', 'running')
                   AND ($9::bigint IS NULL OR epoch = $9) AND ($10::bigint IS NULL OR last_seq = $10)
-                RETURNING id, last_seq
+                RETURNING id, last_seq, session_id, task_id
             ), ev AS (
                 INSERT INTO gateway.run_events (run_id, seq, last_seq, data)
                 SELECT id, last_seq - $8 + 1, last_seq, $3 FROM upd
             ), ob AS ({OUTBOX.insert_sql(11, when="EXISTS (SELECT 1 FROM upd)")})
             SELECT last_seq FROM upd, LATERAL (
                 SELECT pg_notify('{EVENTS_CHANNEL}', upd.id::text || ':' || upd.last_seq),
-                       pg_notify('{QUEUE_CHANNEL}', '')
+                       -- The session's next run can start now, or a background task's run
+                       -- ended: wake the dispatchers and task managers (only then).
+                       CASE WHEN upd.task_id IS NOT NULL
+                                 OR EXISTS (SELECT 1 FROM gateway.runs q
+                                            WHERE q.session_id = upd.session_id AND q.status = 'queued')
+                            THEN pg_notify('{QUEUE_CHANNEL}', '') END
             ) n
             """,
             run_id,

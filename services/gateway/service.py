@@ -101,7 +101,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.sessions = sessions
         self.auth = auth
         self.metadata = internal_metadata(config.auth.internal_secret)
-        #: Set on shutdown: open streams end with UNAVAILABLE so clients JoinRun elsewhere.
+        #: Set on shutdown (close_streams): open streams end with UNAVAILABLE so clients JoinRun elsewhere.
         self.closing = asyncio.Event()
         #: Background tasks (runyard.gateway.tasks), set by main.
         self.tasks: TaskManager | None = None
@@ -305,43 +305,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             memory=self.runlog.memory_after if self.runlog is not None else None,
             subscription=subscription,
             known=known or (),
+            closing=self.closing,
         )
-        closing = asyncio.ensure_future(self.closing.wait())
-        last = after_seq
-        step: asyncio.Future[common_pb2.RunEvent] | None = None
         try:
-            while True:
-                step = asyncio.ensure_future(anext(events))
-                done, _ = await asyncio.wait({step, closing}, return_when=asyncio.FIRST_COMPLETED)
-                if step not in done:
-                    raise Unavailable(
-                        f"gateway is shutting down; resume with JoinRun(run_id={run_id}, after_seq={last})",
-                        reason="DRAINING",
-                        retry_after_s=0.5,
-                        metadata={"run_id": str(run_id), "after_seq": str(last)},
-                    )
-                try:
-                    event = step.result()
-                except StopAsyncIteration:
-                    return
-                finally:
-                    step = None
-                last = event.seq
+            async for event in events:
                 yield event
         finally:
-            # The client left or the gateway is closing: stop the pending read
-            # before closing the generator it runs in.
-            closing.cancel()
-            if step is not None:
-                if not step.done():
-                    step.cancel()
-                    await asyncio.wait({step})  # never raises the step's outcome
-                # Retrieve the outcome whatever it is (an event, the end of the run,
-                # an error): a finished step left unread makes asyncio log "Task
-                # exception was never retrieved ... StopAsyncIteration".
-                if not step.cancelled():
-                    step.exception()
+            # The client left, the run ended or the gateway is closing.
             await events.aclose()
+
+    def close_streams(self) -> None:
+        """Shutdown: every open run stream ends with UNAVAILABLE (DRAINING)
+        naming the ``after_seq`` to resume from with JoinRun elsewhere."""
+        self.closing.set()
+        self.broker.wake_all()
 
     def _check_join(self, row: Mapping[str, object], after_seq: int) -> bool:
         """Whether a join after ``after_seq`` has anything to follow.

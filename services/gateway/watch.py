@@ -73,6 +73,7 @@ OUTBOX = Outbox("gateway", EVENTS_CHANNEL, relay_columns=True)
 SOURCE_CHANNELS = {"sessions": "runyard_sessions_events", "router": "runyard_router_events"}
 
 _PAGE = 500
+_SOURCE_OF_CHANNEL = {channel: source for source, channel in SOURCE_CHANNELS.items()}
 #: First re-read delay when announced events are still above the horizon.
 _HORIZON_RETRY_S = 0.005
 _RETRY_UNIMPLEMENTED_S = 60.0
@@ -239,22 +240,42 @@ def list_events_source(
 class EventRelay:
     """Copies other services' outbox events into ``gateway.outbox``.
 
+    Rounds are at least ``min_interval_s`` apart: the events a run needs in
+    order (its session's start, its commit's ``session.updated``) are
+    recorded by the gateway with the run itself, so the relay only has to
+    catch up in batches, and a busy stack does not pay a relay round (a
+    cursor read, a ``ListEvents`` call and an insert) per run.
+
     Args:
         pool: the gateway's pool.
         sources: source name -> :data:`Fetch`.
         poll_interval_s: polling period when no NOTIFY arrives.
+        min_interval_s: shortest time between two rounds.
     """
 
-    def __init__(self, pool: asyncpg.Pool, sources: dict[str, Fetch], *, poll_interval_s: float = 1.0):
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        sources: dict[str, Fetch],
+        *,
+        poll_interval_s: float = 1.0,
+        min_interval_s: float = 0.25,
+    ):
         self.pool = pool
         self.sources = sources
         self.poll_interval_s = poll_interval_s
+        self.min_interval_s = min_interval_s
         self._wake = asyncio.Event()
+        self._announced: set[str] = set()
+        #: Each source's cursor as this replica last moved it (the table is
+        #: the truth; a failed compare-and-set drops the cached value).
+        self._after: dict[str, int] = {}
         self._skip_until: dict[str, float] = {}
         self._failing: set[str] = set()
 
-    def wake(self, *_: object) -> None:
-        """Relay soon (a source announced events)."""
+    def wake(self, source: str | None = None) -> None:
+        """Relay soon: ``source`` announced events (None: every source)."""
+        self._announced.update([source] if source is not None else self.sources)
         self._wake.set()
 
     async def relay_once(self, source: str) -> int:
@@ -263,9 +284,11 @@ class EventRelay:
         Returns 0 when another replica relayed the same page first.
         """
         fetch = self.sources[source]
-        after = await self.pool.fetchval("SELECT after_id FROM gateway.event_cursors WHERE source = $1", source)
-        if after is None:
-            return 0
+        after = self._after.get(source)
+        if after is None:  # not known here yet, or another replica moved it
+            after = await self.pool.fetchval("SELECT after_id FROM gateway.event_cursors WHERE source = $1", source)
+            if after is None:
+                return 0
         # Fetch outside any transaction (no pooled connection or row lock is
         # held during the call), then advance the cursor compare-and-set: of
         # two replicas that fetched the same page, only the first commits it.
@@ -284,17 +307,20 @@ class EventRelay:
                 last,
             )
             if moved is None:
+                self._after.pop(source, None)
                 return 0  # another replica relayed this page first
             # Recorded with the source's position: events the gateway already
             # recorded with the change they belong to are skipped.
             await OUTBOX.emit(conn, events, [source] * len(events))
+        self._after[source] = last
         metrics.EVENTS_RELAYED_TOTAL.labels(source).inc(len(events))
         return len(events)
 
-    async def _round(self) -> int:
-        """Relay every source until it has nothing new; returns how many events moved."""
+    async def _round(self, sources: Iterable[str] | None = None) -> int:
+        """Relay ``sources`` (default every source) until they have nothing
+        new; returns how many events moved."""
         moved = 0
-        for source in self.sources:
+        for source in list(sources) if sources is not None else list(self.sources):
             if time.monotonic() < self._skip_until.get(source, 0.0):
                 continue
             try:
@@ -337,22 +363,27 @@ class EventRelay:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("preparing the event relay failed (%s); retrying", exc)
                 await asyncio.sleep(self.poll_interval_s)
-        woken = False
+        woken: list[str] | None = None
         while True:
-            moved = await self._round()
+            started = time.monotonic()
+            moved = await self._round(woken)
             if woken and not moved:
                 # A source announced events its readers cannot see yet (an
                 # older transaction on the server is still open; see
                 # runyard.common.outbox): look again shortly, a few times.
                 for delay in (0.005, 0.02, 0.08):
                     await asyncio.sleep(delay)
-                    if await self._round():
+                    if await self._round(woken):
                         break
-            woken = False
+            woken = None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_interval_s):  # not wait_for: it can swallow a cancel
                     await self._wake.wait()
-                    woken = True
+                    woken = []
+            if woken is not None:
+                await asyncio.sleep(max(started + self.min_interval_s - time.monotonic(), 0.0))
+                woken = sorted(self._announced)
+            self._announced.clear()
             self._wake.clear()
 
 
@@ -520,7 +551,7 @@ class LifecycleStream:
         if channel == EVENTS_CHANNEL:
             self.watcher.notify(payload)
         else:
-            self.relay.wake()
+            self.relay.wake(_SOURCE_OF_CHANNEL.get(channel))
 
     def _on_reconnect(self) -> None:
         self.relay.wake()

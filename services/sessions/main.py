@@ -52,8 +52,9 @@ async def serve(config: Config) -> None:
         instance_id=instance_id("sessions"),
         max_snapshot_bytes=cfg.max_snapshot_bytes,
         archive_on_reset=cfg.archive_on_reset,
-        # Well inside the idle timeout, so a session in use never looks idle.
-        touch_interval_s=min(1.0, cfg.idle_timeout_s / 4) if cfg.idle_timeout_s > 0 else 1.0,
+        # Well inside the idle timeout (a tenth of it, at most a minute), so a
+        # session in use never looks idle; pruning works in days.
+        touch_interval_s=min(60.0, cfg.idle_timeout_s / 10) if cfg.idle_timeout_s > 0 else 60.0,
     )
     hooks = HookRunner(handlers, queue_size=config.hooks.queue_size)
     hooks.start()
