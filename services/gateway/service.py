@@ -30,7 +30,6 @@ from runyard.common.errors import (
     OutOfRange,
     ResourceExhausted,
     RunyardError,
-    Unavailable,
     Unimplemented,
 )
 from runyard.common.faults import budget_for, retry_transient

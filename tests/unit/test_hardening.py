@@ -29,7 +29,6 @@ from runyard.v1 import (
     ListSessionsRequest,
     Message,
     SendMessageRequest,
-    Transcript,
     WatchEventsRequest,
 )
 

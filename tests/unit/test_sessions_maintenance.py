@@ -11,7 +11,7 @@ import pytest
 from runyard._proto.v1 import common_pb2, sessions_pb2
 from runyard.common.auth import RunClaims
 from runyard.common.config import MaintenanceConfig
-from runyard.common.hooks import SessionEnd, from_proto
+from runyard.common.hooks import from_proto
 from runyard.sessions.maintenance import Maintenance
 from runyard.sessions.store import SessionStore
 
