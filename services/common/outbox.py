@@ -196,6 +196,22 @@ class Outbox:
             if done < batch:
                 return total
 
+    async def wait_final(self, pool: asyncpg.Pool | asyncpg.Connection, timeout_s: float = 10.0) -> bool:
+        """Wait until every event committed so far is below the readers'
+        horizon (no older writer is still open anywhere on the server);
+        True if that happened within ``timeout_s``. For tests and tools that
+        must see everything committed before they read."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lagging = await pool.fetchval(
+                f"SELECT coalesce(max(pos), 0) >= {HORIZON_SQL} FROM {self.schema}.outbox"
+            )
+            if not lagging:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+
     async def read(
         self, pool: asyncpg.Pool | asyncpg.Connection, after_pos: int, limit: int, types: Sequence[str] = ()
     ) -> list[common_pb2.LifecycleEvent]:

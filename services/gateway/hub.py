@@ -207,11 +207,16 @@ class Dispatcher:
                 return
 
     async def assign(
-        self, worker: WorkerConn | None, claim: Claim, payload: common_pb2.RunPayload | None = None
+        self,
+        worker: WorkerConn | None,
+        claim: Claim,
+        payload: common_pb2.RunPayload | None = None,
+        transcript: sessions_pb2.GetTranscriptResponse | None = None,
     ) -> None:
         """Send a claimed run to its worker: run token, run log stream,
-        assignment. A worker that left meanwhile gets nothing: the run goes
-        straight back to the queue."""
+        assignment (with ``transcript`` when the caller knows it is current).
+        A worker that left meanwhile gets nothing: the run goes straight back
+        to the queue."""
         if worker is None or self.workers.get(worker.worker_id) is not worker:
             await self.store.requeue([(claim.run_id, claim.epoch)], count_attempt=False)
             return
@@ -241,7 +246,10 @@ class Dispatcher:
             trace_context=dict(payload.trace_context), token_signed_at=time.monotonic(),
         )
         self.runlog.open(claim.run_id, str(claim.session_id), claim.epoch, claim.last_seq)
-        worker.send(worker_hub_pb2.ConnectResponse(assign=worker_hub_pb2.RunAssignment(payload=payload)))
+        assignment = worker_hub_pb2.RunAssignment(payload=payload)
+        if transcript is not None:
+            assignment.transcript.CopyFrom(transcript)
+        worker.send(worker_hub_pb2.ConnectResponse(assign=assignment))
 
     def find(self, run_id: uuid.UUID) -> tuple[WorkerConn, RunState] | None:
         for worker in self.workers.values():
@@ -545,6 +553,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
                 return "cancelled", event, seq
             error: common_pb2.RunError | None = None
             relayed: list[common_pb2.LifecycleEvent] = []
+            turn: int | None = None
             try:
                 with tracing.attached(state.trace_context):
                     response = await call(
@@ -566,6 +575,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
                 error = exc.to_run_error()
             else:
                 relayed = list(response.events)
+                turn = response.turn if response.session_id == state.session_id else None
             if error is not None:
                 event = event_bytes(failed=common_pb2.RunFailed(error=error))
                 seq = await self.store.finish(conn, run_id, status="failed", event=event, error=error, **finish)
@@ -574,7 +584,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             event = event_bytes(completed=completed)
             seq = await self.store.finish(
                 conn, run_id, status="completed", event=event, model=completed.model, usage=completed.usage,
-                relayed=relayed, **finish,
+                relayed=relayed, transcript_turn=turn, **finish,
             )
             return "completed", event, seq
 

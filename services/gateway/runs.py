@@ -298,8 +298,9 @@ class RunStore:
         Returns:
             ``(run row, created)``; ``created`` is False when an idempotent
             repeat or a COLLECT merge returned an existing run. A created row
-            also has ``queued_event`` (the serialized seq-1 event) and, when
-            claimed, ``payload``.
+            also has ``queued_event`` (the serialized seq-1 event),
+            ``last_turn`` (the transcript turn the session's last completed
+            run committed; 0 if unknown) and, when claimed, ``payload``.
 
         Raises:
             FailedPrecondition: REJECT while a run is active (reason
@@ -329,13 +330,24 @@ class RunStore:
                 if existing is not None:
                     self._check_fingerprint(existing, fingerprint)
                     return existing, False
-            active = await conn.fetch(
+            # The session's active runs, and the transcript turn its last
+            # completed run committed (whether a transcript read earlier is current).
+            rows = await conn.fetch(
                 """
-                SELECT id, status, multitask_strategy, payload FROM gateway.runs
-                WHERE session_id = $1 AND status IN ('queued', 'running') ORDER BY queue_pos
+                SELECT lt.last_turn, a.id, a.status, a.multitask_strategy, a.payload
+                FROM (SELECT (SELECT c.transcript_turn FROM gateway.runs c
+                              WHERE c.session_id = $1 AND c.status = 'completed'
+                              ORDER BY c.created_at DESC LIMIT 1) AS last_turn) lt
+                LEFT JOIN LATERAL (
+                    SELECT id, status, multitask_strategy, payload, queue_pos FROM gateway.runs
+                    WHERE session_id = $1 AND status IN ('queued', 'running')
+                ) a ON true
+                ORDER BY a.queue_pos
                 """,
                 session_id,
             )
+            active = [r for r in rows if r["id"] is not None]
+            last_turn = rows[0]["last_turn"] if rows else None
             if active:
                 if strategy == "REJECT":
                     raise FailedPrecondition(
@@ -369,7 +381,7 @@ class RunStore:
             # queued runs, so no other run of it can start meanwhile.
             claimed = claim_for if not active else None
             row = await self._insert_row(conn, payload, fingerprint, strategy, queued, claimed, relayed)
-            return {**dict(row), "queued_event": queued}, True
+            return {**dict(row), "queued_event": queued, "last_turn": last_turn or 0}, True
 
     async def _insert_row(
         self,
@@ -740,6 +752,7 @@ class RunStore:
         pending: Sequence[bytes] = (),
         expected_last_seq: int | None = None,
         relayed: Sequence[common_pb2.LifecycleEvent] = (),
+        transcript_turn: int | None = None,
     ) -> int:
         """End a run (still queued or running, at ``epoch`` if given) with
         its terminal ``event``, in one statement; returns the event's seq, or
@@ -752,7 +765,8 @@ class RunStore:
         lifecycle events (run.completed and message.sent, or run.failed)
         go into the same statement; without it they are written after it,
         so pass a connection in a transaction. ``relayed`` are sessions
-        events to record before them (a commit's session.updated).
+        events to record before them (a commit's session.updated);
+        ``transcript_turn`` the turn the run's commit produced in its session.
         """
         added = len(pending) + 1
         lifecycle: list[common_pb2.LifecycleEvent] = []
@@ -772,7 +786,7 @@ class RunStore:
                 UPDATE gateway.runs SET status = $2, ended_at = now(), last_seq = last_seq + $8,
                     model = coalesce(nullif($4, ''), model),
                     input_tokens = $5, output_tokens = $6, error = $7,
-                    worker_id = NULL, lease_expires_at = NULL
+                    worker_id = NULL, lease_expires_at = NULL, transcript_turn = ${11 + OUTBOX.arg_count}
                 WHERE id = $1 AND status IN ('queued', 'running')
                   AND ($9::bigint IS NULL OR epoch = $9) AND ($10::bigint IS NULL OR last_seq = $10)
                 RETURNING id, last_seq, session_id, task_id
@@ -801,6 +815,7 @@ class RunStore:
             epoch,
             expected_last_seq,
             *OUTBOX.emit_args(lifecycle, sources),
+            transcript_turn,
         )
         if seq and info is None:  # lifecycle events (run.completed + message.sent, or run.failed), same transaction
             row = await conn.fetchrow(f"SELECT {_RUN_COLUMNS} FROM gateway.runs WHERE id = $1", run_id)

@@ -68,6 +68,26 @@ def _require_session_ref(session_id: str, session_key: str) -> None:
         raise InvalidArgument("session_id or session_key is required", reason="MISSING_FIELD", field="session_id")
 
 
+#: Largest transcript the gateway carries from ResolveSession to the worker
+#: with a run it claims at once (larger ones the worker reads itself).
+_PREFETCH_TRANSCRIPT_BYTES = 256 * 1024
+
+
+def _current_transcript(
+    resolved: sessions_pb2.ResolveSessionResponse, row: Mapping[str, Any]
+) -> sessions_pb2.GetTranscriptResponse | None:
+    """The transcript read while resolving the session, if it is still the
+    session's: every turn of a transcript comes from a run's commit, and the
+    session's last completed run (whose end is ordered after its commit)
+    says which turn it committed; with no run active (the run was claimed as
+    it was queued), no commit can come in between."""
+    if not resolved.transcript_included or resolved.transcript.session_id != resolved.session.id:
+        return None
+    if int(row.get("last_turn") or 0) != resolved.transcript.head_turn:
+        return None
+    return resolved.transcript
+
+
 @dataclass(slots=True)
 class _Submitted:
     """A run a SendMessage (or Chat send) queued or found: for a run it just
@@ -199,42 +219,50 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 RunStore._check_fingerprint(existing, fingerprint)
                 return _Submitted(existing["id"], str(existing["session_id"]))
         agent_id = request.agent_id or self.config.gateway.default_agent
-        resolved = await call(
-            self.sessions.ResolveSession(
-                sessions_pb2.ResolveSessionRequest(
-                    org_id=principal.org_id, session_key=request.session_key, agent_id=agent_id
-                ),
-                metadata=self.metadata,
-                timeout=downstream_timeout(context, 10.0),
-            )
-        )
-        run_id = uuid.uuid4()
-        payload = common_pb2.RunPayload(
-            run_id=str(run_id),
-            org_id=principal.org_id,
-            session_id=resolved.session.id,
-            session_key=request.session_key,
-            agent_id=agent_id,
-            input=common_pb2.RunInput(text=request.text, attachments=request.attachments),
-            model=request.model,
-            options=request.options,
-            metadata=request.metadata,
-            idempotency_key=request.idempotency_key,
-            multitask_strategy=request.multitask_strategy,
-            create_time=now(),
-        )
-        tracing.inject(payload.trace_context)  # the worker's run span continues this trace
-        # Subscribed before the run exists: no event of it can be missed, so
-        # the stream starts from memory without reading the table.
-        subscription = self.broker.subscribe(run_id)
+        # A slot of a local worker, for a run claimed as it is queued (held
+        # from here so the transcript read with the session can go with it).
         worker = self.dispatcher.reserve()
         try:
-            row, created = await self._insert(principal, payload, fingerprint, strategy, context, worker, resolved)
-            if created and row["status"] == "running":
-                await self.dispatcher.assign(worker, Claim.from_row(row), payload)
-        except BaseException:
-            self.broker.unsubscribe(run_id, subscription)
-            raise
+            resolved = await call(
+                self.sessions.ResolveSession(
+                    sessions_pb2.ResolveSessionRequest(
+                        org_id=principal.org_id,
+                        session_key=request.session_key,
+                        agent_id=agent_id,
+                        transcript_max_bytes=_PREFETCH_TRANSCRIPT_BYTES if worker is not None else 0,
+                    ),
+                    metadata=self.metadata,
+                    timeout=downstream_timeout(context, 10.0),
+                )
+            )
+            run_id = uuid.uuid4()
+            payload = common_pb2.RunPayload(
+                run_id=str(run_id),
+                org_id=principal.org_id,
+                session_id=resolved.session.id,
+                session_key=request.session_key,
+                agent_id=agent_id,
+                input=common_pb2.RunInput(text=request.text, attachments=request.attachments),
+                model=request.model,
+                options=request.options,
+                metadata=request.metadata,
+                idempotency_key=request.idempotency_key,
+                multitask_strategy=request.multitask_strategy,
+                create_time=now(),
+            )
+            tracing.inject(payload.trace_context)  # the worker's run span continues this trace
+            # Subscribed before the run exists: no event of it can be missed, so
+            # the stream starts from memory without reading the table.
+            subscription = self.broker.subscribe(run_id)
+            try:
+                row, created = await self._insert(principal, payload, fingerprint, strategy, context, worker, resolved)
+                if created and row["status"] == "running":
+                    await self.dispatcher.assign(
+                        worker, Claim.from_row(row), payload, transcript=_current_transcript(resolved, row)
+                    )
+            except BaseException:
+                self.broker.unsubscribe(run_id, subscription)
+                raise
         finally:
             if worker is not None:
                 self.dispatcher.unreserve(worker)

@@ -73,14 +73,21 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         org = _require_org(request.org_id)
         if not request.session_key:
             raise InvalidArgument("session_key is required", reason="MISSING_FIELD", field="session_key")
-        session, created, events = await self.store.resolve(
+        session, created, events, read = await self.store.resolve_with_transcript(
             org,
             request.session_key,
             request.agent_id,
             parent_session_id=_optional_uuid(request.parent_session_id, "parent_session_id"),
             create=not request.no_create,
+            transcript_max_bytes=request.transcript_max_bytes,
         )
-        return sessions_pb2.ResolveSessionResponse(session=session, created=created, events=events)
+        response = sessions_pb2.ResolveSessionResponse(session=session, created=created, events=events)
+        if read is not None:
+            response.transcript_included = True
+            response.transcript.transcript.ParseFromString(read.data)
+            response.transcript.session_id = read.session_id
+            response.transcript.head_turn = read.head_turn
+        return response
 
     async def GetSession(
         self, request: sessions_pb2.SessionServiceGetSessionRequest, context: grpc.aio.ServicerContext

@@ -129,10 +129,14 @@ FROM ended e LEFT JOIN sessions.sessions s ON s.id = e.session_id
 END_BATCH = 5_000
 
 #: The key's current session with what resolve needs to decide whether to
-#: write anything: $3 = touch interval (s), $4 = this instance.
+#: write anything: $3 = touch interval (s), $4 = this instance; and its
+#: transcript when at most $5 bytes ($5 = 0: never).
 _RESOLVE_SQL = f"""
 SELECT {", ".join(f"s.{c.strip()}" for c in _SESSION_COLUMNS.split(","))},
        s.last_active_at < now() - make_interval(secs => $3) AS stale,
+       CASE WHEN $5 > 0 AND s.transcript_bytes <= $5 THEN
+           coalesce((SELECT string_agg(t.data, ''::bytea ORDER BY t.turn) FROM sessions.turns t
+                     WHERE t.session_id = s.id AND t.state = 'current'), ''::bytea) END AS transcript,
        a.instance_id AS activation_owner,
        (a.id IS NOT NULL AND a.instance_id <> $4 AND NOT EXISTS (
             SELECT 1 FROM sessions.instances i
@@ -476,6 +480,22 @@ class SessionStore:
         parent_session_id: uuid.UUID | None = None,
         create: bool = True,
     ) -> tuple[common_pb2.Session, bool, list[common_pb2.LifecycleEvent]]:
+        """:meth:`resolve_with_transcript` without the transcript."""
+        session, created, events, _ = await self.resolve_with_transcript(
+            org_id, key, agent_id, parent_session_id=parent_session_id, create=create
+        )
+        return session, created, events
+
+    async def resolve_with_transcript(
+        self,
+        org_id: str,
+        key: str,
+        agent_id: str,
+        *,
+        parent_session_id: uuid.UUID | None = None,
+        create: bool = True,
+        transcript_max_bytes: int = 0,
+    ) -> tuple[common_pb2.Session, bool, list[common_pb2.LifecycleEvent], TranscriptRead | None]:
         """The key's current session, created (session.start NEW) if missing.
 
         Marks the session active and opens an activation if none is open
@@ -486,20 +506,31 @@ class SessionStore:
         the session is current, active and touched within
         ``touch_interval_s``, this is one read-only statement.
 
+        With ``transcript_max_bytes``, the session's transcript comes too
+        (as :meth:`read_transcript` would read it for a new run) when it is
+        at most that many bytes and the answer took no write (the hot path),
+        or the session is new.
+
         Returns:
-            ``(session, created, events)``: the lifecycle events committed,
-            each with its outbox position as ``id``.
+            ``(session, created, events, transcript)``: the lifecycle events
+            committed, each with its outbox position as ``id``; the
+            transcript or None.
 
         Raises:
             NotFound: no session and ``create`` is False.
             FailedPrecondition: the key's session belongs to another agent
                 (reason SESSION_AGENT_MISMATCH).
         """
-        row = await self.pool.fetchrow(_RESOLVE_SQL, org_id, key, self.touch_interval_s, self.instance_id)
+        row = await self.pool.fetchrow(
+            _RESOLVE_SQL, org_id, key, self.touch_interval_s, self.instance_id, transcript_max_bytes
+        )
         if row is not None:
             self._check_agent(row, key, agent_id)
             if row["activation_owner"] is not None and not row["orphaned"] and not row["stale"]:
-                return session_proto(row), False, []
+                transcript = None
+                if row["transcript"] is not None:
+                    transcript = TranscriptRead(bytes(row["transcript"]), str(row["id"]), row["head_turn"], False)
+                return session_proto(row), False, [], transcript
         for _ in range(3):
             async with self.pool.acquire() as conn, conn.transaction():
                 row = await conn.fetchrow(
@@ -529,7 +560,10 @@ class SessionStore:
                 await self._emit(conn, events)
             if events:
                 self._written(events)
-            return session_proto(row), created, events
+            transcript = None
+            if created and transcript_max_bytes > 0:  # a new session's transcript is empty
+                transcript = TranscriptRead(b"", str(row["id"]), 0, False)
+            return session_proto(row), created, events, transcript
         raise FailedPrecondition(
             "the session key is contended; retry", reason="SESSION_CONTENDED", field="session_key", retryable=True
         )

@@ -28,6 +28,7 @@ from runyard import __version__
 from runyard._proto.v1 import (
     common_pb2,
     router_pb2_grpc,
+    sessions_pb2,
     sessions_pb2_grpc,
     tasks_pb2_grpc,
     worker_hub_pb2,
@@ -57,6 +58,8 @@ class ActiveRun:
     sent: list[worker_hub_pb2.ConnectRequest] = field(default_factory=list)
     result: worker_hub_pb2.ConnectRequest | None = None
     cancel_reason: str = ""
+    #: The transcript the gateway sent with the assignment (used once, then dropped).
+    transcript: sessions_pb2.GetTranscriptResponse | None = None
 
     @property
     def run_id(self) -> str:
@@ -115,10 +118,12 @@ class Worker:
 
     # ------------------------------------------------------------ runs
 
-    def _start_run(self, payload: common_pb2.RunPayload) -> None:
+    def _start_run(
+        self, payload: common_pb2.RunPayload, transcript: sessions_pb2.GetTranscriptResponse | None = None
+    ) -> None:
         if payload.run_id in self.runs:
             return
-        run = ActiveRun(payload)
+        run = ActiveRun(payload, transcript=transcript)
         self.runs[payload.run_id] = run
         run.task = asyncio.create_task(self._execute(run), name=f"run-{payload.run_id}")
 
@@ -126,7 +131,10 @@ class Worker:
         try:
             # One span per execution, continuing the trace of the request that queued the run.
             with tracing.run_span(run.payload) as span:
-                outcome = await self.executor.execute(run.payload, lambda event: self._emit(run, event))
+                outcome = await self.executor.execute(
+                    run.payload, lambda event: self._emit(run, event), run.transcript
+                )
+                run.transcript = None
                 if span is not None and outcome.completed is not None:
                     span.set_attribute("runyard.model", outcome.completed.model)
         except asyncio.CancelledError:
@@ -262,7 +270,8 @@ class Worker:
                 elif kind == "assign":
                     if self.draining:
                         continue  # the gateway re-queues it when the lease lapses or we leave
-                    self._start_run(response.assign.payload)
+                    assign = response.assign
+                    self._start_run(assign.payload, assign.transcript if assign.HasField("transcript") else None)
                 elif kind == "cancel":
                     self._cancel_run(response.cancel.run_id, response.cancel.reason or "CANCELLED")
                 elif kind == "ack":

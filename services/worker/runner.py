@@ -164,9 +164,16 @@ class RunExecutor:
         self._overflows: dict[str, _OverflowRetry] = {}
 
     async def execute(
-        self, payload: common_pb2.RunPayload, emit: Callable[[common_pb2.RunEvent], None]
+        self,
+        payload: common_pb2.RunPayload,
+        emit: Callable[[common_pb2.RunEvent], None],
+        transcript: sessions_pb2.GetTranscriptResponse | None = None,
     ) -> RunOutcome:
         """Execute ``payload``, emitting events; returns the outcome.
+
+        ``transcript`` is the run's transcript when the gateway sent it with
+        the assignment (RunAssignment.transcript); otherwise it is read from
+        the sessions service.
 
         Cancellation (``asyncio.CancelledError``) propagates after the router
         call is cancelled; nothing is committed for an unfinished run.
@@ -177,7 +184,7 @@ class RunExecutor:
         budget_s = self.config.run_timeout_ms(payload.agent_id, payload.options.timeout_ms) / 1000
         try:
             with run_deadline(budget_s):
-                return await self._execute(payload, emit)
+                return await self._execute(payload, emit, transcript)
         except (RunyardError, grpc.aio.AioRpcError, *_LOCAL_INFRASTRUCTURE) as exc:
             error = from_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
             if infrastructure_failure(error):
@@ -207,10 +214,13 @@ class RunExecutor:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _execute(
-        self, payload: common_pb2.RunPayload, emit: Callable[[common_pb2.RunEvent], None]
+        self,
+        payload: common_pb2.RunPayload,
+        emit: Callable[[common_pb2.RunEvent], None],
+        transcript: sessions_pb2.GetTranscriptResponse | None = None,
     ) -> RunOutcome:
         # payload.run_token is read at each call: the hub renews it with the lease.
-        read = await self._retrying(
+        read = transcript if transcript is not None else await self._retrying(
             lambda: self.sessions.GetTranscript(
                 sessions_pb2.GetTranscriptRequest(run_token=payload.run_token), timeout=30
             )

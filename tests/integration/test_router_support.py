@@ -165,6 +165,7 @@ class Harness:
     async def events(self, types: Sequence[str] = ()) -> list[common_pb2.LifecycleEvent]:
         """Every committed outbox event (after flushing the writer)."""
         await self.store.flush()
+        await self.outbox.wait_final(self.pool)
         return await self.outbox.read(self.pool, 0, 1000, types)
 
     async def row(self, provider: str, profile: str, model: str) -> asyncpg.Record | None:

@@ -333,6 +333,7 @@ async def test_session_ends_from_any_path_cascade_or_follow_the_compaction(pool)
             end(uuid.uuid4(), common_pb2.SESSION_END_REASON_IDLE),
             end(deleted, common_pb2.SESSION_END_REASON_DELETED),
         ])
+    assert await OUTBOX.wait_final(pool)  # no other writer on the server holds them back
     assert await manager.consume_session_ends() == 3
     assert await manager.consume_session_ends() == 0  # the cursor moved past them
 

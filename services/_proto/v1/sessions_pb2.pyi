@@ -33,28 +33,34 @@ SHUTDOWN_MODE_SHUTDOWN: ShutdownMode
 SHUTDOWN_MODE_RESTART: ShutdownMode
 
 class ResolveSessionRequest(_message.Message):
-    __slots__ = ("org_id", "session_key", "agent_id", "parent_session_id", "no_create")
+    __slots__ = ("org_id", "session_key", "agent_id", "parent_session_id", "no_create", "transcript_max_bytes")
     ORG_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NO_CREATE_FIELD_NUMBER: _ClassVar[int]
+    TRANSCRIPT_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     org_id: str
     session_key: str
     agent_id: str
     parent_session_id: str
     no_create: bool
-    def __init__(self, org_id: _Optional[str] = ..., session_key: _Optional[str] = ..., agent_id: _Optional[str] = ..., parent_session_id: _Optional[str] = ..., no_create: _Optional[bool] = ...) -> None: ...
+    transcript_max_bytes: int
+    def __init__(self, org_id: _Optional[str] = ..., session_key: _Optional[str] = ..., agent_id: _Optional[str] = ..., parent_session_id: _Optional[str] = ..., no_create: _Optional[bool] = ..., transcript_max_bytes: _Optional[int] = ...) -> None: ...
 
 class ResolveSessionResponse(_message.Message):
-    __slots__ = ("session", "created", "events")
+    __slots__ = ("session", "created", "events", "transcript", "transcript_included")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
+    TRANSCRIPT_INCLUDED_FIELD_NUMBER: _ClassVar[int]
     session: _common_pb2.Session
     created: bool
     events: _containers.RepeatedCompositeFieldContainer[_common_pb2.LifecycleEvent]
-    def __init__(self, session: _Optional[_Union[_common_pb2.Session, _Mapping]] = ..., created: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[_common_pb2.LifecycleEvent, _Mapping]]] = ...) -> None: ...
+    transcript: GetTranscriptResponse
+    transcript_included: bool
+    def __init__(self, session: _Optional[_Union[_common_pb2.Session, _Mapping]] = ..., created: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[_common_pb2.LifecycleEvent, _Mapping]]] = ..., transcript: _Optional[_Union[GetTranscriptResponse, _Mapping]] = ..., transcript_included: _Optional[bool] = ...) -> None: ...
 
 class SessionServiceGetSessionRequest(_message.Message):
     __slots__ = ("org_id", "session_id", "session_key")

@@ -122,10 +122,12 @@ class HubWelcome(_message.Message):
     def __init__(self, gateway_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ..., rejected_runs: _Optional[_Iterable[_Union[RunLease, _Mapping]]] = ..., accepted_runs: _Optional[_Iterable[_Union[RunLease, _Mapping]]] = ...) -> None: ...
 
 class RunAssignment(_message.Message):
-    __slots__ = ("payload",)
+    __slots__ = ("payload", "transcript")
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
     payload: _common_pb2.RunPayload
-    def __init__(self, payload: _Optional[_Union[_common_pb2.RunPayload, _Mapping]] = ...) -> None: ...
+    transcript: _sessions_pb2.GetTranscriptResponse
+    def __init__(self, payload: _Optional[_Union[_common_pb2.RunPayload, _Mapping]] = ..., transcript: _Optional[_Union[_sessions_pb2.GetTranscriptResponse, _Mapping]] = ...) -> None: ...
 
 class RunCancel(_message.Message):
     __slots__ = ("run_id", "epoch", "reason")
