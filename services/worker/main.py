@@ -86,12 +86,14 @@ class Worker:
             sessions_pb2_grpc.SessionServiceStub(self._sessions_channel),
             router_pb2_grpc.RouterServiceStub(self._router_channel),
         )
-        self.executor.tools = TaskTools(
+        # Tool sources of the tool loop (runyard.worker.tools.ToolSource), in precedence order.
+        self.executor.sources.append(TaskTools(
             tasks_pb2_grpc.TaskServiceStub(self._tasks_channel),
             internal_metadata(config.auth.internal_secret),
             wait_max_s=config.tasks.tool_wait_max_s,
             retrying=self.executor._retrying,
-        )
+            config=config,
+        ))
         self.draining = False
         self.connected = asyncio.Event()
         self._stopped = asyncio.Event()

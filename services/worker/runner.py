@@ -11,10 +11,11 @@ again: it reports the stored answer.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -28,7 +29,7 @@ from runyard.common.faults import infrastructure_error
 from runyard.common.protoutil import now
 from runyard.worker.budget import ROUTER_DEADLINE_MARGIN_S, run_deadline, time_left
 from runyard.worker.compaction import Compactor, estimate_tokens
-from runyard.worker.tools import TaskTools, offered_tools
+from runyard.worker.tools import _ORDINAL, RunTools, ToolResult, ToolSource, resolve_tools
 
 __all__ = ["RunOutcome", "RunExecutor", "build_prompt"]
 
@@ -142,6 +143,20 @@ def build_prompt(
     return prompt, new_turn
 
 
+def _tool_message(payload: common_pb2.RunPayload, call: common_pb2.ToolCall, result: ToolResult) -> common_pb2.Message:
+    """The ROLE_TOOL message answering ``call`` (``metadata.is_error`` on an error result)."""
+    message = common_pb2.Message(
+        role=common_pb2.ROLE_TOOL,
+        content=result.content,
+        tool_call_id=call.id,
+        name=call.name,
+        run_id=payload.run_id,
+        metadata={"is_error": "true"} if result.is_error else {},
+    )
+    message.create_time.CopyFrom(now())
+    return message
+
+
 class RunExecutor:
     """Runs the pipeline of one run against sessions and the router."""
 
@@ -151,15 +166,16 @@ class RunExecutor:
         worker_id: str,
         sessions: sessions_pb2_grpc.SessionServiceStub,
         router: router_pb2_grpc.RouterServiceStub,
-        tools: TaskTools | None = None,
+        sources: Sequence[ToolSource] = (),
     ):
         self.config = config
         self.worker_id = worker_id
         self.sessions = sessions
         self.router = router
         self.compactor = Compactor(config, router)
-        #: The built-in tools (spawn_task, task_output); None = none offered.
-        self.tools = tools
+        #: Server-side tool sources (runyard.worker.tools.ToolSource), in precedence order:
+        #: the built-in tools (TaskTools), then others (MCP servers). Append to add one.
+        self.sources: list[ToolSource] = list(sources)
         #: run id -> what a CONTEXT_OVERFLOW retry needs (see _overflow_retry).
         self._overflows: dict[str, _OverflowRetry] = {}
 
@@ -252,10 +268,11 @@ class RunExecutor:
         prompt: list[common_pb2.Message],
         emit: Callable[[common_pb2.RunEvent], None],
     ) -> tuple[router_pb2.GenerateFinal, list[common_pb2.Message]]:
-        """The model's answer, with the built-in tool loop.
+        """The model's answer, with the tool loop.
 
-        When the run offers tools (:func:`runyard.worker.tools.offered_tools`)
-        and the model calls them, each call is executed, reported with a
+        The run's tools come from ``self.sources``
+        (:func:`runyard.worker.tools.resolve_tools`). When the model calls
+        them, each call is executed by its source, reported with a
         ``tool_result`` event and answered with a ROLE_TOOL message, and the
         model is asked again. After ``max_tool_calls`` calls (the run's
         option, else ``tasks.max_tool_calls``) tools are no longer offered;
@@ -270,24 +287,26 @@ class RunExecutor:
         Raises:
             ResourceExhausted: the model still called tools after they were
                 withdrawn (TOOL_CALL_LIMIT_EXCEEDED).
+            InvalidArgument: tool names clash (TOOL_NAME_CONFLICT).
         """
-        tools = offered_tools(self.config, payload) if self.tools is not None else []
+        tools = resolve_tools(self.sources, payload)
         limit = payload.options.max_tool_calls or self.config.tasks.max_tool_calls
         produced: list[common_pb2.Message] = []
         usage = common_pb2.Usage()
         calls_made = 0
         ordinals: dict[str, int] = {}
         while True:
-            offer = tools if calls_made < limit else []
+            offer = tools.definitions if calls_made < limit else []
             final = await self._generate(
-                payload, [*prompt, *produced], emit, offer, announced=bool(produced), tool_calls=bool(tools)
+                payload, [*prompt, *produced], emit, offer, announced=bool(produced),
+                tool_calls=bool(tools.definitions), tool_sources=tools,
             )
             usage.input_tokens += final.usage.input_tokens
             usage.output_tokens += final.usage.output_tokens
             final.usage.CopyFrom(usage)
             if not final.message.tool_calls:
                 return final, produced
-            if not tools:
+            if not tools.definitions:
                 # Tool calls nobody offered (a model that invents them) cannot be answered; kept,
                 # they would leave an assistant message whose calls have no results, which
                 # providers reject on every later turn (OpenAI: "tool_calls must be followed by
@@ -305,34 +324,39 @@ class RunExecutor:
                     reason="TOOL_CALL_LIMIT_EXCEEDED",
                     retryable=False,
                 )
-            assert self.tools is not None
             produced.append(final.message)
             for call in final.message.tool_calls:
                 if calls_made >= limit:
-                    content = f'{{"error": "tool call limit ({limit}) reached; answer without tools"}}'
-                    is_error = True
+                    result = ToolResult(
+                        f'{{"error": "tool call limit ({limit}) reached; answer without tools"}}', is_error=True
+                    )
                 else:
                     calls_made += 1
                     ordinals[call.name] = ordinals.get(call.name, 0) + 1
-                    result = await self.tools.execute(payload, call, ordinals[call.name])
-                    content, is_error = result.content, result.is_error
+                    result = await self._call_tool(payload, tools, call, ordinals[call.name])
                 emit(
                     common_pb2.RunEvent(
                         tool_result=common_pb2.ToolResultEvent(
-                            tool_call_id=call.id, name=call.name, content=content, is_error=is_error
+                            tool_call_id=call.id, name=call.name, content=result.content, is_error=result.is_error
                         )
                     )
                 )
-                message = common_pb2.Message(
-                    role=common_pb2.ROLE_TOOL,
-                    content=content,
-                    tool_call_id=call.id,
-                    name=call.name,
-                    run_id=payload.run_id,
-                    metadata={"is_error": "true"} if is_error else {},
-                )
-                message.create_time.CopyFrom(now())
-                produced.append(message)
+                produced.append(_tool_message(payload, call, result))
+
+    async def _call_tool(
+        self, payload: common_pb2.RunPayload, tools: RunTools, call: common_pb2.ToolCall, ordinal: int
+    ) -> ToolResult:
+        """One call through the source that offers ``call.name`` (an error
+        result naming the offered tools when none does)."""
+        source = tools.by_name.get(call.name)
+        if source is None:
+            names = ", ".join(d.name for d in tools.definitions)
+            return ToolResult(json.dumps({"error": f"unknown tool {call.name!r}; available: {names}"}), is_error=True)
+        token = _ORDINAL.set(ordinal)
+        try:
+            return await source.call(payload, call)
+        finally:
+            _ORDINAL.reset(token)
 
     async def _generate(
         self,
@@ -343,6 +367,7 @@ class RunExecutor:
         *,
         announced: bool = False,
         tool_calls: bool = True,
+        tool_sources: RunTools | None = None,
     ) -> router_pb2.GenerateFinal:
         """Stream the router's answer, forwarding events.
 
