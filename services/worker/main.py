@@ -53,6 +53,8 @@ class ActiveRun:
 
     payload: common_pb2.RunPayload
     task: asyncio.Task[None] | None = None
+    #: Where the run continues after client tool results (None: from its start).
+    continuation: worker_hub_pb2.RunContinuation | None = None
     #: Every event sent, in order (index + 1 = worker_seq): resent after a re-attach.
     sent: list[worker_hub_pb2.ConnectRequest] = field(default_factory=list)
     result: worker_hub_pb2.ConnectRequest | None = None
@@ -117,10 +119,12 @@ class Worker:
 
     # ------------------------------------------------------------ runs
 
-    def _start_run(self, payload: common_pb2.RunPayload) -> None:
+    def _start_run(
+        self, payload: common_pb2.RunPayload, continuation: worker_hub_pb2.RunContinuation | None = None
+    ) -> None:
         if payload.run_id in self.runs:
             return
-        run = ActiveRun(payload)
+        run = ActiveRun(payload, continuation=continuation)
         self.runs[payload.run_id] = run
         run.task = asyncio.create_task(self._execute(run), name=f"run-{payload.run_id}")
 
@@ -128,7 +132,9 @@ class Worker:
         try:
             # One span per execution, continuing the trace of the request that queued the run.
             with tracing.run_span(run.payload) as span:
-                outcome = await self.executor.execute(run.payload, lambda event: self._emit(run, event))
+                outcome = await self.executor.execute(
+                    run.payload, lambda event: self._emit(run, event), run.continuation
+                )
                 if span is not None and outcome.completed is not None:
                     span.set_attribute("runyard.model", outcome.completed.model)
         except asyncio.CancelledError:
@@ -153,6 +159,9 @@ class Worker:
         result = worker_hub_pb2.WorkerRunResult(run_id=run.run_id, epoch=run.epoch)
         if outcome.released is not None:
             result.released.CopyFrom(worker_hub_pb2.RunReleased(reason=outcome.released))
+        elif outcome.paused is not None:  # client tool calls: the run waits without a worker
+            result.requires_action.tool_calls.extend(outcome.paused.pending)
+            result.continuation.CopyFrom(outcome.paused)
         elif outcome.completed is not None:
             result.completed.CopyFrom(outcome.completed)
             if outcome.append is not None:
@@ -264,7 +273,10 @@ class Worker:
                 elif kind == "assign":
                     if self.draining:
                         continue  # the gateway re-queues it when the lease lapses or we leave
-                    self._start_run(response.assign.payload)
+                    assignment = response.assign
+                    self._start_run(
+                        assignment.payload, assignment.continuation if assignment.HasField("continuation") else None
+                    )
                 elif kind == "cancel":
                     self._cancel_run(response.cancel.run_id, response.cancel.reason or "CANCELLED")
                 elif kind == "ack":

@@ -44,17 +44,20 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from runyard._proto.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
+from runyard.common import metrics
 from runyard.common.config import Config
 from runyard.common.errors import InvalidArgument, RunyardError
 
 __all__ = [
     "BUILTIN_TOOLS",
+    "ClientTools",
     "RunTools",
     "TaskTools",
     "ToolResult",
     "ToolSource",
     "call_ordinal",
     "offered_tools",
+    "record_tool_call",
     "resolve_tools",
 ]
 
@@ -159,6 +162,45 @@ def call_ordinal() -> int:
     client tool results, so it can key an idempotent side effect. 0 outside
     the tool loop."""
     return _ORDINAL.get()
+
+
+class ClientTools:
+    """The run's client-side tools (``RunOptions.client_tools``, checked by
+    the gateway when the message was sent): a :class:`ToolSource` whose
+    calls the tool loop does not execute. A call of one pauses the run
+    (``requires_action``) until the client sends the result
+    (:mod:`runyard.gateway.tool_results`)."""
+
+    source = "client"
+
+    def offered(self, payload: common_pb2.RunPayload) -> list[common_pb2.ToolDefinition]:
+        return list(payload.options.client_tools)
+
+    async def call(self, payload: common_pb2.RunPayload, call: common_pb2.ToolCall) -> ToolResult:
+        """Never called by the tool loop (it pauses the run instead)."""
+        return _error(f"{call.name!r} is a client-side tool: the client answers it")
+
+
+#: Most distinct tool names the metrics label (a client names its tools freely).
+_MAX_TOOL_LABELS = 200
+_labelled: set[tuple[str, str]] = set()
+
+
+def record_tool_call(source: str, name: str, is_error: bool, seconds: float) -> None:
+    """Count one tool call in ``runyard_tool_calls_total`` and
+    ``runyard_tool_call_duration_seconds``. ``source`` "" means the run
+    offered no such tool: its name is labelled "(undeclared)" (a model may
+    invent any name); beyond the first 200 (source, tool) pairs of this
+    process, names are labelled "(other)"."""
+    tool = name if source else "(undeclared)"
+    if (source, tool) not in _labelled:
+        if len(_labelled) >= _MAX_TOOL_LABELS:
+            tool = "(other)"
+        else:
+            _labelled.add((source, tool))
+    label = source or "none"
+    metrics.TOOL_CALLS_TOTAL.labels(tool, label, "error" if is_error else "ok").inc()
+    metrics.TOOL_CALL_DURATION_SECONDS.labels(tool, label).observe(max(seconds, 0.0))
 
 
 @dataclass(slots=True)
