@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import sys
 import urllib.request
 
 import asyncpg
 import grpc
 import pytest
-
 from runyard import FailedPrecondition, InvalidArgument, NotFound, RunyardError
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from runyard.gateway.keys import ApiKeyStore
@@ -35,6 +36,7 @@ from runyard.v1 import (
     ToolDefinition,
     ToolOutput,
 )
+
 from tests.fakes.openai_server import FakeOpenAI, Reply, provider_config
 from tests.stack import free_port
 
@@ -262,7 +264,9 @@ async def test_a_waiting_run_holds_its_session_times_out_or_is_cancelled(stack_f
         Reply(tool_calls=[call("call_z", "clock")]),  # run Z (cancelled)
         Reply(chunks=["Done."]),  # run Y, queued behind X
     )
-    config = {**provider_config(fake_openai), "gateway": {"tool_results_timeout_s": 3}}
+    config = provider_config(fake_openai)
+    config["providers"]["echo"] = {"type": "echo"}
+    config["gateway"] = {"tool_results_timeout_s": 3}
     stack = await stack_factory(config).start()
     async with stack.client() as client:
         x_events = client.send("tools:slow", "What time is it?", client_tools=[CLOCK])
@@ -301,3 +305,15 @@ async def test_a_waiting_run_holds_its_session_times_out_or_is_cancelled(stack_f
             with pytest.raises(RunyardError) as refused:
                 [e async for e in client.send("tools:bad", "hi", client_tools=tools)]
             assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, reason)
+
+    # `runyard send --demo-tools`: the CLI answers the calculator call on this machine (echo calls a tool on /tool).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "runyard", "send", "--gateway", stack.gateway_address, "--session", "tools:cli",
+        "--model", "echo/echo", "--demo-tools", '/tool calculator {"expression": "6 * (3 + 4)"}',
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(cli.communicate(), 60)
+    assert cli.returncode == 0, err.decode()
+    assert out.decode() == 'echo: tool result: {"expression": "6 * (3 + 4)", "result": 42}\n'
+    assert '[tool calculator {"expression": "6 * (3 + 4)"} -> {"expression": "6 * (3 + 4)", "result": 42}]' in err.decode()
