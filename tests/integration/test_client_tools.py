@@ -96,13 +96,15 @@ async def watch(stack, types: tuple[str, ...], count: int) -> list[common_pb2.Li
 
 
 async def test_parallel_client_tool_calls_answered_one_by_one_over_chat(stack_factory, fake_openai: FakeOpenAI):
-    # One answer calls two client tools and a built-in one (task_output, answered by the worker).
+    # One answer calls two client tools and a built-in one (task_output, answered by the worker);
+    # the next one calls a client tool again.
     fake_openai.script(
         "model-a",
         Reply(chunks=["Checking. "], tool_calls=[
             call("call_a", "clock", '{"tz": "UTC"}'), call("call_b", "add", '{"a": 2, "b": 2}'),
             call("call_c", "task_output", '{"task_id": "not-a-task"}'),
         ]),
+        Reply(chunks=["And Tokyo? "], tool_calls=[call("call_d", "clock", '{"tz": "Asia/Tokyo"}')]),
         Reply(chunks=["It is noon; ", "2 + 2 = 4."]),
     )
     stack = await stack_factory(provider_config(fake_openai)).start(workers=0)
@@ -126,9 +128,13 @@ async def test_parallel_client_tool_calls_answered_one_by_one_over_chat(stack_fa
         async for event in client.chat(outgoing()):
             events.append(event)
             if event.HasField("requires_action"):
-                assert [c.id for c in event.requires_action.tool_calls] == ["call_a", "call_b"]
+                waiting = [c.id for c in event.requires_action.tool_calls]
+                assert waiting in (["call_a", "call_b"], ["call_d"])
                 assert event.requires_action.expire_time.seconds > 0
-                await requests.put(submit(event.run_id, "call_a", '{"time": "12:00"}'))
+                if waiting == ["call_d"]:
+                    await requests.put(submit(event.run_id, "call_d", '{"time": "21:00"}'))
+                else:
+                    await requests.put(submit(event.run_id, "call_a", '{"time": "12:00"}'))
             elif event.HasField("tool_result") and event.tool_result.tool_call_id == "call_a":
                 # One answered, one to go: the run still waits, for call_b only.
                 run = (await client.unary("GetRun", GetRunRequest(run_id=event.run_id))).run
@@ -142,17 +148,19 @@ async def test_parallel_client_tool_calls_answered_one_by_one_over_chat(stack_fa
         assert events[-1].completed.message.content == "It is noon; 2 + 2 = 4."
         calls = [e.tool_call for e in events if e.HasField("tool_call")]
         assert [(c.call.id, c.source) for c in calls] == [
-            ("call_a", "client"), ("call_b", "client"), ("call_c", "builtin")]
+            ("call_a", "client"), ("call_b", "client"), ("call_c", "builtin"), ("call_d", "client")]
         results = [e.tool_result for e in events if e.HasField("tool_result")]
         assert [(r.tool_call_id, r.source, r.is_error) for r in results] == [
-            ("call_c", "builtin", True), ("call_a", "client", False), ("call_b", "client", False)]
-        order = kinds(events)
-        assert order.index("requires_action") < order.index("completed")
+            ("call_c", "builtin", True), ("call_a", "client", False), ("call_b", "client", False),
+            ("call_d", "client", False)]
+        assert kinds(events).count("requires_action") == 2
         resumed = [e.started for e in events if e.HasField("started")]
-        assert [(s.attempt, s.resumed) for s in resumed] == [(1, False), (2, True)]
+        assert [(s.attempt, s.resumed) for s in resumed] == [(1, False), (2, True), (3, True)]
 
-        # The model was asked twice: the second time with every result, in the order of the calls.
-        first, second = fake_openai.requests_for("model-a")
+        # The model was asked once per step: each time with every result so far, in the order of the calls.
+        first, second, third = fake_openai.requests_for("model-a")
+        assert third["messages"][-2]["tool_calls"][0]["id"] == "call_d"
+        assert third["messages"][-1] == {"role": "tool", "tool_call_id": "call_d", "content": '{"time": "21:00"}'}
         assert {t["function"]["name"] for t in first["tools"]} == {"clock", "add", "spawn_task", "task_output"}
         tail = second["messages"][-4:]
         assert [m["role"] for m in tail] == ["assistant", "tool", "tool", "tool"]
@@ -162,21 +170,23 @@ async def test_parallel_client_tool_calls_answered_one_by_one_over_chat(stack_fa
         # The transcript: the run's messages once, tool calls and results in pairs.
         messages = (await client.unary("GetMessages", GetMessagesRequest(session_key="tools:chat"))).messages
         assert [m.role for m in messages] == [ROLE_USER, ROLE_ASSISTANT, ROLE_TOOL, ROLE_TOOL, ROLE_TOOL,
-                                              ROLE_ASSISTANT]
+                                              ROLE_ASSISTANT, ROLE_TOOL, ROLE_ASSISTANT]
         assert [c.id for c in messages[1].tool_calls] == ["call_a", "call_b", "call_c"]
+        assert [m.tool_call_id for m in messages if m.role == ROLE_TOOL] == ["call_a", "call_b", "call_c", "call_d"]
         assert messages[-1].content == "It is noon; 2 + 2 = 4."
 
-    lifecycle = await watch(stack, ("tool.called", "tool.completed"), 6)
+    lifecycle = await watch(stack, ("tool.called", "tool.completed"), 8)
     assert sorted((e.type, e.tool.tool_call_id, e.tool.source) for e in lifecycle) == [
         ("tool.called", "call_a", "client"), ("tool.called", "call_b", "client"),
-        ("tool.called", "call_c", "builtin"), ("tool.completed", "call_a", "client"),
-        ("tool.completed", "call_b", "client"), ("tool.completed", "call_c", "builtin")]
+        ("tool.called", "call_c", "builtin"), ("tool.called", "call_d", "client"),
+        ("tool.completed", "call_a", "client"), ("tool.completed", "call_b", "client"),
+        ("tool.completed", "call_c", "builtin"), ("tool.completed", "call_d", "client")]
     assert all(e.run_id == events[0].run_id for e in lifecycle)
 
     text = await asyncio.to_thread(
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     )
-    assert 'runyard_tool_calls_total{outcome="ok",source="client",tool="clock"} 1.0' in text
+    assert 'runyard_tool_calls_total{outcome="ok",source="client",tool="clock"} 2.0' in text
     assert 'runyard_tool_calls_total{outcome="error",source="builtin",tool="task_output"} 1.0' in text
     assert 'runyard_tool_call_duration_seconds_count{source="client",tool="add"} 1.0' in text
 
