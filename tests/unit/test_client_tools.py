@@ -108,3 +108,22 @@ def test_demo_tool_answers_and_errors():
     sum_ = answer(common_pb2.ToolCall(id="3", name="calculator", arguments_json='{"expression": "2+2"}'))
     assert json.loads(sum_.content) == {"expression": "2+2", "result": 4} and not sum_.is_error
     assert answer(common_pb2.ToolCall(id="4", name="rm", arguments_json="{}")).is_error
+
+
+def test_submit_tool_results_request_rules():
+    from runyard._proto.v1 import gateway_pb2
+    from runyard.common.validation import check_request
+
+    run_id = "6f1c8b8e-8d5e-4a53-9d55-0f3f3f8e2a10"
+    for request, field in (
+        (gateway_pb2.SubmitToolResultsRequest(run_id=run_id), "results"),
+        (gateway_pb2.SubmitToolResultsRequest(run_id=run_id, results=[gateway_pb2.ToolOutput()]),
+         "results[0].tool_call_id"),
+    ):
+        with pytest.raises(InvalidArgument) as refused:
+            check_request(request)
+        assert (refused.value.reason, refused.value.field) == ("MISSING_FIELD", field)
+    # A result is conversation content: a NUL character in it is just a character.
+    check_request(gateway_pb2.SubmitToolResultsRequest(
+        run_id=run_id, results=[gateway_pb2.ToolOutput(tool_call_id="c", content="a\x00b")]
+    ))
