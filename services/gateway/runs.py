@@ -3,8 +3,10 @@
 * Insert with an idempotency key: a repeat returns the existing run. When
   the session has no active run and this gateway has a worker with room, the
   run is inserted already claimed for it (one transaction instead of two).
-* At most one running run per session (partial unique index); queued runs of
-  a session run in arrival order.
+* At most one running run per session (partial unique index), counting a
+  run that waits for client tool results (``requires_action``, see
+  :mod:`runyard.gateway.tool_results`); queued runs of a session run in
+  arrival order, behind such a run too.
 * Claims use ``FOR UPDATE SKIP LOCKED`` (several runs per statement, one per
   free worker slot), bump the run's ``epoch`` and set a lease that worker
   heartbeats renew; a lapsed lease re-queues the run (attempts are counted
@@ -771,7 +773,8 @@ class RunStore:
         expected_last_seq: int | None = None,
         relayed: Sequence[common_pb2.LifecycleEvent] = (),
     ) -> int:
-        """End a run (still queued or running, at ``epoch`` if given) with
+        """End a run (still queued, running or waiting for client tool
+        results, at ``epoch`` if given) with
         its terminal ``event``, in one statement; returns the event's seq, or
         0 when the run had already ended or moved on (nothing is written).
 
@@ -779,8 +782,10 @@ class RunStore:
         order after ``expected_last_seq``, which must then be the stored
         ``last_seq``); they are stored with the terminal event as one chunk.
         ``info`` (the run's lifecycle fields, see :class:`Claim`) lets the
-        lifecycle events (run.completed and message.sent, or run.failed)
-        go into the same statement; without it they are written after it,
+        lifecycle events (tool.called / tool.completed of ``pending``'s tool
+        events, then run.completed and message.sent, or run.failed) go into
+        the same statement; without it they are written after it (and
+        ``pending`` must hold no tool events),
         so pass a connection in a transaction. ``relayed`` are sessions
         events to record before them (a commit's session.updated).
         """
@@ -834,7 +839,8 @@ class RunStore:
         return int(seq or 0)
 
     async def cancel(self, org_id: str, run_id: uuid.UUID, reason: str) -> asyncpg.Record:
-        """Cancel a run: a queued run ends at once; a running one is asked to stop.
+        """Cancel a run: a queued run, or one waiting for client tool results,
+        ends at once; a running one is asked to stop.
 
         Raises:
             NotFound: no such run in this org.
