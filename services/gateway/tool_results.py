@@ -53,7 +53,6 @@ import uuid
 from collections.abc import Callable, Sequence
 
 import asyncpg
-
 from runyard._proto.v1 import common_pb2, gateway_pb2, worker_hub_pb2
 from runyard.common import metrics
 from runyard.common.errors import FailedPrecondition, InvalidArgument
@@ -405,7 +404,7 @@ class ToolResults:
             await asyncio.sleep(self.sweep_interval_s)
             try:
                 await self.expire()
-            except Exception as exc:  # noqa: BLE001 - the sweep must outlive a database blip
+            except Exception as exc:
                 if transient_database_error(exc):
                     log.warning("expiring tool-result waits failed (%s); next sweep", exc)
                 else:
