@@ -13,7 +13,7 @@ server's code, reason and metadata.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from types import TracebackType
 
 import grpc
@@ -73,11 +73,14 @@ class Client:
         metadata: dict[str, str] | None = None,
         timeout_s: float | None = None,
         model: str = "",
+        client_tools: Sequence[common_pb2.ToolDefinition] = (),
     ) -> AsyncIterator[common_pb2.RunEvent]:
         """Send a message and stream the run's events until it ends.
 
         ``model`` (``"provider/model"``) replaces the agent's primary model for
         this run (``ModelPreferences.model``); empty means the agent's chain.
+        ``client_tools`` are tools the caller answers: the stream then shows
+        a ``requires_action`` event and waits for :meth:`submit_tool_results`.
         """
         request = gateway_pb2.SendMessageRequest(
             session_key=session_key,
@@ -88,7 +91,33 @@ class Client:
             metadata=metadata or {},
             model=common_pb2.ModelPreferences(model=model),
         )
+        if client_tools:
+            request.options.client_tools.extend(client_tools)
         return self._stream(self.stub.SendMessage(request, metadata=self._metadata, timeout=timeout_s))
+
+    async def submit_tool_results(
+        self, run_id: str, results: Sequence[gateway_pb2.ToolOutput], timeout_s: float | None = 30.0
+    ) -> common_pb2.Run:
+        """Answer client tool calls of a run in ``requires_action``; returns
+        the run afterwards (still REQUIRES_ACTION while calls remain)."""
+        request = gateway_pb2.SubmitToolResultsRequest(run_id=run_id, results=results)
+        response = await self.unary("SubmitToolResults", request, timeout_s)
+        return response.run  # type: ignore[attr-defined,no-any-return]
+
+    def chat(self, requests: AsyncIterable[gateway_pb2.ChatRequest]) -> AsyncIterator[common_pb2.RunEvent]:
+        """The bidirectional ``Chat`` stream: the events of every run it sends or joins."""
+        call = self.stub.Chat(requests, metadata=self._metadata)
+
+        async def events() -> AsyncIterator[common_pb2.RunEvent]:
+            try:
+                async for event in call:
+                    yield event
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc) from None
+            finally:
+                call.cancel()
+
+        return events()
 
     def join(self, run_id: str, after_seq: int = 0) -> AsyncIterator[common_pb2.RunEvent]:
         """Every event of a run after ``after_seq``, then live."""

@@ -8,9 +8,17 @@
 // no gap, no duplicate. --drop-after N cancels the stream after event N to
 // show the resume.
 //
+// With --tools it offers the agent a client-side tool, `clock`, and talks
+// over the bidirectional GatewayService/Chat stream instead: when the model
+// calls the tool, the run waits (a `requires_action` event); this client
+// computes the result and answers on the same stream
+// (ChatRequest.submit_tool_results), and the run goes on. After a resume
+// (JoinRun) it answers with the unary GatewayService/SubmitToolResults.
+//
 //   npm ci
 //   node client.js --session demo "hello there"
 //   node client.js --address 127.0.0.1:50051 --session demo --drop-after 3 --events "hello there"
+//   node client.js --tools --session demo "What time is it?"
 //
 // Exit code: 0 when the run completed, 1 when it failed or was cancelled,
 // 2 on a usage error or a call the gateway refused (the error's code and
@@ -34,6 +42,7 @@ options:
   --ca FILE             use TLS, trusting this CA certificate (PEM)
   --protos DIR          directory holding runyard/v1/*.proto (default: the repository's protos/)
   --drop-after N        cancel the stream after event seq N, then resume with JoinRun
+  --tools               offer a client-side tool (clock) and answer its calls over Chat
   --events              print every event as a JSON line on stderr
   --timeout S           give up after S seconds (default 120)`;
 
@@ -47,6 +56,7 @@ function parseArgs(argv) {
     protos: process.env.RUNYARD_PROTOS || path.resolve(__dirname, '..', '..', 'protos'),
     dropAfter: 0,
     events: false,
+    tools: false,
     timeoutS: 120,
     text: [],
   };
@@ -61,6 +71,8 @@ function parseArgs(argv) {
       process.exit(0);
     } else if (arg === '--events') {
       options.events = true;
+    } else if (arg === '--tools') {
+      options.tools = true;
     } else if (valued[arg]) {
       if (i + 1 >= argv.length) throw new UsageError(`${arg} needs a value`);
       options[valued[arg]] = argv[++i];
@@ -131,14 +143,41 @@ function statusName(code) {
   return Object.keys(grpc.status).find((name) => grpc.status[name] === code) || String(code);
 }
 
+// ------------------------------------------------------------------ the client-side tool
+
+// Declared with the message (RunOptions.client_tools); the schema is JSON Schema text.
+const CLOCK = {
+  name: 'clock',
+  description: "The current date and time on the user's machine, in an IANA time zone (default UTC).",
+  parameters_json_schema: JSON.stringify({
+    type: 'object',
+    properties: { tz: { type: 'string', description: 'IANA time zone, e.g. Europe/Paris' } },
+    additionalProperties: false,
+  }),
+};
+
+// The result of one call: ToolOutput {tool_call_id, content, is_error}.
+function answerCall(call) {
+  try {
+    if (call.name !== 'clock') throw new Error(`unknown tool ${call.name}`);
+    const args = JSON.parse(call.arguments_json || '{}');
+    const tz = args.tz || 'UTC';
+    const time = new Intl.DateTimeFormat('en-GB', { timeZone: tz, dateStyle: 'full', timeStyle: 'long' }).format(new Date());
+    return { tool_call_id: call.id, content: JSON.stringify({ time, tz }), is_error: false };
+  } catch (error) {
+    return { tool_call_id: call.id, content: JSON.stringify({ error: error.message }), is_error: true };
+  }
+}
+
 // ------------------------------------------------------------------ the run
 
 const TERMINAL = new Set(['completed', 'failed', 'cancelled']);
 
 // Prints one stream's events. Resolves with {done: true, exitCode} when the
 // run ended, or {done: false, why} when the stream ended first (so the caller
-// resumes); rejects with the gRPC error otherwise.
-function follow(call, via, state, options) {
+// resumes); rejects with the gRPC error otherwise. `submit(runId, results)`
+// sends the results of client tool calls (on a requires_action event).
+function follow(call, via, state, options, submit) {
   return new Promise((resolve, reject) => {
     let settled = false;
     const settle = (fn, value) => {
@@ -161,6 +200,11 @@ function follow(call, via, state, options) {
         process.stderr.write(JSON.stringify({ seq, kind, via, run_id: event.run_id }) + '\n');
       }
       const exitCode = show(kind, event[kind], state);
+      if (kind === 'requires_action') {
+        const results = event.requires_action.tool_calls.map(answerCall);
+        for (const result of results) process.stderr.write(`[tool result ${result.tool_call_id}: ${result.content}]\n`);
+        submit(event.run_id, results);
+      }
       if (TERMINAL.has(kind)) {
         settle(resolve, { done: true, exitCode });
         return;
@@ -198,6 +242,11 @@ function show(kind, body, state) {
         state.text = '';
       }
       process.stderr.write(`[started on ${body.worker_id || '?'} with ${body.model || '?'}]\n`);
+      return null;
+    case 'requires_action':
+      for (const call of body.tool_calls) {
+        process.stderr.write(`\n[tool call ${call.id}: ${call.name} ${call.arguments_json || '{}'}]\n`);
+      }
       return null;
     case 'model_failover':
       process.stderr.write(`\n[failover ${body.from_model} -> ${body.to_model}: ${body.reason}]\n`);
@@ -247,8 +296,25 @@ async function main() {
     text: options.text.join(' '),
     // A retried SendMessage with the same key returns the same run.
     idempotency_key: crypto.randomUUID(),
+    options: options.tools ? { client_tools: [CLOCK] } : undefined,
   };
-  let result = await follow(client.SendMessage(request, metadata, { deadline: deadline() }), 'SendMessage', state, options);
+  // Tool results for a run followed on SendMessage or JoinRun: the unary call.
+  const submitUnary = (runId, results) => {
+    client.SubmitToolResults({ run_id: runId, results }, metadata, { deadline: deadline() }, (error) => {
+      if (error) process.stderr.write(`error: SubmitToolResults: ${statusName(error.code)}: ${error.details}\n`);
+    });
+  };
+  let result;
+  if (options.tools) {
+    // One bidirectional Chat stream: the message, then the tool results, on the same call.
+    const chat = client.Chat(metadata, { deadline: deadline() });
+    chat.write({ send: request });
+    const submitOnChat = (runId, results) => chat.write({ submit_tool_results: { run_id: runId, results } });
+    result = await follow(chat, 'Chat', state, options, submitOnChat);
+    chat.end();
+  } else {
+    result = await follow(client.SendMessage(request, metadata, { deadline: deadline() }), 'SendMessage', state, options, submitUnary);
+  }
   for (let resumes = 1; !result.done; resumes++) {
     if (!state.runId) throw new Error(`the stream ended (${result.why}) before the run was created`);
     if (resumes > 10) throw new Error(`gave up after ${resumes - 1} resumes`);
@@ -257,7 +323,7 @@ async function main() {
     );
     if (result.retryAfterS) await new Promise((r) => setTimeout(r, result.retryAfterS * 1000));
     const join = client.JoinRun({ run_id: state.runId, after_seq: String(state.lastSeq) }, metadata, { deadline: deadline() });
-    result = await follow(join, 'JoinRun', state, options);
+    result = await follow(join, 'JoinRun', state, options, submitUnary);
   }
   client.close();
   return result.exitCode;

@@ -15,6 +15,8 @@ from typing import Any, TextIO
 import grpc
 from google.protobuf import json_format
 from runyard._proto.v1 import common_pb2, gateway_pb2
+from runyard.cli.demo_tools import DEMO_TOOLS
+from runyard.cli.demo_tools import answer as demo_answer
 from runyard.client import Client
 from runyard.common import tls
 from runyard.common.config import load_config
@@ -120,7 +122,7 @@ class Progress:
             model = started.model or "the agent's model"
             self.show(f"started on {model}" + (f" (worker {started.worker_id})" if started.worker_id else ""))
         elif kind == "tool_call":
-            self.show(f"calling tool {event.tool_call.name}")
+            self.show(f"calling tool {event.tool_call.call.name}")
 
 
 @dataclass
@@ -132,13 +134,18 @@ class RunCursor:
 
 
 async def _print_run(
-    client: Client, events: Any, *, show_timing: bool, out: Any = sys.stdout, cursor: RunCursor | None = None
+    client: Client, events: Any, *, show_timing: bool, out: Any = sys.stdout, cursor: RunCursor | None = None,
+    demo_tools: bool = False,
 ) -> int:
-    """Print a run's stream; resumes with JoinRun if the gateway drains. Returns the exit code."""
+    """Print a run's stream; resumes with JoinRun if the gateway drains. Returns the exit code.
+
+    With ``demo_tools`` the run's client tool calls (``requires_action``)
+    are answered here (:mod:`runyard.cli.demo_tools`), each shown on stderr."""
     started = time.perf_counter()
     first_token: float | None = None
     cursor = cursor if cursor is not None else RunCursor()
     progress = Progress()
+    resuming = False  # a requires_action was answered: the next `started` continues the run
     try:
         while True:
             try:
@@ -164,9 +171,15 @@ async def _print_run(
                             if failover.restart_output:
                                 note += "; restarting the answer"
                             print(f"{note}]" if first_token is None else f"\n{note}]", file=sys.stderr, flush=True)
-                    elif kind == "started" and event.started.attempt > 1:
+                    elif kind == "started" and event.started.attempt > 1 and not (resuming and event.started.resumed):
                         progress.clear()
                         print(f"\n[run restarted, attempt {event.started.attempt}]", file=sys.stderr, flush=True)
+                    elif kind == "started":
+                        resuming = False
+                    elif kind == "requires_action":
+                        progress.clear()
+                        await _answer_tools(client, event, demo_tools)
+                        resuming = True
                     elif kind == "completed":
                         progress.clear()
                         out.write("\n")
@@ -201,6 +214,20 @@ async def _print_run(
         progress.clear()
 
 
+async def _answer_tools(client: Client, event: common_pb2.RunEvent, demo_tools: bool) -> None:
+    """Answer a run's ``requires_action`` with the demo tools (shown on stderr)."""
+    calls = list(event.requires_action.tool_calls)
+    if not demo_tools:
+        print(f"\n[the run waits for client tool results: {', '.join(c.name for c in calls)}]", file=sys.stderr)
+        return
+    outputs = [demo_answer(call) for call in calls]
+    for call, output in zip(calls, outputs, strict=True):
+        mark = " (error)" if output.is_error else ""
+        print(f"[tool {call.name} {call.arguments_json or '{}'} -> {output.content}{mark}]", file=sys.stderr,
+              flush=True)
+    await client.submit_tool_results(event.run_id, outputs)
+
+
 async def _send(args: argparse.Namespace) -> int:
     text = " ".join(args.text) if args.text else sys.stdin.read()
     async with _client(args) as client:
@@ -211,8 +238,9 @@ async def _send(args: argparse.Namespace) -> int:
             idempotency_key=args.idempotency_key or "",
             strategy=_STRATEGIES[args.strategy],
             model=args.model or "",
+            client_tools=DEMO_TOOLS if args.demo_tools else (),
         )
-        return await _print_run(client, events, show_timing=args.timing)
+        return await _print_run(client, events, show_timing=args.timing, demo_tools=args.demo_tools)
 
 
 # ---------------------------------------------------------------- chat
@@ -332,9 +360,10 @@ def _chat(args: argparse.Namespace) -> int:
                     continue
                 text = line[1:] if line.startswith("//") else line
                 cursor = RunCursor()
-                events = client.send(state.session, text, agent_id=state.agent, model=state.model)
+                events = client.send(state.session, text, agent_id=state.agent, model=state.model,
+                                     client_tools=DEMO_TOOLS if args.demo_tools else ())
                 try:
-                    runner.run(_print_run(client, events, show_timing=False, cursor=cursor))
+                    runner.run(_print_run(client, events, show_timing=False, cursor=cursor, demo_tools=args.demo_tools))
                 except KeyboardInterrupt:
                     if cursor.run_id:
                         with contextlib.suppress(RunyardError):
@@ -415,6 +444,10 @@ async def _sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+_DEMO_TOOLS_HELP = ("offer the agent two client-side tools answered on this machine, clock and calculator, "
+                    "and show each call and result")
+
+
 def add_parsers(sub: Any) -> None:
     """Add ``send``, ``chat`` and ``sessions`` to the ``runyard`` parser."""
 
@@ -432,6 +465,7 @@ def add_parsers(sub: Any) -> None:
     send.add_argument("--model", metavar="PROVIDER/MODEL",
                       help="use this model instead of the agent's primary (its fallbacks still apply)")
     send.add_argument("--timing", action="store_true", help="print time to first token and total time")
+    send.add_argument("--demo-tools", action="store_true", help=_DEMO_TOOLS_HELP)
     send.add_argument("text", nargs="*", help="the message (default: read stdin)")
     send.set_defaults(func=lambda a: asyncio.run(_send(a)))
 
@@ -440,6 +474,7 @@ def add_parsers(sub: Any) -> None:
     chat.add_argument("--session", required=True, help="session key")
     chat.add_argument("--agent", help="agent id (default: the default agent)")
     chat.add_argument("--model", metavar="PROVIDER/MODEL", help="model to use (change it with /model)")
+    chat.add_argument("--demo-tools", action="store_true", help=_DEMO_TOOLS_HELP)
     chat.set_defaults(func=_chat)
 
     sessions = sub.add_parser("sessions", help="list, show, reset or delete sessions")

@@ -65,6 +65,12 @@ def describe(event: common_pb2.LifecycleEvent) -> str:
             parts.append(f"{event.service.service} {event.service.instance_id} {event.service.mode}".rstrip())
         elif kind == "message":
             parts.append(f"{event.message.length} chars")
+        elif kind == "tool":  # tool.called / tool.completed
+            tool = event.tool
+            detail = f"{tool.name} ({tool.source or 'unoffered'}) {tool.tool_call_id}"
+            if event.type == "tool.completed":
+                detail += f" {'error' if tool.is_error else 'ok'} in {tool.duration_ms} ms"
+            parts.append(detail)
     return "  ".join(parts)
 
 

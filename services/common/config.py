@@ -208,6 +208,11 @@ class GatewayConfig(_ServerSection):
     # AUTH_RATE_LIMITED before any database lookup; 0 = unlimited.
     auth_failure_rate_per_s: float = Field(default=1.0, ge=0)
     auth_failure_burst: int = Field(default=10, ge=1, le=100_000)
+    # Client-side tools (RunOptions.client_tools): a run waiting for their
+    # results (RUN_STATUS_REQUIRES_ACTION) fails with TOOL_RESULTS_TIMEOUT
+    # after this long; each result's content may be this large.
+    tool_results_timeout_s: float = Field(default=600.0, ge=1.0, le=7 * 24 * 3600.0)
+    max_tool_result_bytes: int = Field(default=1024 * 1024, ge=1, le=16 * 1024 * 1024)
 
     @field_validator("internal_listen")
     @classmethod
@@ -644,6 +649,8 @@ LIFECYCLE_EVENT_TYPES: tuple[str, ...] = (
     "task.spawned",
     "task.started",
     "task.completed",
+    "tool.called",
+    "tool.completed",
     "service.startup",
     "service.shutdown",
 )

@@ -225,6 +225,20 @@ TASK_SLOTS_IN_USE = Gauge(
     "Background-task concurrency slots held, per concurrency key (model, provider or default).",
     ("key",),
 )
+TOOL_CALLS_TOTAL = Counter(
+    "runyard_tool_calls_total",
+    "Tool calls of the tool loop by tool, source (builtin, mcp, client) and outcome (ok, error). A client "
+    "tool's call is counted when its result reaches the worker. Tool names the run did not offer are "
+    "counted as \"(undeclared)\", names beyond the first 200 as \"(other)\".",
+    ("tool", "source", "outcome"),
+)
+TOOL_CALL_DURATION_SECONDS = Histogram(
+    "runyard_tool_call_duration_seconds",
+    "Duration of tool calls by tool and source; for a client tool, from the run's requires_action to the "
+    "result's arrival at the gateway.",
+    ("tool", "source"),
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
 BUILD_INFO = Gauge(
     "runyard_build_info", "Always 1; labels name the runyard version and the service of this process.",
     ("version", "service"),
@@ -255,7 +269,7 @@ SERVICE_FAMILIES: dict[str, tuple[Counter | Gauge | Histogram, ...]] = {
         SNAPSHOT_BYTES, ACTIVE_SESSIONS, SESSION_ENDS_TOTAL, HOOK_ERRORS_TOTAL, HOOK_CALLS_TOTAL,
         DRAIN_DURATION_SECONDS, DRAIN_TIMED_OUT_HANDLERS_TOTAL, COMPACTIONS_TOTAL, MAINTENANCE_ITEMS_TOTAL,
     ),
-    "worker": (COMPACTIONS_TOTAL,),
+    "worker": (COMPACTIONS_TOTAL, TOOL_CALLS_TOTAL, TOOL_CALL_DURATION_SECONDS),
 }
 #: ``runyard_*`` families every service exports.
 SHARED_FAMILIES: tuple[Counter | Gauge | Histogram, ...] = (RPCS_IN_FLIGHT, BUILD_INFO)

@@ -12,7 +12,8 @@ so before anything is written:
 2. rules that hold for every field and are not worth an annotation on each:
    no string may contain U+0000 (PostgreSQL's ``text`` and ``jsonb`` refuse
    it) and no 64-bit unsigned integer may exceed the int64 range (PostgreSQL's
-   ``bigint``). Conversation content (``Message``, ``Transcript``) is exempt:
+   ``bigint``). Conversation content (``Message``, ``Transcript``, a client's
+   tool result ``ToolOutput``) is exempt:
    it is stored as protobuf bytes, where a NUL is just a character a model may
    produce (and a large transcript is not walked field by field).
 
@@ -37,7 +38,7 @@ INT64_MAX = 2**63 - 1
 #: Streams between trusted services that carry model output: not validated.
 _UNVALIDATED_SERVICES = frozenset({"runyard.v1.WorkerHubService"})
 #: Conversation content, stored as protobuf bytes: NUL characters are allowed.
-_CONTENT_TYPES = frozenset({"runyard.v1.Message", "runyard.v1.Transcript"})
+_CONTENT_TYPES = frozenset({"runyard.v1.Message", "runyard.v1.Transcript", "runyard.v1.ToolOutput"})
 
 #: Reason per (field name, rule id) where the API promised one before the
 #: rules moved into the contract; then per rule id.
@@ -63,6 +64,8 @@ _RULE_REASONS: dict[str, str] = {
     "string.max_len": "VALUE_TOO_LONG",
     "string.max_bytes": "VALUE_TOO_LONG",
     "repeated.max_items": "TOO_MANY_ITEMS",
+    "repeated.min_items": "MISSING_FIELD",
+    "string.min_len": "MISSING_FIELD",
     "map.max_pairs": "TOO_MANY_ITEMS",
     "string.pattern": "INVALID_FORMAT",
 }

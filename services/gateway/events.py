@@ -33,8 +33,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
@@ -43,6 +44,7 @@ from runyard.common import metrics
 from runyard.common.errors import Unavailable
 from runyard.common.faults import transient_database_error
 from runyard.gateway.runs import EVENTS_CHANNEL, EventChunk, RunStore, encode_batch
+from runyard.gateway.tool_events import TOOL_EVENT_KINDS, tool_lifecycle
 
 __all__ = [
     "PUBLISH_WINDOW",
@@ -170,6 +172,9 @@ class RunStream:
     finishing: bool = False
     stale: bool = False
     flushing: asyncio.Future[None] | None = None
+    #: The run's lifecycle fields (Claim.row): its tool events' lifecycle
+    #: events (tool.called, tool.completed) are written with them.
+    info: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.next_seq = self.durable_seq + 1
@@ -238,11 +243,13 @@ class RunLog:
     # ------------------------------------------------------------ streams
 
     def open(
-        self, run_id: uuid.UUID, session_id: str, epoch: int, last_seq: int, worker_seq: int = 0
+        self, run_id: uuid.UUID, session_id: str, epoch: int, last_seq: int, worker_seq: int = 0,
+        info: Mapping[str, Any] | None = None,
     ) -> RunStream:
         """Start (or restart, for a new epoch) the stream of a run assigned
-        here; ``last_seq``/``worker_seq`` are what the table holds."""
-        stream = RunStream(run_id, session_id, epoch, durable_seq=last_seq, durable_worker_seq=worker_seq)
+        here; ``last_seq``/``worker_seq`` are what the table holds, ``info``
+        the run's lifecycle fields (for its tool events)."""
+        stream = RunStream(run_id, session_id, epoch, durable_seq=last_seq, durable_worker_seq=worker_seq, info=info)
         self.streams[run_id] = stream
         return stream
 
@@ -426,6 +433,11 @@ class RunLog:
                     last_seq=stream.durable_seq + count,
                     data=encode_batch(raw for _, raw, _ in stream.pending),
                     worker_seq=stream.pending[-1][2],
+                    lifecycle=tuple(tool_lifecycle(
+                        stream.info,
+                        (event for event, _, _ in stream.pending if event.WhichOneof("event") in TOOL_EVENT_KINDS),
+                        source=self.store.gateway_id,
+                    )),
                 )
             )
         try:

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -39,6 +40,9 @@ from runyard.common.errors import (
 )
 from runyard.gateway.events import PUBLISH_WINDOW, RunLog
 from runyard.gateway.runs import CANCEL_CHANNEL, QUEUE_CHANNEL, Claim, RunStore, event_bytes
+
+if TYPE_CHECKING:
+    from runyard.gateway.tool_results import ToolResults
 
 #: Errors of a commit that end the run failed (the transcript refuses it);
 #: anything else (the sessions service unreachable) leaves the result to be
@@ -245,9 +249,11 @@ class Dispatcher:
             claim.epoch, claim.org_id, str(claim.session_id), claim.agent_id, info=claim.row,
             trace_context=dict(payload.trace_context), token_signed_at=time.monotonic(),
         )
-        self.runlog.open(claim.run_id, str(claim.session_id), claim.epoch, claim.last_seq)
+        self.runlog.open(claim.run_id, str(claim.session_id), claim.epoch, claim.last_seq, info=claim.row)
         assignment = worker_hub_pb2.RunAssignment(payload=payload)
-        if transcript is not None:
+        if claim.continuation:  # it continues after client tool results (runyard.gateway.tool_results)
+            assignment.continuation.ParseFromString(claim.continuation)
+        elif transcript is not None:
             assignment.transcript.CopyFrom(transcript)
         worker.send(worker_hub_pb2.ConnectResponse(assign=assignment))
 
@@ -306,6 +312,9 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         self.gateway_id = gateway_id
         self.shutting_down = False
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Client-side tools (runyard.gateway.tool_results.ToolResults): a
+        #: ``requires_action`` result pauses its run. Set by main.
+        self.tools: ToolResults | None = None
 
     async def Connect(
         self, request_iterator: AsyncIterator[worker_hub_pb2.ConnectRequest], context: grpc.aio.ServicerContext
@@ -354,7 +363,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
                 )
                 # The worker resends its events after worker_seq; they get
                 # the seqs they had (numbered from the stored last_seq).
-                self.runlog.open(run_id, str(claim.session_id), claim.epoch, claim.last_seq, worker_seq)
+                self.runlog.open(run_id, str(claim.session_id), claim.epoch, claim.last_seq, worker_seq, info=claim.row)
             else:
                 welcome.rejected_runs.add(run_id=str(run_id), epoch=epoch)
         yield worker_hub_pb2.ConnectResponse(welcome=welcome)
@@ -501,6 +510,8 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             await self.runlog.flush([run_id])
             rows = await self.store.requeue([(run_id, result.epoch)], count_attempt=False)
             return True, "released" if rows else "stale: not running at this epoch"
+        if outcome == "requires_action" and self.tools is not None:
+            return await self.tools.pause(run_id, state, result)
         if outcome not in ("completed", "failed", "cancelled"):
             return False, f"unknown outcome {outcome!r}"
         pending = await self.runlog.begin_finish(run_id, result.epoch)

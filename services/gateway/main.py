@@ -30,6 +30,7 @@ from runyard.gateway.keys import KEYS_CHANNEL, ApiKeyStore
 from runyard.gateway.runs import CANCEL_CHANNEL, EVENTS_CHANNEL, QUEUE_CHANNEL, RunStore
 from runyard.gateway.service import GatewayServicer
 from runyard.gateway.tasks import TaskManager, TaskServicer, router_stub
+from runyard.gateway.tool_results import ToolResults
 from runyard.gateway.watch import LifecycleStream
 
 __all__ = ["serve"]
@@ -104,6 +105,12 @@ async def serve(config: Config) -> None:
     tasks = TaskManager(config, pool, store, dispatcher, sessions, gateway_id=gateway_id, router=router)
     gateway.tasks = tasks
     dispatcher.prepare = tasks.prepare
+    # Client-side tools (runyard.gateway.tool_results): runs waiting for the caller's results.
+    tool_results = ToolResults(
+        store, runlog, dispatcher.wake, timeout_s=cfg.tool_results_timeout_s,
+        max_result_bytes=cfg.max_tool_result_bytes, sweep_interval_s=min(cfg.poll_interval_ms / 1000, 1.0),
+    )
+    hub.tools = gateway.tool_results = tool_results
 
     def on_notify(channel: str, payload: str) -> None:
         if channel == QUEUE_CHANNEL:
@@ -152,6 +159,7 @@ async def serve(config: Config) -> None:
     )
     server.admin.add_source(GatewayStatus(store, dispatcher))  # `runyard status`: queue depth, workers
     dispatch_task = asyncio.create_task(dispatcher.run(), name="dispatcher")
+    tool_results_task = asyncio.create_task(tool_results.run(), name="tool-results-expiry")
     await tasks.start()
     serve_metrics(cfg.metrics_port, cfg.listen.rsplit(":", 1)[0] or "0.0.0.0")
     server.install_signal_handlers()
@@ -170,6 +178,7 @@ async def serve(config: Config) -> None:
     await server.inflight.wait_idle(cfg.shutdown_grace_s)
     await server.stop(1.0)
     await hub.close()
+    await ToolResults.stop(tool_results_task)
     await tasks.close()
     await router_channel.close()
     await runlog.close()

@@ -3,8 +3,10 @@
 * Insert with an idempotency key: a repeat returns the existing run. When
   the session has no active run and this gateway has a worker with room, the
   run is inserted already claimed for it (one transaction instead of two).
-* At most one running run per session (partial unique index); queued runs of
-  a session run in arrival order.
+* At most one running run per session (partial unique index), counting a
+  run that waits for client tool results (``requires_action``, see
+  :mod:`runyard.gateway.tool_results`); queued runs of a session run in
+  arrival order, behind such a run too.
 * Claims use ``FOR UPDATE SKIP LOCKED`` (several runs per statement, one per
   free worker slot), bump the run's ``epoch`` and set a lease that worker
   heartbeats renew; a lapsed lease re-queues the run (attempts are counted
@@ -38,6 +40,7 @@ from runyard.common import metrics
 from runyard.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from runyard.common.pagination import decode_time_cursor, page_size, time_cursor_page
 from runyard.common.protoutil import now, timestamp
+from runyard.gateway.tool_events import tool_lifecycle
 from runyard.gateway.watch import OUTBOX, emit_run_events, fetch_with_events, run_events
 
 __all__ = [
@@ -66,6 +69,7 @@ _STATUS = {
     "completed": common_pb2.RUN_STATUS_COMPLETED,
     "failed": common_pb2.RUN_STATUS_FAILED,
     "cancelled": common_pb2.RUN_STATUS_CANCELLED,
+    "requires_action": common_pb2.RUN_STATUS_REQUIRES_ACTION,
 }
 _STRATEGY_NAMES = {
     value: name.removeprefix("MULTITASK_STRATEGY_") for name, value in common_pb2.MultitaskStrategy.items()
@@ -130,6 +134,9 @@ class EventChunk:
     last_seq: int
     data: bytes
     worker_seq: int
+    #: Lifecycle events of these events (tool.called, tool.completed),
+    #: written with the chunk, only if the chunk is.
+    lifecycle: tuple[common_pb2.LifecycleEvent, ...] = ()
 
 
 _WRITE_EVENTS_SQL = f"""
@@ -154,6 +161,17 @@ FROM b LEFT JOIN upd ON upd.id = b.run_id LEFT JOIN gateway.runs r ON r.id = b.r
 """
 
 
+#: :data:`_WRITE_EVENTS_SQL` that also writes the chunks' lifecycle events
+#: (``EventChunk.lifecycle``: tool.called, tool.completed), each only if its
+#: run's chunk is written ($13: the run of each event), so they are written
+#: exactly once, with their run events.
+_WRITE_EVENTS_WITH_LIFECYCLE_SQL = _WRITE_EVENTS_SQL.replace(
+    "\n), n AS (",
+    f"\n), ob AS ({OUTBOX.insert_sql(7, when='($13::uuid[])[u.n] IN (SELECT id FROM upd)')}\n), n AS (",
+)
+assert _WRITE_EVENTS_WITH_LIFECYCLE_SQL.count("ob AS (") == 1
+
+
 def request_hash(request: Any) -> bytes:
     """Fingerprint of a SendMessage request (idempotent repeats must match it)."""
     return hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
@@ -176,6 +194,8 @@ class Claim:
     last_seq: int
     worker_id: str
     row: dict[str, Any]
+    #: A run that continues after client tool results: its RunContinuation bytes.
+    continuation: bytes | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Claim:
@@ -192,6 +212,7 @@ class Claim:
             last_seq=row["last_seq"],
             worker_id=row["worker_id"] or "",
             row={k: row[k] for k in _INFO_COLUMNS},
+            continuation=bytes(row.get("continuation") or b"") or None,
         )
 
 
@@ -340,7 +361,7 @@ class RunStore:
                               ORDER BY c.created_at DESC LIMIT 1) AS last_turn) lt
                 LEFT JOIN LATERAL (
                     SELECT id, status, multitask_strategy, payload, queue_pos FROM gateway.runs
-                    WHERE session_id = $1 AND status IN ('queued', 'running')
+                    WHERE session_id = $1 AND status IN ('queued', 'running', 'requires_action')
                 ) a ON true
                 ORDER BY a.queue_pos
                 """,
@@ -374,7 +395,7 @@ class RunStore:
                         reason="SESSION_QUEUE_FULL",
                         retry_after_s=1.0,
                     )
-            position = sum(1 for r in active if r["status"] in ("queued", "running") and strategy != "INTERRUPT")
+            position = sum(1 for r in active if strategy != "INTERRUPT")
             queued = event_bytes(queued=common_pb2.RunQueued(position=position))
             # Claimed at once only when the session has no active run: every
             # insert of the session holds its lock, and dispatchers only claim
@@ -484,7 +505,8 @@ class RunStore:
     async def _interrupt(self, conn: asyncpg.Connection, run_ids: Sequence[uuid.UUID]) -> None:
         cancelled = encode_batch([event_bytes(cancelled=common_pb2.RunCancelled(reason="interrupted by a newer message"))])
         dropped = await conn.fetch(  # for their lifecycle events (run.failed, status CANCELLED)
-            f"SELECT {_RUN_COLUMNS} FROM gateway.runs WHERE id = ANY($1::uuid[]) AND status = 'queued' FOR UPDATE",
+            f"SELECT {_RUN_COLUMNS} FROM gateway.runs WHERE id = ANY($1::uuid[]) "
+            "AND status IN ('queued', 'requires_action') FOR UPDATE",
             list(run_ids),
         )
         await emit_run_events(conn, [{**dict(r), "status": "cancelled"} for r in dropped], source=self.gateway_id)
@@ -494,8 +516,8 @@ class RunStore:
             f"""
             WITH q AS (
                 UPDATE gateway.runs SET status = 'cancelled', ended_at = now(), last_seq = last_seq + 1,
-                    cancel_reason = 'INTERRUPTED'
-                WHERE id = ANY($1::uuid[]) AND status = 'queued'
+                    cancel_reason = 'INTERRUPTED', action_expires_at = NULL
+                WHERE id = ANY($1::uuid[]) AND status IN ('queued', 'requires_action')
                 RETURNING id, last_seq
             ), ev AS (
                 INSERT INTO gateway.run_events (run_id, seq, last_seq, data) SELECT id, last_seq, last_seq, $2 FROM q
@@ -535,7 +557,8 @@ class RunStore:
                             SELECT q.id, q.queue_pos FROM gateway.runs q
                             WHERE q.status = 'queued'
                               AND NOT EXISTS (SELECT 1 FROM gateway.runs a
-                                              WHERE a.session_id = q.session_id AND a.status = 'running')
+                                              WHERE a.session_id = q.session_id
+                                                AND a.status IN ('running', 'requires_action'))
                               AND NOT EXISTS (SELECT 1 FROM gateway.runs b
                                               WHERE b.session_id = q.session_id AND b.status = 'queued'
                                                 AND b.queue_pos < q.queue_pos)
@@ -554,7 +577,7 @@ class RunStore:
                     FROM picked JOIN slots USING (n)
                     WHERE r.id = picked.id
                     RETURNING {", ".join(f"r.{c}" for c in _INFO_COLUMNS)}, r.payload, r.epoch, r.last_seq,
-                              r.worker_id, r.status
+                              r.worker_id, r.status, r.continuation
                     """,
                     list(worker_ids),
                     self.gateway_id,
@@ -716,8 +739,7 @@ class RunStore:
         the same write whose answer was lost), False when the run is no
         longer this epoch's (the events are not to be written).
         """
-        rows = await self.pool.fetch(
-            _WRITE_EVENTS_SQL,
+        arrays = (
             [c.run_id for c in chunks],
             [c.epoch for c in chunks],
             [c.first_seq for c in chunks],
@@ -725,6 +747,16 @@ class RunStore:
             [c.data for c in chunks],
             [c.worker_seq for c in chunks],
         )
+        lifecycle = [(c.run_id, event) for c in chunks for event in c.lifecycle]
+        if lifecycle:  # tool events among them: their lifecycle events go into the same statement
+            rows = await self.pool.fetch(
+                _WRITE_EVENTS_WITH_LIFECYCLE_SQL,
+                *arrays,
+                *OUTBOX.emit_args([event for _, event in lifecycle]),
+                [run_id for run_id, _ in lifecycle],
+            )
+        else:
+            rows = await self.pool.fetch(_WRITE_EVENTS_SQL, *arrays)
         return {row["run_id"]: bool(row["written"] or row["already"]) for row in rows}
 
     # ------------------------------------------------------------ endings
@@ -754,7 +786,8 @@ class RunStore:
         relayed: Sequence[common_pb2.LifecycleEvent] = (),
         transcript_turn: int | None = None,
     ) -> int:
-        """End a run (still queued or running, at ``epoch`` if given) with
+        """End a run (still queued, running or waiting for client tool
+        results, at ``epoch`` if given) with
         its terminal ``event``, in one statement; returns the event's seq, or
         0 when the run had already ended or moved on (nothing is written).
 
@@ -762,8 +795,10 @@ class RunStore:
         order after ``expected_last_seq``, which must then be the stored
         ``last_seq``); they are stored with the terminal event as one chunk.
         ``info`` (the run's lifecycle fields, see :class:`Claim`) lets the
-        lifecycle events (run.completed and message.sent, or run.failed)
-        go into the same statement; without it they are written after it,
+        lifecycle events (tool.called / tool.completed of ``pending``'s tool
+        events, then run.completed and message.sent, or run.failed) go into
+        the same statement; without it they are written after it (and
+        ``pending`` must hold no tool events),
         so pass a connection in a transaction. ``relayed`` are sessions
         events to record before them (a commit's session.updated);
         ``transcript_turn`` the turn the run's commit produced in its session.
@@ -778,7 +813,8 @@ class RunStore:
                 "error": error.SerializeToString() if error is not None else None,
                 "ended_at": dt.datetime.now(dt.UTC),
             }
-            lifecycle = list(relayed) + run_events(ended, source=self.gateway_id, run_event=event)
+            tools = tool_lifecycle(info, pending, source=self.gateway_id)  # tool.called/completed of `pending`
+            lifecycle = list(relayed) + tools + run_events(ended, source=self.gateway_id, run_event=event)
         sources = ["sessions"] * len(relayed) + [""] * (len(lifecycle) - len(relayed)) if info is not None else []
         seq = await conn.fetchval(
             f"""
@@ -786,8 +822,9 @@ class RunStore:
                 UPDATE gateway.runs SET status = $2, ended_at = now(), last_seq = last_seq + $8,
                     model = coalesce(nullif($4, ''), model),
                     input_tokens = $5, output_tokens = $6, error = $7,
-                    worker_id = NULL, lease_expires_at = NULL, transcript_turn = ${11 + OUTBOX.arg_count}
-                WHERE id = $1 AND status IN ('queued', 'running')
+                    worker_id = NULL, lease_expires_at = NULL, action_expires_at = NULL,
+                    transcript_turn = ${11 + OUTBOX.arg_count}
+                WHERE id = $1 AND status IN ('queued', 'running', 'requires_action')
                   AND ($9::bigint IS NULL OR epoch = $9) AND ($10::bigint IS NULL OR last_seq = $10)
                 RETURNING id, last_seq, session_id, task_id
             ), ev AS (
@@ -823,7 +860,8 @@ class RunStore:
         return int(seq or 0)
 
     async def cancel(self, org_id: str, run_id: uuid.UUID, reason: str) -> asyncpg.Record:
-        """Cancel a run: a queued run ends at once; a running one is asked to stop.
+        """Cancel a run: a queued run, or one waiting for client tool results,
+        ends at once; a running one is asked to stop.
 
         Raises:
             NotFound: no such run in this org.
@@ -837,7 +875,7 @@ class RunStore:
             )
             if row is None:
                 raise NotFound(f"run {run_id} not found", reason="RUN_NOT_FOUND", field="run_id")
-            if row["status"] == "queued":
+            if row["status"] in ("queued", "requires_action"):  # no worker holds it
                 if await self.finish(conn, run_id, status="cancelled", event=cancelled):
                     metrics.RUNS_TOTAL.labels("cancelled").inc()
             elif row["status"] == "running":
@@ -852,6 +890,134 @@ class RunStore:
                     f"{run_id}:{row['epoch']}:{row['gateway_id'] or ''}",
                 )
             return await conn.fetchrow(f"SELECT {_RUN_COLUMNS} FROM gateway.runs WHERE id = $1", run_id)
+
+    # ------------------------------------------------------------ client-side tools (issue 13)
+
+    async def pause(
+        self,
+        conn: asyncpg.Connection | asyncpg.Pool,
+        run_id: uuid.UUID,
+        *,
+        epoch: int,
+        event: bytes,
+        continuation: bytes,
+        expires_at: dt.datetime,
+        info: Mapping[str, Any] | None = None,
+        pending: Sequence[bytes] = (),
+        expected_last_seq: int | None = None,
+    ) -> int:
+        """Park a running run (at ``epoch``) in ``requires_action``, in one
+        statement: its unstored events (``pending``, as in :meth:`finish`)
+        and its ``requires_action`` ``event`` as one chunk, the
+        ``continuation`` (RunContinuation bytes) and its expiry, the worker
+        released, and the tool lifecycle events of ``pending``. Returns the
+        event's seq, or 0 when the run is no longer running at ``epoch``
+        (nothing is written)."""
+        added = len(pending) + 1
+        lifecycle = tool_lifecycle(info, pending, source=self.gateway_id)
+        seq = await conn.fetchval(
+            f"""
+            WITH upd AS (
+                UPDATE gateway.runs SET status = 'requires_action', last_seq = last_seq + $3, continuation = $4,
+                    action_expires_at = $5, worker_id = NULL, gateway_id = NULL, lease_expires_at = NULL
+                WHERE id = $1 AND status = 'running' AND epoch = $6
+                  AND ($7::bigint IS NULL OR last_seq = $7)
+                RETURNING id, last_seq
+            ), ev AS (
+                INSERT INTO gateway.run_events (run_id, seq, last_seq, data)
+                SELECT id, last_seq - $3 + 1, last_seq, $2 FROM upd
+            ), ob AS ({OUTBOX.insert_sql(8, when="EXISTS (SELECT 1 FROM upd)")})
+            SELECT last_seq FROM upd, LATERAL (
+                SELECT pg_notify('{EVENTS_CHANNEL}', upd.id::text || ':' || upd.last_seq)
+            ) n
+            """,
+            run_id,
+            encode_batch([*pending, event]),
+            added,
+            continuation,
+            expires_at,
+            epoch,
+            expected_last_seq,
+            *OUTBOX.emit_args(lifecycle),
+        )
+        return int(seq or 0)
+
+    async def lock_waiting(self, conn: asyncpg.Connection, org_id: str, run_id: uuid.UUID) -> asyncpg.Record:
+        """Lock a run of ``org_id`` for recording tool results (the rest of
+        the transaction); its row has the lifecycle fields, ``status``,
+        ``continuation`` and ``action_expires_at``.
+
+        Raises:
+            NotFound: no such run in this org (another org's run looks the same).
+        """
+        row = await conn.fetchrow(
+            f"SELECT {_RUN_COLUMNS}, continuation, action_expires_at FROM gateway.runs "
+            "WHERE id = $1 AND org_id = $2 FOR UPDATE",
+            run_id,
+            org_id,
+        )
+        if row is None:
+            raise NotFound(f"run {run_id} not found", reason="RUN_NOT_FOUND", field="run_id")
+        return row
+
+    async def record_tool_results(
+        self,
+        conn: asyncpg.Connection,
+        run_id: uuid.UUID,
+        *,
+        events: Sequence[bytes],
+        continuation: bytes,
+        resume: bool,
+        info: Mapping[str, Any],
+    ) -> int:
+        """Record client tool results of a waiting run (locked by
+        :meth:`lock_waiting`), in one statement: their ``tool_result``
+        ``events`` (one chunk) with their ``tool.completed`` lifecycle
+        events, the updated ``continuation``, and with ``resume`` the run
+        back to ``queued`` (it keeps its place: its session's next runs wait
+        behind it). Returns the run's ``last_seq`` after it (0 when the run
+        no longer waits)."""
+        lifecycle = tool_lifecycle(info, events, source=self.gateway_id)
+        added = len(events)
+        seq = await conn.fetchval(
+            f"""
+            WITH upd AS (
+                UPDATE gateway.runs SET continuation = $2, last_seq = last_seq + $3,
+                    status = CASE WHEN $4 THEN 'queued' ELSE status END,
+                    action_expires_at = CASE WHEN $4 THEN NULL ELSE action_expires_at END
+                WHERE id = $1 AND status = 'requires_action'
+                RETURNING id, last_seq
+            ), ev AS (
+                INSERT INTO gateway.run_events (run_id, seq, last_seq, data)
+                SELECT id, last_seq - $3 + 1, last_seq, $5 FROM upd WHERE $3 > 0
+            ), ob AS ({OUTBOX.insert_sql(6, when="EXISTS (SELECT 1 FROM upd)")})
+            SELECT last_seq FROM upd, LATERAL (
+                SELECT CASE WHEN $3 > 0 THEN pg_notify('{EVENTS_CHANNEL}', upd.id::text || ':' || upd.last_seq) END,
+                       CASE WHEN $4 THEN pg_notify('{QUEUE_CHANNEL}', '') END
+            ) n
+            """,
+            run_id,
+            continuation,
+            added,
+            resume,
+            encode_batch(events),
+            *OUTBOX.emit_args(lifecycle),
+        )
+        return int(seq or 0)
+
+    async def lock_expired_waits(self, conn: asyncpg.Connection, limit: int = 100) -> list[asyncpg.Record]:
+        """Lock waiting runs whose tool results are overdue (oldest first,
+        skipping runs another transaction holds); rows have ``id``,
+        ``continuation`` and ``action_expires_at``."""
+        return list(await conn.fetch(
+            """
+            SELECT id, continuation, action_expires_at FROM gateway.runs
+            WHERE status = 'requires_action' AND action_expires_at < now()
+            ORDER BY action_expires_at LIMIT $1
+            FOR UPDATE SKIP LOCKED
+            """,
+            limit,
+        ))
 
     # ------------------------------------------------------------ reads
 

@@ -40,6 +40,7 @@ from runyard.gateway.events import PUBLISH_WINDOW, Broker, RunLog, Subscription,
 from runyard.gateway.hub import Dispatcher, WorkerConn
 from runyard.gateway.runs import TERMINAL, Claim, RunStore, request_hash, run_proto
 from runyard.gateway.tasks import SpawnRequest, TaskManager
+from runyard.gateway.tool_results import ToolResults, check_client_tools
 
 __all__ = ["GatewayServicer"]
 
@@ -124,6 +125,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.closing = asyncio.Event()
         #: Background tasks (runyard.gateway.tasks), set by main.
         self.tasks: TaskManager | None = None
+        #: Client-side tools (runyard.gateway.tool_results), set by main.
+        self.tool_results: ToolResults | None = None
 
     # ------------------------------------------------------------ validation
 
@@ -186,6 +189,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 reason="INVALID_ENUM_VALUE",
                 field="multitask_strategy",
             )
+        check_client_tools(request.options.client_tools)  # issue 13: client-side tools
         if request.agent_id and request.agent_id not in self.config.agents:
             raise NotFound(
                 f"agent {request.agent_id[:64]!r} is not configured", reason="AGENT_NOT_FOUND", field="agent_id"
@@ -464,9 +468,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                             start(run_id, str(row["session_id"]), item.join.after_seq)
                     elif kind == "cancel":
                         await self._cancel(principal, item.cancel)
+                    elif kind == "submit_tool_results":  # confirmed by the run's tool_result events
+                        await self._submit_tool_results(principal, item.submit_tool_results)
                     else:
-                        raise InvalidArgument("ChatRequest needs send, cancel or join", reason="MISSING_FIELD",
-                                              field="request")
+                        raise InvalidArgument("ChatRequest needs send, cancel, join or submit_tool_results",
+                                              reason="MISSING_FIELD", field="request")
                 if followers:
                     await asyncio.gather(*list(followers), return_exceptions=True)
                 await out.put(None)
@@ -507,7 +513,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
         row = await self.store.get(principal.org_id, parse_uuid(request.run_id, "run_id", what="run id"))
-        return gateway_pb2.GetRunResponse(run=run_proto(row))
+        run = run_proto(row)
+        if self.tool_results is not None:
+            run = await self.tool_results.describe(run)  # a waiting run lists its unanswered calls
+        return gateway_pb2.GetRunResponse(run=run)
+
+    async def _submit_tool_results(
+        self, principal: Principal, request: gateway_pb2.SubmitToolResultsRequest
+    ) -> common_pb2.Run:
+        principal.require("chat")
+        if self.tool_results is None:
+            raise Unimplemented("client-side tools are not enabled on this gateway", reason="NOT_IMPLEMENTED")
+        return await self.tool_results.submit(principal.org_id, request)
+
+    async def SubmitToolResults(
+        self, request: gateway_pb2.SubmitToolResultsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.SubmitToolResultsResponse:
+        principal = await self.auth.authenticate(context)
+        return gateway_pb2.SubmitToolResultsResponse(run=await self._submit_tool_results(principal, request))
 
     async def ListRuns(
         self, request: gateway_pb2.ListRunsRequest, context: grpc.aio.ServicerContext

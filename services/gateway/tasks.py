@@ -968,7 +968,8 @@ class TaskManager:
             return effects
         await self._emit(conn, ended, "task.completed", effects)
         active_runs = await conn.fetch(
-            "SELECT id, org_id FROM gateway.runs WHERE task_id = ANY($1::uuid[]) AND status IN ('queued', 'running')",
+            "SELECT id, org_id FROM gateway.runs WHERE task_id = ANY($1::uuid[]) "
+            "AND status IN ('queued', 'running', 'requires_action')",
             ids,
         )
         why = error.message if error is not None else status
@@ -1039,8 +1040,8 @@ class TaskManager:
         """Deliver pending notifications with a claimed run of their parent
         (``Dispatcher.prepare``): append them to the run's input and store
         the run's payload with them, in one transaction. Free when idle."""
-        if not payload.session_key or self._idle:
-            return
+        if not payload.session_key or self._idle or claim.continuation:
+            return  # (a run that continues after client tool results has its input already)
         pending = await self.pool.fetchval(
             "SELECT EXISTS (SELECT 1 FROM gateway.task_notifications "
             "WHERE org_id = $1 AND parent_session_key = $2 AND state = 'pending')",
@@ -1425,7 +1426,8 @@ class TaskManager:
         rows = await self.pool.fetch(
             """
             SELECT r.id, r.org_id, t.status FROM gateway.runs r JOIN gateway.tasks t ON t.id = r.task_id
-            WHERE r.task_id IS NOT NULL AND r.status IN ('queued', 'running') AND NOT r.cancel_requested
+            WHERE r.task_id IS NOT NULL AND r.status IN ('queued', 'running', 'requires_action')
+              AND NOT r.cancel_requested
               AND t.status NOT IN ('pending', 'running')
             LIMIT $1
             """,
@@ -1723,7 +1725,8 @@ class TaskManager:
         if not parent["final"] or parent["failures"] >= self.cfg.max_notification_runs:
             return  # delivered with the parent's next run
         busy = await self.pool.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM gateway.runs WHERE session_id = $1 AND status IN ('queued', 'running'))",
+            "SELECT EXISTS (SELECT 1 FROM gateway.runs WHERE session_id = $1 "
+            "AND status IN ('queued', 'running', 'requires_action'))",
             parent_id,
         )
         if busy:
@@ -1742,7 +1745,8 @@ class TaskManager:
         async with self.pool.acquire() as conn, conn.transaction():
             await _xact_lock(conn, f"runyard.tasks.notify:{parent_id}")
             active = await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM gateway.runs WHERE session_id = $1 AND status IN ('queued', 'running'))",
+                "SELECT EXISTS (SELECT 1 FROM gateway.runs WHERE session_id = $1 "
+                "AND status IN ('queued', 'running', 'requires_action'))",
                 session_id,
             )
             if active:
@@ -1756,6 +1760,7 @@ class TaskManager:
             options = common_pb2.RunOptions()
             if last is not None:
                 options.CopyFrom(common_pb2.RunPayload.FromString(bytes(last["payload"])).options)
+                options.ClearField("client_tools")  # no client follows this run to answer them
             run_id = uuid.uuid4()
             payload = common_pb2.RunPayload(
                 run_id=str(run_id),

@@ -54,6 +54,8 @@ class ActiveRun:
 
     payload: common_pb2.RunPayload
     task: asyncio.Task[None] | None = None
+    #: Where the run continues after client tool results (None: from its start).
+    continuation: worker_hub_pb2.RunContinuation | None = None
     #: Every event sent, in order (index + 1 = worker_seq): resent after a re-attach.
     sent: list[worker_hub_pb2.ConnectRequest] = field(default_factory=list)
     result: worker_hub_pb2.ConnectRequest | None = None
@@ -89,12 +91,14 @@ class Worker:
             sessions_pb2_grpc.SessionServiceStub(self._sessions_channel),
             router_pb2_grpc.RouterServiceStub(self._router_channel),
         )
-        self.executor.tools = TaskTools(
+        # Tool sources of the tool loop (runyard.worker.tools.ToolSource), in precedence order.
+        self.executor.sources.append(TaskTools(
             tasks_pb2_grpc.TaskServiceStub(self._tasks_channel),
             internal_metadata(config.auth.internal_secret),
             wait_max_s=config.tasks.tool_wait_max_s,
             retrying=self.executor._retrying,
-        )
+            config=config,
+        ))
         self.draining = False
         self.connected = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -119,11 +123,14 @@ class Worker:
     # ------------------------------------------------------------ runs
 
     def _start_run(
-        self, payload: common_pb2.RunPayload, transcript: sessions_pb2.GetTranscriptResponse | None = None
+        self,
+        payload: common_pb2.RunPayload,
+        continuation: worker_hub_pb2.RunContinuation | None = None,
+        transcript: sessions_pb2.GetTranscriptResponse | None = None,
     ) -> None:
         if payload.run_id in self.runs:
             return
-        run = ActiveRun(payload, transcript=transcript)
+        run = ActiveRun(payload, continuation=continuation, transcript=transcript)
         self.runs[payload.run_id] = run
         run.task = asyncio.create_task(self._execute(run), name=f"run-{payload.run_id}")
 
@@ -132,7 +139,7 @@ class Worker:
             # One span per execution, continuing the trace of the request that queued the run.
             with tracing.run_span(run.payload) as span:
                 outcome = await self.executor.execute(
-                    run.payload, lambda event: self._emit(run, event), run.transcript
+                    run.payload, lambda event: self._emit(run, event), run.continuation, transcript=run.transcript
                 )
                 run.transcript = None
                 if span is not None and outcome.completed is not None:
@@ -159,6 +166,9 @@ class Worker:
         result = worker_hub_pb2.WorkerRunResult(run_id=run.run_id, epoch=run.epoch)
         if outcome.released is not None:
             result.released.CopyFrom(worker_hub_pb2.RunReleased(reason=outcome.released))
+        elif outcome.paused is not None:  # client tool calls: the run waits without a worker
+            result.requires_action.tool_calls.extend(outcome.paused.pending)
+            result.continuation.CopyFrom(outcome.paused)
         elif outcome.completed is not None:
             result.completed.CopyFrom(outcome.completed)
             if outcome.append is not None:
@@ -270,8 +280,12 @@ class Worker:
                 elif kind == "assign":
                     if self.draining:
                         continue  # the gateway re-queues it when the lease lapses or we leave
-                    assign = response.assign
-                    self._start_run(assign.payload, assign.transcript if assign.HasField("transcript") else None)
+                    assignment = response.assign
+                    self._start_run(
+                        assignment.payload,
+                        assignment.continuation if assignment.HasField("continuation") else None,
+                        assignment.transcript if assignment.HasField("transcript") else None,
+                    )
                 elif kind == "cancel":
                     self._cancel_run(response.cancel.run_id, response.cancel.reason or "CANCELLED")
                 elif kind == "ack":

@@ -11,24 +11,25 @@ again: it reports the stored answer.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential, wait_random
 
-from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2, sessions_pb2_grpc
+from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2, sessions_pb2_grpc, worker_hub_pb2
 from runyard.common.config import Config
 from runyard.common.errors import DeadlineExceeded, ResourceExhausted, RunyardError, from_rpc_error
 from runyard.common.faults import infrastructure_error
 from runyard.common.protoutil import now
 from runyard.worker.budget import ROUTER_DEADLINE_MARGIN_S, run_deadline, time_left
 from runyard.worker.compaction import Compactor, estimate_tokens
-from runyard.worker.tools import TaskTools, offered_tools
+from runyard.worker.tools import _ORDINAL, ClientTools, RunTools, ToolResult, ToolSource, record_tool_call, resolve_tools
 
 __all__ = ["RunOutcome", "RunExecutor", "build_prompt"]
 
@@ -60,10 +61,10 @@ def infrastructure_failure(exc: BaseException) -> bool:
 
 @dataclass(slots=True)
 class RunOutcome:
-    """What a run ended with: exactly one of ``completed``, ``failed`` and
-    ``cancelled`` is set. A completed run carries its messages for the
-    transcript (``append``), or ``already_committed`` when an earlier
-    execution's commit stands."""
+    """What a run ended with: exactly one of ``completed``, ``failed``,
+    ``cancelled``, ``released`` and ``paused`` is set. A completed run
+    carries its messages for the transcript (``append``), or
+    ``already_committed`` when an earlier execution's commit stands."""
 
     completed: common_pb2.RunCompleted | None = None
     failed: common_pb2.RunFailed | None = None
@@ -72,6 +73,28 @@ class RunOutcome:
     already_committed: bool = False
     #: The run met an infrastructure fault: give it back to the queue (why).
     released: str | None = None
+    #: The model called client-side tools: the run waits for their results
+    #: (``requires_action``) and continues from this.
+    paused: worker_hub_pb2.RunContinuation | None = None
+
+
+@dataclass(slots=True)
+class _ToolLoop:
+    """The state of one run's tool loop, which a pause carries over to the
+    run's next execution (``RunContinuation``).
+
+    ``messages`` are the run's own messages so far (its input, then the
+    assistant messages with tool calls and their results); the prompt is
+    ``prefix`` (system prompt, transcript) followed by them.
+    """
+
+    prefix: list[common_pb2.Message]
+    messages: list[common_pb2.Message]
+    usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
+    calls_made: int = 0
+    ordinals: dict[str, int] = field(default_factory=dict)
+    #: This execution continues after client tool results (RunStarted.resumed).
+    resumed: bool = False
 
 
 @dataclass(slots=True)
@@ -142,6 +165,33 @@ def build_prompt(
     return prompt, new_turn
 
 
+def _order_tool_results(messages: list[common_pb2.Message]) -> None:
+    """Put the tool results after the last assistant message in the order
+    of its calls (server-side results come first, the client's later)."""
+    last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == common_pb2.ROLE_ASSISTANT), None)
+    if last is None:
+        return
+    order = {call.id: index for index, call in enumerate(messages[last].tool_calls)}
+    tail = messages[last + 1 :]
+    if all(m.role == common_pb2.ROLE_TOOL for m in tail):
+        tail.sort(key=lambda m: order.get(m.tool_call_id, len(order)))
+        messages[last + 1 :] = tail
+
+
+def _tool_message(payload: common_pb2.RunPayload, call: common_pb2.ToolCall, result: ToolResult) -> common_pb2.Message:
+    """The ROLE_TOOL message answering ``call`` (``metadata.is_error`` on an error result)."""
+    message = common_pb2.Message(
+        role=common_pb2.ROLE_TOOL,
+        content=result.content,
+        tool_call_id=call.id,
+        name=call.name,
+        run_id=payload.run_id,
+        metadata={"is_error": "true"} if result.is_error else {},
+    )
+    message.create_time.CopyFrom(now())
+    return message
+
+
 class RunExecutor:
     """Runs the pipeline of one run against sessions and the router."""
 
@@ -151,15 +201,18 @@ class RunExecutor:
         worker_id: str,
         sessions: sessions_pb2_grpc.SessionServiceStub,
         router: router_pb2_grpc.RouterServiceStub,
-        tools: TaskTools | None = None,
+        sources: Sequence[ToolSource] = (),
     ):
         self.config = config
         self.worker_id = worker_id
         self.sessions = sessions
         self.router = router
         self.compactor = Compactor(config, router)
-        #: The built-in tools (spawn_task, task_output); None = none offered.
-        self.tools = tools
+        #: Server-side tool sources (runyard.worker.tools.ToolSource), in precedence order:
+        #: the built-in tools (TaskTools), then others (MCP servers). Append to add one.
+        self.sources: list[ToolSource] = list(sources)
+        #: The run's client-side tools (RunOptions.client_tools), offered after every server-side source.
+        self.client_tools = ClientTools()
         #: run id -> what a CONTEXT_OVERFLOW retry needs (see _overflow_retry).
         self._overflows: dict[str, _OverflowRetry] = {}
 
@@ -167,6 +220,8 @@ class RunExecutor:
         self,
         payload: common_pb2.RunPayload,
         emit: Callable[[common_pb2.RunEvent], None],
+        continuation: worker_hub_pb2.RunContinuation | None = None,
+        *,
         transcript: sessions_pb2.GetTranscriptResponse | None = None,
     ) -> RunOutcome:
         """Execute ``payload``, emitting events; returns the outcome.
@@ -179,12 +234,17 @@ class RunExecutor:
         call is cancelled; nothing is committed for an unfinished run.
 
         The run's time budget (:mod:`runyard.worker.budget`) starts now and
-        bounds every router call of the run.
+        bounds every router call of the run (a wait for client tool results
+        is not part of it: each execution has its own budget).
+
+        With ``continuation`` (the run paused for client tool results, which
+        it now holds) the tool loop goes on from where it stopped: the run's
+        input, compaction and earlier model calls are not repeated.
         """
         budget_s = self.config.run_timeout_ms(payload.agent_id, payload.options.timeout_ms) / 1000
         try:
             with run_deadline(budget_s):
-                return await self._execute(payload, emit, transcript)
+                return await self._execute(payload, emit, continuation, transcript)
         except (RunyardError, grpc.aio.AioRpcError, *_LOCAL_INFRASTRUCTURE) as exc:
             error = from_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
             if infrastructure_failure(error):
@@ -217,6 +277,7 @@ class RunExecutor:
         self,
         payload: common_pb2.RunPayload,
         emit: Callable[[common_pb2.RunEvent], None],
+        continuation: worker_hub_pb2.RunContinuation | None,
         transcript: sessions_pb2.GetTranscriptResponse | None = None,
     ) -> RunOutcome:
         # payload.run_token is read at each call: the hub renews it with the lease.
@@ -227,77 +288,133 @@ class RunExecutor:
         )
         if read.run_committed:
             return self._already_done(payload, read.transcript)
-        base = sessions_pb2.TranscriptBase(session_id=read.session_id, head_turn=read.head_turn)
-        # -- compaction (runyard.worker.compaction): a transcript past the limits is summarised
-        # in place; the run's commit then rolls the key over to a new session.
-        compaction = await self.compactor.compact(payload, read)
-        # -- end compaction
         agent = self.config.agent(payload.agent_id)
         system_prompt = agent.system_prompt if agent is not None else ""
-        prompt, new_turn = build_prompt(system_prompt, read.transcript, payload.input)
-        overflow = self._overflow_retry(payload, read, system_prompt, compaction)  # issue 12
-        for message in new_turn:
-            if not message.HasField("create_time"):
-                message.create_time.CopyFrom(now())
-            message.run_id = payload.run_id
-        final, produced = await self._converse(payload, prompt, emit)
+        tools = resolve_tools([*self.sources, self.client_tools], payload)
+        if continuation is not None:
+            base, overflow, loop = self._resume(payload, read, system_prompt, continuation)
+        else:
+            base = sessions_pb2.TranscriptBase(session_id=read.session_id, head_turn=read.head_turn)
+            # -- compaction (runyard.worker.compaction): a transcript past the limits is summarised
+            # in place; the run's commit then rolls the key over to a new session.
+            compaction = await self.compactor.compact(payload, read)
+            # -- end compaction
+            prompt, new_turn = build_prompt(system_prompt, read.transcript, payload.input)
+            overflow = self._overflow_retry(payload, read, system_prompt, compaction)  # issue 12
+            for message in new_turn:
+                if not message.HasField("create_time"):
+                    message.create_time.CopyFrom(now())
+                message.run_id = payload.run_id
+            loop = _ToolLoop(prefix=prompt[: len(prompt) - len(new_turn)], messages=list(new_turn))
+        final, waiting = await self._converse(payload, loop, emit, tools)
         append = sessions_pb2.TranscriptAppend(base=base)
-        append.messages.extend(new_turn)
-        append.messages.extend(produced)  # tool calls and their results, in pairs
-        append.messages.append(final.message)
+        append.messages.extend(loop.messages)  # input, tool calls and their results, in pairs
         # The run's compaction, or an overflow's (issue 12): the transcript
         # was compacted in place, so it now holds the summary and kept turns.
         if overflow.compaction is not None:
             append.compaction.info.CopyFrom(overflow.compaction)
-            append.compaction.summary = read.transcript.summary
-            append.compaction.kept.extend(read.transcript.messages)
+            append.compaction.summary = overflow.snapshot.transcript.summary
+            append.compaction.kept.extend(overflow.snapshot.transcript.messages)
+        if final is None:
+            paused = worker_hub_pb2.RunContinuation(
+                append=append, pending=waiting, tool_calls_made=loop.calls_made, ordinals=loop.ordinals,
+                usage=loop.usage, overflow_compacted=overflow.used,
+            )
+            paused.pause_time.CopyFrom(now())
+            return RunOutcome(paused=paused)
+        append.messages.append(final.message)
         return RunOutcome(
             completed=common_pb2.RunCompleted(message=final.message, model=final.model, usage=final.usage),
             append=append,
         )
 
+    def _resume(
+        self,
+        payload: common_pb2.RunPayload,
+        read: sessions_pb2.GetTranscriptResponse,
+        system_prompt: str,
+        continuation: worker_hub_pb2.RunContinuation,
+    ) -> tuple[sessions_pb2.TranscriptBase, _OverflowRetry, _ToolLoop]:
+        """The state a paused run continues from: its transcript base and
+        compaction as its first execution saw them, its messages so far plus
+        the client's results (answering the last assistant message's calls,
+        in the order of the calls), and the tool loop's counters."""
+        append = continuation.append
+        if append.HasField("compaction"):
+            # The prompt continues from the compacted transcript the first execution used.
+            read.transcript.CopyFrom(
+                common_pb2.Transcript(summary=append.compaction.summary, messages=append.compaction.kept)
+            )
+        info = append.compaction.info if append.HasField("compaction") else None
+        overflow = self._overflow_retry(payload, read, system_prompt, info)
+        overflow.used = continuation.overflow_compacted
+        prefix, _ = build_prompt(system_prompt, read.transcript, common_pb2.RunInput())
+        messages = list(append.messages)
+        results = {result.tool_call_id: result for result in continuation.results}
+        for call in continuation.pending:
+            result = results.get(call.id)
+            if result is None:  # the gateway queues a run only with every result; never guess one
+                result = common_pb2.ToolResultEvent(
+                    tool_call_id=call.id, name=call.name, is_error=True,
+                    content=json.dumps({"error": "the client sent no result for this call"}),
+                )
+            record_tool_call("client", call.name, result.is_error, result.duration_ms / 1000)
+            messages.append(_tool_message(payload, call, ToolResult(result.content, result.is_error)))
+        _order_tool_results(messages)
+        loop = _ToolLoop(
+            prefix=prefix, messages=messages, calls_made=continuation.tool_calls_made,
+            ordinals=dict(continuation.ordinals), resumed=True,
+        )
+        loop.usage.CopyFrom(continuation.usage)
+        log.info("run %s continues with %d client tool result(s)", payload.run_id, len(continuation.pending))
+        return append.base, overflow, loop
+
     async def _converse(
         self,
         payload: common_pb2.RunPayload,
-        prompt: list[common_pb2.Message],
+        loop: _ToolLoop,
         emit: Callable[[common_pb2.RunEvent], None],
-    ) -> tuple[router_pb2.GenerateFinal, list[common_pb2.Message]]:
-        """The model's answer, with the built-in tool loop.
+        tools: RunTools,
+    ) -> tuple[router_pb2.GenerateFinal | None, list[common_pb2.ToolCall]]:
+        """The model's answer, with the tool loop (built-in, MCP and client tools alike).
 
-        When the run offers tools (:func:`runyard.worker.tools.offered_tools`)
-        and the model calls them, each call is executed, reported with a
-        ``tool_result`` event and answered with a ROLE_TOOL message, and the
-        model is asked again. After ``max_tool_calls`` calls (the run's
-        option, else ``tasks.max_tool_calls``) tools are no longer offered;
-        further calls in the same answer get an error result. Tool calls in
-        a run that offered no tools are dropped from the answer (logged).
+        ``tools`` (:func:`runyard.worker.tools.resolve_tools`) are offered to
+        the model. When the model calls them, each call is executed by its
+        source, reported with a ``tool_result`` event and answered with a
+        ROLE_TOOL message (appended to ``loop.messages``), and the model is
+        asked again. After ``max_tool_calls`` calls (the run's option, else
+        ``tasks.max_tool_calls``) tools are no longer offered; further calls
+        in the same answer get an error result. Tool calls in a run that
+        offered no tools are dropped from the answer (logged).
+
+        Calls of client-side tools are not executed here: once the answer's
+        server-side calls have their results, the loop stops and returns
+        them; the run waits for the client's results and continues from
+        ``loop`` (:meth:`_resume`).
 
         Returns:
-            ``(final answer, produced)``: ``produced`` holds the assistant
-            messages with tool calls and their results, in order; the
-            final answer's usage is the sum over every model call.
+            ``(final answer, [])``, the final answer's usage being the sum
+            over every model call of the run; or ``(None, client calls)``.
 
         Raises:
             ResourceExhausted: the model still called tools after they were
                 withdrawn (TOOL_CALL_LIMIT_EXCEEDED).
         """
-        tools = offered_tools(self.config, payload) if self.tools is not None else []
         limit = payload.options.max_tool_calls or self.config.tasks.max_tool_calls
-        produced: list[common_pb2.Message] = []
-        usage = common_pb2.Usage()
-        calls_made = 0
-        ordinals: dict[str, int] = {}
+        announced = False
         while True:
-            offer = tools if calls_made < limit else []
+            offer = tools.definitions if loop.calls_made < limit else []
             final = await self._generate(
-                payload, [*prompt, *produced], emit, offer, announced=bool(produced), tool_calls=bool(tools)
+                payload, [*loop.prefix, *loop.messages], emit, offer, announced=announced,
+                tool_calls=bool(tools.definitions), tool_sources=tools, resumed=loop.resumed,
             )
-            usage.input_tokens += final.usage.input_tokens
-            usage.output_tokens += final.usage.output_tokens
-            final.usage.CopyFrom(usage)
+            announced = True
+            loop.usage.input_tokens += final.usage.input_tokens
+            loop.usage.output_tokens += final.usage.output_tokens
+            final.usage.CopyFrom(loop.usage)
             if not final.message.tool_calls:
-                return final, produced
-            if not tools:
+                return final, []
+            if not tools.definitions:
                 # Tool calls nobody offered (a model that invents them) cannot be answered; kept,
                 # they would leave an assistant message whose calls have no results, which
                 # providers reject on every later turn (OpenAI: "tool_calls must be followed by
@@ -307,7 +424,7 @@ class RunExecutor:
                     payload.run_id, ", ".join(sorted({call.name for call in final.message.tool_calls})),
                 )
                 del final.message.tool_calls[:]
-                return final, produced
+                return final, []
             if not offer:
                 raise ResourceExhausted(
                     f"the model kept calling tools after the run's limit of {limit} tool calls "
@@ -315,34 +432,57 @@ class RunExecutor:
                     reason="TOOL_CALL_LIMIT_EXCEEDED",
                     retryable=False,
                 )
-            assert self.tools is not None
-            produced.append(final.message)
+            loop.messages.append(final.message)
+            waiting: list[common_pb2.ToolCall] = []
             for call in final.message.tool_calls:
-                if calls_made >= limit:
-                    content = f'{{"error": "tool call limit ({limit}) reached; answer without tools"}}'
-                    is_error = True
+                source = tools.by_name.get(call.name)
+                started = time.monotonic()
+                if loop.calls_made >= limit:
+                    result = ToolResult(
+                        f'{{"error": "tool call limit ({limit}) reached; answer without tools"}}', is_error=True
+                    )
                 else:
-                    calls_made += 1
-                    ordinals[call.name] = ordinals.get(call.name, 0) + 1
-                    result = await self.tools.execute(payload, call, ordinals[call.name])
-                    content, is_error = result.content, result.is_error
+                    loop.calls_made += 1
+                    loop.ordinals[call.name] = loop.ordinals.get(call.name, 0) + 1
+                    if isinstance(source, ClientTools):
+                        waiting.append(call)  # answered by the client; the run pauses below
+                        continue
+                    result = await self._call_tool(payload, tools, call, loop.ordinals[call.name])
                 emit(
                     common_pb2.RunEvent(
                         tool_result=common_pb2.ToolResultEvent(
-                            tool_call_id=call.id, name=call.name, content=content, is_error=is_error
+                            tool_call_id=call.id, name=call.name, content=result.content, is_error=result.is_error,
+                            source=tools.source_of(call.name),
+                            duration_ms=int((time.monotonic() - started) * 1000),
                         )
                     )
                 )
-                message = common_pb2.Message(
-                    role=common_pb2.ROLE_TOOL,
-                    content=content,
-                    tool_call_id=call.id,
-                    name=call.name,
-                    run_id=payload.run_id,
-                    metadata={"is_error": "true"} if is_error else {},
-                )
-                message.create_time.CopyFrom(now())
-                produced.append(message)
+                loop.messages.append(_tool_message(payload, call, result))
+            if waiting:
+                log.info("run %s waits for the client's results of %s", payload.run_id,
+                         ", ".join(call.name for call in waiting))
+                return None, waiting
+
+    async def _call_tool(
+        self, payload: common_pb2.RunPayload, tools: RunTools, call: common_pb2.ToolCall, ordinal: int
+    ) -> ToolResult:
+        """One call through the source that offers ``call.name`` (an error
+        result naming the offered tools when none does), counted in the
+        tool metrics."""
+        source = tools.by_name.get(call.name)
+        if source is None:
+            names = ", ".join(d.name for d in tools.definitions)
+            record_tool_call("", call.name, True, 0.0)
+            return ToolResult(json.dumps({"error": f"unknown tool {call.name!r}; available: {names}"}), is_error=True)
+        token = _ORDINAL.set(ordinal)
+        started = time.monotonic()
+        result: ToolResult | None = None
+        try:
+            result = await source.call(payload, call)
+            return result
+        finally:
+            _ORDINAL.reset(token)
+            record_tool_call(source.source, call.name, result is None or result.is_error, time.monotonic() - started)
 
     async def _generate(
         self,
@@ -353,13 +493,17 @@ class RunExecutor:
         *,
         announced: bool = False,
         tool_calls: bool = True,
+        tool_sources: RunTools | None = None,
+        resumed: bool = False,
     ) -> router_pb2.GenerateFinal:
         """Stream the router's answer, forwarding events.
 
         ``tools`` are offered to the model; ``announced`` means the run's
         ``started`` event was already sent (a later call of the tool loop);
-        ``tool_calls`` False means the run has no tools at all, so the
-        model's tool calls are not forwarded as ``tool_call`` events.
+        ``resumed`` marks that event as the continuation after client tool
+        results; ``tool_calls`` False means the run has no tools at all, so
+        the model's tool calls are not forwarded as ``tool_call`` events
+        (``tool_sources`` names each call's source in them).
 
         If the router becomes unavailable (restart, deploy) the call is retried
         for up to ``worker.dependency_retry_s``; when text was already
@@ -419,7 +563,8 @@ class RunExecutor:
                             emit(
                                 common_pb2.RunEvent(
                                     started=common_pb2.RunStarted(
-                                        worker_id=self.worker_id, model=model, attempt=payload.attempt
+                                        worker_id=self.worker_id, model=model, attempt=payload.attempt,
+                                        resumed=resumed,
                                     )
                                 )
                             )
@@ -434,7 +579,10 @@ class RunExecutor:
                         if not tool_calls:
                             continue
                         streamed = True
-                        emit(common_pb2.RunEvent(tool_call=common_pb2.ToolCallEvent(call=response.tool_call)))
+                        source = tool_sources.source_of(response.tool_call.name) if tool_sources is not None else ""
+                        emit(common_pb2.RunEvent(
+                            tool_call=common_pb2.ToolCallEvent(call=response.tool_call, source=source)
+                        ))
                     elif kind == "usage":
                         emit(common_pb2.RunEvent(usage=response.usage))
                     elif kind == "final":

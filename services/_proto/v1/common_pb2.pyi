@@ -46,6 +46,7 @@ class RunStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_STATUS_COMPLETED: _ClassVar[RunStatus]
     RUN_STATUS_FAILED: _ClassVar[RunStatus]
     RUN_STATUS_CANCELLED: _ClassVar[RunStatus]
+    RUN_STATUS_REQUIRES_ACTION: _ClassVar[RunStatus]
 
 class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -107,6 +108,7 @@ RUN_STATUS_RUNNING: RunStatus
 RUN_STATUS_COMPLETED: RunStatus
 RUN_STATUS_FAILED: RunStatus
 RUN_STATUS_CANCELLED: RunStatus
+RUN_STATUS_REQUIRES_ACTION: RunStatus
 ROLE_UNSPECIFIED: Role
 ROLE_SYSTEM: Role
 ROLE_USER: Role
@@ -258,18 +260,20 @@ class ModelPreferences(_message.Message):
     def __init__(self, model: _Optional[str] = ..., task_class: _Optional[str] = ..., exclude_models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RunOptions(_message.Message):
-    __slots__ = ("max_output_tokens", "temperature", "max_tool_calls", "timeout_ms", "tools_enabled")
+    __slots__ = ("max_output_tokens", "temperature", "max_tool_calls", "timeout_ms", "tools_enabled", "client_tools")
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     TOOLS_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_TOOLS_FIELD_NUMBER: _ClassVar[int]
     max_output_tokens: int
     temperature: float
     max_tool_calls: int
     timeout_ms: int
     tools_enabled: bool
-    def __init__(self, max_output_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., max_tool_calls: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., tools_enabled: _Optional[bool] = ...) -> None: ...
+    client_tools: _containers.RepeatedCompositeFieldContainer[ToolDefinition]
+    def __init__(self, max_output_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., max_tool_calls: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., tools_enabled: _Optional[bool] = ..., client_tools: _Optional[_Iterable[_Union[ToolDefinition, _Mapping]]] = ...) -> None: ...
 
 class RunPayload(_message.Message):
     __slots__ = ("run_id", "org_id", "session_id", "session_key", "agent_id", "run_token", "input", "model", "options", "metadata", "epoch", "attempt", "parent_session_id", "task_id", "create_time", "idempotency_key", "multitask_strategy", "trace_context")
@@ -332,14 +336,16 @@ class RunQueued(_message.Message):
     def __init__(self, position: _Optional[int] = ...) -> None: ...
 
 class RunStarted(_message.Message):
-    __slots__ = ("worker_id", "model", "attempt")
+    __slots__ = ("worker_id", "model", "attempt", "resumed")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     attempt: int
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+    resumed: bool
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., attempt: _Optional[int] = ..., resumed: _Optional[bool] = ...) -> None: ...
 
 class TextDelta(_message.Message):
     __slots__ = ("text",)
@@ -378,22 +384,36 @@ class ModelSkip(_message.Message):
     def __init__(self, model: _Optional[str] = ..., reason: _Optional[_Union[FailoverReason, str]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disabled: _Optional[bool] = ..., auth_profile: _Optional[str] = ...) -> None: ...
 
 class ToolCallEvent(_message.Message):
-    __slots__ = ("call",)
+    __slots__ = ("call", "source")
     CALL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     call: ToolCall
-    def __init__(self, call: _Optional[_Union[ToolCall, _Mapping]] = ...) -> None: ...
+    source: str
+    def __init__(self, call: _Optional[_Union[ToolCall, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
 
 class ToolResultEvent(_message.Message):
-    __slots__ = ("tool_call_id", "name", "content", "is_error")
+    __slots__ = ("tool_call_id", "name", "content", "is_error", "source", "duration_ms")
     TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     IS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     tool_call_id: str
     name: str
     content: str
     is_error: bool
-    def __init__(self, tool_call_id: _Optional[str] = ..., name: _Optional[str] = ..., content: _Optional[str] = ..., is_error: _Optional[bool] = ...) -> None: ...
+    source: str
+    duration_ms: int
+    def __init__(self, tool_call_id: _Optional[str] = ..., name: _Optional[str] = ..., content: _Optional[str] = ..., is_error: _Optional[bool] = ..., source: _Optional[str] = ..., duration_ms: _Optional[int] = ...) -> None: ...
+
+class RunRequiresAction(_message.Message):
+    __slots__ = ("tool_calls", "expire_time")
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCall]
+    expire_time: _timestamp_pb2.Timestamp
+    def __init__(self, tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ModelSelect(_message.Message):
     __slots__ = ("model", "task_class", "rule", "skipped")
@@ -430,7 +450,7 @@ class RunCancelled(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class RunEvent(_message.Message):
-    __slots__ = ("run_id", "session_id", "seq", "time", "queued", "started", "text_delta", "model_failover", "tool_call", "tool_result", "usage", "completed", "failed", "cancelled", "model_select")
+    __slots__ = ("run_id", "session_id", "seq", "time", "queued", "started", "text_delta", "model_failover", "tool_call", "tool_result", "usage", "completed", "failed", "cancelled", "model_select", "requires_action")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -446,6 +466,7 @@ class RunEvent(_message.Message):
     FAILED_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     MODEL_SELECT_FIELD_NUMBER: _ClassVar[int]
+    REQUIRES_ACTION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     session_id: str
     seq: int
@@ -461,7 +482,8 @@ class RunEvent(_message.Message):
     failed: RunFailed
     cancelled: RunCancelled
     model_select: ModelSelect
-    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queued: _Optional[_Union[RunQueued, _Mapping]] = ..., started: _Optional[_Union[RunStarted, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., model_failover: _Optional[_Union[ModelFailover, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCallEvent, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResultEvent, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., completed: _Optional[_Union[RunCompleted, _Mapping]] = ..., failed: _Optional[_Union[RunFailed, _Mapping]] = ..., cancelled: _Optional[_Union[RunCancelled, _Mapping]] = ..., model_select: _Optional[_Union[ModelSelect, _Mapping]] = ...) -> None: ...
+    requires_action: RunRequiresAction
+    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queued: _Optional[_Union[RunQueued, _Mapping]] = ..., started: _Optional[_Union[RunStarted, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., model_failover: _Optional[_Union[ModelFailover, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCallEvent, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResultEvent, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., completed: _Optional[_Union[RunCompleted, _Mapping]] = ..., failed: _Optional[_Union[RunFailed, _Mapping]] = ..., cancelled: _Optional[_Union[RunCancelled, _Mapping]] = ..., model_select: _Optional[_Union[ModelSelect, _Mapping]] = ..., requires_action: _Optional[_Union[RunRequiresAction, _Mapping]] = ...) -> None: ...
 
 class RunEventBatch(_message.Message):
     __slots__ = ("events",)
@@ -470,7 +492,7 @@ class RunEventBatch(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[RunEvent, _Mapping]]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "session_id", "session_key", "agent_id", "status", "create_time", "start_time", "end_time", "attempt", "error", "idempotency_key", "model", "usage", "last_seq", "input_text", "metadata", "multitask_strategy", "task_id")
+    __slots__ = ("id", "session_id", "session_key", "agent_id", "status", "create_time", "start_time", "end_time", "attempt", "error", "idempotency_key", "model", "usage", "last_seq", "input_text", "metadata", "multitask_strategy", "task_id", "requires_action")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -496,6 +518,7 @@ class Run(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     MULTITASK_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUIRES_ACTION_FIELD_NUMBER: _ClassVar[int]
     id: str
     session_id: str
     session_key: str
@@ -514,7 +537,8 @@ class Run(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     multitask_strategy: MultitaskStrategy
     task_id: str
-    def __init__(self, id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_key: _Optional[str] = ..., agent_id: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., error: _Optional[_Union[RunError, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., last_seq: _Optional[int] = ..., input_text: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., multitask_strategy: _Optional[_Union[MultitaskStrategy, str]] = ..., task_id: _Optional[str] = ...) -> None: ...
+    requires_action: RunRequiresAction
+    def __init__(self, id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_key: _Optional[str] = ..., agent_id: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., error: _Optional[_Union[RunError, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., last_seq: _Optional[int] = ..., input_text: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., multitask_strategy: _Optional[_Union[MultitaskStrategy, str]] = ..., task_id: _Optional[str] = ..., requires_action: _Optional[_Union[RunRequiresAction, _Mapping]] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("id", "org_id", "key", "agent_id", "create_time", "update_time", "message_count", "current", "end_time", "end_reason", "parent_session_id", "resumed_from_session_id", "next_session_id", "metadata")
@@ -704,7 +728,7 @@ class MessageLifecycleData(_message.Message):
     def __init__(self, role: _Optional[_Union[Role, str]] = ..., length: _Optional[int] = ...) -> None: ...
 
 class LifecycleEvent(_message.Message):
-    __slots__ = ("id", "type", "time", "org_id", "session_id", "session_key", "agent_id", "run_id", "task_id", "source", "session_start", "session_end", "run", "model", "task", "service", "message", "session_compacted")
+    __slots__ = ("id", "type", "time", "org_id", "session_id", "session_key", "agent_id", "run_id", "task_id", "source", "session_start", "session_end", "run", "model", "task", "service", "message", "session_compacted", "tool")
     ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -723,6 +747,7 @@ class LifecycleEvent(_message.Message):
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     SESSION_COMPACTED_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
     id: int
     type: str
     time: _timestamp_pb2.Timestamp
@@ -741,7 +766,24 @@ class LifecycleEvent(_message.Message):
     service: ServiceLifecycleData
     message: MessageLifecycleData
     session_compacted: SessionCompactedData
-    def __init__(self, id: _Optional[int] = ..., type: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., org_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_key: _Optional[str] = ..., agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., source: _Optional[str] = ..., session_start: _Optional[_Union[SessionStartData, _Mapping]] = ..., session_end: _Optional[_Union[SessionEndData, _Mapping]] = ..., run: _Optional[_Union[RunLifecycleData, _Mapping]] = ..., model: _Optional[_Union[ModelLifecycleData, _Mapping]] = ..., task: _Optional[_Union[TaskLifecycleData, _Mapping]] = ..., service: _Optional[_Union[ServiceLifecycleData, _Mapping]] = ..., message: _Optional[_Union[MessageLifecycleData, _Mapping]] = ..., session_compacted: _Optional[_Union[SessionCompactedData, _Mapping]] = ...) -> None: ...
+    tool: ToolLifecycleData
+    def __init__(self, id: _Optional[int] = ..., type: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., org_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_key: _Optional[str] = ..., agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., source: _Optional[str] = ..., session_start: _Optional[_Union[SessionStartData, _Mapping]] = ..., session_end: _Optional[_Union[SessionEndData, _Mapping]] = ..., run: _Optional[_Union[RunLifecycleData, _Mapping]] = ..., model: _Optional[_Union[ModelLifecycleData, _Mapping]] = ..., task: _Optional[_Union[TaskLifecycleData, _Mapping]] = ..., service: _Optional[_Union[ServiceLifecycleData, _Mapping]] = ..., message: _Optional[_Union[MessageLifecycleData, _Mapping]] = ..., session_compacted: _Optional[_Union[SessionCompactedData, _Mapping]] = ..., tool: _Optional[_Union[ToolLifecycleData, _Mapping]] = ...) -> None: ...
+
+class ToolLifecycleData(_message.Message):
+    __slots__ = ("tool_call_id", "name", "source", "is_error", "size_bytes", "duration_ms")
+    TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    IS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    tool_call_id: str
+    name: str
+    source: str
+    is_error: bool
+    size_bytes: int
+    duration_ms: int
+    def __init__(self, tool_call_id: _Optional[str] = ..., name: _Optional[str] = ..., source: _Optional[str] = ..., is_error: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., duration_ms: _Optional[int] = ...) -> None: ...
 
 class SessionCompactedData(_message.Message):
     __slots__ = ("previous_session_id", "summarized_message_count", "kept_message_count", "tokens_before", "tokens_after", "model")

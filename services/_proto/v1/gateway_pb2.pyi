@@ -62,14 +62,40 @@ class JoinRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
-    __slots__ = ("send", "cancel", "join")
+    __slots__ = ("send", "cancel", "join", "submit_tool_results")
     SEND_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     JOIN_FIELD_NUMBER: _ClassVar[int]
+    SUBMIT_TOOL_RESULTS_FIELD_NUMBER: _ClassVar[int]
     send: SendMessageRequest
     cancel: CancelRunRequest
     join: JoinRunRequest
-    def __init__(self, send: _Optional[_Union[SendMessageRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRunRequest, _Mapping]] = ..., join: _Optional[_Union[JoinRunRequest, _Mapping]] = ...) -> None: ...
+    submit_tool_results: SubmitToolResultsRequest
+    def __init__(self, send: _Optional[_Union[SendMessageRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRunRequest, _Mapping]] = ..., join: _Optional[_Union[JoinRunRequest, _Mapping]] = ..., submit_tool_results: _Optional[_Union[SubmitToolResultsRequest, _Mapping]] = ...) -> None: ...
+
+class ToolOutput(_message.Message):
+    __slots__ = ("tool_call_id", "content", "is_error")
+    TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    IS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    tool_call_id: str
+    content: str
+    is_error: bool
+    def __init__(self, tool_call_id: _Optional[str] = ..., content: _Optional[str] = ..., is_error: _Optional[bool] = ...) -> None: ...
+
+class SubmitToolResultsRequest(_message.Message):
+    __slots__ = ("run_id", "results")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    results: _containers.RepeatedCompositeFieldContainer[ToolOutput]
+    def __init__(self, run_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[ToolOutput, _Mapping]]] = ...) -> None: ...
+
+class SubmitToolResultsResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: _common_pb2.Run
+    def __init__(self, run: _Optional[_Union[_common_pb2.Run, _Mapping]] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)

@@ -67,6 +67,11 @@ class GatewayServiceStub:
                 request_serializer=runyard_dot_v1_dot_gateway__pb2.ListRunsRequest.SerializeToString,
                 response_deserializer=runyard_dot_v1_dot_gateway__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
+        self.SubmitToolResults = channel.unary_unary(
+                '/runyard.v1.GatewayService/SubmitToolResults',
+                request_serializer=runyard_dot_v1_dot_gateway__pb2.SubmitToolResultsRequest.SerializeToString,
+                response_deserializer=runyard_dot_v1_dot_gateway__pb2.SubmitToolResultsResponse.FromString,
+                _registered_method=True)
         self.ListSessions = channel.unary_unary(
                 '/runyard.v1.GatewayService/ListSessions',
                 request_serializer=runyard_dot_v1_dot_gateway__pb2.ListSessionsRequest.SerializeToString,
@@ -159,6 +164,15 @@ class GatewayServiceServicer:
 
     def ListRuns(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitToolResults(self, request, context):
+        """Results of client-side tool calls of a run waiting for them
+        (RUN_STATUS_REQUIRES_ACTION). A repeat of results already recorded is
+        accepted again (nothing changes).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -256,6 +270,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.ListRuns,
                     request_deserializer=runyard_dot_v1_dot_gateway__pb2.ListRunsRequest.FromString,
                     response_serializer=runyard_dot_v1_dot_gateway__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'SubmitToolResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitToolResults,
+                    request_deserializer=runyard_dot_v1_dot_gateway__pb2.SubmitToolResultsRequest.FromString,
+                    response_serializer=runyard_dot_v1_dot_gateway__pb2.SubmitToolResultsResponse.SerializeToString,
             ),
             'ListSessions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSessions,
@@ -470,6 +489,33 @@ class GatewayService:
             '/runyard.v1.GatewayService/ListRuns',
             runyard_dot_v1_dot_gateway__pb2.ListRunsRequest.SerializeToString,
             runyard_dot_v1_dot_gateway__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitToolResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runyard.v1.GatewayService/SubmitToolResults',
+            runyard_dot_v1_dot_gateway__pb2.SubmitToolResultsRequest.SerializeToString,
+            runyard_dot_v1_dot_gateway__pb2.SubmitToolResultsResponse.FromString,
             options,
             channel_credentials,
             insecure,
