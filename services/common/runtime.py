@@ -40,6 +40,10 @@ def setup_logging(service: str, config: Config) -> None:
     for provider in config.providers.values():
         if provider.api_key_env:
             secrets.append(os.environ.get(provider.api_key_env, ""))
+    # The keys and tokens the agents' MCP servers get (issue 13); short values are not masked.
+    for agent in config.agents.values():
+        for server in agent.mcp_servers.values():
+            secrets.extend(v for v in (os.environ.get(n, "") for n in server.environment_names) if len(v) >= 8)
     handler.setFormatter(
         _RedactingFormatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s", secrets)
     )

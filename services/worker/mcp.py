@@ -279,12 +279,21 @@ class McpServer:
 
     # ------------------------------------------------------------ state
 
+    def _redact(self, text: str) -> str:
+        """``text`` with the values of the variables this server names (its keys) masked."""
+        env = os.environ if self.environ is None else self.environ
+        for name in self.config.environment_names:
+            value = env.get(name, "")
+            if len(value) >= 8:  # as the log formatter: short values would mask everything
+                text = text.replace(value, "***")
+        return text
+
     def _set_state(self, state: str, error: str = "") -> None:
         if state != self.state or error:
             self.since = time.time()
         self.state = state
         if error:
-            self.last_error = error
+            self.last_error = self._redact(error)
         for candidate in metrics.MCP_SERVER_STATES:
             metrics.MCP_SERVERS.labels(self.agent_id, self.name, candidate).set(1 if candidate == state else 0)
         if state == "ready":
@@ -464,7 +473,7 @@ class McpServer:
                     raw = await stream.read(1 << 16)
                 if not raw:
                     return
-                line = raw.decode(errors="replace").rstrip()[:_STDERR_LINE_MAX]
+                line = self._redact(raw.decode(errors="replace").rstrip()[:_STDERR_LINE_MAX])
                 if line:
                     self._stderr.append(line)
                     log.info("MCP server %s stderr: %s", self.label, line)

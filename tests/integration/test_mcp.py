@@ -334,11 +334,18 @@ async def test_tool_sources_route_each_call_back_to_the_source_that_offered_it(m
 # ---------------------------------------------------------------- the worker process
 
 
-async def test_the_worker_reports_a_server_that_cannot_start_and_stays_healthy(tmp_path: Path):
+async def test_the_worker_reports_a_server_that_cannot_start_and_stays_healthy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     metrics_port = free_port()
+    monkeypatch.setenv("BROKEN_MCP_TOKEN", "tok-very-secret-42")  # the worker's environment
     servers = {
-        "broken": {"command": sys.executable, "args": ["-c", "raise SystemExit('no config for broken')"],
-                   "startup_timeout_ms": 3000},
+        "broken": {
+            "command": sys.executable,
+            "args": ["-c", "import os; raise SystemExit('no config for broken, ' + os.environ['BROKEN_MCP_TOKEN'])"],
+            "pass_env": ["BROKEN_MCP_TOKEN"],
+            "startup_timeout_ms": 3000,
+        },
         "fake": stdio(),
     }
     # The worker needs no database; the gateway it looks for is not there (it keeps retrying).
@@ -369,7 +376,9 @@ async def test_the_worker_reports_a_server_that_cannot_start_and_stays_healthy(t
     assert "default" in row and "stdio" in row and "failed" in row and "no config for broken" in row
     assert 'runyard_mcp_servers{agent="default",server="broken",state="failed"} 1.0' in metrics_text
     assert 'runyard_mcp_servers{agent="default",server="fake",state="ready"} 1.0' in metrics_text
-    assert "MCP server default/broken stderr: no config for broken" in logs
+    assert "MCP server default/broken stderr: no config for broken, ***" in logs
+    # The key the server got (and printed) is masked in the log and the status.
+    assert "tok-very-secret-42" not in logs + json.dumps(result.as_dict()) + table.getvalue()
 
 
 # ---------------------------------------------------------------- end to end
