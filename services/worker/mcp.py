@@ -59,6 +59,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -194,7 +195,7 @@ def _short(exc: BaseException) -> str:
     if isinstance(exc, MCPError):
         return f"MCP error {exc.code}: {exc.message}"
     if isinstance(exc, TimeoutError):
-        return "timed out"
+        return str(exc) or "timed out"
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
@@ -268,6 +269,7 @@ class McpServer:
     _task: asyncio.Task[None] | None = None
     _stderr: deque[str] = field(default_factory=lambda: deque(maxlen=_STDERR_KEEP))
     _errlog: Any = None
+    _scope: anyio.CancelScope | None = None
 
     def __post_init__(self) -> None:
         self._set_state("starting")
@@ -325,27 +327,36 @@ class McpServer:
         await self._attempted.wait()
 
     async def stop(self) -> None:
-        """Stop the server (a stdio process gets its stdin closed, then SIGTERM)."""
+        """Stop the server (a stdio process gets its stdin closed, then SIGTERM, then SIGKILL:
+        the SDK's shutdown, at most about 5 s)."""
         if self._task is not None:
-            self._task.cancel()
+            if self._scope is not None:
+                self._scope.cancel()  # an anyio cancellation: the SDK's own clean-up runs as designed
+            else:
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
         self._client = None
 
     async def _supervise(self) -> None:
-        while True:
-            stack = await self._connect_with_backoff()
-            try:
-                await self._serve()
-            finally:
-                self._client = None
-                with contextlib.suppress(Exception):
-                    await stack.aclose()
-            self.restarts += 1
-            why = self._lost or "the connection ended"
-            log.warning("MCP server %s: %s; restarting it", self.label, why)
-            self._set_state("starting", why)
+        # Every wait of the server's lifetime is inside anyio cancel scopes (the SDK is built on
+        # anyio): stop() cancels this scope, a start-up deadline is a scope of its own.
+        with anyio.CancelScope() as self._scope:
+            while True:
+                async for attempt in AsyncRetrying(
+                    wait=wait_exponential(multiplier=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S) + wait_random(0, 0.25),
+                    retry=retry_if_exception_type(Exception),
+                    before_sleep=self._log_retry,
+                    sleep=self._backoff,
+                ):
+                    with attempt:
+                        await self._session()
+                # The connection was up and is lost: restart at once (backoff starts afresh).
+                self.restarts += 1
+                why = self._lost or "the connection ended"
+                log.warning("MCP server %s: %s; restarting it", self.label, why)
+                self._set_state("starting", why)
 
     def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
@@ -360,39 +371,31 @@ class McpServer:
         self._set_state("failed", error)
         self._attempted.set()
 
-    async def _connect_with_backoff(self) -> AsyncExitStack:
-        async for attempt in AsyncRetrying(
-            wait=wait_exponential(multiplier=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S) + wait_random(0, 0.25),
-            retry=retry_if_exception_type(Exception),
-            before_sleep=self._log_retry,
-            sleep=self._backoff,
-        ):
-            with attempt:
-                return await self._connect()
-        raise AssertionError("unreachable")  # pragma: no cover
-
     async def _backoff(self, seconds: float) -> None:
         """Wait ``seconds`` between failed starts, or less when a call asks for the server."""
         self._kick.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._kick.wait()
+        with anyio.move_on_after(seconds):
+            await self._kick.wait()
 
-    async def _connect(self) -> AsyncExitStack:
-        """Start / connect, handshake, first listing (within ``startup_timeout_ms``)."""
+    async def _session(self) -> None:
+        """One connection: start / connect, handshake and first listing within
+        ``startup_timeout_ms``, then serve until the connection is lost.
+
+        Returns when a connection that was ready is lost; raises when the
+        server could not get ready (``TimeoutError`` past the deadline)."""
         self._lost = ""
         self._changed = False
         self._wake.clear()
         self._stderr.clear()
-        stack = AsyncExitStack()
-        try:
-            client = Client(
-                _watched(await self._transport(stack), lambda: self._mark_lost("the server closed the connection")),
-                message_handler=self._on_message,
-                client_info=mcp_t.Implementation(name="runyard", version=__version__),
-                cache=None,  # our own cache: refreshed on list_changed and reconnect
-            )
-            async with asyncio.timeout(self.config.startup_timeout_ms / 1000):
+        startup_ms = self.config.startup_timeout_ms
+        with anyio.CancelScope(deadline=anyio.current_time() + startup_ms / 1000) as deadline:
+            async with AsyncExitStack() as stack:
+                client = Client(
+                    _watched(await self._transport(stack), lambda: self._mark_lost("the server closed the connection")),
+                    message_handler=self._on_message,
+                    client_info=mcp_t.Implementation(name="runyard", version=__version__),
+                    cache=None,  # our own cache: refreshed on list_changed and reconnect
+                )
                 try:
                     await stack.enter_async_context(client)
                 finally:
@@ -400,26 +403,24 @@ class McpServer:
                         self._errlog.close()
                         self._errlog = None
                 tools = await self._list(client)
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                await stack.aclose()
-            if isinstance(exc, TimeoutError):
-                raise TimeoutError(
-                    f"not ready within startup_timeout_ms ({self.config.startup_timeout_ms})"
-                ) from None
-            raise
-        self._client = client
-        self.protocol_version = client.protocol_version
-        self.tools = tools
-        self._set_state("ready")
-        self._attempted.set()
-        log.info(
-            "MCP server %s ready (%s, protocol %s): %d tool(s) offered: %s",
-            self.label, self.config.transport, self.protocol_version, len(tools), ", ".join(tools) or "none",
-        )
-        if self._lost:  # it died during the listing
-            self._wake.set()
-        return stack
+                deadline.deadline = math.inf  # ready: no deadline any more
+                self._client = client
+                self.protocol_version = client.protocol_version
+                self.tools = tools
+                self._set_state("ready")
+                self._attempted.set()
+                log.info(
+                    "MCP server %s ready (%s, protocol %s): %d tool(s) offered: %s",
+                    self.label, self.config.transport, self.protocol_version, len(tools),
+                    ", ".join(tools) or "none",
+                )
+                try:
+                    await self._serve(client)
+                finally:
+                    self._client = None
+                    self._ready.clear()
+        if deadline.cancelled_caught:
+            raise TimeoutError(f"not ready within startup_timeout_ms ({startup_ms})")
 
     async def _transport(self, stack: AsyncExitStack) -> Any:
         config = self.config
@@ -456,10 +457,10 @@ class McpServer:
         return writer
 
     async def _end_stderr(self, task: asyncio.Task[None]) -> None:
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 1.0)
-        except (TimeoutError, asyncio.CancelledError):
-            task.cancel()
+        """Let the stderr logger read what the exited process left (at most 1 s), then stop it."""
+        with anyio.move_on_after(1.0, shield=True), contextlib.suppress(Exception):
+            await task
+        task.cancel()
 
     async def _log_stderr(self, reader: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -521,8 +522,6 @@ class McpServer:
                     pass  # each event also reaches _on_message as ToolListChangedNotification
         except ListenNotSupportedError:
             return
-        except asyncio.CancelledError:
-            raise
         except MCPError as exc:
             if exc.code == mcp_t.CONNECTION_CLOSED:
                 self._mark_lost("the server closed the connection")
@@ -531,24 +530,21 @@ class McpServer:
         except Exception as exc:  # noqa: BLE001 - SubscriptionLost and transport errors: the connection is gone
             self._mark_lost(f"the change stream was lost ({_short(exc)})")
 
-    async def _serve(self) -> None:
+    async def _serve(self, client: Client) -> None:
         """Until the connection is lost: refresh the listing when it changes."""
-        client = self._client
-        assert client is not None
         capabilities = client.server_capabilities
-        listener = None
-        if capabilities.tools is not None and capabilities.tools.list_changed:
-            listener = asyncio.create_task(self._listen(client), name=f"mcp-listen-{self.label}")
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                if self._lost:
-                    return
-                if self._changed:
+        async with anyio.create_task_group() as group:
+            if capabilities.tools is not None and capabilities.tools.list_changed:
+                group.start_soon(self._listen, client)
+            try:
+                while not self._lost:
+                    await self._wake.wait()
+                    self._wake.clear()
+                    if self._lost or not self._changed:
+                        continue
                     self._changed = False
                     try:
-                        async with asyncio.timeout(self.config.startup_timeout_ms / 1000):
+                        with anyio.fail_after(self.config.startup_timeout_ms / 1000):
                             self.tools = await self._list(client)
                     except Exception as exc:  # noqa: BLE001 - the connection is not trustworthy any more
                         self._mark_lost(f"listing its tools failed ({_short(exc)})")
@@ -557,11 +553,8 @@ class McpServer:
                         "MCP server %s changed its tools: %d offered: %s",
                         self.label, len(self.tools), ", ".join(self.tools) or "none",
                     )
-        finally:
-            if listener is not None:
-                listener.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await listener
+            finally:
+                group.cancel_scope.cancel()
 
     # ------------------------------------------------------------ calls
 
@@ -656,13 +649,15 @@ class McpTools:
 
     async def start(self) -> None:
         """Start every server; return once each is ready or failed its first
-        attempt (at most its ``startup_timeout_ms``, plus a second). Failed
-        ones keep being retried in the background."""
+        attempt (at most the longest ``startup_timeout_ms``, plus the few
+        seconds a stuck process takes to stop). Failed ones keep being
+        retried in the background."""
         for server in self.servers.values():
             server.start()
         if not self.servers:
             return
-        bound = max(s.config.startup_timeout_ms for s in self.servers.values()) / 1000 + 1.0
+        # Plus the SDK's shutdown of a process that ignored the deadline (stdin closed, SIGTERM, SIGKILL).
+        bound = max(s.config.startup_timeout_ms for s in self.servers.values()) / 1000 + 6.0
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(bound):
                 await asyncio.gather(*(s.wait_attempted() for s in self.servers.values()))

@@ -201,6 +201,9 @@ async def test_a_server_that_cannot_start_is_reported_and_the_others_work(mcp_to
             "startup_timeout_ms": 3000,
         },
         "missing": {"command": "/nonexistent/mcp-server"},
+        # Never answers the handshake: given up after its startup_timeout_ms, and stopped.
+        "mute": {"command": sys.executable, "args": ["-c", "import time; time.sleep(600)"],
+                 "startup_timeout_ms": 1000},
         "fake": stdio(),
     })
     await tools.start()  # returns: a broken server does not hold the others up
@@ -211,6 +214,8 @@ async def test_a_server_that_cannot_start_is_reported_and_the_others_work(mcp_to
     assert "libfoo" in entries["broken"].last_error  # its stderr says why
     assert entries["missing"].state == admin_pb2.MCP_SERVER_STATE_FAILED
     assert "/nonexistent/mcp-server" in entries["missing"].last_error
+    assert entries["mute"].state == admin_pb2.MCP_SERVER_STATE_FAILED
+    assert entries["mute"].last_error == "not ready within startup_timeout_ms (1000)"
     assert {name.split("__")[0] for name in offered(tools)} == {"fake"}
     assert (await call(tools, "fake__echo", {"text": "still here"})).content == "still here"
 
