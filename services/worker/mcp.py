@@ -291,7 +291,7 @@ class McpServer:
         return text
 
     def _set_state(self, state: str, error: str = "") -> None:
-        if state != self.state or error:
+        if state != self.state:
             self.since = time.time()
         self.state = state
         if error:
@@ -388,39 +388,58 @@ class McpServer:
         self._wake.clear()
         self._stderr.clear()
         startup_ms = self.config.startup_timeout_ms
-        with anyio.CancelScope(deadline=anyio.current_time() + startup_ms / 1000) as deadline:
-            async with AsyncExitStack() as stack:
-                client = Client(
-                    _watched(await self._transport(stack), lambda: self._mark_lost("the server closed the connection")),
-                    message_handler=self._on_message,
-                    client_info=mcp_t.Implementation(name="runyard", version=__version__),
-                    cache=None,  # our own cache: refreshed on list_changed and reconnect
-                )
-                try:
-                    await stack.enter_async_context(client)
-                finally:
-                    if self._errlog is not None:  # the process has its copy (or never started)
-                        self._errlog.close()
-                        self._errlog = None
-                tools = await self._list(client)
-                deadline.deadline = math.inf  # ready: no deadline any more
-                self._client = client
-                self.protocol_version = client.protocol_version
-                self.tools = tools
-                self._set_state("ready")
-                self._attempted.set()
-                log.info(
-                    "MCP server %s ready (%s, protocol %s): %d tool(s) offered: %s",
-                    self.label, self.config.transport, self.protocol_version, len(tools),
-                    ", ".join(tools) or "none",
-                )
-                try:
-                    await self._serve(client)
-                finally:
-                    self._client = None
-                    self._ready.clear()
+        ready = False
+        try:
+            with anyio.CancelScope(deadline=anyio.current_time() + startup_ms / 1000) as deadline:
+                async with AsyncExitStack() as stack:
+                    client = await self._open(stack)
+                    tools = await self._list(client)
+                    deadline.deadline = math.inf  # ready: no deadline any more
+                    ready = True
+                    self._became_ready(client, tools)
+                    try:
+                        await self._serve(client)
+                    finally:
+                        self._client = None
+                        self._ready.clear()
+        except Exception as exc:
+            if not ready:
+                raise
+            # The connection was up: whatever its clean-up raised (a server that vanished
+            # mid-request), it is a lost connection, restarted at once, not a failed start.
+            log.info("MCP server %s: closing the lost connection raised %s", self.label, _short(exc))
+            self._lost = self._lost or _short(exc)
+            return
         if deadline.cancelled_caught:
             raise TimeoutError(f"not ready within startup_timeout_ms ({startup_ms})")
+
+    async def _open(self, stack: AsyncExitStack) -> Client:
+        """Start the process / open the HTTP session and complete the handshake (on ``stack``)."""
+        transport = _watched(await self._transport(stack), lambda: self._mark_lost("the server closed the connection"))
+        client = Client(
+            transport,
+            message_handler=self._on_message,
+            client_info=mcp_t.Implementation(name="runyard", version=__version__),
+            cache=None,  # our own cache: refreshed on list_changed and reconnect
+        )
+        try:
+            await stack.enter_async_context(client)
+        finally:
+            if self._errlog is not None:  # the process has its copy of stderr's pipe (or never started)
+                self._errlog.close()
+                self._errlog = None
+        return client
+
+    def _became_ready(self, client: Client, tools: dict[str, _Tool]) -> None:
+        self._client = client
+        self.protocol_version = client.protocol_version
+        self.tools = tools
+        self._set_state("ready")
+        self._attempted.set()
+        log.info(
+            "MCP server %s ready (%s, protocol %s): %d tool(s) offered: %s",
+            self.label, self.config.transport, self.protocol_version, len(tools), ", ".join(tools) or "none",
+        )
 
     async def _transport(self, stack: AsyncExitStack) -> Any:
         config = self.config

@@ -256,22 +256,24 @@ async def test_a_streamable_http_server_with_headers_from_the_environment(mcp_to
         "bearer_token_env": "FAKE_BEARER",
         "env_headers": {"X-Team": "FAKE_TEAM"},
         "headers": {"X-Client": "runyard-tests"},
-        "deny": ["crash"],
+        "deny": ["grow"],
         "startup_timeout_ms": 10_000,
     }
     with http_server(port, tmp_path / "http.log") as proc:
         await wait_port(port)
         tools = mcp_tools({"web": server}, environ={"FAKE_BEARER": "tok-http", "FAKE_TEAM": "blue"})
         await tools.start()
-        assert "web__add" in offered(tools) and "web__crash" not in offered(tools)
+        assert "web__add" in offered(tools) and "web__grow" not in offered(tools)
         assert await call(tools, "web__add", {"a": 20, "b": 22}) == ToolResult("42", is_error=False)
         assert (await call(tools, "web__whoami")).content == "Bearer tok-http"
         entry = (await status(tools))["web"]
         assert (entry.transport, entry.state) == ("http", admin_pb2.MCP_SERVER_STATE_READY)
-        proc.kill()
-        proc.wait()
+        # The server dies in the middle of a call: the call is an error, not a hang.
+        crashed = await call(tools, "web__crash")
+        assert crashed.is_error and "closed the connection during the call" in crashed.content
+        assert proc.wait(timeout=10) == 17
 
-    # The server went away: noticed, reported, its tools withdrawn while it is down.
+    # The server is gone: noticed, reported, its tools withdrawn while it is down.
     async def down() -> bool:
         return (await status(tools))["web"].state == admin_pb2.MCP_SERVER_STATE_FAILED
 
