@@ -45,10 +45,15 @@ Agents SDK would expect from an MCP host):
   after a lost connection, then with exponential backoff (tenacity, 0.5 s
   doubling to 30 s, with jitter) while starting fails. A call in flight when
   the server dies gets an ``is_error`` result; a call made while the server
-  restarts waits for it (at most ``startup_timeout_ms``). Nothing here ever
-  stops the worker.
+  restarts waits for it (at most ``startup_timeout_ms``; a server waiting
+  out its backoff is tried again at once). Nothing here ever stops the worker.
 * **Logs.** A stdio server's stderr is logged line by line with its name
-  (its last lines also explain a failed start in the status).
+  (its last lines also explain a failed start in the status). The values of
+  the variables a server names (its keys) are masked in what it reports.
+* **Cancellation.** Each server's lifetime runs inside anyio cancel scopes
+  (the SDK is built on anyio): the start-up deadline is a scope lifted once
+  the server is ready, and :meth:`McpServer.stop` cancels the supervisor's
+  scope, so the SDK's shielded shutdown of a process runs as designed.
 """
 
 from __future__ import annotations
@@ -122,10 +127,6 @@ _STATE_ENUM = {
     "failed": admin_pb2.MCP_SERVER_STATE_FAILED,
 }
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-
-
-class _ConnectionLost(Exception):
-    """The server's connection ended (its process exited, the stream closed)."""
 
 
 def exposed_name(server: str, tool: str, taken: Iterable[str] = ()) -> str:
