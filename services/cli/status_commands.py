@@ -10,8 +10,8 @@
   (``RouterService/GetProviderStatus``),
 
 and prints one table row per service, then the gateway's workers, every
-provider state that is not OK and every MCP server that is not ready. It exits 0 only when every service is SERVING
-and answered every question.
+provider state that is not OK and every MCP server that is not ready. It
+exits 0 only when every service is SERVING and answered every question.
 
 ``runyard health ADDRESS`` checks one server (exit 0 when SERVING); the
 compose file uses it as the containers' health check.
