@@ -4,13 +4,14 @@
 
 * its gRPC health (``grpc.health.v1.Health/Check``),
 * its own report (``runyard.v1.AdminService/GetStatus``: version, in-flight
-  RPCs and streams; a gateway adds its connected workers and the queue depth),
+  RPCs and streams; a gateway adds its connected workers and the queue depth,
+  a worker its agents' MCP servers),
 * and, from the router, the state of every provider / auth profile / model
   (``RouterService/GetProviderStatus``),
 
-and prints one table row per service, then the gateway's workers and every
-provider state that is not OK. It exits 0 only when every service is SERVING
-and answered every question.
+and prints one table row per service, then the gateway's workers, every
+provider state that is not OK and every MCP server that is not ready. It
+exits 0 only when every service is SERVING and answered every question.
 
 ``runyard health ADDRESS`` checks one server (exit 0 when SERVING); the
 compose file uses it as the containers' health check.
@@ -45,6 +46,7 @@ _PROVIDER_HEALTH = {
     router_pb2.PROVIDER_HEALTH_DISABLED: "disabled",
 }
 _REASONS = {v: k.removeprefix("FAILOVER_REASON_") for k, v in common_pb2.FailoverReason.items()}
+_MCP_STATES = {v: k.removeprefix("MCP_SERVER_STATE_").lower() for k, v in admin_pb2.McpServerState.items()}
 
 
 @dataclass
@@ -93,6 +95,21 @@ class ServiceStatus:
                         "draining": w.draining,
                     }
                     for w in self.status.gateway.workers
+                ]
+            if self.status.HasField("worker"):  # the worker's MCP servers (issue 13)
+                out["mcp_servers"] = [
+                    {
+                        "agent_id": m.agent_id,
+                        "name": m.name,
+                        "transport": m.transport,
+                        "state": _MCP_STATES.get(m.state, "unspecified"),
+                        "tools": m.tools,
+                        "since": m.since.ToJsonString(),
+                        "restarts": m.restarts,
+                        "last_error": m.last_error,
+                        "protocol_version": m.protocol_version,
+                    }
+                    for m in self.status.worker.mcp_servers
                 ]
         if self.providers is not None:
             out["providers"] = [
@@ -261,6 +278,27 @@ def render_table(results: list[ServiceStatus], out: TextIO) -> None:
                 ]
             )
         _table(state_rows, out, indent="  ")
+    for r in results:  # the worker's MCP servers that are not ready (issue 13)
+        if r.status is None or not r.status.HasField("worker"):
+            continue
+        troubled = [m for m in r.status.worker.mcp_servers if m.state != admin_pb2.MCP_SERVER_STATE_READY]
+        if not troubled:
+            continue
+        out.write(f"\nMCP servers that are not ready ({r.service} {r.address}):\n")
+        mcp_rows = [["AGENT", "SERVER", "TRANSPORT", "STATE", "SINCE", "RESTARTS", "LAST ERROR"]]
+        for m in troubled:
+            mcp_rows.append(
+                [
+                    m.agent_id,
+                    m.name,
+                    m.transport,
+                    _MCP_STATES.get(m.state, "unspecified"),
+                    _when(m.since) if m.HasField("since") else "-",
+                    str(m.restarts),
+                    m.last_error or "-",
+                ]
+            )
+        _table(mcp_rows, out, indent="  ")
     problems = [(r, p) for r in results for p in r.problems]
     if problems:
         out.write("\n")

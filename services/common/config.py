@@ -51,6 +51,7 @@ __all__ = [
     "HooksConfig",
     "LIFECYCLE_EVENT_TYPES",
     "MaintenanceConfig",
+    "McpServerConfig",
     "ProviderConfig",
     "RouterConfig",
     "SessionsConfig",
@@ -60,6 +61,7 @@ __all__ = [
     "WorkerConfig",
     "did_you_mean",
     "load_config",
+    "mcp_environment_problems",
 ]
 
 #: Environment variables that set one field directly (variable -> dotted path).
@@ -475,6 +477,167 @@ class ProviderConfig(_Section):
         return {"default": self.api_key_env}
 
 
+# -- MCP servers (issue 13): an agent's tool servers -------------------------------------------------
+
+_MCP_SERVER_NAME = re.compile(r"^[A-Za-z0-9-]+(?:_[A-Za-z0-9-]+)*$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class McpServerConfig(_Section):
+    """One MCP tool server of an agent (``[agents.<id>.mcp_servers.<name>]``),
+    run by the worker through the official ``mcp`` SDK (runyard.worker.mcp).
+
+    Exactly one transport: ``command`` (stdio: the worker starts the process,
+    with ``args``, in ``cwd``) or ``url`` (streamable HTTP). Secrets never go
+    in the file: a stdio server gets the worker's variables named in
+    ``pass_env``; an HTTP server gets headers whose values come from the
+    variables named in ``env_headers`` (header -> variable) or
+    ``bearer_token_env`` (``Authorization: Bearer <value>``). A variable the
+    worker lacks stops the worker at start-up with its name.
+
+    ``allow``/``deny``: the server's tool names (``fnmatch`` patterns, e.g.
+    ``"read_*"``) offered to the model; empty ``allow`` = every tool; ``deny``
+    wins. The model sees each tool as ``<server>__<tool>``.
+    """
+
+    command: str = ""
+    args: list[str] = Field(default_factory=list)
+    # Literal (non-secret) variables for the process; it also inherits HOME, PATH, SHELL, TERM, USER, LOGNAME.
+    env: dict[str, str] = Field(default_factory=dict)
+    # Names of the worker's environment variables the process gets (its keys and tokens).
+    pass_env: list[str] = Field(default_factory=list)
+    cwd: str = ""
+    url: str = ""
+    # Static, non-secret HTTP headers.
+    headers: dict[str, str] = Field(default_factory=dict)
+    # HTTP header -> name of the worker's environment variable holding its value.
+    env_headers: dict[str, str] = Field(default_factory=dict)
+    # Name of the environment variable holding a bearer token (sent as Authorization).
+    bearer_token_env: str = ""
+    allow: list[str] = Field(default_factory=list)
+    deny: list[str] = Field(default_factory=list)
+    # One tool call, from request to result; on expiry the model gets an is_error result.
+    call_timeout_ms: int = Field(default=60_000, ge=10, le=3_600_000)
+    # Text of one result kept for the model; longer results are cut with a note saying so.
+    max_result_bytes: int = Field(default=65_536, ge=256, le=16 * 1024 * 1024)
+    # Start (or connect), handshake and first tool listing; also how long a call waits
+    # for a server that is (re)starting.
+    startup_timeout_ms: int = Field(default=30_000, ge=100, le=600_000)
+    enabled: bool = True
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"environment variable names use letters, digits and '_'; got {name!r}")
+        return value
+
+    @field_validator("pass_env")
+    @classmethod
+    def _check_pass_env(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"expected names of environment variables, got {name!r}")
+        return value
+
+    @field_validator("bearer_token_env")
+    @classmethod
+    def _check_bearer(cls, value: str) -> str:
+        return _check_env_name(value) if value else value
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+            if name.lower() in _CREDENTIAL_HEADERS:
+                # The value is not echoed: it may be a key.
+                raise ValueError(
+                    f"header {name!r} carries a credential; name the environment variable that holds it "
+                    "in env_headers (or bearer_token_env) instead"
+                )
+        return value
+
+    @field_validator("env_headers")
+    @classmethod
+    def _check_env_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, env in value.items():
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+            if not _ENV_NAME.match(env):
+                raise ValueError(
+                    f"header {name!r}: expected the name of an environment variable holding the value "
+                    "(letters, digits, '_'); values never go in the configuration"
+                )
+        return value
+
+    @field_validator("allow", "deny")
+    @classmethod
+    def _check_patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if not pattern.strip():
+                raise ValueError("tool names and patterns must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _check_transport(self) -> McpServerConfig:
+        if bool(self.command) == bool(self.url):
+            raise ValueError("set exactly one of command (a stdio server) or url (a streamable HTTP server)")
+        if self.url:
+            if not re.match(r"^https?://[^/\s]+", self.url):
+                raise ValueError(f"url must start with http:// or https:// and name a host, got {self.url!r}")
+            stray = [n for n in ("args", "env", "pass_env", "cwd") if getattr(self, n)]
+        else:
+            stray = [n for n in ("headers", "env_headers", "bearer_token_env") if getattr(self, n)]
+        if stray:
+            kind = "an HTTP server (url)" if self.url else "a stdio server (command)"
+            raise ValueError(f"{', '.join(stray)} do not apply to {kind}")
+        if self.bearer_token_env and any(n.lower() == "authorization" for n in self.env_headers):
+            raise ValueError("bearer_token_env and env_headers.Authorization both set the Authorization header")
+        return self
+
+    @property
+    def transport(self) -> Literal["stdio", "http"]:
+        """``stdio`` or ``http``."""
+        return "stdio" if self.command else "http"
+
+    @property
+    def environment_names(self) -> list[str]:
+        """Every environment variable of the worker this server needs."""
+        names = [*self.pass_env, *self.env_headers.values()]
+        if self.bearer_token_env:
+            names.append(self.bearer_token_env)
+        return list(dict.fromkeys(names))
+
+
+def mcp_environment_problems(config: Config, environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """The environment variables the agents' enabled MCP servers name
+    (``pass_env``, ``env_headers``, ``bearer_token_env``) that ``environ``
+    (default ``os.environ``) lacks, as ``(path, message)`` problems: the
+    worker refuses to start without them (``runyard serve worker``)."""
+    env = os.environ if environ is None else environ
+    problems: list[tuple[str, str]] = []
+    for agent_id, agent in sorted(config.agents.items()):
+        for name, server in sorted(agent.mcp_servers.items()):
+            if not server.enabled:
+                continue
+            base = f"agents.{agent_id}.mcp_servers.{name}"
+            fields = [
+                *((f"{base}.pass_env", var) for var in server.pass_env),
+                *((f"{base}.env_headers.{header}", var) for header, var in server.env_headers.items()),
+                *([(f"{base}.bearer_token_env", server.bearer_token_env)] if server.bearer_token_env else []),
+            ]
+            for path, var in fields:
+                if var not in env:
+                    problems.append((path, f"environment variable {var} is not set (the worker needs it)"))
+    return problems
+
+
+# -- end MCP servers ---------------------------------------------------------------------------------
+
+
 class AgentConfig(_Section):
     """An agent: a system prompt and a model chain (``provider/model`` refs)."""
 
@@ -498,6 +661,19 @@ class AgentConfig(_Section):
     # support tool calls): "spawn_task" starts a background task, "task_output"
     # reads one. A run with RunOptions.tools_enabled gets both regardless.
     tools: list[Literal["spawn_task", "task_output"]] = Field(default_factory=list)
+    # MCP tool servers (issue 13), by name: the model sees their tools as "<name>__<tool>".
+    mcp_servers: dict[str, McpServerConfig] = Field(default_factory=dict)
+
+    @field_validator("mcp_servers")
+    @classmethod
+    def _check_mcp_names(cls, value: dict[str, McpServerConfig]) -> dict[str, McpServerConfig]:
+        for name in value:
+            if len(name) > 32 or not _MCP_SERVER_NAME.match(name):
+                raise ValueError(
+                    f"MCP server names use letters, digits, '-' and single '_' (at most 32, no '__', "
+                    f"not starting or ending with '_'): they prefix tool names; got {name!r}"
+                )
+        return value
 
     @field_validator("model")
     @classmethod

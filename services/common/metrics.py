@@ -215,6 +215,13 @@ PROVIDER_STATE = Gauge(
     "(model is empty when the state covers the whole provider or profile).",
     ("provider", "auth_profile", "model", "state"),
 )
+#: States of an MCP tool server of the worker (runyard.worker.mcp).
+MCP_SERVER_STATES = ("starting", "ready", "failed")
+MCP_SERVERS = Gauge(
+    "runyard_mcp_servers",
+    "1 for the current state of each MCP tool server of the worker's agents, 0 for the others.",
+    ("agent", "server", "state"),
+)
 COOLDOWNS_TOTAL = Counter(
     "runyard_cooldowns_total",
     "Cooldowns started (or extended) by the router, by provider and failover reason.",
@@ -269,7 +276,7 @@ SERVICE_FAMILIES: dict[str, tuple[Counter | Gauge | Histogram, ...]] = {
         SNAPSHOT_BYTES, ACTIVE_SESSIONS, SESSION_ENDS_TOTAL, HOOK_ERRORS_TOTAL, HOOK_CALLS_TOTAL,
         DRAIN_DURATION_SECONDS, DRAIN_TIMED_OUT_HANDLERS_TOTAL, COMPACTIONS_TOTAL, MAINTENANCE_ITEMS_TOTAL,
     ),
-    "worker": (COMPACTIONS_TOTAL, TOOL_CALLS_TOTAL, TOOL_CALL_DURATION_SECONDS),
+    "worker": (COMPACTIONS_TOTAL, TOOL_CALLS_TOTAL, TOOL_CALL_DURATION_SECONDS, MCP_SERVERS),
 }
 #: ``runyard_*`` families every service exports.
 SHARED_FAMILIES: tuple[Counter | Gauge | Histogram, ...] = (RPCS_IN_FLIGHT, BUILD_INFO)

@@ -12,7 +12,7 @@ import asyncpg
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from runyard.common import db
-from runyard.common.config import Config, ConfigError
+from runyard.common.config import Config, ConfigError, mcp_environment_problems
 
 __all__ = ["check_service_config", "database_url", "instance_id", "open_database", "setup_logging"]
 
@@ -40,6 +40,10 @@ def setup_logging(service: str, config: Config) -> None:
     for provider in config.providers.values():
         if provider.api_key_env:
             secrets.append(os.environ.get(provider.api_key_env, ""))
+    # The keys and tokens the agents' MCP servers get (issue 13); short values are not masked.
+    for agent in config.agents.values():
+        for server in agent.mcp_servers.values():
+            secrets.extend(v for v in (os.environ.get(n, "") for n in server.environment_names) if len(v) >= 8)
     handler.setFormatter(
         _RedactingFormatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s", secrets)
     )
@@ -77,7 +81,8 @@ def check_service_config(config: Config, service: str | None = None) -> None:
     up`` generates one and passes it to every service). The gateway needs
     ``auth.run_token_private_key``; the others need
     ``auth.run_token_public_key`` and must NOT hold the private key (only the
-    gateway signs run tokens).
+    gateway signs run tokens). A worker also needs every environment variable
+    its agents' MCP servers name (:func:`mcp_environment_problems`).
 
     Args:
         config: the loaded configuration.
@@ -129,6 +134,9 @@ def check_service_config(config: Config, service: str | None = None) -> None:
             "auth.run_token_public_key",
             "required (or auth.run_token_private_key on the gateway); `runyard keys run-token` makes a key pair",
         ))
+    if service == "worker":
+        # The variables the agents' MCP servers name (their keys and tokens) must be set (issue 13).
+        problems.extend(mcp_environment_problems(config))
     if problems:
         raise ConfigError(problems)
 

@@ -40,6 +40,7 @@ from runyard.common.clients import internal_channel
 from runyard.common.config import Config
 from runyard.common.metrics import serve_metrics
 from runyard.common.server import ServiceServer
+from runyard.worker.mcp import McpTools
 from runyard.worker.runner import RunExecutor, RunOutcome
 from runyard.worker.tools import TaskTools
 
@@ -99,6 +100,10 @@ class Worker:
             retrying=self.executor._retrying,
             config=config,
         ))
+        # -- MCP servers (issue 13): the agents' tool servers, one tool source of the tool loop.
+        self.mcp = McpTools(config)
+        self.executor.sources.append(self.mcp)
+        # -- end MCP servers
         self.draining = False
         self.connected = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -342,6 +347,7 @@ class Worker:
             await self._idle.wait()
 
     async def aclose(self) -> None:
+        await self.mcp.aclose()  # stops the MCP servers (issue 13)
         await self._sessions_channel.close()
         await self._router_channel.close()
         await self._tasks_channel.close()
@@ -353,8 +359,11 @@ async def serve(config: Config) -> None:
     worker = Worker(config)
     server = ServiceServer("worker", cfg.listen, [], shutdown_grace_s=cfg.shutdown_grace_s)
     serve_metrics(cfg.metrics_port, cfg.listen.rsplit(":", 1)[0] or "0.0.0.0")
+    server.admin.add_source(worker.mcp)  # `runyard status`: the MCP servers (issue 13)
     server.install_signal_handlers()
     await server.start()
+    # MCP servers start before runs are taken: each gets at most its startup_timeout_ms (issue 13).
+    await worker.mcp.start()
     loop_task = asyncio.create_task(worker.run(), name="worker")
     await server.stop_requested.wait()
     log.info("worker %s shutting down (%d runs in flight)", worker.worker_id, len(worker.runs))

@@ -27,21 +27,27 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16runyard/v1/admin.proto\x12\nrunyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\xd6\x01\n\x11GetStatusResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x16\n\x0erpcs_in_flight\x18\x05 \x01(\r\x12\x19\n\x11streams_in_flight\x18\x06 \x01(\r\x12*\n\x07gateway\x18\x07 \x01(\x0b\x32\x19.runyard.v1.GatewayStatus\"R\n\rGatewayStatus\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\x04\x12,\n\x07workers\x18\x02 \x03(\x0b\x32\x1b.runyard.v1.ConnectedWorker\"g\n\x0f\x43onnectedWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0c\n\x04\x66ree\x18\x04 \x01(\r\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x32X\n\x0c\x41\x64minService\x12H\n\tGetStatus\x12\x1c.runyard.v1.GetStatusRequest\x1a\x1d.runyard.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16runyard/v1/admin.proto\x12\nrunyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\x80\x02\n\x11GetStatusResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x16\n\x0erpcs_in_flight\x18\x05 \x01(\r\x12\x19\n\x11streams_in_flight\x18\x06 \x01(\r\x12*\n\x07gateway\x18\x07 \x01(\x0b\x32\x19.runyard.v1.GatewayStatus\x12(\n\x06worker\x18\x08 \x01(\x0b\x32\x18.runyard.v1.WorkerStatus\"R\n\rGatewayStatus\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\x04\x12,\n\x07workers\x18\x02 \x03(\x0b\x32\x1b.runyard.v1.ConnectedWorker\"g\n\x0f\x43onnectedWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0c\n\x04\x66ree\x18\x04 \x01(\r\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\"@\n\x0cWorkerStatus\x12\x30\n\x0bmcp_servers\x18\x01 \x03(\x0b\x32\x1b.runyard.v1.McpServerStatus\"\xe9\x01\n\x0fMcpServerStatus\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\ttransport\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.runyard.v1.McpServerState\x12\r\n\x05tools\x18\x05 \x01(\r\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12)\n\x05since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08restarts\x18\x08 \x01(\r\x12\x18\n\x10protocol_version\x18\t \x01(\t*\x8a\x01\n\x0eMcpServerState\x12 \n\x1cMCP_SERVER_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19MCP_SERVER_STATE_STARTING\x10\x01\x12\x1a\n\x16MCP_SERVER_STATE_READY\x10\x02\x12\x1b\n\x17MCP_SERVER_STATE_FAILED\x10\x03\x32X\n\x0c\x41\x64minService\x12H\n\tGetStatus\x12\x1c.runyard.v1.GetStatusRequest\x1a\x1d.runyard.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'runyard.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MCPSERVERSTATE']._serialized_start=842
+  _globals['_MCPSERVERSTATE']._serialized_end=980
   _globals['_GETSTATUSREQUEST']._serialized_start=71
   _globals['_GETSTATUSREQUEST']._serialized_end=89
   _globals['_GETSTATUSRESPONSE']._serialized_start=92
-  _globals['_GETSTATUSRESPONSE']._serialized_end=306
-  _globals['_GATEWAYSTATUS']._serialized_start=308
-  _globals['_GATEWAYSTATUS']._serialized_end=390
-  _globals['_CONNECTEDWORKER']._serialized_start=392
-  _globals['_CONNECTEDWORKER']._serialized_end=495
-  _globals['_ADMINSERVICE']._serialized_start=497
-  _globals['_ADMINSERVICE']._serialized_end=585
+  _globals['_GETSTATUSRESPONSE']._serialized_end=348
+  _globals['_GATEWAYSTATUS']._serialized_start=350
+  _globals['_GATEWAYSTATUS']._serialized_end=432
+  _globals['_CONNECTEDWORKER']._serialized_start=434
+  _globals['_CONNECTEDWORKER']._serialized_end=537
+  _globals['_WORKERSTATUS']._serialized_start=539
+  _globals['_WORKERSTATUS']._serialized_end=603
+  _globals['_MCPSERVERSTATUS']._serialized_start=606
+  _globals['_MCPSERVERSTATUS']._serialized_end=839
+  _globals['_ADMINSERVICE']._serialized_start=982
+  _globals['_ADMINSERVICE']._serialized_end=1070
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -11,12 +12,23 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class McpServerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MCP_SERVER_STATE_UNSPECIFIED: _ClassVar[McpServerState]
+    MCP_SERVER_STATE_STARTING: _ClassVar[McpServerState]
+    MCP_SERVER_STATE_READY: _ClassVar[McpServerState]
+    MCP_SERVER_STATE_FAILED: _ClassVar[McpServerState]
+MCP_SERVER_STATE_UNSPECIFIED: McpServerState
+MCP_SERVER_STATE_STARTING: McpServerState
+MCP_SERVER_STATE_READY: McpServerState
+MCP_SERVER_STATE_FAILED: McpServerState
+
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("service", "version", "started_at", "draining", "rpcs_in_flight", "streams_in_flight", "gateway")
+    __slots__ = ("service", "version", "started_at", "draining", "rpcs_in_flight", "streams_in_flight", "gateway", "worker")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +36,7 @@ class GetStatusResponse(_message.Message):
     RPCS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     STREAMS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
     service: str
     version: str
     started_at: _timestamp_pb2.Timestamp
@@ -31,7 +44,8 @@ class GetStatusResponse(_message.Message):
     rpcs_in_flight: int
     streams_in_flight: int
     gateway: GatewayStatus
-    def __init__(self, service: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., draining: _Optional[bool] = ..., rpcs_in_flight: _Optional[int] = ..., streams_in_flight: _Optional[int] = ..., gateway: _Optional[_Union[GatewayStatus, _Mapping]] = ...) -> None: ...
+    worker: WorkerStatus
+    def __init__(self, service: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., draining: _Optional[bool] = ..., rpcs_in_flight: _Optional[int] = ..., streams_in_flight: _Optional[int] = ..., gateway: _Optional[_Union[GatewayStatus, _Mapping]] = ..., worker: _Optional[_Union[WorkerStatus, _Mapping]] = ...) -> None: ...
 
 class GatewayStatus(_message.Message):
     __slots__ = ("queue_depth", "workers")
@@ -54,3 +68,31 @@ class ConnectedWorker(_message.Message):
     free: int
     draining: bool
     def __init__(self, worker_id: _Optional[str] = ..., capacity: _Optional[int] = ..., running: _Optional[int] = ..., free: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("mcp_servers",)
+    MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    mcp_servers: _containers.RepeatedCompositeFieldContainer[McpServerStatus]
+    def __init__(self, mcp_servers: _Optional[_Iterable[_Union[McpServerStatus, _Mapping]]] = ...) -> None: ...
+
+class McpServerStatus(_message.Message):
+    __slots__ = ("agent_id", "name", "transport", "state", "tools", "last_error", "since", "restarts", "protocol_version")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    name: str
+    transport: str
+    state: McpServerState
+    tools: int
+    last_error: str
+    since: _timestamp_pb2.Timestamp
+    restarts: int
+    protocol_version: str
+    def __init__(self, agent_id: _Optional[str] = ..., name: _Optional[str] = ..., transport: _Optional[str] = ..., state: _Optional[_Union[McpServerState, str]] = ..., tools: _Optional[int] = ..., last_error: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restarts: _Optional[int] = ..., protocol_version: _Optional[str] = ...) -> None: ...
