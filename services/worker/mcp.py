@@ -72,7 +72,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import mcp_types as mcp_t
@@ -88,7 +88,7 @@ from runyard import __version__
 from runyard._proto.v1 import admin_pb2, common_pb2
 from runyard.common import metrics
 from runyard.common.config import Config, McpServerConfig
-from runyard.worker.tools import ToolResult, ToolSource
+from runyard.worker.tools import ToolResult
 
 __all__ = ["McpServer", "McpTools", "exposed_name", "render_result"]
 
