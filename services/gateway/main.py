@@ -148,7 +148,7 @@ async def serve(config: Config) -> None:
     # Internal listener only: workers, task tools and AdminService, with the internal secret.
     worker_hub_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, server.internal_server)
     tasks_pb2_grpc.add_TaskServiceServicer_to_server(
-        TaskServicer(tasks, signer, internal_secret=config.auth.internal_secret), server.internal_server
+        TaskServicer(tasks, store, signer, internal_secret=config.auth.internal_secret), server.internal_server
     )
     server.admin.add_source(GatewayStatus(store, dispatcher))  # `runyard status`: queue depth, workers
     dispatch_task = asyncio.create_task(dispatcher.run(), name="dispatcher")
