@@ -37,10 +37,11 @@ def _address(args: argparse.Namespace) -> str:
 
 def _client(args: argparse.Namespace) -> Client:
     config = load_config(args.config)
-    tls.configure(config)  # the gateway's CA (and a client certificate) when [tls] is on
     address = args.gateway or config.endpoints.gateway
     args._address = address
-    return Client(address, api_key=args.api_key or os.environ.get("RUNYARD_API_KEY", ""))
+    api_key = args.api_key or os.environ.get("RUNYARD_API_KEY", "")
+    # The gateway's CA (and a client certificate) when [tls] is on.
+    return Client(address, api_key=api_key, tls=tls.load(config))
 
 
 def _transport_problem(message: str) -> str:
