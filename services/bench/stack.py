@@ -6,7 +6,7 @@ The benchmark starts, as separate processes on loopback:
   ``RUNYARD_DATABASE_URL``) and dropped afterwards, else an embedded server
   (``pgserver``) in a temporary directory;
 * one loopback OpenAI-compatible provider per ``--deltas`` value
-  (``python -m runyard.router.loopback --chunks D``: D text deltas per
+  (``python -m runyard.bench.loopback --chunks D``: D text deltas per
   answer, no delay);
 * the four services (``python -m runyard serve gateway|router|sessions|worker``,
   ``--workers`` workers of ``--worker-capacity`` runs each), configured by
@@ -352,7 +352,7 @@ def _with_database(url: str, name: str) -> str:
 
 async def _start_provider(name: str, deltas: int, procs: _Processes) -> int:
     """A loopback provider streaming ``deltas`` deltas; returns its port."""
-    await procs.spawn(name, [sys.executable, "-m", "runyard.router.loopback", "--port", "0", "--chunks", str(deltas)])
+    await procs.spawn(name, [sys.executable, "-m", "runyard.bench.loopback", "--port", "0", "--chunks", str(deltas)])
     line = await procs.wait_log(name, "listening on ")
     return int(line.split()[-1])
 
@@ -362,7 +362,7 @@ def _agent(deltas: int) -> str:
 
 
 def _expected(deltas: int) -> str:
-    """What the loopback provider answers (see :mod:`runyard.router.loopback`)."""
+    """What the loopback provider answers (see :mod:`runyard.bench.loopback`)."""
     return "".join(f"tok{i} " for i in range(deltas))
 
 

@@ -13,8 +13,8 @@ __all__ = ["BENCHMARKS", "add_parsers", "percentile"]
 
 #: benchmark name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "router": ("runyard.router.bench", "router overhead vs a direct provider call, and the 404 cascade time"),
-    "sessions": ("runyard.sessions.bench", "shutdown drain of 10k active sessions; RSS with 1k vs 100k stored"),
+    "router": ("runyard.bench.router", "router overhead vs a direct provider call, and the 404 cascade time"),
+    "sessions": ("runyard.bench.sessions", "shutdown drain of 10k active sessions; RSS with 1k vs 100k stored"),
     "stack": ("runyard.bench.stack", "the four services end to end: runs/s, latency, CPU, commits and WAL per run"),
 }
 

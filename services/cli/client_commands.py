@@ -456,6 +456,6 @@ def add_parsers(sub: Any) -> None:
         p = ssub.add_parser(name, help=help_text)
         p.add_argument("key", help="session key")
     sessions.set_defaults(func=lambda a: asyncio.run(_sessions(a)))
-    from runyard.sessions.cli import add_parsers as add_operator_parsers  # prune, shutdown-mode
+    from runyard.cli.sessions_commands import add_parsers as add_operator_parsers  # prune, shutdown-mode
 
     add_operator_parsers(ssub)

@@ -2,7 +2,7 @@
 
 The benchmark starts everything it needs on loopback:
 
-* a fast OpenAI-compatible streaming provider (:mod:`runyard.router.loopback`,
+* a fast OpenAI-compatible streaming provider (:mod:`runyard.bench.loopback`,
   its own process);
 * a PostgreSQL database: a scratch database created on ``--database-url`` /
   ``RUNYARD_DATABASE_URL`` and dropped afterwards, else an embedded server
@@ -208,7 +208,7 @@ async def _start_provider(chunks: int, procs: _Processes) -> int:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "runyard.router.loopback",
+        "runyard.bench.loopback",
         "--port",
         "0",
         "--chunks",

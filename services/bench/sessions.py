@@ -243,7 +243,7 @@ async def measure_drain(database: _Database, workdir: Path, active: int, drain_t
             "RUNYARD_SESSIONS__DRAIN_TIMEOUT_MS": str(drain_timeout_ms),
             "RUNYARD_HOOKS__ENTRY_POINTS": "false",
             "RUNYARD_HOOKS__HANDLERS": json.dumps([
-                {"path": "runyard.sessions.bench:noop_handler", "events": ["session.end"], "name": "bench-noop"},
+                {"path": "runyard.bench.sessions:noop_handler", "events": ["session.end"], "name": "bench-noop"},
             ]),
         })
         try:
