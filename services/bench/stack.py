@@ -99,7 +99,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from runyard.common.auth import generate_run_token_keys, run_token_env
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from runyard.bench import procstat
-from runyard.cli.bench import percentile
+from runyard.bench import percentile
 from runyard.common.config import ProviderConfig
 from runyard.router.providers import OpenAIProvider, Request
 

@@ -67,7 +67,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     found: list[tuple[int, str]] = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names if alias.name.split(".")[0] == "runyard"]
+            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "runyard"]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             if node.module == "runyard":
                 # `from runyard import X`: X is a room (`from runyard import v1`) or a name of the root.
@@ -87,11 +87,32 @@ def _module_of(path: Path) -> str:
     return ".".join(("runyard", *parts))
 
 
+def test_each_room_imports_only_the_rooms_below_it():
+    """Services never import each other (they talk over gRPC through the
+    protos), nor the CLI, the benchmarks or the package root; the shared
+    layer imports no service; benchmarks never import the CLI."""
+    problems = []
+    for path in sorted(SERVICES.rglob("*.py")):
+        module = _module_of(path)
+        room = _room(module)
+        if room == "_proto":
+            continue
+        for line, imported in _imports(path):
+            target = _room(imported)
+            if target != room and target not in ALLOWED[room]:
+                where = f"{path.relative_to(SERVICES.parent)}:{line}"
+                problems.append(f"{where}: {room or 'runyard'} imports {imported}")
+    assert problems == []
+
+
+def test_the_rules_know_every_room():
+    rooms = {p.name for p in SERVICES.iterdir() if p.is_dir() and not p.name.startswith("__")}
+    rooms |= {p.stem for p in SERVICES.glob("*.py") if p.stem != "__init__"}
+    assert rooms == set(ALLOWED) - {""}
+
+
 def test_the_public_client_loads_nothing_of_the_server_stack():
-    script = (
-        "import json, sys, runyard, runyard.client, runyard.v1; "
-        "print(json.dumps(sorted(sys.modules)))"
-    )
+    script = "import json, sys, runyard, runyard.client, runyard.v1; print(json.dumps(sorted(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     loaded = set(json.loads(result.stdout))
     ours = {m for m in loaded if m == "runyard" or m.startswith("runyard.")}
