@@ -12,8 +12,7 @@ The public Python surface is small:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from runyard._version import __version__
 from runyard.client import Client
 from runyard.common.config import Config, ConfigError, load_config
 from runyard.common.errors import (

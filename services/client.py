@@ -19,8 +19,10 @@ from types import TracebackType
 import grpc
 
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from runyard.common.clients import internal_channel
+from runyard.common import tracing
+from runyard.common.channels import open_channel
 from runyard.common.errors import from_rpc_error
+from runyard.common.tls import TlsSettings
 
 __all__ = ["Client"]
 
@@ -31,15 +33,18 @@ class Client:
     Args:
         address: ``host:port`` of a gateway.
         api_key: sent as ``authorization: Bearer <key>`` when given.
+        tls: the gateway's CA (and a client certificate, for a gateway that
+            requires one), e.g. ``runyard.common.tls.load(config)``; None =
+            plaintext.
 
-    The channel uses TLS when :func:`runyard.common.tls.configure` loaded a
-    ``[tls]`` section in this process (the CLI does), else plaintext.
+    The channel never carries the services' internal secret.
     """
 
-    def __init__(self, address: str, *, api_key: str = ""):
+    def __init__(self, address: str, *, api_key: str = "", tls: TlsSettings | None = None):
         self.address = address
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._channel = internal_channel(address, credential=False)  # never send a service secret
+        # Tracing interceptors (none when tracing is off) put `traceparent` in the call's metadata.
+        self._channel = open_channel(address, tls=tls, interceptors=tracing.client_interceptors())
         self.stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
 
     async def __aenter__(self) -> Client:

@@ -7,23 +7,21 @@ variables (nested keys joined by ``__``, lists as JSON).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
-import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runyard.client import Client
-from runyard.common.auth import public_key_text, load_private_key, run_token_env
+from runyard.common.auth import load_private_key, public_key_text, run_token_env
+from runyard.common.config import merge_tree
+from runyard.common.processes import Processes, free_port
 
-__all__ = ["Stack", "free_port", "flatten_env"]
+__all__ = ["Stack", "flatten_env", "free_port"]
 
 INTERNAL_SECRET = "test-internal-secret-0123456789-abcdef"
 #: The gateway's run-token signing key (Ed25519 secret key, base64 of 64 bytes); the other
@@ -33,13 +31,6 @@ RUN_TOKEN_PRIVATE_KEY = "yc8QuxqRoobal2o4kvjETUtTKKMVwaYNofS4UDjUZC1FyZwb/buhANT
 RUN_TOKEN_PUBLIC_KEY = public_key_text(load_private_key(RUN_TOKEN_PRIVATE_KEY).public_key())
 #: Kept for tests written before run tokens were Ed25519: now the signing key.
 RUN_TOKEN_SECRET = RUN_TOKEN_PRIVATE_KEY
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def flatten_env(tree: dict[str, Any], prefix: str = "RUNYARD") -> dict[str, str]:
@@ -56,16 +47,6 @@ def flatten_env(tree: dict[str, Any], prefix: str = "RUNYARD") -> dict[str, str]
         else:
             env[name] = str(value)
     return env
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 class Stack:
@@ -103,8 +84,9 @@ class Stack:
             "sessions": {"listen": f"127.0.0.1:{self.ports['sessions']}", "metrics_port": 0, "shutdown_grace_s": 3},
             "worker": {"metrics_port": 0, "capacity": 4, "shutdown_grace_s": 3, "reconnect_max_ms": 500},
         }
-        self.config = _merge(base, config or {})
-        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.config = merge_tree(base, config or {})
+        self.processes = Processes(tmp_path, log_tail_chars=4000)
+        self.procs = self.processes.procs
         self._workers = 0
         #: Client credentials for health checks when the stack runs with [tls].
         self.channel_credentials: grpc.ChannelCredentials | None = None
@@ -122,46 +104,25 @@ class Stack:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
         env["RUNYARD_INTERNAL_SECRET"] = INTERNAL_SECRET
         env.update(run_token_env(service, RUN_TOKEN_PRIVATE_KEY))
-        env.update(flatten_env(_merge(self.config, extra or {})))
+        env.update(flatten_env(merge_tree(self.config, extra or {})))
         env["RUNYARD_DATABASE_URL"] = self.database_url
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
     def log_path(self, name: str) -> Path:
-        return self.tmp_path / f"{name}.log"
+        return self.processes.log_path(name)
 
     def logs(self, name: str) -> str:
-        path = self.log_path(name)
-        return path.read_text(errors="replace") if path.exists() else ""
+        return self.processes.log(name)
 
     async def spawn(self, name: str, service: str, extra: dict[str, Any] | None = None) -> None:
         """Start ``runyard serve <service>`` as process ``name`` (not waiting for health)."""
-        handle = self.log_path(name).open("ab")
-        self.procs[name] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "runyard", "serve", service, env=self.env(extra, service), stdout=handle,
-            stderr=handle,
-        )
-        handle.close()
+        argv = [sys.executable, "-m", "runyard", "serve", service]
+        await self.processes.spawn(name, argv, self.env(extra, service))
 
     async def wait_healthy(self, name: str, address: str, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        channel = (
-            grpc.aio.secure_channel(address, self.channel_credentials)
-            if self.channel_credentials is not None
-            else grpc.aio.insecure_channel(address)
-        )
-        async with channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                proc = self.procs[name]
-                if proc.returncode is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.logs(name)[-4000:]}")
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                await asyncio.sleep(0.05)
-        raise TimeoutError(f"{name} not healthy on {address}:\n{self.logs(name)[-4000:]}")
+        credentials = self.channel_credentials
+        await self.processes.wait_healthy(name, address, timeout_s=timeout_s, credentials=credentials)
 
     async def start_service(self, service: str) -> None:
         """Start (or restart) one of gateway, router, sessions and wait until SERVING."""
@@ -174,21 +135,15 @@ class Stack:
         name = f"worker-{self._workers}"
         port = free_port()
         self.ports[name] = port
-        await self.spawn(
-            name, "worker", _merge({"worker": {"listen": f"127.0.0.1:{port}", "worker_id": name}}, extra or {})
-        )
+        own = {"worker": {"listen": f"127.0.0.1:{port}", "worker_id": name}}
+        await self.spawn(name, "worker", merge_tree(own, extra or {}))
         await self.wait_healthy(name, f"127.0.0.1:{port}")
         if wait_connected:
             await self.wait_log(name, "connected to gateway")
         return name
 
     async def wait_log(self, name: str, text: str, timeout_s: float = 20.0, count: int = 1) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.logs(name).count(text) >= count:
-                return
-            await asyncio.sleep(0.05)
-        raise TimeoutError(f"{name} never logged {text!r}:\n{self.logs(name)[-4000:]}")
+        await self.processes.wait_log(name, text, timeout_s=timeout_s, count=count)
 
     async def start(self, *, workers: int = 1) -> Stack:
         """Sessions, router and gateway (in parallel), then ``workers`` workers."""
@@ -197,18 +152,14 @@ class Stack:
         return self
 
     async def stop(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
-        """Signal a process and wait for it to exit; returns its exit code."""
-        proc = self.procs[name]
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-            try:
-                await asyncio.wait_for(proc.wait(), timeout_s)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                raise
-        return int(proc.returncode or 0)
+        """Signal a process and wait for it to exit; returns its exit code.
+
+        Raises:
+            TimeoutError: it had to be killed after ``timeout_s``.
+        """
+        if await self.processes.stop([name], sig=sig, timeout_s=timeout_s):
+            raise TimeoutError(f"{name} did not exit within {timeout_s:g} s of signal {sig}; killed")
+        return int(self.procs[name].returncode or 0)
 
     def client(self, api_key: str = "") -> Client:
         return Client(self.gateway_address, api_key=api_key)
@@ -218,13 +169,4 @@ class Stack:
         gateways = [n for n in self.procs if n.startswith("gateway")]
         rest = [n for n in self.procs if n not in workers and n not in gateways]
         for group in (workers, gateways, rest):
-            procs = [self.procs[n] for n in group if n in self.procs and self.procs[n].returncode is None]
-            for proc in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                try:
-                    await asyncio.wait_for(proc.wait(), 10)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            await self.processes.stop(group, timeout_s=10)

@@ -6,7 +6,7 @@ The benchmark starts, as separate processes on loopback:
   ``RUNYARD_DATABASE_URL``) and dropped afterwards, else an embedded server
   (``pgserver``) in a temporary directory;
 * one loopback OpenAI-compatible provider per ``--deltas`` value
-  (``python -m runyard.router.loopback --chunks D``: D text deltas per
+  (``python -m runyard.bench.loopback --chunks D``: D text deltas per
   answer, no delay);
 * the four services (``python -m runyard serve gateway|router|sessions|worker``,
   ``--workers`` workers of ``--worker-capacity`` runs each), configured by
@@ -68,7 +68,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import datetime
 import importlib.metadata
 import importlib.util
@@ -77,8 +76,6 @@ import math
 import os
 import platform
 import secrets
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -94,13 +91,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
-import httpx
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from runyard.common.auth import generate_run_token_keys, run_token_env
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from runyard.bench import procstat
-from runyard.cli.bench import percentile
+from runyard.bench import percentile
 from runyard.common.config import ProviderConfig
+from runyard.common.processes import Processes, free_port
 from runyard.router.providers import OpenAIProvider, Request
 
 __all__ = ["TARGETS", "add_arguments", "main"]
@@ -213,100 +209,25 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- processes
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _parent_death_signal() -> None:
-    """Linux: the child gets SIGTERM if the bench dies (no orphaned services)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class _Processes:
+class _Processes(Processes):
     """Every process and resource the bench starts; :meth:`close` undoes all."""
 
     def __init__(self) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="runyard-bench-stack-")
         self.dir = Path(self.tmp.name)
-        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        super().__init__(self.dir, die_with_parent=True)
         self.pg: Any = None
         self.server_url = ""
         self.databases: list[str] = []  # scratch databases to drop
 
-    def log(self, name: str) -> str:
-        path = self.dir / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    async def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
-        with (self.dir / f"{name}.log").open("ab") as handle:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, env=env, stdout=handle, stderr=handle, preexec_fn=_parent_death_signal
-            )
-        self.procs[name] = proc
-        return proc.pid
-
     def pid(self, name: str) -> int:
         return self.procs[name].pid
-
-    async def wait_healthy(self, name: str, address: str, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                self._check_alive(name)
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                await asyncio.sleep(0.05)
-        raise TimeoutError(f"{name} did not become healthy on {address}:\n{self.log(name)[-3000:]}")
-
-    async def wait_log(self, name: str, text: str, timeout_s: float = 30.0) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self._check_alive(name)
-            for line in self.log(name).splitlines():
-                if text in line:
-                    return line
-            await asyncio.sleep(0.05)
-        raise TimeoutError(f"{name} never printed {text!r}:\n{self.log(name)[-3000:]}")
-
-    async def wait_http(self, name: str, url: str, timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        async with httpx.AsyncClient(timeout=2) as client:
-            while time.monotonic() < deadline:
-                self._check_alive(name)
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(url)).status_code == 200:
-                        return
-                await asyncio.sleep(0.2)
-        raise TimeoutError(f"{name} did not answer {url}:\n{self.log(name)[-3000:]}")
-
-    def _check_alive(self, name: str) -> None:
-        proc = self.procs[name]
-        if proc.returncode is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-3000:]}")
-
-    async def _stop(self, names: list[str]) -> None:
-        procs = [self.procs[n] for n in names if self.procs[n].returncode is None]
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                await asyncio.wait_for(proc.wait(), 20)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
 
     async def close(self) -> None:
         # Workers hand back their runs first, then the gateway, then the rest.
         workers = [n for n in self.procs if n.startswith("worker")]
         for group in (workers, ["gateway"], [n for n in self.procs if n not in workers and n != "gateway"]):
-            await self._stop([n for n in group if n in self.procs])
+            await self.stop(group)
         if self.databases:
             with contextlib.suppress(OSError, asyncpg.PostgresError):
                 conn = await asyncpg.connect(self.server_url)
@@ -352,7 +273,7 @@ def _with_database(url: str, name: str) -> str:
 
 async def _start_provider(name: str, deltas: int, procs: _Processes) -> int:
     """A loopback provider streaming ``deltas`` deltas; returns its port."""
-    await procs.spawn(name, [sys.executable, "-m", "runyard.router.loopback", "--port", "0", "--chunks", str(deltas)])
+    await procs.spawn(name, [sys.executable, "-m", "runyard.bench.loopback", "--port", "0", "--chunks", str(deltas)])
     line = await procs.wait_log(name, "listening on ")
     return int(line.split()[-1])
 
@@ -362,7 +283,7 @@ def _agent(deltas: int) -> str:
 
 
 def _expected(deltas: int) -> str:
-    """What the loopback provider answers (see :mod:`runyard.router.loopback`)."""
+    """What the loopback provider answers (see :mod:`runyard.bench.loopback`)."""
     return "".join(f"tok{i} " for i in range(deltas))
 
 
@@ -370,8 +291,8 @@ async def _start_stack(
     settings: dict[str, Any], database_url: str, provider_ports: dict[int, int], procs: _Processes
 ) -> tuple[str, list[str]]:
     """The four services; returns the gateway address and the worker names."""
-    ports = {"gateway": _free_port(), "router": _free_port(), "sessions": _free_port()}
-    gateway_internal = f"127.0.0.1:{_free_port()}"
+    ports = {"gateway": free_port(), "router": free_port(), "sessions": free_port()}
+    gateway_internal = f"127.0.0.1:{free_port()}"
     private_key, _public_key = generate_run_token_keys()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
     env.update({
@@ -399,7 +320,7 @@ async def _start_stack(
     workers = []
     for index in range(1, settings["workers"] + 1):
         name = f"worker-{index}"
-        port = _free_port()
+        port = free_port()
         worker_env = {**env, **run_token_env("worker", private_key)}
         worker_env.update({
             "RUNYARD_WORKER__LISTEN": f"127.0.0.1:{port}",
@@ -905,7 +826,7 @@ class _Bench:
             ]
         config = self.procs.dir / "litellm.yaml"
         config.write_text("\n".join(lines) + "\n")
-        port = _free_port()
+        port = free_port()
         env = dict(os.environ)
         env.setdefault("LITELLM_LOG", "ERROR")
         # The proxy refuses to start without a master key (LiteLLM 1.106+).

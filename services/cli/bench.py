@@ -1,33 +1,14 @@
-"""``runyard bench NAME``: benchmarks that report ratios and percentiles.
-
-Each benchmark is a module with ``add_arguments(parser)`` and
-``main(args) -> int``, listed in :data:`BENCHMARKS`.
-"""
+"""``runyard bench NAME``: one sub-command per benchmark of
+:data:`runyard.bench.BENCHMARKS` (a new benchmark is listed there, not here)."""
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-__all__ = ["BENCHMARKS", "add_parsers", "percentile"]
+from runyard.bench import BENCHMARKS
 
-#: benchmark name -> (module, one-line help)
-BENCHMARKS: dict[str, tuple[str, str]] = {
-    "router": ("runyard.router.bench", "router overhead vs a direct provider call, and the 404 cascade time"),
-    "sessions": ("runyard.sessions.bench", "shutdown drain of 10k active sessions; RSS with 1k vs 100k stored"),
-    "stack": ("runyard.bench.stack", "the four services end to end: runs/s, latency, CPU, commits and WAL per run"),
-}
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) of ``values`` by linear interpolation."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+__all__ = ["add_parsers"]
 
 
 def add_parsers(sub: Any) -> None:

@@ -39,10 +39,11 @@ def _address(args: argparse.Namespace) -> str:
 
 def _client(args: argparse.Namespace) -> Client:
     config = load_config(args.config)
-    tls.configure(config)  # the gateway's CA (and a client certificate) when [tls] is on
     address = args.gateway or config.endpoints.gateway
     args._address = address
-    return Client(address, api_key=args.api_key or os.environ.get("RUNYARD_API_KEY", ""))
+    api_key = args.api_key or os.environ.get("RUNYARD_API_KEY", "")
+    # The gateway's CA (and a client certificate) when [tls] is on.
+    return Client(address, api_key=api_key, tls=tls.load(config))
 
 
 def _transport_problem(message: str) -> str:
@@ -490,6 +491,6 @@ def add_parsers(sub: Any) -> None:
         p = ssub.add_parser(name, help=help_text)
         p.add_argument("key", help="session key")
     sessions.set_defaults(func=lambda a: asyncio.run(_sessions(a)))
-    from runyard.sessions.cli import add_parsers as add_operator_parsers  # prune, shutdown-mode
+    from runyard.cli.sessions_commands import add_parsers as add_operator_parsers  # prune, shutdown-mode
 
     add_operator_parsers(ssub)

@@ -129,10 +129,9 @@ async def watch(
 
 async def _events(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    tls.configure(config)
     address = args.gateway or config.endpoints.gateway
     api_key = args.api_key or os.environ.get("RUNYARD_API_KEY", "")
-    async with Client(address, api_key=api_key) as client:
+    async with Client(address, api_key=api_key, tls=tls.load(config)) as client:
         try:
             return await watch(
                 client,

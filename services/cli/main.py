@@ -41,14 +41,15 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from runyard.common import admin, auth, tls
+    from runyard.common import auth, tls
     from runyard.common.runtime import check_service_config, setup_logging
 
     config = _load(args)
     check_service_config(config, args.service)
+    # Process defaults for the servers and internal channels the services
+    # build (to be passed by their composition roots instead; issue 15).
     tls.configure(config)
-    admin.configure(config)
-    auth.configure(config)  # internal listeners require it; internal channels send it
+    auth.configure(config)  # internal listeners and AdminService require it; internal channels send it
     setup_logging(args.service, config)
     _setup_tracing(args.service)
     if args.service == "gateway":
@@ -146,7 +147,7 @@ def _accept_options_everywhere(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``runyard`` command."""
-    from runyard import __version__
+    from runyard._version import __version__
 
     parser = argparse.ArgumentParser(prog="runyard", description="runyard: LLM agent conversations over gRPC")
     parser.add_argument("--version", action="version", version=f"runyard {__version__}")

@@ -98,10 +98,9 @@ def _as_json(states: list[router_pb2.ProviderState]) -> list[dict[str, Any]]:
 
 async def _status(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    tls.configure(config)
     address = args.router or config.endpoints.router
     metadata = internal_metadata(internal_secret(config))
-    async with internal_channel(address) as channel:
+    async with internal_channel(address, tls=tls.load(config)) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         try:
             reply = await call(

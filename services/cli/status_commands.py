@@ -134,10 +134,12 @@ def _describe_error(what: str, exc: grpc.aio.AioRpcError) -> str:
     return f"{what}: {code.name} {exc.details() or ''}".rstrip()
 
 
-async def _probe(service: str, address: str, *, secret: str, timeout_s: float) -> ServiceStatus:
+async def _probe(
+    service: str, address: str, *, secret: str, timeout_s: float, tls_settings: tls.TlsSettings | None
+) -> ServiceStatus:
     result = ServiceStatus(service, address)
     metadata = internal_metadata(secret)
-    channel = internal_channel(address)
+    channel = internal_channel(address, tls=tls_settings)
     try:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
@@ -169,12 +171,20 @@ async def _probe(service: str, address: str, *, secret: str, timeout_s: float) -
 
 
 async def collect_status(
-    targets: list[tuple[str, str]], *, secret: str, timeout_s: float = 3.0
+    targets: list[tuple[str, str]],
+    *,
+    secret: str,
+    timeout_s: float = 3.0,
+    tls_settings: tls.TlsSettings | None = None,
 ) -> list[ServiceStatus]:
-    """Probe every ``(service, address)`` of ``targets`` concurrently."""
+    """Probe every ``(service, address)`` of ``targets`` concurrently
+    (over TLS with ``tls_settings``, else plaintext)."""
     return list(
         await asyncio.gather(
-            *(_probe(name, addr, secret=secret, timeout_s=timeout_s) for name, addr in targets)
+            *(
+                _probe(name, addr, secret=secret, timeout_s=timeout_s, tls_settings=tls_settings)
+                for name, addr in targets
+            )
         )
     )
 
@@ -340,9 +350,11 @@ def _targets(args: argparse.Namespace, config: Config) -> list[tuple[str, str]]:
 
 async def _status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     config = load_config(args.config)
-    tls.configure(config)
     results = await collect_status(
-        _targets(args, config), secret=internal_secret(config), timeout_s=args.timeout
+        _targets(args, config),
+        secret=internal_secret(config),
+        timeout_s=args.timeout,
+        tls_settings=tls.load(config),
     )
     if args.json:
         json.dump([r.as_dict() for r in results], out, indent=2)
@@ -355,8 +367,7 @@ async def _status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 async def _health(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    tls.configure(config)
-    channel = internal_channel(args.address)
+    channel = internal_channel(args.address, tls=tls.load(config))
     try:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout

@@ -12,8 +12,6 @@ router and sessions, then the database.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import importlib.metadata
 import json
 import os
@@ -21,7 +19,6 @@ import secrets
 import signal
 import socket
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -32,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runyard.common import db
 from runyard.common.config import Config, ConfigError, load_config
+from runyard.common.processes import Processes, free_port
 
 __all__ = ["PortInUse", "UpOptions", "check_ports", "database_url_for_cli", "find_local_model", "run_up"]
 
@@ -145,19 +143,6 @@ def _secrets(home: Path) -> dict[str, str]:
     return data
 
 
-def _set_parent_death_signal() -> None:
-    """Linux: the child gets SIGTERM if ``runyard up`` dies (no orphaned services)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _first_model(base_url: str, api_key: str) -> str:
     """The first model ``GET {base_url}/models`` lists (OpenAI's List models).
 
@@ -269,7 +254,10 @@ class Stack:
         self.options = options
         self.home = home_dir()
         self.logs = self.home / "logs"
-        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        # Own session: a Ctrl-C reaches runyard up only, which stops the services in order;
+        # and they die with it (no orphaned services).
+        self.processes = Processes(self.logs, die_with_parent=True, new_session=True, log_tail_chars=0)
+        self.procs = self.processes.procs
         self.env: dict[str, str] = {}
         self.pg: object | None = None
         self.run_token_private_key = ""
@@ -278,44 +266,7 @@ class Stack:
         print(text, flush=True)
 
     async def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        log_file = (self.logs / f"{name}.log").open("ab")
-        out = None if self.options.verbose else log_file
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            env=self.env if env is None else env,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-            preexec_fn=_set_parent_death_signal,
-        )
-        log_file.close()
-        self.procs[name] = proc
-
-    async def _wait_http(self, url: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                await asyncio.to_thread(urllib.request.urlopen, url, None, 2)
-                return
-            except OSError:
-                await asyncio.sleep(0.5)
-        raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s")
-
-    async def _wait_healthy(self, name: str, address: str, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                proc = self.procs[name]
-                if proc.returncode is not None:
-                    raise RuntimeError(f"{name} exited with code {proc.returncode}; see {self.logs / (name + '.log')}")
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                await asyncio.sleep(0.1)
-        raise TimeoutError(f"{name} did not become healthy on {address} within {timeout_s:.0f}s")
+        await self.processes.spawn(name, argv, self.env if env is None else env, echo=self.options.verbose)
 
     def _overrides(self, config: Config) -> dict[str, str]:
         env: dict[str, str] = {}
@@ -364,14 +315,14 @@ class Stack:
         await check_ports(config, opts)
         if opts.local_model:
             gguf = find_local_model()
-            port = opts.local_model_port or _free_port()
+            port = opts.local_model_port or free_port()
             self.log(f"starting the local model {gguf.name} (llama.cpp server on 127.0.0.1:{port}) ...")
             await self._spawn(
                 "local-model",
                 [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smollm2",
                  "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
             )
-            await self._wait_http(f"http://127.0.0.1:{port}/v1/models", 120)
+            await self.processes.wait_http("local-model", f"http://127.0.0.1:{port}/v1/models", timeout_s=120)
             self.env.update({
                 "RUNYARD_PROVIDERS__LOCAL__TYPE": "openai",
                 "RUNYARD_PROVIDERS__LOCAL__BASE_URL": f"http://127.0.0.1:{port}/v1",
@@ -399,7 +350,7 @@ class Stack:
             "gateway": config.gateway.listen,
             "worker": config.worker.listen,
         }
-        await asyncio.gather(*(self._wait_healthy(name, addr) for name, addr in addresses.items()))
+        await asyncio.gather(*(self.processes.wait_healthy(name, addr) for name, addr in addresses.items()))
         metrics = {
             "gateway": config.gateway.metrics_port,
             "router": config.router.metrics_port,
@@ -426,24 +377,10 @@ class Stack:
 
     async def stop(self) -> None:
         for group in STOP_ORDER:
-            procs = [(n, self.procs[n]) for n in group if n in self.procs and self.procs[n].returncode is None]
-            for _, proc in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-            for name, proc in procs:
-                try:
-                    await asyncio.wait_for(proc.wait(), 30)
-                except TimeoutError:
-                    self.log(f"{name} did not stop in 30s; killing it")
-                    proc.kill()
-                    await proc.wait()
-        local = self.procs.get("local-model")
-        if local is not None and local.returncode is None:
-            local.terminate()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(local.wait(), 10)
-            if local.returncode is None:
-                local.kill()
+            await self.processes.stop(
+                group, timeout_s=30, on_kill=lambda name: self.log(f"{name} did not stop in 30s; killing it")
+            )
+        await self.processes.stop(["local-model"], timeout_s=10)
         if self.pg is not None:
             await asyncio.to_thread(self.pg.cleanup)  # type: ignore[attr-defined]
             self.pg = None

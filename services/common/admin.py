@@ -5,10 +5,10 @@ status`` calls it on each service). The answer always holds the service, the
 runyard version, the start time, whether the process drains and how many RPCs
 and streams it is handling; a service adds its own part through a
 *status source* (:meth:`AdminServicer.add_source`), e.g. the gateway's
-:class:`GatewayStatus` (queue depth and connected workers).
+:class:`runyard.gateway.status.GatewayStatus` (queue depth and connected workers).
 
-Calls must carry the internal secret (``x-runyard-internal``) when the process
-has one: ``runyard serve`` passes it with :func:`configure`. AdminService is
+Calls must carry the internal secret (``x-runyard-internal``) when the server
+has one (``ServiceServer.internal_secret``). AdminService is
 served on internal listeners only (the gateway's on ``gateway.internal_listen``,
 never its public port): what it tells (worker ids, queue depth) is for operators.
 """
@@ -19,34 +19,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
-from runyard import __version__
 from runyard._proto.v1 import admin_pb2, admin_pb2_grpc
-from runyard.common import metrics
+from runyard._version import __version__
 from runyard.common.auth import check_internal
-from runyard.common.config import Config
 
 if TYPE_CHECKING:
     from runyard.common.server import ServiceServer
 
-__all__ = ["SERVICE_NAME", "AdminServicer", "GatewayStatus", "StatusSource", "configure"]
+__all__ = ["SERVICE_NAME", "AdminServicer", "StatusSource"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
-
-#: The internal secret AdminService calls must carry ("" = no check), set by :func:`configure`.
-_internal_secret = ""
-
-
-def configure(config: Config) -> None:
-    """Take this process's internal secret from ``config`` (``runyard serve`` calls this once)."""
-    global _internal_secret
-    _internal_secret = config.auth.internal_secret
-
 
 class StatusSource(Protocol):
     """A service's own part of the status answer."""
@@ -99,7 +87,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetStatusResponse:
         """This process's status (see admin.proto)."""
-        check_internal(context, _internal_secret)
+        check_internal(context, self._server.internal_secret)
         server = self._server
         response = admin_pb2.GetStatusResponse(
             service=server.name,
@@ -113,47 +101,3 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         for source in self._sources:
             await source.fill(response)
         return response
-
-
-class GatewayStatus:
-    """The gateway's part: queue depth (also sampled into ``runyard_queue_depth``)
-    and the workers connected to this gateway.
-
-    Args:
-        store: the gateway's run store (``queue_depth()``).
-        dispatcher: the dispatcher (``workers``: worker id -> connection with
-            ``capacity``, ``runs``, ``free`` and ``draining``).
-        sample_interval_s: how often ``runyard_queue_depth`` is refreshed.
-    """
-
-    def __init__(self, store: Any, dispatcher: Any, *, sample_interval_s: float = 5.0):
-        self.store = store
-        self.dispatcher = dispatcher
-        self.sample_interval_s = sample_interval_s
-
-    async def _queue_depth(self) -> int:
-        depth = int(await self.store.queue_depth())
-        metrics.QUEUE_DEPTH.set(depth)
-        return depth
-
-    async def run(self) -> None:
-        """Refresh ``runyard_queue_depth`` every ``sample_interval_s`` seconds."""
-        while True:
-            try:
-                await self._queue_depth()
-            except Exception as exc:  # noqa: BLE001 - the database may be briefly away
-                log.warning("sampling the queue depth failed: %s", exc)
-            await asyncio.sleep(self.sample_interval_s)
-
-    async def fill(self, response: admin_pb2.GetStatusResponse) -> None:
-        """Queue depth (read now) and one entry per connected worker."""
-        response.gateway.SetInParent()
-        response.gateway.queue_depth = await self._queue_depth()
-        for worker in sorted(self.dispatcher.workers.values(), key=lambda w: w.worker_id):
-            response.gateway.workers.add(
-                worker_id=worker.worker_id,
-                capacity=worker.capacity,
-                running=len(worker.runs),
-                free=worker.free,
-                draining=worker.draining,
-            )

@@ -7,10 +7,11 @@ from typing import TypeVar
 
 import grpc
 
-from runyard.common import auth, tls, tracing
+from runyard.common import auth, tracing
+from runyard.common.channels import open_channel
 from runyard.common.client_metrics import client_metrics_interceptors
 from runyard.common.errors import from_rpc_error
-from runyard.common.server import grpc_options
+from runyard.common.tls import PROCESS, TlsSettings, resolve
 
 __all__ = ["DEADLINE_MARGIN_S", "call", "downstream_timeout", "internal_channel"]
 
@@ -20,31 +21,36 @@ T = TypeVar("T")
 DEADLINE_MARGIN_S = 0.05
 
 
-#: A peer that was down (restarting, or not up yet when this process started)
-#: is retried within 0.1-2 s instead of gRPC's default 1-120 s backoff, during
-#: which every call on the channel would fail at once with UNAVAILABLE.
-_RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2000)]
-
-
 def internal_channel(
-    address: str, *, max_message_bytes: int = 16 * 1024 * 1024, credential: bool = True
+    address: str,
+    *,
+    max_message_bytes: int = 16 * 1024 * 1024,
+    credential: bool = True,
+    tls: TlsSettings | None | object = PROCESS,
+    secret: str | None = None,
 ) -> grpc.aio.Channel:
-    """A channel to another runyard service: TLS (mutual, with this process's
-    client certificate) when ``[tls]`` is enabled, else plaintext; every call on it
-    is counted in the ``grpc_client_*`` metrics, traced with tracing on, and, with
-    ``credential``, carries this process's internal secret
-    (:func:`runyard.common.auth.configure`)."""
-    options = grpc_options(max_message_bytes) + tls.channel_options() + _RECONNECT_OPTIONS
-    credentials = tls.channel_credentials()
+    """A channel to another runyard service (:func:`runyard.common.channels.open_channel`)
+    whose every call is counted in the ``grpc_client_*`` metrics, traced with
+    tracing on, and, with ``credential``, carries the internal secret.
+
+    Args:
+        tls: TLS (mutual, with the client certificate); default:
+            this process's (:func:`runyard.common.tls.configure`).
+        secret: the internal secret; default: this process's
+            (:func:`runyard.common.auth.configure`).
+    """
     # Tracing interceptors (none when tracing is off) put `traceparent` in the call's metadata.
     interceptors = [
         *client_metrics_interceptors(),
         *tracing.client_interceptors(),
-        *(auth.credential_interceptors() if credential else []),
+        *(auth.credential_interceptors(secret) if credential else []),
     ]
-    if credentials is not None:
-        return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
-    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return open_channel(
+        address,
+        tls=resolve(tls),
+        max_message_bytes=max_message_bytes,
+        interceptors=interceptors,
+    )
 
 
 def downstream_timeout(context: grpc.aio.ServicerContext | None, default_s: float | None = None) -> float | None:

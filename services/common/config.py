@@ -62,6 +62,7 @@ __all__ = [
     "did_you_mean",
     "load_config",
     "mcp_environment_problems",
+    "merge_tree",
 ]
 
 #: Environment variables that set one field directly (variable -> dotted path).
@@ -1236,11 +1237,12 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str
     return tree, sources
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_tree(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge of two config trees (nested dicts); ``over`` wins. Neither is changed."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_tree(out[key], value)
         else:
             out[key] = value
     return out
@@ -1298,7 +1300,7 @@ def load_config(
     if "agents" not in data:
         base["agents"] = {"default": {"model": "echo/echo"}}
     overrides, sources = _env_overrides(env)
-    merged = _merge(_merge(base, data), overrides)
+    merged = merge_tree(merge_tree(base, data), overrides)
     try:
         config = Config.model_validate(merged)
     except ValidationError as exc:

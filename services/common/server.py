@@ -32,77 +32,24 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from runyard import __version__
 from runyard._proto.v1 import admin_pb2_grpc
-from runyard.common import admin, auth, faults, metrics, tls, tracing, validation
+from runyard._version import __version__
+from runyard.common import admin, auth, faults, metrics, tracing, validation
+from runyard.common import tls as tls_module
+from runyard.common.channels import grpc_server_options
 from runyard.common.errors import InvalidArgument, RunyardError, Unauthenticated, Unavailable
 
 __all__ = [
-    "KEEPALIVE_TIME_MS",
     "REFLECTION_V1",
     "HealthServicer",
     "InFlight",
     "ServerInterceptor",
     "ServiceServer",
     "enable_reflection",
-    "grpc_options",
-    "grpc_server_options",
     "settle_before_reject",
 ]
 
 log = logging.getLogger(__name__)
-
-
-#: Keepalive: clients (and servers) ping an idle connection this often.
-KEEPALIVE_TIME_MS = 20_000
-#: ... and drop it when the ping is not answered within this.
-KEEPALIVE_TIMEOUT_MS = 10_000
-
-
-def grpc_options(
-    max_message_bytes: int = 16 * 1024 * 1024, *, keepalive_time_ms: int = KEEPALIVE_TIME_MS
-) -> list[tuple[str, Any]]:
-    """Channel options of runyard clients (internal channels, the client library).
-
-    Clients ping every ``keepalive_time_ms`` even with no call open, so a
-    dead peer or a silently dropped connection is noticed within
-    ``keepalive_time_ms + KEEPALIVE_TIMEOUT_MS``. Servers accept exactly that
-    (:func:`grpc_server_options`).
-    """
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", keepalive_time_ms),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.so_reuseport", 0),
-    ]
-
-
-def grpc_server_options(
-    max_message_bytes: int = 16 * 1024 * 1024, *, keepalive_time_ms: int = KEEPALIVE_TIME_MS
-) -> list[tuple[str, Any]]:
-    """Server options that agree with :func:`grpc_options`' client keepalive.
-
-    gRPC servers by default accept a ping without data at most every 5
-    minutes, and none while no call is open; a client pinging more often gets
-    ``GOAWAY ENHANCE_YOUR_CALM too_many_pings`` after two strikes. Here the
-    server permits pings without calls and accepts one every
-    ``keepalive_time_ms / 2`` (half the clients' period, so jitter never makes
-    a strike). Source: gRPC core ``doc/keepalive.md`` (``GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS``,
-    ``GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS``).
-    """
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", keepalive_time_ms),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", max(keepalive_time_ms // 2, 1)),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.so_reuseport", 0),
-    ]
 
 
 async def settle_before_reject(request_iterator: AsyncIterator[Any], wait_s: float = 1.0) -> None:
@@ -617,9 +564,11 @@ class ServiceServer:
         internal_listen: with ``public``, the ``host:port`` of the internal
             listener (``internal_server``, ``internal_port``).
         internal_service_names: services registered on ``internal_server``.
-        internal_secret: what internal listeners require (default: this
-            process's, :func:`runyard.common.auth.configure`; "" = no check,
-            which ``runyard serve`` never allows).
+        internal_secret: what internal listeners and AdminService require
+            (default: this process's, :func:`runyard.common.auth.configure`;
+            "" = no check, which ``runyard serve`` never allows).
+        tls: the listeners' TLS (default: this process's,
+            :func:`runyard.common.tls.configure`; None = plaintext).
     """
 
     def __init__(
@@ -634,8 +583,10 @@ class ServiceServer:
         internal_listen: str = "",
         internal_service_names: Iterable[str] = (),
         internal_secret: str | None = None,
+        tls: tls_module.TlsSettings | None | object = tls_module.PROCESS,
     ):
         self.name = name
+        self.tls = tls_module.resolve(tls)
         self.public = public
         self.listen = listen
         self.service_names = list(service_names)
@@ -687,7 +638,7 @@ class ServiceServer:
         return server
 
     def _bind(self, server: grpc.aio.Server, listen: str, *, public: bool) -> int:
-        credentials = tls.server_credentials(public=public)
+        credentials = tls_module.server_credentials(self.tls, public=public)
         if credentials is not None:
             port = server.add_secure_port(listen, credentials)
         else:

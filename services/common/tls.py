@@ -1,21 +1,33 @@
 """TLS and mutual TLS for servers and internal channels (``[tls]`` config).
 
-A process configures TLS once at start-up (:func:`configure`); every
-:class:`~runyard.common.server.ServiceServer` and every channel from
-:func:`~runyard.common.clients.internal_channel` then uses it.
+:func:`load` reads the key material of a config; servers and channels take
+the result explicitly (``tls=``). A service process also keeps it as the
+process default (:func:`configure`, ``runyard serve``) for the servers and
+internal channels built without ``tls=`` (:data:`PROCESS`); that default
+goes once the services' composition roots pass it (issue 15).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import grpc
 
 from runyard.common.config import Config, ConfigError
 
-__all__ = ["TlsSettings", "channel_credentials", "channel_options", "configure", "current", "server_credentials"]
+__all__ = [
+    "PROCESS",
+    "TlsSettings",
+    "channel_credentials",
+    "channel_options",
+    "configure",
+    "current",
+    "load",
+    "resolve",
+    "server_credentials",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,19 +54,17 @@ def _read(path: str, field: str) -> bytes:
         raise ConfigError([(f"tls.{field}", f"cannot read {path}: {exc.strerror}")]) from None
 
 
-def configure(config: Config) -> TlsSettings | None:
-    """Load ``config.tls`` for this process (None when TLS is off).
+def load(config: Config) -> TlsSettings | None:
+    """The key material ``config.tls`` names (None when TLS is off).
 
     Raises:
         ConfigError: a file cannot be read (the path names the setting).
     """
-    global _current
     tls = config.tls
     if not tls.enabled:
-        _current = None
         return None
     cert, key = _read(tls.cert_file, "cert_file"), _read(tls.key_file, "key_file")
-    _current = TlsSettings(
+    return TlsSettings(
         cert=cert,
         key=key,
         ca=_read(tls.ca_file, "ca_file"),
@@ -64,7 +74,37 @@ def configure(config: Config) -> TlsSettings | None:
         gateway_require_client_cert=tls.gateway_require_client_cert,
         server_name=tls.server_name,
     )
+
+
+def configure(config: Config) -> TlsSettings | None:
+    """:func:`load` ``config.tls`` and keep it as this process's default (``runyard serve``).
+
+    Raises:
+        ConfigError: a file cannot be read (the path names the setting).
+    """
+    global _current
+    _current = load(config)
     return _current
+
+
+class _Process:
+    """The type of :data:`PROCESS`."""
+
+    def __repr__(self) -> str:
+        return "runyard.common.tls.PROCESS"
+
+
+#: ``tls=PROCESS``: what :func:`configure` loaded in this process.
+PROCESS: Final = _Process()
+
+
+def resolve(settings: TlsSettings | None | object) -> TlsSettings | None:
+    """``settings``, or the process default for :data:`PROCESS`."""
+    if settings is PROCESS:
+        return _current
+    if settings is None or isinstance(settings, TlsSettings):
+        return settings
+    raise TypeError(f"tls must be TlsSettings, None or PROCESS, not {type(settings).__name__}")
 
 
 def current() -> TlsSettings | None:
@@ -72,9 +112,10 @@ def current() -> TlsSettings | None:
     return _current
 
 
-def server_credentials(*, public: bool = False) -> grpc.ServerCredentials | None:
+def server_credentials(
+    settings: TlsSettings | None, *, public: bool = False
+) -> grpc.ServerCredentials | None:
     """Credentials for a server (None: plaintext). ``public`` is the gateway."""
-    settings = _current
     if settings is None:
         return None
     require = settings.gateway_require_client_cert if public else settings.require_client_cert
@@ -83,9 +124,8 @@ def server_credentials(*, public: bool = False) -> grpc.ServerCredentials | None
     )
 
 
-def channel_credentials() -> grpc.ChannelCredentials | None:
-    """Credentials for an internal channel (None: plaintext)."""
-    settings = _current
+def channel_credentials(settings: TlsSettings | None) -> grpc.ChannelCredentials | None:
+    """Credentials for a channel (None: plaintext)."""
     if settings is None:
         return None
     return grpc.ssl_channel_credentials(
@@ -93,9 +133,8 @@ def channel_credentials() -> grpc.ChannelCredentials | None:
     )
 
 
-def channel_options() -> list[tuple[str, Any]]:
+def channel_options(settings: TlsSettings | None) -> list[tuple[str, Any]]:
     """Extra channel options (target name override) for TLS channels."""
-    settings = _current
     if settings is None or not settings.server_name:
         return []
     return [("grpc.ssl_target_name_override", settings.server_name)]

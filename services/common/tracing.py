@@ -149,7 +149,7 @@ def setup(service: str, *, exporter: Any = None, set_global: bool = True) -> boo
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    from runyard import __version__
+    from runyard._version import __version__
 
     attributes = {"service.namespace": "runyard", "service.version": __version__}
     if not os.environ.get("OTEL_SERVICE_NAME"):

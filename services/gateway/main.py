@@ -15,7 +15,6 @@ from runyard._proto.v1 import (
     worker_hub_pb2,
     worker_hub_pb2_grpc,
 )
-from runyard.common.admin import GatewayStatus
 from runyard.common.auth import RunTokenSigner
 from runyard.common.clients import internal_channel
 from runyard.common.config import Config
@@ -29,6 +28,7 @@ from runyard.gateway.hub import Dispatcher, Hub
 from runyard.gateway.keys import KEYS_CHANNEL, ApiKeyStore
 from runyard.gateway.runs import CANCEL_CHANNEL, EVENTS_CHANNEL, QUEUE_CHANNEL, RunStore
 from runyard.gateway.service import GatewayServicer
+from runyard.gateway.status import GatewayStatus
 from runyard.gateway.tasks import TaskManager, TaskServicer, router_stub
 from runyard.gateway.tool_results import ToolResults
 from runyard.gateway.watch import LifecycleStream
@@ -155,7 +155,7 @@ async def serve(config: Config) -> None:
     # Internal listener only: workers, task tools and AdminService, with the internal secret.
     worker_hub_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, server.internal_server)
     tasks_pb2_grpc.add_TaskServiceServicer_to_server(
-        TaskServicer(tasks, signer, internal_secret=config.auth.internal_secret), server.internal_server
+        TaskServicer(tasks, store, signer, internal_secret=config.auth.internal_secret), server.internal_server
     )
     server.admin.add_source(GatewayStatus(store, dispatcher))  # `runyard status`: queue depth, workers
     dispatch_task = asyncio.create_task(dispatcher.run(), name="dispatcher")

@@ -1078,3 +1078,112 @@ class RunStore:
 
     async def queue_depth(self) -> int:
         return int(await self.pool.fetchval("SELECT count(*) FROM gateway.runs WHERE status = 'queued'"))
+
+    # ------------------------------------------------------------ background tasks (runyard.gateway.tasks)
+    # Every query the tasks code makes on gateway.runs and its events goes
+    # through these, so the runs table has one owner. ``conn`` is the caller's
+    # connection when the read belongs to its transaction (None: the pool).
+
+    async def active_runs_of_tasks(
+        self, conn: asyncpg.Connection, task_ids: Sequence[uuid.UUID]
+    ) -> list[asyncpg.Record]:
+        """``(id, org_id)`` of the queued or running runs of tasks ``task_ids``."""
+        return list(await conn.fetch(
+            "SELECT id, org_id FROM gateway.runs "
+            "WHERE task_id = ANY($1::uuid[]) AND status IN ('queued', 'running', 'requires_action')",
+            list(task_ids),
+        ))
+
+    async def active_task_runs(self) -> list[asyncpg.Record]:
+        """``(id, org_id, task_id)`` of every queued or running run of a task
+        that was not asked to cancel yet."""
+        return list(await self.pool.fetch(
+            "SELECT id, org_id, task_id FROM gateway.runs "
+            "WHERE task_id IS NOT NULL AND status IN ('queued', 'running', 'requires_action') AND NOT cancel_requested"
+        ))
+
+    async def ended_statuses(
+        self, run_ids: Sequence[uuid.UUID], conn: asyncpg.Connection | None = None
+    ) -> dict[uuid.UUID, str]:
+        """Run id -> status, for those of ``run_ids`` that ended (completed, failed, cancelled)."""
+        if not run_ids:
+            return {}
+        rows = await (conn or self.pool).fetch(
+            "SELECT id, status FROM gateway.runs "
+            "WHERE id = ANY($1::uuid[]) AND status IN ('completed', 'failed', 'cancelled')",
+            list(run_ids),
+        )
+        return {row["id"]: row["status"] for row in rows}
+
+    async def outcome(
+        self, conn: asyncpg.Connection, run_id: uuid.UUID
+    ) -> asyncpg.Record | None:
+        """``(id, status, error, last_seq, cancel_reason)`` of a run, if it exists."""
+        return await conn.fetchrow(
+            "SELECT id, status, error, last_seq, cancel_reason FROM gateway.runs WHERE id = $1", run_id
+        )
+
+    async def first_events(
+        self, conn: asyncpg.Connection, run_id: uuid.UUID, limit: int
+    ) -> list[common_pb2.RunEvent]:
+        """The run's first ``limit`` stored events (whole chunks read, then cut)."""
+        rows = await conn.fetch(
+            "SELECT seq, data FROM gateway.run_events WHERE run_id = $1 AND seq <= $2 ORDER BY seq",
+            run_id,
+            limit,
+        )
+        events = [e for r in rows for e in decode_batch(run_id, "", r["seq"], bytes(r["data"]))]
+        return events[:limit]
+
+    async def last_event(
+        self, conn: asyncpg.Connection, run_id: uuid.UUID, last_seq: int
+    ) -> common_pb2.RunEvent:
+        """The last event of the stored chunk holding ``last_seq`` (an ended
+        run's terminal event); an empty event when there is none."""
+        chunk = await conn.fetchrow(
+            "SELECT seq, data FROM gateway.run_events WHERE run_id = $1 AND seq <= $2 AND last_seq >= $2",
+            run_id,
+            last_seq,
+        )
+        stored = decode_batch(run_id, "", chunk["seq"], bytes(chunk["data"])) if chunk is not None else []
+        return stored[-1] if stored else common_pb2.RunEvent()
+
+    async def store_payload(
+        self, conn: asyncpg.Connection, run_id: uuid.UUID, epoch: int, payload: bytes
+    ) -> bool:
+        """Replace the payload of a run still running at ``epoch``; whether it was."""
+        updated = await conn.fetchval(
+            "UPDATE gateway.runs SET payload = $2 "
+            "WHERE id = $1 AND epoch = $3 AND status = 'running' RETURNING id",
+            run_id,
+            payload,
+            epoch,
+        )
+        return updated is not None
+
+    async def session_busy(self, session_id: uuid.UUID, conn: asyncpg.Connection | None = None) -> bool:
+        """Whether the session has a queued or running run."""
+        return bool(await (conn or self.pool).fetchval(
+            "SELECT EXISTS (SELECT 1 FROM gateway.runs "
+            "WHERE session_id = $1 AND status IN ('queued', 'running', 'requires_action'))",
+            session_id,
+        ))
+
+    async def last_payload(
+        self, conn: asyncpg.Connection, session_id: uuid.UUID
+    ) -> common_pb2.RunPayload | None:
+        """The payload of the session's newest run, if it has one."""
+        row = await conn.fetchrow(
+            "SELECT payload FROM gateway.runs WHERE session_id = $1 ORDER BY created_at DESC LIMIT 1",
+            session_id,
+        )
+        return common_pb2.RunPayload.FromString(bytes(row["payload"])) if row is not None else None
+
+    async def token_run(self, org_id: str, run_id: uuid.UUID) -> asyncpg.Record | None:
+        """``(status, epoch, session_key)`` of a run, scoped by org (what a
+        run token is checked against)."""
+        return await self.pool.fetchrow(
+            "SELECT status, epoch, session_key FROM gateway.runs WHERE id = $1 AND org_id = $2",
+            run_id,
+            org_id,
+        )

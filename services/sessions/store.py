@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from runyard import __version__
 from runyard._proto.v1 import common_pb2, sessions_pb2
+from runyard._version import __version__
 from runyard.common import metrics
 from runyard.common.auth import RunClaims
 from runyard.common.errors import (

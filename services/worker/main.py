@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from runyard import __version__
 from runyard._proto.v1 import (
     common_pb2,
     router_pb2_grpc,
@@ -34,6 +33,7 @@ from runyard._proto.v1 import (
     worker_hub_pb2,
     worker_hub_pb2_grpc,
 )
+from runyard._version import __version__
 from runyard.common import tracing
 from runyard.common.auth import internal_metadata
 from runyard.common.clients import internal_channel

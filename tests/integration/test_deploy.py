@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,10 +22,10 @@ from runyard.cli.main import build_parser
 from runyard.common import metrics
 from runyard.common.config import GatewayConfig, RouterConfig, SessionsConfig, WorkerConfig
 from tests.stack import RUN_TOKEN_PRIVATE_KEY, RUN_TOKEN_PUBLIC_KEY
+from tests.support import ROOT
 
 pytestmark = pytest.mark.timeout(300)
 
-ROOT = Path(__file__).parents[2]
 SERVICES = ("gateway", "router", "sessions", "worker")
 DEFAULTS = {
     "gateway": GatewayConfig(),

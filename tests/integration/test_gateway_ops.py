@@ -30,16 +30,9 @@ from runyard.v1 import (
 )
 from tests.fakes.openai_server import FakeOpenAI, Reply, provider_config
 from tests.stack import INTERNAL_SECRET
+from tests.support import collect, text_of
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def collect(events) -> list[RunEvent]:
-    return [e async for e in events]
-
-
-def text_of(events: list[RunEvent]) -> str:
-    return "".join(e.text_delta.text for e in events if e.HasField("text_delta"))
 
 
 async def test_a_silent_worker_is_dropped_after_the_handshake_timeout(stack_factory):

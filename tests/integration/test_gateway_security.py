@@ -47,12 +47,9 @@ from runyard.v1 import (
     WorkerHubServiceStub,
 )
 from tests.stack import INTERNAL_SECRET, RUN_TOKEN_SECRET
+from tests.support import collect
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def collect(events):
-    return [e async for e in events]
 
 
 async def _keys(url: str) -> dict[str, str]:

@@ -50,16 +50,12 @@ from runyard.v1 import (
 )
 
 from tests.stack import INTERNAL_SECRET, RUN_TOKEN_PRIVATE_KEY, RUN_TOKEN_PUBLIC_KEY, Stack
+from tests.support import ROOT, collect
 
-ROOT = Path(__file__).parents[2]
 NUL = "\x00"
 LONG_KEY = "k" * 10_000
 #: Resident memory a service may use after the whole table (it idles near 80-120 MB).
 MAX_RSS_MB = 400
-
-
-async def collect(events):
-    return [e async for e in events]
 
 
 def rss_mb(pid: int) -> float:

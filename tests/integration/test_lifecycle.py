@@ -9,7 +9,6 @@ import signal
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 
 import asyncpg
 import grpc
@@ -21,10 +20,10 @@ from runyard.v1 import GetMessagesRequest, ResetSessionRequest
 
 from tests.fakes.openai_server import FakeOpenAI, provider_config
 from tests.stack import INTERNAL_SECRET, RUN_TOKEN_SECRET
+from tests.support import ROOT, count
 
 pytestmark = pytest.mark.timeout(120)
 
-ROOT = Path(__file__).parents[2]
 DRAIN_MS = 1000
 
 
@@ -86,14 +85,6 @@ async def session_ends(url: str) -> list[SessionEnd]:
     finally:
         await conn.close()
     return [from_proto(common_pb2.LifecycleEvent.FromString(r["data"])) for r in rows]  # type: ignore[misc]
-
-
-async def count(url: str, sql: str) -> int:
-    conn = await asyncpg.connect(url)
-    try:
-        return int(await conn.fetchval(sql))
-    finally:
-        await conn.close()
 
 
 # ---------------------------------------------------------------- tests

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from runyard.v1 import RUN_STATUS_COMPLETED, GetRunRequest
+from tests.support import ROOT
 
 pytestmark = pytest.mark.timeout(240)
 
-ROOT = Path(__file__).parents[2]
 EXAMPLE = ROOT / "examples" / "node"
 
 

@@ -19,10 +19,10 @@ import yaml
 
 import runyard
 from tests.stack import free_port
+from tests.support import ROOT
 
 pytestmark = pytest.mark.timeout(180)
 
-ROOT = Path(__file__).parents[2]
 SERVICES = ("gateway", "router", "sessions", "worker")
 
 

@@ -19,8 +19,8 @@ from runyard.router.cooldowns import CooldownKey
 
 from tests.fakes.anthropic_server import AnthropicReply, FakeAnthropic, anthropic_error
 from tests.fakes.openai_server import FakeOpenAI, Reply
-from tests.integration import test_router_support as support
-from tests.integration.test_router_support import NotFoundServer, failovers, kinds, payload, text_of
+from tests.support import router as support
+from tests.support.router import NotFoundServer, failovers, kinds, payload, text_of
 
 # Fixtures shared by the router tests.
 router_factory = support.router_factory

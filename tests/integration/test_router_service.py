@@ -19,7 +19,7 @@ from runyard.common.auth import RunTokenSigner, internal_metadata
 from runyard.common.errors import Unauthenticated, from_rpc_error
 
 from tests.fakes.openai_server import FakeOpenAI, Reply, provider_config
-from tests.integration import test_router_support as support
+from tests.support import router as support
 from tests.stack import INTERNAL_SECRET, RUN_TOKEN_SECRET
 
 pytestmark = pytest.mark.timeout(90)

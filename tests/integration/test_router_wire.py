@@ -17,7 +17,7 @@ from runyard.router.providers import AnthropicProvider, Chunk, OpenAIProvider, P
 
 from tests.fakes.anthropic_server import AnthropicReply, FakeAnthropic, anthropic_error
 from tests.fakes.openai_server import FakeOpenAI, Reply
-from tests.integration import test_router_support as support
+from tests.support import router as support
 from tests.unit.test_classify import CASES
 
 pytestmark = pytest.mark.timeout(30)

@@ -7,7 +7,6 @@ import asyncio
 import signal
 import uuid
 
-import asyncpg
 import pytest
 
 from runyard import FailedPrecondition, InvalidArgument, NotFound, RunyardError
@@ -25,32 +24,9 @@ from runyard.v1 import (
     RunEvent,
 )
 from tests.fakes.openai_server import FakeOpenAI, Reply, provider_config
+from tests.support import assert_gap_free, collect, count, kinds, text_of
 
 pytestmark = pytest.mark.timeout(90)
-
-
-async def collect(events) -> list[RunEvent]:
-    return [event async for event in events]
-
-
-def kinds(events: list[RunEvent]) -> list[str]:
-    return [e.WhichOneof("event") for e in events]
-
-
-def text_of(events: list[RunEvent]) -> str:
-    return "".join(e.text_delta.text for e in events if e.HasField("text_delta"))
-
-
-async def count(url: str, sql: str) -> int:
-    conn = await asyncpg.connect(url)
-    try:
-        return int(await conn.fetchval(sql))
-    finally:
-        await conn.close()
-
-
-def assert_gap_free(events: list[RunEvent], start: int = 1) -> None:
-    assert [e.seq for e in events] == list(range(start, start + len(events)))
 
 
 async def test_two_messages_stream_in_order_and_second_sees_first(stack_factory, fake_openai: FakeOpenAI):

@@ -54,12 +54,12 @@ from runyard.v1 import (
     ListSessionsRequest,
     ListTasksRequest,
     ResetSessionRequest,
-    RunEvent,
     SpawnTaskRequest,
     Task,
 )
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.stack import INTERNAL_SECRET, RUN_TOKEN_SECRET, free_port
+from tests.support import collect
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -70,10 +70,6 @@ def config(tasks: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """Stack config with short task timers."""
     base = {"notify_batch_window_ms": 1000, "sweep_interval_ms": 100}
     return {"tasks": {**base, **(tasks or {})}, **extra}
-
-
-async def collect(events) -> list[RunEvent]:
-    return [e async for e in events]
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], timeout_s: float = 20.0, interval_s: float = 0.1) -> Any:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
 from pathlib import Path
 
 import grpc
 import pytest
 import trustme
 
+from runyard import Client, load_config
+from runyard.common import tls
 from runyard.common.errors import from_rpc_error
-from runyard.v1 import ResolveSessionRequest, SendMessageRequest, SessionServiceStub, GatewayServiceStub
+from runyard.v1 import GatewayServiceStub, ResolveSessionRequest, SendMessageRequest, SessionServiceStub
+from tests.stack import flatten_env
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -23,10 +29,9 @@ async def test_services_talk_over_mutual_tls_and_refuse_plaintext_or_certless_pe
     paths["cert"].write_bytes(b"".join(blob.bytes() for blob in server.cert_chain_pems))
     ca_pem, cert_pem, key_pem = (paths[n].read_bytes() for n in ("ca", "cert", "key"))
 
-    stack = stack_factory(
-        {"tls": {"enabled": True, "ca_file": str(paths["ca"]), "cert_file": str(paths["cert"]),
-                 "key_file": str(paths["key"])}}
-    )
+    tls_config = {"tls": {"enabled": True, "ca_file": str(paths["ca"]), "cert_file": str(paths["cert"]),
+                          "key_file": str(paths["key"])}}
+    stack = stack_factory(tls_config)
     mutual = grpc.ssl_channel_credentials(ca_pem, private_key=key_pem, certificate_chain=cert_pem)
     server_only = grpc.ssl_channel_credentials(ca_pem)
     stack.channel_credentials = mutual
@@ -67,3 +72,17 @@ async def test_services_talk_over_mutual_tls_and_refuse_plaintext_or_certless_pe
         with pytest.raises(grpc.aio.AioRpcError) as no_secret:
             await SessionServiceStub(channel).ResolveSession(request, timeout=5)
     assert from_rpc_error(no_secret.value).reason == "INTERNAL_AUTH_REQUIRED"
+
+    # The public client and `runyard send` take the same [tls] settings.
+    settings = tls.load(load_config(environ=flatten_env(tls_config)))
+    async with Client(stack.gateway_address, tls=settings) as client:
+        events = [e async for e in client.send("tls-client", "from the client")]
+    assert events[-1].completed.message.content == "echo: from the client"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")} | flatten_env(tls_config)
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "runyard", "send", "--gateway", stack.gateway_address, "--session", "tls-cli",
+        "from the CLI", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await cli.communicate()
+    assert cli.returncode == 0, err.decode()
+    assert "echo: from the CLI" in out.decode()

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import runyard
 import runyard.v1 as v1
-
-ROOT = Path(__file__).parents[2]
+from tests.support import ROOT
 
 
 def test_generated_code_matches_the_protos():

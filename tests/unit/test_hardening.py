@@ -19,7 +19,7 @@ from runyard.common import auth, faults
 from runyard.common.config import ConfigError, load_config
 from runyard.common.errors import InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
 from runyard.common.runtime import check_service_config
-from runyard.common.server import grpc_options, grpc_server_options
+from runyard.common.channels import grpc_options, grpc_server_options
 from runyard.common.validation import check_request
 from runyard.gateway.auth import Authenticator
 from runyard.v1 import (

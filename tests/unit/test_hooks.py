@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
@@ -29,10 +28,10 @@ from runyard.common.hooks import (
 from runyard.common.protoutil import now
 
 from tests.stack import INTERNAL_SECRET, RUN_TOKEN_PUBLIC_KEY
+from tests.support import ROOT
 
 pytestmark = pytest.mark.timeout(30)
 
-ROOT = Path(__file__).parents[2]
 RECEIVED: list[object] = []
 
 

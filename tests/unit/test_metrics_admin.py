@@ -12,11 +12,11 @@ from prometheus_client import REGISTRY
 
 import runyard
 from runyard._proto.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2
-from runyard.common import admin, metrics
+from runyard.common import metrics
 from runyard.common.auth import internal_metadata
 from runyard.common.clients import internal_channel
-from runyard.common.config import load_config
 from runyard.common.server import ServiceServer
+from runyard.gateway.status import GatewayStatus
 from tests.stack import free_port
 
 GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -28,9 +28,11 @@ async def served():
     channels: list[grpc.aio.Channel] = []
 
     async def start(
-        name: str = "sessions", service_names: tuple[str, ...] = ()
+        name: str = "sessions", service_names: tuple[str, ...] = (), internal_secret: str = ""
     ) -> tuple[ServiceServer, grpc.aio.Channel]:
-        server = ServiceServer(name, "127.0.0.1:0", service_names, shutdown_grace_s=0.5)
+        server = ServiceServer(
+            name, "127.0.0.1:0", service_names, shutdown_grace_s=0.5, internal_secret=internal_secret
+        )
         servers.append(server)
         await server.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
@@ -42,7 +44,6 @@ async def served():
         await channel.close()
     for server in servers:
         await server.stop(0)
-    admin.configure(load_config(environ={}))
 
 
 async def test_status_reports_service_version_and_in_flight_rpcs(served):
@@ -68,8 +69,7 @@ async def test_status_reports_service_version_and_in_flight_rpcs(served):
 
 
 async def test_status_requires_the_internal_secret_when_one_is_set(served):
-    admin.configure(load_config(environ={"RUNYARD_INTERNAL_SECRET": "s" * 32}))
-    _, channel = await served()
+    _, channel = await served(internal_secret="s" * 32)
     stub = admin_pb2_grpc.AdminServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await stub.GetStatus(admin_pb2.GetStatusRequest())
@@ -109,7 +109,7 @@ async def test_gateway_status_lists_workers_and_samples_the_queue(served):
     store = FakeStore(7)
     dispatcher = FakeDispatcher(FakeWorker("w-b", 4, {"r1": 1}), FakeWorker("w-a", 2, draining=True))
     server = ServiceServer("gateway", "127.0.0.1:0", [GATEWAY])
-    source = admin.GatewayStatus(store, dispatcher, sample_interval_s=0.05)
+    source = GatewayStatus(store, dispatcher, sample_interval_s=0.05)
     server.admin.add_source(source)
     await server.start()
     try:

@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from runyard.router import bench
+from runyard.bench import router as bench
 
 
 def results(*, c1_p99: float, c32_p99: float = 0.5, cascade_p50: float = 3.0, errors: int = 0) -> dict:

@@ -2,7 +2,7 @@
 test database, run payloads, and response collection.
 
 Import the fixtures into a test module with
-``from tests.integration.test_router_support import router_factory  # noqa: F401``.
+``from tests.support.router import router_factory  # noqa: F401``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 
 from runyard._proto.v1 import common_pb2, router_pb2
 from runyard.common import db
-from runyard.common.config import Config
+from runyard.common.config import Config, merge_tree
 from runyard.common.outbox import Outbox
 from runyard.router.cooldowns import CooldownStore
 from runyard.router.engine import Router
@@ -27,6 +27,7 @@ from runyard.router.main import EVENTS_CHANNEL
 
 from tests.fakes.anthropic_server import FakeAnthropic
 from tests.fakes.openai_server import FakeOpenAI
+from tests.support import collect, kinds, text_of
 
 __all__ = [
     "Harness",
@@ -36,7 +37,6 @@ __all__ = [
     "fake_anthropic",
     "fast_openai",
     "kinds",
-    "merge",
     "router_factory",
     "text_of",
 ]
@@ -53,20 +53,9 @@ FAST_ROUTER = {
 }
 
 
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Deep merge of two config trees (``over`` wins)."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def build_config(data: dict[str, Any]) -> Config:
     """A validated :class:`Config` from a tree (echo provider always present)."""
-    tree = merge({"providers": {"echo": {"type": "echo"}}, "router": dict(FAST_ROUTER)}, data)
+    tree = merge_tree({"providers": {"echo": {"type": "echo"}}, "router": dict(FAST_ROUTER)}, data)
     config = Config.model_validate(tree)
     assert not config.problems(), config.problems()
     return config
@@ -92,18 +81,6 @@ def messages(text: str = "hi") -> list[common_pb2.Message]:
         common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content="Be brief."),
         common_pb2.Message(role=common_pb2.ROLE_USER, content=text),
     ]
-
-
-async def collect(stream: AsyncIterator[router_pb2.GenerateResponse]) -> list[router_pb2.GenerateResponse]:
-    return [item async for item in stream]
-
-
-def kinds(responses: Sequence[router_pb2.GenerateResponse]) -> list[str]:
-    return [r.WhichOneof("event") for r in responses]
-
-
-def text_of(responses: Sequence[router_pb2.GenerateResponse]) -> str:
-    return "".join(r.text_delta.text for r in responses if r.HasField("text_delta"))
 
 
 def failovers(responses: Sequence[router_pb2.GenerateResponse]) -> list[common_pb2.ModelFailover]:

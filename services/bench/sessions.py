@@ -33,7 +33,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -45,23 +44,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 from runyard.common import db
 from runyard.common.auth import generate_run_token_keys, internal_metadata, run_token_env
 from runyard.common.config import GatewayConfig
+from runyard.common.processes import Processes, free_port
 
 __all__ = ["add_arguments", "main", "noop_handler"]
 
 
 async def noop_handler(event: object) -> None:
     """The hook handler the drain measurement installs (does nothing)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _rss_kib(pid: int) -> int:
@@ -127,8 +120,8 @@ class _Services:
     """Service processes on free ports, configured through ``RUNYARD_*``."""
 
     def __init__(self, url: str, workdir: Path, extra_env: dict[str, str] | None = None):
-        self.ports = {"gateway": _free_port(), "router": _free_port(), "sessions": _free_port(),
-                      "gateway_internal": _free_port()}
+        self.ports = {"gateway": free_port(), "router": free_port(), "sessions": free_port(),
+                      "gateway_internal": free_port()}
         self.run_token_key, _ = generate_run_token_keys()
         self.secret = secrets.token_urlsafe(24)
         self.workdir = workdir
@@ -152,47 +145,23 @@ class _Services:
         if "rate_limit_rps" in GatewayConfig.model_fields:
             self.env["RUNYARD_GATEWAY__RATE_LIMIT_RPS"] = "0"  # the client pages as fast as it can
         self.env.update(extra_env or {})
-        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.processes = Processes(workdir)
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
 
     def log(self, name: str) -> str:
-        path = self.workdir / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return self.processes.log(name)
 
     async def start(self, name: str) -> asyncio.subprocess.Process:
-        handle = (self.workdir / f"{name}.log").open("ab")
+        """Start ``runyard serve <name>`` and wait until it is SERVING."""
         env = {**self.env, **run_token_env(name, self.run_token_key)}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "runyard", "serve", name, env=env, stdout=handle, stderr=handle
-        )
-        handle.close()
-        self.procs[name] = proc
-        deadline = time.monotonic() + 60
-        async with grpc.aio.insecure_channel(self.address(name)) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if proc.returncode is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-3000:]}")
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return proc
-                await asyncio.sleep(0.1)
-        raise TimeoutError(f"{name} did not become healthy:\n{self.log(name)[-3000:]}")
+        proc = await self.processes.spawn(name, [sys.executable, "-m", "runyard", "serve", name], env)
+        await self.processes.wait_healthy(name, self.address(name))
+        return proc
 
     async def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                await asyncio.wait_for(proc.wait(), 30)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await self.processes.stop(list(self.processes.procs), timeout_s=30)
 
 
 # ---------------------------------------------------------------- drain
@@ -243,7 +212,7 @@ async def measure_drain(database: _Database, workdir: Path, active: int, drain_t
             "RUNYARD_SESSIONS__DRAIN_TIMEOUT_MS": str(drain_timeout_ms),
             "RUNYARD_HOOKS__ENTRY_POINTS": "false",
             "RUNYARD_HOOKS__HANDLERS": json.dumps([
-                {"path": "runyard.sessions.bench:noop_handler", "events": ["session.end"], "name": "bench-noop"},
+                {"path": "runyard.bench.sessions:noop_handler", "events": ["session.end"], "name": "bench-noop"},
             ]),
         })
         try:

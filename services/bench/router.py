@@ -2,7 +2,7 @@
 
 The benchmark starts everything it needs on loopback:
 
-* a fast OpenAI-compatible streaming provider (:mod:`runyard.router.loopback`,
+* a fast OpenAI-compatible streaming provider (:mod:`runyard.bench.loopback`,
   its own process);
 * a PostgreSQL database: a scratch database created on ``--database-url`` /
   ``RUNYARD_DATABASE_URL`` and dropped afterwards, else an embedded server
@@ -49,7 +49,6 @@ import contextlib
 import json
 import os
 import secrets
-import socket
 import sys
 import tempfile
 import time
@@ -63,13 +62,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc
-from runyard.cli.bench import percentile
+from runyard.bench import percentile
 from runyard.common.auth import RunTokenSigner, credential_interceptors, generate_run_token_keys, run_token_env
 from runyard.common.config import Config, ProviderConfig
 from runyard.common.outbox import Outbox
+from runyard.common.processes import Processes, free_port
 from runyard.router.cooldowns import CooldownStore
 from runyard.router.engine import Router
 from runyard.router.providers import OpenAIProvider, Request
@@ -134,23 +133,18 @@ class Sample:
     total: list[float] = field(default_factory=list)
 
 
-@dataclass
-class _Processes:
-    procs: list[asyncio.subprocess.Process] = field(default_factory=list)
-    tmp: tempfile.TemporaryDirectory[str] | None = None
-    pg: Any = None
-    scratch: tuple[str, str] | None = None  # (admin url, database name)
+class _Processes(Processes):
+    """The bench's processes (logs in a scratch directory), its embedded
+    PostgreSQL and scratch database; :meth:`close` undoes all."""
+
+    def __init__(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="runyard-bench-")
+        super().__init__(Path(self.tmp.name), die_with_parent=True)
+        self.pg: Any = None
+        self.scratch: tuple[str, str] | None = None  # (admin url, database name)
 
     async def close(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.terminate()
-                try:
-                    await asyncio.wait_for(proc.wait(), 15)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+        await self.stop(list(reversed(self.procs)), timeout_s=15)
         if self.scratch is not None:
             admin_url, name = self.scratch
             with contextlib.suppress(OSError, asyncpg.PostgresError):
@@ -161,8 +155,7 @@ class _Processes:
                     await conn.close()
         if self.pg is not None:
             await asyncio.to_thread(self.pg.cleanup)
-        if self.tmp is not None:
-            self.tmp.cleanup()
+        self.tmp.cleanup()
 
 
 def _process_cpu_s(pid: int) -> float:
@@ -175,24 +168,15 @@ def _process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def _database(args: argparse.Namespace, procs: _Processes) -> str:
     """A scratch database URL (created here, dropped by ``procs.close``)."""
     server_url = args.database_url or os.environ.get("RUNYARD_DATABASE_URL", "")
     if not server_url:
-        procs.tmp = tempfile.TemporaryDirectory(prefix="runyard-bench-")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import pgserver
 
-            procs.pg = await asyncio.to_thread(
-                pgserver.get_server, Path(procs.tmp.name) / "pg", cleanup_mode="stop"
-            )
+            procs.pg = await asyncio.to_thread(pgserver.get_server, procs.log_dir / "pg", cleanup_mode="stop")
         server_url = str(procs.pg.get_uri())
     name = f"runyard_bench_{uuid.uuid4().hex[:10]}"
     conn = await asyncpg.connect(server_url)
@@ -205,44 +189,16 @@ async def _database(args: argparse.Namespace, procs: _Processes) -> str:
 
 
 async def _start_provider(chunks: int, procs: _Processes) -> int:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "runyard.router.loopback",
-        "--port",
-        "0",
-        "--chunks",
-        str(chunks),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    procs.procs.append(proc)
-    assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-    if not line.startswith("listening on "):
-        raise RuntimeError(f"the loopback provider did not start: {line!r}")
+    """The loopback provider streaming ``chunks`` deltas; returns its port."""
+    argv = [sys.executable, "-m", "runyard.bench.loopback", "--port", "0", "--chunks", str(chunks)]
+    await procs.spawn("provider", argv)
+    line = await procs.wait_log("provider", "listening on ", timeout_s=30)
     return int(line.split()[-1])
 
 
-async def _start_router(env: dict[str, str], address: str, log_path: Path, procs: _Processes) -> None:
-    with log_path.open("ab") as log:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "runyard", "serve", "router", env=env, stdout=log, stderr=log
-        )
-    procs.procs.append(proc)
-    deadline = time.monotonic() + 60
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.returncode is not None:
-                raise RuntimeError(
-                    f"the router exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
-                )
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"the router did not become healthy:\n{log_path.read_text()[-3000:]}")
+async def _start_router(env: dict[str, str], address: str, procs: _Processes) -> None:
+    await procs.spawn("router", [sys.executable, "-m", "runyard", "serve", "router"], env)
+    await procs.wait_healthy("router", address, timeout_s=60)
 
 
 class _Client:
@@ -421,7 +377,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         database_url = await _database(args, procs)
         provider_port = await _start_provider(args.chunks, procs)
         provider_url = f"http://127.0.0.1:{provider_port}/v1"
-        router_port = _free_port()
+        router_port = free_port()
         address = f"127.0.0.1:{router_port}"
         run_token_key, _ = generate_run_token_keys()
         internal_secret = secrets.token_urlsafe(32)
@@ -439,9 +395,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 "RUNYARD_AGENTS__DEFAULT__MODEL": "loop/ok",
             }
         )
-        log_dir = procs.tmp.name if procs.tmp is not None else tempfile.gettempdir()
-        log_path = Path(log_dir) / f"runyard-bench-router-{os.getpid()}.log"
-        await _start_router(env, address, log_path, procs)
+        await _start_router(env, address, procs)
         signer = RunTokenSigner(run_token_key)
         results: dict[str, Any] = {
             "chunks": args.chunks,
@@ -455,7 +409,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             address, interceptors=credential_interceptors(internal_secret)
         ) as channel:
             client = _Client(provider_url, router_pb2_grpc.RouterServiceStub(channel), signer, args.chunks)
-            router_pid = procs.procs[-1].pid
+            router_pid = procs.procs["router"].pid
             try:
                 for level in levels:
                     # Warm up at this concurrency: connections open, code paths hot.

@@ -30,7 +30,6 @@ _REASONS = {sessions_pb2.PRUNE_REASON_IDLE: "idle", sessions_pb2.PRUNE_REASON_CA
 
 def _target(args: argparse.Namespace) -> tuple[Config, str]:
     config = load_config(args.config)
-    tls.configure(config)
     return config, args.sessions or config.endpoints.sessions
 
 
@@ -89,7 +88,7 @@ async def prune(
 
 async def _prune(args: argparse.Namespace) -> int:
     config, address = _target(args)
-    async with internal_channel(address) as channel:
+    async with internal_channel(address, tls=tls.load(config)) as channel:
         try:
             await prune(
                 sessions_pb2_grpc.SessionServiceStub(channel),
@@ -107,7 +106,7 @@ async def _prune(args: argparse.Namespace) -> int:
 async def _shutdown_mode(args: argparse.Namespace) -> int:
     config, address = _target(args)
     mode = sessions_pb2.SHUTDOWN_MODE_RESTART if args.mode == "restart" else sessions_pb2.SHUTDOWN_MODE_SHUTDOWN
-    async with internal_channel(address) as channel:
+    async with internal_channel(address, tls=tls.load(config)) as channel:
         try:
             reply = await sessions_pb2_grpc.SessionServiceStub(channel).SetShutdownMode(
                 sessions_pb2.SetShutdownModeRequest(mode=mode),

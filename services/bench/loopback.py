@@ -1,6 +1,6 @@
 """A minimal, fast OpenAI-compatible streaming server for benchmarks.
 
-``python -m runyard.router.loopback --port 0`` serves
+``python -m runyard.bench.loopback --port 0`` serves
 ``POST /v1/chat/completions`` (``stream: true``) on 127.0.0.1 with HTTP/1.1
 keep-alive and chunked Server-Sent Events: ``--chunks`` text deltas
 (``--chunk-delay-ms`` apart), a finish chunk, a usage chunk and
