@@ -84,7 +84,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client  # the SDK's client f
 from mcp.shared.exceptions import MCPError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
-from runyard import __version__
+from runyard._version import __version__
 from runyard._proto.v1 import admin_pb2, common_pb2
 from runyard.common import metrics
 from runyard.common.config import Config, McpServerConfig

@@ -163,3 +163,22 @@ async def test_unknown_event_types_are_refused(stack_factory):
     assert (refused.code, refused.reason, refused.field) == (
         grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_EVENT_TYPE", "types"
     )
+
+
+async def test_a_new_sessions_start_comes_before_its_first_run_in_the_stream(stack_factory, fake_openai: FakeOpenAI):
+    """The sessions service's session.start of a conversation's first message is
+    recorded with the run it starts (ResolveSession hands it to the gateway),
+    so `runyard events --follow` shows it before that run's run.queued, and the
+    relay, catching up later, does not copy it a second time."""
+    stack = await stack_factory(provider_config(fake_openai)).start()
+    async with stack.client() as client:
+        for n in range(3):
+            [e async for e in client.send(f"order:{n}", "hello")]
+    kinds = ("session.start", "run.queued", "run.completed")
+    events = await read_events(stack, 0, kinds, until=9)
+    await asyncio.sleep(1.0)  # the relay's rounds (every 250 ms at most) have run by now
+    again = await read_events(stack, 0, kinds)
+    assert [e.id for e in again] == [e.id for e in events]  # nothing copied twice
+    for n in range(3):
+        mine = [e.type for e in events if e.session_key == f"order:{n}"]
+        assert mine == ["session.start", "run.queued", "run.completed"], mine

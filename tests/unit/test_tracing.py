@@ -6,6 +6,7 @@ client calls."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -112,7 +113,12 @@ async def test_a_run_span_continues_the_queued_trace_across_grpc_with_ids_as_att
         assert (await _call(traced_server, "Get")(common_pb2.RunPayload(run_id="run-1"))).id == "run-1"
         assert [r.id async for r in _call(traced_server, "Watch")(common_pb2.RunPayload(run_id="run-1"))] == [
             "run-1-0", "run-1-1", "run-1-2"]
-    finished = {(s.name, s.kind): s for s in spans.get_finished_spans()}
+    wanted = {(f"/{SERVICE}/{m}", kind) for m in ("Get", "Watch") for kind in (SpanKind.CLIENT, SpanKind.SERVER)}
+    for _ in range(200):  # a stream's spans end from gRPC's done callbacks, a moment after the last read
+        finished = {(s.name, s.kind): s for s in spans.get_finished_spans()}
+        if wanted <= finished.keys():
+            break
+        await asyncio.sleep(0.01)
     run = finished[("runyard.run", SpanKind.CONSUMER)]
     assert run.context.trace_id == trace_id and run.parent.span_id == request_span.get_span_context().span_id
     assert run.attributes["runyard.run_id"] == "run-1" and run.attributes["runyard.session_id"] == "ses-1"
