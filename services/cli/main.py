@@ -41,15 +41,14 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from runyard.common import auth, tls
+    from runyard.common import tls
     from runyard.common.runtime import check_service_config, setup_logging
 
     config = _load(args)
     check_service_config(config, args.service)
-    # Process defaults for the servers and internal channels the services
-    # build (to be passed by their composition roots instead; issue 15).
-    tls.configure(config)
-    auth.configure(config)  # internal listeners and AdminService require it; internal channels send it
+    # Passed down to the service's listeners and internal channels (the
+    # internal secret travels in config.auth); ConfigError if a file is unreadable.
+    tls_settings = tls.load(config)
     setup_logging(args.service, config)
     _setup_tracing(args.service)
     if args.service == "gateway":
@@ -61,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         from runyard.worker.main import serve
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, tls=tls_settings))
     finally:
         from runyard.common import tracing
 

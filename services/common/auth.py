@@ -10,11 +10,12 @@ audience ``runyard.internal`` and lives ``auth.run_token_ttl_s`` seconds, so
 it stops working soon after its run stops being renewed (see
 docs/security.md for the exact guarantee).
 
-Internal calls carry the shared internal secret in the ``x-runyard-internal``
-metadata entry. A service process configures it once (:func:`configure`);
-every channel from :func:`runyard.common.clients.internal_channel` then adds
-it to each call (:func:`credential_interceptors`), and every internal
-listener requires it (:mod:`runyard.common.server`).
+Internal calls carry the shared internal secret (``auth.internal_secret``)
+in the ``x-runyard-internal`` metadata entry. Nothing here keeps it: a
+service's composition root passes it explicitly, to the channels it opens
+(:func:`runyard.common.clients.internal_channel` adds it to each call through
+:func:`credential_interceptors`) and to its server, whose internal listeners
+require it (:mod:`runyard.common.server`).
 """
 
 from __future__ import annotations
@@ -42,14 +43,12 @@ __all__ = [
     "RunTokenSigner",
     "RunTokenVerifier",
     "check_internal",
-    "configure",
     "credential_interceptors",
     "generate_run_token_keys",
     "has_internal_credential",
     "internal_metadata",
     "load_private_key",
     "load_public_key",
-    "process_secret",
     "public_key_text",
     "run_token_env",
     "run_token_verifier",
@@ -64,24 +63,6 @@ _ALGORITHM = "EdDSA"
 MIN_INTERNAL_SECRET_BYTES = 32
 #: Clock difference between hosts tolerated on ``exp``/``iat`` (seconds).
 CLOCK_LEEWAY_S = 5
-
-#: This process's internal secret, set once by :func:`configure` (``runyard serve``).
-_process_secret = ""
-
-
-def configure(secret_or_config: Any) -> None:
-    """Set this process's internal secret (a ``Config`` or the secret itself).
-
-    Internal channels then send it on every call and internal listeners require it.
-    """
-    global _process_secret
-    auth = getattr(secret_or_config, "auth", None)
-    _process_secret = auth.internal_secret if auth is not None else str(secret_or_config or "")
-
-
-def process_secret() -> str:
-    """The internal secret :func:`configure` set ("" if none)."""
-    return _process_secret
 
 
 def _decode_raw(text: str) -> bytes | None:
@@ -369,13 +350,12 @@ class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
         return await continuation(_details(client_call_details, self.secret), request_iterator)
 
 
-def credential_interceptors(secret: str | None = None) -> list[grpc.aio.ClientInterceptor]:
-    """Client interceptors adding the internal secret (default: this process's,
-    see :func:`configure`) to every call that does not carry one; none without a secret."""
-    value = process_secret() if secret is None else secret
-    if not value:
+def credential_interceptors(secret: str) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors adding the internal ``secret`` to every call that
+    does not carry one already; none when ``secret`` is ""."""
+    if not secret:
         return []
-    return [_UnaryUnary(value), _UnaryStream(value), _StreamUnary(value), _StreamStream(value)]
+    return [_UnaryUnary(secret), _UnaryStream(secret), _StreamUnary(secret), _StreamStream(secret)]
 
 
 def has_internal_credential(metadata: Iterable[tuple[str, Any]] | None, secret: str) -> bool:

@@ -1,8 +1,14 @@
-"""Internal gRPC clients: channels, deadline propagation, error mapping."""
+"""Internal gRPC clients: channels, deadline propagation, error mapping.
+
+A service process reaches the others through :class:`InternalChannels`: the
+TLS settings and the internal secret its composition root was given (see
+:mod:`runyard.common.lifecycle`), passed explicitly to whatever opens channels.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -11,46 +17,73 @@ from runyard.common import auth, tracing
 from runyard.common.channels import open_channel
 from runyard.common.client_metrics import client_metrics_interceptors
 from runyard.common.errors import from_rpc_error
-from runyard.common.tls import PROCESS, TlsSettings, resolve
+from runyard.common.tls import TlsSettings
 
-__all__ = ["DEADLINE_MARGIN_S", "call", "downstream_timeout", "internal_channel"]
+__all__ = ["DEADLINE_MARGIN_S", "InternalChannels", "call", "downstream_timeout", "internal_channel"]
 
 T = TypeVar("T")
 
 #: Time kept back from an incoming deadline for our own work after a downstream call.
 DEADLINE_MARGIN_S = 0.05
+#: Default gRPC max send/receive message size of an internal channel (bytes).
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 def internal_channel(
     address: str,
     *,
-    max_message_bytes: int = 16 * 1024 * 1024,
-    credential: bool = True,
-    tls: TlsSettings | None | object = PROCESS,
-    secret: str | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    tls: TlsSettings | None = None,
+    secret: str = "",
 ) -> grpc.aio.Channel:
     """A channel to another runyard service (:func:`runyard.common.channels.open_channel`)
     whose every call is counted in the ``grpc_client_*`` metrics, traced with
-    tracing on, and, with ``credential``, carries the internal secret.
+    tracing on, and carries the internal secret when one is given.
 
     Args:
-        tls: TLS (mutual, with the client certificate); default:
-            this process's (:func:`runyard.common.tls.configure`).
-        secret: the internal secret; default: this process's
-            (:func:`runyard.common.auth.configure`).
+        address: ``host:port`` of the service.
+        max_message_bytes: gRPC max send/receive message size.
+        tls: TLS (mutual, with the client certificate); None = plaintext.
+        secret: the internal secret added to every call that does not carry
+            one (``x-runyard-internal``); "" = none (callers that send it in
+            their own call metadata, such as the CLI).
     """
     # Tracing interceptors (none when tracing is off) put `traceparent` in the call's metadata.
     interceptors = [
         *client_metrics_interceptors(),
         *tracing.client_interceptors(),
-        *(auth.credential_interceptors(secret) if credential else []),
+        *auth.credential_interceptors(secret),
     ]
     return open_channel(
         address,
-        tls=resolve(tls),
+        tls=tls,
         max_message_bytes=max_message_bytes,
         interceptors=interceptors,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class InternalChannels:
+    """How a service process reaches the other services: the TLS settings and
+    the internal secret every channel it opens uses.
+
+    Built once by :func:`runyard.common.lifecycle.run_service` and passed to
+    the parts that open channels of their own (the worker, the gateway's
+    event relay); holds no channel itself.
+
+    Attributes:
+        tls: TLS settings (:func:`runyard.common.tls.load`); None = plaintext.
+        secret: the internal secret (``auth.internal_secret``); "" = none.
+    """
+
+    tls: TlsSettings | None
+    secret: str
+
+    def open(self, address: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
+        """A new :func:`internal_channel` to ``address`` (``host:port``); the caller closes it."""
+        return internal_channel(
+            address, max_message_bytes=max_message_bytes, tls=self.tls, secret=self.secret
+        )
 
 
 def downstream_timeout(context: grpc.aio.ServicerContext | None, default_s: float | None = None) -> float | None:

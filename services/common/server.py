@@ -11,9 +11,11 @@
   checks that should not start a gRPC client): see :meth:`ServiceServer.http_probe`;
 * ``runyard.v1.AdminService`` (:mod:`runyard.common.admin`: version, in-flight
   RPCs and the service's own status for ``runyard status``);
-* graceful shutdown on SIGTERM/SIGINT: health NOT_SERVING, the service's own
-  ``drain`` callback (stop taking work, hand work back), then
-  ``server.stop(grace)`` so in-flight unary calls finish.
+* graceful shutdown on SIGTERM/SIGINT (:meth:`ServiceServer.install_signal_handlers`,
+  :meth:`~ServiceServer.begin_shutdown`, :meth:`~ServiceServer.stop`): health
+  NOT_SERVING and new calls refused, then ``server.stop(grace)`` so in-flight
+  unary calls finish. The order of a whole service's start and stop around
+  this server is :func:`runyard.common.lifecycle.run_service`'s.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from runyard._proto.v1 import admin_pb2_grpc
 from runyard._version import __version__
 from runyard.common import admin, auth, faults, metrics, tracing, validation
-from runyard.common import tls as tls_module
 from runyard.common.channels import grpc_server_options
 from runyard.common.errors import InvalidArgument, RunyardError, Unauthenticated, Unavailable
+from runyard.common.tls import TlsSettings, server_credentials
 
 __all__ = [
     "REFLECTION_V1",
@@ -565,10 +567,9 @@ class ServiceServer:
             listener (``internal_server``, ``internal_port``).
         internal_service_names: services registered on ``internal_server``.
         internal_secret: what internal listeners and AdminService require
-            (default: this process's, :func:`runyard.common.auth.configure`;
-            "" = no check, which ``runyard serve`` never allows).
-        tls: the listeners' TLS (default: this process's,
-            :func:`runyard.common.tls.configure`; None = plaintext).
+            ("" = no check, which ``runyard serve`` never allows: see
+            :func:`runyard.common.runtime.check_service_config`).
+        tls: the listeners' TLS (:func:`runyard.common.tls.load`); None = plaintext.
     """
 
     def __init__(
@@ -582,17 +583,17 @@ class ServiceServer:
         public: bool = False,
         internal_listen: str = "",
         internal_service_names: Iterable[str] = (),
-        internal_secret: str | None = None,
-        tls: tls_module.TlsSettings | None | object = tls_module.PROCESS,
+        internal_secret: str = "",
+        tls: TlsSettings | None = None,
     ):
         self.name = name
-        self.tls = tls_module.resolve(tls)
+        self.tls = tls
         self.public = public
         self.listen = listen
         self.service_names = list(service_names)
         self.shutdown_grace_s = shutdown_grace_s
         self.inflight = InFlight()
-        self.internal_secret = auth.process_secret() if internal_secret is None else internal_secret
+        self.internal_secret = internal_secret
         self.interceptor = ServerInterceptor(self.inflight, internal_secret=None if public else self.internal_secret)
         self.interceptors = [self.interceptor]
         self._options = grpc_server_options(max_message_bytes)
@@ -625,6 +626,7 @@ class ServiceServer:
         self.port = 0
         self.stop_requested = asyncio.Event()
         self.restart_expected = False
+        self._stopped = False
 
     def _internal_server(self) -> grpc.aio.Server:
         """The second listener of a public service: internal services, AdminService,
@@ -638,7 +640,7 @@ class ServiceServer:
         return server
 
     def _bind(self, server: grpc.aio.Server, listen: str, *, public: bool) -> int:
-        credentials = tls_module.server_credentials(self.tls, public=public)
+        credentials = server_credentials(self.tls, public=public)
         if credentials is not None:
             port = server.add_secure_port(listen, credentials)
         else:
@@ -716,7 +718,11 @@ class ServiceServer:
             interceptor.draining = True
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop the server(s); in-flight calls get ``grace_s`` seconds to finish."""
+        """Stop the server(s); in-flight calls get ``grace_s`` seconds to finish
+        (None: ``shutdown_grace_s``). Only the first call does anything."""
+        if self._stopped:
+            return
+        self._stopped = True
         await self.admin.stop()
         grace = self.shutdown_grace_s if grace_s is None else grace_s
         servers = [self.server] if self.internal_server is self.server else [self.server, self.internal_server]

@@ -1,31 +1,27 @@
 """TLS and mutual TLS for servers and internal channels (``[tls]`` config).
 
 :func:`load` reads the key material of a config; servers and channels take
-the result explicitly (``tls=``). A service process also keeps it as the
-process default (:func:`configure`, ``runyard serve``) for the servers and
-internal channels built without ``tls=`` (:data:`PROCESS`); that default
-goes once the services' composition roots pass it (issue 15).
+the result explicitly (``tls=``): ``runyard serve`` loads it once and passes
+it to the service's composition root (:mod:`runyard.common.lifecycle`), the
+CLI's client commands load it for the channels they open. Nothing here keeps
+it as a process default.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import grpc
 
 from runyard.common.config import Config, ConfigError
 
 __all__ = [
-    "PROCESS",
     "TlsSettings",
     "channel_credentials",
     "channel_options",
-    "configure",
-    "current",
     "load",
-    "resolve",
     "server_credentials",
 ]
 
@@ -42,9 +38,6 @@ class TlsSettings:
     require_client_cert: bool
     gateway_require_client_cert: bool
     server_name: str
-
-
-_current: TlsSettings | None = None
 
 
 def _read(path: str, field: str) -> bytes:
@@ -74,42 +67,6 @@ def load(config: Config) -> TlsSettings | None:
         gateway_require_client_cert=tls.gateway_require_client_cert,
         server_name=tls.server_name,
     )
-
-
-def configure(config: Config) -> TlsSettings | None:
-    """:func:`load` ``config.tls`` and keep it as this process's default (``runyard serve``).
-
-    Raises:
-        ConfigError: a file cannot be read (the path names the setting).
-    """
-    global _current
-    _current = load(config)
-    return _current
-
-
-class _Process:
-    """The type of :data:`PROCESS`."""
-
-    def __repr__(self) -> str:
-        return "runyard.common.tls.PROCESS"
-
-
-#: ``tls=PROCESS``: what :func:`configure` loaded in this process.
-PROCESS: Final = _Process()
-
-
-def resolve(settings: TlsSettings | None | object) -> TlsSettings | None:
-    """``settings``, or the process default for :data:`PROCESS`."""
-    if settings is PROCESS:
-        return _current
-    if settings is None or isinstance(settings, TlsSettings):
-        return settings
-    raise TypeError(f"tls must be TlsSettings, None or PROCESS, not {type(settings).__name__}")
-
-
-def current() -> TlsSettings | None:
-    """The settings :func:`configure` loaded, if any."""
-    return _current
 
 
 def server_credentials(

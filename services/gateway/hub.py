@@ -300,6 +300,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         heartbeat_interval_ms: int,
         lease_ms: int,
         gateway_id: str,
+        tools: ToolResults | None = None,
     ):
         self.store = store
         self.runlog = runlog
@@ -313,8 +314,8 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         self.shutting_down = False
         self._tasks: set[asyncio.Task[None]] = set()
         #: Client-side tools (runyard.gateway.tool_results.ToolResults): a
-        #: ``requires_action`` result pauses its run. Set by main.
-        self.tools: ToolResults | None = None
+        #: ``requires_action`` result pauses its run (None: not handled).
+        self.tools = tools
 
     async def Connect(
         self, request_iterator: AsyncIterator[worker_hub_pb2.ConnectRequest], context: grpc.aio.ServicerContext

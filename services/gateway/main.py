@@ -1,4 +1,10 @@
-"""Entry point of the gateway (``runyard serve gateway``)."""
+"""The gateway's composition root (``runyard serve gateway``).
+
+:func:`build` makes the gateway's parts, each with its collaborators passed
+to its constructor, and registers them with the service lifecycle
+(:func:`runyard.common.lifecycle.run_service`), which starts them in this
+order and closes them in reverse.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import logging
 from runyard._proto.v1 import (
     gateway_pb2,
     gateway_pb2_grpc,
+    router_pb2_grpc,
     sessions_pb2_grpc,
     tasks_pb2,
     tasks_pb2_grpc,
@@ -16,12 +23,11 @@ from runyard._proto.v1 import (
     worker_hub_pb2_grpc,
 )
 from runyard.common.auth import RunTokenSigner
-from runyard.common.clients import internal_channel
 from runyard.common.config import Config
 from runyard.common.db import Listener
-from runyard.common.metrics import serve_metrics
-from runyard.common.runtime import database_url, instance_id, open_database
-from runyard.common.server import ServiceServer
+from runyard.common.lifecycle import Service, run_service
+from runyard.common.runtime import database_url, instance_id
+from runyard.common.tls import TlsSettings
 from runyard.gateway.auth import Authenticator
 from runyard.gateway.events import Broker, RunLog
 from runyard.gateway.hub import Dispatcher, Hub
@@ -29,11 +35,11 @@ from runyard.gateway.keys import KEYS_CHANNEL, ApiKeyStore
 from runyard.gateway.runs import CANCEL_CHANNEL, EVENTS_CHANNEL, QUEUE_CHANNEL, RunStore
 from runyard.gateway.service import GatewayServicer
 from runyard.gateway.status import GatewayStatus
-from runyard.gateway.tasks import TaskManager, TaskServicer, router_stub
+from runyard.gateway.tasks import TaskManager, TaskServicer
 from runyard.gateway.tool_results import ToolResults
 from runyard.gateway.watch import LifecycleStream
 
-__all__ = ["serve"]
+__all__ = ["build", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +52,32 @@ INTERNAL_SERVICE_NAMES = [
 ]
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, *, tls: TlsSettings | None) -> None:
     """Run the gateway until SIGTERM/SIGINT, then shut down gracefully.
 
     Shutdown: health NOT_SERVING and new calls refused; the dispatcher stops
     claiming; client streams end with UNAVAILABLE (DRAINING) naming the
     ``after_seq`` to resume from with JoinRun; workers are told to re-attach
     elsewhere; in-flight unary calls get ``shutdown_grace_s`` to finish.
+
+    Args:
+        config: the checked configuration.
+        tls: TLS of both listeners and of the internal channels; None = plaintext.
     """
+    await run_service("gateway", config, build, tls=tls)
+
+
+async def build(service: Service) -> None:
+    """Build, start and register the gateway's parts (see :func:`serve`).
+
+    Raises:
+        ValueError: ``auth.run_token_private_key`` is missing or not an Ed25519 key.
+    """
+    config = service.config
     cfg = config.gateway
     gateway_id = instance_id("gateway")
     signer = RunTokenSigner(config.auth.run_token_private_key, config.auth.run_token_ttl_s)
-    pool = await open_database(config, "gateway")
+    pool = await service.open_database("gateway")
     store = RunStore(
         pool,
         gateway_id=gateway_id,
@@ -68,19 +88,11 @@ async def serve(config: Config) -> None:
     broker = Broker()
     runlog = RunLog(store, broker, flush_interval_s=cfg.event_flush_interval_ms / 1000)
     dispatcher = Dispatcher(store, signer, runlog, poll_interval_s=cfg.poll_interval_ms / 1000)
-    sessions_channel = internal_channel(config.endpoints.sessions, max_message_bytes=cfg.max_message_bytes)
-    sessions = sessions_pb2_grpc.SessionServiceStub(sessions_channel)
-    hub = Hub(
-        store,
-        runlog,
-        dispatcher,
-        sessions,
-        internal_secret=config.auth.internal_secret,
-        handshake_timeout_s=cfg.handshake_timeout_ms / 1000,
-        heartbeat_interval_ms=cfg.heartbeat_interval_ms,
-        lease_ms=cfg.run_lease_ms,
-        gateway_id=gateway_id,
+    sessions = sessions_pb2_grpc.SessionServiceStub(
+        service.channel(config.endpoints.sessions, max_message_bytes=cfg.max_message_bytes)
     )
+    # The router's GetProviderStatus, for background tasks' retries.
+    router = router_pb2_grpc.RouterServiceStub(service.channel(config.endpoints.router))
     authenticator = Authenticator(
         ApiKeyStore(pool),
         anonymous=config.auth.anonymous,
@@ -91,26 +103,28 @@ async def serve(config: Config) -> None:
         auth_failure_rate_per_s=cfg.auth_failure_rate_per_s,
         auth_failure_burst=cfg.auth_failure_burst,
     )
-    gateway = GatewayServicer(
-        config,
-        store,
-        broker,
-        dispatcher,
-        sessions,
-        authenticator,
-        runlog,
-    )
     # Background tasks (runyard.gateway.tasks): the API, the notification hook, the loop.
-    router_channel, router = router_stub(config)
     tasks = TaskManager(config, pool, store, dispatcher, sessions, gateway_id=gateway_id, router=router)
-    gateway.tasks = tasks
+    # The one cycle: the tasks wake and cancel through the dispatcher, which
+    # hands each claimed run to the tasks' notification hook first.
     dispatcher.prepare = tasks.prepare
     # Client-side tools (runyard.gateway.tool_results): runs waiting for the caller's results.
     tool_results = ToolResults(
         store, runlog, dispatcher.wake, timeout_s=cfg.tool_results_timeout_s,
         max_result_bytes=cfg.max_tool_result_bytes, sweep_interval_s=min(cfg.poll_interval_ms / 1000, 1.0),
     )
-    hub.tools = gateway.tool_results = tool_results
+    hub = Hub(
+        store,
+        runlog,
+        dispatcher,
+        sessions,
+        internal_secret=config.auth.internal_secret,
+        handshake_timeout_s=cfg.handshake_timeout_ms / 1000,
+        heartbeat_interval_ms=cfg.heartbeat_interval_ms,
+        lease_ms=cfg.run_lease_ms,
+        gateway_id=gateway_id,
+        tools=tool_results,
+    )
 
     def on_notify(channel: str, payload: str) -> None:
         if channel == QUEUE_CHANNEL:
@@ -136,16 +150,27 @@ async def serve(config: Config) -> None:
         on_reconnect=on_reconnect,
     )
     await listener.start()
+    service.on_close(listener.close)
     runlog.start()
+    service.on_close(runlog.close)
     # Lifecycle events: relay of other services' outboxes + WatchEvents (runyard.gateway.watch).
-    lifecycle_events = LifecycleStream(config, pool)
+    lifecycle_events = LifecycleStream(config, pool, service.channels)
+    service.on_close(lifecycle_events.close)
     await lifecycle_events.start()
-    gateway.watch = lifecycle_events.watcher
-    server = ServiceServer(
-        "gateway",
-        cfg.listen,
+    gateway = GatewayServicer(
+        config,
+        store,
+        broker,
+        dispatcher,
+        sessions,
+        authenticator,
+        runlog,
+        tasks=tasks,
+        tool_results=tool_results,
+        watch=lifecycle_events.watcher,
+    )
+    server = service.serve(
         SERVICE_NAMES,
-        shutdown_grace_s=cfg.shutdown_grace_s,
         max_message_bytes=cfg.max_message_bytes,
         public=True,
         internal_listen=cfg.internal_listen,
@@ -154,35 +179,28 @@ async def serve(config: Config) -> None:
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server.server)
     # Internal listener only: workers, task tools and AdminService, with the internal secret.
     worker_hub_pb2_grpc.add_WorkerHubServiceServicer_to_server(hub, server.internal_server)
-    tasks_pb2_grpc.add_TaskServiceServicer_to_server(
-        TaskServicer(tasks, store, signer, internal_secret=config.auth.internal_secret), server.internal_server
-    )
+    task_servicer = TaskServicer(tasks, store, signer, internal_secret=config.auth.internal_secret)
+    tasks_pb2_grpc.add_TaskServiceServicer_to_server(task_servicer, server.internal_server)
     server.admin.add_source(GatewayStatus(store, dispatcher))  # `runyard status`: queue depth, workers
-    dispatch_task = asyncio.create_task(dispatcher.run(), name="dispatcher")
-    tool_results_task = asyncio.create_task(tool_results.run(), name="tool-results-expiry")
+    dispatch_task = service.task(dispatcher.run(), name="dispatcher")
+    service.task(tool_results.run(), name="tool-results-expiry", stop=ToolResults.stop)
     await tasks.start()
-    serve_metrics(cfg.metrics_port, cfg.listen.rsplit(":", 1)[0] or "0.0.0.0")
-    server.install_signal_handlers()
-    await server.start()
-    log.info("gateway %s ready (anonymous access: %s)", gateway_id, "on" if config.auth.anonymous else "off")
-    await server.stop_requested.wait()
+    service.on_close(tasks.close)
 
-    log.info("gateway shutting down")
-    await server.begin_shutdown()
-    dispatcher.stopping = True
-    dispatcher.wake()
-    with contextlib.suppress(asyncio.CancelledError):
-        await dispatch_task
-    gateway.close_streams()
-    await hub.drain()
-    await server.inflight.wait_idle(cfg.shutdown_grace_s)
-    await server.stop(1.0)
-    await hub.close()
-    await ToolResults.stop(tool_results_task)
-    await tasks.close()
-    await router_channel.close()
-    await runlog.close()
-    await lifecycle_events.close()
-    await listener.close()
-    await sessions_channel.close()
-    await pool.close()
+    async def ready() -> None:
+        anonymous = "on" if config.auth.anonymous else "off"
+        log.info("gateway %s ready (anonymous access: %s)", gateway_id, anonymous)
+
+    async def drain() -> None:
+        dispatcher.stopping = True
+        dispatcher.wake()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dispatch_task
+        gateway.close_streams()
+        await hub.drain()
+        await server.inflight.wait_idle(cfg.shutdown_grace_s)
+        await server.stop(1.0)
+        await hub.close()
+
+    service.on_serving(ready)
+    service.on_drain(drain)

@@ -14,7 +14,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -41,6 +41,9 @@ from runyard.gateway.hub import Dispatcher, WorkerConn
 from runyard.gateway.runs import TERMINAL, Claim, RunStore, request_hash, run_proto
 from runyard.gateway.tasks import SpawnRequest, TaskManager
 from runyard.gateway.tool_results import ToolResults, check_client_tools
+
+if TYPE_CHECKING:
+    from runyard.gateway.watch import Watcher
 
 __all__ = ["GatewayServicer"]
 
@@ -112,6 +115,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         sessions: sessions_pb2_grpc.SessionServiceStub,
         auth: Authenticator,
         runlog: RunLog | None = None,
+        *,
+        tasks: TaskManager | None = None,
+        tool_results: ToolResults | None = None,
+        watch: Watcher | None = None,
     ):
         self.config = config
         self.store = store
@@ -123,10 +130,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.metadata = internal_metadata(config.auth.internal_secret)
         #: Set on shutdown (close_streams): open streams end with UNAVAILABLE so clients JoinRun elsewhere.
         self.closing = asyncio.Event()
-        #: Background tasks (runyard.gateway.tasks), set by main.
-        self.tasks: TaskManager | None = None
-        #: Client-side tools (runyard.gateway.tool_results), set by main.
-        self.tool_results: ToolResults | None = None
+        #: Background tasks (runyard.gateway.tasks); None: the task calls are UNIMPLEMENTED.
+        self.tasks = tasks
+        #: Client-side tools (runyard.gateway.tool_results); None: not accepted.
+        self.tool_results = tool_results
+        #: WatchEvents (runyard.gateway.watch); None: UNIMPLEMENTED.
+        self.watch = watch
 
     # ------------------------------------------------------------ validation
 
@@ -734,7 +743,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         # Replay after request.after_id, then live; see runyard.gateway.watch.
         principal = await self.auth.authenticate(context)
         principal.require("events")
-        watcher = getattr(self, "watch", None)  # a runyard.gateway.watch.Watcher, set by main
+        watcher = self.watch
         if watcher is None:
             raise Unimplemented("WatchEvents is not enabled on this gateway", reason="NOT_IMPLEMENTED")
         with self.auth.stream_slot(principal):

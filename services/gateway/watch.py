@@ -42,7 +42,7 @@ import grpc
 from runyard._proto.v1 import common_pb2, gateway_pb2, sessions_pb2
 from runyard.common import metrics
 from runyard.common.auth import internal_metadata
-from runyard.common.clients import call, internal_channel
+from runyard.common.clients import InternalChannels, call
 from runyard.common.config import LIFECYCLE_EVENT_TYPES, Config
 from runyard.common.db import Listener
 from runyard.common.errors import InvalidArgument, RunyardError, Unavailable
@@ -526,13 +526,15 @@ class LifecycleStream:
     Args:
         config: the configuration (endpoints, internal secret, retention).
         pool: the gateway's pool.
+        channels: opens the relay's channels to the sessions service and the
+            router (closed by :meth:`close`).
     """
 
-    def __init__(self, config: Config, pool: asyncpg.Pool):
+    def __init__(self, config: Config, pool: asyncpg.Pool, channels: InternalChannels):
         self.config = config
         self.pool = pool
         metadata = internal_metadata(config.auth.internal_secret)
-        self._channels = [internal_channel(config.endpoints.sessions), internal_channel(config.endpoints.router)]
+        self._channels = [channels.open(config.endpoints.sessions), channels.open(config.endpoints.router)]
         self.relay = EventRelay(
             pool,
             {

@@ -9,6 +9,9 @@ gateway restart neither loses nor repeats an event.
 
 On SIGTERM the worker stops taking runs, lets running ones finish within
 ``worker.shutdown_grace_s``, then releases the rest (re-queued at once).
+
+:func:`build` is the worker's composition root; the order of start and stop
+is the service lifecycle's (:func:`runyard.common.lifecycle.run_service`).
 """
 
 from __future__ import annotations
@@ -36,15 +39,15 @@ from runyard._proto.v1 import (
 from runyard._version import __version__
 from runyard.common import tracing
 from runyard.common.auth import internal_metadata
-from runyard.common.clients import internal_channel
+from runyard.common.clients import InternalChannels
 from runyard.common.config import Config
-from runyard.common.metrics import serve_metrics
-from runyard.common.server import ServiceServer
+from runyard.common.lifecycle import Service, run_service
+from runyard.common.tls import TlsSettings
 from runyard.worker.mcp import McpTools
 from runyard.worker.runner import RunExecutor, RunOutcome
 from runyard.worker.tools import TaskTools
 
-__all__ = ["Worker", "serve"]
+__all__ = ["Worker", "build", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +77,28 @@ class ActiveRun:
 
 
 class Worker:
-    """A worker process's connection to the gateway and its runs."""
+    """A worker process's connection to the gateway and its runs.
 
-    def __init__(self, config: Config, worker_id: str | None = None):
+    Args:
+        config: the configuration (``[worker]``, endpoints, agents, tools).
+        channels: opens its channels to the sessions service, the router
+            and the gateway's internal listener (closed by :meth:`aclose`;
+            one to the gateway per connection attempt).
+        worker_id: this worker's id (default: ``worker.worker_id``, else
+            ``worker-HOST-PID``).
+    """
+
+    def __init__(self, config: Config, channels: InternalChannels, worker_id: str | None = None):
         self.config = config
+        self.channels = channels
         self.worker_id = worker_id or config.worker.worker_id or f"worker-{socket.gethostname()}-{os.getpid()}"
         self.capacity = config.worker.capacity
         self.runs: dict[str, ActiveRun] = {}
         self._queue: asyncio.Queue[worker_hub_pb2.ConnectRequest | None] | None = None
-        self._sessions_channel = internal_channel(config.endpoints.sessions)
-        self._router_channel = internal_channel(config.endpoints.router)
+        self._sessions_channel = channels.open(config.endpoints.sessions)
+        self._router_channel = channels.open(config.endpoints.router)
         # The built-in tools call the gateway's TaskService (internal listener) with each run's token.
-        self._tasks_channel = internal_channel(config.endpoints.gateway_internal)
+        self._tasks_channel = channels.open(config.endpoints.gateway_internal)
         self.executor = RunExecutor(
             config,
             self.worker_id,
@@ -265,7 +278,7 @@ class Worker:
         asyncio.get_running_loop().create_task(retry())
 
     async def _connection(self) -> None:
-        channel = internal_channel(self.config.endpoints.gateway_internal)
+        channel = self.channels.open(self.config.endpoints.gateway_internal)
         queue: asyncio.Queue[worker_hub_pb2.ConnectRequest | None] = asyncio.Queue()
         heartbeat: asyncio.Task[None] | None = None
         try:
@@ -347,30 +360,41 @@ class Worker:
             await self._idle.wait()
 
     async def aclose(self) -> None:
+        """Stop the MCP servers and close the channels."""
         await self.mcp.aclose()  # stops the MCP servers (issue 13)
         await self._sessions_channel.close()
         await self._router_channel.close()
         await self._tasks_channel.close()
 
 
-async def serve(config: Config) -> None:
-    """Run a worker until SIGTERM/SIGINT, then drain gracefully."""
-    cfg = config.worker
-    worker = Worker(config)
-    server = ServiceServer("worker", cfg.listen, [], shutdown_grace_s=cfg.shutdown_grace_s)
-    serve_metrics(cfg.metrics_port, cfg.listen.rsplit(":", 1)[0] or "0.0.0.0")
+async def serve(config: Config, *, tls: TlsSettings | None) -> None:
+    """Run a worker until SIGTERM/SIGINT, then drain gracefully.
+
+    Args:
+        config: the checked configuration.
+        tls: TLS of the health/admin listener and of the channels to the
+            other services; None = plaintext.
+    """
+    await run_service("worker", config, build, tls=tls)
+
+
+async def build(service: Service) -> None:
+    """Build and register the worker: its health/admin server serves first,
+    then its MCP servers start, then it connects to the gateway and takes runs."""
+    cfg = service.config.worker
+    worker = Worker(service.config, service.channels)
+    service.on_close(worker.aclose)
+    server = service.serve([])
     server.admin.add_source(worker.mcp)  # `runyard status`: the MCP servers (issue 13)
-    server.install_signal_handlers()
-    await server.start()
-    # MCP servers start before runs are taken: each gets at most its startup_timeout_ms (issue 13).
-    await worker.mcp.start()
-    loop_task = asyncio.create_task(worker.run(), name="worker")
-    await server.stop_requested.wait()
-    log.info("worker %s shutting down (%d runs in flight)", worker.worker_id, len(worker.runs))
-    await server.begin_shutdown()
-    await worker.shutdown(cfg.shutdown_grace_s)
-    loop_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await loop_task
-    await worker.aclose()
-    await server.stop(0)
+
+    async def take_runs() -> None:
+        # MCP servers start before runs are taken: each gets at most its startup_timeout_ms (issue 13).
+        await worker.mcp.start()
+        service.task(worker.run(), name="worker")
+
+    async def drain() -> None:
+        log.info("worker %s: %d run(s) in flight", worker.worker_id, len(worker.runs))
+        await worker.shutdown(cfg.shutdown_grace_s)
+
+    service.on_serving(take_runs)
+    service.on_drain(drain)

@@ -16,7 +16,7 @@ from runyard.gateway.tasks.model import (
     slot_limit,
 )
 from runyard.gateway.tasks.notifications import notification_message
-from runyard.gateway.tasks.servicer import TaskServicer, router_stub
+from runyard.gateway.tasks.servicer import TaskServicer
 
 __all__ = [
     "ACTIVE",
@@ -28,6 +28,5 @@ __all__ = [
     "concurrency_key",
     "normalise_notice",
     "notification_message",
-    "router_stub",
     "slot_limit",
 ]

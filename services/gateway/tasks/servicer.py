@@ -7,17 +7,15 @@ import uuid
 
 import grpc
 
-from runyard._proto.v1 import router_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from runyard._proto.v1 import tasks_pb2, tasks_pb2_grpc
 from runyard.common.auth import RunClaims, RunTokenVerifier, check_internal
-from runyard.common.clients import internal_channel
-from runyard.common.config import Config
 from runyard.common.errors import FailedPrecondition
 from runyard.common.protoutil import parse_uuid
 from runyard.gateway.runs import RunStore
 from runyard.gateway.tasks.manager import TaskManager
 from runyard.gateway.tasks.model import SpawnRequest
 
-__all__ = ["TaskServicer", "router_stub"]
+__all__ = ["TaskServicer"]
 
 
 class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
@@ -99,8 +97,3 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         task = await self.manager.get(claims.org_id, task_id, parent_session_key=session_key)
         return tasks_pb2.TaskServiceGetTaskResponse(task=task)
 
-
-def router_stub(config: Config) -> tuple[grpc.aio.Channel, router_pb2_grpc.RouterServiceStub]:
-    """A channel and stub to the router for ``GetProviderStatus``."""
-    channel = internal_channel(config.endpoints.router)
-    return channel, router_pb2_grpc.RouterServiceStub(channel)

@@ -1,0 +1,112 @@
+"""The one service lifecycle (runyard.common.lifecycle), in process on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import pytest
+from grpc_health.v1 import health_pb2
+
+from runyard.common.config import load_config
+from runyard.common.lifecycle import Service, run_service, server_settings
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+#: A router on a free loopback port, no metrics port.
+CONFIG = load_config(environ={"RUNYARD_ROUTER__LISTEN": "127.0.0.1:0", "RUNYARD_ROUTER__METRICS_PORT": "0"})
+
+
+def recorder(steps: list[str], name: str):
+    async def step() -> None:
+        steps.append(name)
+
+    return step
+
+
+async def test_a_stop_drains_then_closes_in_reverse_order():
+    steps: list[str] = []
+
+    async def build(service: Service) -> None:
+        service.on_close(recorder(steps, "close database"))
+        service.on_exit(lambda error: steps.append(f"exit {error!r}"))
+        server = service.serve([])
+        service.on_close(recorder(steps, "close part"))
+
+        async def serving() -> None:
+            steps.append(f"serving {server.health.overall == SERVING}")
+            server.stop_requested.set()  # what SIGTERM does
+
+        async def drain() -> None:
+            steps.append(f"drain {server.health.overall == NOT_SERVING} {server.interceptor.draining}")
+
+        service.on_serving(serving)
+        service.on_drain(drain)
+
+    await run_service("router", CONFIG, build, tls=None)
+    assert steps == ["serving True", "drain True True", "close part", "exit None", "close database"]
+
+
+async def test_a_failed_start_closes_what_had_started_and_re_raises(caplog):
+    steps: list[str] = []
+
+    async def build(service: Service) -> None:
+        service.on_exit(lambda error: steps.append(f"exit {type(error).__name__}"))
+        service.on_close(recorder(steps, "close database"))
+        service.task(never(), name="background", stop=stop_task(steps))
+        raise RuntimeError("migration failed")
+
+    async def never() -> None:
+        await asyncio.Event().wait()
+
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="migration failed"):
+        await run_service("router", CONFIG, build, tls=None)
+    assert steps == ["stop background", "close database", "exit RuntimeError"]
+    assert "router failed to start (RuntimeError); closing what had started" in caplog.text
+
+
+def stop_task(steps: list[str]):
+    async def stop(task: asyncio.Task[None]) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        steps.append(f"stop {task.get_name()}")
+
+    return stop
+
+
+async def test_a_close_that_raises_does_not_keep_the_others_from_running():
+    steps: list[str] = []
+
+    async def build(service: Service) -> None:
+        service.on_close(recorder(steps, "close database"))
+
+        async def broken() -> None:
+            raise OSError("channel already gone")
+
+        service.on_close(broken)
+        server = service.serve([])
+
+        async def serving() -> None:
+            server.stop_requested.set()
+
+        service.on_serving(serving)
+
+    with pytest.raises(OSError, match="channel already gone"):
+        await run_service("router", CONFIG, build, tls=None)
+    assert steps == ["close database"]
+
+
+async def test_build_must_make_a_server():
+    async def build(service: Service) -> None:
+        return None
+
+    with pytest.raises(RuntimeError, match="made no server"):
+        await run_service("router", CONFIG, build, tls=None)
+
+
+def test_an_unknown_service_name_is_refused():
+    with pytest.raises(ValueError, match="unknown service 'nope'"):
+        server_settings(CONFIG, "nope")
