@@ -27,7 +27,9 @@ INTERNAL_SECRET = "test-internal-secret-0123456789-abcdef"
 #: The gateway's run-token signing key (Ed25519 secret key, base64 of 64 bytes); the other
 #: services get its public half (RUN_TOKEN_PUBLIC_KEY). Tests that mint tokens
 #: sign with it: RunTokenSigner(RUN_TOKEN_PRIVATE_KEY).
-RUN_TOKEN_PRIVATE_KEY = "yc8QuxqRoobal2o4kvjETUtTKKMVwaYNofS4UDjUZC1FyZwb/buhANTmMLPgXmfjWPPhQwx327ydP82+PH+FZg=="
+RUN_TOKEN_PRIVATE_KEY = (
+    "yc8QuxqRoobal2o4kvjETUtTKKMVwaYNofS4UDjUZC1FyZwb/buhANTmMLPgXmfjWPPhQwx327ydP82+PH+FZg=="
+)
 RUN_TOKEN_PUBLIC_KEY = public_key_text(load_private_key(RUN_TOKEN_PRIVATE_KEY).public_key())
 #: Kept for tests written before run tokens were Ed25519: now the signing key.
 RUN_TOKEN_SECRET = RUN_TOKEN_PRIVATE_KEY
@@ -61,8 +63,12 @@ class Stack:
     def __init__(self, tmp_path: Path, database_url: str, config: dict[str, Any] | None = None):
         self.tmp_path = tmp_path
         self.database_url = database_url
-        self.ports = {"gateway": free_port(), "router": free_port(), "sessions": free_port(),
-                      "gateway_internal": free_port()}
+        self.ports = {
+            "gateway": free_port(),
+            "router": free_port(),
+            "sessions": free_port(),
+            "gateway_internal": free_port(),
+        }
         base: dict[str, Any] = {
             "log_level": "INFO",
             "endpoints": {
@@ -80,8 +86,16 @@ class Stack:
                 "run_lease_ms": 3000,
                 "shutdown_grace_s": 3,
             },
-            "router": {"listen": f"127.0.0.1:{self.ports['router']}", "metrics_port": 0, "shutdown_grace_s": 3},
-            "sessions": {"listen": f"127.0.0.1:{self.ports['sessions']}", "metrics_port": 0, "shutdown_grace_s": 3},
+            "router": {
+                "listen": f"127.0.0.1:{self.ports['router']}",
+                "metrics_port": 0,
+                "shutdown_grace_s": 3,
+            },
+            "sessions": {
+                "listen": f"127.0.0.1:{self.ports['sessions']}",
+                "metrics_port": 0,
+                "shutdown_grace_s": 3,
+            },
             "worker": {"metrics_port": 0, "capacity": 4, "shutdown_grace_s": 3, "reconnect_max_ms": 500},
         }
         self.config = merge_tree(base, config or {})

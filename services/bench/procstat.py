@@ -109,7 +109,11 @@ class PgCpu:
             before = self.processes.get(key)
             out[group] += cpu - (before[1] if before is not None else 0.0)
         out["exited"] = float(
-            sum(1 for key, (group, _) in self.processes.items() if group != "other" and key not in later.processes)
+            sum(
+                1
+                for key, (group, _) in self.processes.items()
+                if group != "other" and key not in later.processes
+            )
         )
         return out
 
@@ -136,11 +140,16 @@ class PgProcesses:
         backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
         identity = _identity(backend)
         if identity is None or _comm(backend) not in ("postgres", "postmaster"):
-            return cls(None, f"backend pid {backend} is not a postgres process on this machine "
-                             "(server elsewhere or in another PID namespace)")
+            return cls(
+                None,
+                f"backend pid {backend} is not a postgres process on this machine "
+                "(server elsewhere or in another PID namespace)",
+            )
         postmaster = identity[0]
         if _comm(postmaster) not in ("postgres", "postmaster") or cpu_seconds(postmaster) is None:
-            return cls(None, f"the parent of backend {backend} (pid {postmaster}) is not a readable postmaster")
+            return cls(
+                None, f"the parent of backend {backend} (pid {postmaster}) is not a readable postmaster"
+            )
         return cls(postmaster)
 
     def _children(self) -> dict[int, tuple[int, float]]:
@@ -172,7 +181,15 @@ class PgProcesses:
         return sample
 
 
-_DB_FIELDS = ("xact_commit", "xact_rollback", "tup_inserted", "tup_updated", "tup_deleted", "blks_read", "blks_hit")
+_DB_FIELDS = (
+    "xact_commit",
+    "xact_rollback",
+    "tup_inserted",
+    "tup_updated",
+    "tup_deleted",
+    "blks_read",
+    "blks_hit",
+)
 
 
 async def db_counters(conn: asyncpg.Connection, database: str) -> dict[str, Any]:
@@ -303,7 +320,9 @@ class WalInspector:
             await conn.fetchval("SELECT count(*) FROM pg_get_wal_records_info($1, $2)", start, flushed - 1)
         except (asyncpg.PostgresError, ValueError) as exc:
             await conn.close()
-            return cls(None, 0, f"pg_walinspect unavailable ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+            return cls(
+                None, 0, f"pg_walinspect unavailable ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            )
         inspector = cls(conn, int(oid))
         slot_conn = await asyncpg.connect(url)
         name = f"runyard_bench_{os.getpid()}_{int(time.time() * 1000) % 1_000_000}"
@@ -313,7 +332,9 @@ class WalInspector:
             )
         except asyncpg.PostgresError as exc:
             await slot_conn.close()
-            inspector.slot_note = f"no replication slot ({str(exc).splitlines()[0]}): WAL may be recycled before it is read"
+            inspector.slot_note = (
+                f"no replication slot ({str(exc).splitlines()[0]}): WAL may be recycled before it is read"
+            )
         else:
             inspector.slot_conn, inspector.slot, inspector.held = slot_conn, name, int(row["lsn"] or 0)
             inspector.slot_note = ""
@@ -328,7 +349,9 @@ class WalInspector:
             flushed = await _flushed_past(self.slot_conn, position)
             self.held = int(
                 await self.slot_conn.fetchval(
-                    "SELECT end_lsn FROM pg_replication_slot_advance($1, $2)", self.slot, min(position, flushed)
+                    "SELECT end_lsn FROM pg_replication_slot_advance($1, $2)",
+                    self.slot,
+                    min(position, flushed),
                 )
             )
         except asyncpg.PostgresError as exc:

@@ -65,7 +65,12 @@ import grpc
 
 from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc
 from runyard.bench import percentile
-from runyard.common.auth import RunTokenSigner, credential_interceptors, generate_run_token_keys, run_token_env
+from runyard.common.auth import (
+    RunTokenSigner,
+    credential_interceptors,
+    generate_run_token_keys,
+    run_token_env,
+)
 from runyard.common.config import Config, ProviderConfig
 from runyard.common.outbox import Outbox
 from runyard.common.processes import Processes, free_port

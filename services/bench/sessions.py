@@ -44,6 +44,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
+
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 from runyard.common import db
 from runyard.common.auth import generate_run_token_keys, internal_metadata, run_token_env
@@ -120,28 +121,34 @@ class _Services:
     """Service processes on free ports, configured through ``RUNYARD_*``."""
 
     def __init__(self, url: str, workdir: Path, extra_env: dict[str, str] | None = None):
-        self.ports = {"gateway": free_port(), "router": free_port(), "sessions": free_port(),
-                      "gateway_internal": free_port()}
+        self.ports = {
+            "gateway": free_port(),
+            "router": free_port(),
+            "sessions": free_port(),
+            "gateway_internal": free_port(),
+        }
         self.run_token_key, _ = generate_run_token_keys()
         self.secret = secrets.token_urlsafe(24)
         self.workdir = workdir
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
-        self.env.update({
-            "RUNYARD_DATABASE_URL": url,
-            "RUNYARD_INTERNAL_SECRET": self.secret,
-            "RUNYARD_LOG_LEVEL": "INFO",
-            "RUNYARD_ENDPOINTS__GATEWAY": f"127.0.0.1:{self.ports['gateway']}",
-            "RUNYARD_ENDPOINTS__ROUTER": f"127.0.0.1:{self.ports['router']}",
-            "RUNYARD_ENDPOINTS__SESSIONS": f"127.0.0.1:{self.ports['sessions']}",
-            "RUNYARD_GATEWAY__LISTEN": f"127.0.0.1:{self.ports['gateway']}",
-            "RUNYARD_GATEWAY__INTERNAL_LISTEN": f"127.0.0.1:{self.ports['gateway_internal']}",
-            "RUNYARD_ENDPOINTS__GATEWAY_INTERNAL": f"127.0.0.1:{self.ports['gateway_internal']}",
-            "RUNYARD_SESSIONS__LISTEN": f"127.0.0.1:{self.ports['sessions']}",
-            "RUNYARD_GATEWAY__METRICS_PORT": "0",
-            "RUNYARD_SESSIONS__METRICS_PORT": "0",
-            "RUNYARD_MAINTENANCE__ENABLED": "false",
-            "PYTHONUNBUFFERED": "1",
-        })
+        self.env.update(
+            {
+                "RUNYARD_DATABASE_URL": url,
+                "RUNYARD_INTERNAL_SECRET": self.secret,
+                "RUNYARD_LOG_LEVEL": "INFO",
+                "RUNYARD_ENDPOINTS__GATEWAY": f"127.0.0.1:{self.ports['gateway']}",
+                "RUNYARD_ENDPOINTS__ROUTER": f"127.0.0.1:{self.ports['router']}",
+                "RUNYARD_ENDPOINTS__SESSIONS": f"127.0.0.1:{self.ports['sessions']}",
+                "RUNYARD_GATEWAY__LISTEN": f"127.0.0.1:{self.ports['gateway']}",
+                "RUNYARD_GATEWAY__INTERNAL_LISTEN": f"127.0.0.1:{self.ports['gateway_internal']}",
+                "RUNYARD_ENDPOINTS__GATEWAY_INTERNAL": f"127.0.0.1:{self.ports['gateway_internal']}",
+                "RUNYARD_SESSIONS__LISTEN": f"127.0.0.1:{self.ports['sessions']}",
+                "RUNYARD_GATEWAY__METRICS_PORT": "0",
+                "RUNYARD_SESSIONS__METRICS_PORT": "0",
+                "RUNYARD_MAINTENANCE__ENABLED": "false",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         if "rate_limit_rps" in GatewayConfig.model_fields:
             self.env["RUNYARD_GATEWAY__RATE_LIMIT_RPS"] = "0"  # the client pages as fast as it can
         self.env.update(extra_env or {})
@@ -196,25 +203,39 @@ async def _open_sessions(services: _Services, count: int, concurrency: int) -> f
                 index = next_index
                 next_index += 1
                 await stub.ResolveSession(
-                    sessions_pb2.ResolveSessionRequest(org_id="bench", session_key=f"bench:{index}",
-                                                       agent_id="default"),
-                    metadata=metadata, timeout=60,
+                    sessions_pb2.ResolveSessionRequest(
+                        org_id="bench", session_key=f"bench:{index}", agent_id="default"
+                    ),
+                    metadata=metadata,
+                    timeout=60,
                 )
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return time.perf_counter() - started
 
 
-async def measure_drain(database: _Database, workdir: Path, active: int, drain_timeout_ms: int) -> DrainResult:
+async def measure_drain(
+    database: _Database, workdir: Path, active: int, drain_timeout_ms: int
+) -> DrainResult:
     """Open ``active`` sessions, SIGTERM the sessions service, time the drain."""
     async with database.fresh() as url:
-        services = _Services(url, workdir, {
-            "RUNYARD_SESSIONS__DRAIN_TIMEOUT_MS": str(drain_timeout_ms),
-            "RUNYARD_HOOKS__ENTRY_POINTS": "false",
-            "RUNYARD_HOOKS__HANDLERS": json.dumps([
-                {"path": "runyard.bench.sessions:noop_handler", "events": ["session.end"], "name": "bench-noop"},
-            ]),
-        })
+        services = _Services(
+            url,
+            workdir,
+            {
+                "RUNYARD_SESSIONS__DRAIN_TIMEOUT_MS": str(drain_timeout_ms),
+                "RUNYARD_HOOKS__ENTRY_POINTS": "false",
+                "RUNYARD_HOOKS__HANDLERS": json.dumps(
+                    [
+                        {
+                            "path": "runyard.bench.sessions:noop_handler",
+                            "events": ["session.end"],
+                            "name": "bench-noop",
+                        },
+                    ]
+                ),
+            },
+        )
         try:
             proc = await services.start("sessions")
             open_s = await _open_sessions(services, active, concurrency=32)
@@ -225,7 +246,9 @@ async def measure_drain(database: _Database, workdir: Path, active: int, drain_t
         finally:
             await services.stop_all()
         log = services.log("sessions")
-        durable = re.search(r"drain: (\d+) activation\(s\) ended with SHUTDOWN, recorded durably in (\d+) ms", log)
+        durable = re.search(
+            r"drain: (\d+) activation\(s\) ended with SHUTDOWN, recorded durably in (\d+) ms", log
+        )
         hooks = re.search(r"drain: hook handlers finished in (\d+) ms", log)
         if durable is None:
             raise RuntimeError(f"the sessions service did not report its drain:\n{log[-3000:]}")
@@ -235,7 +258,8 @@ async def measure_drain(database: _Database, workdir: Path, active: int, drain_t
         finally:
             await conn.close()
         shutdown = [
-            row["session_id"] for row in rows
+            row["session_id"]
+            for row in rows
             if common_pb2.LifecycleEvent.FromString(row["data"]).session_end.reason
             == common_pb2.SESSION_END_REASON_SHUTDOWN
         ]
@@ -297,11 +321,15 @@ async def measure_memory(
     run a maintenance dry run over all of them, sampling both processes' RSS."""
     async with database.fresh() as url:
         await _insert_sessions(url, stored)
-        services = _Services(url, workdir, {
-            # Every stored session is a prune candidate, so the dry run streams all of them.
-            "RUNYARD_MAINTENANCE__PRUNE_AFTER_S": "60",
-            "RUNYARD_MAINTENANCE__EVENT_RETENTION_S": "0",
-        })
+        services = _Services(
+            url,
+            workdir,
+            {
+                # Every stored session is a prune candidate, so the dry run streams all of them.
+                "RUNYARD_MAINTENANCE__PRUNE_AFTER_S": "60",
+                "RUNYARD_MAINTENANCE__EVENT_RETENTION_S": "0",
+            },
+        )
         try:
             sessions = await services.start("sessions")
             gateway = await services.start("gateway")
@@ -337,7 +365,8 @@ async def measure_memory(
             async with grpc.aio.insecure_channel(services.address("sessions")) as channel:
                 stub_s = sessions_pb2_grpc.SessionServiceStub(channel)
                 async for batch in stub_s.PruneSessions(
-                    sessions_pb2.PruneSessionsRequest(dry_run=True), metadata=internal_metadata(services.secret)
+                    sessions_pb2.PruneSessionsRequest(dry_run=True),
+                    metadata=internal_metadata(services.secret),
                 ):
                     pruned += len(batch.sessions)
             walk_s = time.perf_counter() - started
@@ -367,8 +396,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``runyard bench sessions``."""
     parser.add_argument("--active", type=int, default=10_000, help="active sessions to drain (default 10000)")
     parser.add_argument("--drain-timeout-ms", type=int, default=2_000, help="sessions.drain_timeout_ms")
-    parser.add_argument("--stored", type=int, nargs="+", default=[1_000, 100_000],
-                        help="stored session counts to compare (default 1000 100000)")
+    parser.add_argument(
+        "--stored",
+        type=int,
+        nargs="+",
+        default=[1_000, 100_000],
+        help="stored session counts to compare (default 1000 100000)",
+    )
     parser.add_argument("--page-size", type=int, default=100, help="ListSessions page size (default 100)")
     parser.add_argument("--sample-ms", type=int, default=50, help="RSS sampling period (default 50)")
     parser.add_argument("--skip-drain", action="store_true", help="only the memory measurement")
@@ -385,31 +419,49 @@ async def _run(args: argparse.Namespace) -> int:
     code = 0
     workdir = Path(tempfile.mkdtemp(prefix="runyard-bench-sessions-"))
     with _Database() as database:
-        print(f"PostgreSQL: {'RUNYARD_DATABASE_URL' if os.environ.get('RUNYARD_DATABASE_URL') else 'embedded'}",
-              flush=True)
+        print(
+            f"PostgreSQL: {'RUNYARD_DATABASE_URL' if os.environ.get('RUNYARD_DATABASE_URL') else 'embedded'}",
+            flush=True,
+        )
         if not args.skip_drain:
-            print(f"\ndrain: opening {args.active} sessions through ResolveSession, then SIGTERM ...", flush=True)
+            print(
+                f"\ndrain: opening {args.active} sessions through ResolveSession, then SIGTERM ...",
+                flush=True,
+            )
             drain = await measure_drain(database, workdir, args.active, args.drain_timeout_ms)
             results["drain"] = asdict(drain)
-            ok = drain.shutdown_events == drain.distinct_sessions == args.active and not drain.other_end_events
+            ok = (
+                drain.shutdown_events == drain.distinct_sessions == args.active and not drain.other_end_events
+            )
             code |= 0 if ok else 1
             print(f"  opened in {drain.open_s:.1f} s ({args.active / max(drain.open_s, 1e-9):.0f}/s)")
-            print(f"  session.end SHUTDOWN events durable in {drain.durable_write_ms:.0f} ms "
-                  f"({drain.shutdown_events} events, {drain.distinct_sessions} sessions: "
-                  f"{'exactly one each' if ok else 'MISMATCH'})")
+            print(
+                f"  session.end SHUTDOWN events durable in {drain.durable_write_ms:.0f} ms "
+                f"({drain.shutdown_events} events, {drain.distinct_sessions} sessions: "
+                f"{'exactly one each' if ok else 'MISMATCH'})"
+            )
             print(f"  hook handler delivery: {drain.hooks_ms:.0f} ms (bound {drain.drain_timeout_ms} ms)")
             print(f"  SIGTERM to process exit: {drain.exit_ms:.0f} ms")
         if not args.skip_memory:
             memory: list[MemoryResult] = []
             for stored in args.stored:
-                print(f"\nmemory: {stored} stored sessions, paging (page_size {args.page_size}) and a "
-                      "maintenance dry run ...", flush=True)
+                print(
+                    f"\nmemory: {stored} stored sessions, paging (page_size {args.page_size}) and a "
+                    "maintenance dry run ...",
+                    flush=True,
+                )
                 result = await measure_memory(database, workdir, stored, args.page_size, args.sample_ms)
                 memory.append(result)
-                print(f"  listed {result.listed} in {result.pages} pages, dry run streamed {result.pruned_dry_run}, "
-                      f"{result.walk_s:.1f} s")
-                print(f"  gateway  RSS idle {_mib(result.gateway_idle_kib)}, peak {_mib(result.gateway_peak_kib)}")
-                print(f"  sessions RSS idle {_mib(result.sessions_idle_kib)}, peak {_mib(result.sessions_peak_kib)}")
+                print(
+                    f"  listed {result.listed} in {result.pages} pages, dry run streamed {result.pruned_dry_run}, "
+                    f"{result.walk_s:.1f} s"
+                )
+                print(
+                    f"  gateway  RSS idle {_mib(result.gateway_idle_kib)}, peak {_mib(result.gateway_peak_kib)}"
+                )
+                print(
+                    f"  sessions RSS idle {_mib(result.sessions_idle_kib)}, peak {_mib(result.sessions_peak_kib)}"
+                )
                 if result.listed != stored or result.pruned_dry_run != stored:
                     code |= 1
             results["memory"] = [{k: v for k, v in asdict(m).items() if k != "series"} for m in memory]
@@ -420,8 +472,10 @@ async def _run(args: argparse.Namespace) -> int:
                     "sessions": high.sessions_peak_kib / max(low.sessions_peak_kib, 1),
                 }
                 results["peak_rss_ratio"] = ratios
-                print(f"\npeak RSS, {high.stored_sessions} vs {low.stored_sessions} stored sessions: "
-                      f"gateway x{ratios['gateway']:.3f}, sessions x{ratios['sessions']:.3f} (target: within 10%)")
+                print(
+                    f"\npeak RSS, {high.stored_sessions} vs {low.stored_sessions} stored sessions: "
+                    f"gateway x{ratios['gateway']:.3f}, sessions x{ratios['sessions']:.3f} (target: within 10%)"
+                )
                 if max(ratios.values()) > 1.10:
                     code |= 1
     if args.json:

@@ -91,10 +91,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
-from runyard.common.auth import generate_run_token_keys, run_token_env
+
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from runyard.bench import procstat
-from runyard.bench import percentile
+from runyard.bench import percentile, procstat
+from runyard.common.auth import generate_run_token_keys, run_token_env
 from runyard.common.config import ProviderConfig
 from runyard.common.processes import Processes, free_port
 from runyard.router.providers import OpenAIProvider, Request
@@ -187,7 +187,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """The effective settings (``--quick`` changes only what was not given)."""
     quick = bool(args.quick)
     runs = args.runs
-    duration = args.duration_s if args.duration_s is not None else (None if runs else (1.5 if quick else 10.0))
+    duration = (
+        args.duration_s if args.duration_s is not None else (None if runs else (1.5 if quick else 10.0))
+    )
     sessions = args.sessions or ([1, 8] if quick else [1, 8, 32, 64])
     return {
         "duration_s": duration,
@@ -200,7 +202,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "turns_per_key": args.turns_per_key,
         "turns": args.turns if args.turns is not None else (20 if quick else 200),
         "message_bytes": args.message_bytes,
-        "settle_s": args.settle_s if args.settle_s is not None else (2.0 if quick else procstat.STATS_SETTLE_S),
+        "settle_s": args.settle_s
+        if args.settle_s is not None
+        else (2.0 if quick else procstat.STATS_SETTLE_S),
         "litellm": bool(args.litellm),
         "quick": quick,
     }
@@ -273,7 +277,9 @@ def _with_database(url: str, name: str) -> str:
 
 async def _start_provider(name: str, deltas: int, procs: _Processes) -> int:
     """A loopback provider streaming ``deltas`` deltas; returns its port."""
-    await procs.spawn(name, [sys.executable, "-m", "runyard.bench.loopback", "--port", "0", "--chunks", str(deltas)])
+    await procs.spawn(
+        name, [sys.executable, "-m", "runyard.bench.loopback", "--port", "0", "--chunks", str(deltas)]
+    )
     line = await procs.wait_log(name, "listening on ")
     return int(line.split()[-1])
 
@@ -295,16 +301,18 @@ async def _start_stack(
     gateway_internal = f"127.0.0.1:{free_port()}"
     private_key, _public_key = generate_run_token_keys()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
-    env.update({
-        "PYTHONUNBUFFERED": "1",
-        "RUNYARD_DATABASE_URL": database_url,
-        "RUNYARD_INTERNAL_SECRET": secrets.token_urlsafe(48),
-        "RUNYARD_GATEWAY__INTERNAL_LISTEN": gateway_internal,
-        "RUNYARD_ENDPOINTS__GATEWAY_INTERNAL": gateway_internal,
-        "RUNYARD_AUTH__ANONYMOUS": "true",
-        "RUNYARD_GATEWAY__RATE_LIMIT_RPS": "0",
-        "RUNYARD_GATEWAY__MAX_STREAMS_PER_KEY": str(max(1000, 4 * max(settings["sessions"]))),
-    })
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "RUNYARD_DATABASE_URL": database_url,
+            "RUNYARD_INTERNAL_SECRET": secrets.token_urlsafe(48),
+            "RUNYARD_GATEWAY__INTERNAL_LISTEN": gateway_internal,
+            "RUNYARD_ENDPOINTS__GATEWAY_INTERNAL": gateway_internal,
+            "RUNYARD_AUTH__ANONYMOUS": "true",
+            "RUNYARD_GATEWAY__RATE_LIMIT_RPS": "0",
+            "RUNYARD_GATEWAY__MAX_STREAMS_PER_KEY": str(max(1000, 4 * max(settings["sessions"]))),
+        }
+    )
     for service, port in ports.items():
         env[f"RUNYARD_ENDPOINTS__{service.upper()}"] = f"127.0.0.1:{port}"
         env[f"RUNYARD_{service.upper()}__LISTEN"] = f"127.0.0.1:{port}"
@@ -316,18 +324,22 @@ async def _start_stack(
     serve = [sys.executable, "-m", "runyard", "serve"]
     for service in ("sessions", "router", "gateway"):
         await procs.spawn(service, [*serve, service], {**env, **run_token_env(service, private_key)})
-    await asyncio.gather(*(procs.wait_healthy(s, f"127.0.0.1:{ports[s]}") for s in ("sessions", "router", "gateway")))
+    await asyncio.gather(
+        *(procs.wait_healthy(s, f"127.0.0.1:{ports[s]}") for s in ("sessions", "router", "gateway"))
+    )
     workers = []
     for index in range(1, settings["workers"] + 1):
         name = f"worker-{index}"
         port = free_port()
         worker_env = {**env, **run_token_env("worker", private_key)}
-        worker_env.update({
-            "RUNYARD_WORKER__LISTEN": f"127.0.0.1:{port}",
-            "RUNYARD_WORKER__METRICS_PORT": "0",
-            "RUNYARD_WORKER__WORKER_ID": name,
-            "RUNYARD_WORKER__CAPACITY": str(settings["worker_capacity"]),
-        })
+        worker_env.update(
+            {
+                "RUNYARD_WORKER__LISTEN": f"127.0.0.1:{port}",
+                "RUNYARD_WORKER__METRICS_PORT": "0",
+                "RUNYARD_WORKER__WORKER_ID": name,
+                "RUNYARD_WORKER__CAPACITY": str(settings["worker_capacity"]),
+            }
+        )
         await procs.spawn(name, [*serve, "worker"], worker_env)
         workers.append(name)
     for name in workers:
@@ -450,7 +462,9 @@ class _StackCaller:
 
     async def __call__(self, session: int, turn: int) -> tuple[float, float]:
         text = f"message {turn} of session {session}: {_filler(self.message_bytes)}"
-        request = gateway_pb2.SendMessageRequest(session_key=self.key(session, turn), agent_id=self.agent, text=text)
+        request = gateway_pb2.SendMessageRequest(
+            session_key=self.key(session, turn), agent_id=self.agent, text=text
+        )
         started = time.perf_counter()
         first: float | None = None
         final: str | None = None
@@ -483,7 +497,9 @@ class _DirectCaller:
         self.expected = _expected(deltas)
         self.messages = [
             common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content="You are a helpful assistant."),
-            common_pb2.Message(role=common_pb2.ROLE_USER, content=f"message 0 of session 0: {_filler(message_bytes)}"),
+            common_pb2.Message(
+                role=common_pb2.ROLE_USER, content=f"message 0 of session 0: {_filler(message_bytes)}"
+            ),
         ]
 
     async def __call__(self, session: int, turn: int) -> tuple[float, float]:
@@ -491,7 +507,9 @@ class _DirectCaller:
         first: float | None = None
         text: list[str] = []
         try:
-            async for chunk in self.provider.stream(Request(model=self.model, messages=self.messages), self.api_key):
+            async for chunk in self.provider.stream(
+                Request(model=self.model, messages=self.messages), self.api_key
+            ):
                 if chunk.kind == "text":
                     if first is None:
                         first = time.perf_counter()
@@ -611,7 +629,9 @@ class _Bench:
         # 1. Warm up the stack at this concurrency (connections, pools, code paths).
         await _drive(
             n,
-            _StackCaller(self.stub, deltas, prefix + ":warm", settings["turns_per_key"], settings["message_bytes"]),
+            _StackCaller(
+                self.stub, deltas, prefix + ":warm", settings["turns_per_key"], settings["message_bytes"]
+            ),
             duration_s=settings["warmup_s"],
             runs=None,
         )
@@ -619,7 +639,9 @@ class _Bench:
         # 2. While PostgreSQL's statistics settle: the same load sent directly
         #    to the provider (and through LiteLLM); neither touches PostgreSQL.
         provider_url = f"http://127.0.0.1:{self.provider_ports[deltas]}/v1"
-        direct = await self._side_load(provider_url, "bench", deltas, n, self.procs.pid(f"provider-d{deltas}"))
+        direct = await self._side_load(
+            provider_url, "bench", deltas, n, self.procs.pid(f"provider-d{deltas}")
+        )
         litellm = None
         if self.litellm_port:
             litellm = await self._side_load(
@@ -658,8 +680,17 @@ class _Bench:
             for name in ("xact_commit", "tup_inserted", "tup_updated", "tup_deleted")
         }
         return self._point_figures(
-            deltas, n, load_average, stack, direct, litellm, before, after,
-            (counters_before, counters_after, background, settled_at - after["time"]), wal, wal_error,
+            deltas,
+            n,
+            load_average,
+            stack,
+            direct,
+            litellm,
+            before,
+            after,
+            (counters_before, counters_after, background, settled_at - after["time"]),
+            wal,
+            wal_error,
         )
 
     def _point_figures(
@@ -698,7 +729,8 @@ class _Bench:
             "commits_per_run_raw": raw["xact_commit"] / runs,
             "rollbacks_per_run": diff["xact_rollback"] / runs,
             "rows_written_per_run": (diff["tup_inserted"] + diff["tup_updated"] + diff["tup_deleted"]) / runs,
-            "rows_written_per_run_raw": (raw["tup_inserted"] + raw["tup_updated"] + raw["tup_deleted"]) / runs,
+            "rows_written_per_run_raw": (raw["tup_inserted"] + raw["tup_updated"] + raw["tup_deleted"])
+            / runs,
             "rows_inserted_per_run": diff["tup_inserted"] / runs,
             "rows_updated_per_run": diff["tup_updated"] / runs,
             "rows_deleted_per_run": diff["tup_deleted"] / runs,
@@ -772,11 +804,17 @@ class _Bench:
                         lo, hi = per_turn[index]["range"]
                         wal = await self.wal.attribute(lo, hi)
                         per_turn[index]["db"] = wal["bytes"] if wal is not None else None
-                        per_turn[index]["db_no_fpi"] = wal["bytes"] - wal["fpi_bytes"] if wal is not None else None
+                        per_turn[index]["db_no_fpi"] = (
+                            wal["bytes"] - wal["fpi_bytes"] if wal is not None else None
+                        )
                         if wal is None and self.wal.available:
                             wal_errors.append(f"turn {index}: {self.wal.reason}")
         result: dict[str, Any] = {
-            "turns": count, "deltas": deltas, "window": width, "samples": {}, "errors": errors,
+            "turns": count,
+            "deltas": deltas,
+            "window": width,
+            "samples": {},
+            "errors": errors,
             "wal_errors": wal_errors[:5],
         }
         for turn, (low, high) in windows.items():
@@ -835,8 +873,17 @@ class _Bench:
         await self.procs.spawn(
             "litellm",
             [
-                sys.executable, "-c", "import sys; from litellm import run_server; sys.exit(run_server())",
-                "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1",
+                sys.executable,
+                "-c",
+                "import sys; from litellm import run_server; sys.exit(run_server())",
+                "--config",
+                str(config),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--num_workers",
+                "1",
             ],
             env,
         )
@@ -1010,15 +1057,20 @@ def _report(results: dict[str, Any]) -> str:
     amount = f"{s['runs']} runs" if s["runs"] else f"{s['duration_s']:g} s"
     lines = [
         f"runyard bench stack ({results['started']}, commit {m.get('runyard_commit', '?')})",
-        (f"machine: {m['cpus']} CPUs ({m['cpu_model'] or 'unknown model'}), {m['memory_gib']} GiB; load average "
-        f"{m['load_average_before'][0]:.2f} before, {m.get('load_average_after', [float('nan')])[0]:.2f} after; "
-        f"Python {m['python']}, PostgreSQL {m.get('postgresql', '?')} ({results['database']['server']}), "
-        f"grpcio {m.get('grpcio', '?')}, httpx {m.get('httpx', '?')}"),
+        (
+            f"machine: {m['cpus']} CPUs ({m['cpu_model'] or 'unknown model'}), {m['memory_gib']} GiB; load average "
+            f"{m['load_average_before'][0]:.2f} before, {m.get('load_average_after', [float('nan')])[0]:.2f} after; "
+            f"Python {m['python']}, PostgreSQL {m.get('postgresql', '?')} ({results['database']['server']}), "
+            f"grpcio {m.get('grpcio', '?')}, httpx {m.get('httpx', '?')}"
+        ),
         f"setup: {s['workers']} worker(s) of capacity {s['worker_capacity']}; each of N sessions sends messages "
         f"back to back (new session key every {s['turns_per_key'] or 'never'} turns); {amount} per point after "
         f"{s['warmup_s']:g} s warm-up; counters read after {s['settle_s']:g} s of quiet"
-        + (" (shorter than PostgreSQL's 10 s idle flush: commits and rows are approximate)"
-           if s["settle_s"] < procstat.STATS_SETTLE_S else ""),
+        + (
+            " (shorter than PostgreSQL's 10 s idle flush: commits and rows are approximate)"
+            if s["settle_s"] < procstat.STATS_SETTLE_S
+            else ""
+        ),
     ]
     idle = results.get("idle")
     if idle:
@@ -1030,8 +1082,10 @@ def _report(results: dict[str, Any]) -> str:
     lines += [
         "",
         "throughput and latency (ms; added TTFT = stack TTFT - direct TTFT at the same percentile)",
-        (f"{'deltas':>6} {'N':>3} {'runs/s':>8} {'direct/s':>9} {'ratio':>6} {'TTFT p50':>9} {'p99':>8} "
-        f"{'run p50':>8} {'p99':>8} {'dir TTFT p50':>12} {'p99':>7} {'added p50':>9} {'p99':>8} {'load':>5}"),
+        (
+            f"{'deltas':>6} {'N':>3} {'runs/s':>8} {'direct/s':>9} {'ratio':>6} {'TTFT p50':>9} {'p99':>8} "
+            f"{'run p50':>8} {'p99':>8} {'dir TTFT p50':>12} {'p99':>7} {'added p50':>9} {'p99':>8} {'load':>5}"
+        ),
     ]
     for p in results["points"]:
         st, d = p["stack"], p["direct"]
@@ -1044,8 +1098,10 @@ def _report(results: dict[str, Any]) -> str:
     lines += [
         "",
         "CPU ms per run (postgres = backends of the scratch database; pg bg = server background processes)",
-        (f"{'deltas':>6} {'N':>3} {'gateway':>8} {'router':>7} {'sessions':>8} {'worker':>7} {'postgres':>8} "
-        f"{'pg bg':>6} {'total':>7} {'provider':>8} {'client':>7}"),
+        (
+            f"{'deltas':>6} {'N':>3} {'gateway':>8} {'router':>7} {'sessions':>8} {'worker':>7} {'postgres':>8} "
+            f"{'pg bg':>6} {'total':>7} {'provider':>8} {'client':>7}"
+        ),
     ]
     for p in results["points"]:
         c = p["cpu_ms_per_run"]
@@ -1056,12 +1112,16 @@ def _report(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        ("PostgreSQL per run: commits = xact_commit (every transaction, read-only included) and rows ="
-        " tup_inserted+updated+deleted, both less the idle stack's background (bg c/s) during the settling;"
-        " w-commits = commit records in WAL; WAL db = records of the scratch database's transactions"
-        " (pg_walinspect); WAL server = insert-LSN difference (every database)"),
-        (f"{'deltas':>6} {'N':>3} {'commits':>8} {'raw':>7} {'bg c/s':>6} {'w-commits':>9} {'rows':>7} "
-        f"{'ins/upd/del':>17} {'WAL db':>9} {'of it FPI':>9} {'WAL server':>10} {'other-db commits':>16}"),
+        (
+            "PostgreSQL per run: commits = xact_commit (every transaction, read-only included) and rows ="
+            " tup_inserted+updated+deleted, both less the idle stack's background (bg c/s) during the settling;"
+            " w-commits = commit records in WAL; WAL db = records of the scratch database's transactions"
+            " (pg_walinspect); WAL server = insert-LSN difference (every database)"
+        ),
+        (
+            f"{'deltas':>6} {'N':>3} {'commits':>8} {'raw':>7} {'bg c/s':>6} {'w-commits':>9} {'rows':>7} "
+            f"{'ins/upd/del':>17} {'WAL db':>9} {'of it FPI':>9} {'WAL server':>10} {'other-db commits':>16}"
+        ),
     ]
     for p in results["points"]:
         g = p["pg"]
@@ -1075,8 +1135,11 @@ def _report(results: dict[str, Any]) -> str:
         )
         if g.get("wal_error"):
             lines.append(f"{'':>10} WAL db not measured: {g['wal_error']}")
-    exited = [f"d={p['deltas']} N={p['sessions']}: {p['pg']['backends_exited']}" for p in results["points"]
-              if p["pg"]["backends_exited"]]
+    exited = [
+        f"d={p['deltas']} N={p['sessions']}: {p['pg']['backends_exited']}"
+        for p in results["points"]
+        if p["pg"]["backends_exited"]
+    ]
     if exited:
         lines.append(
             "PostgreSQL processes of the scratch database that exited during a window (their CPU after the first "
@@ -1084,8 +1147,11 @@ def _report(results: dict[str, Any]) -> str:
         )
     litellm = [p for p in results["points"] if "litellm" in p]
     if litellm:
-        lines += ["", "LiteLLM proxy, same provider and concurrency",
-                  f"{'deltas':>6} {'N':>3} {'req/s':>8} {'TTFT p50':>9} {'p99':>8} {'CPU ms/req':>10}"]
+        lines += [
+            "",
+            "LiteLLM proxy, same provider and concurrency",
+            f"{'deltas':>6} {'N':>3} {'req/s':>8} {'TTFT p50':>9} {'p99':>8} {'CPU ms/req':>10}",
+        ]
         for p in litellm:
             ll = p["litellm"]
             lines.append(
@@ -1094,8 +1160,13 @@ def _report(results: dict[str, Any]) -> str:
             )
     turns = results.get("turns")
     if turns:
-        lines += ["", (f"bytes written per turn, one session, {turns['turns']} turns of {turns['deltas']} deltas "
-                      f"(median over {turns['window']} consecutive turns around each)")]
+        lines += [
+            "",
+            (
+                f"bytes written per turn, one session, {turns['turns']} turns of {turns['deltas']} deltas "
+                f"(median over {turns['window']} consecutive turns around each)"
+            ),
+        ]
         for turn, sample in turns["samples"].items():
             low, high = sample["turns"]
             lines.append(
@@ -1143,7 +1214,10 @@ def main(args: argparse.Namespace) -> int:
         print("--workers and --turns must be at least 1, --turns-per-key at least 0", file=sys.stderr)
         return 2
     if not 0 <= settings["message_bytes"] <= 60_000:
-        print("--message-bytes must be between 0 and 60000 (the gateway's max_text_bytes is 65536)", file=sys.stderr)
+        print(
+            "--message-bytes must be between 0 and 60000 (the gateway's max_text_bytes is 65536)",
+            file=sys.stderr,
+        )
         return 2
     results = asyncio.run(_run(settings, args.database_url))
     results["targets"] = _evaluate(results)

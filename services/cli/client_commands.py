@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 import grpc
 from google.protobuf import json_format
+
 from runyard._proto.v1 import common_pb2, gateway_pb2
 from runyard.cli.demo_tools import DEMO_TOOLS
 from runyard.cli.demo_tools import answer as demo_answer
@@ -117,7 +118,10 @@ class Progress:
         kind = event.WhichOneof("event")
         if kind == "queued":
             ahead = event.queued.position
-            self.show("queued" + (f" ({ahead} run{'s' if ahead != 1 else ''} ahead on this session)" if ahead else ""))
+            self.show(
+                "queued"
+                + (f" ({ahead} run{'s' if ahead != 1 else ''} ahead on this session)" if ahead else "")
+            )
         elif kind == "started":
             started = event.started
             model = started.model or "the agent's model"
@@ -135,7 +139,12 @@ class RunCursor:
 
 
 async def _print_run(
-    client: Client, events: Any, *, show_timing: bool, out: Any = sys.stdout, cursor: RunCursor | None = None,
+    client: Client,
+    events: Any,
+    *,
+    show_timing: bool,
+    out: Any = sys.stdout,
+    cursor: RunCursor | None = None,
     demo_tools: bool = False,
 ) -> int:
     """Print a run's stream; resumes with JoinRun if the gateway drains. Returns the exit code.
@@ -167,14 +176,26 @@ async def _print_run(
                         failover = event.model_failover
                         if progress.enabled or failover.restart_output:
                             progress.clear()
-                            note = (f"[failover {failover.from_model} -> {failover.to_model}: "
-                                    f"{_REASONS.get(failover.reason, '?')}")
+                            note = (
+                                f"[failover {failover.from_model} -> {failover.to_model}: "
+                                f"{_REASONS.get(failover.reason, '?')}"
+                            )
                             if failover.restart_output:
                                 note += "; restarting the answer"
-                            print(f"{note}]" if first_token is None else f"\n{note}]", file=sys.stderr, flush=True)
-                    elif kind == "started" and event.started.attempt > 1 and not (resuming and event.started.resumed):
+                            print(
+                                f"{note}]" if first_token is None else f"\n{note}]",
+                                file=sys.stderr,
+                                flush=True,
+                            )
+                    elif (
+                        kind == "started"
+                        and event.started.attempt > 1
+                        and not (resuming and event.started.resumed)
+                    ):
                         progress.clear()
-                        print(f"\n[run restarted, attempt {event.started.attempt}]", file=sys.stderr, flush=True)
+                        print(
+                            f"\n[run restarted, attempt {event.started.attempt}]", file=sys.stderr, flush=True
+                        )
                     elif kind == "started":
                         resuming = False
                     elif kind == "requires_action":
@@ -219,13 +240,18 @@ async def _answer_tools(client: Client, event: common_pb2.RunEvent, demo_tools: 
     """Answer a run's ``requires_action`` with the demo tools (shown on stderr)."""
     calls = list(event.requires_action.tool_calls)
     if not demo_tools:
-        print(f"\n[the run waits for client tool results: {', '.join(c.name for c in calls)}]", file=sys.stderr)
+        print(
+            f"\n[the run waits for client tool results: {', '.join(c.name for c in calls)}]", file=sys.stderr
+        )
         return
     outputs = [demo_answer(call) for call in calls]
     for call, output in zip(calls, outputs, strict=True):
         mark = " (error)" if output.is_error else ""
-        print(f"[tool {call.name} {call.arguments_json or '{}'} -> {output.content}{mark}]", file=sys.stderr,
-              flush=True)
+        print(
+            f"[tool {call.name} {call.arguments_json or '{}'} -> {output.content}{mark}]",
+            file=sys.stderr,
+            flush=True,
+        )
     await client.submit_tool_results(event.run_id, outputs)
 
 
@@ -281,7 +307,8 @@ async def _print_history(client: Client, session_key: str) -> None:
     shown = 0
     while True:
         page = await client.unary(
-            "GetMessages", gateway_pb2.GetMessagesRequest(session_key=session_key, page_size=200, page_token=token)
+            "GetMessages",
+            gateway_pb2.GetMessagesRequest(session_key=session_key, page_size=200, page_token=token),
         )
         if page.summary and not token:  # type: ignore[attr-defined]
             print(f"[summary] {page.summary}")  # type: ignore[attr-defined]
@@ -322,7 +349,10 @@ async def _chat_command(client: Client, state: ChatState, line: str) -> bool:
             state.session = argument
         print(f"[session: {state.session}]", file=sys.stderr)
     else:
-        print(f"[unknown command {command}; /help lists them, // sends a message starting with /]", file=sys.stderr)
+        print(
+            f"[unknown command {command}; /help lists them, // sends a message starting with /]",
+            file=sys.stderr,
+        )
     return True
 
 
@@ -338,8 +368,10 @@ def _chat(args: argparse.Namespace) -> int:
                 runner.run(_reachable(client, state.session))
             except RunyardError as exc:
                 return _error(exc, client.address)
-            print(f"chatting on session {state.session!r}; /help lists commands, /exit (or Ctrl-D) leaves",
-                  file=sys.stderr)
+            print(
+                f"chatting on session {state.session!r}; /help lists commands, /exit (or Ctrl-D) leaves",
+                file=sys.stderr,
+            )
             while True:
                 try:
                     line = input("> ").strip()
@@ -361,18 +393,31 @@ def _chat(args: argparse.Namespace) -> int:
                     continue
                 text = line[1:] if line.startswith("//") else line
                 cursor = RunCursor()
-                events = client.send(state.session, text, agent_id=state.agent, model=state.model,
-                                     client_tools=DEMO_TOOLS if args.demo_tools else ())
+                events = client.send(
+                    state.session,
+                    text,
+                    agent_id=state.agent,
+                    model=state.model,
+                    client_tools=DEMO_TOOLS if args.demo_tools else (),
+                )
                 try:
-                    runner.run(_print_run(client, events, show_timing=False, cursor=cursor, demo_tools=args.demo_tools))
+                    runner.run(
+                        _print_run(
+                            client, events, show_timing=False, cursor=cursor, demo_tools=args.demo_tools
+                        )
+                    )
                 except KeyboardInterrupt:
                     if cursor.run_id:
                         with contextlib.suppress(RunyardError):
-                            runner.run(client.unary(
-                                "CancelRun",
-                                gateway_pb2.CancelRunRequest(run_id=cursor.run_id, reason="cancelled at the terminal"),
-                                timeout_s=5.0,
-                            ))
+                            runner.run(
+                                client.unary(
+                                    "CancelRun",
+                                    gateway_pb2.CancelRunRequest(
+                                        run_id=cursor.run_id, reason="cancelled at the terminal"
+                                    ),
+                                    timeout_s=5.0,
+                                )
+                            )
                     print("\n[cancelled]", file=sys.stderr)
         finally:
             runner.run(client.close())
@@ -391,8 +436,10 @@ def _session_state(session: common_pb2.Session) -> str:
 
 def _format_session(session: common_pb2.Session) -> str:
     created = session.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-    return (f"{session.key:<32} {session.id:<36}  {session.agent_id:<12} {session.message_count:>5} msgs  "
-            f"{created}  {_session_state(session)}")
+    return (
+        f"{session.key:<32} {session.id:<36}  {session.agent_id:<12} {session.message_count:>5} msgs  "
+        f"{created}  {_session_state(session)}"
+    )
 
 
 def _session_json(session: common_pb2.Session) -> dict[str, Any]:
@@ -429,24 +476,32 @@ async def _sessions(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(found, indent=2))
                 elif not found:
-                    print("no sessions" + ("" if args.all else " (--all includes ended ones)"), file=sys.stderr)
+                    print(
+                        "no sessions" + ("" if args.all else " (--all includes ended ones)"), file=sys.stderr
+                    )
             elif args.sessions_command == "show":
                 reply = await client.unary("GetSession", gateway_pb2.GetSessionRequest(session_key=args.key))
                 print(_format_session(reply.session))  # type: ignore[attr-defined]
                 await _print_history(client, args.key)
             elif args.sessions_command == "reset":
-                reply = await client.unary("ResetSession", gateway_pb2.ResetSessionRequest(session_key=args.key))
+                reply = await client.unary(
+                    "ResetSession", gateway_pb2.ResetSessionRequest(session_key=args.key)
+                )
                 print(f"session {args.key!r} reset: {reply.previous_session_id} -> {reply.session.id}")  # type: ignore[attr-defined]
             elif args.sessions_command == "delete":
-                reply = await client.unary("DeleteSession", gateway_pb2.DeleteSessionRequest(session_key=args.key))
+                reply = await client.unary(
+                    "DeleteSession", gateway_pb2.DeleteSessionRequest(session_key=args.key)
+                )
                 print(f"session {reply.session_id} deleted")  # type: ignore[attr-defined]
         except RunyardError as exc:
             return _error(exc, client.address)
     return 0
 
 
-_DEMO_TOOLS_HELP = ("offer the agent two client-side tools answered on this machine, clock and calculator, "
-                    "and show each call and result")
+_DEMO_TOOLS_HELP = (
+    "offer the agent two client-side tools answered on this machine, clock and calculator, "
+    "and show each call and result"
+)
 
 
 def add_parsers(sub: Any) -> None:
@@ -461,10 +516,17 @@ def add_parsers(sub: Any) -> None:
     send.add_argument("--session", required=True, help="session key, e.g. demo or telegram:chat:42")
     send.add_argument("--agent", help="agent id (default: the default agent)")
     send.add_argument("--idempotency-key", help="a repeat with the same key returns the same run")
-    send.add_argument("--strategy", choices=sorted(_STRATEGIES), default="enqueue",
-                      help="what to do while the session has an active run")
-    send.add_argument("--model", metavar="PROVIDER/MODEL",
-                      help="use this model instead of the agent's primary (its fallbacks still apply)")
+    send.add_argument(
+        "--strategy",
+        choices=sorted(_STRATEGIES),
+        default="enqueue",
+        help="what to do while the session has an active run",
+    )
+    send.add_argument(
+        "--model",
+        metavar="PROVIDER/MODEL",
+        help="use this model instead of the agent's primary (its fallbacks still apply)",
+    )
     send.add_argument("--timing", action="store_true", help="print time to first token and total time")
     send.add_argument("--demo-tools", action="store_true", help=_DEMO_TOOLS_HELP)
     send.add_argument("text", nargs="*", help="the message (default: read stdin)")
@@ -486,8 +548,11 @@ def add_parsers(sub: Any) -> None:
     lst.add_argument("--all", action="store_true", help="include ended sessions")
     lst.add_argument("--json", action="store_true", help="a JSON array of sessions (proto field names)")
     lst.add_argument("--no-header", action="store_true", help="leave out the column header")
-    for name, help_text in (("show", "show a session and its transcript"), ("reset", "start the key over"),
-                            ("delete", "delete a session")):
+    for name, help_text in (
+        ("show", "show a session and its transcript"),
+        ("reset", "start the key over"),
+        ("delete", "delete a session"),
+    ):
         p = ssub.add_parser(name, help=help_text)
         p.add_argument("key", help="session key")
     sessions.set_defaults(func=lambda a: asyncio.run(_sessions(a)))

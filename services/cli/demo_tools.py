@@ -32,28 +32,37 @@ __all__ = ["DEMO_TOOLS", "answer", "calculate"]
 CLOCK = common_pb2.ToolDefinition(
     name="clock",
     description="The current date and time on the user's machine, in an IANA time zone (default UTC).",
-    parameters_json_schema=json.dumps({
-        "type": "object",
-        "properties": {"tz": {"type": "string", "description": "IANA time zone, e.g. Europe/Paris"}},
-        "additionalProperties": False,
-    }),
+    parameters_json_schema=json.dumps(
+        {
+            "type": "object",
+            "properties": {"tz": {"type": "string", "description": "IANA time zone, e.g. Europe/Paris"}},
+            "additionalProperties": False,
+        }
+    ),
 )
 CALCULATOR = common_pb2.ToolDefinition(
     name="calculator",
     description="Evaluate an arithmetic expression exactly: numbers, + - * / // % ** and parentheses.",
-    parameters_json_schema=json.dumps({
-        "type": "object",
-        "properties": {"expression": {"type": "string", "description": "e.g. (17 + 25) * 3"}},
-        "required": ["expression"],
-        "additionalProperties": False,
-    }),
+    parameters_json_schema=json.dumps(
+        {
+            "type": "object",
+            "properties": {"expression": {"type": "string", "description": "e.g. (17 + 25) * 3"}},
+            "required": ["expression"],
+            "additionalProperties": False,
+        }
+    ),
 )
 #: The tools ``--demo-tools`` declares.
 DEMO_TOOLS = [CLOCK, CALCULATOR]
 
 _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
 }
 _UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _MAX_EXPRESSION = 1000
@@ -92,7 +101,9 @@ def calculate(expression: str) -> int | float:
             if isinstance(result, complex) or abs(result) > _MAX_MAGNITUDE:
                 raise ValueError("the result is out of range")
             return result
-        raise ValueError(f"only numbers, + - * / // % ** and parentheses are allowed, not {type(node).__name__}")
+        raise ValueError(
+            f"only numbers, + - * / // % ** and parentheses are allowed, not {type(node).__name__}"
+        )
 
     result = value(tree.body)
     if isinstance(result, float) and not math.isfinite(result):
@@ -100,11 +111,15 @@ def calculate(expression: str) -> int | float:
     return result
 
 
-def answer(call: common_pb2.ToolCall, clock: Callable[[], dt.datetime] | None = None) -> gateway_pb2.ToolOutput:
+def answer(
+    call: common_pb2.ToolCall, clock: Callable[[], dt.datetime] | None = None
+) -> gateway_pb2.ToolOutput:
     """The result of one demo tool call (``is_error`` when it cannot be answered)."""
 
     def error(message: str) -> gateway_pb2.ToolOutput:
-        return gateway_pb2.ToolOutput(tool_call_id=call.id, content=json.dumps({"error": message}), is_error=True)
+        return gateway_pb2.ToolOutput(
+            tool_call_id=call.id, content=json.dumps({"error": message}), is_error=True
+        )
 
     try:
         arguments = json.loads(call.arguments_json or "{}")
@@ -119,7 +134,11 @@ def answer(call: common_pb2.ToolCall, clock: Callable[[], dt.datetime] | None = 
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             return error(f"unknown time zone {name!r}")
         moment = (clock or (lambda: dt.datetime.now(dt.UTC)))().astimezone(zone)
-        content = {"time": moment.isoformat(timespec="seconds"), "tz": str(name), "weekday": moment.strftime("%A")}
+        content = {
+            "time": moment.isoformat(timespec="seconds"),
+            "tz": str(name),
+            "weekday": moment.strftime("%A"),
+        }
         return gateway_pb2.ToolOutput(tool_call_id=call.id, content=json.dumps(content))
     if call.name == "calculator":
         expression = arguments.get("expression")

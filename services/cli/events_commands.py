@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 import grpc
 from google.protobuf import json_format
+
 from runyard._proto.v1 import common_pb2, gateway_pb2
 from runyard.cli.client_commands import describe_error
 from runyard.client import Client
@@ -42,7 +43,9 @@ def describe(event: common_pb2.LifecycleEvent) -> str:
     if event.run_id:
         parts.append(f"run {event.run_id}")
     if isinstance(typed, SessionStart):
-        parts.append(typed.reason + (f" from {typed.resumed_from_session_id}" if typed.resumed_from_session_id else ""))
+        parts.append(
+            typed.reason + (f" from {typed.resumed_from_session_id}" if typed.resumed_from_session_id else "")
+        )
     elif isinstance(typed, SessionEnd):
         detail = f"{typed.reason} after {typed.duration_ms} ms, {typed.message_count} msgs"
         if typed.next_session_id:
@@ -154,12 +157,27 @@ def add_parsers(sub: Any) -> None:
     )
     events.add_argument("--gateway", help="gateway host:port (default: endpoints.gateway)")
     events.add_argument("--api-key", help="API key with the 'events' scope (default: $RUNYARD_API_KEY)")
-    events.add_argument("-f", "--follow", action="store_true",
-                        help="keep printing new events; reconnect and resume across gateway restarts")
-    events.add_argument("--type", action="append", choices=LIFECYCLE_EVENT_TYPES, metavar="TYPE",
-                        help="only this event type (repeatable), e.g. session.end")
-    events.add_argument("--after", type=int, default=0, metavar="ID", help="start after this event id (default: 0)")
+    events.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep printing new events; reconnect and resume across gateway restarts",
+    )
+    events.add_argument(
+        "--type",
+        action="append",
+        choices=LIFECYCLE_EVENT_TYPES,
+        metavar="TYPE",
+        help="only this event type (repeatable), e.g. session.end",
+    )
+    events.add_argument(
+        "--after", type=int, default=0, metavar="ID", help="start after this event id (default: 0)"
+    )
     events.add_argument("--json", action="store_true", help="one JSON object per line")
-    events.add_argument("--idle-exit-s", type=float, default=1.0,
-                        help="without --follow: stop after this many seconds without an event")
+    events.add_argument(
+        "--idle-exit-s",
+        type=float,
+        default=1.0,
+        help="without --follow: stop after this many seconds without an event",
+    )
     events.set_defaults(func=lambda a: asyncio.run(_events(a)))

@@ -39,7 +39,9 @@ async def _keys(args: argparse.Namespace) -> int:
             keys = await store.list(args.org)
             for key in keys:
                 state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
-                print(f"{key.key_id}  {key.org_id:<16} {','.join(sorted(key.scopes)):<40} {key.name:<20} {state}")
+                print(
+                    f"{key.key_id}  {key.org_id:<16} {','.join(sorted(key.scopes)):<40} {key.name:<20} {state}"
+                )
             if not keys:
                 print("no API keys", file=sys.stderr)
         elif args.keys_command == "revoke":
@@ -60,8 +62,9 @@ def add_parsers(sub: Any) -> None:
     create = ksub.add_parser("create", help="create an API key (printed once)")
     create.add_argument("--org", required=True, help="the org the key acts for")
     create.add_argument("--name", help="a label")
-    create.add_argument("--scope", action="append", choices=sorted(VALID_SCOPES),
-                        help="repeatable; default: chat")
+    create.add_argument(
+        "--scope", action="append", choices=sorted(VALID_SCOPES), help="repeatable; default: chat"
+    )
     lst = ksub.add_parser("list", help="list API keys (never their secrets)")
     lst.add_argument("--org")
     revoke = ksub.add_parser("revoke", help="revoke a key on every gateway at once")

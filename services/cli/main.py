@@ -129,17 +129,19 @@ def _accept_options_everywhere(parser: argparse.ArgumentParser) -> None:
     for action in parser._actions:  # argparse has no public walk of sub-parsers
         if not isinstance(action, argparse._SubParsersAction):
             continue
-        inherited = [
-            a for a in parser._actions
-            if type(a) is argparse._StoreAction and a.option_strings
-        ]
+        inherited = [a for a in parser._actions if type(a) is argparse._StoreAction and a.option_strings]
         for child in dict.fromkeys(action.choices.values()):
             present = {o for a in child._actions for o in a.option_strings}
             for option in inherited:
                 if not present & set(option.option_strings):
                     child.add_argument(
-                        *option.option_strings, dest=option.dest, default=argparse.SUPPRESS, type=option.type,
-                        choices=option.choices, metavar=option.metavar, help=option.help,
+                        *option.option_strings,
+                        dest=option.dest,
+                        default=argparse.SUPPRESS,
+                        type=option.type,
+                        choices=option.choices,
+                        metavar=option.metavar,
+                        help=option.help,
                     )
             _accept_options_everywhere(child)
 
@@ -153,14 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="TOML config file (default: $RUNYARD_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="run the whole stack locally (embedded PostgreSQL unless RUNYARD_DATABASE_URL)")
+    up = sub.add_parser(
+        "up", help="run the whole stack locally (embedded PostgreSQL unless RUNYARD_DATABASE_URL)"
+    )
     up.add_argument("--data-dir", help="embedded PostgreSQL data directory (database.data_dir)")
     up.add_argument("--openai-base-url", help="point the default agent at this OpenAI-compatible endpoint")
-    up.add_argument("--model", help="model name at that endpoint (default: $RUNYARD_MODEL or the first listed)")
-    up.add_argument("--local-model", action="store_true",
-                    help="serve SmolLM2-135M with llama.cpp and use it (needs runyard[local-model])")
+    up.add_argument(
+        "--model", help="model name at that endpoint (default: $RUNYARD_MODEL or the first listed)"
+    )
+    up.add_argument(
+        "--local-model",
+        action="store_true",
+        help="serve SmolLM2-135M with llama.cpp and use it (needs runyard[local-model])",
+    )
     up.add_argument("--local-model-port", type=int, default=8088, help="port of the local model server")
-    up.add_argument("-v", "--verbose", action="store_true", help="service logs on this terminal instead of files")
+    up.add_argument(
+        "-v", "--verbose", action="store_true", help="service logs on this terminal instead of files"
+    )
     up.add_argument("--restart-expected", action=RestartExpectedAction)
     up.set_defaults(func=_up)
 

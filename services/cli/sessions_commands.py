@@ -16,6 +16,7 @@ import sys
 from typing import Any, TextIO
 
 import grpc
+
 from runyard._proto.v1 import sessions_pb2, sessions_pb2_grpc
 from runyard.common import tls
 from runyard.common.auth import internal_metadata
@@ -64,11 +65,19 @@ async def prune(
                 out.flush()
             stats = batch.stats
             if batch.sessions:
-                print(f"[{stats.sessions_idle} idle + {stats.sessions_capped} capped so far]", file=err, flush=True)
+                print(
+                    f"[{stats.sessions_idle} idle + {stats.sessions_capped} capped so far]",
+                    file=err,
+                    flush=True,
+                )
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc) from None
     archived = stats.snapshots_archived
-    old_snapshots = f"{archived} old snapshot(s) archived" if archived else f"{stats.snapshots_dropped} old snapshot(s) dropped"
+    old_snapshots = (
+        f"{archived} old snapshot(s) archived"
+        if archived
+        else f"{stats.snapshots_dropped} old snapshot(s) dropped"
+    )
     pending, events = stats.pending_snapshots_dropped, stats.events_trimmed
     if dry_run:
         print(
@@ -105,7 +114,9 @@ async def _prune(args: argparse.Namespace) -> int:
 
 async def _shutdown_mode(args: argparse.Namespace) -> int:
     config, address = _target(args)
-    mode = sessions_pb2.SHUTDOWN_MODE_RESTART if args.mode == "restart" else sessions_pb2.SHUTDOWN_MODE_SHUTDOWN
+    mode = (
+        sessions_pb2.SHUTDOWN_MODE_RESTART if args.mode == "restart" else sessions_pb2.SHUTDOWN_MODE_SHUTDOWN
+    )
     async with internal_channel(address, tls=tls.load(config)) as channel:
         try:
             reply = await sessions_pb2_grpc.SessionServiceStub(channel).SetShutdownMode(

@@ -74,8 +74,10 @@ async def _tasks(args: argparse.Namespace) -> int:
                     page = await client.unary(
                         "ListTasks",
                         gateway_pb2.ListTasksRequest(
-                            parent_session_key=args.session or "", parent_session_id=args.parent or "",
-                            page_size=200, page_token=token,
+                            parent_session_key=args.session or "",
+                            parent_session_id=args.parent or "",
+                            page_size=200,
+                            page_token=token,
                         ),
                     )
                     for task in page.tasks:  # type: ignore[attr-defined]
@@ -91,7 +93,8 @@ async def _tasks(args: argparse.Namespace) -> int:
                 print(json.dumps(_details(reply.task), indent=2))  # type: ignore[attr-defined]
             elif args.tasks_command == "cancel":
                 reply = await client.unary(
-                    "CancelTask", gateway_pb2.CancelTaskRequest(task_id=args.task_id, reason=args.reason or "")
+                    "CancelTask",
+                    gateway_pb2.CancelTaskRequest(task_id=args.task_id, reason=args.reason or ""),
                 )
                 print(format_task(reply.task))  # type: ignore[attr-defined]
         except RunyardError as exc:

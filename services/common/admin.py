@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
+
 class StatusSource(Protocol):
     """A service's own part of the status answer."""
 

@@ -135,7 +135,9 @@ def public_key_text(key: Ed25519PublicKey) -> str:
 def generate_run_token_keys() -> tuple[str, str]:
     """A new key pair as ``(private, public)`` base64 strings (64 and 32 bytes)."""
     key = Ed25519PrivateKey.generate()
-    seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    seed = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return base64.b64encode(seed + public).decode(), base64.b64encode(public).decode()
 
@@ -206,7 +208,9 @@ class RunTokenVerifier:
                 options={"require": ["exp", "iat", "aud", "iss", "sub"]},
             )
         except jwt.ExpiredSignatureError:
-            raise Unauthenticated("run token has expired", reason="RUN_TOKEN_EXPIRED", field="run_token") from None
+            raise Unauthenticated(
+                "run token has expired", reason="RUN_TOKEN_EXPIRED", field="run_token"
+            ) from None
         except jwt.PyJWTError as exc:
             # PyJWT's messages name the failed check, never the token.
             raise Unauthenticated(
@@ -338,7 +342,9 @@ class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
     def __init__(self, secret: str):
         self.secret = secret
 
-    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+    async def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
         return await continuation(_details(client_call_details, self.secret), request_iterator)
 
 
@@ -346,7 +352,9 @@ class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
     def __init__(self, secret: str):
         self.secret = secret
 
-    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
         return await continuation(_details(client_call_details, self.secret), request_iterator)
 
 

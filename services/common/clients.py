@@ -86,7 +86,9 @@ class InternalChannels:
         )
 
 
-def downstream_timeout(context: grpc.aio.ServicerContext | None, default_s: float | None = None) -> float | None:
+def downstream_timeout(
+    context: grpc.aio.ServicerContext | None, default_s: float | None = None
+) -> float | None:
     """Timeout for a downstream call: the caller's remaining deadline minus a
     margin, else ``default_s``."""
     remaining = context.time_remaining() if context is not None else None
@@ -103,4 +105,3 @@ async def call(awaitable: Awaitable[T]) -> T:
         return await awaitable
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc) from None
-

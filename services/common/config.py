@@ -221,6 +221,7 @@ class GatewayConfig(_ServerSection):
     @classmethod
     def _check_internal_listen(cls, value: str) -> str:
         return cls._check_listen(value)
+
     # The agent used when a request names none.
     default_agent: str = "default"
 
@@ -300,7 +301,9 @@ class RouterConfig(_ServerSection):
             ("disable_initial_s", "disable_max_s"),
         ):
             if getattr(self, low) > getattr(self, high):
-                raise ValueError(f"{low} ({getattr(self, low)}) must not exceed {high} ({getattr(self, high)})")
+                raise ValueError(
+                    f"{low} ({getattr(self, low)}) must not exceed {high} ({getattr(self, high)})"
+                )
         return self
 
 
@@ -406,7 +409,9 @@ class AuthConfig(_Section):
         return self
 
 
-_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key"})
+_CREDENTIAL_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key"}
+)
 
 
 class ProviderConfig(_Section):
@@ -596,7 +601,9 @@ class McpServerConfig(_Section):
             kind = "an HTTP server (url)" if self.url else "a stdio server (command)"
             raise ValueError(f"{', '.join(stray)} do not apply to {kind}")
         if self.bearer_token_env and any(n.lower() == "authorization" for n in self.env_headers):
-            raise ValueError("bearer_token_env and env_headers.Authorization both set the Authorization header")
+            raise ValueError(
+                "bearer_token_env and env_headers.Authorization both set the Authorization header"
+            )
         return self
 
     @property
@@ -613,7 +620,9 @@ class McpServerConfig(_Section):
         return list(dict.fromkeys(names))
 
 
-def mcp_environment_problems(config: Config, environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+def mcp_environment_problems(
+    config: Config, environ: Mapping[str, str] | None = None
+) -> list[tuple[str, str]]:
     """The environment variables the agents' enabled MCP servers name
     (``pass_env``, ``env_headers``, ``bearer_token_env``) that ``environ``
     (default ``os.environ``) lacks, as ``(path, message)`` problems: the
@@ -702,9 +711,14 @@ class AgentConfig(_Section):
     def model_refs(self) -> list[str]:
         """Every model the agent may use (chain, task models, special chains)."""
         return list(
-            dict.fromkeys([
-                *self.chain, *self.task_models.values(), *self.context_window_chain, *self.content_policy_chain
-            ])
+            dict.fromkeys(
+                [
+                    *self.chain,
+                    *self.task_models.values(),
+                    *self.context_window_chain,
+                    *self.content_policy_chain,
+                ]
+            )
         )
 
     @field_validator("fallbacks")
@@ -759,8 +773,12 @@ class ClassifierRule(_Section):
     @model_validator(mode="after")
     def _check_rule(self) -> ClassifierRule:
         if not (
-            self.keywords or self.regex or self.min_chars or self.max_chars
-            or self.has_code is not None or self.has_attachments is not None
+            self.keywords
+            or self.regex
+            or self.min_chars
+            or self.max_chars
+            or self.has_code is not None
+            or self.has_attachments is not None
         ):
             raise ValueError(f"rule for task class {self.task_class!r} sets no condition")
         if self.max_chars and self.min_chars > self.max_chars:
@@ -854,9 +872,7 @@ def _check_hook_events(value: list[str] | None) -> list[str] | None:
         raise ValueError("must name at least one event")
     for name in value:
         if name not in LIFECYCLE_EVENT_TYPES:
-            raise ValueError(
-                f"unknown event name {name!r}; known: {', '.join(LIFECYCLE_EVENT_TYPES)}"
-            )
+            raise ValueError(f"unknown event name {name!r}; known: {', '.join(LIFECYCLE_EVENT_TYPES)}")
         if name not in HOOK_EVENT_TYPES:
             raise ValueError(
                 f"{name!r} is not delivered to in-process handlers (they run in the sessions service, "
@@ -1107,6 +1123,7 @@ def _reference_problems(tree: Mapping[str, Any]) -> list[tuple[str, str]]:
     gets these reported in the same pass. Entries that are not well-formed
     ``provider/model`` refs are left to field validation (reported once).
     """
+
     def table(value: Any) -> dict[str, Any]:
         return value if isinstance(value, dict) else {}
 
@@ -1119,11 +1136,13 @@ def _reference_problems(tree: Mapping[str, Any]) -> list[tuple[str, str]]:
     known = ", ".join(sorted(providers)) or "none"
 
     def missing(path: str, ref: str, provider: str) -> None:
-        problems.append((
-            path,
-            f"model {ref!r} names provider {provider!r}, which is not configured (known: {known})"
-            + did_you_mean(provider, providers),
-        ))
+        problems.append(
+            (
+                path,
+                f"model {ref!r} names provider {provider!r}, which is not configured (known: {known})"
+                + did_you_mean(provider, providers),
+            )
+        )
 
     agents = table(tree.get("agents"))
     for agent_id, agent in agents.items():
@@ -1142,35 +1161,43 @@ def _reference_problems(tree: Mapping[str, Any]) -> list[tuple[str, str]]:
                     missing(f"agents.{agent_id}.{field}", ref, provider)
     default_agent = table(tree.get("gateway")).get("default_agent", "default")
     if isinstance(default_agent, str) and default_agent not in agents:
-        problems.append((
-            "gateway.default_agent",
-            f"agent {default_agent!r} is not configured (known: {', '.join(sorted(agents)) or 'none'})"
-            + did_you_mean(default_agent, agents),
-        ))
+        problems.append(
+            (
+                "gateway.default_agent",
+                f"agent {default_agent!r} is not configured (known: {', '.join(sorted(agents)) or 'none'})"
+                + did_you_mean(default_agent, agents),
+            )
+        )
     concurrency = table(table(tree.get("tasks")).get("concurrency"))
     for ref in table(concurrency.get("models")):
         provider = ref.split("/", 1)[0]
         if _MODEL_REF.match(ref) and provider not in providers:
-            problems.append((
-                f"tasks.concurrency.models.{ref}",
-                f"model {ref!r} names a provider that is not configured (known: {known})"
-                + did_you_mean(provider, providers),
-            ))
+            problems.append(
+                (
+                    f"tasks.concurrency.models.{ref}",
+                    f"model {ref!r} names a provider that is not configured (known: {known})"
+                    + did_you_mean(provider, providers),
+                )
+            )
     for name in table(concurrency.get("providers")):
         if name not in providers:
-            problems.append((
-                f"tasks.concurrency.providers.{name}",
-                f"provider {name!r} is not configured (known: {known})" + did_you_mean(name, providers),
-            ))
+            problems.append(
+                (
+                    f"tasks.concurrency.providers.{name}",
+                    f"provider {name!r} is not configured (known: {known})" + did_you_mean(name, providers),
+                )
+            )
     model = table(tree.get("compaction")).get("model")
     for ref in refs(model):
         provider = ref.split("/", 1)[0]
         if provider not in providers:
-            problems.append((
-                "compaction.model",
-                f"model {ref!r} names a provider that is not configured (known: {known})"
-                + did_you_mean(provider, providers),
-            ))
+            problems.append(
+                (
+                    "compaction.model",
+                    f"model {ref!r} names a provider that is not configured (known: {known})"
+                    + did_you_mean(provider, providers),
+                )
+            )
     return problems
 
 
@@ -1227,9 +1254,9 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str
             continue
         if name in ENV_ALIASES:
             path = ENV_ALIASES[name].split(".")
-        elif "__" in name or name[len("RUNYARD_"):].lower() in Config.model_fields:
+        elif "__" in name or name[len("RUNYARD_") :].lower() in Config.model_fields:
             # Table keys (agent and provider ids) are matched in lower case.
-            path = [part.lower() for part in name[len("RUNYARD_"):].split("__")]
+            path = [part.lower() for part in name[len("RUNYARD_") :].split("__")]
         else:
             continue
         _set_path(tree, path, _env_value(raw))

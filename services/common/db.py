@@ -99,18 +99,14 @@ def _lock_key(schema: str) -> int:
 
 async def pending_migrations(conn: asyncpg.Connection, schema: str) -> list[str]:
     """Names of the migrations of ``schema`` not applied yet."""
-    exists = await conn.fetchval(
-        "SELECT to_regclass($1) IS NOT NULL", f"{schema}.schema_migrations"
-    )
+    exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{schema}.schema_migrations")
     applied: set[str] = set()
     if exists:
         applied = {r["version"] for r in await conn.fetch(f"SELECT version FROM {schema}.schema_migrations")}
     return [name for name, _ in _migration_files(SCHEMAS[schema]) if name not in applied]
 
 
-async def migrate(
-    url: str, schema: str, *, progress: Callable[[str], None] | None = None
-) -> list[str]:
+async def migrate(url: str, schema: str, *, progress: Callable[[str], None] | None = None) -> list[str]:
     """Apply the pending migrations of ``schema``; returns the names applied.
 
     Safe to run concurrently from several processes (advisory lock).

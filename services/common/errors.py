@@ -274,10 +274,11 @@ def from_rpc_error(error: grpc.RpcError) -> RunyardError:
 
 def from_run_error(error: common_pb2.RunError) -> RunyardError:
     """The :class:`RunyardError` equivalent of a ``RunError`` message."""
-    code = grpc.StatusCode[error.code] if error.code in grpc.StatusCode.__members__ else grpc.StatusCode.UNKNOWN
+    code = (
+        grpc.StatusCode[error.code] if error.code in grpc.StatusCode.__members__ else grpc.StatusCode.UNKNOWN
+    )
     exc = _error_for(code)(
         error.message, reason=error.reason or None, metadata=error.metadata, retryable=error.retryable
     )
     exc.code = code
     return exc
-

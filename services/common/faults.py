@@ -24,8 +24,9 @@ from typing import TypeVar
 import asyncpg
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from runyard.common.errors import InvalidArgument, RunyardError, Unavailable, from_rpc_error
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential, wait_random
+
+from runyard.common.errors import InvalidArgument, RunyardError, Unavailable, from_rpc_error
 
 __all__ = [
     "DATABASE_UNAVAILABLE",
@@ -88,9 +89,14 @@ def transient_database_error(exc: BaseException) -> bool:
 def _unstorable_value(exc: BaseException) -> bool:
     """PostgreSQL refused a value the request carried (a NUL character, an
     integer outside int64): input validation should have caught it first."""
-    if isinstance(exc, (asyncpg.exceptions.CharacterNotInRepertoireError,
-                        asyncpg.exceptions.UntranslatableCharacterError,
-                        asyncpg.exceptions.NumericValueOutOfRangeError)):
+    if isinstance(
+        exc,
+        (
+            asyncpg.exceptions.CharacterNotInRepertoireError,
+            asyncpg.exceptions.UntranslatableCharacterError,
+            asyncpg.exceptions.NumericValueOutOfRangeError,
+        ),
+    ):
         return True
     return isinstance(exc, asyncpg.exceptions.DataError) and "out of int64 range" in str(exc)
 
@@ -107,8 +113,10 @@ def as_runyard_error(exc: BaseException) -> RunyardError | None:
     if isinstance(exc, RunyardError):
         return exc
     if _unstorable_value(exc):
-        log.warning("a request value reached PostgreSQL and was refused (%s); validation missed it",
-                    type(exc).__name__)
+        log.warning(
+            "a request value reached PostgreSQL and was refused (%s); validation missed it",
+            type(exc).__name__,
+        )
         return InvalidArgument(
             "the request holds a value that cannot be stored (a NUL character or an integer out of range)",
             reason="UNSTORABLE_VALUE",
@@ -144,7 +152,10 @@ def infrastructure_error(exc: BaseException) -> bool:
     if isinstance(exc, RunyardError):
         if exc.code == grpc.StatusCode.UNAVAILABLE:
             return exc.reason in INFRASTRUCTURE_REASONS
-        if exc.code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and exc.reason in ("UNKNOWN", "INTERNAL"):
+        if exc.code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and exc.reason in (
+            "UNKNOWN",
+            "INTERNAL",
+        ):
             lowered = exc.message.lower()
             return any(marker in lowered for marker in _PEER_RESET_TEXTS)
         return False
@@ -198,5 +209,3 @@ def budget_for(context: grpc.aio.ServicerContext, default_s: float = 5.0) -> flo
     if remaining is None:
         return default_s
     return max(min(default_s, remaining / 2), 0.0)
-
-

@@ -259,7 +259,10 @@ def from_proto(event: common_pb2.LifecycleEvent) -> Event:
     if kind.startswith("service."):
         service = event.service
         return ServiceEvent(
-            **base, service=service.service, instance_id=service.instance_id, version=service.version,
+            **base,
+            service=service.service,
+            instance_id=service.instance_id,
+            version=service.version,
             mode=service.mode,
         )
     if kind.startswith("run."):
@@ -282,7 +285,9 @@ def from_proto(event: common_pb2.LifecycleEvent) -> Event:
             model=model.model,
             from_model=model.from_model,
             to_model=model.to_model,
-            reason=_enum_name(common_pb2.FailoverReason, model.reason, "FAILOVER_REASON_") if model.reason else "",
+            reason=_enum_name(common_pb2.FailoverReason, model.reason, "FAILOVER_REASON_")
+            if model.reason
+            else "",
             provider=model.provider,
             auth_profile=model.auth_profile,
             message=model.message,
@@ -460,7 +465,10 @@ class Handler:
             self._error("timeout")
             log.warning(
                 "hook %s timed out after %.0f ms on %s (session %s)",
-                self.name, self.timeout_s * 1000, event.type, event.session_id or "-",
+                self.name,
+                self.timeout_s * 1000,
+                event.type,
+                event.session_id or "-",
             )
             return
         exc = call.exception() if not call.cancelled() else None
@@ -468,8 +476,13 @@ class Handler:
             self._error("exception")
             log.error(
                 "hook %s raised on %s (session %s) after %.0f ms: %s: %s",
-                self.name, event.type, event.session_id or "-", (time.monotonic() - started) * 1000,
-                type(exc).__name__, exc, exc_info=exc,
+                self.name,
+                event.type,
+                event.session_id or "-",
+                (time.monotonic() - started) * 1000,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
             )
 
     async def run(self) -> None:
@@ -499,7 +512,8 @@ class Handler:
                 self._overflowing = True
                 log.warning(
                     "hook %s queue is full (%d events, hooks.queue_size); dropping events until it drains",
-                    self.name, limit,
+                    self.name,
+                    limit,
                 )
             return
         self._overflowing = False
@@ -538,13 +552,19 @@ def _check_events(events: Sequence[str], where: str) -> list[tuple[str, str]]:
         problems.append((where, "names no events"))
     for name in events:
         if name not in LIFECYCLE_EVENT_TYPES:
-            problems.append((where, f"unknown event name {name!r}; known: {', '.join(LIFECYCLE_EVENT_TYPES)}"))
+            problems.append(
+                (where, f"unknown event name {name!r}; known: {', '.join(LIFECYCLE_EVENT_TYPES)}")
+            )
         elif name not in HOOK_EVENT_TYPES:
-            problems.append((
-                where,
-                (f"{name!r} is not delivered to in-process handlers (they receive {', '.join(HOOK_EVENT_TYPES)}); "
-                 "read it with WatchEvents"),
-            ))
+            problems.append(
+                (
+                    where,
+                    (
+                        f"{name!r} is not delivered to in-process handlers (they receive {', '.join(HOOK_EVENT_TYPES)}); "
+                        "read it with WatchEvents"
+                    ),
+                )
+            )
     return problems
 
 
@@ -584,7 +604,9 @@ def load_handlers(
             problems.extend(event_problems)
             return
         if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or not 1 <= timeout_ms <= 600_000:
-            problems.append((where, f"timeout_ms must be a whole number of milliseconds in 1..600000, got {timeout_ms!r}"))
+            problems.append(
+                (where, f"timeout_ms must be a whole number of milliseconds in 1..600000, got {timeout_ms!r}")
+            )
             return
         if name in seen:
             problems.append((where, f"a hook handler named {name!r} is already configured"))
@@ -600,15 +622,24 @@ def load_handlers(
         )
         installed = {ep.name for ep in found}
         for name in sorted(set(cfg.plugins) - installed):
-            problems.append((f"hooks.plugins.{name}", (
-                f"no installed plugin {name!r} in the {ENTRY_POINT_GROUP} entry-point group "
-                f"(installed: {', '.join(sorted(installed)) or 'none'})"
-            )))
+            problems.append(
+                (
+                    f"hooks.plugins.{name}",
+                    (
+                        f"no installed plugin {name!r} in the {ENTRY_POINT_GROUP} entry-point group "
+                        f"(installed: {', '.join(sorted(installed)) or 'none'})"
+                    ),
+                )
+            )
         for ep in sorted(found, key=lambda e: e.name):
             override = cfg.plugins.get(ep.name)
             if override is not None and not override.enabled:
                 continue
-            where = f"hooks.plugins.{ep.name}" if override is not None else f"entry point {ENTRY_POINT_GROUP}:{ep.name}"
+            where = (
+                f"hooks.plugins.{ep.name}"
+                if override is not None
+                else f"entry point {ENTRY_POINT_GROUP}:{ep.name}"
+            )
             try:
                 loaded = ep.load()
             except Exception as exc:  # noqa: BLE001 - reported as a config problem
@@ -617,17 +648,32 @@ def load_handlers(
             members = list(loaded) if isinstance(loaded, (list, tuple)) else [loaded]
             for member in members:
                 spec: HookSpec | None = getattr(member, "__runyard_hook__", None)
-                events = (override.events if override is not None and override.events is not None
-                          else (spec.events if spec else ()))
+                events = (
+                    override.events
+                    if override is not None and override.events is not None
+                    else (spec.events if spec else ())
+                )
                 if not events:
-                    problems.append((where, (
-                        f"{ep.value} declares no events: decorate it with "
-                        f"runyard.common.hooks.hook(...) or set hooks.plugins.{ep.name}.events"
-                    )))
+                    problems.append(
+                        (
+                            where,
+                            (
+                                f"{ep.value} declares no events: decorate it with "
+                                f"runyard.common.hooks.hook(...) or set hooks.plugins.{ep.name}.events"
+                            ),
+                        )
+                    )
                     continue
-                timeout = (override.timeout_ms if override is not None and override.timeout_ms is not None
-                           else (spec.timeout_ms if spec and spec.timeout_ms is not None else cfg.default_timeout_ms))
-                label = ep.name if len(members) == 1 else f"{ep.name}:{getattr(member, '__name__', len(handlers))}"
+                timeout = (
+                    override.timeout_ms
+                    if override is not None and override.timeout_ms is not None
+                    else (spec.timeout_ms if spec and spec.timeout_ms is not None else cfg.default_timeout_ms)
+                )
+                label = (
+                    ep.name
+                    if len(members) == 1
+                    else f"{ep.name}:{getattr(member, '__name__', len(handlers))}"
+                )
                 if spec is not None and spec.name and len(members) == 1:
                     label = spec.name
                 add(label, member, events, timeout, where)
@@ -700,7 +746,10 @@ class HookRunner:
             metrics.DRAIN_TIMED_OUT_HANDLERS_TOTAL.labels(handler.name).inc()
             log.warning(
                 "hook %s did not finish within the drain bound (%.0f ms): %d event(s) not delivered (%s)",
-                handler.name, timeout_s * 1000, len(handler.queue) + (1 if handler.busy else 0), handler.origin,
+                handler.name,
+                timeout_s * 1000,
+                len(handler.queue) + (1 if handler.busy else 0),
+                handler.origin,
             )
         return late
 

@@ -81,7 +81,9 @@ GRPC_SERVER_HANDLING_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 GRPC_SERVER_MSG_RECEIVED = Counter(
-    "grpc_server_msg_received_total", "Total number of RPC stream messages received on the server.", _GRPC_LABELS
+    "grpc_server_msg_received_total",
+    "Total number of RPC stream messages received on the server.",
+    _GRPC_LABELS,
 )
 GRPC_SERVER_MSG_SENT = Counter(
     "grpc_server_msg_sent_total", "Total number of gRPC stream messages sent by the server.", _GRPC_LABELS
@@ -105,7 +107,9 @@ GRPC_CLIENT_HANDLING_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 GRPC_CLIENT_MSG_RECEIVED = Counter(
-    "grpc_client_msg_received_total", "Total number of RPC stream messages received by the client.", _GRPC_LABELS
+    "grpc_client_msg_received_total",
+    "Total number of RPC stream messages received by the client.",
+    _GRPC_LABELS,
 )
 GRPC_CLIENT_MSG_SENT = Counter(
     "grpc_client_msg_sent_total", "Total number of gRPC stream messages sent by the client.", _GRPC_LABELS
@@ -131,9 +135,7 @@ TIME_TO_FIRST_TOKEN_SECONDS = Histogram(
     ("provider",),
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-TOKENS_STREAMED = Counter(
-    "runyard_tokens_streamed_total", "Text deltas streamed from models.", ("provider",)
-)
+TOKENS_STREAMED = Counter("runyard_tokens_streamed_total", "Text deltas streamed from models.", ("provider",))
 FAILOVERS_TOTAL = Counter(
     "runyard_failovers_total",
     "Switches of an answer from one model to another (next_model, context_window_chain, "
@@ -161,9 +163,7 @@ ROUTER_DECISIONS_TOTAL = Counter(
 ROUTER_PROBES_TOTAL = Counter(
     "runyard_router_probes_total", "Attempts on a cooling model/profile (probes), by outcome.", ("outcome",)
 )
-RUN_EVENTS_PERSISTED = Counter(
-    "runyard_run_events_persisted_total", "Run events written to PostgreSQL."
-)
+RUN_EVENTS_PERSISTED = Counter("runyard_run_events_persisted_total", "Run events written to PostgreSQL.")
 WORKERS_CONNECTED = Gauge("runyard_workers_connected", "Workers connected to this gateway.")
 WORKER_FREE_CAPACITY = Gauge(
     "runyard_worker_free_capacity", "Free run slots of the workers connected to this gateway."
@@ -178,14 +178,16 @@ SNAPSHOT_BYTES = Histogram(
 )
 ACTIVE_SESSIONS = Gauge("runyard_active_sessions", "Session activations owned by this sessions instance.")
 SESSION_ENDS_TOTAL = Counter("runyard_session_ends_total", "Session ends by reason.", ("reason",))
-HOOK_ERRORS_TOTAL = Counter(
-    "runyard_hook_errors_total", "Hook handler failures.", ("hook", "reason")
-)
+HOOK_ERRORS_TOTAL = Counter("runyard_hook_errors_total", "Hook handler failures.", ("hook", "reason"))
 DRAIN_DURATION_SECONDS = Histogram(
-    "runyard_drain_duration_seconds", "Duration of shutdown drains.", buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30)
+    "runyard_drain_duration_seconds",
+    "Duration of shutdown drains.",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30),
 )
 DRAIN_TIMED_OUT_HANDLERS_TOTAL = Counter(
-    "runyard_drain_timed_out_handlers_total", "Hook handlers that did not finish within the drain bound.", ("hook",)
+    "runyard_drain_timed_out_handlers_total",
+    "Hook handlers that did not finish within the drain bound.",
+    ("hook",),
 )
 HOOK_CALLS_TOTAL = Counter(
     "runyard_hook_calls_total", "In-process hook handler calls (successful or not).", ("hook",)
@@ -203,7 +205,9 @@ MAINTENANCE_ITEMS_TOTAL = Counter(
     ("action",),
 )
 EVENTS_RELAYED_TOTAL = Counter(
-    "runyard_events_relayed_total", "Lifecycle events the gateway copied into its outbox, by source.", ("source",)
+    "runyard_events_relayed_total",
+    "Lifecycle events the gateway copied into its outbox, by source.",
+    ("source",),
 )
 WATCH_STREAMS = Gauge("runyard_watch_streams", "Open WatchEvents streams on this gateway.")
 
@@ -236,7 +240,7 @@ TOOL_CALLS_TOTAL = Counter(
     "runyard_tool_calls_total",
     "Tool calls of the tool loop by tool, source (builtin, mcp, client) and outcome (ok, error). A client "
     "tool's call is counted when its result reaches the worker. Tool names the run did not offer are "
-    "counted as \"(undeclared)\", names beyond the first 200 as \"(other)\".",
+    'counted as "(undeclared)", names beyond the first 200 as "(other)".',
     ("tool", "source", "outcome"),
 )
 TOOL_CALL_DURATION_SECONDS = Histogram(
@@ -247,7 +251,8 @@ TOOL_CALL_DURATION_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 BUILD_INFO = Gauge(
-    "runyard_build_info", "Always 1; labels name the runyard version and the service of this process.",
+    "runyard_build_info",
+    "Always 1; labels name the runyard version and the service of this process.",
     ("version", "service"),
 )
 
@@ -265,16 +270,36 @@ _SERVICE_LABELS: dict[str, list[tuple[Counter | Histogram | Gauge, tuple[str, ..
 #: :data:`SHARED_FAMILIES`, and every non-``runyard_`` family (grpc_*, process_*).
 SERVICE_FAMILIES: dict[str, tuple[Counter | Gauge | Histogram, ...]] = {
     "gateway": (
-        RUNS_TOTAL, RUNS_QUEUE_WAIT_SECONDS, RUN_DURATION_SECONDS, RUN_EVENTS_PERSISTED, WORKERS_CONNECTED,
-        WORKER_FREE_CAPACITY, QUEUE_DEPTH, EVENTS_RELAYED_TOTAL, WATCH_STREAMS, TASK_SLOTS_IN_USE,
+        RUNS_TOTAL,
+        RUNS_QUEUE_WAIT_SECONDS,
+        RUN_DURATION_SECONDS,
+        RUN_EVENTS_PERSISTED,
+        WORKERS_CONNECTED,
+        WORKER_FREE_CAPACITY,
+        QUEUE_DEPTH,
+        EVENTS_RELAYED_TOTAL,
+        WATCH_STREAMS,
+        TASK_SLOTS_IN_USE,
     ),
     "router": (
-        TIME_TO_FIRST_TOKEN_SECONDS, TOKENS_STREAMED, FAILOVERS_TOTAL, ROUTER_DECISIONS_TOTAL, ROUTER_PROBES_TOTAL,
-        PROVIDER_STATE, COOLDOWNS_TOTAL,
+        TIME_TO_FIRST_TOKEN_SECONDS,
+        TOKENS_STREAMED,
+        FAILOVERS_TOTAL,
+        ROUTER_DECISIONS_TOTAL,
+        ROUTER_PROBES_TOTAL,
+        PROVIDER_STATE,
+        COOLDOWNS_TOTAL,
     ),
     "sessions": (
-        SNAPSHOT_BYTES, ACTIVE_SESSIONS, SESSION_ENDS_TOTAL, HOOK_ERRORS_TOTAL, HOOK_CALLS_TOTAL,
-        DRAIN_DURATION_SECONDS, DRAIN_TIMED_OUT_HANDLERS_TOTAL, COMPACTIONS_TOTAL, MAINTENANCE_ITEMS_TOTAL,
+        SNAPSHOT_BYTES,
+        ACTIVE_SESSIONS,
+        SESSION_ENDS_TOTAL,
+        HOOK_ERRORS_TOTAL,
+        HOOK_CALLS_TOTAL,
+        DRAIN_DURATION_SECONDS,
+        DRAIN_TIMED_OUT_HANDLERS_TOTAL,
+        COMPACTIONS_TOTAL,
+        MAINTENANCE_ITEMS_TOTAL,
     ),
     "worker": (COMPACTIONS_TOTAL, TOOL_CALLS_TOTAL, TOOL_CALL_DURATION_SECONDS, MCP_SERVERS),
 }
@@ -396,8 +421,11 @@ def _app() -> Callable[..., Any]:
         reason = "OK" if status == 200 else "Service Unavailable"
         start_response(
             f"{status} {reason}",
-            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data))),
-             ("Cache-Control", "no-store")],
+            [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(data))),
+                ("Cache-Control", "no-store"),
+            ],
         )
         return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [data]
 
@@ -424,7 +452,9 @@ def serve_metrics(port: int, host: str = "0.0.0.0") -> WSGIServer | None:
     if not port:
         return None
     host = host.strip("[]") or "0.0.0.0"
-    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
 
     class Server(_ThreadingServer):
         address_family = family

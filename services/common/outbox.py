@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Sequence
 
 import asyncpg
+
 from runyard._proto.v1 import common_pb2
 
 __all__ = ["HORIZON_SQL", "MAX_EVENTS_PER_TRANSACTION", "OUTBOX_DDL", "Outbox", "OutboxTrimmer", "xid_of"]

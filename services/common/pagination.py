@@ -72,7 +72,9 @@ def page_size(value: int, *, default: int = DEFAULT_PAGE_SIZE, maximum: int = MA
         InvalidArgument: negative size (reason INVALID_PAGE_SIZE).
     """
     if value < 0:
-        raise InvalidArgument(f"page_size must not be negative, got {value}", reason="INVALID_PAGE_SIZE", field="page_size")
+        raise InvalidArgument(
+            f"page_size must not be negative, got {value}", reason="INVALID_PAGE_SIZE", field="page_size"
+        )
     return min(value or default, maximum)
 
 

@@ -43,4 +43,6 @@ def parse_uuid(value: str, field: str, *, what: str = "id") -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise InvalidArgument(f"{field} is not a valid {what}: {value[:64]!r}", reason="INVALID_ID", field=field) from None
+        raise InvalidArgument(
+            f"{field} is not a valid {what}: {value[:64]!r}", reason="INVALID_ID", field=field
+        ) from None

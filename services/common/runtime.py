@@ -43,7 +43,9 @@ def setup_logging(service: str, config: Config) -> None:
     # The keys and tokens the agents' MCP servers get (issue 13); short values are not masked.
     for agent in config.agents.values():
         for server in agent.mcp_servers.values():
-            secrets.extend(v for v in (os.environ.get(n, "") for n in server.environment_names) if len(v) >= 8)
+            secrets.extend(
+                v for v in (os.environ.get(n, "") for n in server.environment_names) if len(v) >= 8
+            )
     handler.setFormatter(
         _RedactingFormatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s", secrets)
     )
@@ -64,11 +66,15 @@ def database_url(config: Config) -> str:
         ConfigError: none configured (services started on their own need one).
     """
     if not config.database.url:
-        raise ConfigError([(
-            "database.url",
-            "required to start a service on its own (set RUNYARD_DATABASE_URL); "
-            "`runyard up` starts an embedded PostgreSQL instead",
-        )])
+        raise ConfigError(
+            [
+                (
+                    "database.url",
+                    "required to start a service on its own (set RUNYARD_DATABASE_URL); "
+                    "`runyard up` starts an embedded PostgreSQL instead",
+                )
+            ]
+        )
     return config.database.url
 
 
@@ -97,43 +103,55 @@ def check_service_config(config: Config, service: str | None = None) -> None:
     problems: list[tuple[str, str]] = []
     auth = config.auth
     if not config.database.url:
-        problems.append((
-            "database.url",
-            "required to start a service on its own (set RUNYARD_DATABASE_URL); "
-            "`runyard up` starts an embedded PostgreSQL instead",
-        ))
+        problems.append(
+            (
+                "database.url",
+                "required to start a service on its own (set RUNYARD_DATABASE_URL); "
+                "`runyard up` starts an embedded PostgreSQL instead",
+            )
+        )
     if len(auth.internal_secret.encode()) < MIN_INTERNAL_SECRET_BYTES:
-        problems.append((
-            "auth.internal_secret",
-            f"required, at least {MIN_INTERNAL_SECRET_BYTES} bytes (set RUNYARD_INTERNAL_SECRET, e.g. "
-            "`openssl rand -base64 48`): without it the internal listener would accept anyone; "
-            "`runyard up` generates one",
-        ))
+        problems.append(
+            (
+                "auth.internal_secret",
+                f"required, at least {MIN_INTERNAL_SECRET_BYTES} bytes (set RUNYARD_INTERNAL_SECRET, e.g. "
+                "`openssl rand -base64 48`): without it the internal listener would accept anyone; "
+                "`runyard up` generates one",
+            )
+        )
     if service == "gateway":
         if not auth.run_token_private_key:
-            problems.append((
-                "auth.run_token_private_key",
-                "required on the gateway, which signs run tokens (set RUNYARD_RUN_TOKEN_PRIVATE_KEY; "
-                "`runyard keys run-token` makes a key pair, `runyard up` generates one)",
-            ))
+            problems.append(
+                (
+                    "auth.run_token_private_key",
+                    "required on the gateway, which signs run tokens (set RUNYARD_RUN_TOKEN_PRIVATE_KEY; "
+                    "`runyard keys run-token` makes a key pair, `runyard up` generates one)",
+                )
+            )
     elif service is not None:
         if auth.run_token_private_key:
-            problems.append((
-                "auth.run_token_private_key",
-                f"must not be given to the {service}: only the gateway signs run tokens; give this "
-                "service auth.run_token_public_key (RUNYARD_RUN_TOKEN_PUBLIC_KEY) instead",
-            ))
+            problems.append(
+                (
+                    "auth.run_token_private_key",
+                    f"must not be given to the {service}: only the gateway signs run tokens; give this "
+                    "service auth.run_token_public_key (RUNYARD_RUN_TOKEN_PUBLIC_KEY) instead",
+                )
+            )
         if not auth.run_token_public_key:
-            problems.append((
-                "auth.run_token_public_key",
-                "required: the gateway's Ed25519 public key, to verify run tokens "
-                "(set RUNYARD_RUN_TOKEN_PUBLIC_KEY; `runyard keys run-token` makes a key pair)",
-            ))
+            problems.append(
+                (
+                    "auth.run_token_public_key",
+                    "required: the gateway's Ed25519 public key, to verify run tokens "
+                    "(set RUNYARD_RUN_TOKEN_PUBLIC_KEY; `runyard keys run-token` makes a key pair)",
+                )
+            )
     elif not (auth.run_token_private_key or auth.run_token_public_key):
-        problems.append((
-            "auth.run_token_public_key",
-            "required (or auth.run_token_private_key on the gateway); `runyard keys run-token` makes a key pair",
-        ))
+        problems.append(
+            (
+                "auth.run_token_public_key",
+                "required (or auth.run_token_private_key on the gateway); `runyard keys run-token` makes a key pair",
+            )
+        )
     if service == "worker":
         # The variables the agents' MCP servers name (their keys and tokens) must be set (issue 13).
         problems.extend(mcp_environment_problems(config))
@@ -147,7 +165,9 @@ async def open_database(config: Config, schema: str | None) -> asyncpg.Pool:
     async for attempt in AsyncRetrying(
         stop=stop_after_delay(config.database.connect_timeout_s * 3),
         wait=wait_exponential(multiplier=0.1, max=2),
-        retry=retry_if_exception_type((OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)),
+        retry=retry_if_exception_type(
+            (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
+        ),
         reraise=True,
     ):
         with attempt:

@@ -252,7 +252,11 @@ class _CallGuard:
         secret = internal_secret or ""
         if service.startswith("grpc.health."):
             secret = ""
-        return cls(secret, validation.validated_service(service), kind == "unary" and faults.rpc_idempotent(full_method))
+        return cls(
+            secret,
+            validation.validated_service(service),
+            kind == "unary" and faults.rpc_idempotent(full_method),
+        )
 
     def check(self, request: Any) -> Any:
         if self.validate:
@@ -313,11 +317,23 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         # Still answered while draining: health, reflection and AdminService (reports the drain).
         exempt = service.startswith(("grpc.health.", "grpc.reflection.")) or service == admin.SERVICE_NAME
         if handler.request_streaming and handler.response_streaming:
-            kind, behavior, factory = "bidi_stream", handler.stream_stream, grpc.stream_stream_rpc_method_handler
+            kind, behavior, factory = (
+                "bidi_stream",
+                handler.stream_stream,
+                grpc.stream_stream_rpc_method_handler,
+            )
         elif handler.request_streaming:
-            kind, behavior, factory = "client_stream", handler.stream_unary, grpc.stream_unary_rpc_method_handler
+            kind, behavior, factory = (
+                "client_stream",
+                handler.stream_unary,
+                grpc.stream_unary_rpc_method_handler,
+            )
         elif handler.response_streaming:
-            kind, behavior, factory = "server_stream", handler.unary_stream, grpc.unary_stream_rpc_method_handler
+            kind, behavior, factory = (
+                "server_stream",
+                handler.unary_stream,
+                grpc.unary_stream_rpc_method_handler,
+            )
         else:
             kind, behavior, factory = "unary", handler.unary_unary, grpc.unary_unary_rpc_method_handler
         labels = (kind, service, method)
@@ -594,12 +610,15 @@ class ServiceServer:
         self.shutdown_grace_s = shutdown_grace_s
         self.inflight = InFlight()
         self.internal_secret = internal_secret
-        self.interceptor = ServerInterceptor(self.inflight, internal_secret=None if public else self.internal_secret)
+        self.interceptor = ServerInterceptor(
+            self.inflight, internal_secret=None if public else self.internal_secret
+        )
         self.interceptors = [self.interceptor]
         self._options = grpc_server_options(max_message_bytes)
         self.server = grpc.aio.server(
             # Tracing (when on) goes first, so its span covers ours and sees the final status.
-            interceptors=[*tracing.server_interceptors(), self.interceptor], options=self._options
+            interceptors=[*tracing.server_interceptors(), self.interceptor],
+            options=self._options,
         )
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -621,7 +640,8 @@ class ServiceServer:
             self.internal_server = self.server
             admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, self.server)
             enable_reflection(
-                self.server, [*self.service_names, *self.internal_service_names, admin.SERVICE_NAME, health.SERVICE_NAME]
+                self.server,
+                [*self.service_names, *self.internal_service_names, admin.SERVICE_NAME, health.SERVICE_NAME],
             )
         self.port = 0
         self.stop_requested = asyncio.Event()
@@ -633,7 +653,9 @@ class ServiceServer:
         health and reflection of those; the internal credential required."""
         interceptor = ServerInterceptor(self.inflight, internal_secret=self.internal_secret)
         self.interceptors.append(interceptor)
-        server = grpc.aio.server(interceptors=[*tracing.server_interceptors(), interceptor], options=self._options)
+        server = grpc.aio.server(
+            interceptors=[*tracing.server_interceptors(), interceptor], options=self._options
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, server)
         enable_reflection(server, [*self.internal_service_names, admin.SERVICE_NAME, health.SERVICE_NAME])
@@ -667,8 +689,14 @@ class ServiceServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         host = self.listen.rsplit(":", 1)[0]
         if self.internal_listen:
-            log.info("%s listening on %s:%d (public), %s:%d (internal)", self.name, host, self.port,
-                     self.internal_listen.rsplit(":", 1)[0], self.internal_port)
+            log.info(
+                "%s listening on %s:%d (public), %s:%d (internal)",
+                self.name,
+                host,
+                self.port,
+                self.internal_listen.rsplit(":", 1)[0],
+                self.internal_port,
+            )
         else:
             log.info("%s listening on %s:%d", self.name, host, self.port)
 
@@ -725,5 +753,7 @@ class ServiceServer:
         self._stopped = True
         await self.admin.stop()
         grace = self.shutdown_grace_s if grace_s is None else grace_s
-        servers = [self.server] if self.internal_server is self.server else [self.server, self.internal_server]
+        servers = (
+            [self.server] if self.internal_server is self.server else [self.server, self.internal_server]
+        )
         await asyncio.gather(*(server.stop(grace) for server in servers))

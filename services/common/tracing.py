@@ -105,7 +105,9 @@ def _sampler() -> Any:
         ):
             if kind == SpanKind.CLIENT:
                 return SamplingResult(Decision.DROP)
-            return ALWAYS_ON.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+            return ALWAYS_ON.should_sample(
+                parent_context, trace_id, name, kind, attributes, links, trace_state
+            )
 
         def get_description(self) -> str:
             return "RequestsOnly"
@@ -135,7 +137,9 @@ def setup(service: str, *, exporter: Any = None, set_global: bool = True) -> boo
         return False
     if exporter is None:
         protocol = (
-            os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+            os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or "grpc"
         )
         if protocol.strip().lower() != "grpc":
             raise ValueError(
@@ -349,7 +353,8 @@ def request_attributes(request: Any) -> None:
     run = getattr(request, "run", None)
     source = run if run is not None and hasattr(run, "run_id") else request
     set_attributes(
-        run_id=str(getattr(source, "run_id", "") or ""), session_id=str(getattr(source, "session_id", "") or "")
+        run_id=str(getattr(source, "run_id", "") or ""),
+        session_id=str(getattr(source, "session_id", "") or ""),
     )
 
 

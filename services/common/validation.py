@@ -29,6 +29,7 @@ from typing import Any
 import protovalidate
 from google.protobuf import descriptor
 from google.protobuf.message import Message
+
 from runyard.common.errors import InvalidArgument
 
 __all__ = ["INT64_MAX", "check_request", "validated_service"]
@@ -104,11 +105,15 @@ def _contract_violation(message: Message) -> InvalidArgument | None:
     path, leaf = _path(proto.field.elements if proto.field is not None else ())
     if not path:
         path = leaf = _MESSAGE_RULE_FIELDS.get(rule, "")
-    reason = _FIELD_REASONS.get((leaf, rule)) or _FIELD_PREFIX_REASONS.get(path.split("[", 1)[0].split(".", 1)[0])
+    reason = _FIELD_REASONS.get((leaf, rule)) or _FIELD_PREFIX_REASONS.get(
+        path.split("[", 1)[0].split(".", 1)[0]
+    )
     reason = reason or _RULE_REASONS.get(rule, "INVALID_ARGUMENT")
     # protovalidate's messages quote the rule (a length, a pattern), never the value.
     text = proto.message.replace("\x00", "\\0")
-    return InvalidArgument(f"{path or 'request'}: {text}" if path else text, reason=reason, field=path or None)
+    return InvalidArgument(
+        f"{path or 'request'}: {text}" if path else text, reason=reason, field=path or None
+    )
 
 
 def _walk(message: Message, prefix: str, content: bool) -> InvalidArgument | None:
@@ -151,11 +156,15 @@ def _walk(message: Message, prefix: str, content: bool) -> InvalidArgument | Non
 
 def _nul(path: str) -> InvalidArgument:
     return InvalidArgument(
-        f"{path} contains a NUL character (U+0000), which cannot be stored", reason="NUL_CHARACTER", field=path
+        f"{path} contains a NUL character (U+0000), which cannot be stored",
+        reason="NUL_CHARACTER",
+        field=path,
     )
 
 
-def _scalar(path: str, field: descriptor.FieldDescriptor, value: Any, content: bool) -> InvalidArgument | None:
+def _scalar(
+    path: str, field: descriptor.FieldDescriptor, value: Any, content: bool
+) -> InvalidArgument | None:
     kind = field.type
     if kind == descriptor.FieldDescriptor.TYPE_STRING and not content and "\x00" in value:
         return _nul(path)

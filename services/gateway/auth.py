@@ -302,7 +302,9 @@ class Authenticator:
         now = time.monotonic()
         if bucket is None:
             bucket = self._buckets[principal.limit_key] = _Bucket(float(self.rate_limit_burst))
-        bucket.tokens = min(float(self.rate_limit_burst), bucket.tokens + (now - bucket.updated) * self.rate_limit_rps)
+        bucket.tokens = min(
+            float(self.rate_limit_burst), bucket.tokens + (now - bucket.updated) * self.rate_limit_rps
+        )
         bucket.updated = now
         if bucket.tokens < 1.0:
             wait = (1.0 - bucket.tokens) / self.rate_limit_rps

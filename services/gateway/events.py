@@ -243,13 +243,20 @@ class RunLog:
     # ------------------------------------------------------------ streams
 
     def open(
-        self, run_id: uuid.UUID, session_id: str, epoch: int, last_seq: int, worker_seq: int = 0,
+        self,
+        run_id: uuid.UUID,
+        session_id: str,
+        epoch: int,
+        last_seq: int,
+        worker_seq: int = 0,
         info: Mapping[str, Any] | None = None,
     ) -> RunStream:
         """Start (or restart, for a new epoch) the stream of a run assigned
         here; ``last_seq``/``worker_seq`` are what the table holds, ``info``
         the run's lifecycle fields (for its tool events)."""
-        stream = RunStream(run_id, session_id, epoch, durable_seq=last_seq, durable_worker_seq=worker_seq, info=info)
+        stream = RunStream(
+            run_id, session_id, epoch, durable_seq=last_seq, durable_worker_seq=worker_seq, info=info
+        )
         self.streams[run_id] = stream
         return stream
 
@@ -363,8 +370,11 @@ class RunLog:
         wanted = set(run_ids) if run_ids is not None else None
         while True:
             streams = [
-                s for s in self.streams.values()
-                if (wanted is None or s.run_id in wanted) and not s.stale and (s.pending or s.flushing is not None)
+                s
+                for s in self.streams.values()
+                if (wanted is None or s.run_id in wanted)
+                and not s.stale
+                and (s.pending or s.flushing is not None)
             ]
             if not streams:
                 return
@@ -400,7 +410,11 @@ class RunLog:
     def _next_due(self) -> float | None:
         """Seconds until the oldest pending event is due (None: nothing pending)."""
         oldest = min(
-            (s.first_pending_at for s in self.streams.values() if s.pending and not s.finishing and not s.stale),
+            (
+                s.first_pending_at
+                for s in self.streams.values()
+                if s.pending and not s.finishing and not s.stale
+            ),
             default=None,
         )
         if oldest is None:
@@ -409,7 +423,11 @@ class RunLog:
 
     def _due(self) -> list[RunStream]:
         now = time.monotonic()
-        active = [s for s in self.streams.values() if s.pending and not s.finishing and not s.stale and s.flushing is None]
+        active = [
+            s
+            for s in self.streams.values()
+            if s.pending and not s.finishing and not s.stale and s.flushing is None
+        ]
         if self._urgent or any(now - s.first_pending_at >= self.flush_interval_s for s in active):
             return active  # group commit: every run with pending events goes in the same statement
         return []
@@ -433,11 +451,17 @@ class RunLog:
                     last_seq=stream.durable_seq + count,
                     data=encode_batch(raw for _, raw, _ in stream.pending),
                     worker_seq=stream.pending[-1][2],
-                    lifecycle=tuple(tool_lifecycle(
-                        stream.info,
-                        (event for event, _, _ in stream.pending if event.WhichOneof("event") in TOOL_EVENT_KINDS),
-                        source=self.store.gateway_id,
-                    )),
+                    lifecycle=tuple(
+                        tool_lifecycle(
+                            stream.info,
+                            (
+                                event
+                                for event, _, _ in stream.pending
+                                if event.WhichOneof("event") in TOOL_EVENT_KINDS
+                            ),
+                            source=self.store.gateway_id,
+                        )
+                    ),
                 )
             )
         try:
@@ -467,8 +491,12 @@ class RunLog:
             else:
                 # The run was re-queued or ended elsewhere (lease lost): its
                 # events of this epoch are not ours to write any more.
-                log.warning("run %s epoch %d is no longer held here; %d event(s) dropped",
-                            stream.run_id, stream.epoch, len(stream.pending))
+                log.warning(
+                    "run %s epoch %d is no longer held here; %d event(s) dropped",
+                    stream.run_id,
+                    stream.epoch,
+                    len(stream.pending),
+                )
                 stream.stale = True
                 stream.pending.clear()
             self._settle(stream)

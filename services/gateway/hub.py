@@ -29,8 +29,6 @@ from runyard._proto.v1 import common_pb2, sessions_pb2, sessions_pb2_grpc, worke
 from runyard.common import metrics, tracing
 from runyard.common.auth import RunTokenSigner, check_internal, internal_metadata
 from runyard.common.clients import call
-from runyard.common.faults import retry_transient, transient_database_error
-from runyard.common.server import settle_before_reject
 from runyard.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -38,6 +36,8 @@ from runyard.common.errors import (
     RunyardError,
     Unauthenticated,
 )
+from runyard.common.faults import retry_transient, transient_database_error
+from runyard.common.server import settle_before_reject
 from runyard.gateway.events import PUBLISH_WINDOW, RunLog
 from runyard.gateway.runs import CANCEL_CHANNEL, QUEUE_CHANNEL, Claim, RunStore, event_bytes
 
@@ -47,13 +47,15 @@ if TYPE_CHECKING:
 #: Errors of a commit that end the run failed (the transcript refuses it);
 #: anything else (the sessions service unreachable) leaves the result to be
 #: sent again.
-_COMMIT_REFUSALS = frozenset({
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.PERMISSION_DENIED,
-})
+_COMMIT_REFUSALS = frozenset(
+    {
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
 
 __all__ = ["Dispatcher", "Hub", "WorkerConn"]
 
@@ -246,8 +248,13 @@ class Dispatcher:
             epoch=claim.epoch,
         )
         worker.runs[claim.run_id] = RunState(
-            claim.epoch, claim.org_id, str(claim.session_id), claim.agent_id, info=claim.row,
-            trace_context=dict(payload.trace_context), token_signed_at=time.monotonic(),
+            claim.epoch,
+            claim.org_id,
+            str(claim.session_id),
+            claim.agent_id,
+            info=claim.row,
+            trace_context=dict(payload.trace_context),
+            token_signed_at=time.monotonic(),
         )
         self.runlog.open(claim.run_id, str(claim.session_id), claim.epoch, claim.last_seq, info=claim.row)
         assignment = worker_hub_pb2.RunAssignment(payload=payload)
@@ -318,7 +325,9 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         self.tools = tools
 
     async def Connect(
-        self, request_iterator: AsyncIterator[worker_hub_pb2.ConnectRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[worker_hub_pb2.ConnectRequest],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[worker_hub_pb2.ConnectResponse]:
         try:
             check_internal(context, self.internal_secret)
@@ -364,14 +373,21 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
                 )
                 # The worker resends its events after worker_seq; they get
                 # the seqs they had (numbered from the stored last_seq).
-                self.runlog.open(run_id, str(claim.session_id), claim.epoch, claim.last_seq, worker_seq, info=claim.row)
+                self.runlog.open(
+                    run_id, str(claim.session_id), claim.epoch, claim.last_seq, worker_seq, info=claim.row
+                )
             else:
                 welcome.rejected_runs.add(run_id=str(run_id), epoch=epoch)
         yield worker_hub_pb2.ConnectResponse(welcome=welcome)
         self.dispatcher.workers[worker.worker_id] = worker
         self.dispatcher.update_gauges()
         self.dispatcher.wake()
-        log.info("worker %s connected (capacity %d, %d re-attached)", worker.worker_id, worker.capacity, len(accepted))
+        log.info(
+            "worker %s connected (capacity %d, %d re-attached)",
+            worker.worker_id,
+            worker.capacity,
+            len(accepted),
+        )
         reader = asyncio.create_task(self._read(worker, requests), name=f"hub-read-{worker.worker_id}")
         try:
             while True:
@@ -466,12 +482,19 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
                 continue
             state.token_signed_at = time.monotonic()
             token = signer.sign(
-                org_id=state.org_id, agent_id=state.agent_id, session_id=state.session_id,
-                run_id=str(run_id), epoch=state.epoch,
+                org_id=state.org_id,
+                agent_id=state.agent_id,
+                session_id=state.session_id,
+                run_id=str(run_id),
+                epoch=state.epoch,
             )
-            worker.send(worker_hub_pb2.ConnectResponse(
-                token_refresh=worker_hub_pb2.RunTokenRefresh(run_id=str(run_id), epoch=state.epoch, run_token=token)
-            ))
+            worker.send(
+                worker_hub_pb2.ConnectResponse(
+                    token_refresh=worker_hub_pb2.RunTokenRefresh(
+                        run_id=str(run_id), epoch=state.epoch, run_token=token
+                    )
+                )
+            )
 
     async def _on_result(self, worker: WorkerConn, result: worker_hub_pb2.WorkerRunResult) -> None:
         try:
@@ -549,7 +572,11 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         return True, status
 
     async def _complete(
-        self, run_id: uuid.UUID, state: RunState, result: worker_hub_pb2.WorkerRunResult, finish: dict[str, object]
+        self,
+        run_id: uuid.UUID,
+        state: RunState,
+        result: worker_hub_pb2.WorkerRunResult,
+        finish: dict[str, object],
     ) -> tuple[str, bytes, int]:
         """A completion: commit the run's messages (sessions) and end the run,
         with the run's row locked throughout, so a cancel or a requeue
@@ -590,13 +617,22 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
                 turn = response.turn if response.session_id == state.session_id else None
             if error is not None:
                 event = event_bytes(failed=common_pb2.RunFailed(error=error))
-                seq = await self.store.finish(conn, run_id, status="failed", event=event, error=error, **finish)
+                seq = await self.store.finish(
+                    conn, run_id, status="failed", event=event, error=error, **finish
+                )
                 return "failed", event, seq
             completed = result.completed
             event = event_bytes(completed=completed)
             seq = await self.store.finish(
-                conn, run_id, status="completed", event=event, model=completed.model, usage=completed.usage,
-                relayed=relayed, transcript_turn=turn, **finish,
+                conn,
+                run_id,
+                status="completed",
+                event=event,
+                model=completed.model,
+                usage=completed.usage,
+                relayed=relayed,
+                transcript_turn=turn,
+                **finish,
             )
             return "completed", event, seq
 
@@ -604,7 +640,9 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         """Tell every worker this gateway is going away (they re-attach elsewhere)."""
         self.shutting_down = True
         for worker in list(self.dispatcher.workers.values()):
-            worker.send(worker_hub_pb2.ConnectResponse(drain=worker_hub_pb2.HubDrain(reason="gateway shutting down")))
+            worker.send(
+                worker_hub_pb2.ConnectResponse(drain=worker_hub_pb2.HubDrain(reason="gateway shutting down"))
+            )
 
     async def close(self) -> None:
         for task in list(self._tasks):

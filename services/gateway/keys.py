@@ -107,7 +107,8 @@ class ApiKeyStore:
 
     async def list(self, org_id: str | None = None) -> list[ApiKey]:
         rows = await self.pool.fetch(
-            "SELECT * FROM gateway.api_keys WHERE $1::text IS NULL OR org_id = $1 ORDER BY created_at, id", org_id
+            "SELECT * FROM gateway.api_keys WHERE $1::text IS NULL OR org_id = $1 ORDER BY created_at, id",
+            org_id,
         )
         return [_row_key(r) for r in rows]
 

@@ -110,8 +110,12 @@ async def build(service: Service) -> None:
     dispatcher.prepare = tasks.prepare
     # Client-side tools (runyard.gateway.tool_results): runs waiting for the caller's results.
     tool_results = ToolResults(
-        store, runlog, dispatcher.wake, timeout_s=cfg.tool_results_timeout_s,
-        max_result_bytes=cfg.max_tool_result_bytes, sweep_interval_s=min(cfg.poll_interval_ms / 1000, 1.0),
+        store,
+        runlog,
+        dispatcher.wake,
+        timeout_s=cfg.tool_results_timeout_s,
+        max_result_bytes=cfg.max_tool_result_bytes,
+        sweep_interval_s=min(cfg.poll_interval_ms / 1000, 1.0),
     )
     hub = Hub(
         store,

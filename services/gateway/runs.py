@@ -218,8 +218,17 @@ class Claim:
 
 #: Columns a run's lifecycle events are built from (kept with its claim).
 _INFO_COLUMNS = (
-    "id", "org_id", "session_id", "session_key", "agent_id", "task_id", "input_text", "attempt",
-    "created_at", "first_claimed_at", "started_at",
+    "id",
+    "org_id",
+    "session_id",
+    "session_key",
+    "agent_id",
+    "task_id",
+    "input_text",
+    "attempt",
+    "created_at",
+    "first_claimed_at",
+    "started_at",
 )
 
 
@@ -238,7 +247,9 @@ def run_proto(row: asyncpg.Record) -> common_pb2.Run:
         usage=common_pb2.Usage(input_tokens=row["input_tokens"], output_tokens=row["output_tokens"]),
         last_seq=row["last_seq"],
         input_text=row["input_text"],
-        metadata=json.loads(row["metadata"]) if isinstance(row["metadata"], str) else dict(row["metadata"] or {}),
+        metadata=json.loads(row["metadata"])
+        if isinstance(row["metadata"], str)
+        else dict(row["metadata"] or {}),
         multitask_strategy=_STRATEGY_VALUES.get(row["multitask_strategy"], 0),
         task_id=str(row["task_id"] or ""),
     )
@@ -339,7 +350,8 @@ class RunStore:
             # safe with pooled connections.
             if key is not None:
                 await conn.execute(
-                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"runyard.idem:{payload.org_id}:{key}"
+                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                    f"runyard.idem:{payload.org_id}:{key}",
                 )
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", str(session_id))
             if key is not None:
@@ -379,12 +391,22 @@ class RunStore:
                     )
                 if strategy == "COLLECT":
                     follow_up = next(
-                        (r for r in active if r["status"] == "queued" and r["multitask_strategy"] == "COLLECT"), None
+                        (
+                            r
+                            for r in active
+                            if r["status"] == "queued" and r["multitask_strategy"] == "COLLECT"
+                        ),
+                        None,
                     )
                     if follow_up is not None:
                         merged = await self._collect_into(conn, follow_up, payload)
-                        await emit_run_events(conn, [merged], source=self.gateway_id, only=["message.received"],
-                                              message_length=len(payload.input.text))  # lifecycle event
+                        await emit_run_events(
+                            conn,
+                            [merged],
+                            source=self.gateway_id,
+                            only=["message.received"],
+                            message_length=len(payload.input.text),
+                        )  # lifecycle event
                         return merged, False
                 if strategy == "INTERRUPT":
                     await self._interrupt(conn, [r["id"] for r in active])
@@ -419,9 +441,14 @@ class RunStore:
         run_id = uuid.UUID(payload.run_id)
         stamp = dt.datetime.now(dt.UTC)
         info = {
-            "id": run_id, "org_id": payload.org_id, "session_id": uuid.UUID(payload.session_id),
-            "session_key": payload.session_key, "agent_id": payload.agent_id, "input_text": payload.input.text,
-            "task_id": payload.task_id or None, "created_at": stamp,
+            "id": run_id,
+            "org_id": payload.org_id,
+            "session_id": uuid.UUID(payload.session_id),
+            "session_key": payload.session_key,
+            "agent_id": payload.agent_id,
+            "input_text": payload.input.text,
+            "task_id": payload.task_id or None,
+            "created_at": stamp,
         }
         lifecycle = list(relayed) + run_events({**info, "status": "queued"}, source=self.gateway_id)
         if claim_for is not None:
@@ -488,10 +515,14 @@ class RunStore:
         # The follow-up's own text moves into the collected messages; the
         # newest message becomes the run's text.
         if merged.input.text:
-            merged.input.messages.append(common_pb2.Message(role=common_pb2.ROLE_USER, content=merged.input.text))
+            merged.input.messages.append(
+                common_pb2.Message(role=common_pb2.ROLE_USER, content=merged.input.text)
+            )
         merged.input.messages.extend(payload.input.messages)
         merged.input.text = payload.input.text
-        texts = [m.content for m in merged.input.messages if m.role == common_pb2.ROLE_USER] + [merged.input.text]
+        texts = [m.content for m in merged.input.messages if m.role == common_pb2.ROLE_USER] + [
+            merged.input.text
+        ]
         return await conn.fetchrow(
             f"""
             UPDATE gateway.runs SET payload = $2, input_text = $3 WHERE id = $1 AND status = 'queued'
@@ -503,13 +534,17 @@ class RunStore:
         )
 
     async def _interrupt(self, conn: asyncpg.Connection, run_ids: Sequence[uuid.UUID]) -> None:
-        cancelled = encode_batch([event_bytes(cancelled=common_pb2.RunCancelled(reason="interrupted by a newer message"))])
+        cancelled = encode_batch(
+            [event_bytes(cancelled=common_pb2.RunCancelled(reason="interrupted by a newer message"))]
+        )
         dropped = await conn.fetch(  # for their lifecycle events (run.failed, status CANCELLED)
             f"SELECT {_RUN_COLUMNS} FROM gateway.runs WHERE id = ANY($1::uuid[]) "
             "AND status IN ('queued', 'requires_action') FOR UPDATE",
             list(run_ids),
         )
-        await emit_run_events(conn, [{**dict(r), "status": "cancelled"} for r in dropped], source=self.gateway_id)
+        await emit_run_events(
+            conn, [{**dict(r), "status": "cancelled"} for r in dropped], source=self.gateway_id
+        )
         if dropped:
             metrics.RUNS_TOTAL.labels("cancelled").inc(len(dropped))
         await conn.execute(
@@ -813,9 +848,13 @@ class RunStore:
                 "error": error.SerializeToString() if error is not None else None,
                 "ended_at": dt.datetime.now(dt.UTC),
             }
-            tools = tool_lifecycle(info, pending, source=self.gateway_id)  # tool.called/completed of `pending`
+            tools = tool_lifecycle(
+                info, pending, source=self.gateway_id
+            )  # tool.called/completed of `pending`
             lifecycle = list(relayed) + tools + run_events(ended, source=self.gateway_id, run_event=event)
-        sources = ["sessions"] * len(relayed) + [""] * (len(lifecycle) - len(relayed)) if info is not None else []
+        sources = (
+            ["sessions"] * len(relayed) + [""] * (len(lifecycle) - len(relayed)) if info is not None else []
+        )
         seq = await conn.fetchval(
             f"""
             WITH upd AS (
@@ -854,7 +893,9 @@ class RunStore:
             *OUTBOX.emit_args(lifecycle, sources),
             transcript_turn,
         )
-        if seq and info is None:  # lifecycle events (run.completed + message.sent, or run.failed), same transaction
+        if (
+            seq and info is None
+        ):  # lifecycle events (run.completed + message.sent, or run.failed), same transaction
             row = await conn.fetchrow(f"SELECT {_RUN_COLUMNS} FROM gateway.runs WHERE id = $1", run_id)
             await emit_run_events(conn, [row], source=self.gateway_id, run_event=event)
         return int(seq or 0)
@@ -1009,15 +1050,17 @@ class RunStore:
         """Lock waiting runs whose tool results are overdue (oldest first,
         skipping runs another transaction holds); rows have ``id``,
         ``continuation`` and ``action_expires_at``."""
-        return list(await conn.fetch(
-            """
+        return list(
+            await conn.fetch(
+                """
             SELECT id, continuation, action_expires_at FROM gateway.runs
             WHERE status = 'requires_action' AND action_expires_at < now()
             ORDER BY action_expires_at LIMIT $1
             FOR UPDATE SKIP LOCKED
             """,
-            limit,
-        ))
+                limit,
+            )
+        )
 
     # ------------------------------------------------------------ reads
 
@@ -1070,7 +1113,11 @@ class RunStore:
         )
         events: list[common_pb2.RunEvent] = []
         for row in rows:
-            events += [e for e in decode_batch(run_id, session_id, row["seq"], bytes(row["data"])) if e.seq > after_seq]
+            events += [
+                e
+                for e in decode_batch(run_id, session_id, row["seq"], bytes(row["data"]))
+                if e.seq > after_seq
+            ]
         return events, len(rows) == limit
 
     async def status(self, run_id: uuid.UUID) -> str | None:
@@ -1088,19 +1135,23 @@ class RunStore:
         self, conn: asyncpg.Connection, task_ids: Sequence[uuid.UUID]
     ) -> list[asyncpg.Record]:
         """``(id, org_id)`` of the queued or running runs of tasks ``task_ids``."""
-        return list(await conn.fetch(
-            "SELECT id, org_id FROM gateway.runs "
-            "WHERE task_id = ANY($1::uuid[]) AND status IN ('queued', 'running', 'requires_action')",
-            list(task_ids),
-        ))
+        return list(
+            await conn.fetch(
+                "SELECT id, org_id FROM gateway.runs "
+                "WHERE task_id = ANY($1::uuid[]) AND status IN ('queued', 'running', 'requires_action')",
+                list(task_ids),
+            )
+        )
 
     async def active_task_runs(self) -> list[asyncpg.Record]:
         """``(id, org_id, task_id)`` of every queued or running run of a task
         that was not asked to cancel yet."""
-        return list(await self.pool.fetch(
-            "SELECT id, org_id, task_id FROM gateway.runs "
-            "WHERE task_id IS NOT NULL AND status IN ('queued', 'running', 'requires_action') AND NOT cancel_requested"
-        ))
+        return list(
+            await self.pool.fetch(
+                "SELECT id, org_id, task_id FROM gateway.runs "
+                "WHERE task_id IS NOT NULL AND status IN ('queued', 'running', 'requires_action') AND NOT cancel_requested"
+            )
+        )
 
     async def ended_statuses(
         self, run_ids: Sequence[uuid.UUID], conn: asyncpg.Connection | None = None
@@ -1115,9 +1166,7 @@ class RunStore:
         )
         return {row["id"]: row["status"] for row in rows}
 
-    async def outcome(
-        self, conn: asyncpg.Connection, run_id: uuid.UUID
-    ) -> asyncpg.Record | None:
+    async def outcome(self, conn: asyncpg.Connection, run_id: uuid.UUID) -> asyncpg.Record | None:
         """``(id, status, error, last_seq, cancel_reason)`` of a run, if it exists."""
         return await conn.fetchrow(
             "SELECT id, status, error, last_seq, cancel_reason FROM gateway.runs WHERE id = $1", run_id
@@ -1163,11 +1212,13 @@ class RunStore:
 
     async def session_busy(self, session_id: uuid.UUID, conn: asyncpg.Connection | None = None) -> bool:
         """Whether the session has a queued or running run."""
-        return bool(await (conn or self.pool).fetchval(
-            "SELECT EXISTS (SELECT 1 FROM gateway.runs "
-            "WHERE session_id = $1 AND status IN ('queued', 'running', 'requires_action'))",
-            session_id,
-        ))
+        return bool(
+            await (conn or self.pool).fetchval(
+                "SELECT EXISTS (SELECT 1 FROM gateway.runs "
+                "WHERE session_id = $1 AND status IN ('queued', 'running', 'requires_action'))",
+                session_id,
+            )
+        )
 
     async def last_payload(
         self, conn: asyncpg.Connection, session_id: uuid.UUID

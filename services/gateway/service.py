@@ -69,7 +69,9 @@ def _require_session_ref(session_id: str, session_key: str) -> None:
     if session_id:
         parse_uuid(session_id, "session_id", what="session id")
     elif not session_key:
-        raise InvalidArgument("session_id or session_key is required", reason="MISSING_FIELD", field="session_id")
+        raise InvalidArgument(
+            "session_id or session_key is required", reason="MISSING_FIELD", field="session_id"
+        )
 
 
 #: Largest transcript the gateway carries from ResolveSession to the worker
@@ -201,7 +203,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         check_client_tools(request.options.client_tools)  # issue 13: client-side tools
         if request.agent_id and request.agent_id not in self.config.agents:
             raise NotFound(
-                f"agent {request.agent_id[:64]!r} is not configured", reason="AGENT_NOT_FOUND", field="agent_id"
+                f"agent {request.agent_id[:64]!r} is not configured",
+                reason="AGENT_NOT_FOUND",
+                field="agent_id",
             )
         if request.model.model:
             provider = request.model.model.split("/", 1)[0]
@@ -268,7 +272,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             # the stream starts from memory without reading the table.
             subscription = self.broker.subscribe(run_id)
             try:
-                row, created = await self._insert(principal, payload, fingerprint, strategy, context, worker, resolved)
+                row, created = await self._insert(
+                    principal, payload, fingerprint, strategy, context, worker, resolved
+                )
                 if created and row["status"] == "running":
                     await self.dispatcher.assign(
                         worker, Claim.from_row(row), payload, transcript=_current_transcript(resolved, row)
@@ -321,8 +327,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             )
 
         row, created = await retry_transient(once, budget_s=budget_for(context))
-        if not created and worker is not None and row["id"] == uuid.UUID(payload.run_id) \
-                and row["status"] == "running" and row["worker_id"] == worker.worker_id:
+        if (
+            not created
+            and worker is not None
+            and row["id"] == uuid.UUID(payload.run_id)
+            and row["status"] == "running"
+            and row["worker_id"] == worker.worker_id
+        ):
             await self.store.requeue([(row["id"], row["epoch"])], count_attempt=False)
         return row, created
 
@@ -423,7 +434,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         out: asyncio.Queue[common_pb2.RunEvent | BaseException | None] = asyncio.Queue(maxsize=1024)
         followers: set[asyncio.Task[None]] = set()
 
-        async def pump(run_id: uuid.UUID, session_id: str, after_seq: int, submitted: _Submitted | None) -> None:
+        async def pump(
+            run_id: uuid.UUID, session_id: str, after_seq: int, submitted: _Submitted | None
+        ) -> None:
             try:
                 async for event in self._stream(
                     run_id,
@@ -438,7 +451,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
         following: dict[uuid.UUID, asyncio.Task[None]] = {}
 
-        def start(run_id: uuid.UUID, session_id: str, after_seq: int, submitted: _Submitted | None = None) -> None:
+        def start(
+            run_id: uuid.UUID, session_id: str, after_seq: int, submitted: _Submitted | None = None
+        ) -> None:
             if run_id in following:
                 if submitted is not None and submitted.subscription is not None:
                     self.broker.unsubscribe(run_id, submitted.subscription)
@@ -480,8 +495,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     elif kind == "submit_tool_results":  # confirmed by the run's tool_result events
                         await self._submit_tool_results(principal, item.submit_tool_results)
                     else:
-                        raise InvalidArgument("ChatRequest needs send, cancel, join or submit_tool_results",
-                                              reason="MISSING_FIELD", field="request")
+                        raise InvalidArgument(
+                            "ChatRequest needs send, cancel, join or submit_tool_results",
+                            reason="MISSING_FIELD",
+                            field="request",
+                        )
                 if followers:
                     await asyncio.gather(*list(followers), return_exceptions=True)
                 await out.put(None)
@@ -518,7 +536,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         principal = await self.auth.authenticate(context)
         return gateway_pb2.CancelRunResponse(run=await self._cancel(principal, request))
 
-    async def GetRun(self, request: gateway_pb2.GetRunRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.GetRunResponse:
+    async def GetRun(
+        self, request: gateway_pb2.GetRunRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetRunResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
         row = await self.store.get(principal.org_id, parse_uuid(request.run_id, "run_id", what="run id"))
@@ -552,7 +572,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             session = await self._session(principal, "", request.session_key, context)
             session_id = uuid.UUID(session.id)
         else:
-            raise InvalidArgument("session_id or session_key is required", reason="MISSING_FIELD", field="session_id")
+            raise InvalidArgument(
+                "session_id or session_key is required", reason="MISSING_FIELD", field="session_id"
+            )
         runs, token = await self.store.list_for_session(
             principal.org_id, session_id, request.page_size, request.page_token
         )
@@ -597,7 +619,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 timeout=downstream_timeout(context, 10.0),
             )
         )
-        return gateway_pb2.ListSessionsResponse(sessions=response.sessions, next_page_token=response.next_page_token)
+        return gateway_pb2.ListSessionsResponse(
+            sessions=response.sessions, next_page_token=response.next_page_token
+        )
 
     async def GetSession(
         self, request: gateway_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
@@ -692,7 +716,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raise Unimplemented("background tasks are not enabled on this gateway", reason="NOT_IMPLEMENTED")
         return self.tasks
 
-    async def SpawnTask(self, request: gateway_pb2.SpawnTaskRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.SpawnTaskResponse:
+    async def SpawnTask(
+        self, request: gateway_pb2.SpawnTaskRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.SpawnTaskResponse:
         principal = await self.auth.authenticate(context)
         principal.require("chat")
         self._check_session_key(request.parent_session_key, "parent_session_key")
@@ -707,35 +733,52 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             idempotency_key=request.idempotency_key,
         )
         task = await self._tasks().spawn(
-            principal.org_id, spawn, fingerprint=request_hash(request), timeout=downstream_timeout(context, 10.0)
+            principal.org_id,
+            spawn,
+            fingerprint=request_hash(request),
+            timeout=downstream_timeout(context, 10.0),
         )
         return gateway_pb2.SpawnTaskResponse(task=task)
 
-    async def ListTasks(self, request: gateway_pb2.ListTasksRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.ListTasksResponse:
+    async def ListTasks(
+        self, request: gateway_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListTasksResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
         if request.parent_session_id:
             parent_id = parse_uuid(request.parent_session_id, "parent_session_id", what="session id")
         elif request.parent_session_key:
-            parent_id = uuid.UUID((await self._session(principal, "", request.parent_session_key, context)).id)
+            parent_id = uuid.UUID(
+                (await self._session(principal, "", request.parent_session_key, context)).id
+            )
         else:
             raise InvalidArgument(
-                "parent_session_id or parent_session_key is required", reason="MISSING_FIELD", field="parent_session_id"
+                "parent_session_id or parent_session_key is required",
+                reason="MISSING_FIELD",
+                field="parent_session_id",
             )
-        tasks, token = await self._tasks().list(principal.org_id, parent_id, request.page_size, request.page_token)
+        tasks, token = await self._tasks().list(
+            principal.org_id, parent_id, request.page_size, request.page_token
+        )
         return gateway_pb2.ListTasksResponse(tasks=tasks, next_page_token=token)
 
-    async def GetTask(self, request: gateway_pb2.GetTaskRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.GetTaskResponse:
+    async def GetTask(
+        self, request: gateway_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetTaskResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
         task_id = parse_uuid(request.task_id, "task_id", what="task id")
         return gateway_pb2.GetTaskResponse(task=await self._tasks().get(principal.org_id, task_id))
 
-    async def CancelTask(self, request: gateway_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.CancelTaskResponse:
+    async def CancelTask(
+        self, request: gateway_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.CancelTaskResponse:
         principal = await self.auth.authenticate(context)
         principal.require("chat")
         task_id = parse_uuid(request.task_id, "task_id", what="task id")
-        return gateway_pb2.CancelTaskResponse(task=await self._tasks().cancel(principal.org_id, task_id, request.reason))
+        return gateway_pb2.CancelTaskResponse(
+            task=await self._tasks().cancel(principal.org_id, task_id, request.reason)
+        )
 
     async def WatchEvents(
         self, request: gateway_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext

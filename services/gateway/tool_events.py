@@ -63,15 +63,21 @@ def tool_lifecycle(
         if kind == "tool_call":
             call = event.tool_call
             data = common_pb2.ToolLifecycleData(
-                tool_call_id=call.call.id, name=call.call.name, source=call.source,
+                tool_call_id=call.call.id,
+                name=call.call.name,
+                source=call.source,
                 size_bytes=len(call.call.arguments_json.encode()),
             )
             out.append(common_pb2.LifecycleEvent(type="tool.called", time=now(), tool=data, **base))
         else:
             result = event.tool_result
             data = common_pb2.ToolLifecycleData(
-                tool_call_id=result.tool_call_id, name=result.name, source=result.source, is_error=result.is_error,
-                size_bytes=len(result.content.encode()), duration_ms=result.duration_ms,
+                tool_call_id=result.tool_call_id,
+                name=result.name,
+                source=result.source,
+                is_error=result.is_error,
+                size_bytes=len(result.content.encode()),
+                duration_ms=result.duration_ms,
             )
             out.append(common_pb2.LifecycleEvent(type="tool.completed", time=now(), tool=data, **base))
     return out

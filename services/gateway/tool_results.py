@@ -53,6 +53,7 @@ import uuid
 from collections.abc import Callable, Sequence
 
 import asyncpg
+
 from runyard._proto.v1 import common_pb2, gateway_pb2, worker_hub_pb2
 from runyard.common import metrics
 from runyard.common.errors import FailedPrecondition, InvalidArgument
@@ -75,7 +76,9 @@ _MAX_DESCRIPTION = 4096
 _MAX_SCHEMA_BYTES = 64 * 1024
 
 
-def check_client_tools(tools: Sequence[common_pb2.ToolDefinition], field: str = "options.client_tools") -> None:
+def check_client_tools(
+    tools: Sequence[common_pb2.ToolDefinition], field: str = "options.client_tools"
+) -> None:
     """Refuse client tool declarations a model provider would refuse later.
 
     Raises:
@@ -109,7 +112,9 @@ def check_client_tools(tools: Sequence[common_pb2.ToolDefinition], field: str = 
             )
         if tool.name in seen:
             raise InvalidArgument(
-                f"{where}.name {tool.name!r} is declared twice", reason="DUPLICATE_TOOL_NAME", field=f"{where}.name"
+                f"{where}.name {tool.name!r} is declared twice",
+                reason="DUPLICATE_TOOL_NAME",
+                field=f"{where}.name",
             )
         seen.add(tool.name)
         if len(tool.description) > _MAX_DESCRIPTION:
@@ -175,7 +180,9 @@ class ToolResults:
 
     # ------------------------------------------------------------ the worker's side
 
-    async def pause(self, run_id: uuid.UUID, state: object, result: worker_hub_pb2.WorkerRunResult) -> tuple[bool, str]:
+    async def pause(
+        self, run_id: uuid.UUID, state: object, result: worker_hub_pb2.WorkerRunResult
+    ) -> tuple[bool, str]:
         """A worker's ``requires_action`` result: park the run (see the module
         docstring) and end its stream here. ``state`` is the hub's
         ``RunState``. Returns ``(accepted, message)`` for the worker's ack; a
@@ -187,7 +194,9 @@ class ToolResults:
         if not continuation.pending:
             return False, "requires_action without pending tool calls"
         expires_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.timeout_s)
-        waiting = common_pb2.RunRequiresAction(tool_calls=continuation.pending, expire_time=timestamp(expires_at))
+        waiting = common_pb2.RunRequiresAction(
+            tool_calls=continuation.pending, expire_time=timestamp(expires_at)
+        )
         event = event_bytes(requires_action=waiting)
         info = getattr(state, "info", None) or None
         pending = await self.runlog.begin_finish(run_id, epoch)
@@ -201,15 +210,30 @@ class ToolResults:
                     seq = 0
                 elif row["cancel_requested"]:
                     status = "cancelled"
-                    event = event_bytes(cancelled=common_pb2.RunCancelled(reason=row["cancel_reason"] or "cancelled"))
+                    event = event_bytes(
+                        cancelled=common_pb2.RunCancelled(reason=row["cancel_reason"] or "cancelled")
+                    )
                     seq = await self.store.finish(
-                        conn, run_id, status=status, event=event, epoch=epoch, info=info, pending=raws,
+                        conn,
+                        run_id,
+                        status=status,
+                        event=event,
+                        epoch=epoch,
+                        info=info,
+                        pending=raws,
                         expected_last_seq=expected,
                     )
                 else:
                     seq = await self.store.pause(
-                        conn, run_id, epoch=epoch, event=event, continuation=continuation.SerializeToString(),
-                        expires_at=expires_at, info=info, pending=raws, expected_last_seq=expected,
+                        conn,
+                        run_id,
+                        epoch=epoch,
+                        event=event,
+                        continuation=continuation.SerializeToString(),
+                        expires_at=expires_at,
+                        info=info,
+                        pending=raws,
+                        expected_last_seq=expected,
                     )
         except BaseException:
             self.runlog.abort_finish(run_id)
@@ -235,12 +259,15 @@ class ToolResults:
         errors); returns the run as it is afterwards."""
         run_id = parse_uuid(request.run_id, "run_id", what="run id")
         if not request.results:
-            raise InvalidArgument("results must hold at least one result", reason="MISSING_FIELD", field="results")
+            raise InvalidArgument(
+                "results must hold at least one result", reason="MISSING_FIELD", field="results"
+            )
         ids: set[str] = set()
         for index, output in enumerate(request.results):
             if not output.tool_call_id:
                 raise InvalidArgument(
-                    f"results[{index}].tool_call_id is required", reason="MISSING_FIELD",
+                    f"results[{index}].tool_call_id is required",
+                    reason="MISSING_FIELD",
                     field=f"results[{index}].tool_call_id",
                 )
             if output.tool_call_id in ids:
@@ -258,7 +285,9 @@ class ToolResults:
                     reason="TOOL_RESULT_TOO_LARGE",
                     field=f"results[{index}].content",
                 )
-        run, resumed = await retry_transient(lambda: self._record(org_id, run_id, request.results), budget_s=5.0)
+        run, resumed = await retry_transient(
+            lambda: self._record(org_id, run_id, request.results), budget_s=5.0
+        )
         if resumed:
             self.wake()
         return run
@@ -280,11 +309,13 @@ class ToolResults:
                 if status in TERMINAL:
                     raise FailedPrecondition(
                         f"run {run_id} has ended ({name}); it takes no tool results",
-                        reason="RUN_ENDED", metadata={"status": name},
+                        reason="RUN_ENDED",
+                        metadata={"status": name},
                     )
                 raise FailedPrecondition(
                     f"run {run_id} is {name}: it does not wait for tool results",
-                    reason="RUN_NOT_AWAITING_TOOL_RESULTS", metadata={"status": name},
+                    reason="RUN_NOT_AWAITING_TOOL_RESULTS",
+                    metadata={"status": name},
                 )
             expires_at = row["action_expires_at"]
             if expires_at is not None and expires_at <= dt.datetime.now(dt.UTC):
@@ -319,8 +350,12 @@ class ToolResults:
                         metadata={"tool_call_id": output.tool_call_id},
                     )
                 result = common_pb2.ToolResultEvent(
-                    tool_call_id=call.id, name=call.name, content=output.content, is_error=output.is_error,
-                    source="client", duration_ms=waited_ms,
+                    tool_call_id=call.id,
+                    name=call.name,
+                    content=output.content,
+                    is_error=output.is_error,
+                    source="client",
+                    duration_ms=waited_ms,
                 )
                 continuation.results.append(result)
                 events.append(event_bytes(tool_result=result))
@@ -328,14 +363,22 @@ class ToolResults:
                 return self._run(row, continuation), False
             resume = not _unanswered(continuation)
             seq = await self.store.record_tool_results(
-                conn, run_id, events=events, continuation=continuation.SerializeToString(), resume=resume,
+                conn,
+                run_id,
+                events=events,
+                continuation=continuation.SerializeToString(),
+                resume=resume,
                 info=row,
             )
             if not seq:  # cannot happen while the row is locked; refuse rather than guess
-                raise FailedPrecondition(f"run {run_id} stopped waiting", reason="RUN_NOT_AWAITING_TOOL_RESULTS")
+                raise FailedPrecondition(
+                    f"run {run_id} stopped waiting", reason="RUN_NOT_AWAITING_TOOL_RESULTS"
+                )
             row = await self.store.lock_waiting(conn, org_id, run_id)
         if resume:
-            log.info("run %s has its %d client tool result(s); queued again", run_id, len(continuation.pending))
+            log.info(
+                "run %s has its %d client tool result(s); queued again", run_id, len(continuation.pending)
+            )
         return self._run(row, continuation), resume
 
     @staticmethod
@@ -380,7 +423,9 @@ class ToolResults:
                 if row["continuation"] is not None:
                     continuation.ParseFromString(row["continuation"])
                 missing = _unanswered(continuation)
-                names = ", ".join(f"{c.name} ({c.id})" for c in missing[:10]) + (" ..." if len(missing) > 10 else "")
+                names = ", ".join(f"{c.name} ({c.id})" for c in missing[:10]) + (
+                    " ..." if len(missing) > 10 else ""
+                )
                 error = common_pb2.RunError(
                     code="DEADLINE_EXCEEDED",
                     reason="TOOL_RESULTS_TIMEOUT",

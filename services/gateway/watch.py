@@ -39,6 +39,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+
 from runyard._proto.v1 import common_pb2, gateway_pb2, sessions_pb2
 from runyard.common import metrics
 from runyard.common.auth import internal_metadata
@@ -131,11 +132,17 @@ def run_events(
         "task_id": str(get("task_id", "") or ""),
         "source": source,
     }
-    data = common_pb2.RunLifecycleData(status=_RUN_STATUS.get(status, 0), model=get("model", ""),
-                                       attempt=get("attempt", 0))
+    data = common_pb2.RunLifecycleData(
+        status=_RUN_STATUS.get(status, 0), model=get("model", ""), attempt=get("attempt", 0)
+    )
     if get("error") is not None:
         data.error.ParseFromString(bytes(row["error"]))
-    created, claimed, started, ended = (get("created_at"), get("first_claimed_at"), get("started_at"), get("ended_at"))
+    created, claimed, started, ended = (
+        get("created_at"),
+        get("first_claimed_at"),
+        get("started_at"),
+        get("ended_at"),
+    )
     if created is not None and claimed is not None:
         data.queue_wait_ms = _ms(claimed - created)
     if started is not None and ended is not None:
@@ -144,11 +151,13 @@ def run_events(
     if status == "queued":
         events.append(common_pb2.LifecycleEvent(type="run.queued", run=data, **base))
         length = len(get("input_text", "")) if message_length is None else message_length
-        events.append(common_pb2.LifecycleEvent(
-            type="message.received",
-            message=common_pb2.MessageLifecycleData(role=common_pb2.ROLE_USER, length=length),
-            **base,
-        ))
+        events.append(
+            common_pb2.LifecycleEvent(
+                type="message.received",
+                message=common_pb2.MessageLifecycleData(role=common_pb2.ROLE_USER, length=length),
+                **base,
+            )
+        )
     elif status == "running":
         events.append(common_pb2.LifecycleEvent(type="run.started", run=data, **base))
     elif status == "completed":
@@ -157,14 +166,18 @@ def run_events(
         if run_event:
             completed = common_pb2.RunEvent.FromString(run_event)
             length = len(completed.completed.message.content)
-        events.append(common_pb2.LifecycleEvent(
-            type="message.sent",
-            message=common_pb2.MessageLifecycleData(role=common_pb2.ROLE_ASSISTANT, length=length),
-            **base,
-        ))
+        events.append(
+            common_pb2.LifecycleEvent(
+                type="message.sent",
+                message=common_pb2.MessageLifecycleData(role=common_pb2.ROLE_ASSISTANT, length=length),
+                **base,
+            )
+        )
     elif status in ("failed", "cancelled"):
         if status == "cancelled" and not data.HasField("error"):
-            data.error.CopyFrom(common_pb2.RunError(code="CANCELLED", reason="CANCELLED", message="run cancelled"))
+            data.error.CopyFrom(
+                common_pb2.RunError(code="CANCELLED", reason="CANCELLED", message="run cancelled")
+            )
         events.append(common_pb2.LifecycleEvent(type="run.failed", run=data, **base))
     if only is not None:
         keep = set(only)
@@ -190,7 +203,9 @@ async def emit_run_events(
         event
         for row in rows
         if wanted is None or row["status"] in wanted
-        for event in run_events(row, source=source, run_event=run_event, only=only, message_length=message_length)
+        for event in run_events(
+            row, source=source, run_event=run_event, only=only, message_length=message_length
+        )
     ]
     await OUTBOX.emit(conn, events)
 
@@ -206,7 +221,9 @@ async def fetch_with_events(
     return list(rows)
 
 
-async def fetchrow_with_events(pool: asyncpg.Pool, query: str, *args: Any, source: str = "") -> asyncpg.Record | None:
+async def fetchrow_with_events(
+    pool: asyncpg.Pool, query: str, *args: Any, source: str = ""
+) -> asyncpg.Record | None:
     """:func:`fetch_with_events` for a query changing at most one run."""
     rows = await fetch_with_events(pool, query, *args, source=source)
     return rows[0] if rows else None
@@ -230,7 +247,11 @@ def list_events_source(
 
     async def fetch(after_id: int, limit: int) -> Sequence[common_pb2.LifecycleEvent]:
         response = await call(
-            method(sessions_pb2.ListEventsRequest(after_id=after_id, limit=limit), metadata=metadata, timeout=timeout_s)
+            method(
+                sessions_pb2.ListEventsRequest(after_id=after_id, limit=limit),
+                metadata=metadata,
+                timeout=timeout_s,
+            )
         )
         return list(response.events)
 
@@ -286,7 +307,9 @@ class EventRelay:
         fetch = self.sources[source]
         after = self._after.get(source)
         if after is None:  # not known here yet, or another replica moved it
-            after = await self.pool.fetchval("SELECT after_id FROM gateway.event_cursors WHERE source = $1", source)
+            after = await self.pool.fetchval(
+                "SELECT after_id FROM gateway.event_cursors WHERE source = $1", source
+            )
             if after is None:
                 return 0
         # Fetch outside any transaction (no pooled connection or row lock is
@@ -334,12 +357,17 @@ class EventRelay:
             except RunyardError as exc:
                 if exc.code == grpc.StatusCode.UNIMPLEMENTED:
                     if source not in self._skip_until:
-                        log.info("%s does not serve ListEvents; its events are not relayed (retrying every %.0f s)",
-                                 source, _RETRY_UNIMPLEMENTED_S)
+                        log.info(
+                            "%s does not serve ListEvents; its events are not relayed (retrying every %.0f s)",
+                            source,
+                            _RETRY_UNIMPLEMENTED_S,
+                        )
                     self._skip_until[source] = time.monotonic() + _RETRY_UNIMPLEMENTED_S
                 elif source not in self._failing:
                     self._failing.add(source)
-                    log.warning("relaying %s events failed (%s %s); retrying", source, exc.reason, exc.message)
+                    log.warning(
+                        "relaying %s events failed (%s %s); retrying", source, exc.reason, exc.message
+                    )
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("relaying %s events failed: %s", source, exc)
             except Exception:  # noqa: BLE001 - a bad page must not stop every other source for good
@@ -544,7 +572,9 @@ class LifecycleStream:
         )
         self.watcher = Watcher(pool)
         self._listener = Listener(
-            database_url(config), [EVENTS_CHANNEL, *SOURCE_CHANNELS.values()], self._on_notify,
+            database_url(config),
+            [EVENTS_CHANNEL, *SOURCE_CHANNELS.values()],
+            self._on_notify,
             on_reconnect=self._on_reconnect,
         )
         self._tasks: list[asyncio.Task[None]] = []

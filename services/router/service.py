@@ -22,7 +22,13 @@ from runyard.common.errors import FailedPrecondition, InvalidArgument, Permissio
 from runyard.common.outbox import Outbox
 from runyard.router.engine import Router, StatusRow, failover_reason_value
 
-__all__ = ["DEADLINE_MARGIN_S", "MAX_EVENTS_PAGE", "RouterServicer", "coalesce_ready_deltas", "provider_state"]
+__all__ = [
+    "DEADLINE_MARGIN_S",
+    "MAX_EVENTS_PAGE",
+    "RouterServicer",
+    "coalesce_ready_deltas",
+    "provider_state",
+]
 
 #: Largest ListEvents page.
 MAX_EVENTS_PAGE = 1000
@@ -103,7 +109,11 @@ async def coalesce_ready_deltas(
                 raise item
             if item.HasField("text_delta") and ready:
                 texts = [item.text_delta.text]
-                while ready and isinstance(ready[0], router_pb2.GenerateResponse) and ready[0].HasField("text_delta"):
+                while (
+                    ready
+                    and isinstance(ready[0], router_pb2.GenerateResponse)
+                    and ready[0].HasField("text_delta")
+                ):
                     texts.append(ready.popleft().text_delta.text)  # type: ignore[union-attr]
                 if len(texts) > 1:
                     item = router_pb2.GenerateResponse(text_delta=common_pb2.TextDelta(text="".join(texts)))
@@ -126,7 +136,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     """
 
     def __init__(
-        self, router: Router, signer: RunTokenVerifier, internal_secret: str = "", outbox: Outbox | None = None
+        self,
+        router: Router,
+        signer: RunTokenVerifier,
+        internal_secret: str = "",
+        outbox: Outbox | None = None,
     ):
         self.router = router
         self.signer = signer

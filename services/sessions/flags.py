@@ -26,7 +26,12 @@ class RestartExpectedAction(argparse.Action):
         )
         super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         os.environ[RESTART_ENV] = "restart"
         setattr(namespace, self.dest, True)

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 import asyncpg
+
 from runyard.common import metrics
 from runyard.common.config import SessionsConfig
 from runyard.common.hooks import HookRunner
@@ -113,7 +114,9 @@ class Lifecycle:
     async def _recover(self) -> None:
         recovered = await self.store.recover_crashed()
         if recovered:
-            log.info("crash recovery: ended %d activation(s) of lapsed instances (CRASH_RECOVERED)", recovered)
+            log.info(
+                "crash recovery: ended %d activation(s) of lapsed instances (CRASH_RECOVERED)", recovered
+            )
 
     async def sweep_once(self) -> None:
         """One round of crash recovery, idle expiry and (if due) maintenance."""
@@ -130,7 +133,9 @@ class Lifecycle:
             and (self._maintenance_task is None or self._maintenance_task.done())
             and await maintenance.claim_schedule()
         ):
-            self._maintenance_task = asyncio.create_task(self._maintain(maintenance), name="sessions-maintenance")
+            self._maintenance_task = asyncio.create_task(
+                self._maintain(maintenance), name="sessions-maintenance"
+            )
 
     async def _maintain(self, maintenance: Maintenance) -> None:
         try:
@@ -182,7 +187,9 @@ class Lifecycle:
         report.durable_s = time.monotonic() - started
         log.info(
             "drain: %d activation(s) ended with %s, recorded durably in %.0f ms",
-            report.ended, report.reason, report.durable_s * 1000,
+            report.ended,
+            report.reason,
+            report.durable_s * 1000,
         )
         hooks_started = time.monotonic()
         late = await self.hooks.drain(self.config.drain_timeout_ms / 1000)
@@ -192,7 +199,8 @@ class Lifecycle:
         if report.timed_out:
             log.warning(
                 "drain: hook handler(s) timed out after %d ms: %s",
-                self.config.drain_timeout_ms, ", ".join(report.timed_out),
+                self.config.drain_timeout_ms,
+                ", ".join(report.timed_out),
             )
         else:
             log.info("drain: hook handlers finished in %.0f ms", report.hooks_s * 1000)

@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import asyncpg
+
 from runyard._proto.v1 import common_pb2, sessions_pb2
 from runyard.common import metrics
 from runyard.common.config import MaintenanceConfig
@@ -178,8 +179,12 @@ class Maintenance:
         log.info(
             "maintenance%s: %d idle and %d capped session(s), %d old transcript turn(s) archived, %d dropped, "
             "%d event(s) trimmed",
-            " (dry run)" if dry_run else "", stats.sessions_idle, stats.sessions_capped, stats.snapshots_archived,
-            stats.snapshots_dropped, stats.events_trimmed,
+            " (dry run)" if dry_run else "",
+            stats.sessions_idle,
+            stats.sessions_capped,
+            stats.snapshots_archived,
+            stats.snapshots_dropped,
+            stats.events_trimmed,
         )
         yield PruneBatch(stats=stats, done=True)
 
@@ -206,7 +211,8 @@ class Maintenance:
         activation since it was chosen is kept."""
         guard = (
             "AND NOT EXISTS (SELECT 1 FROM sessions.activations a WHERE a.session_id = s.id AND a.ended_at IS NULL)"
-            if reason == "CAP" else ""
+            if reason == "CAP"
+            else ""
         )
         gone = await conn.fetch(
             f"""
@@ -228,7 +234,11 @@ class Maintenance:
             by_id = {r["id"]: r for r in gone}
             events = [
                 _end_event(
-                    {**dict(by_id[e["session_id"]]), "started_at": e["started_at"], "ended_at": e["ended_at"]},
+                    {
+                        **dict(by_id[e["session_id"]]),
+                        "started_at": e["started_at"],
+                        "ended_at": e["ended_at"],
+                    },
                     "DELETED",
                     source=self.store.instance_id,
                 )
@@ -246,7 +256,9 @@ class Maintenance:
         while True:
             async with self.pool.acquire() as conn, conn.transaction():
                 rows = await conn.fetch(f"{select_sql} LIMIT {size} FOR UPDATE OF s SKIP LOCKED", *args)
-                gone, events = await self._delete_sessions(conn, [r["id"] for r in rows], reason) if rows else ([], [])
+                gone, events = (
+                    await self._delete_sessions(conn, [r["id"] for r in rows], reason) if rows else ([], [])
+                )
             if events:
                 metrics.SESSION_ENDS_TOTAL.labels("DELETED").inc(len(events))
                 self.store._written(events)
@@ -255,7 +267,9 @@ class Maintenance:
             else:
                 stats.sessions_capped += len(gone)
             if gone:
-                yield PruneBatch([_pruned(r, reason) for r in gone], sessions_pb2.PruneStats(**_stats_dict(stats)))
+                yield PruneBatch(
+                    [_pruned(r, reason) for r in gone], sessions_pb2.PruneStats(**_stats_dict(stats))
+                )
             if len(rows) < size or not gone:
                 return  # no more candidates, or every one became active meanwhile
 
@@ -270,18 +284,24 @@ class Maintenance:
             )
             async for rows in self._stream(sql, *args):
                 stats.sessions_idle += len(rows)
-                yield PruneBatch([_pruned(r, "IDLE") for r in rows], sessions_pb2.PruneStats(**_stats_dict(stats)))
+                yield PruneBatch(
+                    [_pruned(r, "IDLE") for r in rows], sessions_pb2.PruneStats(**_stats_dict(stats))
+                )
             return
         select = f"SELECT s.id FROM sessions.sessions s WHERE {_IDLE_WHERE} ORDER BY s.last_active_at, s.id"
         async for batch in self._delete_loop(select, args, "IDLE", stats):
             yield batch
 
-    async def _cap(self, stats: sessions_pb2.PruneStats, dry_run: bool, org_id: str) -> AsyncIterator[PruneBatch]:
+    async def _cap(
+        self, stats: sessions_pb2.PruneStats, dry_run: bool, org_id: str
+    ) -> AsyncIterator[PruneBatch]:
         args = (self.config.prune_after_s, org_id, self.config.max_sessions_per_agent)
         if dry_run:
             async for rows in self._stream(_CAP_CANDIDATES, *args):
                 stats.sessions_capped += len(rows)
-                yield PruneBatch([_pruned(r, "CAP") for r in rows], sessions_pb2.PruneStats(**_stats_dict(stats)))
+                yield PruneBatch(
+                    [_pruned(r, "CAP") for r in rows], sessions_pb2.PruneStats(**_stats_dict(stats))
+                )
             return
         async for batch in self._delete_loop(_CAP_CANDIDATES, args, "CAP", stats):
             yield batch
@@ -300,14 +320,17 @@ class Maintenance:
             extra = 0
             change = (
                 "UPDATE sessions.turns SET state = 'archived' WHERE (session_id, turn) IN"
-                if archive else "DELETE FROM sessions.turns WHERE (session_id, turn) IN"
+                if archive
+                else "DELETE FROM sessions.turns WHERE (session_id, turn) IN"
             )
             while True:
-                done = _count(await self.pool.execute(
-                    f"{change} (SELECT * FROM ({_OLD_TURNS.format(keep='$1')}) x LIMIT {size})",
-                    cfg.keep_snapshots,
-                    org_id,
-                ))
+                done = _count(
+                    await self.pool.execute(
+                        f"{change} (SELECT * FROM ({_OLD_TURNS.format(keep='$1')}) x LIMIT {size})",
+                        cfg.keep_snapshots,
+                        org_id,
+                    )
+                )
                 extra += done
                 if done < size:
                     break
@@ -324,21 +347,27 @@ class Maintenance:
             "AND pos < (SELECT max(pos) FROM sessions.outbox)"
         )
         if dry_run:
-            stats.events_trimmed += int(await self.pool.fetchval(f"SELECT count(*) FROM ({old_events}) x", retention))
+            stats.events_trimmed += int(
+                await self.pool.fetchval(f"SELECT count(*) FROM ({old_events}) x", retention)
+            )
             return
         while True:
-            done = _count(await self.pool.execute(
-                f"DELETE FROM sessions.outbox WHERE id IN ({old_events} LIMIT {size})", retention
-            ))
+            done = _count(
+                await self.pool.execute(
+                    f"DELETE FROM sessions.outbox WHERE id IN ({old_events} LIMIT {size})", retention
+                )
+            )
             stats.events_trimmed += done
             if done < size:
                 break
         while True:
-            done = _count(await self.pool.execute(
-                "DELETE FROM sessions.activations WHERE id IN (SELECT id FROM sessions.activations "
-                f"WHERE ended_at < now() - make_interval(secs => $1) LIMIT {size})",
-                retention,
-            ))
+            done = _count(
+                await self.pool.execute(
+                    "DELETE FROM sessions.activations WHERE id IN (SELECT id FROM sessions.activations "
+                    f"WHERE ended_at < now() - make_interval(secs => $1) LIMIT {size})",
+                    retention,
+                )
+            )
             if done < size:
                 break
 

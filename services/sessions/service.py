@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+
 from runyard._proto.v1 import common_pb2, sessions_pb2, sessions_pb2_grpc
 from runyard.common.auth import RunTokenVerifier, check_internal
 from runyard.common.errors import FailedPrecondition, InvalidArgument
@@ -94,7 +95,9 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
     ) -> sessions_pb2.SessionServiceGetSessionResponse:
         check_internal(context, self.internal_secret)
         session = await self.store.get(
-            _require_org(request.org_id), _optional_uuid(request.session_id, "session_id"), request.session_key
+            _require_org(request.org_id),
+            _optional_uuid(request.session_id, "session_id"),
+            request.session_key,
         )
         return sessions_pb2.SessionServiceGetSessionResponse(session=session)
 
@@ -119,13 +122,20 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         limit = page_size(request.page_size)
         cursor = decode_page_token("messages", request.page_token)
         row, data = await self.store.head_transcript(
-            _require_org(request.org_id), _optional_uuid(request.session_id, "session_id"), request.session_key
+            _require_org(request.org_id),
+            _optional_uuid(request.session_id, "session_id"),
+            request.session_key,
         )
         offset = 0
         if cursor is not None:
             # The cursor pins the snapshot, so pages stay consistent while new
             # runs complete; a cursor from another session is refused.
-            if len(cursor) != 2 or cursor[0] != str(row["id"]) or not isinstance(cursor[1], int) or cursor[1] < 0:
+            if (
+                len(cursor) != 2
+                or cursor[0] != str(row["id"])
+                or not isinstance(cursor[1], int)
+                or cursor[1] < 0
+            ):
                 raise invalid_page_token()
             offset = cursor[1]
         transcript = common_pb2.Transcript.FromString(data)
@@ -142,7 +152,9 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
     ) -> sessions_pb2.SessionServiceResetSessionResponse:
         check_internal(context, self.internal_secret)
         session, previous = await self.store.reset(
-            _require_org(request.org_id), _optional_uuid(request.session_id, "session_id"), request.session_key
+            _require_org(request.org_id),
+            _optional_uuid(request.session_id, "session_id"),
+            request.session_key,
         )
         return sessions_pb2.SessionServiceResetSessionResponse(session=session, previous_session_id=previous)
 
@@ -151,7 +163,9 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
     ) -> sessions_pb2.SessionServiceDeleteSessionResponse:
         check_internal(context, self.internal_secret)
         deleted = await self.store.delete(
-            _require_org(request.org_id), _optional_uuid(request.session_id, "session_id"), request.session_key
+            _require_org(request.org_id),
+            _optional_uuid(request.session_id, "session_id"),
+            request.session_key,
         )
         return sessions_pb2.SessionServiceDeleteSessionResponse(session_id=deleted)
 
@@ -188,7 +202,10 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
             request.append,
         )
         return sessions_pb2.CommitRunResponse(
-            session_id=result.session_id, message_count=result.message_count, turn=result.turn, events=result.events
+            session_id=result.session_id,
+            message_count=result.message_count,
+            turn=result.turn,
+            events=result.events,
         )
 
     async def ListEvents(
@@ -204,7 +221,9 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
     ) -> AsyncIterator[sessions_pb2.PruneSessionsResponse]:
         check_internal(context, self.internal_secret)
         if self.maintenance is None:
-            raise FailedPrecondition("maintenance is not available on this instance", reason="MAINTENANCE_UNAVAILABLE")
+            raise FailedPrecondition(
+                "maintenance is not available on this instance", reason="MAINTENANCE_UNAVAILABLE"
+            )
         async for batch in self.maintenance.run(dry_run=request.dry_run, org_id=request.org_id):
             yield sessions_pb2.PruneSessionsResponse(
                 sessions=batch.sessions, stats=batch.stats, dry_run=request.dry_run, done=batch.done
@@ -215,9 +234,15 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
     ) -> sessions_pb2.SetShutdownModeResponse:
         check_internal(context, self.internal_secret)
         if request.mode not in (sessions_pb2.SHUTDOWN_MODE_SHUTDOWN, sessions_pb2.SHUTDOWN_MODE_RESTART):
-            raise InvalidArgument("mode must be SHUTDOWN or RESTART", reason="INVALID_ENUM_VALUE", field="mode")
+            raise InvalidArgument(
+                "mode must be SHUTDOWN or RESTART", reason="INVALID_ENUM_VALUE", field="mode"
+            )
         if self.lifecycle is None:
             raise FailedPrecondition("this instance has no lifecycle manager", reason="LIFECYCLE_UNAVAILABLE")
         self.lifecycle.expect_restart(request.mode == sessions_pb2.SHUTDOWN_MODE_RESTART)
-        mode = sessions_pb2.SHUTDOWN_MODE_RESTART if self.lifecycle.mode == "restart" else sessions_pb2.SHUTDOWN_MODE_SHUTDOWN
+        mode = (
+            sessions_pb2.SHUTDOWN_MODE_RESTART
+            if self.lifecycle.mode == "restart"
+            else sessions_pb2.SHUTDOWN_MODE_SHUTDOWN
+        )
         return sessions_pb2.SetShutdownModeResponse(instance_id=self.store.instance_id, mode=mode)

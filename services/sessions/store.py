@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+
 from runyard._proto.v1 import common_pb2, sessions_pb2
 from runyard._version import __version__
 from runyard.common import metrics
@@ -343,7 +344,9 @@ class SessionStore:
                 org_id,
             )
             if row is None:
-                raise NotFound(f"session {session_id} not found", reason="SESSION_NOT_FOUND", field="session_id")
+                raise NotFound(
+                    f"session {session_id} not found", reason="SESSION_NOT_FOUND", field="session_id"
+                )
             if current_only and row["ended_at"] is not None:
                 raise FailedPrecondition(
                     f"session {session_id} has ended ({(row['end_reason'] or '').lower()}); "
@@ -353,7 +356,9 @@ class SessionStore:
                 )
             return row
         if not key:
-            raise InvalidArgument("session_id or session_key is required", reason="MISSING_FIELD", field="session_key")
+            raise InvalidArgument(
+                "session_id or session_key is required", reason="MISSING_FIELD", field="session_key"
+            )
         # With a lock, a second read: if a concurrent reset or compaction
         # rolled the key over while this one waited for the row, the first
         # read skips the ended row and cannot see the new one yet.
@@ -367,7 +372,9 @@ class SessionStore:
             if row is not None:
                 break
         if row is None:
-            raise NotFound(f"no session for key {key[:64]!r}", reason="SESSION_NOT_FOUND", field="session_key")
+            raise NotFound(
+                f"no session for key {key[:64]!r}", reason="SESSION_NOT_FOUND", field="session_key"
+            )
         return row
 
     async def get(self, org_id: str, session_id: uuid.UUID | None, key: str) -> common_pb2.Session:
@@ -441,7 +448,11 @@ class SessionStore:
         merged = {**dict(row), "started_at": closed["started_at"], "ended_at": closed["ended_at"]}
         return [
             _end_event(
-                merged, reason, source=self.instance_id, next_session_id=next_session_id, message_count=message_count
+                merged,
+                reason,
+                source=self.instance_id,
+                next_session_id=next_session_id,
+                message_count=message_count,
             )
         ]
 
@@ -529,7 +540,9 @@ class SessionStore:
             if row["activation_owner"] is not None and not row["orphaned"] and not row["stale"]:
                 transcript = None
                 if row["transcript"] is not None:
-                    transcript = TranscriptRead(bytes(row["transcript"]), str(row["id"]), row["head_turn"], False)
+                    transcript = TranscriptRead(
+                        bytes(row["transcript"]), str(row["id"]), row["head_turn"], False
+                    )
                 return session_proto(row), False, [], transcript
         for _ in range(3):
             async with self.pool.acquire() as conn, conn.transaction():
@@ -565,7 +578,10 @@ class SessionStore:
                 transcript = TranscriptRead(b"", str(row["id"]), 0, False)
             return session_proto(row), created, events, transcript
         raise FailedPrecondition(
-            "the session key is contended; retry", reason="SESSION_CONTENDED", field="session_key", retryable=True
+            "the session key is contended; retry",
+            reason="SESSION_CONTENDED",
+            field="session_key",
+            retryable=True,
         )
 
     @staticmethod
@@ -577,7 +593,9 @@ class SessionStore:
                 field="agent_id",
             )
 
-    async def _recover_orphan(self, conn: asyncpg.Connection, row: asyncpg.Record) -> list[common_pb2.LifecycleEvent]:
+    async def _recover_orphan(
+        self, conn: asyncpg.Connection, row: asyncpg.Record
+    ) -> list[common_pb2.LifecycleEvent]:
         """End the session's open activation if its owner is dead
         (session.end CRASH_RECOVERED); the session row is locked."""
         ended = await conn.fetchrow(
@@ -618,7 +636,9 @@ class SessionStore:
                 "UPDATE sessions.sessions SET ended_at = now(), end_reason = 'RESET', updated_at = now() WHERE id = $1",
                 old["id"],
             )
-            new = await self._insert_session(conn, org_id, old["key"], old["agent_id"], old["parent_session_id"])
+            new = await self._insert_session(
+                conn, org_id, old["key"], old["agent_id"], old["parent_session_id"]
+            )
             assert new is not None  # the old row ended in this transaction
             await conn.execute(
                 "UPDATE sessions.sessions SET next_session_id = $2 WHERE id = $1", old["id"], new["id"]
@@ -691,7 +711,9 @@ class SessionStore:
 
     # ------------------------------------------------------------ transcripts
 
-    async def _follow(self, conn: asyncpg.Connection | asyncpg.Pool, session_id: uuid.UUID) -> list[uuid.UUID]:
+    async def _follow(
+        self, conn: asyncpg.Connection | asyncpg.Pool, session_id: uuid.UUID
+    ) -> list[uuid.UUID]:
         """``session_id`` and its compaction successors, in order (the last is current)."""
         return [r["id"] for r in await conn.fetch(_CHAIN_SQL, session_id)]
 
@@ -710,7 +732,9 @@ class SessionStore:
         if row is None or row["org_id"] != claims.org_id:
             raise NotFound(f"session {claims.session_id} not found", reason="SESSION_NOT_FOUND")
         if row["agent_id"] != claims.agent_id:
-            raise PermissionDenied("run token is not scoped to this session's agent", reason="TOKEN_SCOPE_MISMATCH")
+            raise PermissionDenied(
+                "run token is not scoped to this session's agent", reason="TOKEN_SCOPE_MISMATCH"
+            )
         return row
 
     async def read_transcript(self, claims: RunClaims, session_id: str = "") -> TranscriptRead:
@@ -726,22 +750,32 @@ class SessionStore:
             FailedPrecondition: the conversation has ended (reset, deleted...).
         """
         run_id = uuid.UUID(claims.run_id)
-        row = await self.pool.fetchrow(_TRANSCRIPT_SQL, uuid.UUID(claims.session_id), run_id, self.touch_interval_s)
+        row = await self.pool.fetchrow(
+            _TRANSCRIPT_SQL, uuid.UUID(claims.session_id), run_id, self.touch_interval_s
+        )
         row = self._check_token(claims, session_id, row)
         if row["end_reason"] == "COMPACTION":
             chain = await self._follow(self.pool, row["id"])
             if chain and chain[-1] != row["id"]:
-                row = await self.pool.fetchrow(_TRANSCRIPT_SQL, chain[-1], run_id, self.touch_interval_s) or row
+                row = (
+                    await self.pool.fetchrow(_TRANSCRIPT_SQL, chain[-1], run_id, self.touch_interval_s) or row
+                )
         if row["ended_at"] is not None:
             raise FailedPrecondition(
                 f"session {claims.session_id} has ended ({(row['end_reason'] or '').lower()})",
                 reason="SESSION_ENDED",
             )
         if row["stale"]:
-            await self.pool.execute("UPDATE sessions.sessions SET last_active_at = now() WHERE id = $1", row["id"])
+            await self.pool.execute(
+                "UPDATE sessions.sessions SET last_active_at = now() WHERE id = $1", row["id"]
+            )
         committed = row["committed_epoch"]
         return TranscriptRead(
-            bytes(row["transcript"] or b""), str(row["id"]), row["head_turn"], committed is not None, committed
+            bytes(row["transcript"] or b""),
+            str(row["id"]),
+            row["head_turn"],
+            committed is not None,
+            committed,
         )
 
     def _check_size(self, size: int) -> None:
@@ -803,12 +837,15 @@ class SessionStore:
         async with self.pool.acquire() as conn, conn.transaction():
             current = await conn.fetchrow(_COMMIT_LOCK_SQL, session_id, org_id, run_id)
             if current is None:
-                raise NotFound(f"session {session_id} not found", reason="SESSION_NOT_FOUND", field="session_id")
+                raise NotFound(
+                    f"session {session_id} not found", reason="SESSION_NOT_FOUND", field="session_id"
+                )
             if current["done_session_id"] is not None:
                 return await self._committed(conn, current["done_session_id"], current["done_turn"])
             if not append.messages:
                 raise InvalidArgument(
-                    f"run {run_id} has no messages to commit and no earlier commit", reason="NOTHING_TO_COMMIT",
+                    f"run {run_id} has no messages to commit and no earlier commit",
+                    reason="NOTHING_TO_COMMIT",
                     field="append.messages",
                 )
             for _ in range(3):
@@ -820,24 +857,32 @@ class SessionStore:
                 chain = await self._follow(conn, current["id"])
                 current = await conn.fetchrow(_COMMIT_LOCK_SQL, chain[-1], org_id, run_id) if chain else None
                 if current is None:
-                    raise NotFound(f"session {session_id} not found", reason="SESSION_NOT_FOUND", field="session_id")
+                    raise NotFound(
+                        f"session {session_id} not found", reason="SESSION_NOT_FOUND", field="session_id"
+                    )
             if current["ended_at"] is not None:
                 raise FailedPrecondition(
                     f"session {session_id} has ended ({(current['end_reason'] or '').lower()}); "
                     "the run's result is discarded",
                     reason="SESSION_ENDED",
                 )
-            stale = append.base.session_id != str(current["id"]) or append.base.head_turn != current["head_turn"]
+            stale = (
+                append.base.session_id != str(current["id"]) or append.base.head_turn != current["head_turn"]
+            )
             if stale and append.base.session_id:
                 log.info(
                     "run %s committed after another commit in session %s: its %d message(s) go after it",
-                    run_id, current["id"], len(append.messages),
+                    run_id,
+                    current["id"],
+                    len(append.messages),
                 )
             if append.HasField("compaction") and not stale:
                 target, turn, count, events = await self._roll_over(conn, current, run_id, epoch, append)
             else:
                 transcript = common_pb2.Transcript(messages=append.messages)
-                target, turn, count, events = await self._append_turn(conn, current, run_id, epoch, transcript)
+                target, turn, count, events = await self._append_turn(
+                    conn, current, run_id, epoch, transcript
+                )
             await self._emit(conn, events)
         self._written(events)
         return CommitResult(str(target), count, turn, events)
@@ -909,16 +954,25 @@ class SessionStore:
             current["id"],
         )
         new = await self._insert_session(
-            conn, current["org_id"], current["key"], current["agent_id"], current["parent_session_id"], current["id"]
+            conn,
+            current["org_id"],
+            current["key"],
+            current["agent_id"],
+            current["parent_session_id"],
+            current["id"],
         )
         assert new is not None  # the key's current session ended in this transaction
         await conn.execute(
             "UPDATE sessions.sessions SET next_session_id = $2 WHERE id = $1", current["id"], new["id"]
         )
-        transcript = common_pb2.Transcript(summary=compaction.summary, resumed_from_session_id=str(current["id"]))
+        transcript = common_pb2.Transcript(
+            summary=compaction.summary, resumed_from_session_id=str(current["id"])
+        )
         transcript.messages.extend(compaction.kept)
         transcript.messages.extend(append.messages)
-        target, turn, count, updated = await self._append_turn(conn, new, run_id, epoch, transcript, checkpoint=True)
+        target, turn, count, updated = await self._append_turn(
+            conn, new, run_id, epoch, transcript, checkpoint=True
+        )
         events = await self._close_activation(conn, current, "COMPACTION", next_session_id=new["id"])
         events += await self._open_activation(conn, new, "RESUMED", resumed_from=current["id"])
         compacted = _event(
@@ -939,7 +993,11 @@ class SessionStore:
         metrics.COMPACTIONS_TOTAL.labels("rolled_over").inc()
         log.info(
             "session %s (%s) compacted: %d message(s) summarised, %d kept; key now at session %s",
-            current["id"], current["key"], info.summarized_message_count, info.kept_message_count, new["id"],
+            current["id"],
+            current["key"],
+            info.summarized_message_count,
+            info.kept_message_count,
+            new["id"],
         )
         return target, turn, count, events
 
@@ -1052,7 +1110,9 @@ class SessionStore:
         recorded nor slow the recording down. Returns how many ended.
         """
         held: list[common_pb2.LifecycleEvent] = []
-        ended = await self._end_activations(reason, "a.instance_id = $3", [self.instance_id], batch=batch, hold=held)
+        ended = await self._end_activations(
+            reason, "a.instance_id = $3", [self.instance_id], batch=batch, hold=held
+        )
         metrics.ACTIVE_SESSIONS.set(0)
         self._written(held)
         return ended

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
+
 from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2
 from runyard.common import metrics
 from runyard.common.config import Config
@@ -267,7 +268,14 @@ class Compactor:
         metrics.COMPACTIONS_TOTAL.labels("summarized").inc()
         log.info(
             "run %s: compacted session %s (%s): %d message(s) summarised by %s, %d kept, ~%d -> ~%d tokens",
-            payload.run_id, payload.session_id, plan.reason, len(older), model, len(kept), plan.tokens_before, after,
+            payload.run_id,
+            payload.session_id,
+            plan.reason,
+            len(older),
+            model,
+            len(kept),
+            plan.tokens_before,
+            after,
         )
         return sessions_pb2.CompactionInfo(
             summarized_message_count=len(older),

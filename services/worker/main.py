@@ -91,7 +91,9 @@ class Worker:
     def __init__(self, config: Config, channels: InternalChannels, worker_id: str | None = None):
         self.config = config
         self.channels = channels
-        self.worker_id = worker_id or config.worker.worker_id or f"worker-{socket.gethostname()}-{os.getpid()}"
+        self.worker_id = (
+            worker_id or config.worker.worker_id or f"worker-{socket.gethostname()}-{os.getpid()}"
+        )
         self.capacity = config.worker.capacity
         self.runs: dict[str, ActiveRun] = {}
         self._queue: asyncio.Queue[worker_hub_pb2.ConnectRequest | None] | None = None
@@ -106,13 +108,15 @@ class Worker:
             router_pb2_grpc.RouterServiceStub(self._router_channel),
         )
         # Tool sources of the tool loop (runyard.worker.tools.ToolSource), in precedence order.
-        self.executor.sources.append(TaskTools(
-            tasks_pb2_grpc.TaskServiceStub(self._tasks_channel),
-            internal_metadata(config.auth.internal_secret),
-            wait_max_s=config.tasks.tool_wait_max_s,
-            retrying=self.executor._retrying,
-            config=config,
-        ))
+        self.executor.sources.append(
+            TaskTools(
+                tasks_pb2_grpc.TaskServiceStub(self._tasks_channel),
+                internal_metadata(config.auth.internal_secret),
+                wait_max_s=config.tasks.tool_wait_max_s,
+                retrying=self.executor._retrying,
+                config=config,
+            )
+        )
         # -- MCP servers (issue 13): the agents' tool servers, one tool source of the tool loop.
         self.mcp = McpTools(config)
         self.executor.sources.append(self.mcp)
@@ -157,7 +161,10 @@ class Worker:
             # One span per execution, continuing the trace of the request that queued the run.
             with tracing.run_span(run.payload) as span:
                 outcome = await self.executor.execute(
-                    run.payload, lambda event: self._emit(run, event), run.continuation, transcript=run.transcript
+                    run.payload,
+                    lambda event: self._emit(run, event),
+                    run.continuation,
+                    transcript=run.transcript,
                 )
                 run.transcript = None
                 if span is not None and outcome.completed is not None:
@@ -169,11 +176,15 @@ class Worker:
                 return
             if reason == "RELEASE":
                 result = worker_hub_pb2.WorkerRunResult(
-                    run_id=run.run_id, epoch=run.epoch, released=worker_hub_pb2.RunReleased(reason="worker shutdown")
+                    run_id=run.run_id,
+                    epoch=run.epoch,
+                    released=worker_hub_pb2.RunReleased(reason="worker shutdown"),
                 )
             else:
                 result = worker_hub_pb2.WorkerRunResult(
-                    run_id=run.run_id, epoch=run.epoch, cancelled=common_pb2.RunCancelled(reason=reason.lower())
+                    run_id=run.run_id,
+                    epoch=run.epoch,
+                    cancelled=common_pb2.RunCancelled(reason=reason.lower()),
                 )
             self._finish(run, result)
             return
@@ -214,7 +225,9 @@ class Worker:
     # ------------------------------------------------------------ connection
 
     def _hello(self) -> worker_hub_pb2.ConnectRequest:
-        hello = worker_hub_pb2.WorkerHello(worker_id=self.worker_id, capacity=self.capacity, version=__version__)
+        hello = worker_hub_pb2.WorkerHello(
+            worker_id=self.worker_id, capacity=self.capacity, version=__version__
+        )
         for run in self.runs.values():
             hello.active_runs.add(run_id=run.run_id, epoch=run.epoch)
         return worker_hub_pb2.ConnectRequest(hello=hello)
@@ -251,7 +264,9 @@ class Worker:
             if run.result is not None:
                 self._send(run.result)
         if self.draining:
-            self._send(worker_hub_pb2.ConnectRequest(draining=worker_hub_pb2.WorkerDraining(reason="shutdown")))
+            self._send(
+                worker_hub_pb2.ConnectRequest(draining=worker_hub_pb2.WorkerDraining(reason="shutdown"))
+            )
 
     def _on_token(self, refresh: worker_hub_pb2.RunTokenRefresh) -> None:
         """A fresh run token (the lease was renewed): later calls of the run use it."""
@@ -283,7 +298,9 @@ class Worker:
         heartbeat: asyncio.Task[None] | None = None
         try:
             stub = worker_hub_pb2_grpc.WorkerHubServiceStub(channel)
-            stream = stub.Connect(self._requests(queue), metadata=internal_metadata(self.config.auth.internal_secret))
+            stream = stub.Connect(
+                self._requests(queue), metadata=internal_metadata(self.config.auth.internal_secret)
+            )
             async for response in stream:
                 kind = response.WhichOneof("message")
                 if kind == "welcome":

@@ -84,8 +84,8 @@ from mcp.shared._httpx_utils import create_mcp_http_client  # the SDK's client f
 from mcp.shared.exceptions import MCPError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
-from runyard._version import __version__
 from runyard._proto.v1 import admin_pb2, common_pb2
+from runyard._version import __version__
 from runyard.common import metrics
 from runyard.common.config import Config, McpServerConfig
 from runyard.worker.tools import ToolResult
@@ -284,7 +284,9 @@ class McpServer:
         if error:
             self.last_error = self._redact(error)
         for candidate in metrics.MCP_SERVER_STATES:
-            metrics.MCP_SERVERS.labels(self.agent_id, self.name, candidate).set(1 if candidate == state else 0)
+            metrics.MCP_SERVERS.labels(self.agent_id, self.name, candidate).set(
+                1 if candidate == state else 0
+            )
         if state == "ready":
             self._ready.set()
         else:
@@ -332,7 +334,8 @@ class McpServer:
         with anyio.CancelScope() as self._scope:
             while True:
                 async for attempt in AsyncRetrying(
-                    wait=wait_exponential(multiplier=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S) + wait_random(0, 0.25),
+                    wait=wait_exponential(multiplier=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S)
+                    + wait_random(0, 0.25),
                     retry=retry_if_exception_type(Exception),
                     before_sleep=self._log_retry,
                     sleep=self._backoff,
@@ -353,7 +356,10 @@ class McpServer:
         wait = state.next_action.sleep if state.next_action is not None else 0.0
         log.warning(
             "MCP server %s could not start (attempt %d): %s; retrying in %.1f s",
-            self.label, state.attempt_number, error, wait,
+            self.label,
+            state.attempt_number,
+            error,
+            wait,
         )
         self._set_state("failed", error)
         self._attempted.set()
@@ -402,7 +408,9 @@ class McpServer:
 
     async def _open(self, stack: AsyncExitStack) -> Client:
         """Start the process / open the HTTP session and complete the handshake (on ``stack``)."""
-        transport = _watched(await self._transport(stack), lambda: self._mark_lost("the server closed the connection"))
+        transport = _watched(
+            await self._transport(stack), lambda: self._mark_lost("the server closed the connection")
+        )
         client = Client(
             transport,
             message_handler=self._on_message,
@@ -425,7 +433,11 @@ class McpServer:
         self._attempted.set()
         log.info(
             "MCP server %s ready (%s, protocol %s): %d tool(s) offered: %s",
-            self.label, self.config.transport, self.protocol_version, len(tools), ", ".join(tools) or "none",
+            self.label,
+            self.config.transport,
+            self.protocol_version,
+            len(tools),
+            ", ".join(tools) or "none",
         )
 
     async def _transport(self, stack: AsyncExitStack) -> Any:
@@ -557,7 +569,9 @@ class McpServer:
                         return
                     log.info(
                         "MCP server %s changed its tools: %d offered: %s",
-                        self.label, len(self.tools), ", ".join(self.tools) or "none",
+                        self.label,
+                        len(self.tools),
+                        ", ".join(self.tools) or "none",
                     )
             finally:
                 group.cancel_scope.cancel()
@@ -589,7 +603,9 @@ class McpServer:
                 result = await client.call_tool(tool.name, arguments, read_timeout_seconds=timeout_s)
         except MCPError as exc:
             if exc.code == mcp_t.REQUEST_TIMEOUT:
-                return _error(f"the tool {tool.name!r} did not answer within {self.config.call_timeout_ms} ms")
+                return _error(
+                    f"the tool {tool.name!r} did not answer within {self.config.call_timeout_ms} ms"
+                )
             if exc.code == mcp_t.CONNECTION_CLOSED:
                 self._mark_lost(f"the connection closed during a call of {tool.name!r}")
                 return _error(

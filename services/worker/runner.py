@@ -22,14 +22,29 @@ from typing import TypeVar
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential, wait_random
 
-from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2, sessions_pb2_grpc, worker_hub_pb2
+from runyard._proto.v1 import (
+    common_pb2,
+    router_pb2,
+    router_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
+    worker_hub_pb2,
+)
 from runyard.common.config import Config
 from runyard.common.errors import DeadlineExceeded, ResourceExhausted, RunyardError, from_rpc_error
 from runyard.common.faults import infrastructure_error
 from runyard.common.protoutil import now
 from runyard.worker.budget import ROUTER_DEADLINE_MARGIN_S, run_deadline, time_left
 from runyard.worker.compaction import Compactor, estimate_tokens
-from runyard.worker.tools import _ORDINAL, ClientTools, RunTools, ToolResult, ToolSource, record_tool_call, resolve_tools
+from runyard.worker.tools import (
+    _ORDINAL,
+    ClientTools,
+    RunTools,
+    ToolResult,
+    ToolSource,
+    record_tool_call,
+    resolve_tools,
+)
 
 __all__ = ["RunOutcome", "RunExecutor", "build_prompt"]
 
@@ -168,7 +183,9 @@ def build_prompt(
 def _order_tool_results(messages: list[common_pb2.Message]) -> None:
     """Put the tool results after the last assistant message in the order
     of its calls (server-side results come first, the client's later)."""
-    last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == common_pb2.ROLE_ASSISTANT), None)
+    last = next(
+        (i for i in range(len(messages) - 1, -1, -1) if messages[i].role == common_pb2.ROLE_ASSISTANT), None
+    )
     if last is None:
         return
     order = {call.id: index for index, call in enumerate(messages[last].tool_calls)}
@@ -178,7 +195,9 @@ def _order_tool_results(messages: list[common_pb2.Message]) -> None:
         messages[last + 1 :] = tail
 
 
-def _tool_message(payload: common_pb2.RunPayload, call: common_pb2.ToolCall, result: ToolResult) -> common_pb2.Message:
+def _tool_message(
+    payload: common_pb2.RunPayload, call: common_pb2.ToolCall, result: ToolResult
+) -> common_pb2.Message:
     """The ROLE_TOOL message answering ``call`` (``metadata.is_error`` on an error result)."""
     message = common_pb2.Message(
         role=common_pb2.ROLE_TOOL,
@@ -281,9 +300,13 @@ class RunExecutor:
         transcript: sessions_pb2.GetTranscriptResponse | None = None,
     ) -> RunOutcome:
         # payload.run_token is read at each call: the hub renews it with the lease.
-        read = transcript if transcript is not None else await self._retrying(
-            lambda: self.sessions.GetTranscript(
-                sessions_pb2.GetTranscriptRequest(run_token=payload.run_token), timeout=30
+        read = (
+            transcript
+            if transcript is not None
+            else await self._retrying(
+                lambda: self.sessions.GetTranscript(
+                    sessions_pb2.GetTranscriptRequest(run_token=payload.run_token), timeout=30
+                )
             )
         )
         if read.run_committed:
@@ -317,8 +340,12 @@ class RunExecutor:
             append.compaction.kept.extend(overflow.snapshot.transcript.messages)
         if final is None:
             paused = worker_hub_pb2.RunContinuation(
-                append=append, pending=waiting, tool_calls_made=loop.calls_made, ordinals=loop.ordinals,
-                usage=loop.usage, overflow_compacted=overflow.used,
+                append=append,
+                pending=waiting,
+                tool_calls_made=loop.calls_made,
+                ordinals=loop.ordinals,
+                usage=loop.usage,
+                overflow_compacted=overflow.used,
             )
             paused.pause_time.CopyFrom(now())
             return RunOutcome(paused=paused)
@@ -355,15 +382,20 @@ class RunExecutor:
             result = results.get(call.id)
             if result is None:  # the gateway queues a run only with every result; never guess one
                 result = common_pb2.ToolResultEvent(
-                    tool_call_id=call.id, name=call.name, is_error=True,
+                    tool_call_id=call.id,
+                    name=call.name,
+                    is_error=True,
                     content=json.dumps({"error": "the client sent no result for this call"}),
                 )
             record_tool_call("client", call.name, result.is_error, result.duration_ms / 1000)
             messages.append(_tool_message(payload, call, ToolResult(result.content, result.is_error)))
         _order_tool_results(messages)
         loop = _ToolLoop(
-            prefix=prefix, messages=messages, calls_made=continuation.tool_calls_made,
-            ordinals=dict(continuation.ordinals), resumed=True,
+            prefix=prefix,
+            messages=messages,
+            calls_made=continuation.tool_calls_made,
+            ordinals=dict(continuation.ordinals),
+            resumed=True,
         )
         loop.usage.CopyFrom(continuation.usage)
         log.info("run %s continues with %d client tool result(s)", payload.run_id, len(continuation.pending))
@@ -405,8 +437,14 @@ class RunExecutor:
         while True:
             offer = tools.definitions if loop.calls_made < limit else []
             final = await self._generate(
-                payload, [*loop.prefix, *loop.messages], emit, offer, announced=announced,
-                tool_calls=bool(tools.definitions), tool_sources=tools, resumed=loop.resumed,
+                payload,
+                [*loop.prefix, *loop.messages],
+                emit,
+                offer,
+                announced=announced,
+                tool_calls=bool(tools.definitions),
+                tool_sources=tools,
+                resumed=loop.resumed,
             )
             announced = True
             loop.usage.input_tokens += final.usage.input_tokens
@@ -421,7 +459,8 @@ class RunExecutor:
                 # tool messages"). The text of the answer is kept, the calls are dropped.
                 log.warning(
                     "run %s: the model called %s although no tools were offered; calls dropped",
-                    payload.run_id, ", ".join(sorted({call.name for call in final.message.tool_calls})),
+                    payload.run_id,
+                    ", ".join(sorted({call.name for call in final.message.tool_calls})),
                 )
                 del final.message.tool_calls[:]
                 return final, []
@@ -439,7 +478,8 @@ class RunExecutor:
                 started = time.monotonic()
                 if loop.calls_made >= limit:
                     result = ToolResult(
-                        f'{{"error": "tool call limit ({limit}) reached; answer without tools"}}', is_error=True
+                        f'{{"error": "tool call limit ({limit}) reached; answer without tools"}}',
+                        is_error=True,
                     )
                 else:
                     loop.calls_made += 1
@@ -451,7 +491,10 @@ class RunExecutor:
                 emit(
                     common_pb2.RunEvent(
                         tool_result=common_pb2.ToolResultEvent(
-                            tool_call_id=call.id, name=call.name, content=result.content, is_error=result.is_error,
+                            tool_call_id=call.id,
+                            name=call.name,
+                            content=result.content,
+                            is_error=result.is_error,
                             source=tools.source_of(call.name),
                             duration_ms=int((time.monotonic() - started) * 1000),
                         )
@@ -459,8 +502,11 @@ class RunExecutor:
                 )
                 loop.messages.append(_tool_message(payload, call, result))
             if waiting:
-                log.info("run %s waits for the client's results of %s", payload.run_id,
-                         ", ".join(call.name for call in waiting))
+                log.info(
+                    "run %s waits for the client's results of %s",
+                    payload.run_id,
+                    ", ".join(call.name for call in waiting),
+                )
                 return None, waiting
 
     async def _call_tool(
@@ -473,7 +519,9 @@ class RunExecutor:
         if source is None:
             names = ", ".join(d.name for d in tools.definitions)
             record_tool_call("", call.name, True, 0.0)
-            return ToolResult(json.dumps({"error": f"unknown tool {call.name!r}; available: {names}"}), is_error=True)
+            return ToolResult(
+                json.dumps({"error": f"unknown tool {call.name!r}; available: {names}"}), is_error=True
+            )
         token = _ORDINAL.set(ordinal)
         started = time.monotonic()
         result: ToolResult | None = None
@@ -482,7 +530,9 @@ class RunExecutor:
             return result
         finally:
             _ORDINAL.reset(token)
-            record_tool_call(source.source, call.name, result is None or result.is_error, time.monotonic() - started)
+            record_tool_call(
+                source.source, call.name, result is None or result.is_error, time.monotonic() - started
+            )
 
     async def _generate(
         self,
@@ -563,7 +613,9 @@ class RunExecutor:
                             emit(
                                 common_pb2.RunEvent(
                                     started=common_pb2.RunStarted(
-                                        worker_id=self.worker_id, model=model, attempt=payload.attempt,
+                                        worker_id=self.worker_id,
+                                        model=model,
+                                        attempt=payload.attempt,
                                         resumed=resumed,
                                     )
                                 )
@@ -579,10 +631,16 @@ class RunExecutor:
                         if not tool_calls:
                             continue
                         streamed = True
-                        source = tool_sources.source_of(response.tool_call.name) if tool_sources is not None else ""
-                        emit(common_pb2.RunEvent(
-                            tool_call=common_pb2.ToolCallEvent(call=response.tool_call, source=source)
-                        ))
+                        source = (
+                            tool_sources.source_of(response.tool_call.name)
+                            if tool_sources is not None
+                            else ""
+                        )
+                        emit(
+                            common_pb2.RunEvent(
+                                tool_call=common_pb2.ToolCallEvent(call=response.tool_call, source=source)
+                            )
+                        )
                     elif kind == "usage":
                         emit(common_pb2.RunEvent(usage=response.usage))
                     elif kind == "final":
@@ -688,7 +746,11 @@ class RunExecutor:
 
     def _already_done(self, payload: common_pb2.RunPayload, transcript: common_pb2.Transcript) -> RunOutcome:
         answer = next(
-            (m for m in reversed(transcript.messages) if m.role == common_pb2.ROLE_ASSISTANT and m.run_id == payload.run_id),
+            (
+                m
+                for m in reversed(transcript.messages)
+                if m.role == common_pb2.ROLE_ASSISTANT and m.run_id == payload.run_id
+            ),
             common_pb2.Message(role=common_pb2.ROLE_ASSISTANT),
         )
         log.info("run %s was already committed; reporting the stored answer", payload.run_id)

@@ -64,8 +64,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _STATUS = {v: k.removeprefix("TASK_STATUS_") for k, v in common_pb2.TaskStatus.items()}
-_ENDED = {common_pb2.TASK_STATUS_COMPLETED, common_pb2.TASK_STATUS_ERROR, common_pb2.TASK_STATUS_CANCELLED,
-          common_pb2.TASK_STATUS_INTERRUPTED}
+_ENDED = {
+    common_pb2.TASK_STATUS_COMPLETED,
+    common_pb2.TASK_STATUS_ERROR,
+    common_pb2.TASK_STATUS_CANCELLED,
+    common_pb2.TASK_STATUS_INTERRUPTED,
+}
 _POLL_S = 0.25
 
 SPAWN_TASK = common_pb2.ToolDefinition(
@@ -75,18 +79,30 @@ SPAWN_TASK = common_pb2.ToolDefinition(
         "Returns the task id at once. You receive a message when the task ends (with its result), and "
         "task_output reads it any time."
     ),
-    parameters_json_schema=json.dumps({
-        "type": "object",
-        "properties": {
-            "prompt": {"type": "string", "description": "Everything the task needs to know: it sees nothing else."},
-            "description": {"type": "string", "description": "A few words naming the task (shown in updates)."},
-            "agent_id": {"type": "string", "description": "Agent to run it (default: yours)."},
-            "model": {"type": "string", "description": "'provider/model' to use instead of the agent's."},
-            "max_tool_calls": {"type": "integer", "minimum": 0, "description": "Tool calls the task may make."},
-        },
-        "required": ["prompt"],
-        "additionalProperties": False,
-    }),
+    parameters_json_schema=json.dumps(
+        {
+            "type": "object",
+            "properties": {
+                "prompt": {
+                    "type": "string",
+                    "description": "Everything the task needs to know: it sees nothing else.",
+                },
+                "description": {
+                    "type": "string",
+                    "description": "A few words naming the task (shown in updates).",
+                },
+                "agent_id": {"type": "string", "description": "Agent to run it (default: yours)."},
+                "model": {"type": "string", "description": "'provider/model' to use instead of the agent's."},
+                "max_tool_calls": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "Tool calls the task may make.",
+                },
+            },
+            "required": ["prompt"],
+            "additionalProperties": False,
+        }
+    ),
 )
 TASK_OUTPUT = common_pb2.ToolDefinition(
     name="task_output",
@@ -94,15 +110,21 @@ TASK_OUTPUT = common_pb2.ToolDefinition(
         "Read a background task started with spawn_task: its status and, once it ended, its result or error. "
         "Set wait_s to wait up to that many seconds for it to end."
     ),
-    parameters_json_schema=json.dumps({
-        "type": "object",
-        "properties": {
-            "task_id": {"type": "string"},
-            "wait_s": {"type": "number", "minimum": 0, "description": "Wait this long for the task to end."},
-        },
-        "required": ["task_id"],
-        "additionalProperties": False,
-    }),
+    parameters_json_schema=json.dumps(
+        {
+            "type": "object",
+            "properties": {
+                "task_id": {"type": "string"},
+                "wait_s": {
+                    "type": "number",
+                    "minimum": 0,
+                    "description": "Wait this long for the task to end.",
+                },
+            },
+            "required": ["task_id"],
+            "additionalProperties": False,
+        }
+    ),
 )
 #: The built-in tools by name.
 BUILTIN_TOOLS: dict[str, common_pb2.ToolDefinition] = {"spawn_task": SPAWN_TASK, "task_output": TASK_OUTPUT}
@@ -220,7 +242,9 @@ class RunTools:
         return found.source if found is not None else ""
 
 
-def resolve_tools(sources: Sequence[ToolSource], payload: common_pb2.RunPayload, run_id: str = "") -> RunTools:
+def resolve_tools(
+    sources: Sequence[ToolSource], payload: common_pb2.RunPayload, run_id: str = ""
+) -> RunTools:
     """The tools ``payload``'s run offers: every source's ``offered``, in order.
 
     Names are unique in a run. A name a source offers after an earlier
@@ -252,7 +276,10 @@ def resolve_tools(sources: Sequence[ToolSource], payload: common_pb2.RunPayload,
                 )
             log.warning(
                 "run %s: tool %r of source %s is skipped: source %s offers that name first",
-                run_id or payload.run_id, definition.name, source.source, taken.source,
+                run_id or payload.run_id,
+                definition.name,
+                source.source,
+                taken.source,
             )
     return tools
 
@@ -318,7 +345,9 @@ class TaskTools:
         """:meth:`execute` with the loop's :func:`call_ordinal`."""
         return await self.execute(payload, call, call_ordinal() or 1)
 
-    async def execute(self, payload: common_pb2.RunPayload, call: common_pb2.ToolCall, ordinal: int) -> ToolResult:
+    async def execute(
+        self, payload: common_pb2.RunPayload, call: common_pb2.ToolCall, ordinal: int
+    ) -> ToolResult:
         """Run one tool call of ``payload``'s run; ``ordinal`` numbers the
         run's calls of that tool (the idempotency key of a spawn, so a run
         that re-executes after its worker was lost spawns nothing twice)."""
@@ -337,7 +366,9 @@ class TaskTools:
             return _error(f"{exc.reason}: {exc.message}")
         return _error(f"unknown tool {call.name!r}; available: {', '.join(BUILTIN_TOOLS)}")
 
-    async def _spawn(self, payload: common_pb2.RunPayload, arguments: dict[str, Any], ordinal: int) -> ToolResult:
+    async def _spawn(
+        self, payload: common_pb2.RunPayload, arguments: dict[str, Any], ordinal: int
+    ) -> ToolResult:
         prompt = arguments.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             return _error("'prompt' (a non-empty string) is required")
@@ -354,7 +385,9 @@ class TaskTools:
             idempotency_key=f"runyard.tool:{payload.run_id}:spawn_task:{ordinal}",
             **text,
         )
-        response = await self.retrying(lambda: self.stub.SpawnTask(request, metadata=self.metadata, timeout=30))
+        response = await self.retrying(
+            lambda: self.stub.SpawnTask(request, metadata=self.metadata, timeout=30)
+        )
         summary = _summary(response.task)
         summary["note"] = (
             "The task runs in the background. You will get a message when it ends; "
@@ -372,7 +405,9 @@ class TaskTools:
         deadline = time.monotonic() + min(float(wait), self.wait_max_s)
         request = tasks_pb2.TaskServiceGetTaskRequest(run_token=payload.run_token, task_id=task_id)
         while True:
-            response = await self.retrying(lambda: self.stub.GetTask(request, metadata=self.metadata, timeout=30))
+            response = await self.retrying(
+                lambda: self.stub.GetTask(request, metadata=self.metadata, timeout=30)
+            )
             if response.task.status in _ENDED or time.monotonic() >= deadline:
                 return ToolResult(json.dumps(_summary(response.task)))
             await asyncio.sleep(min(_POLL_S, max(deadline - time.monotonic(), 0.0)))

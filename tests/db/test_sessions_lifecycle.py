@@ -10,6 +10,7 @@ from collections import Counter
 
 import asyncpg
 import pytest
+
 from runyard._proto.v1 import common_pb2
 from runyard.common.hooks import SessionEnd, SessionStart, from_proto
 from runyard.sessions.store import SessionStore
@@ -81,9 +82,7 @@ async def test_every_activation_ends_once_whoever_ends_it(pool):
 async def test_session_end_carries_message_count_and_duration(pool):
     store = await make_store(pool, "sessions-a")
     session, _, _ = await store.resolve("org", "counted", "agent")
-    await pool.execute(
-        "UPDATE sessions.sessions SET message_count = 7 WHERE id = $1", uuid.UUID(session.id)
-    )
+    await pool.execute("UPDATE sessions.sessions SET message_count = 7 WHERE id = $1", uuid.UUID(session.id))
     await pool.execute(
         "UPDATE sessions.activations SET started_at = now() - interval '90 seconds' WHERE session_id = $1",
         uuid.UUID(session.id),

@@ -8,6 +8,7 @@ import uuid
 
 import asyncpg
 import pytest
+
 from runyard._proto.v1 import common_pb2, sessions_pb2
 from runyard.common.auth import RunClaims
 from runyard.common.config import MaintenanceConfig
@@ -27,9 +28,13 @@ async def store(migrated_url: str):
     await pool.close()
 
 
-async def commit(store: SessionStore, session: common_pb2.Session, text: str, *, compact: bool = False) -> str:
+async def commit(
+    store: SessionStore, session: common_pb2.Session, text: str, *, compact: bool = False
+) -> str:
     """One run's commit, as the gateway makes it; returns the session it landed in."""
-    claims = RunClaims(session.org_id, session.agent_id, session.id, str(uuid.uuid4()), 1, int(time.time()) + 600)
+    claims = RunClaims(
+        session.org_id, session.agent_id, session.id, str(uuid.uuid4()), 1, int(time.time()) + 600
+    )
     read = await store.read_transcript(claims)
     append = sessions_pb2.TranscriptAppend(
         messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text, run_id=claims.run_id)],
@@ -79,7 +84,8 @@ async def setup_world(store: SessionStore) -> dict[str, uuid.UUID]:
     for rank, key in enumerate(["a2", "a3", "a4", "a5", "a6", "a7"]):
         await pool.execute(
             "UPDATE sessions.sessions SET last_active_at = now() - make_interval(mins => $2) WHERE id = $1",
-            ids[key], 60 - rank,
+            ids[key],
+            60 - rank,
         )
     await pool.execute(
         "UPDATE sessions.sessions SET last_active_at = now() - interval '2 days' WHERE id = ANY($1::uuid[])",
@@ -100,14 +106,21 @@ async def setup_world(store: SessionStore) -> dict[str, uuid.UUID]:
 
 def config(**overrides: object) -> MaintenanceConfig:
     values: dict[str, object] = {
-        "prune_after_s": 86_400, "max_sessions_per_agent": 4, "keep_snapshots": 2, "old_snapshots": "drop",
-        "pending_snapshot_ttl_s": 3600, "event_retention_s": 5 * 86_400, "batch_size": 2,
+        "prune_after_s": 86_400,
+        "max_sessions_per_agent": 4,
+        "keep_snapshots": 2,
+        "old_snapshots": "drop",
+        "pending_snapshot_ttl_s": 3600,
+        "event_retention_s": 5 * 86_400,
+        "batch_size": 2,
     }
     values.update(overrides)
     return MaintenanceConfig(**values)
 
 
-async def run(maintenance: Maintenance, dry_run: bool) -> tuple[list[sessions_pb2.PrunedSession], sessions_pb2.PruneStats]:
+async def run(
+    maintenance: Maintenance, dry_run: bool
+) -> tuple[list[sessions_pb2.PrunedSession], sessions_pb2.PruneStats]:
     pruned: list[sessions_pb2.PrunedSession] = []
     stats = None
     async for batch in maintenance.run(dry_run=dry_run):
@@ -164,8 +177,10 @@ async def test_dry_run_reports_exactly_what_the_real_run_removes_and_changes_not
 
 async def test_archive_mode_keeps_old_transcripts_as_archived_and_never_serves_them(store):
     ids = await setup_world(store)
-    _, stats = await run(Maintenance(store, config(old_snapshots="archive", prune_after_s=0,
-                                                   max_sessions_per_agent=0)), dry_run=False)
+    _, stats = await run(
+        Maintenance(store, config(old_snapshots="archive", prune_after_s=0, max_sessions_per_agent=0)),
+        dry_run=False,
+    )
     # keep_snapshots = 2: b0 is two compactions behind b0y (its one turn goes);
     # b0x and c0 are one behind.
     assert (stats.snapshots_archived, stats.snapshots_dropped) == (1, 0)

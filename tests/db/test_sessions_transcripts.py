@@ -10,6 +10,7 @@ import uuid
 
 import asyncpg
 import pytest
+
 from runyard._proto.v1 import common_pb2, sessions_pb2
 from runyard.common.auth import RunClaims
 from runyard.common.errors import FailedPrecondition, PermissionDenied
@@ -30,8 +31,12 @@ async def store(migrated_url: str):
 
 def claims(session: common_pb2.Session, run_id: str | None = None, epoch: int = 1) -> RunClaims:
     return RunClaims(
-        org_id=session.org_id, agent_id=session.agent_id, session_id=session.id,
-        run_id=run_id or str(uuid.uuid4()), epoch=epoch, expires_at=int(time.time()) + 600,
+        org_id=session.org_id,
+        agent_id=session.agent_id,
+        session_id=session.id,
+        run_id=run_id or str(uuid.uuid4()),
+        epoch=epoch,
+        expires_at=int(time.time()) + 600,
     )
 
 
@@ -41,8 +46,10 @@ def message(role: int, text: str, run_id: str = "") -> common_pb2.Message:
 
 def turn(token: RunClaims, text: str, base: sessions_pb2.TranscriptBase) -> sessions_pb2.TranscriptAppend:
     return sessions_pb2.TranscriptAppend(
-        messages=[message(common_pb2.ROLE_USER, text, token.run_id),
-                  message(common_pb2.ROLE_ASSISTANT, f"re: {text}", token.run_id)],
+        messages=[
+            message(common_pb2.ROLE_USER, text, token.run_id),
+            message(common_pb2.ROLE_ASSISTANT, f"re: {text}", token.run_id),
+        ],
         base=base,
     )
 
@@ -57,7 +64,9 @@ async def run_turn(
     """One run as the worker and gateway do it; returns (run id, session id it landed in)."""
     token = claims(session)
     read = await store.read_transcript(token, session.id)
-    append = turn(token, text, sessions_pb2.TranscriptBase(session_id=read.session_id, head_turn=read.head_turn))
+    append = turn(
+        token, text, sessions_pb2.TranscriptBase(session_id=read.session_id, head_turn=read.head_turn)
+    )
     if compaction is not None:
         append.compaction.CopyFrom(compaction)
     result = await store.commit_run(session.org_id, uuid.UUID(session.id), uuid.UUID(token.run_id), 1, append)
@@ -93,10 +102,12 @@ async def test_each_turn_stores_only_its_own_messages_and_a_run_commits_once(sto
     sizes = []
     for i in range(30):
         await run_turn(store, session, f"message number {i:03d}")
-        sizes.append(await store.pool.fetchval(
-            "SELECT size_bytes FROM sessions.turns WHERE session_id = $1 ORDER BY turn DESC LIMIT 1",
-            uuid.UUID(session.id),
-        ))
+        sizes.append(
+            await store.pool.fetchval(
+                "SELECT size_bytes FROM sessions.turns WHERE session_id = $1 ORDER BY turn DESC LIMIT 1",
+                uuid.UUID(session.id),
+            )
+        )
     assert max(sizes) - min(sizes) <= 2  # bytes per turn do not grow with the conversation
     summary, texts = await contents(store, "long")
     assert len(texts) == 60 and texts[-2:] == ["message number 029", "re: message number 029"]
@@ -106,8 +117,12 @@ async def test_each_turn_stores_only_its_own_messages_and_a_run_commits_once(sto
     token = claims(session)
     read = await store.read_transcript(token)
     base = sessions_pb2.TranscriptBase(session_id=read.session_id, head_turn=read.head_turn)
-    first = await store.commit_run("org", uuid.UUID(session.id), uuid.UUID(token.run_id), 1, turn(token, "x", base))
-    again = await store.commit_run("org", uuid.UUID(session.id), uuid.UUID(token.run_id), 2, turn(token, "y", base))
+    first = await store.commit_run(
+        "org", uuid.UUID(session.id), uuid.UUID(token.run_id), 1, turn(token, "x", base)
+    )
+    again = await store.commit_run(
+        "org", uuid.UUID(session.id), uuid.UUID(token.run_id), 2, turn(token, "y", base)
+    )
     assert (again.session_id, again.turn, again.events) == (first.session_id, first.turn, [])
     assert (await contents(store, "long"))[1][-2:] == ["x", "re: x"]
     assert (await store.read_transcript(claims(session, token.run_id, 2))).run_committed
@@ -131,7 +146,8 @@ async def test_compaction_commit_rolls_the_key_over_and_pairs_lifecycle_events(s
     assert new.id == landed and new.resumed_from_session_id == session.id
     assert old.next_session_id == landed and not old.current
     assert await contents(store, "long") == (
-        "turns 0 and 1 happened", ["turn 2", "re: turn 2", "turn 3", "re: turn 3"]
+        "turns 0 and 1 happened",
+        ["turn 2", "re: turn 2", "turn 3", "re: turn 3"],
     )
     # A run token minted for the old session (a run queued before the
     # rollover) follows the conversation to the new session.
@@ -148,10 +164,13 @@ async def test_compaction_commit_rolls_the_key_over_and_pairs_lifecycle_events(s
         (session.id, "COMPACTION", landed, "long")
     ]
     assert [(e.session_id, e.reason, e.resumed_from_session_id) for e in start] == [
-        (session.id, "NEW", ""), (landed, "RESUMED", session.id)
+        (session.id, "NEW", ""),
+        (landed, "RESUMED", session.id),
     ]
-    assert [(e.session_id, e.previous_session_id, e.summarized_message_count, e.kept_message_count)
-            for e in compaction_events] == [(landed, session.id, 4, 2)]
+    assert [
+        (e.session_id, e.previous_session_id, e.summarized_message_count, e.kept_message_count)
+        for e in compaction_events
+    ] == [(landed, session.id, 4, 2)]
 
 
 async def test_a_commit_after_another_runs_commit_is_appended_not_lost(store):
@@ -162,23 +181,33 @@ async def test_a_commit_after_another_runs_commit_is_appended_not_lost(store):
     # Another run commits while the slow one is generating.
     fast_read = await store.read_transcript(fast, session.id)
     fast_base = sessions_pb2.TranscriptBase(session_id=fast_read.session_id, head_turn=fast_read.head_turn)
-    await store.commit_run("org", uuid.UUID(session.id), uuid.UUID(fast.run_id), 1, turn(fast, "fast", fast_base))
+    await store.commit_run(
+        "org", uuid.UUID(session.id), uuid.UUID(fast.run_id), 1, turn(fast, "fast", fast_base)
+    )
     # The slow run read the older head and asked to compact.
-    slow_append = turn(slow, "slow", sessions_pb2.TranscriptBase(session_id=slow_read.session_id,
-                                                                 head_turn=slow_read.head_turn))
+    slow_append = turn(
+        slow,
+        "slow",
+        sessions_pb2.TranscriptBase(session_id=slow_read.session_id, head_turn=slow_read.head_turn),
+    )
     slow_append.compaction.summary = "everything before"
     slow_append.compaction.info.summarized_message_count = 2
     result = await store.commit_run("org", uuid.UUID(session.id), uuid.UUID(slow.run_id), 1, slow_append)
     assert result.session_id == session.id  # the compaction was skipped: its view was stale
     assert result.message_count == 6
-    assert await contents(store, "busy") == ("", ["first", "re: first", "fast", "re: fast", "slow", "re: slow"])
+    assert await contents(store, "busy") == (
+        "",
+        ["first", "re: first", "fast", "re: fast", "slow", "re: slow"],
+    )
 
 
 async def test_reset_purges_the_session_and_its_compaction_predecessors(store):
     session, _, _ = await store.resolve("org", "forget", "agent")
     await run_turn(store, session, "secret")
     _, successor = await run_turn(
-        store, session, "more",
+        store,
+        session,
+        "more",
         compaction=sessions_pb2.TranscriptCompaction(summary="the user said a secret"),
     )
     await store.reset("org", None, "forget")
@@ -194,8 +223,13 @@ async def test_reset_purges_the_session_and_its_compaction_predecessors(store):
     # Nor can a commit of a run that was executing across the reset.
     stale = claims(session)
     with pytest.raises(FailedPrecondition) as commit:
-        await store.commit_run("org", uuid.UUID(session.id), uuid.UUID(stale.run_id), 1,
-                               turn(stale, "late", sessions_pb2.TranscriptBase()))
+        await store.commit_run(
+            "org",
+            uuid.UUID(session.id),
+            uuid.UUID(stale.run_id),
+            1,
+            turn(stale, "late", sessions_pb2.TranscriptBase()),
+        )
     assert commit.value.reason == "SESSION_ENDED"
     assert await contents(store, "forget") == ("", [])
 
@@ -215,7 +249,10 @@ async def test_a_token_whose_successor_was_deleted_gets_a_clean_error(store):
     session, _, _ = await store.resolve("org", "gone", "agent")
     await run_turn(store, session, "hello")
     _, successor = await run_turn(
-        store, session, "more", compaction=sessions_pb2.TranscriptCompaction(summary="hello happened"),
+        store,
+        session,
+        "more",
+        compaction=sessions_pb2.TranscriptCompaction(summary="hello happened"),
     )
     await store.delete("org", uuid.UUID(successor), "")
     # The conversation the old token followed is gone: not an internal error.
@@ -223,8 +260,13 @@ async def test_a_token_whose_successor_was_deleted_gets_a_clean_error(store):
     with pytest.raises(FailedPrecondition) as read:
         await store.read_transcript(claims(session), session.id)
     with pytest.raises(FailedPrecondition) as commit:
-        await store.commit_run("org", uuid.UUID(session.id), uuid.UUID(pending.run_id), 1,
-                               turn(pending, "x", sessions_pb2.TranscriptBase()))
+        await store.commit_run(
+            "org",
+            uuid.UUID(session.id),
+            uuid.UUID(pending.run_id),
+            1,
+            turn(pending, "x", sessions_pb2.TranscriptBase()),
+        )
     assert read.value.reason == commit.value.reason == "SESSION_ENDED"
 
 

@@ -11,6 +11,7 @@ import uuid
 import asyncpg
 import grpc
 import pytest
+
 from runyard._proto.v1 import common_pb2, gateway_pb2
 from runyard.common.errors import Unimplemented
 from runyard.gateway.watch import OUTBOX, EventRelay, Watcher, run_events
@@ -69,19 +70,24 @@ async def test_a_source_without_list_events_is_skipped_and_the_others_relay(pool
 
 async def test_watch_is_scoped_by_org_and_resumes_after_an_id(pool):
     async with pool.acquire() as conn:
-        ids = await OUTBOX.emit(conn, [
-            common_pb2.LifecycleEvent(type="session.start", org_id="a"),
-            common_pb2.LifecycleEvent(type="session.start", org_id="b"),
-            common_pb2.LifecycleEvent(type="service.startup", org_id=""),
-            common_pb2.LifecycleEvent(type="session.end", org_id="a"),
-        ])
+        ids = await OUTBOX.emit(
+            conn,
+            [
+                common_pb2.LifecycleEvent(type="session.start", org_id="a"),
+                common_pb2.LifecycleEvent(type="session.start", org_id="b"),
+                common_pb2.LifecycleEvent(type="service.startup", org_id=""),
+                common_pb2.LifecycleEvent(type="session.end", org_id="a"),
+            ],
+        )
     assert ids == sorted(ids) and len(set(ids)) == 4
     watcher = Watcher(pool, poll_interval_s=0.1)
     closing = asyncio.Event()
 
     async def read(org: str, after: int, admin: bool) -> list[tuple[int, str]]:
         seen = []
-        stream = watcher.follow(org, gateway_pb2.WatchEventsRequest(after_id=after), closing, service_events=admin)
+        stream = watcher.follow(
+            org, gateway_pb2.WatchEventsRequest(after_id=after), closing, service_events=admin
+        )
         try:
             while True:
                 event = await asyncio.wait_for(anext(stream), 0.5)
@@ -99,22 +105,38 @@ async def test_watch_is_scoped_by_org_and_resumes_after_an_id(pool):
 def run_row(status: str, **extra):
     now = dt.datetime.now(dt.UTC)
     row = {
-        "id": uuid.uuid4(), "org_id": "org", "session_id": uuid.uuid4(), "session_key": "k", "agent_id": "a",
-        "status": status, "attempt": 1, "model": "fake/m", "error": None, "input_text": "hello",
-        "created_at": now - dt.timedelta(seconds=3), "first_claimed_at": now - dt.timedelta(seconds=2),
-        "started_at": now - dt.timedelta(seconds=2), "ended_at": now, "task_id": None,
+        "id": uuid.uuid4(),
+        "org_id": "org",
+        "session_id": uuid.uuid4(),
+        "session_key": "k",
+        "agent_id": "a",
+        "status": status,
+        "attempt": 1,
+        "model": "fake/m",
+        "error": None,
+        "input_text": "hello",
+        "created_at": now - dt.timedelta(seconds=3),
+        "first_claimed_at": now - dt.timedelta(seconds=2),
+        "started_at": now - dt.timedelta(seconds=2),
+        "ended_at": now,
+        "task_id": None,
     }
     row.update(extra)
     return row
 
 
 def test_run_status_changes_map_to_the_design_event_names():
-    completed = common_pb2.RunEvent(completed=common_pb2.RunCompleted(
-        message=common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="four words long here")))
+    completed = common_pb2.RunEvent(
+        completed=common_pb2.RunCompleted(
+            message=common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="four words long here")
+        )
+    )
     kinds = {
         "queued": [(e.type, e.WhichOneof("data")) for e in run_events(run_row("queued"))],
         "running": [e.type for e in run_events(run_row("running"))],
-        "completed": [e.type for e in run_events(run_row("completed"), run_event=completed.SerializeToString())],
+        "completed": [
+            e.type for e in run_events(run_row("completed"), run_event=completed.SerializeToString())
+        ],
         "failed": [e.type for e in run_events(run_row("failed"))],
         "cancelled": [e.type for e in run_events(run_row("cancelled"))],
     }
@@ -129,7 +151,9 @@ def test_run_status_changes_map_to_the_design_event_names():
     assert done[0].run.queue_wait_ms >= 900 and done[0].run.duration_ms >= 1900
     assert done[1].message.length == len("four words long here")
     (cancelled,) = run_events(run_row("cancelled"))
-    assert cancelled.run.status == common_pb2.RUN_STATUS_CANCELLED and cancelled.run.error.reason == "CANCELLED"
+    assert (
+        cancelled.run.status == common_pb2.RUN_STATUS_CANCELLED and cancelled.run.error.reason == "CANCELLED"
+    )
     error = common_pb2.RunError(code="UNAVAILABLE", reason="ALL_MODELS_FAILED").SerializeToString()
     (failed,) = run_events(run_row("failed", error=error))
     assert failed.run.error.reason == "ALL_MODELS_FAILED"
@@ -140,24 +164,39 @@ def test_runyard_events_prints_one_readable_line_per_event():
     from runyard.common.protoutil import now
 
     end = common_pb2.LifecycleEvent(
-        id=42, type="session.end", time=now(), session_id="s-1", session_key="chat:1",
-        session_end=common_pb2.SessionEndData(reason=common_pb2.SESSION_END_REASON_COMPACTION, message_count=6,
-                                              duration_ms=1500, next_session_id="s-2", next_session_key="chat:1"),
+        id=42,
+        type="session.end",
+        time=now(),
+        session_id="s-1",
+        session_key="chat:1",
+        session_end=common_pb2.SessionEndData(
+            reason=common_pb2.SESSION_END_REASON_COMPACTION,
+            message_count=6,
+            duration_ms=1500,
+            next_session_id="s-2",
+            next_session_key="chat:1",
+        ),
     )
     line = describe(end)
     assert line.split()[0] == "42" and "session.end" in line and "chat:1 (s-1)" in line
     assert "COMPACTION after 1500 ms, 6 msgs, next s-2" in line
     run = common_pb2.LifecycleEvent(
-        id=43, type="run.failed", time=now(), run_id="r-1",
-        run=common_pb2.RunLifecycleData(status=common_pb2.RUN_STATUS_FAILED,
-                                        error=common_pb2.RunError(reason="ALL_MODELS_FAILED")),
+        id=43,
+        type="run.failed",
+        time=now(),
+        run_id="r-1",
+        run=common_pb2.RunLifecycleData(
+            status=common_pb2.RUN_STATUS_FAILED, error=common_pb2.RunError(reason="ALL_MODELS_FAILED")
+        ),
     )
     assert describe(run).endswith("run r-1  FAILED ALL_MODELS_FAILED")
 
 
 async def test_outbox_trim_keeps_recent_events_and_the_newest(pool):
     async with pool.acquire() as conn:
-        await OUTBOX.emit(conn, [common_pb2.LifecycleEvent(type="session.start", org_id="o") for _ in range(5)])
+        await OUTBOX.emit(
+            conn, [common_pb2.LifecycleEvent(type="session.start", org_id="o") for _ in range(5)]
+        )
     await pool.execute("UPDATE gateway.outbox SET created_at = now() - interval '2 days'")
     async with pool.acquire() as conn:
         await OUTBOX.emit(conn, [common_pb2.LifecycleEvent(type="session.start", org_id="o")])

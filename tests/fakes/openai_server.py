@@ -135,14 +135,18 @@ class FakeOpenAI:
                 if size > window:
                     return Reply(
                         status=400,
-                        body=json.dumps({"error": {
-                            "message": f"This model's maximum context length is {window} characters. "
-                            f"However, your messages resulted in {size} characters. "
-                            "Please reduce the length of the messages.",
-                            "type": "invalid_request_error",
-                            "param": "messages",
-                            "code": "context_length_exceeded",
-                        }}),
+                        body=json.dumps(
+                            {
+                                "error": {
+                                    "message": f"This model's maximum context length is {window} characters. "
+                                    f"However, your messages resulted in {size} characters. "
+                                    "Please reduce the length of the messages.",
+                                    "type": "invalid_request_error",
+                                    "param": "messages",
+                                    "code": "context_length_exceeded",
+                                }
+                            }
+                        ),
                     )
             queue = self._scripts.get(model)
             if queue:
@@ -160,12 +164,16 @@ class FakeOpenAI:
 
             def do_GET(self) -> None:  # noqa: N802 - stdlib name
                 if self.path.rstrip("/").endswith("/models"):
-                    body = json.dumps({"object": "list", "data": [{"id": "fake-model", "object": "model"}]}).encode()
+                    body = json.dumps(
+                        {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
+                    ).encode()
                     self._send(200, body, "application/json")
                 else:
                     self._send(404, b"<html><body>Not Found</body></html>", "text/html")
 
-            def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+            def _send(
+                self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
+            ) -> None:
                 self.send_response(status)
                 self.send_header("content-type", content_type)
                 self.send_header("content-length", str(len(body)))
@@ -254,7 +262,9 @@ class FakeOpenAI:
                         return
                     if index and reply.delay_between_s:
                         time.sleep(reply.delay_between_s)
-                    self._event(json.dumps({**base, "choices": [{"index": 0, "delta": {"content": text}}]}), reply)
+                    self._event(
+                        json.dumps({**base, "choices": [{"index": 0, "delta": {"content": text}}]}), reply
+                    )
                 if reply.stall_after is not None and reply.stall_after >= len(chunks):
                     self._hang()
                     return
@@ -267,14 +277,30 @@ class FakeOpenAI:
                     return
                 for index, call in enumerate(reply.tool_calls):
                     self._event(
-                        json.dumps({**base, "choices": [{"index": 0, "delta": {"tool_calls": [{"index": index, **call}]}}]}),
+                        json.dumps(
+                            {
+                                **base,
+                                "choices": [
+                                    {"index": 0, "delta": {"tool_calls": [{"index": index, **call}]}}
+                                ],
+                            }
+                        ),
                         reply,
                     )
                 finish = "tool_calls" if reply.tool_calls else "stop"
-                self._event(json.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}), reply)
+                self._event(
+                    json.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}),
+                    reply,
+                )
                 prompt, completion = reply.usage
                 self._event(
-                    json.dumps({**base, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}),
+                    json.dumps(
+                        {
+                            **base,
+                            "choices": [],
+                            "usage": {"prompt_tokens": prompt, "completion_tokens": completion},
+                        }
+                    ),
                     reply,
                 )
                 self._event("[DONE]", reply)
@@ -320,6 +346,10 @@ def provider_config(
     return {
         "providers": {provider: {"type": "openai", "base_url": fake.url}},
         "agents": {
-            "default": {"model": f"{provider}/{model}", "fallbacks": fallbacks or [], "system_prompt": "Be brief."}
+            "default": {
+                "model": f"{provider}/{model}",
+                "fallbacks": fallbacks or [],
+                "system_prompt": "Be brief.",
+            }
         },
     }

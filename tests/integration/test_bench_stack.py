@@ -11,6 +11,7 @@ import math
 
 import asyncpg
 import pytest
+
 from runyard.bench import stack
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
@@ -24,10 +25,27 @@ async def test_the_stack_bench_produces_every_figure(pg_url, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     stack.add_arguments(parser)
     out = tmp_path / "results.json"
-    args = parser.parse_args([
-        "--quick", "--database-url", pg_url, "--sessions", "2", "--deltas", "8,20", "--duration-s", "1",
-        "--warmup-s", "0.3", "--settle-s", "1", "--turns", "6", "--json", str(out),
-    ])
+    args = parser.parse_args(
+        [
+            "--quick",
+            "--database-url",
+            pg_url,
+            "--sessions",
+            "2",
+            "--deltas",
+            "8,20",
+            "--duration-s",
+            "1",
+            "--warmup-s",
+            "0.3",
+            "--settle-s",
+            "1",
+            "--turns",
+            "6",
+            "--json",
+            str(out),
+        ]
+    )
     # main() runs its own event loop; run it off this test's loop.
     code = await asyncio.to_thread(stack.main, args)
     printed = capsys.readouterr().out

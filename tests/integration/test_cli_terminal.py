@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from runyard._proto.v1 import gateway_pb2
 from runyard.common.server import ServiceServer
-
 from tests.stack import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -41,8 +41,12 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 async def run(*args: str, env: dict[str, str] | None = None, stdin: bytes = b"") -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        *RUNYARD, *args, env=env or clean_env(), stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *RUNYARD,
+        *args,
+        env=env or clean_env(),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
@@ -60,8 +64,13 @@ class Terminal:
     def __init__(self, argv: list[str], env: dict[str, str], *, stdout_pipe: bool = False):
         self.master, slave = pty.openpty()
         self.proc = subprocess.Popen(
-            argv, env=env, stdin=slave, stdout=subprocess.PIPE if stdout_pipe else slave, stderr=slave,
-            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            argv,
+            env=env,
+            stdin=slave,
+            stdout=subprocess.PIPE if stdout_pipe else slave,
+            stderr=slave,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
         )
         os.close(slave)
         self.output = b""
@@ -85,8 +94,10 @@ class Terminal:
         while (index := self.output.find(needle, self.seen)) < 0:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._read(min(remaining, 0.5)) and self.proc.poll() is not None:
-                raise AssertionError(f"never printed {text!r}; printed:\n{self.output.decode(errors='replace')}")
-        before = self.output[self.seen:index + len(needle)].decode(errors="replace")
+                raise AssertionError(
+                    f"never printed {text!r}; printed:\n{self.output.decode(errors='replace')}"
+                )
+        before = self.output[self.seen : index + len(needle)].decode(errors="replace")
         self.seen = index + len(needle)
         return before
 
@@ -153,7 +164,9 @@ async def test_client_commands_with_no_stack_say_how_to_start_one():
     address = f"127.0.0.1:{free_port()}"
     code, out, err = await run("send", "--gateway", address, "--session", "demo", "hello")
     assert (code, out) == (1, "")
-    assert err.startswith(f"error: cannot reach the runyard gateway at {address} (connection refused).\n"), err
+    assert err.startswith(f"error: cannot reach the runyard gateway at {address} (connection refused).\n"), (
+        err
+    )
     assert "runyard up" in err and "UNAVAILABLE UNAVAILABLE" not in err and "Traceback" not in err
     # chat gives the same answer before showing a prompt.
     code, out, chat_err = await run("chat", "--gateway", address, "--session", "demo", stdin=b"hello\n")
@@ -174,7 +187,9 @@ async def test_up_refuses_a_taken_port_in_one_line_naming_it_and_the_likely_caus
         port = other.getsockname()[1]
         code, out, err = await run("up", env={**env, "RUNYARD_ROUTER__METRICS_PORT": str(port)})
     assert (code, out) == (1, ""), err
-    assert err.count("\n") == 1 and err.startswith(f"runyard up: port {port} (router metrics) is already in use"), err
+    assert err.count("\n") == 1 and err.startswith(
+        f"runyard up: port {port} (router metrics) is already in use"
+    ), err
     assert "another program" in err and "RUNYARD_ROUTER__METRICS_PORT" in err
     # A runyard service (gRPC health answers) on the gateway's port: another stack.
     server = ServiceServer("gateway", "127.0.0.1:0", [], shutdown_grace_s=0.1)
@@ -184,7 +199,9 @@ async def test_up_refuses_a_taken_port_in_one_line_naming_it_and_the_likely_caus
     finally:
         await server.stop(0)
     assert (code, out) == (1, "")
-    assert err.startswith(f"runyard up: port {server.port} (gateway gRPC) is already in use: another runyard stack")
+    assert err.startswith(
+        f"runyard up: port {server.port} (gateway gRPC) is already in use: another runyard stack"
+    )
     assert err.count("\n") == 1 and "runyard status" in err
     assert not (tmp_path / "pg").exists(), "nothing was started"
 
@@ -218,7 +235,9 @@ async def test_send_shows_progress_on_a_terminal_only_and_takes_a_model(stack_fa
     env = clean_env()
 
     # stderr on a terminal: queued / started on the model, erased once the answer streams.
-    with terminal([*RUNYARD, "send", *gateway, "--session", "tty", "hello", "there"], env, stdout_pipe=True) as term:
+    with terminal(
+        [*RUNYARD, "send", *gateway, "--session", "tty", "hello", "there"], env, stdout_pipe=True
+    ) as term:
         term.expect("started on echo/echo")
         assert term.proc.wait(30) == 0
         assert term.proc.stdout is not None and term.proc.stdout.read() == b"echo: hello there\n"
@@ -238,7 +257,9 @@ async def test_send_shows_progress_on_a_terminal_only_and_takes_a_model(stack_fa
     assert (code, out, err) == (0, "echo: again\n", "")
 
     # --model picks the model (ModelPreferences.model).
-    code, out, err = await run("send", *gateway, "--session", "pipe", "--model", "other/m1", "--timing", "hi", env=env)
+    code, out, err = await run(
+        "send", *gateway, "--session", "pipe", "--model", "other/m1", "--timing", "hi", env=env
+    )
     assert (code, out) == (0, "echo: hi\n") and err.startswith("[other/m1; first token"), err
 
     # sessions list: a header, and --json for scripts.

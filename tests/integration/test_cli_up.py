@@ -34,9 +34,14 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 async def _run(env: dict[str, str], *args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runyard", *args, env=env,
+        sys.executable,
+        "-m",
+        "runyard",
+        *args,
+        env=env,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
     return int(proc.returncode or 0), out.decode(), err.decode()
@@ -44,8 +49,14 @@ async def _run(env: dict[str, str], *args: str, stdin: bytes | None = None) -> t
 
 async def _up(env: dict[str, str], *args: str) -> tuple[asyncio.subprocess.Process, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runyard", "up", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "runyard",
+        "up",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     assert proc.stdout is not None
     seen = ""
@@ -100,7 +111,7 @@ async def test_up_send_stop_and_restart_keeps_the_transcript(tmp_path: Path):
 
 async def test_config_check_prints_every_error_with_its_path(tmp_path: Path):
     bad = tmp_path / "bad.toml"
-    bad.write_text('[gateway]\nmax_attempts = 0\n[sessions]\ncolour = 1\n')
+    bad.write_text("[gateway]\nmax_attempts = 0\n[sessions]\ncolour = 1\n")
     env = _env(tmp_path)
     env["RUNYARD_HANDSHAKE_TIMEOUT_MS"] = "soon"
     code, _, err = await _run(env, "--config", str(bad), "config", "check")

@@ -15,6 +15,7 @@ import urllib.request
 import asyncpg
 import grpc
 import pytest
+
 from runyard import FailedPrecondition, InvalidArgument, NotFound, RunyardError
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from runyard.gateway.keys import ApiKeyStore
@@ -36,21 +37,26 @@ from runyard.v1 import (
     ToolDefinition,
     ToolOutput,
 )
-
 from tests.fakes.openai_server import FakeOpenAI, Reply, provider_config
 from tests.stack import free_port
 
 pytestmark = pytest.mark.timeout(150)
 
 CLOCK = ToolDefinition(
-    name="clock", description="The current time.",
+    name="clock",
+    description="The current time.",
     parameters_json_schema=json.dumps({"type": "object", "properties": {"tz": {"type": "string"}}}),
 )
 ADD = ToolDefinition(
-    name="add", description="a + b.",
-    parameters_json_schema=json.dumps({
-        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"],
-    }),
+    name="add",
+    description="a + b.",
+    parameters_json_schema=json.dumps(
+        {
+            "type": "object",
+            "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+            "required": ["a", "b"],
+        }
+    ),
 )
 
 
@@ -95,15 +101,21 @@ async def watch(stack, types: tuple[str, ...], count: int) -> list[common_pb2.Li
     return events
 
 
-async def test_parallel_client_tool_calls_answered_one_by_one_over_chat(stack_factory, fake_openai: FakeOpenAI):
+async def test_parallel_client_tool_calls_answered_one_by_one_over_chat(
+    stack_factory, fake_openai: FakeOpenAI
+):
     # One answer calls two client tools and a built-in one (task_output, answered by the worker);
     # the next one calls a client tool again.
     fake_openai.script(
         "model-a",
-        Reply(chunks=["Checking. "], tool_calls=[
-            call("call_a", "clock", '{"tz": "UTC"}'), call("call_b", "add", '{"a": 2, "b": 2}'),
-            call("call_c", "task_output", '{"task_id": "not-a-task"}'),
-        ]),
+        Reply(
+            chunks=["Checking. "],
+            tool_calls=[
+                call("call_a", "clock", '{"tz": "UTC"}'),
+                call("call_b", "add", '{"a": 2, "b": 2}'),
+                call("call_c", "task_output", '{"task_id": "not-a-task"}'),
+            ],
+        ),
         Reply(chunks=["And Tokyo? "], tool_calls=[call("call_d", "clock", '{"tz": "Asia/Tokyo"}')]),
         Reply(chunks=["It is noon; ", "2 + 2 = 4."]),
     )
@@ -117,12 +129,16 @@ async def test_parallel_client_tool_calls_answered_one_by_one_over_chat(stack_fa
             yield item
 
     def submit(run_id: str, call_id: str, content: str) -> ChatRequest:
-        return ChatRequest(submit_tool_results=SubmitToolResultsRequest(
-            run_id=run_id, results=[ToolOutput(tool_call_id=call_id, content=content)]
-        ))
+        return ChatRequest(
+            submit_tool_results=SubmitToolResultsRequest(
+                run_id=run_id, results=[ToolOutput(tool_call_id=call_id, content=content)]
+            )
+        )
 
     options = RunOptions(client_tools=[CLOCK, ADD], tools_enabled=True)
-    await requests.put(ChatRequest(send=SendMessageRequest(session_key="tools:chat", text="Time? 2+2?", options=options)))
+    await requests.put(
+        ChatRequest(send=SendMessageRequest(session_key="tools:chat", text="Time? 2+2?", options=options))
+    )
     events: list[RunEvent] = []
     async with stack.client() as client:
         async for event in client.chat(outgoing()):
@@ -148,11 +164,18 @@ async def test_parallel_client_tool_calls_answered_one_by_one_over_chat(stack_fa
         assert events[-1].completed.message.content == "It is noon; 2 + 2 = 4."
         calls = [e.tool_call for e in events if e.HasField("tool_call")]
         assert [(c.call.id, c.source) for c in calls] == [
-            ("call_a", "client"), ("call_b", "client"), ("call_c", "builtin"), ("call_d", "client")]
+            ("call_a", "client"),
+            ("call_b", "client"),
+            ("call_c", "builtin"),
+            ("call_d", "client"),
+        ]
         results = [e.tool_result for e in events if e.HasField("tool_result")]
         assert [(r.tool_call_id, r.source, r.is_error) for r in results] == [
-            ("call_c", "builtin", True), ("call_a", "client", False), ("call_b", "client", False),
-            ("call_d", "client", False)]
+            ("call_c", "builtin", True),
+            ("call_a", "client", False),
+            ("call_b", "client", False),
+            ("call_d", "client", False),
+        ]
         assert kinds(events).count("requires_action") == 2
         resumed = [e.started for e in events if e.HasField("started")]
         assert [(s.attempt, s.resumed) for s in resumed] == [(1, False), (2, True), (3, True)]
@@ -160,8 +183,17 @@ async def test_parallel_client_tool_calls_answered_one_by_one_over_chat(stack_fa
         # The model was asked once per step: each time with every result so far, in the order of the calls.
         first, second, third = fake_openai.requests_for("model-a")
         assert third["messages"][-2]["tool_calls"][0]["id"] == "call_d"
-        assert third["messages"][-1] == {"role": "tool", "tool_call_id": "call_d", "content": '{"time": "21:00"}'}
-        assert {t["function"]["name"] for t in first["tools"]} == {"clock", "add", "spawn_task", "task_output"}
+        assert third["messages"][-1] == {
+            "role": "tool",
+            "tool_call_id": "call_d",
+            "content": '{"time": "21:00"}',
+        }
+        assert {t["function"]["name"] for t in first["tools"]} == {
+            "clock",
+            "add",
+            "spawn_task",
+            "task_output",
+        }
         tail = second["messages"][-4:]
         assert [m["role"] for m in tail] == ["assistant", "tool", "tool", "tool"]
         assert [m["tool_call_id"] for m in tail[1:]] == ["call_a", "call_b", "call_c"]
@@ -169,18 +201,36 @@ async def test_parallel_client_tool_calls_answered_one_by_one_over_chat(stack_fa
 
         # The transcript: the run's messages once, tool calls and results in pairs.
         messages = (await client.unary("GetMessages", GetMessagesRequest(session_key="tools:chat"))).messages
-        assert [m.role for m in messages] == [ROLE_USER, ROLE_ASSISTANT, ROLE_TOOL, ROLE_TOOL, ROLE_TOOL,
-                                              ROLE_ASSISTANT, ROLE_TOOL, ROLE_ASSISTANT]
+        assert [m.role for m in messages] == [
+            ROLE_USER,
+            ROLE_ASSISTANT,
+            ROLE_TOOL,
+            ROLE_TOOL,
+            ROLE_TOOL,
+            ROLE_ASSISTANT,
+            ROLE_TOOL,
+            ROLE_ASSISTANT,
+        ]
         assert [c.id for c in messages[1].tool_calls] == ["call_a", "call_b", "call_c"]
-        assert [m.tool_call_id for m in messages if m.role == ROLE_TOOL] == ["call_a", "call_b", "call_c", "call_d"]
+        assert [m.tool_call_id for m in messages if m.role == ROLE_TOOL] == [
+            "call_a",
+            "call_b",
+            "call_c",
+            "call_d",
+        ]
         assert messages[-1].content == "It is noon; 2 + 2 = 4."
 
     lifecycle = await watch(stack, ("tool.called", "tool.completed"), 8)
     assert sorted((e.type, e.tool.tool_call_id, e.tool.source) for e in lifecycle) == [
-        ("tool.called", "call_a", "client"), ("tool.called", "call_b", "client"),
-        ("tool.called", "call_c", "builtin"), ("tool.called", "call_d", "client"),
-        ("tool.completed", "call_a", "client"), ("tool.completed", "call_b", "client"),
-        ("tool.completed", "call_c", "builtin"), ("tool.completed", "call_d", "client")]
+        ("tool.called", "call_a", "client"),
+        ("tool.called", "call_b", "client"),
+        ("tool.called", "call_c", "builtin"),
+        ("tool.called", "call_d", "client"),
+        ("tool.completed", "call_a", "client"),
+        ("tool.completed", "call_b", "client"),
+        ("tool.completed", "call_c", "builtin"),
+        ("tool.completed", "call_d", "client"),
+    ]
     assert all(e.run_id == events[0].run_id for e in lifecycle)
 
     text = await asyncio.to_thread(
@@ -204,7 +254,9 @@ async def _keys(url: str) -> dict[str, str]:
 async def test_a_waiting_run_survives_a_worker_kill_and_a_gateway_restart_then_completes_once(
     stack_factory, fake_openai: FakeOpenAI, migrated_url: str
 ):
-    fake_openai.script("model-a", Reply(tool_calls=[call("call_1", "clock")]), Reply(chunks=["It is ", "noon."]))
+    fake_openai.script(
+        "model-a", Reply(tool_calls=[call("call_1", "clock")]), Reply(chunks=["It is ", "noon."])
+    )
     stack = await stack_factory({**provider_config(fake_openai), "auth": {"anonymous": False}}).start()
     keys = await _keys(migrated_url)
     async with stack.client(keys["a"]) as a:
@@ -237,7 +289,9 @@ async def test_a_waiting_run_survives_a_worker_kill_and_a_gateway_restart_then_c
         assert other_org.value.reason == "RUN_NOT_FOUND"
         with pytest.raises(InvalidArgument) as unknown:
             await a.submit_tool_results(run_id, [ToolOutput(tool_call_id="call_9", content="12:00")])
-        assert unknown.value.reason == "UNKNOWN_TOOL_CALL" and unknown.value.field == "results[0].tool_call_id"
+        assert (
+            unknown.value.reason == "UNKNOWN_TOOL_CALL" and unknown.value.field == "results[0].tool_call_id"
+        )
         assert "call_1" in unknown.value.message
 
         answered = await a.submit_tool_results(run_id, [ToolOutput(tool_call_id="call_1", content="12:00")])
@@ -267,7 +321,9 @@ async def test_a_waiting_run_survives_a_worker_kill_and_a_gateway_restart_then_c
         await conn.close()
 
 
-async def test_a_waiting_run_holds_its_session_times_out_or_is_cancelled(stack_factory, fake_openai: FakeOpenAI):
+async def test_a_waiting_run_holds_its_session_times_out_or_is_cancelled(
+    stack_factory, fake_openai: FakeOpenAI
+):
     fake_openai.script(
         "model-a",
         Reply(tool_calls=[call("call_x", "clock")]),  # run X (times out)
@@ -308,10 +364,12 @@ async def test_a_waiting_run_holds_its_session_times_out_or_is_cancelled(stack_f
         assert late.value.reason == "RUN_ENDED"
 
         # Bad declarations are refused when the message is sent.
-        for tools, reason in (([ToolDefinition(name="spawn_task")], "TOOL_NAME_RESERVED"),
-                              ([CLOCK, CLOCK], "DUPLICATE_TOOL_NAME"),
-                              ([ToolDefinition(name="bad name")], "INVALID_TOOL_NAME"),
-                              ([ToolDefinition(name="x", parameters_json_schema="[1]")], "INVALID_TOOL_SCHEMA")):
+        for tools, reason in (
+            ([ToolDefinition(name="spawn_task")], "TOOL_NAME_RESERVED"),
+            ([CLOCK, CLOCK], "DUPLICATE_TOOL_NAME"),
+            ([ToolDefinition(name="bad name")], "INVALID_TOOL_NAME"),
+            ([ToolDefinition(name="x", parameters_json_schema="[1]")], "INVALID_TOOL_SCHEMA"),
+        ):
             with pytest.raises(RunyardError) as refused:
                 [e async for e in client.send("tools:bad", "hi", client_tools=tools)]
             assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, reason)
@@ -319,11 +377,26 @@ async def test_a_waiting_run_holds_its_session_times_out_or_is_cancelled(stack_f
     # `runyard send --demo-tools`: the CLI answers the calculator call on this machine (echo calls a tool on /tool).
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runyard", "send", "--gateway", stack.gateway_address, "--session", "tools:cli",
-        "--model", "echo/echo", "--demo-tools", '/tool calculator {"expression": "6 * (3 + 4)"}',
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "runyard",
+        "send",
+        "--gateway",
+        stack.gateway_address,
+        "--session",
+        "tools:cli",
+        "--model",
+        "echo/echo",
+        "--demo-tools",
+        '/tool calculator {"expression": "6 * (3 + 4)"}',
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(cli.communicate(), 60)
     assert cli.returncode == 0, err.decode()
     assert out.decode() == 'echo: tool result: {"expression": "6 * (3 + 4)", "result": 42}\n'
-    assert '[tool calculator {"expression": "6 * (3 + 4)"} -> {"expression": "6 * (3 + 4)", "result": 42}]' in err.decode()
+    assert (
+        '[tool calculator {"expression": "6 * (3 + 4)"} -> {"expression": "6 * (3 + 4)", "result": 42}]'
+        in err.decode()
+    )

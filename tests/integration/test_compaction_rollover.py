@@ -5,9 +5,9 @@ stays answerable and the lifecycle events pair up."""
 from __future__ import annotations
 
 import pytest
+
 from runyard._proto.v1 import common_pb2
 from runyard.v1 import GetMessagesRequest, GetSessionRequest
-
 from tests.fakes.openai_server import FakeOpenAI, Reply, provider_config
 from tests.integration.test_watch_events import read_events
 
@@ -27,11 +27,18 @@ def contents(request: dict) -> list[tuple[str, str]]:
     return [(m["role"], m["content"]) for m in request["messages"]]
 
 
-async def test_compaction_rolls_over_and_keeps_the_conversation_answerable(stack_factory, fake_openai: FakeOpenAI):
+async def test_compaction_rolls_over_and_keeps_the_conversation_answerable(
+    stack_factory, fake_openai: FakeOpenAI
+):
     fake_openai.script("model-a", *[Reply(chunks=[answer]) for _, answer in TURNS])
     fake_openai.script("summarizer", Reply(chunks=[SUMMARY]))
     config = provider_config(fake_openai)
-    config["compaction"] = {"max_tokens": 0, "max_turns": 3, "keep_recent_turns": 1, "model": "fake/summarizer"}
+    config["compaction"] = {
+        "max_tokens": 0,
+        "max_turns": 3,
+        "keep_recent_turns": 1,
+        "model": "fake/summarizer",
+    }
     stack = await stack_factory(config).start()
     runs = []
     async with stack.client() as client:
@@ -54,7 +61,8 @@ async def test_compaction_rolls_over_and_keeps_the_conversation_answerable(stack
     fourth, fifth = contents(model_requests[3]), contents(model_requests[4])
     assert fourth[0][0] == "system" and SUMMARY in fourth[0][1] and fourth[0][1].startswith("Be brief.")
     assert fourth[1:] == [
-        ("user", "I have a cat."), ("assistant", "Noted: cat."),
+        ("user", "I have a cat."),
+        ("assistant", "Noted: cat."),
         ("user", "What do you know about me?"),
     ]
     # The next run sees the summary and the recent turns, including the compacting run's own.
@@ -90,6 +98,8 @@ async def test_compaction_rolls_over_and_keeps_the_conversation_answerable(stack
     assert resumed.session_start.reason == common_pb2.SESSION_START_REASON_RESUMED
     assert resumed.session_start.resumed_from_session_id == first_session
     assert compacted.session_compacted.previous_session_id == first_session
-    assert (compacted.session_compacted.summarized_message_count, compacted.session_compacted.kept_message_count) == (
-        4, 2)
+    assert (
+        compacted.session_compacted.summarized_message_count,
+        compacted.session_compacted.kept_message_count,
+    ) == (4, 2)
     assert compacted.session_compacted.model == "fake/summarizer"

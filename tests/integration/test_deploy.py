@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from runyard.cli.main import build_parser
 from runyard.common import metrics
 from runyard.common.config import GatewayConfig, RouterConfig, SessionsConfig, WorkerConfig
@@ -38,8 +39,11 @@ METRICS_PORT = {name: cfg.metrics_port for name, cfg in DEFAULTS.items()}
 #: Seconds a stop must leave beyond shutdown_grace_s: the worker's 5 s wait for
 #: result acknowledgements and the sessions hook drain bound (2 s), with margin.
 DRAIN_MARGIN_S = 10
-SECRETS = {"RUNYARD_INTERNAL_SECRET": "i" * 40, "RUNYARD_RUN_TOKEN_PRIVATE_KEY": RUN_TOKEN_PRIVATE_KEY,
-           "RUNYARD_RUN_TOKEN_PUBLIC_KEY": RUN_TOKEN_PUBLIC_KEY}
+SECRETS = {
+    "RUNYARD_INTERNAL_SECRET": "i" * 40,
+    "RUNYARD_RUN_TOKEN_PRIVATE_KEY": RUN_TOKEN_PRIVATE_KEY,
+    "RUNYARD_RUN_TOKEN_PUBLIC_KEY": RUN_TOKEN_PUBLIC_KEY,
+}
 #: The gateway's internal listener (workers, status): its own port, never published.
 GATEWAY_INTERNAL_PORT = int(GatewayConfig().internal_listen.rsplit(":", 1)[1])
 
@@ -165,7 +169,6 @@ async def test_compose_health_check_follows_readiness():
     """The compose health check command itself, run against a live server's
     metrics port: exit 0 while SERVING, non-zero once a drain began."""
     from runyard.common.server import ServiceServer
-
     from tests.stack import free_port
 
     test = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["worker"]["healthcheck"]["test"]
@@ -275,10 +278,16 @@ def alert_rules() -> dict[str, dict[str, Any]]:
 def test_alert_rules_cover_the_operators_cases_with_metrics_runyard_exports():
     rules = alert_rules()
     for name in (
-        "RunyardTargetDown", "RunyardServiceMissing", "RunyardNoWorkers",  # services down
-        "RunyardDrainTimeouts", "RunyardHookErrors", "RunyardFailoverBurst",
-        "RunyardQueueDepthHigh", "RunyardQueueWaitHigh",  # queue depth and age
-        "RunyardAllModelsFailing", "RunyardRunsFailing",
+        "RunyardTargetDown",
+        "RunyardServiceMissing",
+        "RunyardNoWorkers",  # services down
+        "RunyardDrainTimeouts",
+        "RunyardHookErrors",
+        "RunyardFailoverBurst",
+        "RunyardQueueDepthHigh",
+        "RunyardQueueWaitHigh",  # queue depth and age
+        "RunyardAllModelsFailing",
+        "RunyardRunsFailing",
     ):
         assert name in rules, name
     defined = defined_sample_names()
@@ -291,10 +300,16 @@ def test_alert_rules_cover_the_operators_cases_with_metrics_runyard_exports():
 
 def test_alert_rules_pass_promtool_check_and_their_unit_tests(tmp_path):
     promtool = _promtool()
-    result = subprocess.run([promtool, "check", "rules", str(ALERTS)], check=False, capture_output=True, text=True)
+    result = subprocess.run(
+        [promtool, "check", "rules", str(ALERTS)], check=False, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     result = subprocess.run(
-        [promtool, "test", "rules", "alerts.test.yml"], check=False, cwd=ALERTS.parent, capture_output=True, text=True
+        [promtool, "test", "rules", "alerts.test.yml"],
+        check=False,
+        cwd=ALERTS.parent,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     tested = set(re.findall(r"alertname: (\w+)", (ALERTS.parent / "alerts.test.yml").read_text()))
@@ -304,7 +319,11 @@ def test_alert_rules_pass_promtool_check_and_their_unit_tests(tmp_path):
     (tmp_path / "alerts.yml").write_text(rules)
     shutil.copy(ALERTS.parent / "alerts.test.yml", tmp_path)
     broken = subprocess.run(
-        [promtool, "test", "rules", "alerts.test.yml"], check=False, cwd=tmp_path, capture_output=True, text=True
+        [promtool, "test", "rules", "alerts.test.yml"],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert broken.returncode != 0 and "RunyardQueueDepthHigh" in broken.stdout + broken.stderr
 
@@ -476,8 +495,10 @@ def test_k8s_network_policies_let_in_only_what_each_service_needs():
         assert sources == {"runyard-gateway", "runyard-worker"} and rule["ports"] == [{"port": "grpc"}], name
     (metrics_rule,) = policies["runyard-metrics"]["ingress"]
     assert metrics_rule["ports"] == [{"port": "metrics"}]
-    assert not any(p["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") == "runyard-worker"
-                   for p in policies.values()), "nothing but metrics reaches a worker"
+    assert not any(
+        p["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") == "runyard-worker"
+        for p in policies.values()
+    ), "nothing but metrics reaches a worker"
 
 
 def test_k8s_deployments_probe_drain_and_scale():
@@ -509,15 +530,23 @@ def test_k8s_deployments_probe_drain_and_scale():
         # The run-token private key is the gateway's alone (a Secret of its own); the rest verify.
         if name == "gateway":
             assert env["RUNYARD_RUN_TOKEN_PRIVATE_KEY"]["valueFrom"]["secretKeyRef"] == {
-                "name": "runyard-gateway", "key": "run-token-private-key"}
+                "name": "runyard-gateway",
+                "key": "run-token-private-key",
+            }
             assert env["RUNYARD_GATEWAY__INTERNAL_LISTEN"]["value"] == f"0.0.0.0:{GATEWAY_INTERNAL_PORT}"
         else:
             assert "RUNYARD_RUN_TOKEN_PRIVATE_KEY" not in env, name
             assert env["RUNYARD_RUN_TOKEN_PUBLIC_KEY"]["valueFrom"]["secretKeyRef"] == {
-                "name": "runyard", "key": "run-token-public-key"}
+                "name": "runyard",
+                "key": "run-token-public-key",
+            }
         # HTTP probes on the metrics port: readiness and startup follow the gRPC
         # health (/readyz), liveness is /healthz (stays up while draining).
-        for probe, path in (("readinessProbe", "/readyz"), ("startupProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        for probe, path in (
+            ("readinessProbe", "/readyz"),
+            ("startupProbe", "/readyz"),
+            ("livenessProbe", "/healthz"),
+        ):
             assert container[probe]["httpGet"] == {"path": path, "port": "metrics"}, (name, probe)
         # The "restricted" Pod Security profile admits the pod; no API token is mounted.
         assert_restricted(pod["spec"], name)

@@ -64,8 +64,14 @@ async def test_an_invalid_handshake_timeout_stops_the_gateway_with_a_clear_messa
     env = stack.env()
     env["RUNYARD_HANDSHAKE_TIMEOUT_MS"] = "-5"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runyard", "serve", "gateway", env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "runyard",
+        "serve",
+        "gateway",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2
@@ -127,7 +133,9 @@ async def test_cancel_on_the_chat_stream(stack_factory, fake_openai: FakeOpenAI)
 async def test_interrupt_cancels_the_active_run_and_keeps_its_partial_answer_out(
     stack_factory, fake_openai: FakeOpenAI
 ):
-    fake_openai.script("model-a", Reply(chunks=["long ", "winded ", "answer"], stall_after=2), Reply(chunks=["ok"]))
+    fake_openai.script(
+        "model-a", Reply(chunks=["long ", "winded ", "answer"], stall_after=2), Reply(chunks=["ok"])
+    )
     stack = await stack_factory(provider_config(fake_openai)).start()
     async with stack.client() as client:
         first = client.send("chat:int", "tell me everything")
@@ -145,8 +153,12 @@ async def test_interrupt_cancels_the_active_run_and_keeps_its_partial_answer_out
     assert all("winded" not in m["content"] for m in fake_openai.requests_for("model-a")[-1]["messages"])
 
 
-async def test_collect_merges_messages_that_arrive_while_a_run_is_active(stack_factory, fake_openai: FakeOpenAI):
-    fake_openai.script("model-a", Reply(chunks=[f"w{i} " for i in range(10)], delay_between_s=0.1), Reply(chunks=["both"]))
+async def test_collect_merges_messages_that_arrive_while_a_run_is_active(
+    stack_factory, fake_openai: FakeOpenAI
+):
+    fake_openai.script(
+        "model-a", Reply(chunks=[f"w{i} " for i in range(10)], delay_between_s=0.1), Reply(chunks=["both"])
+    )
     stack = await stack_factory(provider_config(fake_openai)).start()
     async with stack.client() as client:
         active = client.send("chat:col", "first question")
@@ -187,7 +199,9 @@ async def test_sigterm_of_each_service_under_load_loses_and_duplicates_nothing(
     """20 sessions keep sending; each service in turn gets SIGTERM and comes back."""
     fake_openai.default("model-a", Reply(chunks=[f"t{i} " for i in range(8)], delay_between_s=0.03))
     # No rate limit: 20 clients retrying while a service restarts exceed the default 50 rps.
-    stack = await stack_factory({**provider_config(fake_openai), "gateway": {"rate_limit_rps": 0}}).start(workers=2)
+    stack = await stack_factory({**provider_config(fake_openai), "gateway": {"rate_limit_rps": 0}}).start(
+        workers=2
+    )
     stop = asyncio.Event()
     accepted: dict[str, list[RunEvent]] = {}
     sent: dict[str, list[str]] = {}
@@ -232,7 +246,7 @@ async def test_sigterm_of_each_service_under_load_loses_and_duplicates_nothing(
                         events.append(event)
                 except RunyardError as exc:
                     assert exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), exc
-                if not events[-1].WhichOneof("event") in ("completed", "failed", "cancelled"):
+                if events[-1].WhichOneof("event") not in ("completed", "failed", "cancelled"):
                     await follow(client, first.run_id, events[-1].seq, events)
 
     clients = [asyncio.create_task(session(i)) for i in range(20)]

@@ -29,11 +29,12 @@ from runyard.v1 import (
     Attachment,
     CancelRunRequest,
     ChatRequest,
+    ConnectRequest,
     GatewayServiceStub,
+    GenerateRequest,
     GetRunRequest,
     GetSessionRequest,
     GetTranscriptRequest,
-    GenerateRequest,
     ListSessionsRequest,
     Message,
     ResetSessionRequest,
@@ -42,7 +43,6 @@ from runyard.v1 import (
     RunPayload,
     SendMessageRequest,
     SessionServiceStub,
-    ConnectRequest,
     WorkerHello,
     WorkerHubServiceStub,
 )
@@ -90,15 +90,27 @@ async def test_hostile_inputs_get_their_status_and_the_stack_stays_healthy(stack
     stack = await stack_factory(
         {
             "auth": {"anonymous": False},
-            "gateway": {"max_text_bytes": 2000, "max_metadata_entries": 4, "max_session_key_length": 64,
-                        "rate_limit_rps": 1000, "rate_limit_burst": 1000,
-                        # The rejected-stream race below fails authentication 25 times on purpose.
-                        "auth_failure_rate_per_s": 1000, "auth_failure_burst": 1000},
+            "gateway": {
+                "max_text_bytes": 2000,
+                "max_metadata_entries": 4,
+                "max_session_key_length": 64,
+                "rate_limit_rps": 1000,
+                "rate_limit_burst": 1000,
+                # The rejected-stream race below fails authentication 25 times on purpose.
+                "auth_failure_rate_per_s": 1000,
+                "auth_failure_burst": 1000,
+            },
         }
     ).start()
-    async with stack.client(keys["a"]) as a, stack.client(keys["b"]) as b, stack.client() as anonymous, \
-            stack.client(keys["ro"]) as read_only, stack.client(keys["revoked"]) as revoked, \
-            stack.client("ryk_aaaaaaaaaaaa_" + "x" * 43) as forged, stack.client("not-a-key") as garbage:
+    async with (
+        stack.client(keys["a"]) as a,
+        stack.client(keys["b"]) as b,
+        stack.client() as anonymous,
+        stack.client(keys["ro"]) as read_only,
+        stack.client(keys["revoked"]) as revoked,
+        stack.client("ryk_aaaaaaaaaaaa_" + "x" * 43) as forged,
+        stack.client("not-a-key") as garbage,
+    ):
         events = await collect(a.send("shared-key", "org a's secret"))
         run_id, session_id = events[0].run_id, events[0].session_id
 
@@ -119,10 +131,16 @@ async def test_hostile_inputs_get_their_status_and_the_stack_stays_healthy(stack
         await expect(NotFound, "RUN_NOT_FOUND", lambda: b.unary("GetRun", GetRunRequest(run_id=run_id)))
         await expect(NotFound, "RUN_NOT_FOUND", lambda: collect(b.join(run_id)))
         await expect(NotFound, "RUN_NOT_FOUND", lambda: b.unary("CancelRun", CancelRunRequest(run_id=run_id)))
-        await expect(NotFound, "SESSION_NOT_FOUND",
-                     lambda: b.unary("GetSession", GetSessionRequest(session_id=session_id)))
-        await expect(NotFound, "SESSION_NOT_FOUND",
-                     lambda: b.unary("ResetSession", ResetSessionRequest(session_key="shared-key")))
+        await expect(
+            NotFound,
+            "SESSION_NOT_FOUND",
+            lambda: b.unary("GetSession", GetSessionRequest(session_id=session_id)),
+        )
+        await expect(
+            NotFound,
+            "SESSION_NOT_FOUND",
+            lambda: b.unary("ResetSession", ResetSessionRequest(session_key="shared-key")),
+        )
         assert list((await b.unary("ListSessions", ListSessionsRequest())).sessions) == []
         # The same key in org b is a different session.
         theirs = await collect(b.send("shared-key", "org b here"))
@@ -131,17 +149,26 @@ async def test_hostile_inputs_get_their_status_and_the_stack_stays_healthy(stack
         # Oversize and malformed.
         await expect(InvalidArgument, "TEXT_TOO_LONG", lambda: collect(a.send("k", "x" * 2001)))
         await expect(InvalidArgument, "SESSION_KEY_TOO_LONG", lambda: collect(a.send("k" * 65, "hi")))
-        await expect(InvalidArgument, "METADATA_TOO_LARGE",
-                     lambda: collect(a.send("k", "hi", metadata={str(i): "v" for i in range(5)})))
-        await expect(InvalidArgument, "IDEMPOTENCY_KEY_TOO_LONG",
-                     lambda: collect(a.send("k", "hi", idempotency_key="i" * 256)))
+        await expect(
+            InvalidArgument,
+            "METADATA_TOO_LARGE",
+            lambda: collect(a.send("k", "hi", metadata={str(i): "v" for i in range(5)})),
+        )
+        await expect(
+            InvalidArgument,
+            "IDEMPOTENCY_KEY_TOO_LONG",
+            lambda: collect(a.send("k", "hi", idempotency_key="i" * 256)),
+        )
         await expect(InvalidArgument, "INVALID_ENUM_VALUE", lambda: collect(a.send("k", "hi", strategy=99)))
-        huge = await expect(ResourceExhausted, "RESOURCE_EXHAUSTED", lambda: collect(a.send("k", "x" * (5 << 20))))
+        huge = await expect(
+            ResourceExhausted, "RESOURCE_EXHAUSTED", lambda: collect(a.send("k", "x" * (5 << 20)))
+        )
         assert huge.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
         # Invalid UTF-8 where the proto says string; any bytes where it says bytes.
         raw_call = a._channel.unary_stream(
-            "/runyard.v1.GatewayService/SendMessage", request_serializer=lambda b_: b_,
+            "/runyard.v1.GatewayService/SendMessage",
+            request_serializer=lambda b_: b_,
             response_deserializer=lambda b_: b_,
         )
         bad_utf8 = b"\x0a\x01k\x1a\x03\xff\xfe\xfd"  # session_key="k", text=<invalid UTF-8>
@@ -149,9 +176,13 @@ async def test_hostile_inputs_get_their_status_and_the_stack_stays_healthy(stack
             await collect(raw_call(bad_utf8, metadata=(("authorization", f"Bearer {keys['a']}"),)))
         assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert from_rpc_error(malformed.value).reason == "MALFORMED_REQUEST"
-        request = SendMessageRequest(session_key="bytes-ok", text="see attachment",
-                                     attachments=[Attachment(name="b", mime_type="application/octet-stream",
-                                                             data=b"\xff\xfe\x00\x01")])
+        request = SendMessageRequest(
+            session_key="bytes-ok",
+            text="see attachment",
+            attachments=[
+                Attachment(name="b", mime_type="application/octet-stream", data=b"\xff\xfe\x00\x01")
+            ],
+        )
         ok = await collect(a._stream(a.stub.SendMessage(request, metadata=a._metadata)))
         assert ok[-1].HasField("completed")
 
@@ -159,7 +190,9 @@ async def test_hostile_inputs_get_their_status_and_the_stack_stays_healthy(stack
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports['sessions']}") as channel:
         sessions = SessionServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as no_secret:
-            await sessions.ResolveSession(ResolveSessionRequest(org_id="org-a", session_key="x", agent_id="default"))
+            await sessions.ResolveSession(
+                ResolveSessionRequest(org_id="org-a", session_key="x", agent_id="default")
+            )
         assert from_rpc_error(no_secret.value).reason == "INTERNAL_AUTH_REQUIRED"
         for token, reason in [
             (_token(_key="forged-secret-forged-secret-forged-secret", _alg="HS256"), "RUN_TOKEN_INVALID"),
@@ -168,21 +201,34 @@ async def test_hostile_inputs_get_their_status_and_the_stack_stays_healthy(stack
             ("", "RUN_TOKEN_MISSING"),
         ]:
             with pytest.raises(grpc.aio.AioRpcError) as bad:
-                await sessions.GetTranscript(GetTranscriptRequest(run_token=token), metadata=internal_metadata(INTERNAL_SECRET))
+                await sessions.GetTranscript(
+                    GetTranscriptRequest(run_token=token), metadata=internal_metadata(INTERNAL_SECRET)
+                )
             assert bad.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert from_rpc_error(bad.value).reason == reason
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports['router']}") as channel:
         router = RouterServiceStub(channel)
         token = _token(ses=session_id)
-        other = RunPayload(run_id=str(uuid.uuid4()), org_id="org-a", session_id=str(uuid.uuid4()),
-                           agent_id="default", run_token=token)
+        other = RunPayload(
+            run_id=str(uuid.uuid4()),
+            org_id="org-a",
+            session_id=str(uuid.uuid4()),
+            agent_id="default",
+            run_token=token,
+        )
         with pytest.raises(grpc.aio.AioRpcError) as scope:
-            await collect(router.Generate(GenerateRequest(run=other, messages=[Message(content="hi")]),
-                                          metadata=internal_metadata(INTERNAL_SECRET)))
+            await collect(
+                router.Generate(
+                    GenerateRequest(run=other, messages=[Message(content="hi")]),
+                    metadata=internal_metadata(INTERNAL_SECRET),
+                )
+            )
         assert scope.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert from_rpc_error(scope.value).reason == "TOKEN_SCOPE_MISMATCH"
-    async with grpc.aio.insecure_channel(stack.gateway_internal_address) as internal, \
-            grpc.aio.insecure_channel(stack.gateway_address) as channel:
+    async with (
+        grpc.aio.insecure_channel(stack.gateway_internal_address) as internal,
+        grpc.aio.insecure_channel(stack.gateway_address) as channel,
+    ):
         hub = WorkerHubServiceStub(internal)
 
         async def hello():

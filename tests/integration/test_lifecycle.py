@@ -13,11 +13,11 @@ from collections import Counter
 import asyncpg
 import grpc
 import pytest
+
 from runyard._proto.v1 import common_pb2, sessions_pb2, sessions_pb2_grpc
 from runyard.common.auth import RunTokenSigner, credential_interceptors, internal_metadata
 from runyard.common.hooks import SessionEnd
 from runyard.v1 import GetMessagesRequest, ResetSessionRequest
-
 from tests.fakes.openai_server import FakeOpenAI, provider_config
 from tests.stack import INTERNAL_SECRET, RUN_TOKEN_SECRET
 from tests.support import ROOT, count
@@ -65,8 +65,11 @@ async def resolve_many(stack, count: int, prefix: str, concurrency: int = 50) ->
     async def one(i: int) -> common_pb2.Session:
         async with gate:
             reply = await stub.ResolveSession(
-                sessions_pb2.ResolveSessionRequest(org_id="org", session_key=f"{prefix}:{i}", agent_id="default"),
-                metadata=internal_metadata(INTERNAL_SECRET), timeout=30,
+                sessions_pb2.ResolveSessionRequest(
+                    org_id="org", session_key=f"{prefix}:{i}", agent_id="default"
+                ),
+                metadata=internal_metadata(INTERNAL_SECRET),
+                timeout=30,
             )
             return reply.session
 
@@ -97,14 +100,24 @@ async def test_sigterm_drains_500_sessions_once_within_the_bound_despite_bad_han
     monkeypatch.setenv("LIFECYCLE_HOOK_LOG", str(hook_log))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     here = "tests.integration.test_lifecycle"
-    stack = stack_factory({
-        "sessions": {"drain_timeout_ms": DRAIN_MS, "shutdown_grace_s": 5},
-        "hooks": {"entry_points": False, "handlers": [
-            {"path": f"{here}:never_returns", "events": ["session.end"], "timeout_ms": 60_000, "name": "stuck"},
-            {"path": f"{here}:raises", "events": ["session.end"], "name": "broken"},
-            {"path": f"{here}:records", "events": ["session.end"], "name": "recorder"},
-        ]},
-    })
+    stack = stack_factory(
+        {
+            "sessions": {"drain_timeout_ms": DRAIN_MS, "shutdown_grace_s": 5},
+            "hooks": {
+                "entry_points": False,
+                "handlers": [
+                    {
+                        "path": f"{here}:never_returns",
+                        "events": ["session.end"],
+                        "timeout_ms": 60_000,
+                        "name": "stuck",
+                    },
+                    {"path": f"{here}:raises", "events": ["session.end"], "name": "broken"},
+                    {"path": f"{here}:records", "events": ["session.end"], "name": "recorder"},
+                ],
+            },
+        }
+    )
     await stack.start_service("sessions")
     sessions = await resolve_many(stack, 500, "drain")
     assert len({s.id for s in sessions}) == 500
@@ -123,7 +136,10 @@ async def test_sigterm_drains_500_sessions_once_within_the_bound_despite_bad_han
     assert Counter(e.reason for e in ends) == {"SHUTDOWN": 500}
     assert {e.session_id for e in ends} == {s.id for s in sessions}
     assert all(e.session_key.startswith("drain:") and e.agent_id == "default" for e in ends)
-    assert await count(stack.database_url, "SELECT count(*) FROM sessions.activations WHERE ended_at IS NULL") == 0
+    assert (
+        await count(stack.database_url, "SELECT count(*) FROM sessions.activations WHERE ended_at IS NULL")
+        == 0
+    )
     log = stack.logs("sessions")
     assert "drain: 500 activation(s) ended with SHUTDOWN, recorded durably" in log
     assert "hook stuck did not finish within the drain bound" in log
@@ -139,7 +155,10 @@ async def test_kill_9_then_restart_recovers_every_activation_exactly_once(stack_
     await stack.start_service("sessions")
     sessions = await resolve_many(stack, 60, "crash")
     await stack.stop("sessions", signal.SIGKILL)
-    assert await count(stack.database_url, "SELECT count(*) FROM sessions.outbox WHERE type = 'session.end'") == 0
+    assert (
+        await count(stack.database_url, "SELECT count(*) FROM sessions.outbox WHERE type = 'session.end'")
+        == 0
+    )
 
     await stack.start_service("sessions")
     deadline = time.monotonic() + 20
@@ -154,12 +173,17 @@ async def test_kill_9_then_restart_recovers_every_activation_exactly_once(stack_
     await stack.start_service("sessions")
     await asyncio.sleep(2 + 3 * 0.3 + 0.5)
     assert len(await session_ends(stack.database_url)) == 60
-    starts = await count(stack.database_url, "SELECT count(*) FROM sessions.outbox WHERE type = 'session.start'")
+    starts = await count(
+        stack.database_url, "SELECT count(*) FROM sessions.outbox WHERE type = 'session.start'"
+    )
     assert starts == 60
     # The conversations go on: a new message resumes the session.
     again = await resolve_many(stack, 1, "crash")
     assert again[0].id == sessions[0].id
-    assert await count(stack.database_url, "SELECT count(*) FROM sessions.outbox WHERE type = 'session.start'") == 61
+    assert (
+        await count(stack.database_url, "SELECT count(*) FROM sessions.outbox WHERE type = 'session.start'")
+        == 61
+    )
 
 
 async def test_restart_expected_ends_sessions_with_restart(stack_factory):
@@ -174,7 +198,8 @@ async def test_restart_expected_ends_sessions_with_restart(stack_factory):
     channel, stub = sessions_stub(stack)
     reply = await stub.SetShutdownMode(
         sessions_pb2.SetShutdownModeRequest(mode=sessions_pb2.SHUTDOWN_MODE_RESTART),
-        metadata=internal_metadata(INTERNAL_SECRET), timeout=10,
+        metadata=internal_metadata(INTERNAL_SECRET),
+        timeout=10,
     )
     await channel.close()
     assert reply.mode == sessions_pb2.SHUTDOWN_MODE_RESTART
@@ -208,45 +233,96 @@ async def test_reset_then_restart_never_brings_the_old_transcript_back_and_token
     assert list(old.messages) == []
     last_prompt = fake_openai.requests_for("model-a")[-1]["messages"]
     assert all("1234" not in m["content"] for m in last_prompt)
-    assert await count(
-        stack.database_url, f"SELECT count(*) FROM sessions.turns WHERE session_id = '{old_session}'"
-    ) == 0
+    assert (
+        await count(
+            stack.database_url, f"SELECT count(*) FROM sessions.turns WHERE session_id = '{old_session}'"
+        )
+        == 0
+    )
 
     # A run token for one session cannot read another's; a token cannot write
     # or compact (purge) any transcript: commits take the internal credential.
     signer = RunTokenSigner(RUN_TOKEN_SECRET)
     new_session = reply[0].session_id
-    token = signer.sign(org_id="default", agent_id="default", session_id=new_session,
-                        run_id=str(uuid.uuid4()), epoch=1)
+    token = signer.sign(
+        org_id="default", agent_id="default", session_id=new_session, run_id=str(uuid.uuid4()), epoch=1
+    )
     channel, stub = sessions_stub(stack)
-    before = await stub.GetTranscript(sessions_pb2.GetTranscriptRequest(
-        run_token=signer.sign(org_id="default", agent_id="default", session_id=other_session,
-                              run_id=str(uuid.uuid4()), epoch=1)))
+    before = await stub.GetTranscript(
+        sessions_pb2.GetTranscriptRequest(
+            run_token=signer.sign(
+                org_id="default",
+                agent_id="default",
+                session_id=other_session,
+                run_id=str(uuid.uuid4()),
+                epoch=1,
+            )
+        )
+    )
     purge = sessions_pb2.TranscriptAppend(compaction=sessions_pb2.TranscriptCompaction(summary="gone"))
     # A worker's credentials (a run token, no internal secret) on the commit call.
     bare_channel = grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports['sessions']}")
     bare = sessions_pb2_grpc.SessionServiceStub(bare_channel)
     calls = {
-        "read": (stub.GetTranscript(sessions_pb2.GetTranscriptRequest(run_token=token, session_id=other_session)),
-                 grpc.StatusCode.PERMISSION_DENIED),
-        "write": (bare.CommitRun(sessions_pb2.CommitRunRequest(
-            org_id="default", session_id=other_session, run_id=str(uuid.uuid4()), epoch=1,
-            append=sessions_pb2.TranscriptAppend(messages=[common_pb2.Message(content="injected")])),
-            metadata=(("authorization", f"Bearer {token}"),)), grpc.StatusCode.UNAUTHENTICATED),
-        "purge": (bare.CommitRun(sessions_pb2.CommitRunRequest(
-            org_id="default", session_id=other_session, run_id=str(uuid.uuid4()), epoch=1, append=purge)),
-            grpc.StatusCode.UNAUTHENTICATED),
-        "other agent": (stub.GetTranscript(sessions_pb2.GetTranscriptRequest(run_token=signer.sign(
-            org_id="default", agent_id="intruder", session_id=other_session, run_id=str(uuid.uuid4()), epoch=1))),
-            grpc.StatusCode.PERMISSION_DENIED),
+        "read": (
+            stub.GetTranscript(sessions_pb2.GetTranscriptRequest(run_token=token, session_id=other_session)),
+            grpc.StatusCode.PERMISSION_DENIED,
+        ),
+        "write": (
+            bare.CommitRun(
+                sessions_pb2.CommitRunRequest(
+                    org_id="default",
+                    session_id=other_session,
+                    run_id=str(uuid.uuid4()),
+                    epoch=1,
+                    append=sessions_pb2.TranscriptAppend(messages=[common_pb2.Message(content="injected")]),
+                ),
+                metadata=(("authorization", f"Bearer {token}"),),
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+        ),
+        "purge": (
+            bare.CommitRun(
+                sessions_pb2.CommitRunRequest(
+                    org_id="default",
+                    session_id=other_session,
+                    run_id=str(uuid.uuid4()),
+                    epoch=1,
+                    append=purge,
+                )
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+        ),
+        "other agent": (
+            stub.GetTranscript(
+                sessions_pb2.GetTranscriptRequest(
+                    run_token=signer.sign(
+                        org_id="default",
+                        agent_id="intruder",
+                        session_id=other_session,
+                        run_id=str(uuid.uuid4()),
+                        epoch=1,
+                    )
+                )
+            ),
+            grpc.StatusCode.PERMISSION_DENIED,
+        ),
     }
     for name, (pending, code) in calls.items():
         with pytest.raises(grpc.aio.AioRpcError) as denied:
             await pending
         assert denied.value.code() == code, name
-    after = await stub.GetTranscript(sessions_pb2.GetTranscriptRequest(
-        run_token=signer.sign(org_id="default", agent_id="default", session_id=other_session,
-                              run_id=str(uuid.uuid4()), epoch=1)))
+    after = await stub.GetTranscript(
+        sessions_pb2.GetTranscriptRequest(
+            run_token=signer.sign(
+                org_id="default",
+                agent_id="default",
+                session_id=other_session,
+                run_id=str(uuid.uuid4()),
+                epoch=1,
+            )
+        )
+    )
     await channel.close()
     await bare_channel.close()
     assert after.transcript == before.transcript and after.head_turn == before.head_turn

@@ -19,7 +19,12 @@ async def test_local_model_answers_through_all_four_services(tmp_path):
     try:
         assert "default agent: local/smollm2" in banner
         code, out, err = await _run(
-            env, "send", "--session", "smol", "--timing", "What is the capital of France? Answer in one sentence."
+            env,
+            "send",
+            "--session",
+            "smol",
+            "--timing",
+            "What is the capital of France? Answer in one sentence.",
         )
         assert code == 0, err
         assert out.strip(), "the model answered nothing"

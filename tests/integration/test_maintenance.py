@@ -34,17 +34,33 @@ async def prune_cli(stack, *flags: str) -> tuple[int, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
     env["RUNYARD_INTERNAL_SECRET"] = INTERNAL_SECRET
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runyard", "sessions", "prune", "--sessions", f"127.0.0.1:{stack.ports['sessions']}",
-        *flags, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "runyard",
+        "sessions",
+        "prune",
+        "--sessions",
+        f"127.0.0.1:{stack.ports['sessions']}",
+        *flags,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return int(proc.returncode or 0), out.decode(), err.decode()
 
 
 async def test_prune_dry_run_changes_nothing_then_prunes_and_caps(stack_factory):
-    stack = stack_factory({
-        "maintenance": {"enabled": False, "prune_after_s": 3600, "max_sessions_per_agent": 3, "batch_size": 2},
-    })
+    stack = stack_factory(
+        {
+            "maintenance": {
+                "enabled": False,
+                "prune_after_s": 3600,
+                "max_sessions_per_agent": 3,
+                "batch_size": 2,
+            },
+        }
+    )
     await stack.start_service("sessions")
     await resolve_many(stack, 8, "m")
     conn = await asyncpg.connect(stack.database_url)
@@ -57,7 +73,8 @@ async def test_prune_dry_run_changes_nothing_then_prunes_and_caps(stack_factory)
         for rank in range(2, 8):
             await conn.execute(
                 "UPDATE sessions.sessions SET last_active_at = now() - make_interval(mins => $2) WHERE key = $1",
-                f"m:{rank}", 60 - rank,
+                f"m:{rank}",
+                60 - rank,
             )
         await conn.execute(
             "UPDATE sessions.activations a SET ended_at = now(), end_reason = 'IDLE' FROM sessions.sessions s "
@@ -70,7 +87,9 @@ async def test_prune_dry_run_changes_nothing_then_prunes_and_caps(stack_factory)
     code, out, err = await prune_cli(stack, "--dry-run")
     assert code == 0, err
     assert await snapshot_of_state(stack.database_url) == before
-    would = sorted((line.split()[2], line.split()[3]) for line in out.splitlines() if line.startswith("would prune"))
+    would = sorted(
+        (line.split()[2], line.split()[3]) for line in out.splitlines() if line.startswith("would prune")
+    )
     # Idle: m:0, m:1. Cap 3 of m:2..m:7 (newest m:7, m:6, m:5 stay): m:2, m:3, m:4.
     assert would == [("cap", "m:2"), ("cap", "m:3"), ("cap", "m:4"), ("idle", "m:0"), ("idle", "m:1")]
     assert "dry run: would prune 2 idle and 3 capped session(s)" in out and "nothing was changed" in out
@@ -79,16 +98,15 @@ async def test_prune_dry_run_changes_nothing_then_prunes_and_caps(stack_factory)
     code, out, err = await prune_cli(stack)
     assert code == 0, err
     gone = sorted(
-        (line.split()[1], line.split()[2]) for line in out.splitlines()
+        (line.split()[1], line.split()[2])
+        for line in out.splitlines()
         if line.startswith("pruned ") and line.split()[1] in ("idle", "cap")
     )
     assert gone == [("cap", "m:2"), ("cap", "m:3"), ("cap", "m:4"), ("idle", "m:0"), ("idle", "m:1")]
     conn = await asyncpg.connect(stack.database_url)
     try:
         left = sorted(r["key"] for r in await conn.fetch("SELECT key FROM sessions.sessions"))
-        ends = await conn.fetch(
-            "SELECT count(*) AS n FROM sessions.outbox WHERE type = 'session.end'"
-        )
+        ends = await conn.fetch("SELECT count(*) AS n FROM sessions.outbox WHERE type = 'session.end'")
     finally:
         await conn.close()
     assert left == ["m:5", "m:6", "m:7"]
@@ -100,10 +118,12 @@ async def test_prune_dry_run_changes_nothing_then_prunes_and_caps(stack_factory)
 
 
 async def test_scheduled_maintenance_runs_by_itself(stack_factory):
-    stack = stack_factory({
-        "sessions": {"sweep_interval_s": 0.3},
-        "maintenance": {"enabled": True, "interval_s": 1, "prune_after_s": 3600},
-    })
+    stack = stack_factory(
+        {
+            "sessions": {"sweep_interval_s": 0.3},
+            "maintenance": {"enabled": True, "interval_s": 1, "prune_after_s": 3600},
+        }
+    )
     await stack.start_service("sessions")
     await resolve_many(stack, 4, "sched")
     conn = await asyncpg.connect(stack.database_url)

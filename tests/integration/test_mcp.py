@@ -53,10 +53,12 @@ def stdio(**settings: Any) -> dict[str, Any]:
 
 
 def make_config(servers: dict[str, Any], **agents: dict[str, Any]) -> Config:
-    return Config.model_validate({
-        "gateway": {"default_agent": AGENT},
-        "agents": {AGENT: {"model": "echo/echo", "mcp_servers": servers}, **agents},
-    })
+    return Config.model_validate(
+        {
+            "gateway": {"default_agent": AGENT},
+            "agents": {AGENT: {"model": "echo/echo", "mcp_servers": servers}, **agents},
+        }
+    )
 
 
 @pytest.fixture
@@ -121,7 +123,13 @@ async def test_a_stdio_server_answers_calls_with_allow_deny_limits_and_list_chan
 
     tools_now = offered(tools)
     assert sorted(tools_now) == [
-        "fake__add", "fake__big", "fake__echo", "fake__fail", "fake__grow", "fake__whoami", "only__echo",
+        "fake__add",
+        "fake__big",
+        "fake__echo",
+        "fake__fail",
+        "fake__grow",
+        "fake__whoami",
+        "only__echo",
     ]
     add = tools_now["fake__add"]
     assert add.description == "Add two whole numbers."
@@ -194,18 +202,23 @@ async def test_a_server_that_crashes_mid_call_or_idle_is_restarted_and_the_next_
 
 
 async def test_a_server_that_cannot_start_is_reported_and_the_others_work(mcp_tools):
-    tools = mcp_tools({
-        "broken": {
-            "command": sys.executable,
-            "args": ["-c", "import sys; sys.stderr.write('missing dependency: libfoo\\n'); sys.exit(3)"],
-            "startup_timeout_ms": 3000,
-        },
-        "missing": {"command": "/nonexistent/mcp-server"},
-        # Never answers the handshake: given up after its startup_timeout_ms, and stopped.
-        "mute": {"command": sys.executable, "args": ["-c", "import time; time.sleep(600)"],
-                 "startup_timeout_ms": 1000},
-        "fake": stdio(),
-    })
+    tools = mcp_tools(
+        {
+            "broken": {
+                "command": sys.executable,
+                "args": ["-c", "import sys; sys.stderr.write('missing dependency: libfoo\\n'); sys.exit(3)"],
+                "startup_timeout_ms": 3000,
+            },
+            "missing": {"command": "/nonexistent/mcp-server"},
+            # Never answers the handshake: given up after its startup_timeout_ms, and stopped.
+            "mute": {
+                "command": sys.executable,
+                "args": ["-c", "import time; time.sleep(600)"],
+                "startup_timeout_ms": 1000,
+            },
+            "fake": stdio(),
+        }
+    )
     await tools.start()  # returns: a broken server does not hold the others up
 
     entries = await status(tools)
@@ -334,7 +347,9 @@ async def test_tool_sources_route_each_call_back_to_the_source_that_offered_it(m
 
     assert tools.source == "mcp"
     assert [(source, result.content) for source, result in results] == [
-        ("mcp", "42"), ("builtin", '{"task_id": "t-1"}'), ("mcp", "bye"),
+        ("mcp", "42"),
+        ("builtin", '{"task_id": "t-1"}'),
+        ("mcp", "bye"),
     ]
 
 
@@ -349,16 +364,23 @@ async def test_the_worker_reports_a_server_that_cannot_start_and_stays_healthy(
     servers = {
         "broken": {
             "command": sys.executable,
-            "args": ["-c", "import os; raise SystemExit('no config for broken, ' + os.environ['BROKEN_MCP_TOKEN'])"],
+            "args": [
+                "-c",
+                "import os; raise SystemExit('no config for broken, ' + os.environ['BROKEN_MCP_TOKEN'])",
+            ],
             "pass_env": ["BROKEN_MCP_TOKEN"],
             "startup_timeout_ms": 3000,
         },
         "fake": stdio(),
     }
     # The worker needs no database; the gateway it looks for is not there (it keeps retrying).
-    stack = Stack(tmp_path, "postgresql://127.0.0.1:1/unused", {
-        "agents": {"default": {"model": "echo/echo", "mcp_servers": json.dumps(servers)}},
-    })
+    stack = Stack(
+        tmp_path,
+        "postgresql://127.0.0.1:1/unused",
+        {
+            "agents": {"default": {"model": "echo/echo", "mcp_servers": json.dumps(servers)}},
+        },
+    )
     try:
         name = await stack.add_worker(wait_connected=False, extra={"worker": {"metrics_port": metrics_port}})
         address = f"127.0.0.1:{stack.ports[name]}"
@@ -366,7 +388,9 @@ async def test_the_worker_reports_a_server_that_cannot_start_and_stays_healthy(
         await stack.wait_log(name, "MCP server default/broken could not start")
         (result,) = await collect_status([("worker", address)], secret=INTERNAL_SECRET)
         metrics_text = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            lambda: (
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            )
         )
         logs = stack.logs(name)
     finally:
@@ -407,22 +431,33 @@ async def test_the_models_call_reaches_the_mcp_server_and_a_crash_leaves_the_ses
     stack_factory, fake_openai: FakeOpenAI, tmp_path: Path
 ):
     def tool_call(name: str, arguments: dict[str, Any]) -> Reply:
-        return Reply(chunks=[], tool_calls=[{
-            "id": f"call-{name}", "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments)},
-        }])
+        return Reply(
+            chunks=[],
+            tool_calls=[
+                {
+                    "id": f"call-{name}",
+                    "type": "function",
+                    "function": {"name": name, "arguments": json.dumps(arguments)},
+                }
+            ],
+        )
 
     fake_openai.script(
         "tooler",
-        tool_call("fake__add", {"a": 2, "b": 3}), Reply(chunks=["The sum is 5."]),
-        tool_call("fake__crash", {}), Reply(chunks=["The tool crashed."]),
-        tool_call("fake__crash", {}), Reply(chunks=["It works again."]),
+        tool_call("fake__add", {"a": 2, "b": 3}),
+        Reply(chunks=["The sum is 5."]),
+        tool_call("fake__crash", {}),
+        Reply(chunks=["The tool crashed."]),
+        tool_call("fake__crash", {}),
+        Reply(chunks=["It works again."]),
     )
     servers = {"fake": stdio(env={"FAKE_MCP_CRASH_ONCE": str(tmp_path / "crashed-once")})}
-    stack = await stack_factory({
-        "providers": {"fake": {"type": "openai", "base_url": fake_openai.url}},
-        "agents": {"default": {"model": "fake/tooler", "mcp_servers": json.dumps(servers)}},
-    }).start()
+    stack = await stack_factory(
+        {
+            "providers": {"fake": {"type": "openai", "base_url": fake_openai.url}},
+            "agents": {"default": {"model": "fake/tooler", "mcp_servers": json.dumps(servers)}},
+        }
+    ).start()
     async with stack.client() as client:
         first = [e async for e in client.send("mcp:1", "add 2 and 3")]
         second = [e async for e in client.send("mcp:1", "crash it")]

@@ -92,7 +92,13 @@ async def test_node_client_streams_the_reply_and_resumes_with_join_run(stack_fac
 
     # A client-side tool answered over Chat: the run waits for the client's result, then goes on.
     tools = await run_node(
-        node_example, "--address", stack.gateway_address, "--session", "node:tools", "--tools", "--events",
+        node_example,
+        "--address",
+        stack.gateway_address,
+        "--session",
+        "node:tools",
+        "--tools",
+        "--events",
         '/tool clock {"tz": "Europe/Paris"}',
     )
     assert tools.returncode == 0, tools.stderr
@@ -101,8 +107,12 @@ async def test_node_client_streams_the_reply_and_resumes_with_join_run(stack_fac
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     assert {e["via"] for e in events} == {"Chat"}
     kinds = [e["kind"] for e in events]
-    assert kinds.index("tool_call") < kinds.index("requires_action") < kinds.index("tool_result") < kinds.index(
-        "completed")
+    assert (
+        kinds.index("tool_call")
+        < kinds.index("requires_action")
+        < kinds.index("tool_result")
+        < kinds.index("completed")
+    )
 
     # A refused call: the gRPC code and the ErrorInfo reason from the status details.
     refused = await run_node(node_example, "--address", stack.gateway_address, "--session", "", text)

@@ -229,10 +229,7 @@ async def test_prometheus_scrapes_every_service_and_sees_the_runs(stack_factory,
     assert {r["metric"]["job"] for r in prometheus.query("runyard_snapshot_bytes_count")} == {"sessions"}
     # The worker's hub stream is in flight on the gateway.
     hub = 'grpc_service="runyard.v1.WorkerHubService", grpc_type="bidi_stream"'
-    assert (
-        prometheus.value(f'runyard_rpcs_in_flight{{job="gateway", {hub}}}')
-        == 1
-    )
+    assert prometheus.value(f'runyard_rpcs_in_flight{{job="gateway", {hub}}}') == 1
 
     # Every query of the Grafana dashboard runs on the real engine, and the
     # main panels have data.

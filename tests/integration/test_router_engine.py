@@ -16,7 +16,6 @@ from runyard.common.config import RouterConfig
 from runyard.common.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from runyard.router.classify import Reason
 from runyard.router.cooldowns import CooldownKey
-
 from tests.fakes.anthropic_server import AnthropicReply, FakeAnthropic, anthropic_error
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.support import router as support

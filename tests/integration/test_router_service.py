@@ -17,10 +17,9 @@ import pytest
 from runyard._proto.v1 import common_pb2, gateway_pb2, router_pb2, router_pb2_grpc, sessions_pb2
 from runyard.common.auth import RunTokenSigner, internal_metadata
 from runyard.common.errors import Unauthenticated, from_rpc_error
-
 from tests.fakes.openai_server import FakeOpenAI, Reply, provider_config
-from tests.support import router as support
 from tests.stack import INTERNAL_SECRET, RUN_TOKEN_SECRET
+from tests.support import router as support
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -66,7 +65,12 @@ async def test_provider_status_over_grpc_and_the_cli(
     )
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
-        responses = [r async for r in stub.Generate(generate_request(run_payload()), timeout=20, metadata=internal_metadata(INTERNAL_SECRET))]
+        responses = [
+            r
+            async for r in stub.Generate(
+                generate_request(run_payload()), timeout=20, metadata=internal_metadata(INTERNAL_SECRET)
+            )
+        ]
         assert [r.WhichOneof("event") for r in responses][:2] == ["model_select", "model_failover"]
 
         with pytest.raises(grpc.aio.AioRpcError) as denied:
@@ -129,7 +133,12 @@ async def test_list_events_pages_filters_and_requires_the_internal_credential(
     metadata = internal_metadata(INTERNAL_SECRET)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
-        [r async for r in stub.Generate(generate_request(run), timeout=20, metadata=internal_metadata(INTERNAL_SECRET))]
+        [
+            r
+            async for r in stub.Generate(
+                generate_request(run), timeout=20, metadata=internal_metadata(INTERNAL_SECRET)
+            )
+        ]
         events: list[common_pb2.LifecycleEvent] = []
         deadline = time.monotonic() + 10
         while len(events) < 3 and time.monotonic() < deadline:
@@ -175,7 +184,12 @@ async def test_the_callers_grpc_deadline_bounds_retries(stack_factory, fast_open
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         started = time.monotonic()
-        responses = [r async for r in stub.Generate(generate_request(run_payload()), timeout=5, metadata=internal_metadata(INTERNAL_SECRET))]
+        responses = [
+            r
+            async for r in stub.Generate(
+                generate_request(run_payload()), timeout=5, metadata=internal_metadata(INTERNAL_SECRET)
+            )
+        ]
         elapsed = time.monotonic() - started
     assert responses[-1].final.model == "fake/model-b"
     assert elapsed < 4.0  # did not wait out the 10 s Retry-After

@@ -14,7 +14,6 @@ from runyard.common.config import ProviderConfig
 from runyard.common.errors import InvalidArgument
 from runyard.router.classify import Reason, classify
 from runyard.router.providers import AnthropicProvider, Chunk, OpenAIProvider, ProviderError, Request
-
 from tests.fakes.anthropic_server import AnthropicReply, FakeAnthropic, anthropic_error
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.support import router as support

@@ -131,10 +131,15 @@ async def test_worker_killed_mid_run_is_requeued_and_completes_once(stack_factor
     assert run.run.attempt == 2
 
 
-async def test_failover_before_first_token_is_visible_and_lands_on_fallback(stack_factory, fake_openai: FakeOpenAI):
+async def test_failover_before_first_token_is_visible_and_lands_on_fallback(
+    stack_factory, fake_openai: FakeOpenAI
+):
     fake_openai.script(
         "model-a",
-        Reply(status=404, body='{"error": {"message": "The model `model-a` does not exist", "code": "model_not_found"}}'),
+        Reply(
+            status=404,
+            body='{"error": {"message": "The model `model-a` does not exist", "code": "model_not_found"}}',
+        ),
     )
     fake_openai.script("model-b", Reply(chunks=["from ", "b"]))
     stack = await stack_factory(provider_config(fake_openai, fallbacks=["fake/model-b"])).start()
@@ -151,7 +156,9 @@ async def test_failover_before_first_token_is_visible_and_lands_on_fallback(stac
     assert events[-1].completed.model == "fake/model-b"
 
 
-async def test_failed_run_writes_no_snapshot_and_ends_with_structured_error(stack_factory, fake_openai: FakeOpenAI):
+async def test_failed_run_writes_no_snapshot_and_ends_with_structured_error(
+    stack_factory, fake_openai: FakeOpenAI
+):
     fake_openai.default("model-a", Reply(status=503, body='{"error": {"message": "overloaded"}}'))
     fake_openai.default("model-b", Reply(status=500, body="internal error"))
     stack = await stack_factory(provider_config(fake_openai, fallbacks=["fake/model-b"])).start()
@@ -185,7 +192,9 @@ async def test_restarting_the_whole_stack_keeps_the_transcript(stack_factory, fa
     assert [m["content"] for m in last["messages"]][1:] == ["remember me", "Hello from model-a.", "do you?"]
 
 
-async def test_reset_starts_over_and_never_resurrects_the_old_transcript(stack_factory, fake_openai: FakeOpenAI):
+async def test_reset_starts_over_and_never_resurrects_the_old_transcript(
+    stack_factory, fake_openai: FakeOpenAI
+):
     stack = await stack_factory(provider_config(fake_openai)).start()
     async with stack.client() as client:
         first = await collect(client.send("chat:reset", "secret one"))
@@ -237,9 +246,13 @@ async def test_bad_input_gets_the_right_status_and_reason(stack_factory, call, c
             "oversize_text": lambda: collect(client.send("k", "x" * 1001)),
             "bad_session_key": lambda: collect(client.send("bad key\n", "hi")),
             "unknown_agent": lambda: collect(client.send("k", "hi", agent_id="nobody")),
-            "unknown_session": lambda: client.unary("GetSession", GetSessionRequest(session_id=str(uuid.uuid4()))),
+            "unknown_session": lambda: client.unary(
+                "GetSession", GetSessionRequest(session_id=str(uuid.uuid4()))
+            ),
             "malformed_session_id": lambda: client.unary("GetSession", GetSessionRequest(session_id="nope")),
-            "malformed_page_token": lambda: client.unary("ListSessions", ListSessionsRequest(page_token="garbage")),
+            "malformed_page_token": lambda: client.unary(
+                "ListSessions", ListSessionsRequest(page_token="garbage")
+            ),
             "unknown_run": lambda: client.unary("GetRun", GetRunRequest(run_id=str(uuid.uuid4()))),
         }
         with pytest.raises(code) as error:
@@ -285,8 +298,9 @@ async def test_concurrent_repeats_of_an_idempotency_key_make_one_run(stack_facto
         results = await asyncio.gather(
             *(first_event("chat:dup") for _ in range(6)), *(first_event(f"chat:dup-{i}") for i in range(4))
         )
-        runs = await client.unary("GetRun", GetRunRequest(run_id=next(
-            r.run_id for r in results if not isinstance(r, RunyardError))))
+        runs = await client.unary(
+            "GetRun", GetRunRequest(run_id=next(r.run_id for r in results if not isinstance(r, RunyardError)))
+        )
     accepted = [r for r in results if not isinstance(r, RunyardError)]
     refused = [r for r in results if isinstance(r, RunyardError)]
     assert len({e.run_id for e in accepted}) == 1  # one run, whoever won
@@ -295,7 +309,9 @@ async def test_concurrent_repeats_of_an_idempotency_key_make_one_run(stack_facto
     assert runs.run.idempotency_key == "dup-1"
 
 
-async def test_two_gateways_share_one_database_and_stream_each_others_runs(stack_factory, fake_openai: FakeOpenAI):
+async def test_two_gateways_share_one_database_and_stream_each_others_runs(
+    stack_factory, fake_openai: FakeOpenAI
+):
     """The worker is connected to gateway 1 only; a client of gateway 2 sends,
     follows and re-joins: the run is dispatched by gateway 1 and its events
     reach gateway 2 through PostgreSQL (NOTIFY + the events table)."""
@@ -306,7 +322,9 @@ async def test_two_gateways_share_one_database_and_stream_each_others_runs(stack
     stack = await stack_factory(provider_config(fake_openai)).start()
     port = free_port()
     await stack.spawn(
-        "gateway-2", "gateway", {"gateway": {"listen": f"127.0.0.1:{port}", "internal_listen": f"127.0.0.1:{free_port()}"}}
+        "gateway-2",
+        "gateway",
+        {"gateway": {"listen": f"127.0.0.1:{port}", "internal_listen": f"127.0.0.1:{free_port()}"}},
     )
     await stack.wait_healthy("gateway-2", f"127.0.0.1:{port}")
     async with Client(f"127.0.0.1:{port}") as second, stack.client() as first:
@@ -336,7 +354,9 @@ async def test_join_of_a_long_run_through_another_gateway_mid_stream_and_after_c
     stack = await stack_factory(provider_config(fake_openai)).start()
     port = free_port()
     await stack.spawn(
-        "gateway-2", "gateway", {"gateway": {"listen": f"127.0.0.1:{port}", "internal_listen": f"127.0.0.1:{free_port()}"}}
+        "gateway-2",
+        "gateway",
+        {"gateway": {"listen": f"127.0.0.1:{port}", "internal_listen": f"127.0.0.1:{free_port()}"}},
     )
     await stack.wait_healthy("gateway-2", f"127.0.0.1:{port}")
     async with Client(f"127.0.0.1:{port}") as second, stack.client() as first:
@@ -358,5 +378,7 @@ async def test_join_of_a_long_run_through_another_gateway_mid_stream_and_after_c
     assert [e.SerializeToString() for e in after] == [e.SerializeToString() for e in live]
     assert tail == []  # joined at the end of a finished run: nothing more, and no wait
     # Stored coalesced: far fewer rows than events.
-    rows = await count(stack.database_url, f"SELECT count(*) FROM gateway.run_events WHERE run_id = '{live[0].run_id}'")
+    rows = await count(
+        stack.database_url, f"SELECT count(*) FROM gateway.run_events WHERE run_id = '{live[0].run_id}'"
+    )
     assert rows < len(live) / 10, rows

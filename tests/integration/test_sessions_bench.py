@@ -7,6 +7,7 @@ import argparse
 import json
 
 import pytest
+
 from runyard.bench import sessions as bench
 
 pytestmark = pytest.mark.timeout(120)

@@ -20,8 +20,6 @@ import jwt
 import pytest
 
 from runyard import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from runyard.common.errors import from_rpc_error
-from runyard.gateway.keys import ApiKeyStore
 from runyard._proto.v1 import (
     common_pb2,
     gateway_pb2,
@@ -32,6 +30,8 @@ from runyard._proto.v1 import (
     tasks_pb2_grpc,
 )
 from runyard.common.auth import internal_metadata, load_private_key
+from runyard.common.errors import from_rpc_error
+from runyard.gateway.keys import ApiKeyStore
 from runyard.v1 import (
     ROLE_ASSISTANT,
     ROLE_SYSTEM,
@@ -72,7 +72,9 @@ def config(tasks: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     return {"tasks": {**base, **(tasks or {})}, **extra}
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], timeout_s: float = 20.0, interval_s: float = 0.1) -> Any:
+async def eventually(
+    check: Callable[[], Awaitable[Any]], timeout_s: float = 20.0, interval_s: float = 0.1
+) -> Any:
     """The first truthy result of ``check()``; fails after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -122,8 +124,16 @@ async def runyard_cli(stack, *args: str) -> str:
     """Run the ``runyard`` command against the stack's gateway; returns stdout."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runyard", args[0], "--gateway", stack.gateway_address, *args[1:],
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "runyard",
+        args[0],
+        "--gateway",
+        stack.gateway_address,
+        *args[1:],
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
@@ -131,11 +141,17 @@ async def runyard_cli(stack, *args: str) -> str:
 
 
 def notifications(messages) -> list[common_pb2.Message]:
-    return [m for m in messages if m.role == ROLE_SYSTEM and m.metadata.get("runyard.notification") == "tasks"]
+    return [
+        m for m in messages if m.role == ROLE_SYSTEM and m.metadata.get("runyard.notification") == "tasks"
+    ]
 
 
 async def transcript(client, session_id: str) -> list[common_pb2.Message]:
-    return list((await client.unary("GetMessages", GetMessagesRequest(session_id=session_id, page_size=1000))).messages)
+    return list(
+        (
+            await client.unary("GetMessages", GetMessagesRequest(session_id=session_id, page_size=1000))
+        ).messages
+    )
 
 
 async def runs_of(client, session_id: str) -> list[common_pb2.Run]:
@@ -148,7 +164,9 @@ def seconds(ts) -> float:
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
     """Most intervals [start, end) open at one instant."""
-    points = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda p: (p[0], p[1]))
+    points = sorted(
+        [(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda p: (p[0], p[1])
+    )
     best = current = 0
     for _, step in points:
         current += step
@@ -159,7 +177,9 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
 async def watch(stack, types: tuple[str, ...], *, quiet_s: float = 1.0) -> list[common_pb2.LifecycleEvent]:
     """Every lifecycle event of ``types`` so far (replay until quiet)."""
     channel = grpc.aio.insecure_channel(stack.gateway_address)
-    call = gateway_pb2_grpc.GatewayServiceStub(channel).WatchEvents(gateway_pb2.WatchEventsRequest(types=list(types)))
+    call = gateway_pb2_grpc.GatewayServiceStub(channel).WatchEvents(
+        gateway_pb2.WatchEventsRequest(types=list(types))
+    )
     events = []
     try:
         while True:
@@ -178,6 +198,7 @@ async def watch(stack, types: tuple[str, ...], *, quiet_s: float = 1.0) -> list[
 
 async def scrape(port: int) -> str:
     """The text of a /metrics endpoint."""
+
     def get() -> str:
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
 
@@ -303,8 +324,15 @@ async def test_an_all_complete_message_for_a_busy_parent_rides_with_its_next_run
         messages = await transcript(client, parent)
 
     assert len(runs) == 3 and not any("runyard.trigger" in r.metadata for r in runs)
-    assert [m.role for m in messages] == [ROLE_USER, ROLE_ASSISTANT, ROLE_USER, ROLE_ASSISTANT, ROLE_SYSTEM,
-                                          ROLE_USER, ROLE_ASSISTANT]
+    assert [m.role for m in messages] == [
+        ROLE_USER,
+        ROLE_ASSISTANT,
+        ROLE_USER,
+        ROLE_ASSISTANT,
+        ROLE_SYSTEM,
+        ROLE_USER,
+        ROLE_ASSISTANT,
+    ]
     assert messages[4].metadata["all_complete"] == "true" and messages[4].run_id == runs[2].id
     rows = await db_fetch(stack, "SELECT state, run_id FROM gateway.task_notifications")
     assert [(r["state"], str(r["run_id"])) for r in rows] == [("delivered", runs[2].id)]
@@ -350,7 +378,9 @@ async def test_three_siblings_ending_close_together_give_one_notification_and_on
     # The command line shows the same.
     listed = await runyard_cli(stack, "tasks", "list", "--session", "batch:parent")
     assert [line.split()[:2] for line in listed.splitlines()] == [
-        [tasks[0].id, "COMPLETED"], [tasks[1].id, "COMPLETED"], [tasks[2].id, "ERROR"]
+        [tasks[0].id, "COMPLETED"],
+        [tasks[1].id, "COMPLETED"],
+        [tasks[2].id, "ERROR"],
     ]
     shown = json.loads(await runyard_cli(stack, "tasks", "show", tasks[2].id))
     assert shown["status"] == "ERROR" and shown["error"].startswith(done[2].error.reason)
@@ -379,7 +409,9 @@ async def test_deleting_a_parent_cancels_a_three_level_tree_and_frees_every_slot
         outsider = await spawn(client, other, "short job", description="outsider")
         assert (a.depth, b.depth, c.depth, d.depth) == (1, 2, 3, 2)
         assert (b.parent_task_id, c.parent_task_id, d.parent_task_id) == (a.id, b.id, a.id)
-        assert [t.status for t in (a, b, c, d, outsider)] == [TASK_STATUS_RUNNING] * 2 + [TASK_STATUS_PENDING] * 3
+        assert [t.status for t in (a, b, c, d, outsider)] == [TASK_STATUS_RUNNING] * 2 + [
+            TASK_STATUS_PENDING
+        ] * 3
         children = await client.unary("ListSessions", ListSessionsRequest(parent_session_id=a.session_id))
         assert {s.id for s in children.sessions} == {b.session_id, d.session_id}
 
@@ -394,7 +426,9 @@ async def test_deleting_a_parent_cancels_a_three_level_tree_and_frees_every_slot
         assert 0 <= seconds(outsider.start_time) - max(seconds(t.end_time) for t in tree) < 0.5
 
         async def runs_cancelled() -> bool:
-            statuses = [(await client.unary("GetRun", GetRunRequest(run_id=t.run_id))).run.status for t in tree[:2]]
+            statuses = [
+                (await client.unary("GetRun", GetRunRequest(run_id=t.run_id))).run.status for t in tree[:2]
+            ]
             return statuses == [RUN_STATUS_CANCELLED] * 2
 
         await eventually(runs_cancelled, 10)
@@ -404,8 +438,11 @@ async def test_deleting_a_parent_cancels_a_three_level_tree_and_frees_every_slot
     assert held[0]["n"] == 0
     assert 'runyard_task_slots_in_use{key="model:echo/echo"} 0.0' in await scrape(metrics_port)
     # The deleted parent is told nothing; nor is any task of the tree.
-    rows = await db_fetch(stack, "SELECT count(*) AS n FROM gateway.task_notifications WHERE parent_session_id <> $1",
-                          uuid.UUID(other))
+    rows = await db_fetch(
+        stack,
+        "SELECT count(*) AS n FROM gateway.task_notifications WHERE parent_session_id <> $1",
+        uuid.UUID(other),
+    )
     assert rows[0]["n"] == 0
 
 
@@ -416,7 +453,9 @@ async def test_resetting_a_parent_cancels_its_tasks_and_cancel_task_cancels_a_su
         parent = await start_parent(client, "reset:parent")
         a = await spawn(client, parent, slow, description="A")
         b = await spawn(client, a.session_id, slow, description="B")
-        cancelled = (await client.unary("CancelTask", CancelTaskRequest(task_id=a.id, reason="changed my mind"))).task
+        cancelled = (
+            await client.unary("CancelTask", CancelTaskRequest(task_id=a.id, reason="changed my mind"))
+        ).task
         assert cancelled.status == TASK_STATUS_CANCELLED and cancelled.error.reason == "TASK_CANCELLED"
         assert "changed my mind" in cancelled.error.message
         b = await get_task(client, b.id)
@@ -443,7 +482,9 @@ async def test_resetting_a_parent_cancels_its_tasks_and_cancel_task_cancels_a_su
         assert ended.value.reason == "PARENT_SESSION_ENDED"
         listed = await client.unary("ListTasks", ListTasksRequest(parent_session_id=parent))
         assert [t.id for t in listed.tasks] == [a.id, c.id]
-        assert (await client.unary("ListTasks", ListTasksRequest(parent_session_key="reset:parent"))).tasks == []
+        assert (
+            await client.unary("ListTasks", ListTasksRequest(parent_session_key="reset:parent"))
+        ).tasks == []
         await asyncio.sleep(1.5)  # C is not reported anywhere: its parent conversation is gone
         assert notifications(await transcript(client, reset.session.id)) == []
     rows = await db_fetch(stack, "SELECT parent_session_id, state FROM gateway.task_notifications")
@@ -458,8 +499,12 @@ async def test_tasks_under_a_parent_pruned_while_idle_are_cancelled_too(stack_fa
         parent = await start_parent(client, "pruned:parent")
         task = await spawn(client, parent, "w " * 60, description="orphan-to-be")
         # What a prune of an idle session does, as far as the gateway can see.
-        await db_fetch(stack, "UPDATE sessions.activations SET ended_at = now(), end_reason = 'IDLE' "
-                              "WHERE session_id = $1 AND ended_at IS NULL", uuid.UUID(parent))
+        await db_fetch(
+            stack,
+            "UPDATE sessions.activations SET ended_at = now(), end_reason = 'IDLE' "
+            "WHERE session_id = $1 AND ended_at IS NULL",
+            uuid.UUID(parent),
+        )
         await db_fetch(stack, "DELETE FROM sessions.sessions WHERE id = $1", uuid.UUID(parent))
 
         async def cancelled() -> Task | None:
@@ -473,12 +518,17 @@ async def test_tasks_under_a_parent_pruned_while_idle_are_cancelled_too(stack_fa
 # ---------------------------------------------------------------- timeouts
 
 
-async def test_stale_and_queue_ttls_end_tasks_with_a_message_that_says_which(stack_factory, fake_openai: FakeOpenAI):
+async def test_stale_and_queue_ttls_end_tasks_with_a_message_that_says_which(
+    stack_factory, fake_openai: FakeOpenAI
+):
     fake_openai.default("stall", Reply(chunks=["late"], first_token_delay_s=30))
     stack = await stack_factory(
         config(
             {"concurrency": {"models": {"echo/echo": 1}}, "queue_ttl_s": 1.0, "stale_after_s": 1.5},
-            providers={"echo": {"type": "echo", "echo_delay_ms": 100}, "fake": {"type": "openai", "base_url": fake_openai.url}},
+            providers={
+                "echo": {"type": "echo", "echo_delay_ms": 100},
+                "fake": {"type": "openai", "base_url": fake_openai.url},
+            },
             agents={"staller": {"model": "fake/stall"}},
         )
     ).start()
@@ -487,8 +537,11 @@ async def test_stale_and_queue_ttls_end_tasks_with_a_message_that_says_which(sta
         busy = await spawn(client, parent, "w " * 22, description="busy")  # streams for ~2.3 s
         queued = await spawn(client, parent, "never runs", description="queued")
         stuck = await spawn(client, parent, "anything", description="stuck", agent_id="staller")
-        assert (busy.status, queued.status, stuck.status) == (TASK_STATUS_RUNNING, TASK_STATUS_PENDING,
-                                                               TASK_STATUS_RUNNING)
+        assert (busy.status, queued.status, stuck.status) == (
+            TASK_STATUS_RUNNING,
+            TASK_STATUS_PENDING,
+            TASK_STATUS_RUNNING,
+        )
         queued = await wait_ended(client, queued.id)
         stuck = await wait_ended(client, stuck.id)
         busy = await wait_ended(client, busy.id)
@@ -513,8 +566,8 @@ async def test_stale_and_queue_ttls_end_tasks_with_a_message_that_says_which(sta
     assert 1.4 < seconds(stuck.end_time) - seconds(stuck.start_time) < 4.0
     assert stuck_run.status == RUN_STATUS_CANCELLED  # the stalled model call was abandoned
     text = "\n".join(n.content for n in notes)
-    assert f"Task {queued.id} \"queued\": ERROR" in text and "tasks.queue_ttl_s" in text
-    assert f"Task {stuck.id} \"stuck\": ERROR" in text and "tasks.stale_after_s" in text
+    assert f'Task {queued.id} "queued": ERROR' in text and "tasks.queue_ttl_s" in text
+    assert f'Task {stuck.id} "stuck": ERROR' in text and "tasks.stale_after_s" in text
     assert "All background tasks are complete (3 tasks; 2 failed)." in text
 
 
@@ -530,7 +583,9 @@ async def test_a_gateway_restart_keeps_tasks_queue_order_and_pending_notificatio
     ).start()
     async with stack.client() as client:
         parent = await start_parent(client, "restart:parent")
-        tasks = [await spawn(client, parent, f"job {i} " + "w " * 8, description=f"job {i}") for i in range(4)]
+        tasks = [
+            await spawn(client, parent, f"job {i} " + "w " * 8, description=f"job {i}") for i in range(4)
+        ]
         first = await wait_ended(client, tasks[0].id)
         assert first.status == TASK_STATUS_COMPLETED
 
@@ -601,15 +656,25 @@ async def test_an_agent_spawns_a_task_with_a_tool_and_receives_its_result_in_a_l
         listed = await client.unary("ListTasks", ListTasksRequest(parent_session_id=session))
         children = await client.unary("ListSessions", ListSessionsRequest(parent_session_id=session))
 
-    assert [m.role for m in messages] == [ROLE_USER, ROLE_ASSISTANT, ROLE_TOOL, ROLE_ASSISTANT, ROLE_SYSTEM,
-                                          ROLE_ASSISTANT]
+    assert [m.role for m in messages] == [
+        ROLE_USER,
+        ROLE_ASSISTANT,
+        ROLE_TOOL,
+        ROLE_ASSISTANT,
+        ROLE_SYSTEM,
+        ROLE_ASSISTANT,
+    ]
     assert messages[1].tool_calls[0].id == messages[2].tool_call_id == tool_call.id
     assert "Result: echo: research the moon" in messages[4].content
     # The later turn (a run of its own) answers with the task's result.
     assert messages[5].run_id != messages[3].run_id
     assert "Result: echo: research the moon" in messages[5].content
     read = json.loads(next(e.tool_result.content for e in output if e.HasField("tool_result")))
-    assert (read["task_id"], read["status"], read["result"]) == (task_id, "COMPLETED", "echo: research the moon")
+    assert (read["task_id"], read["status"], read["result"]) == (
+        task_id,
+        "COMPLETED",
+        "echo: research the moon",
+    )
     assert [t.id for t in listed.tasks] == [task_id]
     assert [s.id for s in children.sessions] == [task.session_id]
 
@@ -633,13 +698,24 @@ async def test_a_task_waits_for_its_own_subtask_and_continues_with_its_result(st
 
         notes = await eventually(told)
 
-    assert (b.status, b.parent_task_id, b.depth, b.result) == (TASK_STATUS_COMPLETED, a.id, 2, "echo: leaf work")
+    assert (b.status, b.parent_task_id, b.depth, b.result) == (
+        TASK_STATUS_COMPLETED,
+        a.id,
+        2,
+        "echo: leaf work",
+    )
     # A's own run ended while B ran; A waited without its slot, then went on
     # with B's notification in a follow-up run (its second attempt).
     assert a.status == TASK_STATUS_COMPLETED and a.attempt == 2
     assert seconds(a.end_time) >= seconds(b.end_time)
-    assert [m.role for m in inner] == [ROLE_USER, ROLE_ASSISTANT, ROLE_TOOL, ROLE_ASSISTANT, ROLE_SYSTEM,
-                                       ROLE_ASSISTANT]
+    assert [m.role for m in inner] == [
+        ROLE_USER,
+        ROLE_ASSISTANT,
+        ROLE_TOOL,
+        ROLE_ASSISTANT,
+        ROLE_SYSTEM,
+        ROLE_ASSISTANT,
+    ]
     assert "Result: echo: leaf work" in inner[4].content and inner[4].metadata["task_ids"] == b.id
     assert a.result == inner[5].content and "Result: echo: leaf work" in a.result
     # The user's session hears of A only (B was A's business), with A's final answer.
@@ -648,10 +724,19 @@ async def test_a_task_waits_for_its_own_subtask_and_continues_with_its_result(st
 
 
 async def test_max_tool_calls_breaks_a_tool_loop(stack_factory, fake_openai: FakeOpenAI):
-    looping = Reply(chunks=[], tool_calls=[{
-        "id": "call-1", "type": "function",
-        "function": {"name": "task_output", "arguments": '{"task_id": "00000000-0000-0000-0000-000000000000"}'},
-    }])
+    looping = Reply(
+        chunks=[],
+        tool_calls=[
+            {
+                "id": "call-1",
+                "type": "function",
+                "function": {
+                    "name": "task_output",
+                    "arguments": '{"task_id": "00000000-0000-0000-0000-000000000000"}',
+                },
+            }
+        ],
+    )
     fake_openai.default("looper", looping)
     stack = await stack_factory(
         config(
@@ -681,13 +766,25 @@ async def test_tool_calls_nobody_offered_are_dropped_and_the_session_stays_usabl
     # A model that invents a tool call in a run without tools: the answer's text is kept,
     # the call is neither streamed nor stored (a stored call without a result would make
     # the provider refuse every later turn of the session).
-    fake_openai.script("inventive", Reply(chunks=["Let me look that up."], tool_calls=[{
-        "id": "call-x", "type": "function", "function": {"name": "web_search", "arguments": "{}"},
-    }]))
+    fake_openai.script(
+        "inventive",
+        Reply(
+            chunks=["Let me look that up."],
+            tool_calls=[
+                {
+                    "id": "call-x",
+                    "type": "function",
+                    "function": {"name": "web_search", "arguments": "{}"},
+                }
+            ],
+        ),
+    )
     fake_openai.default("inventive", Reply(chunks=["Second answer."]))
     stack = await stack_factory(
-        config(providers={"fake": {"type": "openai", "base_url": fake_openai.url}},
-               agents={"plain": {"model": "fake/inventive"}})
+        config(
+            providers={"fake": {"type": "openai", "base_url": fake_openai.url}},
+            agents={"plain": {"model": "fake/inventive"}},
+        )
     ).start()
     async with stack.client() as client:
         first = await collect(client.send("stray", "find it", agent_id="plain"))
@@ -699,8 +796,10 @@ async def test_tool_calls_nobody_offered_are_dropped_and_the_session_stays_usabl
     assert not first[-1].completed.message.tool_calls
     assert second[-1].completed.message.content == "Second answer."
     assert [(m.role, m.content) for m in history] == [
-        (ROLE_USER, "find it"), (ROLE_ASSISTANT, "Let me look that up."),
-        (ROLE_USER, "and now?"), (ROLE_ASSISTANT, "Second answer."),
+        (ROLE_USER, "find it"),
+        (ROLE_ASSISTANT, "Let me look that up."),
+        (ROLE_USER, "and now?"),
+        (ROLE_ASSISTANT, "Second answer."),
     ]
     assert not any(m.tool_calls for m in history)
     follow_up = fake_openai.requests_for("inventive")[-1]
@@ -711,16 +810,24 @@ async def test_tool_calls_nobody_offered_are_dropped_and_the_session_stays_usabl
 # ---------------------------------------------------------------- fallback
 
 
-async def test_a_retried_task_avoids_the_model_that_failed_and_is_cooling(stack_factory, fake_openai: FakeOpenAI):
+async def test_a_retried_task_avoids_the_model_that_failed_and_is_cooling(
+    stack_factory, fake_openai: FakeOpenAI
+):
     fake_openai.default(
-        "a", Reply(status=404, body='{"error": {"message": "The model `a` does not exist", "code": "model_not_found"}}')
+        "a",
+        Reply(
+            status=404,
+            body='{"error": {"message": "The model `a` does not exist", "code": "model_not_found"}}',
+        ),
     )
     fake_openai.script("b", Reply(status=500, body='{"error": {"message": "upstream broke"}}'))
     fake_openai.default("b", Reply(chunks=["fine ", "now"]))
     stack = await stack_factory(
         config(
-            providers={"fa": {"type": "openai", "base_url": fake_openai.url},
-                       "fb": {"type": "openai", "base_url": fake_openai.url}},
+            providers={
+                "fa": {"type": "openai", "base_url": fake_openai.url},
+                "fb": {"type": "openai", "base_url": fake_openai.url},
+            },
             agents={"default": {"model": "fa/a", "fallbacks": ["fb/b"]}, "parent": {"model": "echo/echo"}},
             # b's failure cools its profile for a millisecond only; a's model stays cooling.
             router={"max_retries": 0, "transient_cooldown_initial_ms": 1, "transient_cooldown_max_ms": 1},
@@ -737,7 +844,8 @@ async def test_a_retried_task_avoids_the_model_that_failed_and_is_cooling(stack_
     assert len(fake_openai.requests_for("a")) == 1  # never tried again while cooling
     assert len(fake_openai.requests_for("b")) == 2
     assert [(n.attempt, n.message.split(":")[0]) for n in task.notices] == [
-        (1, "fa/a -> fb/b (MODEL_NOT_FOUND)"), (1, "attempt 1 failed")
+        (1, "fa/a -> fb/b (MODEL_NOT_FOUND)"),
+        (1, "attempt 1 failed"),
     ]
     assert [e.task.task.attempt for e in events if e.task_id == task.id] == [1, 2]
 
@@ -747,7 +855,10 @@ async def test_a_retried_task_avoids_the_model_that_failed_and_is_cooling(stack_
 
 async def test_spawn_task_rejects_bad_requests_with_precise_errors(stack_factory):
     stack = await stack_factory(
-        config({"max_depth": 1, "max_active_per_parent": 2}, providers={"echo": {"type": "echo", "echo_delay_ms": 100}})
+        config(
+            {"max_depth": 1, "max_active_per_parent": 2},
+            providers={"echo": {"type": "echo", "echo_delay_ms": 100}},
+        )
     ).start()
     async with stack.client() as client:
         parent = await start_parent(client, "errors:parent")
@@ -794,11 +905,22 @@ async def test_spawn_task_rejects_bad_requests_with_precise_errors(stack_factory
 # ---------------------------------------------------------------- isolation
 
 
-def run_token(org_id: str, session_id: str, run_id: str, epoch: int = 1, secret: str = RUN_TOKEN_SECRET) -> str:
+def run_token(
+    org_id: str, session_id: str, run_id: str, epoch: int = 1, secret: str = RUN_TOKEN_SECRET
+) -> str:
     """A run token signed like the gateway signs (Ed25519); ``secret`` another key forges one."""
     now_s = int(time.time())
-    claims = {"iss": "runyard.gateway", "aud": "runyard.internal", "sub": run_id, "iat": now_s, "exp": now_s + 600,
-              "org": org_id, "agt": "default", "ses": session_id, "epo": epoch}
+    claims = {
+        "iss": "runyard.gateway",
+        "aud": "runyard.internal",
+        "sub": run_id,
+        "iat": now_s,
+        "exp": now_s + 600,
+        "org": org_id,
+        "agt": "default",
+        "ses": session_id,
+        "epo": epoch,
+    }
     if secret == RUN_TOKEN_SECRET:
         return jwt.encode(claims, load_private_key(secret), algorithm="EdDSA")
     return jwt.encode(claims, secret, algorithm="HS256")
@@ -809,8 +931,14 @@ async def test_tasks_are_scoped_by_org_and_the_task_service_by_run_token(stack_f
     try:
         store = ApiKeyStore(pool)
         everything = ["chat", "sessions:read", "sessions:admin"]
-        keys = {name: (await store.create(org, name, scopes))[1] for name, org, scopes in (
-            ("a", "org-a", everything), ("b", "org-b", everything), ("ro", "org-a", ["sessions:read"]))}
+        keys = {
+            name: (await store.create(org, name, scopes))[1]
+            for name, org, scopes in (
+                ("a", "org-a", everything),
+                ("b", "org-b", everything),
+                ("ro", "org-a", ["sessions:read"]),
+            )
+        }
     finally:
         await pool.close()
     stack = await stack_factory(
@@ -847,27 +975,37 @@ async def test_tasks_are_scoped_by_org_and_the_task_service_by_run_token(stack_f
             live = run_token("org-a", other, other_run)
             cases = [
                 ((), live, "INTERNAL_AUTH_REQUIRED"),
-                (internal, run_token("org-a", other, other_run, secret="forged-forged-forged-forged-forged!"),
-                 "RUN_TOKEN_INVALID"),
+                (
+                    internal,
+                    run_token("org-a", other, other_run, secret="forged-forged-forged-forged-forged!"),
+                    "RUN_TOKEN_INVALID",
+                ),
                 (internal, run_token("org-a", parent, finished_run), "RUN_NOT_ACTIVE"),  # the run has ended
                 (internal, run_token("org-a", other, other_run, epoch=9), "RUN_NOT_ACTIVE"),  # not its epoch
                 (internal, live, "TASK_NOT_FOUND"),  # a task of another session
             ]
             for metadata, token, reason in cases:
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await service.GetTask(tasks_pb2.TaskServiceGetTaskRequest(run_token=token, task_id=task.id),
-                                          metadata=metadata)
+                    await service.GetTask(
+                        tasks_pb2.TaskServiceGetTaskRequest(run_token=token, task_id=task.id),
+                        metadata=metadata,
+                    )
                 assert from_rpc_error(refused.value).reason == reason
             spawned = await service.SpawnTask(
-                tasks_pb2.TaskServiceSpawnTaskRequest(run_token=live, prompt="from the run", idempotency_key="t1"),
+                tasks_pb2.TaskServiceSpawnTaskRequest(
+                    run_token=live, prompt="from the run", idempotency_key="t1"
+                ),
                 metadata=internal,
             )
             repeat = await service.SpawnTask(
-                tasks_pb2.TaskServiceSpawnTaskRequest(run_token=live, prompt="worded otherwise", idempotency_key="t1"),
+                tasks_pb2.TaskServiceSpawnTaskRequest(
+                    run_token=live, prompt="worded otherwise", idempotency_key="t1"
+                ),
                 metadata=internal,
             )
             read = await service.GetTask(
-                tasks_pb2.TaskServiceGetTaskRequest(run_token=live, task_id=spawned.task.id), metadata=internal
+                tasks_pb2.TaskServiceGetTaskRequest(run_token=live, task_id=spawned.task.id),
+                metadata=internal,
             )
         await stream.aclose()
     assert spawned.task.parent_session_id == other and spawned.task.agent_id == "default"

@@ -20,7 +20,9 @@ from tests.stack import flatten_env
 pytestmark = pytest.mark.timeout(90)
 
 
-async def test_services_talk_over_mutual_tls_and_refuse_plaintext_or_certless_peers(stack_factory, tmp_path: Path):
+async def test_services_talk_over_mutual_tls_and_refuse_plaintext_or_certless_peers(
+    stack_factory, tmp_path: Path
+):
     ca = trustme.CA()
     server = ca.issue_cert("127.0.0.1", "localhost")
     paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
@@ -29,8 +31,14 @@ async def test_services_talk_over_mutual_tls_and_refuse_plaintext_or_certless_pe
     paths["cert"].write_bytes(b"".join(blob.bytes() for blob in server.cert_chain_pems))
     ca_pem, cert_pem, key_pem = (paths[n].read_bytes() for n in ("ca", "cert", "key"))
 
-    tls_config = {"tls": {"enabled": True, "ca_file": str(paths["ca"]), "cert_file": str(paths["cert"]),
-                          "key_file": str(paths["key"])}}
+    tls_config = {
+        "tls": {
+            "enabled": True,
+            "ca_file": str(paths["ca"]),
+            "cert_file": str(paths["cert"]),
+            "key_file": str(paths["key"]),
+        }
+    }
     stack = stack_factory(tls_config)
     mutual = grpc.ssl_channel_credentials(ca_pem, private_key=key_pem, certificate_chain=cert_pem)
     server_only = grpc.ssl_channel_credentials(ca_pem)
@@ -39,15 +47,23 @@ async def test_services_talk_over_mutual_tls_and_refuse_plaintext_or_certless_pe
 
     # A client that trusts the CA (no client certificate) chats through the gateway.
     async with grpc.aio.secure_channel(stack.gateway_address, server_only) as channel:
-        events = [e async for e in GatewayServiceStub(channel).SendMessage(
-            SendMessageRequest(session_key="tls", text="over TLS"))]
+        events = [
+            e
+            async for e in GatewayServiceStub(channel).SendMessage(
+                SendMessageRequest(session_key="tls", text="over TLS")
+            )
+        ]
     assert events[-1].completed.message.content == "echo: over TLS"
 
     # Plaintext is refused.
     async with grpc.aio.insecure_channel(stack.gateway_address) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as plaintext:
-            _ = [e async for e in GatewayServiceStub(channel).SendMessage(
-                SendMessageRequest(session_key="tls", text="hi"), timeout=5)]
+            _ = [
+                e
+                async for e in GatewayServiceStub(channel).SendMessage(
+                    SendMessageRequest(session_key="tls", text="hi"), timeout=5
+                )
+            ]
     assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
 
     sessions_address = f"127.0.0.1:{stack.ports['sessions']}"
@@ -60,7 +76,8 @@ async def test_services_talk_over_mutual_tls_and_refuse_plaintext_or_certless_pe
     other_ca = trustme.CA()
     stranger = other_ca.issue_cert("127.0.0.1")
     foreign = grpc.ssl_channel_credentials(
-        ca_pem, private_key=stranger.private_key_pem.bytes(),
+        ca_pem,
+        private_key=stranger.private_key_pem.bytes(),
         certificate_chain=b"".join(b.bytes() for b in stranger.cert_chain_pems),
     )
     async with grpc.aio.secure_channel(sessions_address, foreign) as channel:
@@ -80,8 +97,18 @@ async def test_services_talk_over_mutual_tls_and_refuse_plaintext_or_certless_pe
     assert events[-1].completed.message.content == "echo: from the client"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")} | flatten_env(tls_config)
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runyard", "send", "--gateway", stack.gateway_address, "--session", "tls-cli",
-        "from the CLI", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "runyard",
+        "send",
+        "--gateway",
+        stack.gateway_address,
+        "--session",
+        "tls-cli",
+        "from the CLI",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await cli.communicate()
     assert cli.returncode == 0, err.decode()

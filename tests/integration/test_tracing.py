@@ -25,7 +25,9 @@ from tests.stack import free_port
 pytestmark = pytest.mark.timeout(120)
 
 SERVER, CLIENT, CONSUMER = (
-    trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_CLIENT, trace_pb2.Span.SPAN_KIND_CONSUMER,
+    trace_pb2.Span.SPAN_KIND_SERVER,
+    trace_pb2.Span.SPAN_KIND_CLIENT,
+    trace_pb2.Span.SPAN_KIND_CONSUMER,
 )
 
 
@@ -74,8 +76,13 @@ async def test_one_trace_from_send_message_through_worker_router_provider_and_se
         run_id, session_id = events[0].run_id, events[0].session_id
 
         def trace_of_run() -> dict[str, list[trace_pb2.Span]]:
-            roots = [s for name, s in collector.spans if name == "runyard-gateway" and s.kind == SERVER
-                     and s.name.endswith("GatewayService/SendMessage")]
+            roots = [
+                s
+                for name, s in collector.spans
+                if name == "runyard-gateway"
+                and s.kind == SERVER
+                and s.name.endswith("GatewayService/SendMessage")
+            ]
             if not roots:
                 return {}
             by_service: dict[str, list[trace_pb2.Span]] = defaultdict(list)
@@ -88,10 +95,14 @@ async def test_one_trace_from_send_message_through_worker_router_provider_and_se
         while True:
             found = trace_of_run()
             complete = (
-                any(s.kind == CLIENT and "http.request.method" in attrs(s) or "http.method" in attrs(s)
-                    for s in found.get("runyard-router", []))
-                and any(s.kind == SERVER and attrs(s).get("runyard.run_id") == run_id
-                        for s in found.get("runyard-sessions", []))
+                any(
+                    s.kind == CLIENT and "http.request.method" in attrs(s) or "http.method" in attrs(s)
+                    for s in found.get("runyard-router", [])
+                )
+                and any(
+                    s.kind == SERVER and attrs(s).get("runyard.run_id") == run_id
+                    for s in found.get("runyard-sessions", [])
+                )
                 and any(s.kind == CONSUMER for s in found.get("runyard-worker", []))
             )
             if complete or time.monotonic() > deadline:
@@ -108,8 +119,12 @@ async def test_one_trace_from_send_message_through_worker_router_provider_and_se
     ids = {s.span_id for s in everything}
     roots = [s for s in everything if not s.parent_span_id]
     assert [(r.name, r.kind) for r in roots] == [("/runyard.v1.GatewayService/SendMessage", SERVER)]
-    orphans = [(n, s.name, s.kind) for n, spans in found.items() for s in spans
-               if s.parent_span_id and s.parent_span_id not in ids]
+    orphans = [
+        (n, s.name, s.kind)
+        for n, spans in found.items()
+        for s in spans
+        if s.parent_span_id and s.parent_span_id not in ids
+    ]
     assert not orphans, orphans
     assert attrs(roots[0])["runyard.run_id"] == run_id and attrs(roots[0])["runyard.session_id"] == session_id
 
@@ -128,9 +143,13 @@ async def test_one_trace_from_send_message_through_worker_router_provider_and_se
     assert all(s.parent_span_id in router_ids for s in http)
 
     # The sessions service stored the run's transcript, its queries traced beneath.
-    writes = [s for s in found["runyard-sessions"] if s.kind == SERVER and attrs(s).get("runyard.run_id") == run_id]
+    writes = [
+        s for s in found["runyard-sessions"] if s.kind == SERVER and attrs(s).get("runyard.run_id") == run_id
+    ]
     assert writes
-    queries = [s for s in found["runyard-sessions"] if s.kind == CLIENT and attrs(s).get("db.system") == "postgresql"]
+    queries = [
+        s for s in found["runyard-sessions"] if s.kind == CLIENT and attrs(s).get("db.system") == "postgresql"
+    ]
     assert {q.parent_span_id for q in queries} & {w.span_id for w in writes}
 
     # Background work (queue polls, outbox relays, heartbeats) made no traces of its own.

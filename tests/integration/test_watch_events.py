@@ -14,16 +14,23 @@ from collections import Counter
 
 import grpc
 import pytest
+
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from runyard.common.errors import from_rpc_error
-
 from tests.fakes.openai_server import FakeOpenAI, provider_config
 
 pytestmark = pytest.mark.timeout(120)
 
 
-async def read_events(stack, after_id: int = 0, types: tuple[str, ...] = (), *, until: int | None = None,
-                      quiet_s: float = 1.5, timeout_s: float = 20.0) -> list[common_pb2.LifecycleEvent]:
+async def read_events(
+    stack,
+    after_id: int = 0,
+    types: tuple[str, ...] = (),
+    *,
+    until: int | None = None,
+    quiet_s: float = 1.5,
+    timeout_s: float = 20.0,
+) -> list[common_pb2.LifecycleEvent]:
     """Events after ``after_id``: until ``until`` events arrived, else until none came for ``quiet_s``."""
     channel = grpc.aio.insecure_channel(stack.gateway_address)
     stub = gateway_pb2_grpc.GatewayServiceStub(channel)
@@ -33,7 +40,9 @@ async def read_events(stack, after_id: int = 0, types: tuple[str, ...] = (), *, 
     try:
         while time.monotonic() < deadline and (until is None or len(events) < until):
             try:
-                event = await asyncio.wait_for(call.read(), quiet_s if until is None else deadline - time.monotonic())
+                event = await asyncio.wait_for(
+                    call.read(), quiet_s if until is None else deadline - time.monotonic()
+                )
             except TimeoutError:
                 break
             if event is grpc.aio.EOF:
@@ -55,7 +64,9 @@ async def interrupt(process: asyncio.subprocess.Process, timeout_s: float = 30.0
     except TimeoutError:
         process.kill()
         _, err = await process.communicate()
-        raise AssertionError(f"no exit within {timeout_s:g} s of SIGINT; stderr:\n{err.decode()[-2000:]}") from None
+        raise AssertionError(
+            f"no exit within {timeout_s:g} s of SIGINT; stderr:\n{err.decode()[-2000:]}"
+        ) from None
 
 
 def types_of(events) -> Counter:
@@ -69,8 +80,17 @@ async def test_watch_replays_then_tails_and_resumes_across_gateway_and_sessions_
     # `runyard events --follow` follows the same stream through both restarts.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
     follower = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runyard", "events", "--follow", "--json", "--gateway", stack.gateway_address,
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "runyard",
+        "events",
+        "--follow",
+        "--json",
+        "--gateway",
+        stack.gateway_address,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         live_task = asyncio.create_task(read_events(stack, until=8, timeout_s=30))
@@ -81,12 +101,28 @@ async def test_watch_replays_then_tails_and_resumes_across_gateway_and_sessions_
         run_id, session_id = first[0].run_id, first[0].session_id
 
         assert [e.id for e in live] == sorted({e.id for e in live})  # increasing, no repeats
-        assert types_of(live) == {name: 1 for name in (
-            "service.startup", "session.start", "run.queued", "message.received", "run.started",
-            "session.updated", "run.completed", "message.sent")}
+        assert types_of(live) == {
+            name: 1
+            for name in (
+                "service.startup",
+                "session.start",
+                "run.queued",
+                "message.received",
+                "run.started",
+                "session.updated",
+                "run.completed",
+                "message.sent",
+            )
+        }
         completed = next(e for e in live if e.type == "run.completed")
-        assert (completed.run_id, completed.session_id, completed.session_key) == (run_id, session_id, "watch:1")
-        assert completed.run.status == common_pb2.RUN_STATUS_COMPLETED and completed.run.model == "fake/model-a"
+        assert (completed.run_id, completed.session_id, completed.session_key) == (
+            run_id,
+            session_id,
+            "watch:1",
+        )
+        assert (
+            completed.run.status == common_pb2.RUN_STATUS_COMPLETED and completed.run.model == "fake/model-a"
+        )
         sent = next(e for e in live if e.type == "message.sent")
         assert sent.message.length == len("Hello from model-a.")
         last_seen = live[-1].id
@@ -115,7 +151,9 @@ async def test_watch_replays_then_tails_and_resumes_across_gateway_and_sessions_
         later = types_of(resumed)
         assert later["session.end"] == 1 and later["service.shutdown"] == 1 and later["service.startup"] == 1
         end = next(e for e in resumed if e.type == "session.end")
-        assert end.session_end.reason == common_pb2.SESSION_END_REASON_SHUTDOWN and end.session_id == session_id
+        assert (
+            end.session_end.reason == common_pb2.SESSION_END_REASON_SHUTDOWN and end.session_id == session_id
+        )
         restart = next(e for e in resumed if e.type == "session.start")
         assert restart.session_start.reason == common_pb2.SESSION_START_REASON_RESUMED
         assert later["run.completed"] == 1 and later["run.queued"] == 1
@@ -161,11 +199,15 @@ async def test_unknown_event_types_are_refused(stack_factory):
     await channel.close()
     refused = from_rpc_error(error.value)
     assert (refused.code, refused.reason, refused.field) == (
-        grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_EVENT_TYPE", "types"
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "UNKNOWN_EVENT_TYPE",
+        "types",
     )
 
 
-async def test_a_new_sessions_start_comes_before_its_first_run_in_the_stream(stack_factory, fake_openai: FakeOpenAI):
+async def test_a_new_sessions_start_comes_before_its_first_run_in_the_stream(
+    stack_factory, fake_openai: FakeOpenAI
+):
     """The sessions service's session.start of a conversation's first message is
     recorded with the run it starts (ResolveSession hands it to the gateway),
     so `runyard events --follow` shows it before that run's run.queued, and the

@@ -24,7 +24,6 @@ from runyard.common.outbox import Outbox
 from runyard.router.cooldowns import CooldownStore
 from runyard.router.engine import Router
 from runyard.router.main import EVENTS_CHANNEL
-
 from tests.fakes.anthropic_server import FakeAnthropic
 from tests.fakes.openai_server import FakeOpenAI
 from tests.support import collect, kinds, text_of

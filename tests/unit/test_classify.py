@@ -339,8 +339,9 @@ CASES = [
     ),
     (
         "200-web-page",
-        err(200, "<!doctype html><html><body>Welcome to our site</body></html>",
-            {"content-type": "text/html"}),
+        err(
+            200, "<!doctype html><html><body>Welcome to our site</body></html>", {"content-type": "text/html"}
+        ),
         Reason.ENDPOINT_NOT_FOUND,
         "wrong_endpoint",
     ),
@@ -604,8 +605,10 @@ def test_retry_after_reaches_the_verdict():
         # The model's own limits (named, or nothing said about the key).
         (openai("Rate limit reached for gpt-4o in organization org-1 on requests per min (RPM)."), False),
         (openai("Rate limit reached", "requests", "rate_limit_exceeded"), False),
-        (anthropic("rate_limit_error", "This request would exceed the rate limit for your organization"),
-         False),
+        (
+            anthropic("rate_limit_error", "This request would exceed the rate limit for your organization"),
+            False,
+        ),
         ({"error": {"message": "You have reached the rate limit specific to this model gpt-4o"}}, False),
         (openrouter(429, "Rate limit exceeded: limit_rpm/google/gemini-flash/abc"), False),
         # The key's or the account's.

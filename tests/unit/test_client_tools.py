@@ -7,6 +7,7 @@ import datetime as dt
 import json
 
 import pytest
+
 from runyard._proto.v1 import common_pb2
 from runyard.cli.demo_tools import answer, calculate
 from runyard.common import metrics
@@ -27,10 +28,16 @@ Tool = common_pb2.ToolDefinition
         ([Tool(name="task_output")], "TOOL_NAME_RESERVED", "options.client_tools[0].name"),
         ([Tool(name="a"), Tool(name="a")], "DUPLICATE_TOOL_NAME", "options.client_tools[1].name"),
         ([Tool(name="a", description="d" * 4097)], "VALUE_TOO_LONG", "options.client_tools[0].description"),
-        ([Tool(name="a", parameters_json_schema="{nope")], "INVALID_TOOL_SCHEMA",
-         "options.client_tools[0].parameters_json_schema"),
-        ([Tool(name="a", parameters_json_schema='"string"')], "INVALID_TOOL_SCHEMA",
-         "options.client_tools[0].parameters_json_schema"),
+        (
+            [Tool(name="a", parameters_json_schema="{nope")],
+            "INVALID_TOOL_SCHEMA",
+            "options.client_tools[0].parameters_json_schema",
+        ),
+        (
+            [Tool(name="a", parameters_json_schema='"string"')],
+            "INVALID_TOOL_SCHEMA",
+            "options.client_tools[0].parameters_json_schema",
+        ),
     ],
 )
 def test_bad_client_tool_declarations_are_refused_naming_the_field(tools, reason, field):
@@ -40,7 +47,9 @@ def test_bad_client_tool_declarations_are_refused_naming_the_field(tools, reason
 
 
 def test_good_client_tool_declarations_pass():
-    check_client_tools([Tool(name="get_weather-2", parameters_json_schema='{"type": "object"}'), Tool(name="b")])
+    check_client_tools(
+        [Tool(name="get_weather-2", parameters_json_schema='{"type": "object"}'), Tool(name="b")]
+    )
 
 
 class _Source:
@@ -60,7 +69,12 @@ def test_tool_names_are_unique_per_run_the_first_server_source_wins_and_a_client
     payload = common_pb2.RunPayload(options=common_pb2.RunOptions(client_tools=[Tool(name="clock")]))
     tools = resolve_tools([builtin, mcp, ClientTools()], payload)
     assert [d.name for d in tools.definitions] == ["spawn_task", "task_output", "search", "clock"]
-    assert [tools.source_of(n) for n in ("task_output", "search", "clock", "nope")] == ["builtin", "mcp", "client", ""]
+    assert [tools.source_of(n) for n in ("task_output", "search", "clock", "nope")] == [
+        "builtin",
+        "mcp",
+        "client",
+        "",
+    ]
 
     payload.options.client_tools.add(name="search")
     with pytest.raises(InvalidArgument) as clash:
@@ -70,10 +84,14 @@ def test_tool_names_are_unique_per_run_the_first_server_source_wins_and_a_client
 
 
 def test_tool_results_follow_the_order_of_the_calls():
-    assistant = common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, tool_calls=[
-        common_pb2.ToolCall(id="a"), common_pb2.ToolCall(id="b"), common_pb2.ToolCall(id="c")])
+    assistant = common_pb2.Message(
+        role=common_pb2.ROLE_ASSISTANT,
+        tool_calls=[common_pb2.ToolCall(id="a"), common_pb2.ToolCall(id="b"), common_pb2.ToolCall(id="c")],
+    )
     user = common_pb2.Message(role=common_pb2.ROLE_USER, content="hi")
-    messages = [user, assistant] + [common_pb2.Message(role=common_pb2.ROLE_TOOL, tool_call_id=i) for i in "cab"]
+    messages = [user, assistant] + [
+        common_pb2.Message(role=common_pb2.ROLE_TOOL, tool_call_id=i) for i in "cab"
+    ]
     _order_tool_results(messages)
     assert [m.tool_call_id for m in messages[2:]] == ["a", "b", "c"] and messages[:2] == [user, assistant]
 
@@ -100,9 +118,15 @@ def test_the_calculator_computes_exactly_and_refuses_anything_else():
 
 def test_demo_tool_answers_and_errors():
     noon = lambda: dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
-    clock = answer(common_pb2.ToolCall(id="1", name="clock", arguments_json='{"tz": "Asia/Tokyo"}'), clock=noon)
+    clock = answer(
+        common_pb2.ToolCall(id="1", name="clock", arguments_json='{"tz": "Asia/Tokyo"}'), clock=noon
+    )
     assert (clock.tool_call_id, clock.is_error) == ("1", False)
-    assert json.loads(clock.content) == {"time": "2026-03-01T21:00:00+09:00", "tz": "Asia/Tokyo", "weekday": "Sunday"}
+    assert json.loads(clock.content) == {
+        "time": "2026-03-01T21:00:00+09:00",
+        "tz": "Asia/Tokyo",
+        "weekday": "Sunday",
+    }
     bad_zone = answer(common_pb2.ToolCall(id="2", name="clock", arguments_json='{"tz": "Mars/Base"}'))
     assert bad_zone.is_error and json.loads(bad_zone.content) == {"error": "unknown time zone 'Mars/Base'"}
     sum_ = answer(common_pb2.ToolCall(id="3", name="calculator", arguments_json='{"expression": "2+2"}'))
@@ -117,13 +141,17 @@ def test_submit_tool_results_request_rules():
     run_id = "6f1c8b8e-8d5e-4a53-9d55-0f3f3f8e2a10"
     for request, field in (
         (gateway_pb2.SubmitToolResultsRequest(run_id=run_id), "results"),
-        (gateway_pb2.SubmitToolResultsRequest(run_id=run_id, results=[gateway_pb2.ToolOutput()]),
-         "results[0].tool_call_id"),
+        (
+            gateway_pb2.SubmitToolResultsRequest(run_id=run_id, results=[gateway_pb2.ToolOutput()]),
+            "results[0].tool_call_id",
+        ),
     ):
         with pytest.raises(InvalidArgument) as refused:
             check_request(request)
         assert (refused.value.reason, refused.value.field) == ("MISSING_FIELD", field)
     # A result is conversation content: a NUL character in it is just a character.
-    check_request(gateway_pb2.SubmitToolResultsRequest(
-        run_id=run_id, results=[gateway_pb2.ToolOutput(tool_call_id="c", content="a\x00b")]
-    ))
+    check_request(
+        gateway_pb2.SubmitToolResultsRequest(
+            run_id=run_id, results=[gateway_pb2.ToolOutput(tool_call_id="c", content="a\x00b")]
+        )
+    )

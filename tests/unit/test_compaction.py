@@ -7,6 +7,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from prometheus_client import REGISTRY
+
 from runyard._proto.v1 import common_pb2, router_pb2, sessions_pb2
 from runyard.common.config import load_config
 from runyard.worker.compaction import Compactor, estimate_tokens, plan_cut, render, safe_cuts, turn_starts
@@ -16,7 +17,10 @@ USER, ASSISTANT, TOOL = common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT, common_
 
 def msg(role: int, text: str = "", calls: tuple[str, ...] = (), answers: str = "") -> common_pb2.Message:
     return common_pb2.Message(
-        role=role, content=text, tool_call_id=answers, name="lookup" if answers else "",
+        role=role,
+        content=text,
+        tool_call_id=answers,
+        name="lookup" if answers else "",
         tool_calls=[common_pb2.ToolCall(id=c, name="lookup", arguments_json='{"q": 1}') for c in calls],
     )
 
@@ -38,13 +42,13 @@ def test_estimate_counts_text_tool_calls_and_summary():
 
 def test_safe_cuts_never_separate_a_tool_call_from_its_result():
     messages = [
-        msg(USER, "q"),                               # 0
-        msg(ASSISTANT, "", calls=("a", "b")),         # 1
-        msg(TOOL, "ra", answers="a"),                 # 2
-        msg(TOOL, "rb", answers="b"),                 # 3
-        msg(ASSISTANT, "done"),                       # 4
-        msg(USER, "q2"),                              # 5
-        msg(ASSISTANT, "", calls=("c",)),             # 6
+        msg(USER, "q"),  # 0
+        msg(ASSISTANT, "", calls=("a", "b")),  # 1
+        msg(TOOL, "ra", answers="a"),  # 2
+        msg(TOOL, "rb", answers="b"),  # 3
+        msg(ASSISTANT, "done"),  # 4
+        msg(USER, "q2"),  # 5
+        msg(ASSISTANT, "", calls=("c",)),  # 6
     ]
     # Not 2, 3 (a call open), not 7 (c never answered).
     assert safe_cuts(messages) == [1, 4, 5, 6]
@@ -61,7 +65,7 @@ def test_plan_keeps_recent_turns_and_only_fires_past_the_limits():
     # compact again at once: with a lower threshold fewer turns stay.
     tighter = plan_cut(transcript, 10, threshold_tokens=total // 2, max_turns=0, keep_recent_turns=4)
     assert tighter is not None and tighter.cut == 16
-    assert estimate_tokens(transcript.messages[tighter.cut:]) <= total // 4
+    assert estimate_tokens(transcript.messages[tighter.cut :]) <= total // 4
     by_turns = plan_cut(transcript, 10, threshold_tokens=0, max_turns=8, keep_recent_turns=3)
     assert by_turns is not None and by_turns.cut == 14 and "turns" in by_turns.reason
     # At most max_turns - 2 turns stay, so the next run does not compact again.
@@ -83,17 +87,20 @@ def test_plan_moves_a_cut_off_a_tool_exchange():
     transcript = common_pb2.Transcript(messages=messages)
     plan = plan_cut(transcript, 0, threshold_tokens=1, max_turns=0, keep_recent_turns=1)
     assert plan is not None
-    kept = messages[plan.cut:]
+    kept = messages[plan.cut :]
     assert kept[0].role != TOOL
-    open_calls = {c.id for m in messages[:plan.cut] for c in m.tool_calls} - {
-        m.tool_call_id for m in messages[:plan.cut] if m.role == TOOL}
+    open_calls = {c.id for m in messages[: plan.cut] for c in m.tool_calls} - {
+        m.tool_call_id for m in messages[: plan.cut] if m.role == TOOL
+    }
     assert open_calls == set()
 
 
 def test_render_inlines_tool_traffic():
     text = render([msg(USER, "hi"), msg(ASSISTANT, "", calls=("a",)), msg(TOOL, "42", answers="a")])
     assert text.splitlines() == [
-        "user: hi", 'assistant called tool lookup with {"q": 1}', "tool result (lookup): 42",
+        "user: hi",
+        'assistant called tool lookup with {"q": 1}',
+        "tool result (lookup): 42",
     ]
 
 
@@ -120,27 +127,40 @@ class FakeRouter:
 
     def Generate(self, request, timeout=None):
         self.requests.append(request)
-        final = router_pb2.GenerateResponse(final=router_pb2.GenerateFinal(
-            message=common_pb2.Message(role=ASSISTANT, content=self.summary), model="echo/summarizer"))
+        final = router_pb2.GenerateResponse(
+            final=router_pb2.GenerateFinal(
+                message=common_pb2.Message(role=ASSISTANT, content=self.summary), model="echo/summarizer"
+            )
+        )
         return FakeCall([] if self.error else [final], self.error)
 
 
 def snapshot_of(messages, summary="") -> sessions_pb2.GetTranscriptResponse:
     return sessions_pb2.GetTranscriptResponse(
-        transcript=common_pb2.Transcript(messages=messages, summary=summary), head_turn=5,
+        transcript=common_pb2.Transcript(messages=messages, summary=summary),
+        head_turn=5,
         session_id="session-1",
     )
 
 
 def payload() -> common_pb2.RunPayload:
-    return common_pb2.RunPayload(run_id="run-1", session_id="session-1", agent_id="default", run_token="tok",
-                                 input=common_pb2.RunInput(text="and now?"))
+    return common_pb2.RunPayload(
+        run_id="run-1",
+        session_id="session-1",
+        agent_id="default",
+        run_token="tok",
+        input=common_pb2.RunInput(text="and now?"),
+    )
 
 
 async def test_compactor_summarises_the_older_turns_and_folds_the_old_summary():
-    config = load_config(environ={"RUNYARD_COMPACTION__MAX_TOKENS": "300",
-                                  "RUNYARD_COMPACTION__KEEP_RECENT_TURNS": "2",
-                                  "RUNYARD_COMPACTION__SUMMARY_MAX_TOKENS": "100"})
+    config = load_config(
+        environ={
+            "RUNYARD_COMPACTION__MAX_TOKENS": "300",
+            "RUNYARD_COMPACTION__KEEP_RECENT_TURNS": "2",
+            "RUNYARD_COMPACTION__SUMMARY_MAX_TOKENS": "100",
+        }
+    )
     router = FakeRouter("the user asked ten questions")
     snapshot = snapshot_of(conversation(10, words=10), summary="earlier: greetings")
     info = await Compactor(config, router).compact(payload(), snapshot)
@@ -163,7 +183,9 @@ async def test_compactor_summarises_the_older_turns_and_folds_the_old_summary():
 
 async def test_a_failed_summary_leaves_the_transcript_alone():
     config = load_config(environ={"RUNYARD_COMPACTION__MAX_TOKENS": "100"})
-    error = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down")
+    error = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down"
+    )
     before = REGISTRY.get_sample_value("runyard_compactions_total", {"outcome": "failed"}) or 0
     snapshot = snapshot_of(conversation(6))
     original = snapshot.transcript.SerializeToString()
@@ -174,21 +196,27 @@ async def test_a_failed_summary_leaves_the_transcript_alone():
 
 
 async def test_context_window_fraction_sets_the_threshold():
-    config = load_config(environ={
-        "RUNYARD_COMPACTION__MAX_TOKENS": "0",
-        "RUNYARD_COMPACTION__CONTEXT_WINDOWS": '{"echo/echo": 1000}',
-        "RUNYARD_COMPACTION__CONTEXT_FRACTION": "0.5",
-    })
+    config = load_config(
+        environ={
+            "RUNYARD_COMPACTION__MAX_TOKENS": "0",
+            "RUNYARD_COMPACTION__CONTEXT_WINDOWS": '{"echo/echo": 1000}',
+            "RUNYARD_COMPACTION__CONTEXT_FRACTION": "0.5",
+        }
+    )
     compactor = Compactor(config, FakeRouter("s"))
     assert compactor.threshold(payload()) == 500
     other = payload()
     other.model.model = "echo/big"
     assert compactor.threshold(other) == 0
-    disabled = load_config(environ={"RUNYARD_COMPACTION__ENABLED": "false", "RUNYARD_COMPACTION__MAX_TOKENS": "1"})
+    disabled = load_config(
+        environ={"RUNYARD_COMPACTION__ENABLED": "false", "RUNYARD_COMPACTION__MAX_TOKENS": "1"}
+    )
     assert await Compactor(disabled, FakeRouter("s")).compact(payload(), snapshot_of(conversation(5))) is None
 
 
-@pytest.mark.parametrize("bad", [{"RUNYARD_COMPACTION__MODEL": "nope/x"}, {"RUNYARD_COMPACTION__MODEL": "noslash"}])
+@pytest.mark.parametrize(
+    "bad", [{"RUNYARD_COMPACTION__MODEL": "nope/x"}, {"RUNYARD_COMPACTION__MODEL": "noslash"}]
+)
 def test_compaction_model_must_name_a_configured_provider(bad):
     from runyard.common.config import ConfigError
 

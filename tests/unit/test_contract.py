@@ -75,5 +75,15 @@ def test_v1_re_exports_the_contract_names_clients_rely_on():
     ):
         assert name in v1.__all__ and hasattr(v1, name), name
     run_event_members = {f.name for f in v1.RunEvent.DESCRIPTOR.oneofs_by_name["event"].fields}
-    assert {"queued", "started", "text_delta", "model_failover", "tool_call", "tool_result", "usage",
-            "completed", "failed", "cancelled"} <= run_event_members
+    assert {
+        "queued",
+        "started",
+        "text_delta",
+        "model_failover",
+        "tool_call",
+        "tool_result",
+        "usage",
+        "completed",
+        "failed",
+        "cancelled",
+    } <= run_event_members

@@ -14,12 +14,13 @@ import grpc
 import jwt
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from runyard._proto.v1 import sessions_pb2
 from runyard.common import auth, faults
+from runyard.common.channels import grpc_options, grpc_server_options
 from runyard.common.config import ConfigError, load_config
 from runyard.common.errors import InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
 from runyard.common.runtime import check_service_config
-from runyard.common.channels import grpc_options, grpc_server_options
 from runyard.common.validation import check_request
 from runyard.gateway.auth import Authenticator
 from runyard.v1 import (
@@ -31,7 +32,6 @@ from runyard.v1 import (
     SendMessageRequest,
     WatchEventsRequest,
 )
-
 from tests.stack import INTERNAL_SECRET, RUN_TOKEN_PRIVATE_KEY, RUN_TOKEN_PUBLIC_KEY
 
 RUN = "2b1e2c56-8d27-4b0c-a4a6-5a0c2d3e4f50"
@@ -44,12 +44,26 @@ RUN = "2b1e2c56-8d27-4b0c-a4a6-5a0c2d3e4f50"
         (SendMessageRequest(session_key="k" * 5000, text="hi"), "SESSION_KEY_TOO_LONG", "session_key"),
         (SendMessageRequest(session_key="a b", text="hi"), "INVALID_SESSION_KEY", "session_key"),
         (SendMessageRequest(session_key="k", text="a\x00b"), "NUL_CHARACTER", "text"),
-        (SendMessageRequest(session_key="k", text="hi", idempotency_key="i\x00"), "NUL_CHARACTER", "idempotency_key"),
-        (SendMessageRequest(session_key="k", text="hi", metadata={"m": "v\x00"}), "NUL_CHARACTER", "metadata['m']"),
-        (SendMessageRequest(session_key="k", text="hi", multitask_strategy=99), "INVALID_ENUM_VALUE",
-         "multitask_strategy"),
-        (SendMessageRequest(session_key="k", text="hi", idempotency_key="i" * 256), "IDEMPOTENCY_KEY_TOO_LONG",
-         "idempotency_key"),
+        (
+            SendMessageRequest(session_key="k", text="hi", idempotency_key="i\x00"),
+            "NUL_CHARACTER",
+            "idempotency_key",
+        ),
+        (
+            SendMessageRequest(session_key="k", text="hi", metadata={"m": "v\x00"}),
+            "NUL_CHARACTER",
+            "metadata['m']",
+        ),
+        (
+            SendMessageRequest(session_key="k", text="hi", multitask_strategy=99),
+            "INVALID_ENUM_VALUE",
+            "multitask_strategy",
+        ),
+        (
+            SendMessageRequest(session_key="k", text="hi", idempotency_key="i" * 256),
+            "IDEMPOTENCY_KEY_TOO_LONG",
+            "idempotency_key",
+        ),
         (ChatRequest(send=SendMessageRequest(session_key="k", text="\x00")), "NUL_CHARACTER", "send.text"),
         (GetSessionRequest(), "MISSING_FIELD", "session_id"),
         (GetSessionRequest(session_key="k" * 10_000), "SESSION_KEY_TOO_LONG", "session_key"),
@@ -59,8 +73,11 @@ RUN = "2b1e2c56-8d27-4b0c-a4a6-5a0c2d3e4f50"
         (ChatRequest(join=JoinRunRequest(run_id=RUN, after_seq=2**64 - 1)), "OUT_OF_RANGE", "join.after_seq"),
         (WatchEventsRequest(after_id=2**63), "OUT_OF_RANGE", "after_id"),
         (sessions_pb2.ListEventsRequest(after_id=2**63), "OUT_OF_RANGE", "after_id"),
-        (sessions_pb2.SessionServiceGetSessionRequest(org_id="o", session_key="k" * 5000), "SESSION_KEY_TOO_LONG",
-         "session_key"),
+        (
+            sessions_pb2.SessionServiceGetSessionRequest(org_id="o", session_key="k" * 5000),
+            "SESSION_KEY_TOO_LONG",
+            "session_key",
+        ),
         (sessions_pb2.ResolveSessionRequest(org_id="o"), "MISSING_FIELD", "session_key"),
     ],
 )
@@ -76,8 +93,11 @@ def test_conversation_content_may_hold_any_character_and_valid_requests_pass():
     check_request(SendMessageRequest(session_key="telegram:chat:42", text="hello", metadata={"a": "b"}))
     check_request(JoinRunRequest(run_id=RUN, after_seq=2**63 - 1))
     # A model may produce U+0000; transcripts are stored as protobuf bytes.
-    check_request(sessions_pb2.CommitRunRequest(org_id="o", append=sessions_pb2.TranscriptAppend(
-        messages=[Message(content="a\x00b")])))
+    check_request(
+        sessions_pb2.CommitRunRequest(
+            org_id="o", append=sessions_pb2.TranscriptAppend(messages=[Message(content="a\x00b")])
+        )
+    )
 
 
 def test_database_faults_map_to_unavailable_and_unstorable_values_to_invalid_argument():
@@ -91,7 +111,9 @@ def test_database_faults_map_to_unavailable_and_unstorable_values_to_invalid_arg
         mapped = faults.as_runyard_error(exc)
         assert isinstance(mapped, Unavailable) and mapped.reason == "DATABASE_UNAVAILABLE", exc
         assert mapped.retry_after_s is not None
-    refused = faults.as_runyard_error(asyncpg.exceptions.CharacterNotInRepertoireError("invalid byte sequence"))
+    refused = faults.as_runyard_error(
+        asyncpg.exceptions.CharacterNotInRepertoireError("invalid byte sequence")
+    )
     assert isinstance(refused, InvalidArgument) and refused.reason == "UNSTORABLE_VALUE"
     assert faults.as_runyard_error(KeyError("bug")) is None  # a bug stays INTERNAL
 
@@ -144,8 +166,17 @@ def test_only_the_private_key_signs_and_tokens_of_other_keys_or_algorithms_are_r
     assert not hasattr(verifier, "sign")
     with pytest.raises(ValueError):
         auth.RunTokenSigner(RUN_TOKEN_PUBLIC_KEY)  # a public key cannot sign
-    body = {"iss": "runyard.gateway", "aud": "runyard.internal", "sub": RUN, "iat": int(time.time()),
-            "exp": int(time.time()) + 60, "org": "o", "agt": "a", "ses": "s", "epo": 2}
+    body = {
+        "iss": "runyard.gateway",
+        "aud": "runyard.internal",
+        "sub": RUN,
+        "iat": int(time.time()),
+        "exp": int(time.time()) + 60,
+        "org": "o",
+        "agt": "a",
+        "ses": "s",
+        "epo": 2,
+    }
     other_private, _ = auth.generate_run_token_keys()
     forgeries = {
         "hs256 with the internal secret": jwt.encode(body, INTERNAL_SECRET, algorithm="HS256"),
@@ -158,7 +189,8 @@ def test_only_the_private_key_signs_and_tokens_of_other_keys_or_algorithms_are_r
             verifier.verify(forged)
         assert refused.value.reason == "RUN_TOKEN_INVALID", name
     expired = auth.RunTokenSigner(RUN_TOKEN_PRIVATE_KEY, ttl_s=-60).sign(
-        org_id="o", agent_id="a", session_id="s", run_id=RUN, epoch=2)
+        org_id="o", agent_id="a", session_id="s", run_id=RUN, epoch=2
+    )
     with pytest.raises(Unauthenticated) as old:
         verifier.verify(expired)
     assert old.value.reason == "RUN_TOKEN_EXPIRED"
@@ -167,11 +199,15 @@ def test_only_the_private_key_signs_and_tokens_of_other_keys_or_algorithms_are_r
 def test_services_refuse_to_start_without_the_secret_or_with_the_wrong_half_of_the_key_pair():
     base = {"RUNYARD_DATABASE_URL": "postgresql://x/y"}
     with pytest.raises(ConfigError) as no_secret:
-        check_service_config(load_config(environ={**base, "RUNYARD_RUN_TOKEN_PUBLIC_KEY": RUN_TOKEN_PUBLIC_KEY}),
-                             "router")
+        check_service_config(
+            load_config(environ={**base, "RUNYARD_RUN_TOKEN_PUBLIC_KEY": RUN_TOKEN_PUBLIC_KEY}), "router"
+        )
     assert [path for path, _ in no_secret.value.problems] == ["auth.internal_secret"]
-    worker_with_signing_key = {**base, "RUNYARD_INTERNAL_SECRET": INTERNAL_SECRET,
-                               "RUNYARD_RUN_TOKEN_PRIVATE_KEY": RUN_TOKEN_PRIVATE_KEY}
+    worker_with_signing_key = {
+        **base,
+        "RUNYARD_INTERNAL_SECRET": INTERNAL_SECRET,
+        "RUNYARD_RUN_TOKEN_PRIVATE_KEY": RUN_TOKEN_PRIVATE_KEY,
+    }
     with pytest.raises(ConfigError) as misplaced:
         check_service_config(load_config(environ=worker_with_signing_key), "worker")
     assert "only the gateway signs" in str(misplaced.value)
@@ -180,8 +216,12 @@ def test_services_refuse_to_start_without_the_secret_or_with_the_wrong_half_of_t
         load_config(environ={**base, "RUNYARD_RUN_TOKEN_SECRET": "x" * 40})
     assert "Ed25519" in str(retired.value)
     with pytest.raises(ConfigError) as mismatched:
-        load_config(environ={"RUNYARD_RUN_TOKEN_PRIVATE_KEY": RUN_TOKEN_PRIVATE_KEY,
-                             "RUNYARD_RUN_TOKEN_PUBLIC_KEY": auth.generate_run_token_keys()[1]})
+        load_config(
+            environ={
+                "RUNYARD_RUN_TOKEN_PRIVATE_KEY": RUN_TOKEN_PRIVATE_KEY,
+                "RUNYARD_RUN_TOKEN_PUBLIC_KEY": auth.generate_run_token_keys()[1],
+            }
+        )
     assert "public half" in str(mismatched.value)
 
 
@@ -210,8 +250,9 @@ class _Keys:
 
 async def test_failed_authentications_are_limited_per_source_and_per_key_id_before_any_lookup():
     keys = _Keys()
-    authn = Authenticator(keys, anonymous=False, default_org="d", auth_failure_rate_per_s=0.5,
-                          auth_failure_burst=3)
+    authn = Authenticator(
+        keys, anonymous=False, default_org="d", auth_failure_rate_per_s=0.5, auth_failure_burst=3
+    )
     good = "ryk_aaaaaaaaaaaa_" + "G" * 43
     assert (await authn.authenticate(_Context("ipv4:10.0.0.9:1", good))).org_id == "org"
     # One source guessing: three failures, then refused without a lookup.

@@ -13,6 +13,7 @@ import time
 
 import pytest
 from prometheus_client import REGISTRY
+
 from runyard._proto.v1 import common_pb2
 from runyard.common.config import ConfigError, load_config
 from runyard.common.hooks import (
@@ -26,7 +27,6 @@ from runyard.common.hooks import (
     load_handlers,
 )
 from runyard.common.protoutil import now
-
 from tests.stack import INTERNAL_SECRET, RUN_TOKEN_PUBLIC_KEY
 from tests.support import ROOT
 
@@ -57,24 +57,38 @@ def undecorated(event: object) -> None:
 NOT_CALLABLE = 42
 
 
-def end_event(session: str = "s1", reason: int = common_pb2.SESSION_END_REASON_SHUTDOWN) -> common_pb2.LifecycleEvent:
+def end_event(
+    session: str = "s1", reason: int = common_pb2.SESSION_END_REASON_SHUTDOWN
+) -> common_pb2.LifecycleEvent:
     return common_pb2.LifecycleEvent(
-        type="session.end", time=now(), org_id="org", session_id=session, session_key=f"key:{session}",
-        agent_id="agent", source="sessions-1",
+        type="session.end",
+        time=now(),
+        org_id="org",
+        session_id=session,
+        session_key=f"key:{session}",
+        agent_id="agent",
+        source="sessions-1",
         session_end=common_pb2.SessionEndData(reason=reason, message_count=4, duration_ms=1500),
     )
 
 
 def start_event(session: str = "s1") -> common_pb2.LifecycleEvent:
     return common_pb2.LifecycleEvent(
-        type="session.start", time=now(), org_id="org", session_id=session, session_key=f"key:{session}",
-        session_start=common_pb2.SessionStartData(reason=common_pb2.SESSION_START_REASON_RESUMED,
-                                                  resumed_from_session_id="s0"),
+        type="session.start",
+        time=now(),
+        org_id="org",
+        session_id=session,
+        session_key=f"key:{session}",
+        session_start=common_pb2.SessionStartData(
+            reason=common_pb2.SESSION_START_REASON_RESUMED, resumed_from_session_id="s0"
+        ),
     )
 
 
 def errors(hook_name: str, reason: str) -> float:
-    return REGISTRY.get_sample_value("runyard_hook_errors_total", {"hook": hook_name, "reason": reason}) or 0.0
+    return (
+        REGISTRY.get_sample_value("runyard_hook_errors_total", {"hook": hook_name, "reason": reason}) or 0.0
+    )
 
 
 def config_with(handlers: list[dict], **hooks: object):
@@ -82,7 +96,9 @@ def config_with(handlers: list[dict], **hooks: object):
 
     env = {"RUNYARD_HOOKS__HANDLERS": json.dumps(handlers), "RUNYARD_HOOKS__ENTRY_POINTS": "false"}
     for name, value in hooks.items():
-        env[f"RUNYARD_HOOKS__{name.upper()}"] = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+        env[f"RUNYARD_HOOKS__{name.upper()}"] = (
+            json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+        )
     return load_config(environ=env)
 
 
@@ -96,13 +112,25 @@ def entry_point(name: str, value: str) -> importlib.metadata.EntryPoint:
 def test_events_are_typed_dataclasses_not_dicts():
     end = from_proto(end_event())
     assert isinstance(end, SessionEnd)
-    assert (end.reason, end.message_count, end.duration_ms, end.session_key) == ("SHUTDOWN", 4, 1500, "key:s1")
+    assert (end.reason, end.message_count, end.duration_ms, end.session_key) == (
+        "SHUTDOWN",
+        4,
+        1500,
+        "key:s1",
+    )
     assert end.time.tzinfo is not None
     start = from_proto(start_event())
-    assert isinstance(start, SessionStart) and (start.reason, start.resumed_from_session_id) == ("RESUMED", "s0")
-    service = from_proto(common_pb2.LifecycleEvent(
-        type="service.shutdown", time=now(), service=common_pb2.ServiceLifecycleData(service="sessions", mode="restart")
-    ))
+    assert isinstance(start, SessionStart) and (start.reason, start.resumed_from_session_id) == (
+        "RESUMED",
+        "s0",
+    )
+    service = from_proto(
+        common_pb2.LifecycleEvent(
+            type="service.shutdown",
+            time=now(),
+            service=common_pb2.ServiceLifecycleData(service="sessions", mode="restart"),
+        )
+    )
     assert isinstance(service, ServiceEvent) and service.mode == "restart"
     with pytest.raises(AttributeError):
         end.reason = "x"  # type: ignore[misc]  # frozen
@@ -112,17 +140,22 @@ def test_events_are_typed_dataclasses_not_dicts():
 
 
 def test_dotted_paths_and_entry_points_load_with_their_events_and_timeouts():
-    config = load_config(environ={
-        "RUNYARD_HOOKS__HANDLERS": '[{"path": "tests.unit.test_hooks:record", "events": ["session.end"], '
-                                   '"timeout_ms": 1500}, {"path": "tests.unit.test_hooks.undecorated", '
-                                   '"events": ["session.start", "session.end"], "name": "plain"}]',
-        "RUNYARD_HOOKS__PLUGINS": '{"bare": {"events": ["service.shutdown"], "timeout_ms": 40}}',
-    })
-    handlers = load_handlers(config, entry_points=[
-        entry_point("memory", "tests.unit.test_hooks:decorated"),
-        entry_point("starts", "tests.unit.test_hooks:plugin_start"),
-        entry_point("bare", "tests.unit.test_hooks:undecorated"),
-    ])
+    config = load_config(
+        environ={
+            "RUNYARD_HOOKS__HANDLERS": '[{"path": "tests.unit.test_hooks:record", "events": ["session.end"], '
+            '"timeout_ms": 1500}, {"path": "tests.unit.test_hooks.undecorated", '
+            '"events": ["session.start", "session.end"], "name": "plain"}]',
+            "RUNYARD_HOOKS__PLUGINS": '{"bare": {"events": ["service.shutdown"], "timeout_ms": 40}}',
+        }
+    )
+    handlers = load_handlers(
+        config,
+        entry_points=[
+            entry_point("memory", "tests.unit.test_hooks:decorated"),
+            entry_point("starts", "tests.unit.test_hooks:plugin_start"),
+            entry_point("bare", "tests.unit.test_hooks:undecorated"),
+        ],
+    )
     summary = {h.name: (sorted(h.events), h.timeout_s, h.is_async) for h in handlers}
     assert summary == {
         "bare": (["service.shutdown"], 0.04, False),
@@ -136,14 +169,29 @@ def test_dotted_paths_and_entry_points_load_with_their_events_and_timeouts():
 @pytest.mark.parametrize(
     ("handlers", "path", "fragment"),
     [
-        ([{"path": "no_such_module_xyz:f", "events": ["session.end"]}], "hooks.handlers.0.path", "cannot import"),
-        ([{"path": "tests.unit.test_hooks:missing", "events": ["session.end"]}], "hooks.handlers.0.path",
-         "AttributeError"),
-        ([{"path": "tests.unit.test_hooks:NOT_CALLABLE", "events": ["session.end"]}], "hooks.handlers.0.path",
-         "not callable"),
-        ([{"path": "tests.unit.test_hooks:record", "events": ["session.end"]},
-          {"path": "tests.unit.test_hooks:record", "events": ["session.start"]}], "hooks.handlers.1.path",
-         "already configured"),
+        (
+            [{"path": "no_such_module_xyz:f", "events": ["session.end"]}],
+            "hooks.handlers.0.path",
+            "cannot import",
+        ),
+        (
+            [{"path": "tests.unit.test_hooks:missing", "events": ["session.end"]}],
+            "hooks.handlers.0.path",
+            "AttributeError",
+        ),
+        (
+            [{"path": "tests.unit.test_hooks:NOT_CALLABLE", "events": ["session.end"]}],
+            "hooks.handlers.0.path",
+            "not callable",
+        ),
+        (
+            [
+                {"path": "tests.unit.test_hooks:record", "events": ["session.end"]},
+                {"path": "tests.unit.test_hooks:record", "events": ["session.start"]},
+            ],
+            "hooks.handlers.1.path",
+            "already configured",
+        ),
     ],
 )
 def test_bad_handlers_are_refused_naming_the_config_path(handlers, path, fragment):
@@ -156,16 +204,32 @@ def test_bad_handlers_are_refused_naming_the_config_path(handlers, path, fragmen
 @pytest.mark.parametrize(
     ("handler", "path", "fragment"),
     [
-        ({"path": "tests.unit.test_hooks:record", "events": ["session.ended"]}, "hooks.handlers.0.events",
-         "unknown event name 'session.ended'"),
-        ({"path": "tests.unit.test_hooks:record", "events": ["run.completed"]}, "hooks.handlers.0.events",
-         "WatchEvents"),
+        (
+            {"path": "tests.unit.test_hooks:record", "events": ["session.ended"]},
+            "hooks.handlers.0.events",
+            "unknown event name 'session.ended'",
+        ),
+        (
+            {"path": "tests.unit.test_hooks:record", "events": ["run.completed"]},
+            "hooks.handlers.0.events",
+            "WatchEvents",
+        ),
         ({"path": "tests.unit.test_hooks:record", "events": []}, "hooks.handlers.0.events", "at least one"),
-        ({"path": "tests.unit.test_hooks:record", "events": ["session.end"], "timeout_ms": 0},
-         "hooks.handlers.0.timeout_ms", "greater than or equal to 1"),
-        ({"path": "tests.unit.test_hooks:record", "events": ["session.end"], "timeout_ms": "soon"},
-         "hooks.handlers.0.timeout_ms", "integer"),
-        ({"path": "not a path", "events": ["session.end"]}, "hooks.handlers.0.path", "package.module:function"),
+        (
+            {"path": "tests.unit.test_hooks:record", "events": ["session.end"], "timeout_ms": 0},
+            "hooks.handlers.0.timeout_ms",
+            "greater than or equal to 1",
+        ),
+        (
+            {"path": "tests.unit.test_hooks:record", "events": ["session.end"], "timeout_ms": "soon"},
+            "hooks.handlers.0.timeout_ms",
+            "integer",
+        ),
+        (
+            {"path": "not a path", "events": ["session.end"]},
+            "hooks.handlers.0.path",
+            "package.module:function",
+        ),
     ],
 )
 def test_bad_hook_settings_fail_config_validation_with_their_path(handler, path, fragment):
@@ -178,33 +242,53 @@ def test_bad_hook_settings_fail_config_validation_with_their_path(handler, path,
 def test_bad_entry_points_are_refused():
     config = load_config(environ={"RUNYARD_HOOKS__PLUGINS": '{"ghost": {"enabled": false}}'})
     with pytest.raises(ConfigError) as error:
-        load_handlers(config, entry_points=[
-            entry_point("broken", "no_such_module_xyz:thing"),
-            entry_point("quiet", "tests.unit.test_hooks:undecorated"),
-            entry_point("fine", "tests.unit.test_hooks:decorated"),
-        ])
+        load_handlers(
+            config,
+            entry_points=[
+                entry_point("broken", "no_such_module_xyz:thing"),
+                entry_point("quiet", "tests.unit.test_hooks:undecorated"),
+                entry_point("fine", "tests.unit.test_hooks:decorated"),
+            ],
+        )
     problems = dict(error.value.problems)
-    assert set(problems) == {"hooks.plugins.ghost", "entry point runyard.plugins:broken",
-                             "entry point runyard.plugins:quiet"}
+    assert set(problems) == {
+        "hooks.plugins.ghost",
+        "entry point runyard.plugins:broken",
+        "entry point runyard.plugins:quiet",
+    }
     assert "no installed plugin 'ghost'" in problems["hooks.plugins.ghost"]
     assert "declares no events" in problems["entry point runyard.plugins:quiet"]
     disabled = load_config(environ={"RUNYARD_HOOKS__PLUGINS": '{"broken": {"enabled": false}}'})
-    assert [h.name for h in load_handlers(disabled, entry_points=[
-        entry_point("broken", "no_such_module_xyz:thing"), entry_point("fine", "tests.unit.test_hooks:decorated"),
-    ])] == ["decorated"]
+    assert [
+        h.name
+        for h in load_handlers(
+            disabled,
+            entry_points=[
+                entry_point("broken", "no_such_module_xyz:thing"),
+                entry_point("fine", "tests.unit.test_hooks:decorated"),
+            ],
+        )
+    ] == ["decorated"]
 
 
 def test_the_service_refuses_to_start_with_a_bad_hook_and_names_the_path(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
-    env.update({
-        "RUNYARD_DATABASE_URL": "postgresql://127.0.0.1:1/none",
-        "RUNYARD_INTERNAL_SECRET": INTERNAL_SECRET,
-        "RUNYARD_RUN_TOKEN_PUBLIC_KEY": RUN_TOKEN_PUBLIC_KEY,
-        "RUNYARD_HOOKS__HANDLERS": '[{"path": "no_such_module_xyz:on_end", "events": ["session.end"]}]',
-    })
+    env.update(
+        {
+            "RUNYARD_DATABASE_URL": "postgresql://127.0.0.1:1/none",
+            "RUNYARD_INTERNAL_SECRET": INTERNAL_SECRET,
+            "RUNYARD_RUN_TOKEN_PUBLIC_KEY": RUN_TOKEN_PUBLIC_KEY,
+            "RUNYARD_HOOKS__HANDLERS": '[{"path": "no_such_module_xyz:on_end", "events": ["session.end"]}]',
+        }
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "runyard", "serve", "sessions"], env=env, capture_output=True, text=True,
-        timeout=30, cwd=ROOT, check=False,
+        [sys.executable, "-m", "runyard", "serve", "sessions"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
     )
     assert result.returncode == 2, result.stderr
     assert "hooks.handlers.0.path: cannot import 'no_such_module_xyz:on_end'" in result.stderr

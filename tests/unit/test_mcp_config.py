@@ -25,7 +25,10 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_stdio_and_http_servers_load_from_the_file(tmp_path: Path):
-    config = load_config(write(tmp_path, """
+    config = load_config(
+        write(
+            tmp_path,
+            """
 [agents.default]
 model = "echo/echo"
 
@@ -43,11 +46,16 @@ headers = { X-Team = "research" }
 env_headers = { X-Api-Key = "SEARCH_KEY" }
 allow = ["search", "fetch_*"]
 max_result_bytes = 4096
-"""), environ={})
+""",
+        ),
+        environ={},
+    )
     servers = config.agent("default").mcp_servers
     assert servers["files"].transport == "stdio" and servers["files"].args[-1] == "/srv/docs"
     assert servers["files"].call_timeout_ms == 5000 and servers["files"].startup_timeout_ms == 30_000
-    assert servers["search"].transport == "http" and servers["search"].env_headers == {"X-Api-Key": "SEARCH_KEY"}
+    assert servers["search"].transport == "http" and servers["search"].env_headers == {
+        "X-Api-Key": "SEARCH_KEY"
+    }
     assert servers["search"].environment_names == ["SEARCH_KEY"]
 
 
@@ -57,17 +65,42 @@ max_result_bytes = 4096
         ({"command": "x", "url": "http://h/mcp"}, "agents.default.mcp_servers.s", "exactly one of command"),
         ({}, "agents.default.mcp_servers.s", "exactly one of command"),
         ({"url": "ftp://h/mcp"}, "agents.default.mcp_servers.s", "http:// or https://"),
-        ({"url": "http://h/mcp", "args": ["-v"]}, "agents.default.mcp_servers.s", "args do not apply to an HTTP"),
-        ({"command": "x", "bearer_token_env": "T"}, "agents.default.mcp_servers.s", "do not apply to a stdio"),
-        ({"url": "http://h/", "headers": {"Authorization": "Bearer sk-live-123"}},
-         "agents.default.mcp_servers.s.headers", "carries a credential"),
-        ({"url": "http://h/", "env_headers": {"X-Key": "sk-live-123"}},
-         "agents.default.mcp_servers.s.env_headers", "name of an environment variable"),
-        ({"url": "http://h/", "bearer_token_env": "sk-live 123"},
-         "agents.default.mcp_servers.s.bearer_token_env", "name of an environment variable"),
-        ({"command": "x", "pass_env": ["NOT-A-NAME"]}, "agents.default.mcp_servers.s.pass_env", "names of environment"),
+        (
+            {"url": "http://h/mcp", "args": ["-v"]},
+            "agents.default.mcp_servers.s",
+            "args do not apply to an HTTP",
+        ),
+        (
+            {"command": "x", "bearer_token_env": "T"},
+            "agents.default.mcp_servers.s",
+            "do not apply to a stdio",
+        ),
+        (
+            {"url": "http://h/", "headers": {"Authorization": "Bearer sk-live-123"}},
+            "agents.default.mcp_servers.s.headers",
+            "carries a credential",
+        ),
+        (
+            {"url": "http://h/", "env_headers": {"X-Key": "sk-live-123"}},
+            "agents.default.mcp_servers.s.env_headers",
+            "name of an environment variable",
+        ),
+        (
+            {"url": "http://h/", "bearer_token_env": "sk-live 123"},
+            "agents.default.mcp_servers.s.bearer_token_env",
+            "name of an environment variable",
+        ),
+        (
+            {"command": "x", "pass_env": ["NOT-A-NAME"]},
+            "agents.default.mcp_servers.s.pass_env",
+            "names of environment",
+        ),
         ({"command": "x", "deny": [" "]}, "agents.default.mcp_servers.s.deny", "must not be empty"),
-        ({"command": "x", "call_timeout_ms": 0}, "agents.default.mcp_servers.s.call_timeout_ms", "greater than"),
+        (
+            {"command": "x", "call_timeout_ms": 0},
+            "agents.default.mcp_servers.s.call_timeout_ms",
+            "greater than",
+        ),
         ({"command": "x", "alow": ["a"]}, "agents.default.mcp_servers.s.alow", "did you mean 'allow'"),
     ],
 )
@@ -82,7 +115,11 @@ def test_a_bad_server_is_a_config_error_naming_the_field(server: dict, path: str
 
 @pytest.mark.parametrize("name", ["a__b", "_a", "a_", "a.b", "x" * 33])
 def test_server_names_must_make_clean_tool_prefixes(name: str):
-    env = {"RUNYARD_AGENTS": json.dumps({"default": {"model": "echo/echo", "mcp_servers": {name: {"command": "x"}}}})}
+    env = {
+        "RUNYARD_AGENTS": json.dumps(
+            {"default": {"model": "echo/echo", "mcp_servers": {name: {"command": "x"}}}}
+        )
+    }
     with pytest.raises(ConfigError) as error:
         load_config(environ=env)
     [(path, message)] = error.value.problems
@@ -104,15 +141,23 @@ def test_a_worker_without_the_variables_its_servers_name_does_not_start():
     config = load_config(environ=environ)
     problems = mcp_environment_problems(config, {"HOME_DIR": "/h", "WEB_ORG": "o"})
     assert problems == [
-        ("agents.default.mcp_servers.gh.pass_env", "environment variable GH_TOKEN is not set (the worker needs it)"),
-        ("agents.default.mcp_servers.web.bearer_token_env",
-         "environment variable WEB_TOKEN is not set (the worker needs it)"),
+        (
+            "agents.default.mcp_servers.gh.pass_env",
+            "environment variable GH_TOKEN is not set (the worker needs it)",
+        ),
+        (
+            "agents.default.mcp_servers.web.bearer_token_env",
+            "environment variable WEB_TOKEN is not set (the worker needs it)",
+        ),
     ]
     # `runyard serve worker` refuses to start with them listed (the other services do not care).
     with pytest.raises(ConfigError) as error:
         check_service_config(config, "worker")
     paths = [path for path, _ in error.value.problems]
-    assert "agents.default.mcp_servers.gh.pass_env" in paths and "agents.default.mcp_servers.off.pass_env" not in paths
+    assert (
+        "agents.default.mcp_servers.gh.pass_env" in paths
+        and "agents.default.mcp_servers.off.pass_env" not in paths
+    )
 
 
 def test_exposed_names_are_prefixed_safe_and_short():
@@ -129,21 +174,29 @@ def test_exposed_names_are_prefixed_safe_and_short():
 
 
 def test_a_result_reads_as_text_with_other_content_described():
-    result = mcp_t.CallToolResult(content=[
-        mcp_t.TextContent(type="text", text="first"),
-        mcp_t.ImageContent(type="image", data="aGVsbG8gd29ybGQh", mime_type="image/png"),
-        mcp_t.EmbeddedResource(type="resource", resource=mcp_t.TextResourceContents(uri="file:///a.txt", text="body")),
-        mcp_t.ResourceLink(type="resource_link", uri="file:///b.bin", name="b"),
-    ])
+    result = mcp_t.CallToolResult(
+        content=[
+            mcp_t.TextContent(type="text", text="first"),
+            mcp_t.ImageContent(type="image", data="aGVsbG8gd29ybGQh", mime_type="image/png"),
+            mcp_t.EmbeddedResource(
+                type="resource", resource=mcp_t.TextResourceContents(uri="file:///a.txt", text="body")
+            ),
+            mcp_t.ResourceLink(type="resource_link", uri="file:///b.bin", name="b"),
+        ]
+    )
     rendered = render_result(result, 10_000)
     assert not rendered.is_error
     assert rendered.content.split("\n\n") == [
-        "first", "[image image/png, about 12 bytes: not shown]", "[resource file:///a.txt]\nbody",
+        "first",
+        "[image image/png, about 12 bytes: not shown]",
+        "[resource file:///a.txt]\nbody",
         "[resource link file:///b.bin (b)]",
     ]
     structured = render_result(mcp_t.CallToolResult(content=[], structured_content={"n": 1}), 100)
     assert json.loads(structured.content) == {"n": 1}
-    failed = render_result(mcp_t.CallToolResult(content=[mcp_t.TextContent(type="text", text="no")], is_error=True), 100)
+    failed = render_result(
+        mcp_t.CallToolResult(content=[mcp_t.TextContent(type="text", text="no")], is_error=True), 100
+    )
     assert failed.is_error and failed.content == "no"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from runyard._proto.v1 import common_pb2, router_pb2
 from runyard.common.errors import Unavailable
 from runyard.router.service import coalesce_ready_deltas

@@ -16,10 +16,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
+
 from runyard._proto.v1 import gateway_pb2
 from runyard.common import metrics
 from runyard.common.server import REFLECTION_V1, ServiceServer
-
 from tests.stack import free_port
 
 GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -88,10 +88,16 @@ async def test_reflection_answers_in_v1_and_v1alpha(service):
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            (listed,) = await reflect(channel, service, reflection_pb2.ServerReflectionRequest(list_services=""))
+            (listed,) = await reflect(
+                channel, service, reflection_pb2.ServerReflectionRequest(list_services="")
+            )
             names = {s.name for s in listed.list_services_response.service}
-            assert {GATEWAY, "grpc.health.v1.Health", REFLECTION_V1,
-                    "grpc.reflection.v1alpha.ServerReflection"} <= names
+            assert {
+                GATEWAY,
+                "grpc.health.v1.Health",
+                REFLECTION_V1,
+                "grpc.reflection.v1alpha.ServerReflection",
+            } <= names
             for symbol in (GATEWAY, REFLECTION_V1):
                 (found,) = await reflect(
                     channel, service, reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
@@ -113,7 +119,9 @@ async def test_http_probes_follow_the_grpc_health_state_through_a_drain(http):
 
         await server.begin_shutdown()  # what SIGTERM does first
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            check = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            check = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
         assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert await http("/readyz") == (503, "NOT_SERVING\n")
         # Liveness stays up while draining: nothing restarts a process mid-drain.

@@ -44,9 +44,9 @@ providers = { local = 4 }
     assert concurrency_key(config, "local/small") == "provider:local"
     assert concurrency_key(config, "echo/echo") == "model:echo/echo"
     assert concurrency_key(config, "echo/other") == "default"
-    assert [slot_limit(config, k) for k in ("model:local/big", "provider:local", "model:echo/echo", "default")] == [
-        1, 4, 0, 3
-    ]
+    assert [
+        slot_limit(config, k) for k in ("model:local/big", "provider:local", "model:echo/echo", "default")
+    ] == [1, 4, 0, 3]
     defaults = load_config(environ={})
     assert defaults.tasks.concurrency.default == 5 and defaults.tasks.stale_after_s == 1800
 
@@ -69,8 +69,12 @@ tools = ["spawn_task", "rm_rf"]
     with pytest.raises(ConfigError) as bad:
         load_config(path, environ={})
     paths = {p for p, _ in bad.value.problems}
-    assert {"tasks.stale_after_s", "tasks.concurrency.default", "tasks.concurrency.models",
-            "agents.default.tools.1"} <= paths
+    assert {
+        "tasks.stale_after_s",
+        "tasks.concurrency.default",
+        "tasks.concurrency.models",
+        "agents.default.tools.1",
+    } <= paths
     path.write_text('[tasks.concurrency]\nproviders = { ghost = 2 }\nmodels = { "nowhere/x" = 1 }\n')
     with pytest.raises(ConfigError) as dangling:
         load_config(path, environ={})
@@ -116,7 +120,10 @@ def test_a_notification_names_each_task_and_says_when_all_are_complete():
     ]
     assert partial.metadata["all_complete"] == "false"
     assert partial.metadata["task_ids"] == f"{rows[0]['id']},{rows[1]['id']}"
-    assert final.content.splitlines()[-1] == "All background tasks are complete (3 tasks; 1 failed, 1 cancelled)."
+    assert (
+        final.content.splitlines()[-1]
+        == "All background tasks are complete (3 tasks; 1 failed, 1 cancelled)."
+    )
     assert final.metadata["all_complete"] == "true"
 
 
@@ -134,12 +141,18 @@ async def test_echo_calls_a_tool_when_asked_and_answers_tool_results_and_notific
     chunks = await _echo([user])
     assert [c.kind for c in chunks] == ["tool_call", "usage", "finish"]
     assert (chunks[0].tool_call.id, chunks[0].tool_call.name, chunks[0].tool_call.arguments_json) == (
-        "echo-call-1", "spawn_task", '{"prompt": "p"}'
+        "echo-call-1",
+        "spawn_task",
+        '{"prompt": "p"}',
     )
     assert chunks[-1].finish_reason == "tool_calls"
     # Without tools offered it is an ordinary message.
-    assert "".join(c.text for c in await _echo([user], tools=False)) == 'echo: /tool spawn_task {"prompt": "p"}'
-    result = common_pb2.Message(role=common_pb2.ROLE_TOOL, content='{"task_id": "t"}', tool_call_id="echo-call-1")
+    assert (
+        "".join(c.text for c in await _echo([user], tools=False)) == 'echo: /tool spawn_task {"prompt": "p"}'
+    )
+    result = common_pb2.Message(
+        role=common_pb2.ROLE_TOOL, content='{"task_id": "t"}', tool_call_id="echo-call-1"
+    )
     assert "".join(c.text for c in await _echo([user, result])) == 'echo: tool result: {"task_id": "t"}'
     note = common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content="Background task update: done")
     system = common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content="Be brief.")
@@ -148,16 +161,21 @@ async def test_echo_calls_a_tool_when_asked_and_answers_tool_results_and_notific
 
 
 def test_anthropic_keeps_a_notification_in_place_as_a_user_turn():
-    system, messages = anthropic_messages([
-        common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content="Be brief."),
-        common_pb2.Message(role=common_pb2.ROLE_USER, content="hi"),
-        common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="hello"),
-        common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content="Background task update: 1 task finished."),
-    ])
+    system, messages = anthropic_messages(
+        [
+            common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content="Be brief."),
+            common_pb2.Message(role=common_pb2.ROLE_USER, content="hi"),
+            common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="hello"),
+            common_pb2.Message(
+                role=common_pb2.ROLE_SYSTEM, content="Background task update: 1 task finished."
+            ),
+        ]
+    )
     assert system == "Be brief."
-    assert messages[-1] == {"role": "user", "content": [
-        {"type": "text", "text": "Background task update: 1 task finished."}
-    ]}
+    assert messages[-1] == {
+        "role": "user",
+        "content": [{"type": "text", "text": "Background task update: 1 task finished."}],
+    }
 
 
 # ---------------------------------------------------------------- the tools
@@ -178,7 +196,9 @@ async def test_tools_refuse_bad_arguments_without_calling_the_gateway():
     payload = common_pb2.RunPayload(run_id="r", run_token="t")
 
     async def run(name: str, arguments: str) -> tuple[str, bool]:
-        result = await tools.execute(payload, common_pb2.ToolCall(id="c", name=name, arguments_json=arguments), 1)
+        result = await tools.execute(
+            payload, common_pb2.ToolCall(id="c", name=name, arguments_json=arguments), 1
+        )
         return json.loads(result.content)["error"], result.is_error
 
     assert await run("spawn_task", "{not json") == (
@@ -188,17 +208,25 @@ async def test_tools_refuse_bad_arguments_without_calling_the_gateway():
     assert await run("spawn_task", "[1]") == ("arguments must be a JSON object", True)
     assert await run("spawn_task", '{"prompt": " "}') == ("'prompt' (a non-empty string) is required", True)
     assert await run("spawn_task", '{"prompt": "p", "max_tool_calls": -1}') == (
-        "'max_tool_calls' must be a whole number >= 0", True
+        "'max_tool_calls' must be a whole number >= 0",
+        True,
     )
     assert await run("task_output", "{}") == ("'task_id' (a string) is required", True)
-    assert await run("task_output", '{"task_id": "x", "wait_s": "soon"}') == ("'wait_s' must be a number >= 0", True)
+    assert await run("task_output", '{"task_id": "x", "wait_s": "soon"}') == (
+        "'wait_s' must be a number >= 0",
+        True,
+    )
     assert await run("rm", "{}") == ("unknown tool 'rm'; available: spawn_task, task_output", True)
 
 
 def test_tools_are_offered_by_agent_config_or_run_option():
-    config = load_config(environ={"RUNYARD_AGENTS__DEFAULT__TOOLS": '["task_output"]',
-                                  "RUNYARD_AGENTS__DEFAULT__MODEL": "echo/echo",
-                                  "RUNYARD_AGENTS__PLAIN__MODEL": "echo/echo"})
+    config = load_config(
+        environ={
+            "RUNYARD_AGENTS__DEFAULT__TOOLS": '["task_output"]',
+            "RUNYARD_AGENTS__DEFAULT__MODEL": "echo/echo",
+            "RUNYARD_AGENTS__PLAIN__MODEL": "echo/echo",
+        }
+    )
 
     def names(payload: common_pb2.RunPayload) -> list[str]:
         return [t.name for t in offered_tools(config, payload)]

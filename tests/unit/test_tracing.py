@@ -36,8 +36,12 @@ def test_off_by_default_and_without_an_endpoint(monkeypatch):
     with tracing.run_span(payload) as span:
         assert span is None
     assert tracing.configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"})
-    assert not tracing.configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_SDK_DISABLED": "true"})
-    assert not tracing.configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_TRACES_EXPORTER": "none"})
+    assert not tracing.configured(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_SDK_DISABLED": "true"}
+    )
+    assert not tracing.configured(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_TRACES_EXPORTER": "none"}
+    )
 
 
 def test_an_otlp_protocol_runyard_does_not_ship_is_refused_by_name(monkeypatch):
@@ -65,7 +69,9 @@ async def _handler(request: common_pb2.RunPayload, context: grpc.aio.ServicerCon
     return common_pb2.Run(id=request.run_id)
 
 
-async def _stream(request: common_pb2.RunPayload, context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.Run]:
+async def _stream(
+    request: common_pb2.RunPayload, context: grpc.aio.ServicerContext
+) -> AsyncIterator[common_pb2.Run]:
     for index in range(3):
         yield common_pb2.Run(id=f"{request.run_id}-{index}")
 
@@ -73,14 +79,25 @@ async def _stream(request: common_pb2.RunPayload, context: grpc.aio.ServicerCont
 @pytest.fixture
 async def traced_server(spans):
     server = ServiceServer("router", "127.0.0.1:0", [], shutdown_grace_s=0.1)
-    server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-        "Get": grpc.unary_unary_rpc_method_handler(
-            _handler, request_deserializer=common_pb2.RunPayload.FromString,
-            response_serializer=common_pb2.Run.SerializeToString),
-        "Watch": grpc.unary_stream_rpc_method_handler(
-            _stream, request_deserializer=common_pb2.RunPayload.FromString,
-            response_serializer=common_pb2.Run.SerializeToString),
-    }),))
+    server.server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                SERVICE,
+                {
+                    "Get": grpc.unary_unary_rpc_method_handler(
+                        _handler,
+                        request_deserializer=common_pb2.RunPayload.FromString,
+                        response_serializer=common_pb2.Run.SerializeToString,
+                    ),
+                    "Watch": grpc.unary_stream_rpc_method_handler(
+                        _stream,
+                        request_deserializer=common_pb2.RunPayload.FromString,
+                        response_serializer=common_pb2.Run.SerializeToString,
+                    ),
+                },
+            ),
+        )
+    )
     await server.start()
     channel = internal_channel(f"127.0.0.1:{server.port}")
     yield channel
@@ -90,8 +107,11 @@ async def traced_server(spans):
 
 def _call(channel: grpc.aio.Channel, method: str):
     make = channel.unary_stream if method == "Watch" else channel.unary_unary
-    return make(f"/{SERVICE}/{method}", request_serializer=common_pb2.RunPayload.SerializeToString,
-                response_deserializer=common_pb2.Run.FromString)
+    return make(
+        f"/{SERVICE}/{method}",
+        request_serializer=common_pb2.RunPayload.SerializeToString,
+        response_deserializer=common_pb2.Run.FromString,
+    )
 
 
 async def test_a_run_span_continues_the_queued_trace_across_grpc_with_ids_as_attributes(spans, traced_server):
@@ -112,8 +132,13 @@ async def test_a_run_span_continues_the_queued_trace_across_grpc_with_ids_as_att
         assert run_span is not None
         assert (await _call(traced_server, "Get")(common_pb2.RunPayload(run_id="run-1"))).id == "run-1"
         assert [r.id async for r in _call(traced_server, "Watch")(common_pb2.RunPayload(run_id="run-1"))] == [
-            "run-1-0", "run-1-1", "run-1-2"]
-    wanted = {(f"/{SERVICE}/{m}", kind) for m in ("Get", "Watch") for kind in (SpanKind.CLIENT, SpanKind.SERVER)}
+            "run-1-0",
+            "run-1-1",
+            "run-1-2",
+        ]
+    wanted = {
+        (f"/{SERVICE}/{m}", kind) for m in ("Get", "Watch") for kind in (SpanKind.CLIENT, SpanKind.SERVER)
+    }
     for _ in range(200):  # a stream's spans end from gRPC's done callbacks, a moment after the last read
         finished = {(s.name, s.kind): s for s in spans.get_finished_spans()}
         if wanted <= finished.keys():

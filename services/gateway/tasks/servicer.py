@@ -96,4 +96,3 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         task_id = parse_uuid(request.task_id, "task_id", what="task id")
         task = await self.manager.get(claims.org_id, task_id, parent_session_key=session_key)
         return tasks_pb2.TaskServiceGetTaskResponse(task=task)
-
