@@ -581,8 +581,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         """A completion: commit the run's messages (sessions) and end the run,
         with the run's row locked throughout, so a cancel or a requeue
         cannot slip in between. Returns (status, terminal event, seq)."""
-        async with self.store.pool.acquire() as conn, conn.transaction():
-            row = await self.store.lock(conn, run_id)
+        async with self.store.holding(run_id, result.epoch) as (conn, row):
             if row is None or row["status"] != "running" or row["epoch"] != result.epoch:
                 return "failed", b"", 0
             if row["cancel_requested"]:
