@@ -77,7 +77,7 @@ def generate(dest: Path) -> None:
         (dest / "__init__.py").write_text(PACKAGE_INIT)
         (v1 / "__init__.py").write_text(PACKAGE_INIT)
         outputs = [(Path(tmp) / "runyard" / "v1", v1, "runyard/v1")]
-        for directory, parts in VENDORED:
+        for _directory, parts in VENDORED:
             package = dest.joinpath(*parts)
             package.mkdir(parents=True)
             for level in range(1, len(parts) + 1):

@@ -324,7 +324,8 @@ class Stack:
         opts = self.options
         self.env = dict(os.environ)
         if opts.config_path:
-            self.env["RUNYARD_CONFIG"] = str(Path(opts.config_path).resolve())
+            # Before any service starts: nothing else runs on the loop yet.
+            self.env["RUNYARD_CONFIG"] = str(Path(opts.config_path).resolve())  # noqa: ASYNC240
         if opts.data_dir:
             self.env["RUNYARD_DATA_DIR"] = opts.data_dir
         config = load_config(opts.config_path, self.env)

@@ -141,7 +141,10 @@ async def test_dry_run_reports_exactly_what_the_real_run_removes_and_changes_not
     assert await fingerprint(store.pool) == before
 
     real, real_stats = await run(maintenance, dry_run=False)
-    key = lambda p: (names[uuid.UUID(p.session_id)], p.reason)
+
+    def key(p):
+        return names[uuid.UUID(p.session_id)], p.reason
+
     assert sorted(map(key, dry)) == sorted(map(key, real))
     assert dry_stats == real_stats
     # Idle: a0, a1, c0. Cap 4 of the remaining six of agent a (a2..a7): a2,

@@ -66,8 +66,9 @@ async def _insert_tasks(
         task_id = uuid.uuid4()
         await pool.execute(
             """
-            INSERT INTO gateway.tasks (id, org_id, parent_session_id, parent_session_key, parent_agent_id, depth,
-                session_id, session_key, agent_id, description, prompt, concurrency_key, status, progress_at)
+            INSERT INTO gateway.tasks (id, org_id, parent_session_id, parent_session_key,
+                parent_agent_id, depth, session_id, session_key, agent_id, description, prompt,
+                concurrency_key, status, progress_at)
             VALUES ($1, 'org', $2, 'parent', 'default', 1, $3, $4, 'default', $5, 'p', $6, 'pending', now())
             """,
             task_id,
@@ -199,7 +200,8 @@ async def test_news_of_a_reset_or_deleted_parent_is_dropped_even_before_it_was_b
     parent = uuid.uuid4()
     [ended, running] = await _insert_tasks(pool, 2, "default", parent=parent)
     await pool.execute(
-        "UPDATE gateway.tasks SET status = 'completed', ended_at = now(), notify_state = 'pending' WHERE id = $1",
+        "UPDATE gateway.tasks SET status = 'completed', ended_at = now(), notify_state = 'pending' "
+        "WHERE id = $1",
         ended,
     )
     assert await manager.session_ended("org", [str(parent)], "RESET") == 1

@@ -374,7 +374,8 @@ async def test_a_waiting_run_holds_its_session_times_out_or_is_cancelled(
                 [e async for e in client.send("tools:bad", "hi", client_tools=tools)]
             assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, reason)
 
-    # `runyard send --demo-tools`: the CLI answers the calculator call on this machine (echo calls a tool on /tool).
+    # `runyard send --demo-tools`: the CLI answers the calculator call on this
+    # machine (echo calls a tool on /tool).
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNYARD_")}
     cli = await asyncio.create_subprocess_exec(
         sys.executable,

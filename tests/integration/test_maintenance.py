@@ -68,16 +68,19 @@ async def test_prune_dry_run_changes_nothing_then_prunes_and_caps(stack_factory)
         # m:0, m:1 idle for a day (m:0 still active in memory: its activation is open);
         # m:2..m:7 ordered by activity, only m:7 with an open activation.
         await conn.execute(
-            "UPDATE sessions.sessions SET last_active_at = now() - interval '1 day' WHERE key IN ('m:0', 'm:1')"
+            "UPDATE sessions.sessions SET last_active_at = now() - interval '1 day' "
+            "WHERE key IN ('m:0', 'm:1')"
         )
         for rank in range(2, 8):
             await conn.execute(
-                "UPDATE sessions.sessions SET last_active_at = now() - make_interval(mins => $2) WHERE key = $1",
+                "UPDATE sessions.sessions SET last_active_at = now() - make_interval(mins => $2) "
+                "WHERE key = $1",
                 f"m:{rank}",
                 60 - rank,
             )
         await conn.execute(
-            "UPDATE sessions.activations a SET ended_at = now(), end_reason = 'IDLE' FROM sessions.sessions s "
+            "UPDATE sessions.activations a SET ended_at = now(), end_reason = 'IDLE' "
+            "FROM sessions.sessions s "
             "WHERE s.id = a.session_id AND s.key NOT IN ('m:0', 'm:7') AND a.ended_at IS NULL"
         )
     finally:
@@ -129,7 +132,8 @@ async def test_scheduled_maintenance_runs_by_itself(stack_factory):
     conn = await asyncpg.connect(stack.database_url)
     try:
         await conn.execute(
-            "UPDATE sessions.sessions SET last_active_at = now() - interval '2 hours' WHERE key IN ('sched:0', 'sched:1')"
+            "UPDATE sessions.sessions SET last_active_at = now() - interval '2 hours' "
+            "WHERE key IN ('sched:0', 'sched:1')"
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

@@ -555,7 +555,8 @@ async def test_stale_and_queue_ttls_end_tasks_with_a_message_that_says_which(
     assert busy.status == TASK_STATUS_COMPLETED  # it streamed all along: never stale
     assert queued.status == TASK_STATUS_ERROR and queued.error.reason == "TASK_QUEUE_TTL_EXPIRED"
     assert queued.error.message == (
-        "the task waited 1 s for a free 'model:echo/echo' slot without starting (tasks.queue_ttl_s); it never ran"
+        "the task waited 1 s for a free 'model:echo/echo' slot without starting (tasks.queue_ttl_s); "
+        "it never ran"
     )
     assert 0.9 < seconds(queued.end_time) - seconds(queued.create_time) < 3.0
     assert queued.run_id == "" and queued.attempt == 0

@@ -117,7 +117,9 @@ def test_the_calculator_computes_exactly_and_refuses_anything_else():
 
 
 def test_demo_tool_answers_and_errors():
-    noon = lambda: dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+    def noon():
+        return dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+
     clock = answer(
         common_pb2.ToolCall(id="1", name="clock", arguments_json='{"tz": "Asia/Tokyo"}'), clock=noon
     )

@@ -80,7 +80,9 @@ tools = ["spawn_task", "rm_rf"]
         load_config(path, environ={})
     assert dict(dangling.value.problems) == {
         "tasks.concurrency.providers.ghost": "provider 'ghost' is not configured (known: echo)",
-        "tasks.concurrency.models.nowhere/x": "model 'nowhere/x' names a provider that is not configured (known: echo)",
+        "tasks.concurrency.models.nowhere/x": (
+            "model 'nowhere/x' names a provider that is not configured (known: echo)"
+        ),
     }
 
 
@@ -88,8 +90,14 @@ tools = ["spawn_task", "rm_rf"]
 
 
 def test_notices_that_differ_only_in_numbers_ids_case_or_spacing_normalise_alike():
-    a = "fa/a -> fb/b (RATE_LIMIT): Rate limited, retry after 2.5 s (request 1f0e4c1a-0b8e-4a49-9d1a-3c2b1a0f9e8d)"
-    b = "fa/a -> fb/b (RATE_LIMIT):  rate limited, retry after 30 s (request 7a1c2b3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d)"
+    a = (
+        "fa/a -> fb/b (RATE_LIMIT): Rate limited, retry after 2.5 s "
+        "(request 1f0e4c1a-0b8e-4a49-9d1a-3c2b1a0f9e8d)"
+    )
+    b = (
+        "fa/a -> fb/b (RATE_LIMIT):  rate limited, retry after 30 s "
+        "(request 7a1c2b3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d)"
+    )
     assert normalise_notice(a) == normalise_notice(b)
     assert normalise_notice(a) != normalise_notice("fa/a -> fb/b (OVERLOADED): overloaded")
 
@@ -202,7 +210,8 @@ async def test_tools_refuse_bad_arguments_without_calling_the_gateway():
         return json.loads(result.content)["error"], result.is_error
 
     assert await run("spawn_task", "{not json") == (
-        "arguments are not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+        "arguments are not valid JSON: "
+        "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
         True,
     )
     assert await run("spawn_task", "[1]") == ("arguments must be a JSON object", True)
