@@ -43,6 +43,7 @@ from runyard._proto.v1 import common_pb2
 from runyard.common import metrics
 from runyard.common.errors import Unavailable
 from runyard.common.faults import transient_database_error
+from runyard.gateway.run_status import TERMINAL
 from runyard.gateway.runs import EVENTS_CHANNEL, EventChunk, RunStore, encode_batch
 from runyard.gateway.tool_events import TOOL_EVENT_KINDS, tool_lifecycle
 
@@ -59,7 +60,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TERMINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
+#: ``RunEvent`` oneof members that end a run's stream: named after the
+#: run's terminal statuses.
+TERMINAL_EVENTS: frozenset[str] = frozenset(TERMINAL)
 #: Events a run may publish from memory beyond what is persisted. A lapsed
 #: run's requeue writes this many empty deltas to cover what a dead gateway
 #: may have published (RunStore.requeue).

@@ -39,6 +39,7 @@ from runyard.common.errors import (
 from runyard.common.faults import retry_transient, transient_database_error
 from runyard.common.server import settle_before_reject
 from runyard.gateway.events import PUBLISH_WINDOW, RunLog
+from runyard.gateway.run_status import TERMINAL, RunStatus
 from runyard.gateway.runs import CANCEL_CHANNEL, QUEUE_CHANNEL, Claim, RunStore, event_bytes
 
 if TYPE_CHECKING:
@@ -534,9 +535,9 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             await self.runlog.flush([run_id])
             rows = await self.store.requeue([(run_id, result.epoch)], count_attempt=False)
             return True, "released" if rows else "stale: not running at this epoch"
-        if outcome == "requires_action" and self.tools is not None:
+        if outcome == RunStatus.REQUIRES_ACTION and self.tools is not None:
             return await self.tools.pause(run_id, state, result)
-        if outcome not in ("completed", "failed", "cancelled"):
+        if outcome not in TERMINAL:  # the outcomes that end a run are named after its status
             return False, f"unknown outcome {outcome!r}"
         pending = await self.runlog.begin_finish(run_id, result.epoch)
         finish: dict[str, object] = {
@@ -546,15 +547,15 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             "expected_last_seq": pending.expected_last_seq if pending is not None else None,
         }
         try:
-            if outcome == "completed":
+            if outcome == RunStatus.COMPLETED:
                 status, event, seq = await self._complete(run_id, state, result, finish)
-            elif outcome == "failed":
-                status, event = "failed", event_bytes(failed=result.failed)
+            elif outcome == RunStatus.FAILED:
+                status, event = RunStatus.FAILED, event_bytes(failed=result.failed)
                 seq = await self.store.finish(
                     self.store.pool, run_id, status=status, event=event, error=result.failed.error, **finish
                 )
             else:
-                status, event = "cancelled", event_bytes(cancelled=result.cancelled)
+                status, event = RunStatus.CANCELLED, event_bytes(cancelled=result.cancelled)
                 seq = await self.store.finish(self.store.pool, run_id, status=status, event=event, **finish)
         except BaseException:
             self.runlog.abort_finish(run_id)
@@ -577,18 +578,18 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         state: RunState,
         result: worker_hub_pb2.WorkerRunResult,
         finish: dict[str, object],
-    ) -> tuple[str, bytes, int]:
+    ) -> tuple[RunStatus, bytes, int]:
         """A completion: commit the run's messages (sessions) and end the run,
         with the run's row locked throughout, so a cancel or a requeue
         cannot slip in between. Returns (status, terminal event, seq)."""
         async with self.store.holding(run_id, result.epoch) as (conn, row):
-            if row is None or row["status"] != "running" or row["epoch"] != result.epoch:
-                return "failed", b"", 0
+            if row is None or row["status"] != RunStatus.RUNNING or row["epoch"] != result.epoch:
+                return RunStatus.FAILED, b"", 0
             if row["cancel_requested"]:
                 cancelled = common_pb2.RunCancelled(reason=row["cancel_reason"] or "cancelled")
                 event = event_bytes(cancelled=cancelled)
-                seq = await self.store.finish(conn, run_id, status="cancelled", event=event, **finish)
-                return "cancelled", event, seq
+                seq = await self.store.finish(conn, run_id, status=RunStatus.CANCELLED, event=event, **finish)
+                return RunStatus.CANCELLED, event, seq
             error: common_pb2.RunError | None = None
             relayed: list[common_pb2.LifecycleEvent] = []
             turn: int | None = None
@@ -617,15 +618,15 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             if error is not None:
                 event = event_bytes(failed=common_pb2.RunFailed(error=error))
                 seq = await self.store.finish(
-                    conn, run_id, status="failed", event=event, error=error, **finish
+                    conn, run_id, status=RunStatus.FAILED, event=event, error=error, **finish
                 )
-                return "failed", event, seq
+                return RunStatus.FAILED, event, seq
             completed = result.completed
             event = event_bytes(completed=completed)
             seq = await self.store.finish(
                 conn,
                 run_id,
-                status="completed",
+                status=RunStatus.COMPLETED,
                 event=event,
                 model=completed.model,
                 usage=completed.usage,
@@ -633,7 +634,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
                 transcript_turn=turn,
                 **finish,
             )
-            return "completed", event, seq
+            return RunStatus.COMPLETED, event, seq
 
     async def drain(self) -> None:
         """Tell every worker this gateway is going away (they re-attach elsewhere)."""

@@ -40,6 +40,7 @@ from runyard.common import metrics
 from runyard.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from runyard.common.pagination import decode_time_cursor, page_size, time_cursor_page
 from runyard.common.protoutil import now, timestamp
+from runyard.gateway.run_status import TO_PROTO, RunStatus
 from runyard.gateway.tool_events import tool_lifecycle
 from runyard.gateway.watch import OUTBOX, emit_run_events, fetch_with_events, run_events
 
@@ -51,7 +52,6 @@ __all__ = [
     "Claim",
     "EventChunk",
     "RunStore",
-    "TERMINAL",
     "decode_batch",
     "encode_batch",
     "event_bytes",
@@ -62,15 +62,6 @@ QUEUE_CHANNEL = "runyard_runs"
 EVENTS_CHANNEL = "runyard_run_events"
 CANCEL_CHANNEL = "runyard_run_cancel"
 
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
-_STATUS = {
-    "queued": common_pb2.RUN_STATUS_QUEUED,
-    "running": common_pb2.RUN_STATUS_RUNNING,
-    "completed": common_pb2.RUN_STATUS_COMPLETED,
-    "failed": common_pb2.RUN_STATUS_FAILED,
-    "cancelled": common_pb2.RUN_STATUS_CANCELLED,
-    "requires_action": common_pb2.RUN_STATUS_REQUIRES_ACTION,
-}
 _STRATEGY_NAMES = {
     value: name.removeprefix("MULTITASK_STRATEGY_") for name, value in common_pb2.MultitaskStrategy.items()
 }
@@ -239,7 +230,7 @@ def run_proto(row: asyncpg.Record) -> common_pb2.Run:
         session_id=str(row["session_id"]),
         session_key=row["session_key"],
         agent_id=row["agent_id"],
-        status=_STATUS[row["status"]],
+        status=TO_PROTO[row["status"]],
         create_time=timestamp(row["created_at"]),
         attempt=row["attempt"],
         idempotency_key=row["idempotency_key"] or "",
@@ -416,7 +407,7 @@ class RunStore:
                         (
                             r
                             for r in active
-                            if r["status"] == "queued" and r["multitask_strategy"] == "COLLECT"
+                            if r["status"] == RunStatus.QUEUED and r["multitask_strategy"] == "COLLECT"
                         ),
                         None,
                     )
@@ -493,7 +484,12 @@ class RunStore:
             if tag == "SELECT 1":
                 yield (
                     conn,
-                    {"status": "running", "epoch": epoch, "cancel_requested": False, "cancel_reason": None},
+                    {
+                        "status": RunStatus.RUNNING,
+                        "epoch": epoch,
+                        "cancel_requested": False,
+                        "cancel_reason": None,
+                    },
                 )
             else:
                 yield conn, await self.lock(conn, run_id)
@@ -522,10 +518,16 @@ class RunStore:
             "task_id": payload.task_id or None,
             "created_at": stamp,
         }
-        lifecycle = list(relayed) + run_events({**info, "status": "queued"}, source=self.gateway_id)
+        lifecycle = list(relayed) + run_events({**info, "status": RunStatus.QUEUED}, source=self.gateway_id)
         if claim_for is not None:
             lifecycle += run_events(
-                {**info, "status": "running", "attempt": 1, "first_claimed_at": stamp, "started_at": stamp},
+                {
+                    **info,
+                    "status": RunStatus.RUNNING,
+                    "attempt": 1,
+                    "first_claimed_at": stamp,
+                    "started_at": stamp,
+                },
                 source=self.gateway_id,
             )
         sources = ["sessions"] * len(relayed) + [""] * (len(lifecycle) - len(relayed))
@@ -615,10 +617,10 @@ class RunStore:
             list(run_ids),
         )
         await emit_run_events(
-            conn, [{**dict(r), "status": "cancelled"} for r in dropped], source=self.gateway_id
+            conn, [{**dict(r), "status": RunStatus.CANCELLED} for r in dropped], source=self.gateway_id
         )
         if dropped:
-            metrics.RUNS_TOTAL.labels("cancelled").inc(len(dropped))
+            metrics.RUNS_TOTAL.labels(RunStatus.CANCELLED).inc(len(dropped))
         await conn.execute(
             f"""
             WITH q AS (
@@ -830,10 +832,10 @@ class RunStore:
             fill,
             fillers,
             source=self.gateway_id,
-            statuses=("failed", "cancelled"),
+            statuses=(RunStatus.FAILED, RunStatus.CANCELLED),
         )
         for row in rows:
-            if row["status"] != "queued":
+            if row["status"] != RunStatus.QUEUED:
                 metrics.RUNS_TOTAL.labels(row["status"]).inc()
         return list(rows)
 
@@ -881,7 +883,7 @@ class RunStore:
         conn: asyncpg.Connection | asyncpg.Pool,
         run_id: uuid.UUID,
         *,
-        status: str,
+        status: RunStatus,
         event: bytes,
         model: str = "",
         usage: common_pb2.Usage | None = None,
@@ -988,10 +990,10 @@ class RunStore:
             )
             if row is None:
                 raise NotFound(f"run {run_id} not found", reason="RUN_NOT_FOUND", field="run_id")
-            if row["status"] in ("queued", "requires_action"):  # no worker holds it
-                if await self.finish(conn, run_id, status="cancelled", event=cancelled):
-                    metrics.RUNS_TOTAL.labels("cancelled").inc()
-            elif row["status"] == "running":
+            if row["status"] in (RunStatus.QUEUED, RunStatus.REQUIRES_ACTION):  # no worker holds it
+                if await self.finish(conn, run_id, status=RunStatus.CANCELLED, event=cancelled):
+                    metrics.RUNS_TOTAL.labels(RunStatus.CANCELLED).inc()
+            elif row["status"] == RunStatus.RUNNING:
                 await conn.execute(
                     "UPDATE gateway.runs SET cancel_requested = true, cancel_reason = $2 WHERE id = $1",
                     run_id,

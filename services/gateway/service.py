@@ -38,7 +38,8 @@ from runyard.common.server import settle_before_reject
 from runyard.gateway.auth import Authenticator, Principal
 from runyard.gateway.events import PUBLISH_WINDOW, Broker, RunLog, Subscription, follow
 from runyard.gateway.hub import Dispatcher, WorkerConn
-from runyard.gateway.runs import TERMINAL, Claim, RunStore, request_hash, run_proto
+from runyard.gateway.run_status import TERMINAL, RunStatus
+from runyard.gateway.runs import Claim, RunStore, request_hash, run_proto
 from runyard.gateway.tasks import SpawnRequest, TaskManager
 from runyard.gateway.tool_results import ToolResults, check_client_tools
 
@@ -275,7 +276,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 row, created = await self._insert(
                     principal, payload, fingerprint, strategy, context, worker, resolved
                 )
-                if created and row["status"] == "running":
+                if created and row["status"] == RunStatus.RUNNING:
                     await self.dispatcher.assign(
                         worker, Claim.from_row(row), payload, transcript=_current_transcript(resolved, row)
                     )
@@ -285,7 +286,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         finally:
             if worker is not None:
                 self.dispatcher.unreserve(worker)
-        if not created or row["status"] == "queued":
+        if not created or row["status"] == RunStatus.QUEUED:
             self.dispatcher.wake()
         if not created or row["id"] != run_id:
             self.broker.unsubscribe(run_id, subscription)
@@ -331,7 +332,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             not created
             and worker is not None
             and row["id"] == uuid.UUID(payload.run_id)
-            and row["status"] == "running"
+            and row["status"] == RunStatus.RUNNING
             and row["worker_id"] == worker.worker_id
         ):
             await self.store.requeue([(row["id"], row["epoch"])], count_attempt=False)
@@ -526,7 +527,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         principal.require("chat")
         run_id = parse_uuid(request.run_id, "run_id", what="run id")
         row = await self.store.cancel(principal.org_id, run_id, request.reason)
-        if row["status"] == "running":
+        if row["status"] == RunStatus.RUNNING:
             self.dispatcher.cancel_local(run_id)
         return run_proto(row)
 

@@ -60,7 +60,8 @@ from runyard.common.errors import FailedPrecondition, InvalidArgument
 from runyard.common.faults import retry_transient, transient_database_error
 from runyard.common.protoutil import parse_uuid, timestamp
 from runyard.gateway.events import RunLog
-from runyard.gateway.runs import TERMINAL, RunStore, event_bytes, run_proto
+from runyard.gateway.run_status import TERMINAL, RunStatus
+from runyard.gateway.runs import RunStore, event_bytes, run_proto
 
 __all__ = ["BUILTIN_TOOL_NAMES", "MAX_CLIENT_TOOLS", "ToolResults", "check_client_tools"]
 
@@ -202,14 +203,14 @@ class ToolResults:
         pending = await self.runlog.begin_finish(run_id, epoch)
         raws = pending.raws if pending is not None else []
         expected = pending.expected_last_seq if pending is not None else None
-        status = "requires_action"
+        status = RunStatus.REQUIRES_ACTION
         try:
             async with self.store.pool.acquire() as conn, conn.transaction():
                 row = await self.store.lock(conn, run_id)
-                if row is None or row["status"] != "running" or row["epoch"] != epoch:
+                if row is None or row["status"] != RunStatus.RUNNING or row["epoch"] != epoch:
                     seq = 0
                 elif row["cancel_requested"]:
-                    status = "cancelled"
+                    status = RunStatus.CANCELLED
                     event = event_bytes(
                         cancelled=common_pb2.RunCancelled(reason=row["cancel_reason"] or "cancelled")
                     )
@@ -246,8 +247,8 @@ class ToolResults:
         announced.session_id = str(getattr(state, "session_id", ""))
         announced.seq = seq
         self.runlog.finished(run_id, announced)
-        if status == "cancelled":
-            metrics.RUNS_TOTAL.labels("cancelled").inc()
+        if status == RunStatus.CANCELLED:
+            metrics.RUNS_TOTAL.labels(RunStatus.CANCELLED).inc()
         else:
             log.info("run %s waits for %d client tool result(s)", run_id, len(continuation.pending))
         return True, status
@@ -302,7 +303,7 @@ class ToolResults:
                 continuation.ParseFromString(row["continuation"])
             answered = {r.tool_call_id: r for r in continuation.results}
             status = row["status"]
-            if status != "requires_action":
+            if status != RunStatus.REQUIRES_ACTION:
                 if all(self._same(answered.get(o.tool_call_id), o) for o in outputs):
                     return self._run(row, None), False  # a repeat of results already recorded
                 name = status.upper()
@@ -388,7 +389,7 @@ class ToolResults:
     @staticmethod
     def _run(row: asyncpg.Record, continuation: worker_hub_pb2.RunContinuation | None) -> common_pb2.Run:
         run = run_proto(row)
-        if row["status"] == "requires_action" and continuation is not None:
+        if row["status"] == RunStatus.REQUIRES_ACTION and continuation is not None:
             run.requires_action.tool_calls.extend(_unanswered(continuation))
             if row["action_expires_at"] is not None:
                 run.requires_action.expire_time.CopyFrom(timestamp(row["action_expires_at"]))
@@ -435,11 +436,13 @@ class ToolResults:
                     metadata={"tool_call_ids": ",".join(c.id for c in missing)},
                 )
                 event = event_bytes(failed=common_pb2.RunFailed(error=error))
-                if await self.store.finish(conn, row["id"], status="failed", event=event, error=error):
+                if await self.store.finish(
+                    conn, row["id"], status=RunStatus.FAILED, event=event, error=error
+                ):
                     ended += 1
                     log.info("run %s failed: no client tool results in time", row["id"])
         if ended:
-            metrics.RUNS_TOTAL.labels("failed").inc(ended)
+            metrics.RUNS_TOTAL.labels(RunStatus.FAILED).inc(ended)
             self.wake()  # the session's next run may start
         return ended
 

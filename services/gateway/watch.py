@@ -50,6 +50,7 @@ from runyard.common.errors import InvalidArgument, RunyardError, Unavailable
 from runyard.common.outbox import HORIZON_SQL, Outbox, xid_of
 from runyard.common.protoutil import now
 from runyard.common.runtime import database_url
+from runyard.gateway.run_status import TO_PROTO, RunStatus
 
 __all__ = [
     "EVENTS_CHANNEL",
@@ -80,14 +81,6 @@ _HORIZON_RETRY_S = 0.005
 _RETRY_UNIMPLEMENTED_S = 60.0
 
 # ---------------------------------------------------------------- the gateway's own events
-
-_RUN_STATUS = {
-    "queued": common_pb2.RUN_STATUS_QUEUED,
-    "running": common_pb2.RUN_STATUS_RUNNING,
-    "completed": common_pb2.RUN_STATUS_COMPLETED,
-    "failed": common_pb2.RUN_STATUS_FAILED,
-    "cancelled": common_pb2.RUN_STATUS_CANCELLED,
-}
 
 
 def _ms(delta: Any) -> int:
@@ -133,7 +126,9 @@ def run_events(
         "source": source,
     }
     data = common_pb2.RunLifecycleData(
-        status=_RUN_STATUS.get(status, 0), model=get("model", ""), attempt=get("attempt", 0)
+        status=TO_PROTO.get(status, common_pb2.RUN_STATUS_UNSPECIFIED),
+        model=get("model", ""),
+        attempt=get("attempt", 0),
     )
     if get("error") is not None:
         data.error.ParseFromString(bytes(row["error"]))
@@ -148,7 +143,7 @@ def run_events(
     if started is not None and ended is not None:
         data.duration_ms = _ms(ended - started)
     events: list[common_pb2.LifecycleEvent] = []
-    if status == "queued":
+    if status == RunStatus.QUEUED:
         events.append(common_pb2.LifecycleEvent(type="run.queued", run=data, **base))
         length = len(get("input_text", "")) if message_length is None else message_length
         events.append(
@@ -158,9 +153,9 @@ def run_events(
                 **base,
             )
         )
-    elif status == "running":
+    elif status == RunStatus.RUNNING:
         events.append(common_pb2.LifecycleEvent(type="run.started", run=data, **base))
-    elif status == "completed":
+    elif status == RunStatus.COMPLETED:
         events.append(common_pb2.LifecycleEvent(type="run.completed", run=data, **base))
         length = 0
         if run_event:
@@ -173,8 +168,8 @@ def run_events(
                 **base,
             )
         )
-    elif status in ("failed", "cancelled"):
-        if status == "cancelled" and not data.HasField("error"):
+    elif status in (RunStatus.FAILED, RunStatus.CANCELLED):
+        if status == RunStatus.CANCELLED and not data.HasField("error"):
             data.error.CopyFrom(
                 common_pb2.RunError(code="CANCELLED", reason="CANCELLED", message="run cancelled")
             )

@@ -8,7 +8,7 @@ How a request is served:
 
 1. **Selection** (:meth:`Router.select`): the request's model override, else
    the model the agent maps to the request's task class (from the request or
-   the :class:`~runyard.router.task_classifier.TaskClassifier`), else the
+   the :class:`~runyard.router.request_classes.RequestClassifier`), else the
    agent's primary; the agent's chain follows.
 2. **Pick** (:meth:`Router._pick`): the first candidate with an auth profile
    that is not cooling down (the session's pinned profile, else the least
@@ -53,7 +53,6 @@ from runyard._proto.v1 import common_pb2, router_pb2
 from runyard.common import metrics
 from runyard.common.config import AgentConfig, Config
 from runyard.common.errors import DeadlineExceeded, FailedPrecondition, NotFound, RunyardError, Unavailable
-from runyard.router.classify import Classification, Reason, classify
 from runyard.router.cooldowns import (
     DISABLED,
     OK,
@@ -63,10 +62,11 @@ from runyard.router.cooldowns import (
     Failure,
     fill_cooldown,
 )
-from runyard.router.policy import Decision, policy_for
+from runyard.router.failures import Classification, FailoverReason, classify_failure
+from runyard.router.policy import RETRIES, SWITCHES, Decision, policy_for
 from runyard.router.profiles import AuthProfile, AuthProfiles
 from runyard.router.providers import Chunk, Provider, ProviderError, Request, build_provider
-from runyard.router.task_classifier import TaskClassifier
+from runyard.router.request_classes import RequestClassifier
 
 __all__ = ["Candidate", "Router", "Selection", "StatusRow", "failover_reason_value"]
 
@@ -119,7 +119,7 @@ class StatusRow:
 
 
 #: Failures that condemn the credential, not the model or the moment.
-_KEY_REASONS = frozenset({Reason.AUTH, Reason.AUTH_PERMANENT, Reason.BILLING})
+_KEY_REASONS = frozenset({FailoverReason.AUTH, FailoverReason.AUTH_PERMANENT, FailoverReason.BILLING})
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,7 +376,7 @@ class Router:
             for name, pc in config.providers.items()
         }
         self.profiles = AuthProfiles(config.providers)
-        self.classifier = TaskClassifier(config.classifier)
+        self.classifier = RequestClassifier(config.classifier)
         self.ttft_timeout_s = cfg.ttft_timeout_ms / 1000
         self.idle_timeout_s = cfg.idle_timeout_ms / 1000
         self.request_timeout_s = cfg.request_timeout_ms / 1000
@@ -552,7 +552,7 @@ class Router:
         name, blocking = best
         return _Outcome(
             candidate.ref,
-            blocking.last_reason or Reason.UNKNOWN,
+            blocking.last_reason or FailoverReason.UNKNOWN,
             blocking.last_message,
             blocking.until,
             blocking.health_at(now) == DISABLED,
@@ -725,7 +725,7 @@ class Router:
                     async for response in served:
                         yield response
             except DeadlineExceeded:
-                metrics.ROUTER_ABORTS_TOTAL.labels(Reason.TIMEOUT, Decision.DEADLINE).inc()
+                metrics.ROUTER_ABORTS_TOTAL.labels(FailoverReason.TIMEOUT, Decision.DEADLINE).inc()
                 raise
             if state.succeeded:
                 return
@@ -782,7 +782,7 @@ class Router:
                 else:
                     self._decide(failure, state, Decision.ABORT)
                 raise self._abort_error(failure, state)
-            decision = chain_name
+            decision = Decision(chain_name)
         self._cool(failure, state)
         try:
             nxt = self._pick(remaining, state)
@@ -1144,7 +1144,7 @@ class Router:
         probe: bool,
     ) -> _AttemptFailed:
         exc.redact(profile.api_key())  # some providers quote the key they refused
-        verdict = classify(exc, candidate.model)
+        verdict = classify_failure(exc, candidate.model)
         log.warning(
             "%s (auth profile %s) failed: %s [%s] %s",
             candidate.ref,
@@ -1203,7 +1203,7 @@ class Router:
         self,
         failure: _AttemptFailed,
         state: _State,
-        decision: str,
+        decision: Decision,
         *,
         to_model: str = "",
         to_profile: str = "",
@@ -1212,9 +1212,9 @@ class Router:
         self._cool(failure, state)
         reason = failure.verdict.reason
         metrics.ROUTER_DECISIONS_TOTAL.labels(reason, decision).inc()
-        if decision in Decision.SWITCHES:
+        if decision in SWITCHES:
             metrics.FAILOVERS_TOTAL.labels(reason).inc()
-        elif decision in Decision.RETRIES:
+        elif decision in RETRIES:
             kind = "same_model" if decision == Decision.RETRY_SAME_MODEL else "auth_profile"
             metrics.ROUTER_RETRIES_TOTAL.labels(reason, kind).inc()
         else:
@@ -1227,7 +1227,7 @@ class Router:
             self.store.record_event(event)
 
     def _event(
-        self, failure: _AttemptFailed, state: _State, decision: str, to_model: str, to_profile: str
+        self, failure: _AttemptFailed, state: _State, decision: Decision, to_model: str, to_profile: str
     ) -> common_pb2.LifecycleEvent:
         run = state.run
         event = common_pb2.LifecycleEvent(
@@ -1267,20 +1267,20 @@ class Router:
         verdict, candidate = failure.verdict, failure.candidate
         where = self._where(failure)
         metadata = {"failover_reason": verdict.reason, "model": candidate.ref, "url": failure.error.url}
-        if verdict.reason == Reason.ENDPOINT_NOT_FOUND:
+        if verdict.reason == FailoverReason.ENDPOINT_NOT_FOUND:
             answered = f"HTTP {failure.error.status}" if failure.error.status else "an unexpected answer"
             message = (
                 f"{where} answered {answered} that is not a model error ({verdict.detail}): the endpoint "
                 f"does not exist there; check providers.{candidate.provider}.base_url"
             )
-        elif verdict.reason == Reason.FORMAT:
+        elif verdict.reason == FailoverReason.FORMAT:
             blamed = f" (field {verdict.param!r})" if verdict.param else ""
             message = (
                 f"{where} rejected the request for {candidate.ref} as malformed{blamed}: {verdict.detail}"
             )
             if verdict.param:
                 metadata["provider_field"] = verdict.param
-        elif verdict.reason == Reason.CONTEXT_OVERFLOW:
+        elif verdict.reason == FailoverReason.CONTEXT_OVERFLOW:
             if state.after_compaction:
                 message = (
                     f"the prompt is too long for {candidate.ref} ({verdict.detail}) even after compacting "
@@ -1350,7 +1350,7 @@ class Router:
             "until": ",".join(_utc(o.until) if o.until is not None and o.until > now else "" for o in listed),
             "failover_reason": last.verdict.reason
             if last
-            else (listed[0].reason if listed else Reason.UNKNOWN),
+            else (listed[0].reason if listed else FailoverReason.UNKNOWN),
         }
         if last is not None:
             metadata["model"] = last.candidate.ref

@@ -41,12 +41,13 @@ many of its retries failed on that key (see :class:`~runyard.router.cooldowns.Fa
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Literal
 
-from runyard.router.classify import Reason
+from runyard.router.failures import FailoverReason
 
-__all__ = ["DISABLE_REASONS", "POLICIES", "Decision", "Policy", "policy_for"]
+__all__ = ["DISABLE_REASONS", "POLICIES", "RETRIES", "SWITCHES", "Decision", "Policy", "policy_for"]
 
 RetrySame = Literal["no", "backoff", "backoff_if_last", "retry_after"]
 Rotate = Literal["no", "once", "all"]
@@ -59,8 +60,9 @@ Scope = Literal["none", "model", "profile", "model_or_profile"]
 Schedule = Literal["none", "standard", "transient", "disable"]
 
 
-class Decision:
-    """Names of router decisions (``ModelLifecycleData.decision``, metric label)."""
+class Decision(enum.StrEnum):
+    """What the router does after a failed attempt (``ModelLifecycleData.decision``,
+    the ``decision`` metric label). Members are their lower-case string values."""
 
     RETRY_SAME_MODEL = "retry_same_model"
     ROTATE_AUTH_PROFILE = "rotate_auth_profile"
@@ -76,17 +78,18 @@ class Decision:
     #: The run's time budget ran out.
     DEADLINE = "deadline"
 
-    #: Decisions that move the answer to another model (``runyard_failovers_total``).
-    SWITCHES = frozenset({"next_model", "context_window_chain", "content_policy_chain"})
-    #: Decisions that try the same model again (``runyard_router_retries_total``).
-    RETRIES = frozenset({"retry_same_model", "rotate_auth_profile"})
+
+#: Decisions that move the answer to another model (``runyard_failovers_total``).
+SWITCHES = frozenset({Decision.NEXT_MODEL, Decision.CONTEXT_WINDOW_CHAIN, Decision.CONTENT_POLICY_CHAIN})
+#: Decisions that try the same model again (``runyard_router_retries_total``).
+RETRIES = frozenset({Decision.RETRY_SAME_MODEL, Decision.ROTATE_AUTH_PROFILE})
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
     """The row of the decision table for one reason."""
 
-    reason: str
+    reason: FailoverReason
     retry_same: RetrySame
     rotate: Rotate
     next_model: NextModel
@@ -100,32 +103,40 @@ class Policy:
 _TRANSIENT = ("backoff", "no", "yes", "model", "transient", True)
 
 POLICIES: dict[str, Policy] = {
-    Reason.RATE_LIMIT: Policy(
-        Reason.RATE_LIMIT, "retry_after", "once", "yes", "model_or_profile", "standard", True
+    FailoverReason.RATE_LIMIT: Policy(
+        FailoverReason.RATE_LIMIT, "retry_after", "once", "yes", "model_or_profile", "standard", True
     ),
-    Reason.OVERLOADED: Policy(Reason.OVERLOADED, *_TRANSIENT),  # type: ignore[arg-type]
-    Reason.SERVER_ERROR: Policy(Reason.SERVER_ERROR, *_TRANSIENT),  # type: ignore[arg-type]
-    Reason.TIMEOUT: Policy(Reason.TIMEOUT, "backoff_if_last", "no", "yes", "model", "transient", True),
-    Reason.NETWORK: Policy(Reason.NETWORK, *_TRANSIENT),  # type: ignore[arg-type]
-    Reason.AUTH: Policy(Reason.AUTH, "no", "all", "yes", "profile", "standard", False),
-    Reason.AUTH_PERMANENT: Policy(Reason.AUTH_PERMANENT, "no", "all", "yes", "profile", "disable", False),
-    Reason.BILLING: Policy(Reason.BILLING, "no", "all", "yes", "profile", "disable", False),
-    Reason.MODEL_NOT_FOUND: Policy(Reason.MODEL_NOT_FOUND, "no", "no", "yes", "model", "standard", False),
-    Reason.ENDPOINT_NOT_FOUND: Policy(Reason.ENDPOINT_NOT_FOUND, "no", "no", "abort", "none", "none", False),
-    Reason.FORMAT: Policy(Reason.FORMAT, "no", "no", "abort", "none", "none", False),
-    Reason.CONTEXT_OVERFLOW: Policy(
-        Reason.CONTEXT_OVERFLOW, "no", "no", "context_window_chain", "none", "none", False
+    FailoverReason.OVERLOADED: Policy(FailoverReason.OVERLOADED, *_TRANSIENT),  # type: ignore[arg-type]
+    FailoverReason.SERVER_ERROR: Policy(FailoverReason.SERVER_ERROR, *_TRANSIENT),  # type: ignore[arg-type]
+    FailoverReason.TIMEOUT: Policy(
+        FailoverReason.TIMEOUT, "backoff_if_last", "no", "yes", "model", "transient", True
     ),
-    Reason.CONTENT_POLICY: Policy(
-        Reason.CONTENT_POLICY, "no", "no", "content_policy_chain", "none", "none", False
+    FailoverReason.NETWORK: Policy(FailoverReason.NETWORK, *_TRANSIENT),  # type: ignore[arg-type]
+    FailoverReason.AUTH: Policy(FailoverReason.AUTH, "no", "all", "yes", "profile", "standard", False),
+    FailoverReason.AUTH_PERMANENT: Policy(
+        FailoverReason.AUTH_PERMANENT, "no", "all", "yes", "profile", "disable", False
     ),
-    Reason.UNKNOWN: Policy(Reason.UNKNOWN, "no", "no", "yes", "none", "none", True),
+    FailoverReason.BILLING: Policy(FailoverReason.BILLING, "no", "all", "yes", "profile", "disable", False),
+    FailoverReason.MODEL_NOT_FOUND: Policy(
+        FailoverReason.MODEL_NOT_FOUND, "no", "no", "yes", "model", "standard", False
+    ),
+    FailoverReason.ENDPOINT_NOT_FOUND: Policy(
+        FailoverReason.ENDPOINT_NOT_FOUND, "no", "no", "abort", "none", "none", False
+    ),
+    FailoverReason.FORMAT: Policy(FailoverReason.FORMAT, "no", "no", "abort", "none", "none", False),
+    FailoverReason.CONTEXT_OVERFLOW: Policy(
+        FailoverReason.CONTEXT_OVERFLOW, "no", "no", "context_window_chain", "none", "none", False
+    ),
+    FailoverReason.CONTENT_POLICY: Policy(
+        FailoverReason.CONTENT_POLICY, "no", "no", "content_policy_chain", "none", "none", False
+    ),
+    FailoverReason.UNKNOWN: Policy(FailoverReason.UNKNOWN, "no", "no", "yes", "none", "none", True),
 }
 
 #: Reasons that disable a profile for hours (health DISABLED).
-DISABLE_REASONS = frozenset({Reason.BILLING, Reason.AUTH_PERMANENT})
+DISABLE_REASONS = frozenset({FailoverReason.BILLING, FailoverReason.AUTH_PERMANENT})
 
 
 def policy_for(reason: str) -> Policy:
     """The table row for ``reason`` (UNKNOWN's for a name not in the table)."""
-    return POLICIES.get(reason) or POLICIES[Reason.UNKNOWN]
+    return POLICIES.get(reason) or POLICIES[FailoverReason.UNKNOWN]

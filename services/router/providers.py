@@ -9,7 +9,7 @@ timers.
 
 Every adapter turns one model call into an async stream of :class:`Chunk`
 objects and reports failures as :class:`ProviderError` carrying what the
-classifier (:mod:`runyard.router.classify`) needs: HTTP status, headers,
+classifier (:mod:`runyard.router.failures`) needs: HTTP status, headers,
 body text and the transport exception. Adapters talk HTTP with httpx, which
 never retries a request on its own (no SDK retry layer); the router alone
 decides what happens after a failure.

@@ -13,8 +13,8 @@ from runyard._proto.v1 import common_pb2
 from runyard.common import db
 from runyard.common.config import RouterConfig
 from runyard.common.outbox import Outbox
-from runyard.router.classify import Reason
 from runyard.router.cooldowns import CooldownKey, CooldownState, CooldownStore, Failure
+from runyard.router.failures import FailoverReason
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -37,7 +37,7 @@ async def started(pool: asyncpg.Pool, url: str = "", **config: object) -> Cooldo
     return store
 
 
-def failure(reason: str = Reason.RATE_LIMIT, *, started_at: float | None = None) -> Failure:
+def failure(reason: str = FailoverReason.RATE_LIMIT, *, started_at: float | None = None) -> Failure:
     now = time.time()
     return Failure(reason, "boom", None, now if started_at is None else started_at, now)
 

@@ -14,8 +14,8 @@ import pytest
 from runyard._proto.v1 import common_pb2
 from runyard.common.config import RouterConfig
 from runyard.common.errors import DeadlineExceeded, FailedPrecondition, Unavailable
-from runyard.router.classify import Reason
 from runyard.router.cooldowns import CooldownKey
+from runyard.router.failures import FailoverReason
 from tests.fakes.anthropic_server import AnthropicReply, FakeAnthropic, anthropic_error
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.support import router as support
@@ -868,10 +868,10 @@ async def test_failover_metrics_count_switches_apart_from_retries_and_aborts(rou
         return counter.labels(*labels)._value.get()
 
     counters = {
-        "switch": (metrics.FAILOVERS_TOTAL, Reason.SERVER_ERROR),
-        "retry": (metrics.ROUTER_RETRIES_TOTAL, Reason.SERVER_ERROR, "same_model"),
-        "abort": (metrics.ROUTER_ABORTS_TOTAL, Reason.FORMAT, "abort"),
-        "404": (metrics.FAILOVERS_TOTAL, Reason.MODEL_NOT_FOUND),
+        "switch": (metrics.FAILOVERS_TOTAL, FailoverReason.SERVER_ERROR),
+        "retry": (metrics.ROUTER_RETRIES_TOTAL, FailoverReason.SERVER_ERROR, "same_model"),
+        "abort": (metrics.ROUTER_ABORTS_TOTAL, FailoverReason.FORMAT, "abort"),
+        "404": (metrics.FAILOVERS_TOTAL, FailoverReason.MODEL_NOT_FOUND),
     }
     before = {name: value(*spec) for name, spec in counters.items()}
     fast_openai.script("broken", *[Reply(status=500, body='{"error": {"message": "boom"}}')] * 3)

@@ -12,12 +12,12 @@ import pytest
 from runyard._proto.v1 import common_pb2
 from runyard.common.config import ProviderConfig
 from runyard.common.errors import InvalidArgument
-from runyard.router.classify import Reason, classify
+from runyard.router.failures import FailoverReason, classify_failure
 from runyard.router.providers import AnthropicProvider, Chunk, OpenAIProvider, ProviderError, Request
 from tests.fakes.anthropic_server import AnthropicReply, FakeAnthropic, anthropic_error
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.support import router as support
-from tests.unit.test_classify import CASES
+from tests.unit.test_failures import CASES
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -68,7 +68,7 @@ async def test_openai_adapter_reports_each_http_row(fast_openai: FakeOpenAI, err
     provider = OpenAIProvider("fake", ProviderConfig(type="openai", base_url=fast_openai.url))
     exc = await failure(provider, request())
     assert (exc.status, exc.url) == (error.status, f"{fast_openai.url}/chat/completions")
-    verdict = classify(exc)
+    verdict = classify_failure(exc)
     assert (verdict.reason, verdict.rule) == (reason, rule)
 
 
@@ -77,7 +77,7 @@ async def test_anthropic_adapter_reports_each_http_row(fake_anthropic: FakeAnthr
     fake_anthropic.script("m", AnthropicReply(status=error.status, body=error.body, headers=error.headers))
     provider = AnthropicProvider("claude", ProviderConfig(type="anthropic", base_url=fake_anthropic.url))
     exc = await failure(provider, request())
-    verdict = classify(exc)
+    verdict = classify_failure(exc)
     assert (verdict.reason, verdict.rule) == (reason, rule)
 
 
@@ -86,7 +86,7 @@ async def test_retry_after_header_survives_the_wire(fast_openai: FakeOpenAI):
     exc = await failure(
         OpenAIProvider("fake", ProviderConfig(type="openai", base_url=fast_openai.url)), request()
     )
-    assert classify(exc).retry_after_s == 7.0
+    assert classify_failure(exc).retry_after_s == 7.0
 
 
 @pytest.mark.parametrize(
@@ -94,27 +94,27 @@ async def test_retry_after_header_survives_the_wire(fast_openai: FakeOpenAI):
     [
         (
             {"message": "The server had an error while processing your request.", "type": "server_error"},
-            Reason.SERVER_ERROR,
+            FailoverReason.SERVER_ERROR,
         ),
-        ({"code": 502, "message": "Provider returned error"}, Reason.SERVER_ERROR),
-        ({"message": "Rate limit exceeded", "type": "rate_limit_error"}, Reason.RATE_LIMIT),
-        ({"message": "maximum context length exceeded"}, Reason.CONTEXT_OVERFLOW),
+        ({"code": 502, "message": "Provider returned error"}, FailoverReason.SERVER_ERROR),
+        ({"message": "Rate limit exceeded", "type": "rate_limit_error"}, FailoverReason.RATE_LIMIT),
+        ({"message": "maximum context length exceeded"}, FailoverReason.CONTEXT_OVERFLOW),
     ],
 )
 async def test_openai_error_event_mid_stream(fast_openai: FakeOpenAI, stream_error, reason):
     fast_openai.script("m", Reply(chunks=["a"], stream_error=stream_error))
     provider = OpenAIProvider("fake", ProviderConfig(type="openai", base_url=fast_openai.url))
     exc = await failure(provider, request())
-    assert classify(exc).reason == reason
+    assert classify_failure(exc).reason == reason
 
 
 @pytest.mark.parametrize(
     ("error_type", "reason"),
     [
-        ("overloaded_error", Reason.OVERLOADED),
-        ("rate_limit_error", Reason.RATE_LIMIT),
-        ("api_error", Reason.SERVER_ERROR),
-        ("timeout_error", Reason.TIMEOUT),
+        ("overloaded_error", FailoverReason.OVERLOADED),
+        ("rate_limit_error", FailoverReason.RATE_LIMIT),
+        ("api_error", FailoverReason.SERVER_ERROR),
+        ("timeout_error", FailoverReason.TIMEOUT),
     ],
 )
 async def test_anthropic_error_event_mid_stream(fake_anthropic: FakeAnthropic, error_type, reason):
@@ -123,7 +123,7 @@ async def test_anthropic_error_event_mid_stream(fake_anthropic: FakeAnthropic, e
     )
     provider = AnthropicProvider("claude", ProviderConfig(type="anthropic", base_url=fake_anthropic.url))
     exc = await failure(provider, request())
-    assert classify(exc).reason == reason
+    assert classify_failure(exc).reason == reason
 
 
 async def test_connection_refused_is_network():
@@ -131,15 +131,15 @@ async def test_connection_refused_is_network():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     provider = OpenAIProvider("fake", ProviderConfig(type="openai", base_url=f"http://127.0.0.1:{port}/v1"))
-    verdict = classify(await failure(provider, request()))
-    assert (verdict.reason, verdict.rule) == (Reason.NETWORK, "transport_network")
+    verdict = classify_failure(await failure(provider, request()))
+    assert (verdict.reason, verdict.rule) == (FailoverReason.NETWORK, "transport_network")
 
 
 async def test_unresolvable_host_is_network():
     provider = OpenAIProvider(
         "fake", ProviderConfig(type="openai", base_url="http://no-such-host.invalid/v1")
     )
-    assert classify(await failure(provider, request())).reason == Reason.NETWORK
+    assert classify_failure(await failure(provider, request())).reason == FailoverReason.NETWORK
 
 
 @pytest.mark.parametrize("kind", ["openai", "anthropic"])
@@ -150,7 +150,7 @@ async def test_cut_stream_is_network(fast_openai: FakeOpenAI, fake_anthropic: Fa
     else:
         fake_anthropic.script("m", AnthropicReply(chunks=["a", "b", "c"], cut_after=1))
         provider = AnthropicProvider("claude", ProviderConfig(type="anthropic", base_url=fake_anthropic.url))
-    assert classify(await failure(provider, request())).reason == Reason.NETWORK
+    assert classify_failure(await failure(provider, request())).reason == FailoverReason.NETWORK
 
 
 async def test_openai_streams_text_tool_calls_and_usage(fast_openai: FakeOpenAI):
@@ -277,7 +277,7 @@ async def test_anthropic_wrong_route_is_endpoint_not_found(fake_anthropic: FakeA
     provider = AnthropicProvider("c", ProviderConfig(type="anthropic", base_url=fake_anthropic.url + "/beta"))
     error = await failure(provider, request())
     assert error.url == f"{fake_anthropic.url}/beta/messages"
-    assert classify(error).reason == Reason.ENDPOINT_NOT_FOUND
+    assert classify_failure(error).reason == FailoverReason.ENDPOINT_NOT_FOUND
     assert json.loads(error.body) == json.loads(anthropic_error("not_found_error", "Not Found"))
 
 
@@ -343,4 +343,4 @@ async def test_an_answer_that_is_not_an_event_stream_is_reported_with_its_body(f
         OpenAIProvider("fake", ProviderConfig(type="openai", base_url=fast_openai.url)), request()
     )
     assert "application/json instead of an event stream" in error.message
-    assert classify(error).reason == Reason.OVERLOADED
+    assert classify_failure(error).reason == FailoverReason.OVERLOADED

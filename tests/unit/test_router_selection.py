@@ -13,7 +13,7 @@ from runyard.common.errors import FailedPrecondition
 from runyard.router.cooldowns import CooldownStore
 from runyard.router.engine import Router
 from runyard.router.profiles import AuthProfiles
-from runyard.router.task_classifier import TaskClassifier, looks_like_code
+from runyard.router.request_classes import RequestClassifier, looks_like_code
 
 RULES = [
     {"task_class": "code", "has_code": True},
@@ -25,8 +25,8 @@ RULES = [
 ]
 
 
-def classifier(default: str = "") -> TaskClassifier:
-    return TaskClassifier(ClassifierConfig.model_validate({"rules": RULES, "default_class": default}))
+def classifier(default: str = "") -> RequestClassifier:
+    return RequestClassifier(ClassifierConfig.model_validate({"rules": RULES, "default_class": default}))
 
 
 @pytest.mark.parametrize(

@@ -79,6 +79,8 @@ from runyard.common.errors import (
     RunyardError,
 )
 from runyard.common.pagination import decode_time_cursor, page_size, time_cursor_page
+from runyard.gateway.run_status import TERMINAL as RUN_TERMINAL
+from runyard.gateway.run_status import RunStatus
 from runyard.gateway.runs import Claim, RunStore
 from runyard.gateway.tasks.model import (
     ACTIVE,
@@ -90,6 +92,7 @@ from runyard.gateway.tasks.model import (
     Duplicate,
     Effects,
     SpawnRequest,
+    TaskStatus,
     chain_of,
     concurrency_key,
     error_of,
@@ -216,7 +219,7 @@ class Transitions:
         if not text and not notes:
             # A follow-up with nothing to deliver: the task is done (it held
             # no slot, so there is nothing to hand over).
-            done = await self.end(conn, [row], "completed", notify=True)
+            done = await self.end(conn, [row], TaskStatus.COMPLETED, notify=True)
             done.grant_keys.clear()
             effects.merge(done)
             return effects
@@ -236,13 +239,15 @@ class Transitions:
             # runs sent to it directly). The insert rolled back to its
             # savepoint; end the task rather than fail the caller's
             # transaction, which would block the key's queue for good.
-            effects.merge(await self.end(conn, [row], "error", error=exc.to_run_error(), notify=True))
+            effects.merge(
+                await self.end(conn, [row], TaskStatus.ERROR, error=exc.to_run_error(), notify=True)
+            )
             return effects
         run_id = inserted["id"]  # the run queued first if this attempt's run already exists
         effects.runs_queued = True
         await self.store.attach_news(conn, notes, run_id)
         updated = await self.store.mark_running(conn, row["id"], run_id, attempt)
-        if row["status"] == "pending" or retry:
+        if row["status"] == TaskStatus.PENDING or retry:
             await self.emit(conn, [updated], "task.started", effects)
         return effects
 
@@ -252,7 +257,7 @@ class Transitions:
         self,
         conn: asyncpg.Connection,
         rows: Sequence[Any],
-        status: str,
+        status: TaskStatus,
         *,
         error: common_pb2.RunError | None = None,
         result: str | None = None,
@@ -283,7 +288,7 @@ class Transitions:
             (r["org_id"], r["id"], why) for r in await self.runs.active_runs_of_tasks(conn, ids)
         ]
         await self.store.drop_news_for_task_sessions(conn, [r["session_id"] for r in ended])
-        if status != "completed":
+        if status != TaskStatus.COMPLETED:
             await self._end_subtasks(conn, ended, ids, status, effects)
         # Freed slots go to the next waiters before the transaction commits
         # (the caller's grant_freed), once every task it ends has ended.
@@ -297,7 +302,7 @@ class Transitions:
         conn: asyncpg.Connection,
         ended: Sequence[Any],
         ids: list[uuid.UUID],
-        status: str,
+        status: TaskStatus,
         effects: Effects,
     ) -> None:
         """Cancel the direct subtasks of tasks that ended ``status`` (each takes its own along)."""
@@ -314,7 +319,7 @@ class Transitions:
                 await self.end(
                     conn,
                     [row],
-                    "cancelled",
+                    TaskStatus.CANCELLED,
                     notify=False,
                     error=common_pb2.RunError(
                         code="CANCELLED",
@@ -340,7 +345,7 @@ class Transitions:
             await self.end(
                 conn,
                 own,
-                "cancelled",
+                TaskStatus.CANCELLED,
                 notify=True,
                 error=common_pb2.RunError(
                     code="CANCELLED",
@@ -353,7 +358,7 @@ class Transitions:
             await self.end(
                 conn,
                 rest,
-                "cancelled",
+                TaskStatus.CANCELLED,
                 notify=False,
                 error=common_pb2.RunError(
                     code="CANCELLED",
@@ -403,7 +408,7 @@ class Transitions:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("cancelling run %s of an ended task failed (%s); the sweep retries", run_id, exc)
                 continue
-            if row["status"] == "running":
+            if row["status"] == RunStatus.RUNNING:
                 self.dispatcher.cancel_local(run_id)
         if effects.runs_queued:
             self.dispatcher.wake()
@@ -434,7 +439,7 @@ class Transitions:
         if not candidates:
             return 0
         cooling: set[str] | None = None
-        if any(status == "failed" for _, status in candidates) and self.cooling_models is not None:
+        if any(status == RunStatus.FAILED for _, status in candidates) and self.cooling_models is not None:
             cooling = await self.cooling_models()
         done = 0
         for task_id, _ in candidates:
@@ -447,7 +452,7 @@ class Transitions:
             if row is None:
                 return False
             run = await self.runs.outcome(conn, row["run_id"])
-            if run is None or run["status"] not in ("completed", "failed", "cancelled"):
+            if run is None or run["status"] not in RUN_TERMINAL:
                 return False
             effects = await self.run_ended(conn, row, run, cooling)
             await self.grant_freed(conn, effects)
@@ -462,10 +467,10 @@ class Transitions:
         failovers, notices = failover_notices(
             await self.runs.first_events(conn, run["id"], MAX_EVENTS_SCANNED)
         )
-        if run["status"] == "completed":
+        if run["status"] == RunStatus.COMPLETED:
             await self.store.record_notices(conn, row["id"], row["attempt"], notices)
             return await self._run_completed(conn, row, run)
-        if run["status"] == "cancelled":
+        if run["status"] == RunStatus.CANCELLED:
             await self.store.record_notices(conn, row["id"], row["attempt"], notices)
             why = run["cancel_reason"] or "cancelled"
             error = common_pb2.RunError(
@@ -473,7 +478,7 @@ class Transitions:
                 reason="RUN_INTERRUPTED",
                 message=f"the task's run was cancelled ({why.lower()})",
             )
-            return await self.end(conn, [row], "interrupted", error=error, notify=True)
+            return await self.end(conn, [row], TaskStatus.INTERRUPTED, error=error, notify=True)
         error = error_of(run)
         notices.append(f"attempt {row['attempt']} failed: {error.reason}: {error.message}")
         await self.store.record_notices(conn, row["id"], row["attempt"], notices)
@@ -489,7 +494,7 @@ class Transitions:
             await self.store.return_slot_keep_running(conn, row["id"], result)
             return Effects(changed=True, grant_keys={row["concurrency_key"]})
         await self.store.count_run_completed(conn, row["id"])
-        return await self.end(conn, [row], "completed", result=result, notify=True)
+        return await self.end(conn, [row], TaskStatus.COMPLETED, result=result, notify=True)
 
     async def _run_failed(
         self,
@@ -502,10 +507,10 @@ class Transitions:
         attempt = row["attempt"]
         if error.reason == "ATTEMPTS_EXHAUSTED":
             # The run's worker was lost on every execution: interrupted, not failed.
-            return await self.end(conn, [row], "interrupted", error=error, notify=True)
+            return await self.end(conn, [row], TaskStatus.INTERRUPTED, error=error, notify=True)
         # Attempts of this step: the runs since the task's last completed one.
         if not error.retryable or attempt - row["runs_completed"] >= self.cfg.max_attempts:
-            return await self.end(conn, [row], "error", error=error, notify=True)
+            return await self.end(conn, [row], TaskStatus.ERROR, error=error, notify=True)
         # Never go back to a model that failed and is still cooling down
         # (when the router cannot be asked, to none that failed).
         exclude = retry_exclusions(row, error, failovers, cooling)
@@ -515,7 +520,7 @@ class Transitions:
                 f"attempt {attempt} failed ({error.reason}: {error.message}) and every model of the task's "
                 f"chain ({', '.join(chain)}) failed and is still cooling down; not retrying"
             )
-            return await self.end(conn, [row], "error", error=error, notify=True)
+            return await self.end(conn, [row], TaskStatus.ERROR, error=error, notify=True)
         row = await self.store.set_exclude_models(conn, row["id"], exclude)
         log.info(
             "task %s: attempt %d failed (%s); retrying without %s",
@@ -842,7 +847,9 @@ class TaskManager:
             root = [r for r in rows if r["id"] == task_id]
             message = f"cancelled by the client{': ' + reason if reason else ''}"
             error = common_pb2.RunError(code="CANCELLED", reason="TASK_CANCELLED", message=message)
-            effects.merge(await self.transitions.end(conn, root, "cancelled", error=error, notify=True))
+            effects.merge(
+                await self.transitions.end(conn, root, TaskStatus.CANCELLED, error=error, notify=True)
+            )
             await self.transitions.grant_freed(conn, effects)
         await self.transitions.after(effects)
         return await self.get(org_id, task_id)

@@ -9,6 +9,7 @@ Rows are ``gateway.tasks`` records (:data:`runyard.gateway.tasks.store.COLUMNS`)
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import re
 import uuid
@@ -27,10 +28,12 @@ __all__ = [
     "MAX_EVENTS_SCANNED",
     "TASK_KEY_PREFIX",
     "TERMINAL",
+    "TO_PROTO",
     "Activity",
     "Duplicate",
     "Effects",
     "SpawnRequest",
+    "TaskStatus",
     "chain_of",
     "concurrency_key",
     "error_of",
@@ -46,15 +49,36 @@ __all__ = [
     "validate_spawn",
 ]
 
-ACTIVE = ("pending", "running")
-TERMINAL = ("completed", "error", "cancelled", "interrupted")
-_STATUS = {
-    "pending": common_pb2.TASK_STATUS_PENDING,
-    "running": common_pb2.TASK_STATUS_RUNNING,
-    "completed": common_pb2.TASK_STATUS_COMPLETED,
-    "error": common_pb2.TASK_STATUS_ERROR,
-    "cancelled": common_pb2.TASK_STATUS_CANCELLED,
-    "interrupted": common_pb2.TASK_STATUS_INTERRUPTED,
+
+class TaskStatus(enum.StrEnum):
+    """The status of a background task, as stored in ``gateway.tasks.status``
+    (the ``CHECK`` of migration 0004; members compare equal to those strings)."""
+
+    #: Waits for a concurrency slot.
+    PENDING = "pending"
+    #: Its run is queued or executing (or it waits for its subtasks, without a slot).
+    RUNNING = "running"
+    COMPLETED = "completed"
+    #: Failed for good (its run failed and no retry is left, or no run could be queued).
+    ERROR = "error"
+    #: Cancelled: by a caller, with its parent task, or with its (parent) session.
+    CANCELLED = "cancelled"
+    #: Its run was cancelled, or its run's worker was lost on every attempt.
+    INTERRUPTED = "interrupted"
+
+
+#: Statuses of a task that has not ended.
+ACTIVE: frozenset[TaskStatus] = frozenset({TaskStatus.PENDING, TaskStatus.RUNNING})
+#: Statuses a task never leaves.
+TERMINAL: frozenset[TaskStatus] = frozenset(TaskStatus) - ACTIVE
+#: The ``runyard.v1.TaskStatus`` value of each status.
+TO_PROTO: dict[TaskStatus, common_pb2.TaskStatus] = {
+    TaskStatus.PENDING: common_pb2.TASK_STATUS_PENDING,
+    TaskStatus.RUNNING: common_pb2.TASK_STATUS_RUNNING,
+    TaskStatus.COMPLETED: common_pb2.TASK_STATUS_COMPLETED,
+    TaskStatus.ERROR: common_pb2.TASK_STATUS_ERROR,
+    TaskStatus.CANCELLED: common_pb2.TASK_STATUS_CANCELLED,
+    TaskStatus.INTERRUPTED: common_pb2.TASK_STATUS_INTERRUPTED,
 }
 _MAX_DESCRIPTION = 500
 _MAX_IDEMPOTENCY_KEY = 255
@@ -313,7 +337,7 @@ def task_proto(row: Any, notices: Sequence[Any] = ()) -> common_pb2.Task:
         session_id=str(row["session_id"]),
         session_key=row["session_key"],
         agent_id=row["agent_id"],
-        status=_STATUS[row["status"]],
+        status=TO_PROTO[row["status"]],
         description=row["description"],
         prompt=row["prompt"],
         model=row["model"],

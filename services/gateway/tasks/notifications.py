@@ -30,6 +30,7 @@ from runyard._proto.v1 import common_pb2
 from runyard.common.config import Config
 from runyard.common.errors import NotFound, RunyardError
 from runyard.common.protoutil import now
+from runyard.gateway.run_status import RunStatus
 from runyard.gateway.runs import Claim, RunStore
 from runyard.gateway.tasks.model import (
     BATCH,
@@ -37,6 +38,7 @@ from runyard.gateway.tasks.model import (
     TERMINAL,
     Activity,
     Effects,
+    TaskStatus,
     error_of,
     excerpt,
     request_fingerprint,
@@ -61,7 +63,7 @@ def _task_line(row: Any, result_chars: int) -> str:
     status = row["status"].upper()
     took = _seconds(row["ended_at"] - row["created_at"])
     line = f'- Task {row["id"]} "{row["description"]}": {status} after {took}.'
-    if row["status"] == "completed":
+    if row["status"] == TaskStatus.COMPLETED:
         return line + f" Result: {excerpt(row['result'], result_chars) or '(empty)'}"
     return line + f" Error: {excerpt(error_of(row).message or row['result'], result_chars)}"
 
@@ -124,7 +126,11 @@ async def confirm_deliveries(
     ended = await runs.ended_statuses([n["run_id"] for n in attached], conn)
     await store.settle_attached_news(
         conn,
-        [(n["id"], n["run_id"], ended[n["run_id"]] == "completed") for n in attached if n["run_id"] in ended],
+        [
+            (n["id"], n["run_id"], ended[n["run_id"]] == RunStatus.COMPLETED)
+            for n in attached
+            if n["run_id"] in ended
+        ],
     )
 
 
@@ -218,8 +224,8 @@ class Notifier:
                 statuses = await self.store.close_round(conn, parent_id, ids)
                 totals = (
                     len(statuses),
-                    sum(1 for s in statuses if s in ("error", "interrupted")),
-                    sum(1 for s in statuses if s == "cancelled"),
+                    sum(1 for s in statuses if s in (TaskStatus.ERROR, TaskStatus.INTERRUPTED)),
+                    sum(1 for s in statuses if s == TaskStatus.CANCELLED),
                 )
             message = notification_message(
                 tasks,

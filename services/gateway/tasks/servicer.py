@@ -11,6 +11,7 @@ from runyard._proto.v1 import tasks_pb2, tasks_pb2_grpc
 from runyard.common.auth import RunClaims, RunTokenVerifier, check_internal
 from runyard.common.errors import FailedPrecondition
 from runyard.common.protoutil import parse_uuid
+from runyard.gateway.run_status import RunStatus
 from runyard.gateway.runs import RunStore
 from runyard.gateway.tasks.manager import TaskManager
 from runyard.gateway.tasks.model import SpawnRequest
@@ -46,7 +47,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         check_internal(context, self.internal_secret)
         claims = self.signer.verify(token)
         row = await self.runs.token_run(claims.org_id, uuid.UUID(claims.run_id))
-        if row is None or row["status"] != "running" or row["epoch"] != claims.epoch:
+        if row is None or row["status"] != RunStatus.RUNNING or row["epoch"] != claims.epoch:
             raise FailedPrecondition(
                 "the run token's run is not running at this epoch", reason="RUN_NOT_ACTIVE", field="run_token"
             )

@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 
 from runyard.common.outbox import HORIZON_SQL
-from runyard.gateway.tasks.model import BATCH, normalise_notice
+from runyard.gateway.tasks.model import BATCH, TaskStatus, normalise_notice
 
 __all__ = ["COLUMNS", "TaskStore"]
 
@@ -499,7 +499,7 @@ class TaskStore:
         self,
         conn: asyncpg.Connection,
         task_ids: Sequence[uuid.UUID],
-        status: str,
+        status: TaskStatus,
         *,
         error: bytes | None,
         result: str | None,

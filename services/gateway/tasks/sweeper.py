@@ -25,7 +25,7 @@ from runyard._proto.v1 import common_pb2
 from runyard.common.config import Config
 from runyard.common.errors import NotFound, RunyardError
 from runyard.gateway.runs import RunStore
-from runyard.gateway.tasks.model import ACTIVE, BATCH, Activity, Effects
+from runyard.gateway.tasks.model import ACTIVE, BATCH, Activity, Effects, TaskStatus
 from runyard.gateway.tasks.sessions import TaskSessions
 from runyard.gateway.tasks.store import TaskStore
 
@@ -192,7 +192,9 @@ class Sweeper:
                 rows = await lock(conn, limit)
                 for row in rows:
                     error = error_for(row)
-                    effects.merge(await self.transitions.end(conn, [row], "error", error=error, notify=True))
+                    effects.merge(
+                        await self.transitions.end(conn, [row], TaskStatus.ERROR, error=error, notify=True)
+                    )
                     log.warning("task %s: %s", row["id"], error.message)
                 await self.transitions.grant_freed(conn, effects)
                 total += len(rows)
@@ -210,7 +212,7 @@ class Sweeper:
         async with self.store.pool.acquire() as conn, conn.transaction():
             rows = await self.store.lock_waiting_for_nothing(conn)
             if rows:
-                effects.merge(await self.transitions.end(conn, rows, "completed", notify=True))
+                effects.merge(await self.transitions.end(conn, rows, TaskStatus.COMPLETED, notify=True))
                 await self.transitions.grant_freed(conn, effects)
         await self.transitions.after(effects)
         return len(rows)

@@ -9,7 +9,7 @@ import socket
 import httpx
 import pytest
 
-from runyard.router.classify import RULES, Reason, classify, parse_retry_after
+from runyard.router.failures import RULES, FailoverReason, classify_failure, parse_retry_after
 from runyard.router.providers import ProviderError
 
 
@@ -41,42 +41,57 @@ def openrouter(code: int, message: str, **metadata: object) -> dict:
 
 # (id, error, reason, rule)
 CASES = [
-    ("stall-ttft", err(stalled="ttft"), Reason.TIMEOUT, "stall_first_token"),
-    ("stall-idle", err(stalled="idle"), Reason.TIMEOUT, "stall_idle"),
-    ("read-timeout", err(cause=httpx.ReadTimeout("read")), Reason.TIMEOUT, "transport_timeout"),
-    ("asyncio-timeout", err(cause=TimeoutError()), Reason.TIMEOUT, "transport_timeout"),
+    ("stall-ttft", err(stalled="ttft"), FailoverReason.TIMEOUT, "stall_first_token"),
+    ("stall-idle", err(stalled="idle"), FailoverReason.TIMEOUT, "stall_idle"),
+    ("read-timeout", err(cause=httpx.ReadTimeout("read")), FailoverReason.TIMEOUT, "transport_timeout"),
+    ("asyncio-timeout", err(cause=TimeoutError()), FailoverReason.TIMEOUT, "transport_timeout"),
     (
         "connect-refused",
         err(cause=httpx.ConnectError("[Errno 111] Connection refused")),
-        Reason.NETWORK,
+        FailoverReason.NETWORK,
         "transport_network",
     ),
-    ("connect-timeout", err(cause=httpx.ConnectTimeout("connect")), Reason.NETWORK, "transport_network"),
+    (
+        "connect-timeout",
+        err(cause=httpx.ConnectTimeout("connect")),
+        FailoverReason.NETWORK,
+        "transport_network",
+    ),
     (
         "reset",
         err(cause=ConnectionResetError(104, "Connection reset by peer")),
-        Reason.NETWORK,
+        FailoverReason.NETWORK,
         "transport_network",
     ),
-    ("dns", err(cause=socket.gaierror(-2, "Name or service not known")), Reason.NETWORK, "transport_network"),
+    (
+        "dns",
+        err(cause=socket.gaierror(-2, "Name or service not known")),
+        FailoverReason.NETWORK,
+        "transport_network",
+    ),
     (
         "protocol",
         err(cause=httpx.RemoteProtocolError("incomplete chunked read")),
-        Reason.NETWORK,
+        FailoverReason.NETWORK,
         "transport_network",
     ),
-    ("408", err(408, openrouter(408, "Request timed out")), Reason.TIMEOUT, "http_408"),
+    ("408", err(408, openrouter(408, "Request timed out")), FailoverReason.TIMEOUT, "http_408"),
     (
         "503-openrouter",
         err(503, openrouter(503, "No available model provider that meets your routing requirements")),
-        Reason.OVERLOADED,
+        FailoverReason.OVERLOADED,
         "overloaded",
     ),
-    ("529-anthropic", err(529, anthropic("overloaded_error", "Overloaded")), Reason.OVERLOADED, "overloaded"),
+    (
+        "529-anthropic",
+        err(529, anthropic("overloaded_error", "Overloaded")),
+        FailoverReason.OVERLOADED,
+        "overloaded",
+    ),
     (
         "500-overloaded-text",
         err(500, openai("The engine is currently overloaded, please try again later", "server_error")),
-        Reason.OVERLOADED,
+        FailoverReason.OVERLOADED,
         "overloaded",
     ),
     (
@@ -89,7 +104,7 @@ CASES = [
                 "insufficient_quota",
             ),
         ),
-        Reason.BILLING,
+        FailoverReason.BILLING,
         "billing_code",
     ),
     (
@@ -105,7 +120,7 @@ CASES = [
                 },
             },
         ),
-        Reason.BILLING,
+        FailoverReason.BILLING,
         "billing_code",
     ),
     (
@@ -118,7 +133,7 @@ CASES = [
                 "Please go to Plans & Billing to upgrade or purchase credits.",
             ),
         ),
-        Reason.BILLING,
+        FailoverReason.BILLING,
         "billing_code",
     ),
     (
@@ -137,13 +152,13 @@ CASES = [
                 }
             ],
         ),
-        Reason.RATE_LIMIT,
+        FailoverReason.RATE_LIMIT,
         "rate_limit_resets",
     ),
     (
         "429-quota-resets-monthly",
         err(429, openai("Monthly quota exceeded; your quota resets on the 1st", "requests")),
-        Reason.RATE_LIMIT,
+        FailoverReason.RATE_LIMIT,
         "rate_limit_resets",
     ),
     (
@@ -156,44 +171,44 @@ CASES = [
                 "rate_limit_exceeded",
             ),
         ),
-        Reason.RATE_LIMIT,
+        FailoverReason.RATE_LIMIT,
         "rate_limit_resets",
     ),
     (
         "429-retry-after-header",
         err(429, openai("Slow down, please add a payment method", "requests"), {"retry-after": "3"}),
-        Reason.RATE_LIMIT,
+        FailoverReason.RATE_LIMIT,
         "rate_limit_resets",
     ),
     (
         "429-billing-text",
         err(429, openai("Please add a payment method to keep using this model", "requests")),
-        Reason.BILLING,
+        FailoverReason.BILLING,
         "billing_text",
     ),
     (
         "429-anthropic-rate-limit",
         err(429, anthropic("rate_limit_error", "Number of concurrent connections exceeded")),
-        Reason.RATE_LIMIT,
+        FailoverReason.RATE_LIMIT,
         "rate_limit",
     ),
-    ("429-bare", err(429, "Too Many Requests"), Reason.RATE_LIMIT, "rate_limit"),
+    ("429-bare", err(429, "Too Many Requests"), FailoverReason.RATE_LIMIT, "rate_limit"),
     (
         "402-openrouter",
         err(402, openrouter(402, "Insufficient credits. Add more using https://openrouter.ai/credits")),
-        Reason.BILLING,
+        FailoverReason.BILLING,
         "http_402",
     ),
     (
         "402-anthropic",
         err(402, anthropic("billing_error", "There is an issue with your payment method")),
-        Reason.BILLING,
+        FailoverReason.BILLING,
         "http_402",
     ),
     (
         "401-revoked",
         err(401, openai("This API key has been revoked.", None, "invalid_api_key")),
-        Reason.AUTH_PERMANENT,
+        FailoverReason.AUTH_PERMANENT,
         "auth_permanent",
     ),
     (
@@ -202,20 +217,20 @@ CASES = [
             403,
             openai("Your account has been deactivated, please contact support.", None, "account_deactivated"),
         ),
-        Reason.AUTH_PERMANENT,
+        FailoverReason.AUTH_PERMANENT,
         "auth_permanent",
     ),
     (
         # Access to one model switched off is not a dead key: the profile must not be disabled for hours.
         "403-model-access-disabled",
         err(403, openai("Your organization has disabled access to model gpt-4-32k", None, "model_access")),
-        Reason.AUTH,
+        FailoverReason.AUTH,
         "auth",
     ),
     (
         "401-openrouter-disabled",
         err(401, openrouter(401, "API key is disabled")),
-        Reason.AUTH_PERMANENT,
+        FailoverReason.AUTH_PERMANENT,
         "auth_permanent",
     ),
     (
@@ -229,7 +244,7 @@ CASES = [
                 provider_name="OpenAI",
             ),
         ),
-        Reason.CONTENT_POLICY,
+        FailoverReason.CONTENT_POLICY,
         "content_policy_403",
     ),
     (
@@ -243,10 +258,15 @@ CASES = [
                 "invalid_api_key",
             ),
         ),
-        Reason.AUTH,
+        FailoverReason.AUTH,
         "auth",
     ),
-    ("401-anthropic", err(401, anthropic("authentication_error", "invalid x-api-key")), Reason.AUTH, "auth"),
+    (
+        "401-anthropic",
+        err(401, anthropic("authentication_error", "invalid x-api-key")),
+        FailoverReason.AUTH,
+        "auth",
+    ),
     (
         "403-anthropic",
         err(
@@ -255,7 +275,7 @@ CASES = [
                 "permission_error", "Your API key does not have permission to use the specified resource."
             ),
         ),
-        Reason.AUTH,
+        FailoverReason.AUTH,
         "auth",
     ),
     (
@@ -268,13 +288,13 @@ CASES = [
                 "model_not_found",
             ),
         ),
-        Reason.MODEL_NOT_FOUND,
+        FailoverReason.MODEL_NOT_FOUND,
         "model_not_found",
     ),
     (
         "404-anthropic-model",
         err(404, anthropic("not_found_error", "model: claude-3-opus-20990101")),
-        Reason.MODEL_NOT_FOUND,
+        FailoverReason.MODEL_NOT_FOUND,
         "model_not_found",
     ),
     (
@@ -289,13 +309,13 @@ CASES = [
                 "code": 404,
             },
         ),
-        Reason.MODEL_NOT_FOUND,
+        FailoverReason.MODEL_NOT_FOUND,
         "model_not_found",
     ),
     (
         "404-ollama",
         err(404, openai('model "llama9" not found, try pulling it first', "api_error")),
-        Reason.MODEL_NOT_FOUND,
+        FailoverReason.MODEL_NOT_FOUND,
         "model_not_found",
     ),
     (
@@ -303,13 +323,13 @@ CASES = [
         err(
             404, {"error": {"message": json.dumps({"error": {"code": "model_not_found", "message": "gone"}})}}
         ),
-        Reason.MODEL_NOT_FOUND,
+        FailoverReason.MODEL_NOT_FOUND,
         "model_not_found",
     ),
     (
         "404-html",
         err(404, "<html><body><h1>404 Not Found</h1></body></html>"),
-        Reason.ENDPOINT_NOT_FOUND,
+        FailoverReason.ENDPOINT_NOT_FOUND,
         "endpoint_not_found",
     ),
     (
@@ -321,20 +341,20 @@ CASES = [
             "<!DOCTYPE html><html><head><title>Model hub</title></head>"
             "<body><h1>Model page not found</h1></body></html>",
         ),
-        Reason.ENDPOINT_NOT_FOUND,
+        FailoverReason.ENDPOINT_NOT_FOUND,
         "endpoint_not_found",
     ),
     (
         "404-text-html-content-type",
         err(404, "Model llama not found on this site", {"content-type": "text/html; charset=utf-8"}),
-        Reason.ENDPOINT_NOT_FOUND,
+        FailoverReason.ENDPOINT_NOT_FOUND,
         "endpoint_not_found",
     ),
-    ("404-empty", err(404, ""), Reason.ENDPOINT_NOT_FOUND, "endpoint_not_found"),
+    ("404-empty", err(404, ""), FailoverReason.ENDPOINT_NOT_FOUND, "endpoint_not_found"),
     (
         "405-wrong-route",
         err(405, '{"detail": "Method Not Allowed"}'),
-        Reason.ENDPOINT_NOT_FOUND,
+        FailoverReason.ENDPOINT_NOT_FOUND,
         "wrong_endpoint",
     ),
     (
@@ -342,25 +362,25 @@ CASES = [
         err(
             200, "<!doctype html><html><body>Welcome to our site</body></html>", {"content-type": "text/html"}
         ),
-        Reason.ENDPOINT_NOT_FOUND,
+        FailoverReason.ENDPOINT_NOT_FOUND,
         "wrong_endpoint",
     ),
     (
         "404-openai-unknown-route",
         err(404, openai("Invalid URL (POST /v2/chat/completions)")),
-        Reason.ENDPOINT_NOT_FOUND,
+        FailoverReason.ENDPOINT_NOT_FOUND,
         "endpoint_not_found",
     ),
     (
         "404-llamacpp-route",
         err(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}}),
-        Reason.ENDPOINT_NOT_FOUND,
+        FailoverReason.ENDPOINT_NOT_FOUND,
         "endpoint_not_found",
     ),
     (
         "404-anthropic-route",
         err(404, anthropic("not_found_error", "Not Found")),
-        Reason.ENDPOINT_NOT_FOUND,
+        FailoverReason.ENDPOINT_NOT_FOUND,
         "endpoint_not_found",
     ),
     (
@@ -375,19 +395,19 @@ CASES = [
                 "messages",
             ),
         ),
-        Reason.CONTEXT_OVERFLOW,
+        FailoverReason.CONTEXT_OVERFLOW,
         "context_overflow",
     ),
     (
         "400-anthropic-context",
         err(400, anthropic("invalid_request_error", "prompt is too long: 210000 tokens > 200000 maximum")),
-        Reason.CONTEXT_OVERFLOW,
+        FailoverReason.CONTEXT_OVERFLOW,
         "context_overflow",
     ),
     (
         "413-anthropic",
         err(413, anthropic("request_too_large", "Request exceeds the maximum allowed number of bytes.")),
-        Reason.CONTEXT_OVERFLOW,
+        FailoverReason.CONTEXT_OVERFLOW,
         "context_overflow",
     ),
     (
@@ -405,7 +425,7 @@ CASES = [
                 }
             },
         ),
-        Reason.CONTENT_POLICY,
+        FailoverReason.CONTENT_POLICY,
         "content_policy",
     ),
     (
@@ -418,13 +438,13 @@ CASES = [
                 "content_policy_violation",
             ),
         ),
-        Reason.CONTENT_POLICY,
+        FailoverReason.CONTENT_POLICY,
         "content_policy",
     ),
     (
         "400-openrouter-invalid-model",
         err(400, openrouter(400, "foo/bar-9000 is not a valid model ID")),
-        Reason.MODEL_NOT_FOUND,
+        FailoverReason.MODEL_NOT_FOUND,
         "invalid_model",
     ),
     (
@@ -438,7 +458,7 @@ CASES = [
                 "messages[1].content",
             ),
         ),
-        Reason.FORMAT,
+        FailoverReason.FORMAT,
         "format",
     ),
     (
@@ -455,21 +475,26 @@ CASES = [
                 ]
             },
         ),
-        Reason.FORMAT,
+        FailoverReason.FORMAT,
         "format",
     ),
     (
         "500-anthropic",
         err(500, anthropic("api_error", "Internal server error")),
-        Reason.SERVER_ERROR,
+        FailoverReason.SERVER_ERROR,
         "server_error",
     ),
-    ("502-html", err(502, "<html><body>Bad Gateway</body></html>"), Reason.SERVER_ERROR, "server_error"),
-    ("504", err(504, "Gateway Timeout"), Reason.SERVER_ERROR, "server_error"),
+    (
+        "502-html",
+        err(502, "<html><body>Bad Gateway</body></html>"),
+        FailoverReason.SERVER_ERROR,
+        "server_error",
+    ),
+    ("504", err(504, "Gateway Timeout"), FailoverReason.SERVER_ERROR, "server_error"),
     (
         "stream-openrouter-502",
         err(None, openrouter(502, "Provider returned error")),
-        Reason.SERVER_ERROR,
+        FailoverReason.SERVER_ERROR,
         "server_error",
     ),
     (
@@ -483,53 +508,53 @@ CASES = [
                 "code": 404,
             },
         ),
-        Reason.MODEL_NOT_FOUND,
+        FailoverReason.MODEL_NOT_FOUND,
         "model_not_found",
     ),
     (
         "stream-anthropic-overloaded",
         err(None, anthropic("overloaded_error", "Overloaded")),
-        Reason.OVERLOADED,
+        FailoverReason.OVERLOADED,
         "overloaded",
     ),
     (
         "stream-anthropic-rate-limit",
         err(None, anthropic("rate_limit_error", "Too many tokens")),
-        Reason.RATE_LIMIT,
+        FailoverReason.RATE_LIMIT,
         "stream_rate_limit",
     ),
     (
         "stream-context",
         err(None, openai("maximum context length exceeded", "invalid_request_error")),
-        Reason.CONTEXT_OVERFLOW,
+        FailoverReason.CONTEXT_OVERFLOW,
         "stream_context_overflow",
     ),
     (
         "stream-content",
         err(None, openai("Output blocked by content filtering policy", "invalid_request_error")),
-        Reason.CONTENT_POLICY,
+        FailoverReason.CONTENT_POLICY,
         "stream_content_policy",
     ),
     (
         "stream-anthropic-timeout",
         err(None, anthropic("timeout_error", "Request timeout")),
-        Reason.TIMEOUT,
+        FailoverReason.TIMEOUT,
         "stream_timeout",
     ),
     (
         "stream-openai-server-error",
         err(None, openai("The server had an error while processing your request.", "server_error")),
-        Reason.SERVER_ERROR,
+        FailoverReason.SERVER_ERROR,
         "stream_server_error",
     ),
-    ("409-conflict", err(409, anthropic("conflict_error", "conflict")), Reason.UNKNOWN, "unknown"),
-    ("stream-garbage", err(None, "data: not json"), Reason.UNKNOWN, "unknown"),
+    ("409-conflict", err(409, anthropic("conflict_error", "conflict")), FailoverReason.UNKNOWN, "unknown"),
+    ("stream-garbage", err(None, "data: not json"), FailoverReason.UNKNOWN, "unknown"),
 ]
 
 
 @pytest.mark.parametrize(("error", "reason", "rule"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_classification_row(error: ProviderError, reason: str, rule: str):
-    verdict = classify(error)
+    verdict = classify_failure(error)
     assert (verdict.reason, verdict.rule) == (reason, rule), verdict
 
 
@@ -539,7 +564,7 @@ def test_every_rule_has_a_case():
 
 
 def test_rule_names_are_unique_and_documented():
-    import runyard.router.classify as module
+    import runyard.router.failures as module
 
     names = [rule.name for rule in RULES]
     assert len(names) == len(set(names))
@@ -556,17 +581,25 @@ def test_error_nested_in_a_cause_chain_is_read():
         except ProviderError as exc:
             raise RuntimeError("wrapper") from exc
     except RuntimeError as outer:
-        assert classify(outer).reason == Reason.MODEL_NOT_FOUND
+        assert classify_failure(outer).reason == FailoverReason.MODEL_NOT_FOUND
 
 
 def test_transport_errors_outside_provider_errors():
-    assert classify(httpx.ConnectError("refused")).reason == Reason.NETWORK
-    assert classify(TimeoutError()).reason == Reason.TIMEOUT
-    assert classify(ValueError("odd")).reason == Reason.UNKNOWN
+    assert classify_failure(httpx.ConnectError("refused")).reason == FailoverReason.NETWORK
+    assert classify_failure(TimeoutError()).reason == FailoverReason.TIMEOUT
+    assert classify_failure(ValueError("odd")).reason == FailoverReason.UNKNOWN
+
+
+def test_transport_errors_outside_provider_errors_name_their_rule():
+    # No provider error was read, so no row of RULES matched: the verdict
+    # still names the rule a provider error would have hit.
+    assert classify_failure(TimeoutError()).rule == "transport_timeout"
+    assert classify_failure(httpx.ConnectError("refused")).rule == "transport_network"
+    assert classify_failure(ValueError("odd")).rule == "unknown"
 
 
 def test_format_reports_the_blamed_field_and_detail_names_the_message():
-    verdict = classify(
+    verdict = classify_failure(
         err(400, openai("Invalid value for 'temperature'.", code="invalid_value", param="temperature"))
     )
     assert verdict.param == "temperature"
@@ -574,7 +607,7 @@ def test_format_reports_the_blamed_field_and_detail_names_the_message():
 
 
 def test_html_bodies_are_not_quoted_in_the_detail():
-    assert classify(err(404, "<html>" + "x" * 5000 + "</html>")).detail == "HTTP 404: HTML page"
+    assert classify_failure(err(404, "<html>" + "x" * 5000 + "</html>")).detail == "HTTP 404: HTML page"
 
 
 @pytest.mark.parametrize(
@@ -595,7 +628,7 @@ def test_retry_after(headers, body, expected):
 
 
 def test_retry_after_reaches_the_verdict():
-    verdict = classify(err(429, anthropic("rate_limit_error", "slow down"), {"retry-after": "2"}))
+    verdict = classify_failure(err(429, anthropic("rate_limit_error", "slow down"), {"retry-after": "2"}))
     assert verdict.retry_after_s == 2.0
 
 
@@ -619,14 +652,14 @@ def test_retry_after_reaches_the_verdict():
     ],
 )
 def test_a_rate_limit_is_the_models_unless_the_provider_says_it_is_the_keys(body, key_wide):
-    verdict = classify(err(429, body, {"retry-after": "3"}), model="gpt-4o")
-    assert (verdict.reason, verdict.key_wide) == (Reason.RATE_LIMIT, key_wide)
+    verdict = classify_failure(err(429, body, {"retry-after": "3"}), model="gpt-4o")
+    assert (verdict.reason, verdict.key_wide) == (FailoverReason.RATE_LIMIT, key_wide)
 
 
 def test_a_key_wide_rate_limit_that_names_the_model_is_the_models():
     body = openai("Rate limit for this API key exceeded on model gpt-4o")
-    assert classify(err(429, body), model="gpt-4o").key_wide is False
-    assert classify(err(429, body), model="other").key_wide is True
-    assert classify(err(429, body), model="gpt-4").key_wide is True  # "gpt-4o" does not name "gpt-4"
-    assert classify(err(429, openai("API key rate limit reached")), model="a").key_wide is True
-    assert classify(err(401, openai("Incorrect API key; limit your retries"))).key_wide is False
+    assert classify_failure(err(429, body), model="gpt-4o").key_wide is False
+    assert classify_failure(err(429, body), model="other").key_wide is True
+    assert classify_failure(err(429, body), model="gpt-4").key_wide is True  # "gpt-4o" does not name "gpt-4"
+    assert classify_failure(err(429, openai("API key rate limit reached")), model="a").key_wide is True
+    assert classify_failure(err(401, openai("Incorrect API key; limit your retries"))).key_wide is False

@@ -1,6 +1,6 @@
-"""Provider error classification: one table from error to failover reason.
+"""Failure classification: one table from a failed model call to its failover reason.
 
-:func:`classify` turns any failure of a model call (HTTP status, error
+:func:`classify_failure` turns any failure of a model call (HTTP status, error
 code/type and message in the body, response headers, transport exception,
 stall timer) into a :class:`Classification`. The table is :data:`RULES`:
 the first rule that matches decides, and its ``name`` is reported in the
@@ -104,6 +104,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import email.utils
+import enum
 import json
 import re
 import socket
@@ -115,11 +116,17 @@ import httpx
 
 from runyard.router.providers import ProviderError
 
-__all__ = ["RULES", "Classification", "Reason", "Rule", "classify", "parse_retry_after"]
+__all__ = ["RULES", "Classification", "FailoverReason", "Rule", "classify_failure", "parse_retry_after"]
 
 
-class Reason:
-    """Failover reason names (the ``FailoverReason`` enum without its prefix)."""
+class FailoverReason(enum.StrEnum):
+    """Why a model call failed: the names of the protobuf ``FailoverReason``
+    enum without their ``FAILOVER_REASON_`` prefix (``UNSPECIFIED`` aside).
+
+    Members are strings: they compare equal to the names stored in
+    ``router.cooldowns.last_reason``, sent as ErrorInfo metadata and used as
+    metric labels. :mod:`runyard.router.policy` says what each one leads to.
+    """
 
     RATE_LIMIT = "RATE_LIMIT"
     OVERLOADED = "OVERLOADED"
@@ -141,7 +148,7 @@ class Reason:
 class Classification:
     """The verdict on one provider error.
 
-    ``reason``: a :class:`Reason` name. ``retry_after_s``: the provider's
+    ``reason``: the :class:`FailoverReason`. ``retry_after_s``: the provider's
     Retry-After hint in seconds, if any. ``detail``: a short human-readable
     explanation (never a credential). ``rule``: the :data:`RULES` entry that
     matched. ``param``: the request field the provider blamed (OpenAI
@@ -149,7 +156,7 @@ class Classification:
     applies to the whole key or account, not to the model called.
     """
 
-    reason: str
+    reason: FailoverReason
     retry_after_s: float | None = None
     detail: str = ""
     rule: str = ""
@@ -166,7 +173,7 @@ class Facts:
     codes: frozenset[str]
     retry_after_s: float | None
     stalled: str = ""
-    transport: str | None = None
+    transport: FailoverReason | None = None
     message: str = ""
     param: str = ""
     stream_error: bool = False
@@ -183,7 +190,7 @@ class Rule:
     error format comes from) and ``match(facts) -> bool``."""
 
     name: str
-    reason: str
+    reason: FailoverReason
     source: str
     match: Callable[[Facts], bool]
 
@@ -359,13 +366,13 @@ def parse_retry_after(headers: dict[str, str], body_text: str = "") -> float | N
     return None
 
 
-def _transport(exc: BaseException | None) -> str | None:
+def _transport(exc: BaseException | None) -> FailoverReason | None:
     """TIMEOUT or NETWORK for a transport exception anywhere in the chain."""
     for item in _exception_chain(exc):
         if isinstance(item, httpx.ConnectTimeout):
-            return Reason.NETWORK
+            return FailoverReason.NETWORK
         if isinstance(item, (httpx.TimeoutException, asyncio.TimeoutError, TimeoutError)):
-            return Reason.TIMEOUT
+            return FailoverReason.TIMEOUT
         if isinstance(
             item,
             (
@@ -376,9 +383,9 @@ def _transport(exc: BaseException | None) -> str | None:
                 httpx.NetworkError,
             ),
         ):
-            return Reason.NETWORK
+            return FailoverReason.NETWORK
         if isinstance(item, (ConnectionError, socket.gaierror)):
-            return Reason.NETWORK
+            return FailoverReason.NETWORK
     return None
 
 
@@ -399,24 +406,29 @@ def _stream(f: Facts) -> bool:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("stall_first_token", Reason.TIMEOUT, "router ttft_timeout_ms timer", lambda f: f.stalled == "ttft"),
-    Rule("stall_idle", Reason.TIMEOUT, "router idle_timeout_ms timer", lambda f: f.stalled == "idle"),
+    Rule(
+        "stall_first_token",
+        FailoverReason.TIMEOUT,
+        "router ttft_timeout_ms timer",
+        lambda f: f.stalled == "ttft",
+    ),
+    Rule("stall_idle", FailoverReason.TIMEOUT, "router idle_timeout_ms timer", lambda f: f.stalled == "idle"),
     Rule(
         "transport_timeout",
-        Reason.TIMEOUT,
+        FailoverReason.TIMEOUT,
         "httpx ReadTimeout/WriteTimeout/PoolTimeout",
-        lambda f: f.status is None and f.transport == Reason.TIMEOUT,
+        lambda f: f.status is None and f.transport == FailoverReason.TIMEOUT,
     ),
     Rule(
         "transport_network",
-        Reason.NETWORK,
+        FailoverReason.NETWORK,
         "httpx ConnectError/ReadError/RemoteProtocolError, DNS",
-        lambda f: f.status is None and f.transport == Reason.NETWORK,
+        lambda f: f.status is None and f.transport == FailoverReason.NETWORK,
     ),
-    Rule("http_408", Reason.TIMEOUT, "RFC 9110 §15.5.9; OpenRouter 408", lambda f: _status(f, 408)),
+    Rule("http_408", FailoverReason.TIMEOUT, "RFC 9110 §15.5.9; OpenRouter 408", lambda f: _status(f, 408)),
     Rule(
         "overloaded",
-        Reason.OVERLOADED,
+        FailoverReason.OVERLOADED,
         "Anthropic 529 overloaded_error; OpenRouter 503",
         lambda f: (
             _status(f, 503, 529)
@@ -426,58 +438,68 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "billing_code",
-        Reason.BILLING,
+        FailoverReason.BILLING,
         "OpenAI insufficient_quota; Anthropic billing_error, enforced_spend_limit_reached, "
         "'credit balance is too low'; OpenRouter 'insufficient credits'",
         lambda f: (f.status in (400, 403, 429) or f.status is None) and _has(_BILLING_CODE, f),
     ),
     Rule(
         "rate_limit_resets",
-        Reason.RATE_LIMIT,
+        FailoverReason.RATE_LIMIT,
         "429 quota that resets (Gemini per-day quota, 'try again in')",
         lambda f: _status(f, 429) and (_has(_QUOTA_RESETS, f) or f.retry_after_s is not None),
     ),
     Rule(
         "billing_text",
-        Reason.BILLING,
+        FailoverReason.BILLING,
         "429 about billing or credits",
         lambda f: _status(f, 429) and _has(_BILLING_TEXT, f),
     ),
-    Rule("rate_limit", Reason.RATE_LIMIT, "OpenAI/Anthropic 429 rate_limit_error", lambda f: _status(f, 429)),
-    Rule("http_402", Reason.BILLING, "RFC 9110 §15.5.3; OpenRouter/Anthropic 402", lambda f: _status(f, 402)),
+    Rule(
+        "rate_limit",
+        FailoverReason.RATE_LIMIT,
+        "OpenAI/Anthropic 429 rate_limit_error",
+        lambda f: _status(f, 429),
+    ),
+    Rule(
+        "http_402",
+        FailoverReason.BILLING,
+        "RFC 9110 §15.5.3; OpenRouter/Anthropic 402",
+        lambda f: _status(f, 402),
+    ),
     Rule(
         "auth_permanent",
-        Reason.AUTH_PERMANENT,
+        FailoverReason.AUTH_PERMANENT,
         "401/403 revoked or deactivated key (OpenAI, OpenRouter)",
         lambda f: _status(f, 401, 403) and _has(_AUTH_PERMANENT, f),
     ),
     Rule(
         "content_policy_403",
-        Reason.CONTENT_POLICY,
+        FailoverReason.CONTENT_POLICY,
         "OpenRouter 403 moderation flag",
         lambda f: _status(f, 403) and _has(_CONTENT, f),
     ),
     Rule(
         "auth",
-        Reason.AUTH,
+        FailoverReason.AUTH,
         "OpenAI invalid_api_key; Anthropic authentication_error/permission_error",
         lambda f: _status(f, 401, 403),
     ),
     Rule(
         "model_not_found",
-        Reason.MODEL_NOT_FOUND,
+        FailoverReason.MODEL_NOT_FOUND,
         "OpenAI model_not_found; Anthropic not_found_error 'model: x'; vLLM; Ollama",
         lambda f: _status(f, 404) and not f.html and _has(_MODEL_NAMED, f),
     ),
     Rule(
         "endpoint_not_found",
-        Reason.ENDPOINT_NOT_FOUND,
+        FailoverReason.ENDPOINT_NOT_FOUND,
         "404 without a model error",
         lambda f: _status(f, 404),
     ),
     Rule(
         "wrong_endpoint",
-        Reason.ENDPOINT_NOT_FOUND,
+        FailoverReason.ENDPOINT_NOT_FOUND,
         "HTTP 405 (the route exists but takes no POST), or a 2xx HTML page where an event stream "
         "was expected: the base URL points at a web site, not an API (RFC 9110 §15.5.6)",
         # A 2xx answer has no status in the facts (only errors do): an HTML
@@ -486,32 +508,32 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "context_overflow",
-        Reason.CONTEXT_OVERFLOW,
+        FailoverReason.CONTEXT_OVERFLOW,
         "OpenAI context_length_exceeded; Anthropic 'prompt is too long', request_too_large 413",
         lambda f: _status(f, 413) or (_status(f, 400, 422) and _has(_CONTEXT, f)),
     ),
     Rule(
         "content_policy",
-        Reason.CONTENT_POLICY,
+        FailoverReason.CONTENT_POLICY,
         "OpenAI/Azure content_filter, content_policy_violation",
         lambda f: _status(f, 400, 422) and _has(_CONTENT, f),
     ),
     Rule(
         "invalid_model",
-        Reason.MODEL_NOT_FOUND,
+        FailoverReason.MODEL_NOT_FOUND,
         "OpenRouter 400 'is not a valid model ID'",
         lambda f: _status(f, 400, 422) and _has(_INVALID_MODEL, f),
     ),
-    Rule("format", Reason.FORMAT, "400/422 invalid_request_error", lambda f: _status(f, 400, 422)),
+    Rule("format", FailoverReason.FORMAT, "400/422 invalid_request_error", lambda f: _status(f, 400, 422)),
     Rule(
         "server_error",
-        Reason.SERVER_ERROR,
+        FailoverReason.SERVER_ERROR,
         "HTTP 500/502/504; Anthropic api_error",
         lambda f: f.status is not None and f.status >= 500,
     ),
     Rule(
         "stream_rate_limit",
-        Reason.RATE_LIMIT,
+        FailoverReason.RATE_LIMIT,
         "error event mid-stream (OpenRouter, Anthropic rate_limit_error)",
         lambda f: (
             _stream(f) and (_code(f, "rate_limit_error", "rate_limit_exceeded") or _has(_RATE_LIMIT_TEXT, f))
@@ -519,29 +541,29 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "stream_context_overflow",
-        Reason.CONTEXT_OVERFLOW,
+        FailoverReason.CONTEXT_OVERFLOW,
         "error event mid-stream about context length",
         lambda f: _stream(f) and _has(_CONTEXT, f),
     ),
     Rule(
         "stream_content_policy",
-        Reason.CONTENT_POLICY,
+        FailoverReason.CONTENT_POLICY,
         "error event mid-stream about content policy",
         lambda f: _stream(f) and _has(_CONTENT, f),
     ),
     Rule(
         "stream_timeout",
-        Reason.TIMEOUT,
+        FailoverReason.TIMEOUT,
         "Anthropic timeout_error event mid-stream",
         lambda f: _stream(f) and (_code(f, "timeout_error") or _has(_TIMEOUT_TEXT, f)),
     ),
     Rule(
         "stream_server_error",
-        Reason.SERVER_ERROR,
+        FailoverReason.SERVER_ERROR,
         "OpenAI server_error / Anthropic api_error event mid-stream",
         lambda f: _stream(f) and _has(_SERVER_TEXT, f),
     ),
-    Rule("unknown", Reason.UNKNOWN, "anything else", lambda f: True),
+    Rule("unknown", FailoverReason.UNKNOWN, "anything else", lambda f: True),
 )
 
 
@@ -577,7 +599,7 @@ def _find_provider_error(error: BaseException) -> ProviderError | None:
     return None
 
 
-def classify(error: BaseException, model: str = "") -> Classification:
+def classify_failure(error: BaseException, model: str = "") -> Classification:
     """Classify any failure of a model call (see the module table).
 
     A :class:`ProviderError` anywhere in ``error``'s cause chain is read;
@@ -588,15 +610,22 @@ def classify(error: BaseException, model: str = "") -> Classification:
     provider_error = _find_provider_error(error)
     if provider_error is None:
         reason = _transport(error)
-        rule = {Reason.TIMEOUT: "transport_timeout", Reason.NETWORK: "transport_network"}.get(
-            reason or "", "unknown"
+        # The rule a transport failure is reported under (a name, not a Rule:
+        # no provider error was read, so no row of RULES was matched).
+        rule_name = {
+            FailoverReason.TIMEOUT: "transport_timeout",
+            FailoverReason.NETWORK: "transport_network",
+        }.get(reason or FailoverReason.UNKNOWN, "unknown")
+        return Classification(
+            reason or FailoverReason.UNKNOWN, None, f"{type(error).__name__}: {error}", rule_name
         )
-        return Classification(reason or Reason.UNKNOWN, None, f"{type(error).__name__}: {error}", rule)
     facts = facts_of(provider_error)
     for rule in RULES:
         if rule.match(facts):
             key_wide = (
-                rule.reason == Reason.RATE_LIMIT and _has(_KEY_WIDE, facts) and not _names(facts, model)
+                rule.reason == FailoverReason.RATE_LIMIT
+                and _has(_KEY_WIDE, facts)
+                and not _names(facts, model)
             )
             return Classification(
                 rule.reason, facts.retry_after_s, _detail(facts), rule.name, facts.param, key_wide

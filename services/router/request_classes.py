@@ -1,4 +1,8 @@
-"""The task classifier: configured rules map a request to a task class.
+"""Request classes: configured rules map a request to its task class.
+
+A task class is a label such as ``code`` or ``vision`` (nothing to do with
+the gateway's background tasks); failures are classified elsewhere, in
+:mod:`runyard.router.failures`.
 
 Rules (``[[classifier.rules]]``, see :class:`~runyard.common.config.ClassifierRule`)
 are tried in order and the first whose every condition holds names the class;
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from runyard._proto.v1 import common_pb2
 from runyard.common.config import ClassifierConfig, ClassifierRule
 
-__all__ = ["TaskClassifier", "TaskMatch", "looks_like_code"]
+__all__ = ["ClassMatch", "RequestClassifier", "looks_like_code"]
 
 _FENCE = re.compile(r"^\s*(```|~~~)", re.MULTILINE)
 _CODE_LINE = re.compile(
@@ -38,7 +42,7 @@ def looks_like_code(text: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class TaskMatch:
+class ClassMatch:
     """The class chosen and why: ``rule`` is ``"rule <n>"`` (1-based),
     ``"default"`` or ``""`` when no class applies."""
 
@@ -79,28 +83,28 @@ class _Compiled:
         return True, code
 
 
-class TaskClassifier:
+class RequestClassifier:
     """Applies ``config`` (the ``[classifier]`` section)."""
 
     def __init__(self, config: ClassifierConfig):
         self.config = config
         self._rules = [_Compiled(rule) for rule in config.rules]
 
-    def classify_text(self, text: str, attachments: int = 0) -> TaskMatch:
+    def classify_text(self, text: str, attachments: int = 0) -> ClassMatch:
         """The class of ``text`` with ``attachments`` attachments."""
         code: bool | None = None
         for index, compiled in enumerate(self._rules, start=1):
             matched, code = compiled.matches(text, attachments, code)
             if matched:
-                return TaskMatch(compiled.rule.task_class, f"rule {index}")
+                return ClassMatch(compiled.rule.task_class, f"rule {index}")
         if self.config.default_class:
-            return TaskMatch(self.config.default_class, "default")
-        return TaskMatch("", "")
+            return ClassMatch(self.config.default_class, "default")
+        return ClassMatch("", "")
 
-    def classify(self, run: common_pb2.RunPayload, messages: Sequence[common_pb2.Message]) -> TaskMatch:
+    def classify(self, run: common_pb2.RunPayload, messages: Sequence[common_pb2.Message]) -> ClassMatch:
         """The class of ``run``'s new user turn (see the module docstring)."""
         if not self._rules and not self.config.default_class:
-            return TaskMatch("", "")
+            return ClassMatch("", "")
         last_user = next((m for m in reversed(messages) if m.role == common_pb2.ROLE_USER), None)
         text = run.input.text or (last_user.content if last_user is not None else "")
         attachments = len(run.input.attachments) + (
