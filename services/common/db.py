@@ -175,8 +175,9 @@ class Listener:
         await self._connect()
         self._task = asyncio.create_task(self._watch(), name="pg-listener")
 
-    def _notify(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
-        self.callback(channel, payload)
+    def _notify(self, _conn: object, _pid: int, channel: str, payload: object) -> None:
+        # asyncpg passes the payload as a str (typed ``object`` in its stubs).
+        self.callback(channel, str(payload))
 
     def _on_lost(self, _conn: Any) -> None:
         self._lost.set()

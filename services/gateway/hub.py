@@ -37,6 +37,7 @@ from runyard.common.errors import (
     Unauthenticated,
 )
 from runyard.common.faults import retry_transient, transient_database_error
+from runyard.common.grpctypes import ServicerContext
 from runyard.common.server import settle_before_reject
 from runyard.gateway.events import PUBLISH_WINDOW, RunLog
 from runyard.gateway.runs import CANCEL_CHANNEL, QUEUE_CHANNEL, Claim, RunStore, event_bytes
@@ -327,7 +328,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
     async def Connect(
         self,
         request_iterator: AsyncIterator[worker_hub_pb2.ConnectRequest],
-        context: grpc.aio.ServicerContext,
+        context: ServicerContext,
     ) -> AsyncIterator[worker_hub_pb2.ConnectResponse]:
         try:
             check_internal(context, self.internal_secret)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
-import grpc
 
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 from runyard.common import tracing
@@ -33,6 +32,7 @@ from runyard.common.errors import (
     Unimplemented,
 )
 from runyard.common.faults import budget_for, retry_transient
+from runyard.common.grpctypes import ServicerContext
 from runyard.common.protoutil import now, parse_uuid
 from runyard.common.server import settle_before_reject
 from runyard.gateway.auth import Authenticator, Principal
@@ -220,7 +220,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     # ------------------------------------------------------------ runs
 
     async def _submit(
-        self, principal: Principal, request: gateway_pb2.SendMessageRequest, context: grpc.aio.ServicerContext
+        self, principal: Principal, request: gateway_pb2.SendMessageRequest, context: ServicerContext
     ) -> _Submitted:
         """Validate, resolve the session, queue the run (claimed at once when
         the session is idle and a worker here has room)."""
@@ -300,7 +300,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         payload: common_pb2.RunPayload,
         fingerprint: bytes,
         strategy: str,
-        context: grpc.aio.ServicerContext,
+        context: ServicerContext,
         worker: WorkerConn | None,
         resolved: sessions_pb2.ResolveSessionResponse,
     ) -> tuple[Any, bool]:
@@ -393,7 +393,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return not (ended and after_seq >= last)
 
     async def SendMessage(
-        self, request: gateway_pb2.SendMessageRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.SendMessageRequest, context: ServicerContext
     ) -> AsyncIterator[common_pb2.RunEvent]:
         principal = await self.auth.authenticate(context)
         with self.auth.stream_slot(principal):
@@ -409,7 +409,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 yield event
 
     async def JoinRun(
-        self, request: gateway_pb2.JoinRunRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.JoinRunRequest, context: ServicerContext
     ) -> AsyncIterator[common_pb2.RunEvent]:
         principal = await self.auth.authenticate(context)
         principal.require("chat")
@@ -422,7 +422,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 yield event
 
     async def Chat(
-        self, request_iterator: AsyncIterator[gateway_pb2.ChatRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[gateway_pb2.ChatRequest], context: ServicerContext
     ) -> AsyncIterator[common_pb2.RunEvent]:
         try:
             # Charged per message below, not per stream (gateway.rate_limit_rps applies to each).
@@ -531,13 +531,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return run_proto(row)
 
     async def CancelRun(
-        self, request: gateway_pb2.CancelRunRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.CancelRunRequest, context: ServicerContext
     ) -> gateway_pb2.CancelRunResponse:
         principal = await self.auth.authenticate(context)
         return gateway_pb2.CancelRunResponse(run=await self._cancel(principal, request))
 
     async def GetRun(
-        self, request: gateway_pb2.GetRunRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.GetRunRequest, context: ServicerContext
     ) -> gateway_pb2.GetRunResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
@@ -556,13 +556,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return await self.tool_results.submit(principal.org_id, request)
 
     async def SubmitToolResults(
-        self, request: gateway_pb2.SubmitToolResultsRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.SubmitToolResultsRequest, context: ServicerContext
     ) -> gateway_pb2.SubmitToolResultsResponse:
         principal = await self.auth.authenticate(context)
         return gateway_pb2.SubmitToolResultsResponse(run=await self._submit_tool_results(principal, request))
 
     async def ListRuns(
-        self, request: gateway_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.ListRunsRequest, context: ServicerContext
     ) -> gateway_pb2.ListRunsResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
@@ -583,7 +583,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     # ------------------------------------------------------------ sessions (proxied)
 
     async def _session(
-        self, principal: Principal, session_id: str, session_key: str, context: grpc.aio.ServicerContext
+        self, principal: Principal, session_id: str, session_key: str, context: ServicerContext
     ) -> common_pb2.Session:
         _require_session_ref(session_id, session_key)
         self._check_session_key(session_key)
@@ -599,7 +599,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return response.session
 
     async def ListSessions(
-        self, request: gateway_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.ListSessionsRequest, context: ServicerContext
     ) -> gateway_pb2.ListSessionsResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
@@ -624,7 +624,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
 
     async def GetSession(
-        self, request: gateway_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.GetSessionRequest, context: ServicerContext
     ) -> gateway_pb2.GetSessionResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
@@ -632,7 +632,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return gateway_pb2.GetSessionResponse(session=session)
 
     async def GetMessages(
-        self, request: gateway_pb2.GetMessagesRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.GetMessagesRequest, context: ServicerContext
     ) -> gateway_pb2.GetMessagesResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
@@ -656,7 +656,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
 
     async def ResetSession(
-        self, request: gateway_pb2.ResetSessionRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.ResetSessionRequest, context: ServicerContext
     ) -> gateway_pb2.ResetSessionResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:admin")
@@ -677,7 +677,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
 
     async def DeleteSession(
-        self, request: gateway_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.DeleteSessionRequest, context: ServicerContext
     ) -> gateway_pb2.DeleteSessionResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:admin")
@@ -717,7 +717,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return self.tasks
 
     async def SpawnTask(
-        self, request: gateway_pb2.SpawnTaskRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.SpawnTaskRequest, context: ServicerContext
     ) -> gateway_pb2.SpawnTaskResponse:
         principal = await self.auth.authenticate(context)
         principal.require("chat")
@@ -741,7 +741,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return gateway_pb2.SpawnTaskResponse(task=task)
 
     async def ListTasks(
-        self, request: gateway_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.ListTasksRequest, context: ServicerContext
     ) -> gateway_pb2.ListTasksResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
@@ -763,7 +763,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return gateway_pb2.ListTasksResponse(tasks=tasks, next_page_token=token)
 
     async def GetTask(
-        self, request: gateway_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.GetTaskRequest, context: ServicerContext
     ) -> gateway_pb2.GetTaskResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
@@ -771,7 +771,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return gateway_pb2.GetTaskResponse(task=await self._tasks().get(principal.org_id, task_id))
 
     async def CancelTask(
-        self, request: gateway_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.CancelTaskRequest, context: ServicerContext
     ) -> gateway_pb2.CancelTaskResponse:
         principal = await self.auth.authenticate(context)
         principal.require("chat")
@@ -781,7 +781,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
 
     async def WatchEvents(
-        self, request: gateway_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.WatchEventsRequest, context: ServicerContext
     ) -> AsyncIterator[common_pb2.LifecycleEvent]:
         # Replay after request.after_id, then live; see runyard.gateway.watch.
         principal = await self.auth.authenticate(context)
