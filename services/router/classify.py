@@ -588,10 +588,10 @@ def classify(error: BaseException, model: str = "") -> Classification:
     provider_error = _find_provider_error(error)
     if provider_error is None:
         reason = _transport(error)
-        rule = {Reason.TIMEOUT: "transport_timeout", Reason.NETWORK: "transport_network"}.get(
+        rule_name = {Reason.TIMEOUT: "transport_timeout", Reason.NETWORK: "transport_network"}.get(
             reason or "", "unknown"
         )
-        return Classification(reason or Reason.UNKNOWN, None, f"{type(error).__name__}: {error}", rule)
+        return Classification(reason or Reason.UNKNOWN, None, f"{type(error).__name__}: {error}", rule_name)
     facts = facts_of(provider_error)
     for rule in RULES:
         if rule.match(facts):
