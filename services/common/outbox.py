@@ -166,11 +166,12 @@ class Outbox:
 
     async def emit(
         self,
-        conn: db.Connection,
+        conn: db.Executor,
         events: Sequence[common_pb2.LifecycleEvent],
         relayed_from: Sequence[str] | None = None,
     ) -> list[int]:
-        """Insert ``events`` in the caller's transaction (one statement);
+        """Insert ``events`` in the caller's transaction (one statement; on
+        the pool, a transaction of its own);
         returns their positions (an event stored before, for a relaying
         outbox, gets none). Readers are notified when it commits."""
         if not events:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, sessions_pb2, sessions_pb2_grpc
-from runyard.common import tracing
+from runyard.common import db, tracing
 from runyard.common.auth import internal_metadata
 from runyard.common.clients import call, downstream_timeout
 from runyard.common.config import Config
@@ -371,14 +371,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.closing.set()
         self.broker.wake_all()
 
-    def _check_join(self, row: Mapping[str, object], after_seq: int) -> bool:
+    def _check_join(self, row: db.Row, after_seq: int) -> bool:
         """Whether a join after ``after_seq`` has anything to follow.
 
         Raises:
             OutOfRange: ``after_seq`` is beyond the run's events (reason
                 AFTER_SEQ_OUT_OF_RANGE).
         """
-        last = int(row["last_seq"])  # type: ignore[call-overload]
+        last = int(row["last_seq"])
         ended = row["status"] in TERMINAL
         # A running run may have delivered up to PUBLISH_WINDOW events from
         # memory beyond what is stored.
@@ -587,7 +587,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     ) -> common_pb2.Session:
         _require_session_ref(session_id, session_key)
         self._check_session_key(session_key)
-        response = await call(
+        response: sessions_pb2.SessionServiceGetSessionResponse = await call(
             self.sessions.GetSession(
                 sessions_pb2.SessionServiceGetSessionRequest(
                     org_id=principal.org_id, session_id=session_id, session_key=session_key
