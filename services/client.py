@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from types import TracebackType
+from typing import Any, cast
 
 import grpc
 
@@ -58,7 +59,9 @@ class Client:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _stream(self, call: grpc.aio.UnaryStreamCall) -> AsyncIterator[common_pb2.RunEvent]:
+    async def _stream(
+        self, call: grpc.aio.UnaryStreamCall[Any, common_pb2.RunEvent]
+    ) -> AsyncIterator[common_pb2.RunEvent]:
         try:
             async for event in call:
                 yield event
@@ -92,7 +95,7 @@ class Client:
             agent_id=agent_id,
             text=text,
             idempotency_key=idempotency_key,
-            multitask_strategy=strategy,
+            multitask_strategy=cast(common_pb2.MultitaskStrategy, strategy),
             metadata=metadata or {},
             model=common_pb2.ModelPreferences(model=model),
         )

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import sys
+from typing import Any
 
 __all__ = ["LoopbackProvider", "main"]
 
@@ -97,8 +98,12 @@ class LoopbackProvider:
             writer.write(_chunk(b"data: " + json.dumps(event).encode() + b"\n\n"))
             if index == 0:
                 await writer.drain()
-        finish = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-        usage = {**base, "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": self.chunks}}
+        finish: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        usage: dict[str, Any] = {
+            **base,
+            "choices": [],
+            "usage": {"prompt_tokens": 10, "completion_tokens": self.chunks},
+        }
         for event in (finish, usage):
             writer.write(_chunk(b"data: " + json.dumps(event).encode() + b"\n\n"))
         writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")

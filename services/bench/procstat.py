@@ -33,6 +33,8 @@ from typing import Any
 
 import asyncpg
 
+from runyard.common import db
+
 __all__ = [
     "STATS_SETTLE_S",
     "PgCpu",
@@ -135,7 +137,7 @@ class PgProcesses:
         return self.postmaster is not None
 
     @classmethod
-    async def locate(cls, conn: asyncpg.Connection) -> PgProcesses:
+    async def locate(cls, conn: db.Connection) -> PgProcesses:
         """Find the postmaster through ``conn``'s backend process."""
         backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
         identity = _identity(backend)
@@ -162,7 +164,7 @@ class PgProcesses:
                 out[int(entry.name)] = (identity[1], identity[2])
         return out
 
-    async def sample(self, conn: asyncpg.Connection, database: str) -> PgCpu:
+    async def sample(self, conn: db.Connection, database: str) -> PgCpu:
         """CPU of every child of the postmaster, grouped (see :class:`PgCpu`).
 
         ``conn`` reads ``pg_stat_activity`` (any database of the server; its
@@ -192,7 +194,7 @@ _DB_FIELDS = (
 )
 
 
-async def db_counters(conn: asyncpg.Connection, database: str) -> dict[str, Any]:
+async def db_counters(conn: db.Connection, database: str) -> dict[str, Any]:
     """``pg_stat_database`` counters of ``database`` as published so far
     (see :data:`STATS_SETTLE_S`), plus ``others``: commits of every other
     database by name (activity of others on a shared server; see
@@ -217,7 +219,7 @@ def other_commits(before: dict[str, Any], after: dict[str, Any]) -> int:
     return sum(max(0, count - before["others"].get(name, 0)) for name, count in after["others"].items())
 
 
-async def wal_insert_lsn(conn: asyncpg.Connection) -> int:
+async def wal_insert_lsn(conn: db.Connection) -> int:
     """The server's current WAL insert position, in bytes from 0/0."""
     return int(await conn.fetchval("SELECT pg_current_wal_insert_lsn()"))
 
@@ -243,7 +245,7 @@ FROM tagged
 """
 
 
-async def _flushed_past(conn: asyncpg.Connection, position: int, timeout_s: float = 5.0) -> int:
+async def _flushed_past(conn: db.Connection, position: int, timeout_s: float = 5.0) -> int:
     """Wait until the WAL is flushed beyond ``position``; returns the flush position.
 
     pg_walinspect reads only WAL below the flush position (strictly, in
@@ -286,11 +288,11 @@ class WalInspector:
     Build with :meth:`open`; ``reason`` says why it is unavailable.
     """
 
-    def __init__(self, conn: asyncpg.Connection | None, database_oid: int, reason: str = ""):
+    def __init__(self, conn: db.Connection | None, database_oid: int, reason: str = ""):
         self.conn = conn
         self.database_oid = database_oid
         self.reason = reason
-        self.slot_conn: asyncpg.Connection | None = None
+        self.slot_conn: db.Connection | None = None
         self.slot = ""
         self.held = 0
         #: Why WAL is not retained by a slot ("" when it is).
@@ -336,7 +338,8 @@ class WalInspector:
                 f"no replication slot ({str(exc).splitlines()[0]}): WAL may be recycled before it is read"
             )
         else:
-            inspector.slot_conn, inspector.slot, inspector.held = slot_conn, name, int(row["lsn"] or 0)
+            lsn = db.returned(row)["lsn"]
+            inspector.slot_conn, inspector.slot, inspector.held = slot_conn, name, int(lsn or 0)
             inspector.slot_note = ""
         return inspector
 
@@ -373,6 +376,7 @@ class WalInspector:
         except asyncpg.PostgresError as exc:
             self.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             return None
+        row = db.returned(row)  # an aggregate: always one row
         return {key: int(row[key]) for key in ("bytes", "fpi_bytes", "records", "write_commits", "all_bytes")}
 
     async def close(self) -> None:

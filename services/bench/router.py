@@ -56,6 +56,7 @@ import uuid
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -336,8 +337,8 @@ async def _engine_overhead(
     try:
         for level in levels:
             scratch = Sample()
-            await _batch(args.warmup, level, lambda s=scratch: client.call_direct(s))
-            await _batch(args.warmup, level, lambda s=scratch: client.call_engine(engine, s))
+            await _batch(args.warmup, level, partial(client.call_direct, scratch))
+            await _batch(args.warmup, level, partial(client.call_engine, engine, scratch))
             direct, routed = Sample(), Sample()
             if level == 1:
                 for _ in range(args.requests):
@@ -346,8 +347,8 @@ async def _engine_overhead(
             else:
                 per_round = max(args.requests // max(args.rounds, 1), 1)
                 for _ in range(max(args.rounds, 1)):
-                    await _batch(per_round, level, lambda d=direct: client.call_direct(d))
-                    await _batch(per_round, level, lambda r=routed: client.call_engine(engine, r))
+                    await _batch(per_round, level, partial(client.call_direct, direct))
+                    await _batch(per_round, level, partial(client.call_engine, engine, routed))
             rows.append(_row(level, "ttft", direct.ttft, routed.ttft))
             rows.append(_row(level, "total", direct.total, routed.total))
     finally:
@@ -361,7 +362,7 @@ def _ms(values: list[float], q: float) -> float:
 
 
 def _row(concurrency: int, metric: str, direct: list[float], routed: list[float]) -> dict[str, Any]:
-    row = {
+    row: dict[str, Any] = {
         "concurrency": concurrency,
         "metric": metric,
         "n": min(len(direct), len(routed)),
@@ -419,8 +420,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 for level in levels:
                     # Warm up at this concurrency: connections open, code paths hot.
                     scratch = Sample()
-                    await _batch(args.warmup, level, lambda s=scratch: client.call_direct(s))
-                    await _batch(args.warmup, level, lambda s=scratch: client.call_router(s))
+                    await _batch(args.warmup, level, partial(client.call_direct, scratch))
+                    await _batch(args.warmup, level, partial(client.call_router, scratch))
                     direct, routed = Sample(), Sample()
                     router_cpu = 0.0
                     if level == 1:
@@ -433,9 +434,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                     else:
                         per_round = max(args.requests // max(args.rounds, 1), 1)
                         for _ in range(max(args.rounds, 1)):
-                            await _batch(per_round, level, lambda d=direct: client.call_direct(d))
+                            await _batch(per_round, level, partial(client.call_direct, direct))
                             before = _process_cpu_s(router_pid)
-                            await _batch(per_round, level, lambda r=routed: client.call_router(r))
+                            await _batch(per_round, level, partial(client.call_router, routed))
                             router_cpu += _process_cpu_s(router_pid) - before
                     for row in (
                         _row(level, "ttft", direct.ttft, routed.ttft),

@@ -94,6 +94,7 @@ import grpc
 
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from runyard.bench import percentile, procstat
+from runyard.common import db
 from runyard.common.auth import generate_run_token_keys, run_token_env
 from runyard.common.config import ProviderConfig
 from runyard.common.processes import Processes, free_port
@@ -537,7 +538,7 @@ class _Bench:
         self.workers: list[str] = []
         self.provider_ports: dict[int, int] = {}
         self.database = ""
-        self.admin: asyncpg.Connection | None = None
+        self.admin: db.Connection | None = None
         self.pg = procstat.PgProcesses(None, "not located")
         self.wal = procstat.WalInspector(None, 0, "not opened")
         self.stub: gateway_pb2_grpc.GatewayServiceStub | None = None
@@ -986,7 +987,8 @@ async def _run(settings: dict[str, Any], database_url: str | None) -> dict[str, 
 
 
 def _find(results: dict[str, Any], deltas: int, n: int) -> dict[str, Any] | None:
-    for point in results["points"]:
+    points: list[dict[str, Any]] = results["points"]
+    for point in points:
         if point["deltas"] == deltas and point["sessions"] == n:
             return point
     return None

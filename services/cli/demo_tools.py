@@ -55,7 +55,7 @@ CALCULATOR = common_pb2.ToolDefinition(
 #: The tools ``--demo-tools`` declares.
 DEMO_TOOLS = [CLOCK, CALCULATOR]
 
-_BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
+_BINARY: dict[type[ast.operator], Callable[[Any, Any], int | float | complex]] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
     ast.Mult: operator.mul,
@@ -64,7 +64,10 @@ _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Mod: operator.mod,
     ast.Pow: operator.pow,
 }
-_UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_UNARY: dict[type[ast.unaryop], Callable[[Any], int | float]] = {
+    ast.UAdd: operator.pos,
+    ast.USub: operator.neg,
+}
 _MAX_EXPRESSION = 1000
 _MAX_EXPONENT = 1000
 _MAX_MAGNITUDE = 10**300
@@ -86,7 +89,12 @@ def calculate(expression: str) -> int | float:
         raise ValueError(f"not an arithmetic expression ({exc.msg})") from None
 
     def value(node: ast.AST) -> int | float:
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        # A parsed constant is an int, float, complex, bool, str, bytes, None or Ellipsis.
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, int | float)
+            and not isinstance(node.value, bool)
+        ):
             return node.value
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
             return _UNARY[type(node.op)](value(node.operand))

@@ -291,12 +291,12 @@ def render_table(results: list[ServiceStatus], out: TextIO) -> None:
     for r in results:  # the worker's MCP servers that are not ready (issue 13)
         if r.status is None or not r.status.HasField("worker"):
             continue
-        troubled = [m for m in r.status.worker.mcp_servers if m.state != admin_pb2.MCP_SERVER_STATE_READY]
-        if not troubled:
+        not_ready = [m for m in r.status.worker.mcp_servers if m.state != admin_pb2.MCP_SERVER_STATE_READY]
+        if not not_ready:
             continue
         out.write(f"\nMCP servers that are not ready ({r.service} {r.address}):\n")
         mcp_rows = [["AGENT", "SERVER", "TRANSPORT", "STATE", "SINCE", "RESTARTS", "LAST ERROR"]]
-        for m in troubled:
+        for m in not_ready:
             mcp_rows.append(
                 [
                     m.agent_id,

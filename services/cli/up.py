@@ -369,7 +369,7 @@ class Stack:
             data_dir.mkdir(parents=True, exist_ok=True)
             self.log(f"starting embedded PostgreSQL in {data_dir} ...")
             self.pg = await asyncio.to_thread(pgserver.get_server, data_dir, cleanup_mode="stop")
-            self.env["RUNYARD_DATABASE_URL"] = self.pg.get_uri()  # type: ignore[attr-defined]
+            self.env["RUNYARD_DATABASE_URL"] = self.pg.get_uri()
         config = load_config(opts.config_path, self.env)
         applied = await db.migrate_all(
             config.database.url, progress=lambda line: self.log(f"  migrate {line}")

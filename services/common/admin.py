@@ -21,11 +21,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Protocol
 
-import grpc
-
 from runyard._proto.v1 import admin_pb2, admin_pb2_grpc
 from runyard._version import __version__
 from runyard.common.auth import check_internal
+from runyard.common.grpctypes import ServicerContext
 
 if TYPE_CHECKING:
     from runyard.common.server import ServiceServer
@@ -85,7 +84,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             log.exception("status source %s stopped", type(source).__name__)
 
     async def GetStatus(
-        self, request: admin_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+        self, request: admin_pb2.GetStatusRequest, context: ServicerContext
     ) -> admin_pb2.GetStatusResponse:
         """This process's status (see admin.proto)."""
         check_internal(context, self._server.internal_secret)

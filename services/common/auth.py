@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from runyard.common import tracing
 from runyard.common.errors import PermissionDenied, Unauthenticated
+from runyard.common.grpctypes import ServicerContext
 
 __all__ = [
     "INTERNAL_METADATA_KEY",
@@ -299,7 +300,7 @@ def internal_metadata(secret: str) -> tuple[tuple[str, str], ...]:
     return ((INTERNAL_METADATA_KEY, secret),) if secret else ()
 
 
-def check_internal(context: grpc.aio.ServicerContext, secret: str) -> None:
+def check_internal(context: ServicerContext, secret: str) -> None:
     """Require the internal secret on this call (no-op when none is configured).
 
     Raises:

@@ -17,6 +17,7 @@ from runyard.common import auth, tracing
 from runyard.common.channels import open_channel
 from runyard.common.client_metrics import client_metrics_interceptors
 from runyard.common.errors import from_rpc_error
+from runyard.common.grpctypes import ServicerContext
 from runyard.common.tls import TlsSettings
 
 __all__ = ["DEADLINE_MARGIN_S", "InternalChannels", "call", "downstream_timeout", "internal_channel"]
@@ -86,9 +87,7 @@ class InternalChannels:
         )
 
 
-def downstream_timeout(
-    context: grpc.aio.ServicerContext | None, default_s: float | None = None
-) -> float | None:
+def downstream_timeout(context: ServicerContext | None, default_s: float | None = None) -> float | None:
     """Timeout for a downstream call: the caller's remaining deadline minus a
     margin, else ``default_s``."""
     remaining = context.time_remaining() if context is not None else None

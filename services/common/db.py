@@ -13,23 +13,50 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 __all__ = [
+    "Connection",
+    "Executor",
     "Listener",
+    "Row",
     "SCHEMAS",
     "connect",
     "create_pool",
     "migrate",
     "migrate_all",
     "pending_migrations",
+    "returned",
 ]
 
 log = logging.getLogger(__name__)
+
+#: One connection: a dedicated one (:func:`connect`) or one acquired from a pool
+#: (``async with pool.acquire()``; asyncpg types that one as a proxy, not a Connection).
+Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
+#: Where a single statement can run: a connection, or the pool (which acquires one for it).
+Executor: TypeAlias = Connection | asyncpg.Pool
+#: A result row, or a mapping shaped like one (asyncpg's Record is not a Mapping).
+Row: TypeAlias = asyncpg.Record | Mapping[str, Any]
+
+
+def returned(row: asyncpg.Record | None) -> asyncpg.Record:
+    """The row of a statement that always returns one (``INSERT ... RETURNING``,
+    ``UPDATE ... RETURNING`` of a row held locked): asyncpg types every
+    ``fetchrow`` as optional.
+
+    Raises:
+        RuntimeError: there was no row after all (a bug, not a user error).
+    """
+    if row is None:
+        raise RuntimeError("the statement returned no row")
+    return row
+
 
 #: schema -> package holding its ``migrations`` directory, in dependency order.
 SCHEMAS: dict[str, str] = {
@@ -175,10 +202,11 @@ class Listener:
         await self._connect()
         self._task = asyncio.create_task(self._watch(), name="pg-listener")
 
-    def _notify(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
-        self.callback(channel, payload)
+    def _notify(self, _conn: object, _pid: int, channel: str, payload: object) -> None:
+        # asyncpg passes the payload as a str (typed ``object`` in its stubs).
+        self.callback(channel, str(payload))
 
-    def _on_lost(self, _conn: Any) -> None:
+    def _on_lost(self, _conn: object) -> None:
         self._lost.set()
 
     async def _connect(self) -> None:

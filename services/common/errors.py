@@ -17,6 +17,7 @@ format follows https://google.aip.dev/193.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -126,7 +127,10 @@ class RunyardError(Exception):
         )
         reason = self.metadata.get("failover_reason")
         if reason:
-            error.failover_reason = common_pb2.FailoverReason.Value(f"FAILOVER_REASON_{reason}")
+            # Value() is typed as a plain int in protobuf's stubs.
+            error.failover_reason = cast(
+                common_pb2.FailoverReason, common_pb2.FailoverReason.Value(f"FAILOVER_REASON_{reason}")
+            )
         return error
 
 

@@ -27,6 +27,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential, wait_random
 
 from runyard.common.errors import InvalidArgument, RunyardError, Unavailable, from_rpc_error
+from runyard.common.grpctypes import ServicerContext
 
 __all__ = [
     "DATABASE_UNAVAILABLE",
@@ -203,7 +204,7 @@ def rpc_idempotent(full_method: str) -> bool:
     return answer
 
 
-def budget_for(context: grpc.aio.ServicerContext, default_s: float = 5.0) -> float:
+def budget_for(context: ServicerContext, default_s: float = 5.0) -> float:
     """Retry budget within the caller's deadline (half of what is left, at most ``default_s``)."""
     remaining = context.time_remaining()
     if remaining is None:

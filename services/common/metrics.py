@@ -30,7 +30,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_creat
 from prometheus_client.registry import Collector
 
 # Before any metric (or metric child) exists: the flag is read when one is created.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
 
 __all__ = [
     "GO_CODE_NAMES",

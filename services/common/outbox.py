@@ -39,6 +39,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from runyard._proto.v1 import common_pb2
+from runyard.common import db
 
 __all__ = ["HORIZON_SQL", "MAX_EVENTS_PER_TRANSACTION", "OUTBOX_DDL", "Outbox", "OutboxTrimmer", "xid_of"]
 
@@ -165,11 +166,12 @@ class Outbox:
 
     async def emit(
         self,
-        conn: asyncpg.Connection,
+        conn: db.Executor,
         events: Sequence[common_pb2.LifecycleEvent],
         relayed_from: Sequence[str] | None = None,
     ) -> list[int]:
-        """Insert ``events`` in the caller's transaction (one statement);
+        """Insert ``events`` in the caller's transaction (one statement; on
+        the pool, a transaction of its own);
         returns their positions (an event stored before, for a relaying
         outbox, gets none). Readers are notified when it commits."""
         if not events:
@@ -197,7 +199,7 @@ class Outbox:
             if done < batch:
                 return total
 
-    async def wait_final(self, pool: asyncpg.Pool | asyncpg.Connection, timeout_s: float = 10.0) -> bool:
+    async def wait_final(self, pool: db.Executor, timeout_s: float = 10.0) -> bool:
         """Wait until every event committed so far is below the readers'
         horizon (no older writer is still open anywhere on the server);
         True if that happened within ``timeout_s``. For tests and tools that
@@ -214,7 +216,7 @@ class Outbox:
             await asyncio.sleep(0.005)
 
     async def read(
-        self, pool: asyncpg.Pool | asyncpg.Connection, after_pos: int, limit: int, types: Sequence[str] = ()
+        self, pool: db.Executor, after_pos: int, limit: int, types: Sequence[str] = ()
     ) -> list[common_pb2.LifecycleEvent]:
         """Final events with ``pos > after_pos``, oldest first, ``id`` = ``pos``.
 

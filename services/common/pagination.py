@@ -53,7 +53,8 @@ def decode_page_token(kind: str, token: str) -> list[Any] | None:
         data = None
     if not isinstance(data, dict) or data.get("k") != kind or not isinstance(data.get("c"), list):
         raise invalid_page_token()
-    return data["c"]
+    cursor: list[Any] = data["c"]
+    return cursor
 
 
 def invalid_page_token() -> InvalidArgument:

@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -39,6 +39,7 @@ from runyard._version import __version__
 from runyard.common import admin, auth, faults, metrics, tracing, validation
 from runyard.common.channels import grpc_server_options
 from runyard.common.errors import InvalidArgument, RunyardError, Unauthenticated, Unavailable
+from runyard.common.grpctypes import ServicerContext
 from runyard.common.tls import TlsSettings, server_credentials
 
 __all__ = [
@@ -144,7 +145,7 @@ def _check_decoded(request: Any) -> Any:
     return request
 
 
-def _context_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+def _context_code(context: ServicerContext) -> grpc.StatusCode:
     code = context.code()
     if code is None:
         return grpc.StatusCode.OK
@@ -156,7 +157,7 @@ def _context_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def _ended_early_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+def _ended_early_code(context: ServicerContext) -> grpc.StatusCode:
     """The code of a call whose handler was cancelled: the client went away
     (``Canceled``) or its deadline passed (``DeadlineExceeded``), as grpc-go reports."""
     code = _context_code(context)
@@ -209,7 +210,7 @@ class _MeteredContext:
 
     __slots__ = ("_context", "_series")
 
-    def __init__(self, context: grpc.aio.ServicerContext, series: _Series):
+    def __init__(self, context: ServicerContext, series: _Series):
         self._context = context
         self._series = series
 
@@ -263,7 +264,7 @@ class _CallGuard:
             validation.check_request(request)
         return request
 
-    async def authenticate(self, context: grpc.aio.ServicerContext, request_stream: Any | None) -> None:
+    async def authenticate(self, context: ServicerContext, request_stream: Any | None) -> None:
         """UNAUTHENTICATED ``INTERNAL_AUTH_REQUIRED`` without the internal secret."""
         if not self.secret or auth.has_internal_credential(context.invocation_metadata(), self.secret):
             return
@@ -307,9 +308,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -336,6 +337,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             )
         else:
             kind, behavior, factory = "unary", handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        # grpc's stubs type the handlers of the sync server (returning values and
+        # iterators); on grpc.aio they are coroutine and async generator functions.
+        call = cast("Callable[[Any, Any], Any]", behavior)
         labels = (kind, service, method)
         series = _series(labels)
         streaming = kind != "unary"
@@ -368,7 +372,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             if tracing.ENABLED:
                 tracing.status_code(code)
 
-        async def refuse_if_draining(started: float, context: grpc.aio.ServicerContext) -> None:
+        async def refuse_if_draining(started: float, context: ServicerContext) -> None:
             # Counted like any other call (started, then handled as Unavailable).
             if interceptor.draining and not exempt:
                 finish(started, grpc.StatusCode.UNAVAILABLE)
@@ -377,7 +381,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 )
                 await context.abort_with_status(error.to_grpc_status())
 
-        async def fail(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+        async def fail(exc: BaseException, context: ServicerContext) -> grpc.StatusCode:
             mapped = faults.as_runyard_error(exc)
             if mapped is not None:
                 if mapped is not exc:
@@ -387,10 +391,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
             raise AssertionError("unreachable")  # pragma: no cover
 
+        wrapped: Callable[[Any, ServicerContext], Any]
         if handler.response_streaming:
             is_async_gen = inspect.isasyncgenfunction(behavior)
 
-            async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def stream_behavior(request: Any, context: ServicerContext) -> AsyncIterator[Any]:
                 started = begin()
                 await refuse_if_draining(started, context)
                 if tracing.ENABLED and not handler.request_streaming:
@@ -401,13 +406,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     await guard.authenticate(context, request if handler.request_streaming else None)
                     if is_async_gen:
-                        async for item in behavior(count_requests(request), metered):
+                        async for item in call(count_requests(request), metered):
                             yield item
                             # Resumed only once grpc has written the message (go-grpc-prometheus
                             # counts a message after a successful SendMsg).
                             series.sent.inc()
                     else:
-                        await behavior(count_requests(request), metered)
+                        await call(count_requests(request), metered)
                     code = _context_code(context)
                 except (asyncio.CancelledError, GeneratorExit):
                     code = _ended_early_code(context)
@@ -425,7 +430,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             wrapped = stream_behavior
         else:
 
-            async def unary_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary_behavior(request: Any, context: ServicerContext) -> Any:
                 started = begin()
                 await refuse_if_draining(started, context)
                 if tracing.ENABLED and not handler.request_streaming:
@@ -438,10 +443,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     if guard.idempotent:
                         # Declared safe to repeat in the contract: a database blip is retried here.
                         response = await faults.retry_transient(
-                            lambda: behavior(checked, target), budget_s=faults.budget_for(context)
+                            lambda: call(checked, target), budget_s=faults.budget_for(context)
                         )
                     else:
-                        response = await behavior(checked, target)
+                        response = await call(checked, target)
                     code = _context_code(context)
                     if code == grpc.StatusCode.OK:
                         series.sent.inc()
@@ -472,7 +477,8 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class HealthServicer(health.aio.HealthServicer):
+# grpc_health is untyped here (see pyproject.toml: its types- stubs are out of date).
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
     """``grpc.health.v1.Health`` (grpcio-health-checking's servicer) plus ``List``,
     with the overall status readable from any thread (the HTTP probes).
 
@@ -487,13 +493,13 @@ class HealthServicer(health.aio.HealthServicer):
         #: The overall status, updated with every change (a plain attribute: read by other threads).
         self.overall: int = _NOT_SERVING
 
-    async def _set(self, service: str, status: int) -> None:  # type: ignore[override]
+    async def _set(self, service: str, status: int) -> None:
         await super()._set(service, status)
         if service == "":
             self.overall = status
 
     async def List(
-        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+        self, request: health_pb2.HealthListRequest, context: ServicerContext
     ) -> health_pb2.HealthListResponse:
         reply = health_pb2.HealthListResponse()
         for service, status in sorted(self._server_status.items()):

@@ -35,8 +35,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping, MutableMapping
-from typing import Any
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: nothing of OpenTelemetry is imported while tracing is off
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace.sampling import SamplingResult
+    from opentelemetry.trace import Link, SpanKind
+    from opentelemetry.trace.span import TraceState
+    from opentelemetry.util.types import Attributes
 
 __all__ = [
     "ENABLED",
@@ -101,8 +108,15 @@ def _sampler() -> Any:
         parent (a background poll, relay or heartbeat) starts no trace."""
 
         def should_sample(  # the Sampler interface
-            self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None
-        ):
+            self,
+            parent_context: Context | None,
+            trace_id: int,
+            name: str,
+            kind: SpanKind | None = None,
+            attributes: Attributes = None,
+            links: Sequence[Link] | None = None,
+            trace_state: TraceState | None = None,
+        ) -> SamplingResult:
             if kind == SpanKind.CLIENT:
                 return SamplingResult(Decision.DROP)
             return ALWAYS_ON.should_sample(
@@ -168,7 +182,8 @@ def setup(service: str, *, exporter: Any = None, set_global: bool = True) -> boo
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     if set_global:
         trace.set_tracer_provider(provider)
-    for instrumentor in (AsyncPGInstrumentor(), HTTPXClientInstrumentor()):
+    # AsyncPGInstrumentor's __init__ is unannotated.
+    for instrumentor in (AsyncPGInstrumentor(), HTTPXClientInstrumentor()):  # type: ignore[no-untyped-call]
         instrumentor.instrument(tracer_provider=provider)
         _instrumentors.append(instrumentor)
     _provider = provider
@@ -196,7 +211,8 @@ def server_interceptors() -> list[Any]:
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return [aio_server_interceptor(tracer_provider=_provider, filter_=_traced)]
+    # Unannotated in opentelemetry-instrumentation-grpc.
+    return [aio_server_interceptor(tracer_provider=_provider, filter_=_traced)]  # type: ignore[no-untyped-call]
 
 
 def client_interceptors() -> list[Any]:

@@ -124,8 +124,9 @@ def _walk(message: Message, prefix: str, content: bool) -> InvalidArgument | Non
         name = f"{prefix}{field.name}"
         kind = field.type
         if kind == descriptor.FieldDescriptor.TYPE_MESSAGE:
-            if field.message_type.GetOptions().map_entry:
-                value_field = field.message_type.fields_by_name["value"]
+            entry_type = field.message_type  # set for every message field
+            if entry_type is not None and entry_type.GetOptions().map_entry:
+                value_field = entry_type.fields_by_name["value"]
                 for key, item in value.items():
                     entry = f"{name}[{str(key)[:32]!r}]"
                     if isinstance(key, str) and "\x00" in key and not content:

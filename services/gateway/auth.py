@@ -32,9 +32,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import grpc
-
 from runyard.common.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from runyard.common.grpctypes import ServicerContext
 from runyard.gateway.keys import ApiKeyStore, parse_key
 
 __all__ = ["ALL_SCOPES", "Authenticator", "Principal", "bearer_token"]
@@ -65,7 +64,7 @@ class Principal:
             )
 
 
-def bearer_token(context: grpc.aio.ServicerContext) -> str:
+def bearer_token(context: ServicerContext) -> str:
     """The bearer token of the call ("" if none).
 
     Raises:
@@ -93,7 +92,7 @@ class _Bucket:
 _MAX_FAILURE_BUCKETS = 50_000
 
 
-def peer_host(context: grpc.aio.ServicerContext) -> str:
+def peer_host(context: ServicerContext) -> str:
     """The caller's address without its port (``ipv4:1.2.3.4:5678`` -> ``ipv4:1.2.3.4``)."""
     peer = context.peer() or ""
     if peer.startswith("ipv6:"):
@@ -215,7 +214,7 @@ class Authenticator:
     def on_notify(self, channel: str, payload: str) -> None:
         self.forget(payload or None)
 
-    async def authenticate(self, context: grpc.aio.ServicerContext, *, charge: bool = True) -> Principal:
+    async def authenticate(self, context: ServicerContext, *, charge: bool = True) -> Principal:
         """The caller, after the rate limit (``charge=False``: the caller charges
         each message itself, see :meth:`charge`).
 

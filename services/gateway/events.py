@@ -33,7 +33,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -523,7 +523,7 @@ async def follow(
     subscription: Subscription | None = None,
     known: Sequence[common_pb2.RunEvent] = (),
     closing: asyncio.Event | None = None,
-) -> AsyncIterator[common_pb2.RunEvent]:
+) -> AsyncGenerator[common_pb2.RunEvent, None]:
     """Every event of the run with ``seq > after_seq``, then live, until it ends.
 
     Subscribes before reading, so an event is either read or delivered live;

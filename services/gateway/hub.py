@@ -19,9 +19,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import grpc
 
@@ -37,6 +37,7 @@ from runyard.common.errors import (
     Unauthenticated,
 )
 from runyard.common.faults import retry_transient, transient_database_error
+from runyard.common.grpctypes import ServicerContext
 from runyard.common.server import settle_before_reject
 from runyard.gateway.events import PUBLISH_WINDOW, RunLog
 from runyard.gateway.run_status import TERMINAL, RunStatus
@@ -61,6 +62,15 @@ _COMMIT_REFUSALS = frozenset(
 __all__ = ["Dispatcher", "Hub", "WorkerConn"]
 
 log = logging.getLogger(__name__)
+
+
+class _FinishArgs(TypedDict):
+    """What every way of ending a run passes on to :meth:`RunStore.finish`."""
+
+    epoch: int
+    info: Mapping[str, object] | None
+    pending: Sequence[bytes]
+    expected_last_seq: int | None
 
 
 @dataclass(slots=True)
@@ -328,7 +338,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
     async def Connect(
         self,
         request_iterator: AsyncIterator[worker_hub_pb2.ConnectRequest],
-        context: grpc.aio.ServicerContext,
+        context: ServicerContext,
     ) -> AsyncIterator[worker_hub_pb2.ConnectResponse]:
         try:
             check_internal(context, self.internal_secret)
@@ -367,7 +377,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         for run_id, epoch in leases:
             claim = accepted.get(run_id)
             if claim is not None:
-                worker_seq = int(claim.row["worker_seq"])  # type: ignore[call-overload]
+                worker_seq = int(claim.row["worker_seq"])
                 welcome.accepted_runs.add(run_id=str(run_id), epoch=epoch, worker_seq=worker_seq)
                 worker.runs[run_id] = RunState(
                     claim.epoch, claim.org_id, str(claim.session_id), claim.agent_id, info=claim.row
@@ -540,7 +550,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         if outcome not in TERMINAL:  # the outcomes that end a run are named after its status
             return False, f"unknown outcome {outcome!r}"
         pending = await self.runlog.begin_finish(run_id, result.epoch)
-        finish: dict[str, object] = {
+        finish: _FinishArgs = {
             "epoch": result.epoch,
             "info": state.info or None,
             "pending": pending.raws if pending is not None else (),
@@ -577,7 +587,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         run_id: uuid.UUID,
         state: RunState,
         result: worker_hub_pb2.WorkerRunResult,
-        finish: dict[str, object],
+        finish: _FinishArgs,
     ) -> tuple[RunStatus, bytes, int]:
         """A completion: commit the run's messages (sessions) and end the run,
         with the run's row locked throughout, so a cancel or a requeue

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from runyard.common import db
 from runyard.common.errors import InvalidArgument, NotFound, Unauthenticated
 
 __all__ = ["KEYS_CHANNEL", "ApiKey", "ApiKeyStore", "parse_key"]
@@ -103,7 +104,7 @@ class ApiKeyStore:
             sorted(wanted),
             _digest(secret),
         )
-        return _row_key(row), f"ryk_{key_id}_{secret}"
+        return _row_key(db.returned(row)), f"ryk_{key_id}_{secret}"
 
     async def list(self, org_id: str | None = None) -> list[ApiKey]:
         rows = await self.pool.fetch(

@@ -31,12 +31,12 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 
 from runyard._proto.v1 import common_pb2
-from runyard.common import metrics
+from runyard.common import db, metrics
 from runyard.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from runyard.common.pagination import decode_time_cursor, page_size, time_cursor_page
 from runyard.common.protoutil import now, timestamp
@@ -65,7 +65,10 @@ CANCEL_CHANNEL = "runyard_run_cancel"
 _STRATEGY_NAMES = {
     value: name.removeprefix("MULTITASK_STRATEGY_") for name, value in common_pb2.MultitaskStrategy.items()
 }
-_STRATEGY_VALUES = {name: value for value, name in _STRATEGY_NAMES.items()}
+# items() is typed with plain ints in protobuf's stubs.
+_STRATEGY_VALUES = cast(
+    "dict[str, common_pb2.MultitaskStrategy]", {name: value for value, name in _STRATEGY_NAMES.items()}
+)
 
 _RUN_COLUMNS = (
     "id, org_id, session_id, session_key, agent_id, status, input_text, metadata, idempotency_key, "
@@ -189,7 +192,7 @@ class Claim:
     continuation: bytes | None = None
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Claim:
+    def from_row(cls, row: db.Row) -> Claim:
         return cls(
             run_id=row["id"],
             org_id=row["org_id"],
@@ -241,13 +244,15 @@ def run_proto(row: asyncpg.Record) -> common_pb2.Run:
         metadata=json.loads(row["metadata"])
         if isinstance(row["metadata"], str)
         else dict(row["metadata"] or {}),
-        multitask_strategy=_STRATEGY_VALUES.get(row["multitask_strategy"], 0),
+        multitask_strategy=_STRATEGY_VALUES.get(
+            row["multitask_strategy"], common_pb2.MULTITASK_STRATEGY_UNSPECIFIED
+        ),
         task_id=str(row["task_id"] or ""),
     )
     if row["started_at"] is not None:
-        run.start_time.CopyFrom(timestamp(row["started_at"]))
+        run.start_time.FromDatetime(row["started_at"])
     if row["ended_at"] is not None:
-        run.end_time.CopyFrom(timestamp(row["ended_at"]))
+        run.end_time.FromDatetime(row["ended_at"])
     if row["error"] is not None:
         run.error.ParseFromString(row["error"])
     return run
@@ -261,7 +266,7 @@ def _advisory_lock_id(name: str) -> int:
 
 
 @contextlib.asynccontextmanager
-async def _begin_with(pool: asyncpg.Pool, sql: str) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
+async def _begin_with(pool: asyncpg.Pool, sql: str) -> AsyncIterator[tuple[db.Connection, str]]:
     """A transaction on a pooled connection whose ``BEGIN`` is sent with
     ``sql`` (statements without parameters) as one simple query, one round
     trip; yields the connection and the status tag of ``sql``'s last
@@ -322,10 +327,10 @@ class RunStore:
         *,
         fingerprint: bytes,
         strategy: str,
-        conn: asyncpg.Connection | None = None,
+        conn: db.Connection | None = None,
         claim_for: str | None = None,
         relayed: Sequence[common_pb2.LifecycleEvent] = (),
-    ) -> tuple[Mapping[str, Any], bool]:
+    ) -> tuple[db.Row, bool]:
         """Queue a run (its ``queued`` event is seq 1).
 
         With ``conn`` (a connection inside a transaction) the run is queued in
@@ -411,8 +416,10 @@ class RunStore:
                         ),
                         None,
                     )
+                    merged = None
                     if follow_up is not None:
                         merged = await self._collect_into(conn, follow_up, payload)
+                    if merged is not None:
                         await emit_run_events(
                             conn,
                             [merged],
@@ -440,9 +447,7 @@ class RunStore:
             return {**dict(row), "queued_event": queued, "last_turn": last_turn or 0}, True
 
     @contextlib.asynccontextmanager
-    async def _locked(
-        self, conn: asyncpg.Connection | None, names: Sequence[str]
-    ) -> AsyncIterator[asyncpg.Connection]:
+    async def _locked(self, conn: db.Connection | None, names: Sequence[str]) -> AsyncIterator[db.Connection]:
         """A transaction that holds the advisory locks ``names`` (taken in
         order; transaction-scoped, so safe with pooled connections).
 
@@ -466,7 +471,7 @@ class RunStore:
     @contextlib.asynccontextmanager
     async def holding(
         self, run_id: uuid.UUID, epoch: int
-    ) -> AsyncIterator[tuple[asyncpg.Connection, Mapping[str, Any] | None]]:
+    ) -> AsyncIterator[tuple[db.Connection, db.Row | None]]:
         """A transaction on a pooled connection with the run's row locked
         (``FOR UPDATE``) until it ends; yields ``(connection, row)``.
 
@@ -496,7 +501,7 @@ class RunStore:
 
     async def _insert_row(
         self,
-        conn: asyncpg.Connection,
+        conn: db.Connection,
         payload: common_pb2.RunPayload,
         fingerprint: bytes,
         strategy: str,
@@ -531,7 +536,7 @@ class RunStore:
                 source=self.gateway_id,
             )
         sources = ["sessions"] * len(relayed) + [""] * (len(lifecycle) - len(relayed))
-        return await conn.fetchrow(
+        row = await conn.fetchrow(
             f"""
             WITH ins AS (
                 INSERT INTO gateway.runs (id, org_id, session_id, session_key, agent_id, status, payload,
@@ -571,6 +576,7 @@ class RunStore:
             self.lease_s,
             *OUTBOX.emit_args(lifecycle, sources),
         )
+        return db.returned(row)  # an INSERT ... RETURNING
 
     @staticmethod
     def _check_fingerprint(existing: asyncpg.Record, fingerprint: bytes) -> None:
@@ -583,8 +589,11 @@ class RunStore:
             )
 
     async def _collect_into(
-        self, conn: asyncpg.Connection, follow_up: asyncpg.Record, payload: common_pb2.RunPayload
-    ) -> asyncpg.Record:
+        self, conn: db.Connection, follow_up: asyncpg.Record, payload: common_pb2.RunPayload
+    ) -> asyncpg.Record | None:
+        """Merge ``payload``'s text into the queued ``follow_up``; None when it
+        is no longer queued (a claim does not take the session's lock, so a
+        dispatcher may have started it since it was read)."""
         merged = common_pb2.RunPayload.FromString(follow_up["payload"])
         # The follow-up's own text moves into the collected messages; the
         # newest message becomes the run's text.
@@ -607,7 +616,7 @@ class RunStore:
             "\n\n".join(texts),
         )
 
-    async def _interrupt(self, conn: asyncpg.Connection, run_ids: Sequence[uuid.UUID]) -> None:
+    async def _interrupt(self, conn: db.Connection, run_ids: Sequence[uuid.UUID]) -> None:
         cancelled = encode_batch(
             [event_bytes(cancelled=common_pb2.RunCancelled(reason="interrupted by a newer message"))]
         )
@@ -870,7 +879,7 @@ class RunStore:
 
     # ------------------------------------------------------------ endings
 
-    async def lock(self, conn: asyncpg.Connection, run_id: uuid.UUID) -> asyncpg.Record | None:
+    async def lock(self, conn: db.Connection, run_id: uuid.UUID) -> asyncpg.Record | None:
         """Lock the run's row for the rest of the transaction."""
         return await conn.fetchrow(
             "SELECT id, org_id, session_id, agent_id, epoch, status, cancel_requested, cancel_reason, "
@@ -880,7 +889,7 @@ class RunStore:
 
     async def finish(
         self,
-        conn: asyncpg.Connection | asyncpg.Pool,
+        conn: db.Executor,
         run_id: uuid.UUID,
         *,
         status: RunStatus,
@@ -1004,13 +1013,14 @@ class RunStore:
                     CANCEL_CHANNEL,
                     f"{run_id}:{row['epoch']}:{row['gateway_id'] or ''}",
                 )
-            return await conn.fetchrow(f"SELECT {_RUN_COLUMNS} FROM gateway.runs WHERE id = $1", run_id)
+            row = await conn.fetchrow(f"SELECT {_RUN_COLUMNS} FROM gateway.runs WHERE id = $1", run_id)
+            return db.returned(row)  # locked above
 
     # ------------------------------------------------------------ client-side tools (issue 13)
 
     async def pause(
         self,
-        conn: asyncpg.Connection | asyncpg.Pool,
+        conn: db.Executor,
         run_id: uuid.UUID,
         *,
         epoch: int,
@@ -1057,7 +1067,7 @@ class RunStore:
         )
         return int(seq or 0)
 
-    async def lock_waiting(self, conn: asyncpg.Connection, org_id: str, run_id: uuid.UUID) -> asyncpg.Record:
+    async def lock_waiting(self, conn: db.Connection, org_id: str, run_id: uuid.UUID) -> asyncpg.Record:
         """Lock a run of ``org_id`` for recording tool results (the rest of
         the transaction); its row has the lifecycle fields, ``status``,
         ``continuation`` and ``action_expires_at``.
@@ -1077,13 +1087,13 @@ class RunStore:
 
     async def record_tool_results(
         self,
-        conn: asyncpg.Connection,
+        conn: db.Connection,
         run_id: uuid.UUID,
         *,
         events: Sequence[bytes],
         continuation: bytes,
         resume: bool,
-        info: Mapping[str, Any],
+        info: db.Row,
     ) -> int:
         """Record client tool results of a waiting run (locked by
         :meth:`lock_waiting`), in one statement: their ``tool_result``
@@ -1120,7 +1130,7 @@ class RunStore:
         )
         return int(seq or 0)
 
-    async def lock_expired_waits(self, conn: asyncpg.Connection, limit: int = 100) -> list[asyncpg.Record]:
+    async def lock_expired_waits(self, conn: db.Connection, limit: int = 100) -> list[asyncpg.Record]:
         """Lock waiting runs whose tool results are overdue (oldest first,
         skipping runs another transaction holds); rows have ``id``,
         ``continuation`` and ``action_expires_at``."""
@@ -1195,7 +1205,8 @@ class RunStore:
         return events, len(rows) == limit
 
     async def status(self, run_id: uuid.UUID) -> str | None:
-        return await self.pool.fetchval("SELECT status FROM gateway.runs WHERE id = $1", run_id)
+        status: str | None = await self.pool.fetchval("SELECT status FROM gateway.runs WHERE id = $1", run_id)
+        return status
 
     async def queue_depth(self) -> int:
         return int(await self.pool.fetchval("SELECT count(*) FROM gateway.runs WHERE status = 'queued'"))
@@ -1206,7 +1217,7 @@ class RunStore:
     # connection when the read belongs to its transaction (None: the pool).
 
     async def active_runs_of_tasks(
-        self, conn: asyncpg.Connection, task_ids: Sequence[uuid.UUID]
+        self, conn: db.Connection, task_ids: Sequence[uuid.UUID]
     ) -> list[asyncpg.Record]:
         """``(id, org_id)`` of the queued or running runs of tasks ``task_ids``."""
         return list(
@@ -1228,7 +1239,7 @@ class RunStore:
         )
 
     async def ended_statuses(
-        self, run_ids: Sequence[uuid.UUID], conn: asyncpg.Connection | None = None
+        self, run_ids: Sequence[uuid.UUID], conn: db.Connection | None = None
     ) -> dict[uuid.UUID, str]:
         """Run id -> status, for those of ``run_ids`` that ended (completed, failed, cancelled)."""
         if not run_ids:
@@ -1240,14 +1251,14 @@ class RunStore:
         )
         return {row["id"]: row["status"] for row in rows}
 
-    async def outcome(self, conn: asyncpg.Connection, run_id: uuid.UUID) -> asyncpg.Record | None:
+    async def outcome(self, conn: db.Connection, run_id: uuid.UUID) -> asyncpg.Record | None:
         """``(id, status, error, last_seq, cancel_reason)`` of a run, if it exists."""
         return await conn.fetchrow(
             "SELECT id, status, error, last_seq, cancel_reason FROM gateway.runs WHERE id = $1", run_id
         )
 
     async def first_events(
-        self, conn: asyncpg.Connection, run_id: uuid.UUID, limit: int
+        self, conn: db.Connection, run_id: uuid.UUID, limit: int
     ) -> list[common_pb2.RunEvent]:
         """The run's first ``limit`` stored events (whole chunks read, then cut)."""
         rows = await conn.fetch(
@@ -1258,9 +1269,7 @@ class RunStore:
         events = [e for r in rows for e in decode_batch(run_id, "", r["seq"], bytes(r["data"]))]
         return events[:limit]
 
-    async def last_event(
-        self, conn: asyncpg.Connection, run_id: uuid.UUID, last_seq: int
-    ) -> common_pb2.RunEvent:
+    async def last_event(self, conn: db.Connection, run_id: uuid.UUID, last_seq: int) -> common_pb2.RunEvent:
         """The last event of the stored chunk holding ``last_seq`` (an ended
         run's terminal event); an empty event when there is none."""
         chunk = await conn.fetchrow(
@@ -1271,9 +1280,7 @@ class RunStore:
         stored = decode_batch(run_id, "", chunk["seq"], bytes(chunk["data"])) if chunk is not None else []
         return stored[-1] if stored else common_pb2.RunEvent()
 
-    async def store_payload(
-        self, conn: asyncpg.Connection, run_id: uuid.UUID, epoch: int, payload: bytes
-    ) -> bool:
+    async def store_payload(self, conn: db.Connection, run_id: uuid.UUID, epoch: int, payload: bytes) -> bool:
         """Replace the payload of a run still running at ``epoch``; whether it was."""
         updated = await conn.fetchval(
             "UPDATE gateway.runs SET payload = $2 "
@@ -1284,7 +1291,7 @@ class RunStore:
         )
         return updated is not None
 
-    async def session_busy(self, session_id: uuid.UUID, conn: asyncpg.Connection | None = None) -> bool:
+    async def session_busy(self, session_id: uuid.UUID, conn: db.Connection | None = None) -> bool:
         """Whether the session has a queued or running run."""
         return bool(
             await (conn or self.pool).fetchval(
@@ -1294,9 +1301,7 @@ class RunStore:
             )
         )
 
-    async def last_payload(
-        self, conn: asyncpg.Connection, session_id: uuid.UUID
-    ) -> common_pb2.RunPayload | None:
+    async def last_payload(self, conn: db.Connection, session_id: uuid.UUID) -> common_pb2.RunPayload | None:
         """The payload of the session's newest run, if it has one."""
         row = await conn.fetchrow(
             "SELECT payload FROM gateway.runs WHERE session_id = $1 ORDER BY created_at DESC LIMIT 1",

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
-import grpc
 
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, sessions_pb2, sessions_pb2_grpc
-from runyard.common import tracing
+from runyard.common import db, tracing
 from runyard.common.auth import internal_metadata
 from runyard.common.clients import call, downstream_timeout
 from runyard.common.config import Config
@@ -33,6 +32,7 @@ from runyard.common.errors import (
     Unimplemented,
 )
 from runyard.common.faults import budget_for, retry_transient
+from runyard.common.grpctypes import ServicerContext
 from runyard.common.protoutil import now, parse_uuid
 from runyard.common.server import settle_before_reject
 from runyard.gateway.auth import Authenticator, Principal
@@ -221,7 +221,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     # ------------------------------------------------------------ runs
 
     async def _submit(
-        self, principal: Principal, request: gateway_pb2.SendMessageRequest, context: grpc.aio.ServicerContext
+        self, principal: Principal, request: gateway_pb2.SendMessageRequest, context: ServicerContext
     ) -> _Submitted:
         """Validate, resolve the session, queue the run (claimed at once when
         the session is idle and a worker here has room)."""
@@ -301,7 +301,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         payload: common_pb2.RunPayload,
         fingerprint: bytes,
         strategy: str,
-        context: grpc.aio.ServicerContext,
+        context: ServicerContext,
         worker: WorkerConn | None,
         resolved: sessions_pb2.ResolveSessionResponse,
     ) -> tuple[Any, bool]:
@@ -372,14 +372,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.closing.set()
         self.broker.wake_all()
 
-    def _check_join(self, row: Mapping[str, object], after_seq: int) -> bool:
+    def _check_join(self, row: db.Row, after_seq: int) -> bool:
         """Whether a join after ``after_seq`` has anything to follow.
 
         Raises:
             OutOfRange: ``after_seq`` is beyond the run's events (reason
                 AFTER_SEQ_OUT_OF_RANGE).
         """
-        last = int(row["last_seq"])  # type: ignore[call-overload]
+        last = int(row["last_seq"])
         ended = row["status"] in TERMINAL
         # A running run may have delivered up to PUBLISH_WINDOW events from
         # memory beyond what is stored.
@@ -394,7 +394,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return not (ended and after_seq >= last)
 
     async def SendMessage(
-        self, request: gateway_pb2.SendMessageRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.SendMessageRequest, context: ServicerContext
     ) -> AsyncIterator[common_pb2.RunEvent]:
         principal = await self.auth.authenticate(context)
         with self.auth.stream_slot(principal):
@@ -410,7 +410,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 yield event
 
     async def JoinRun(
-        self, request: gateway_pb2.JoinRunRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.JoinRunRequest, context: ServicerContext
     ) -> AsyncIterator[common_pb2.RunEvent]:
         principal = await self.auth.authenticate(context)
         principal.require("chat")
@@ -423,7 +423,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 yield event
 
     async def Chat(
-        self, request_iterator: AsyncIterator[gateway_pb2.ChatRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[gateway_pb2.ChatRequest], context: ServicerContext
     ) -> AsyncIterator[common_pb2.RunEvent]:
         try:
             # Charged per message below, not per stream (gateway.rate_limit_rps applies to each).
@@ -532,13 +532,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return run_proto(row)
 
     async def CancelRun(
-        self, request: gateway_pb2.CancelRunRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.CancelRunRequest, context: ServicerContext
     ) -> gateway_pb2.CancelRunResponse:
         principal = await self.auth.authenticate(context)
         return gateway_pb2.CancelRunResponse(run=await self._cancel(principal, request))
 
     async def GetRun(
-        self, request: gateway_pb2.GetRunRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.GetRunRequest, context: ServicerContext
     ) -> gateway_pb2.GetRunResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
@@ -557,13 +557,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return await self.tool_results.submit(principal.org_id, request)
 
     async def SubmitToolResults(
-        self, request: gateway_pb2.SubmitToolResultsRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.SubmitToolResultsRequest, context: ServicerContext
     ) -> gateway_pb2.SubmitToolResultsResponse:
         principal = await self.auth.authenticate(context)
         return gateway_pb2.SubmitToolResultsResponse(run=await self._submit_tool_results(principal, request))
 
     async def ListRuns(
-        self, request: gateway_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.ListRunsRequest, context: ServicerContext
     ) -> gateway_pb2.ListRunsResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
@@ -584,11 +584,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     # ------------------------------------------------------------ sessions (proxied)
 
     async def _session(
-        self, principal: Principal, session_id: str, session_key: str, context: grpc.aio.ServicerContext
+        self, principal: Principal, session_id: str, session_key: str, context: ServicerContext
     ) -> common_pb2.Session:
         _require_session_ref(session_id, session_key)
         self._check_session_key(session_key)
-        response = await call(
+        response: sessions_pb2.SessionServiceGetSessionResponse = await call(
             self.sessions.GetSession(
                 sessions_pb2.SessionServiceGetSessionRequest(
                     org_id=principal.org_id, session_id=session_id, session_key=session_key
@@ -600,7 +600,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return response.session
 
     async def ListSessions(
-        self, request: gateway_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.ListSessionsRequest, context: ServicerContext
     ) -> gateway_pb2.ListSessionsResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
@@ -625,7 +625,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
 
     async def GetSession(
-        self, request: gateway_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.GetSessionRequest, context: ServicerContext
     ) -> gateway_pb2.GetSessionResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
@@ -633,7 +633,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return gateway_pb2.GetSessionResponse(session=session)
 
     async def GetMessages(
-        self, request: gateway_pb2.GetMessagesRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.GetMessagesRequest, context: ServicerContext
     ) -> gateway_pb2.GetMessagesResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
@@ -657,7 +657,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
 
     async def ResetSession(
-        self, request: gateway_pb2.ResetSessionRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.ResetSessionRequest, context: ServicerContext
     ) -> gateway_pb2.ResetSessionResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:admin")
@@ -678,7 +678,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
 
     async def DeleteSession(
-        self, request: gateway_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.DeleteSessionRequest, context: ServicerContext
     ) -> gateway_pb2.DeleteSessionResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:admin")
@@ -718,7 +718,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return self.tasks
 
     async def SpawnTask(
-        self, request: gateway_pb2.SpawnTaskRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.SpawnTaskRequest, context: ServicerContext
     ) -> gateway_pb2.SpawnTaskResponse:
         principal = await self.auth.authenticate(context)
         principal.require("chat")
@@ -742,7 +742,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return gateway_pb2.SpawnTaskResponse(task=task)
 
     async def ListTasks(
-        self, request: gateway_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.ListTasksRequest, context: ServicerContext
     ) -> gateway_pb2.ListTasksResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
@@ -764,7 +764,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return gateway_pb2.ListTasksResponse(tasks=tasks, next_page_token=token)
 
     async def GetTask(
-        self, request: gateway_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.GetTaskRequest, context: ServicerContext
     ) -> gateway_pb2.GetTaskResponse:
         principal = await self.auth.authenticate(context)
         principal.require("sessions:read")
@@ -772,7 +772,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return gateway_pb2.GetTaskResponse(task=await self._tasks().get(principal.org_id, task_id))
 
     async def CancelTask(
-        self, request: gateway_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.CancelTaskRequest, context: ServicerContext
     ) -> gateway_pb2.CancelTaskResponse:
         principal = await self.auth.authenticate(context)
         principal.require("chat")
@@ -782,7 +782,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
 
     async def WatchEvents(
-        self, request: gateway_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.WatchEventsRequest, context: ServicerContext
     ) -> AsyncIterator[common_pb2.LifecycleEvent]:
         # Replay after request.after_id, then live; see runyard.gateway.watch.
         principal = await self.auth.authenticate(context)

@@ -13,10 +13,11 @@ duration, never the arguments or the result.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from runyard._proto.v1 import common_pb2
+from runyard.common import db
 from runyard.common.protoutil import now
 
 __all__ = ["TOOL_EVENT_KINDS", "tool_lifecycle"]
@@ -26,7 +27,7 @@ TOOL_EVENT_KINDS = frozenset({"tool_call", "tool_result"})
 
 
 def tool_lifecycle(
-    info: Mapping[str, Any] | None,
+    info: db.Row | None,
     events: Iterable[common_pb2.RunEvent | bytes],
     *,
     source: str = "",

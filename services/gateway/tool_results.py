@@ -392,7 +392,7 @@ class ToolResults:
         if row["status"] == RunStatus.REQUIRES_ACTION and continuation is not None:
             run.requires_action.tool_calls.extend(_unanswered(continuation))
             if row["action_expires_at"] is not None:
-                run.requires_action.expire_time.CopyFrom(timestamp(row["action_expires_at"]))
+                run.requires_action.expire_time.FromDatetime(row["action_expires_at"])
         return run
 
     async def describe(self, run: common_pb2.Run) -> common_pb2.Run:
@@ -408,7 +408,7 @@ class ToolResults:
         continuation = worker_hub_pb2.RunContinuation.FromString(row["continuation"])
         run.requires_action.tool_calls.extend(_unanswered(continuation))
         if row["action_expires_at"] is not None:
-            run.requires_action.expire_time.CopyFrom(timestamp(row["action_expires_at"]))
+            run.requires_action.expire_time.FromDatetime(row["action_expires_at"])
         return run
 
     # ------------------------------------------------------------ expiry

@@ -41,7 +41,7 @@ import asyncpg
 import grpc
 
 from runyard._proto.v1 import common_pb2, gateway_pb2, sessions_pb2
-from runyard.common import metrics
+from runyard.common import db, metrics
 from runyard.common.auth import internal_metadata
 from runyard.common.clients import InternalChannels, call
 from runyard.common.config import LIFECYCLE_EVENT_TYPES, Config
@@ -181,7 +181,7 @@ def run_events(
 
 
 async def emit_run_events(
-    conn: asyncpg.Connection,
+    conn: db.Executor,
     rows: Iterable[Any],
     *,
     source: str = "",

@@ -41,6 +41,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import asyncpg
 
@@ -314,7 +315,7 @@ class CooldownStore:
         self._done_seq = 0
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
         self._listener: Listener | None = None
         self.write_errors = 0
 

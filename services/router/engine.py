@@ -43,9 +43,9 @@ import datetime as dt
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential, wait_random
 
@@ -77,9 +77,10 @@ FAILOVER_EVENT = "model.failover"
 _MAX_PROBE_MARKS = 10_000
 
 
-def failover_reason_value(reason: str) -> int:
+def failover_reason_value(reason: str) -> common_pb2.FailoverReason:
     """The ``FailoverReason`` enum value for a reason name."""
-    return common_pb2.FailoverReason.Value(f"FAILOVER_REASON_{reason}")
+    # Value() is typed as a plain int in protobuf's stubs.
+    return cast(common_pb2.FailoverReason, common_pb2.FailoverReason.Value(f"FAILOVER_REASON_{reason}"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -804,7 +805,7 @@ class Router:
             and not state.after_compaction
         )
 
-    async def _serve(self, pick: _Pick, state: _State) -> AsyncIterator[router_pb2.GenerateResponse]:
+    async def _serve(self, pick: _Pick, state: _State) -> AsyncGenerator[router_pb2.GenerateResponse, None]:
         """Serve ``pick``'s candidate, rotating auth profiles as the policy
         allows; sets ``state.succeeded``, else ``state.last``."""
         candidate, profile = pick.candidate, pick.profile
@@ -898,7 +899,7 @@ class Router:
 
     async def _stream(
         self, candidate: Candidate, profile: AuthProfile, state: _State, *, probe: bool
-    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[router_pb2.GenerateResponse, None]:
         """One candidate on one profile: open (with same-model retries), stream
         the answer, and on success yield ``usage`` and ``final``.
 
@@ -919,6 +920,7 @@ class Router:
         streamed = False
         stream, watchdog = opened.stream, opened.watchdog
         tokens = self._tokens_streamed(candidate.provider)
+        chunk: Chunk | None
         try:
             pending = opened.buffered
             while True:
@@ -1406,6 +1408,7 @@ class Router:
     def _row(self, provider: str, profile: str, model: str, keys: list[CooldownKey], now: float) -> StatusRow:
         states = [s for s in (self.store.get(k) for k in keys) if s is not None]
         active = [s for s in states if s.active(now)]
+        worst: CooldownState | None
         if active:
             worst = max(active, key=lambda s: s.until or 0)
             health, until = worst.health, worst.until

@@ -13,12 +13,11 @@ import collections
 import contextlib
 from collections.abc import AsyncIterator
 
-import grpc
-
 from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2
 from runyard.common import tracing
 from runyard.common.auth import RunTokenVerifier, check_internal
 from runyard.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from runyard.common.grpctypes import ServicerContext
 from runyard.common.outbox import Outbox
 from runyard.router.engine import Router, StatusRow, failover_reason_value
 
@@ -148,7 +147,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self.outbox = outbox
 
     async def Generate(
-        self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: router_pb2.GenerateRequest, context: ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
         run = request.run
         claims = self.signer.verify(run.run_token)
@@ -181,7 +180,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             yield response
 
     async def GetProviderStatus(
-        self, request: router_pb2.GetProviderStatusRequest, context: grpc.aio.ServicerContext
+        self, request: router_pb2.GetProviderStatusRequest, context: ServicerContext
     ) -> router_pb2.GetProviderStatusResponse:
         """Every provider / profile / model with its state, fresh from the
         shared table (so every replica answers the same); from this replica's
@@ -192,7 +191,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return router_pb2.GetProviderStatusResponse(states=[provider_state(r) for r in self.router.status()])
 
     async def ListEvents(
-        self, request: sessions_pb2.ListEventsRequest, context: grpc.aio.ServicerContext
+        self, request: sessions_pb2.ListEventsRequest, context: ServicerContext
     ) -> sessions_pb2.ListEventsResponse:
         """Sequenced ``model.failover`` events with id > ``after_id``, oldest
         first, at most ``limit`` (default 100, at most 1000), optionally only

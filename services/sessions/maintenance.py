@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from runyard._proto.v1 import common_pb2, sessions_pb2
-from runyard.common import metrics
+from runyard.common import db, metrics
 from runyard.common.config import MaintenanceConfig
 from runyard.common.protoutil import timestamp
 from runyard.sessions.store import SessionStore, _end_event
@@ -204,7 +204,7 @@ class Maintenance:
                 yield batch
 
     async def _delete_sessions(
-        self, conn: asyncpg.Connection, ids: list[object], reason: str
+        self, conn: db.Connection, ids: list[object], reason: str
     ) -> tuple[list[asyncpg.Record], list[common_pb2.LifecycleEvent]]:
         """Delete locked sessions; open activations end (session.end DELETED)
         in the same transaction. For the cap, a session that gained an open

@@ -13,11 +13,10 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 
-import grpc
-
 from runyard._proto.v1 import common_pb2, sessions_pb2, sessions_pb2_grpc
 from runyard.common.auth import RunTokenVerifier, check_internal
 from runyard.common.errors import FailedPrecondition, InvalidArgument
+from runyard.common.grpctypes import ServicerContext
 from runyard.common.pagination import decode_page_token, encode_page_token, invalid_page_token, page_size
 from runyard.common.protoutil import parse_uuid
 from runyard.sessions.lifecycle import Lifecycle
@@ -68,7 +67,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         self.maintenance = maintenance
 
     async def ResolveSession(
-        self, request: sessions_pb2.ResolveSessionRequest, context: grpc.aio.ServicerContext
+        self, request: sessions_pb2.ResolveSessionRequest, context: ServicerContext
     ) -> sessions_pb2.ResolveSessionResponse:
         check_internal(context, self.internal_secret)
         org = _require_org(request.org_id)
@@ -91,7 +90,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         return response
 
     async def GetSession(
-        self, request: sessions_pb2.SessionServiceGetSessionRequest, context: grpc.aio.ServicerContext
+        self, request: sessions_pb2.SessionServiceGetSessionRequest, context: ServicerContext
     ) -> sessions_pb2.SessionServiceGetSessionResponse:
         check_internal(context, self.internal_secret)
         session = await self.store.get(
@@ -102,7 +101,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         return sessions_pb2.SessionServiceGetSessionResponse(session=session)
 
     async def ListSessions(
-        self, request: sessions_pb2.SessionServiceListSessionsRequest, context: grpc.aio.ServicerContext
+        self, request: sessions_pb2.SessionServiceListSessionsRequest, context: ServicerContext
     ) -> sessions_pb2.SessionServiceListSessionsResponse:
         check_internal(context, self.internal_secret)
         sessions, token = await self.store.list(
@@ -116,7 +115,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         return sessions_pb2.SessionServiceListSessionsResponse(sessions=sessions, next_page_token=token)
 
     async def GetMessages(
-        self, request: sessions_pb2.SessionServiceGetMessagesRequest, context: grpc.aio.ServicerContext
+        self, request: sessions_pb2.SessionServiceGetMessagesRequest, context: ServicerContext
     ) -> sessions_pb2.SessionServiceGetMessagesResponse:
         check_internal(context, self.internal_secret)
         limit = page_size(request.page_size)
@@ -148,7 +147,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         )
 
     async def ResetSession(
-        self, request: sessions_pb2.SessionServiceResetSessionRequest, context: grpc.aio.ServicerContext
+        self, request: sessions_pb2.SessionServiceResetSessionRequest, context: ServicerContext
     ) -> sessions_pb2.SessionServiceResetSessionResponse:
         check_internal(context, self.internal_secret)
         session, previous = await self.store.reset(
@@ -159,7 +158,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         return sessions_pb2.SessionServiceResetSessionResponse(session=session, previous_session_id=previous)
 
     async def DeleteSession(
-        self, request: sessions_pb2.SessionServiceDeleteSessionRequest, context: grpc.aio.ServicerContext
+        self, request: sessions_pb2.SessionServiceDeleteSessionRequest, context: ServicerContext
     ) -> sessions_pb2.SessionServiceDeleteSessionResponse:
         check_internal(context, self.internal_secret)
         deleted = await self.store.delete(
@@ -170,7 +169,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         return sessions_pb2.SessionServiceDeleteSessionResponse(session_id=deleted)
 
     async def GetTranscript(
-        self, request: sessions_pb2.GetTranscriptRequest, context: grpc.aio.ServicerContext
+        self, request: sessions_pb2.GetTranscriptRequest, context: ServicerContext
     ) -> sessions_pb2.GetTranscriptResponse:
         claims = self.signer.verify(request.run_token)
         read = await self.store.read_transcript(claims, request.session_id)
@@ -191,7 +190,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         )
 
     async def CommitRun(
-        self, request: sessions_pb2.CommitRunRequest, context: grpc.aio.ServicerContext
+        self, request: sessions_pb2.CommitRunRequest, context: ServicerContext
     ) -> sessions_pb2.CommitRunResponse:
         check_internal(context, self.internal_secret)
         result = await self.store.commit_run(
@@ -209,7 +208,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         )
 
     async def ListEvents(
-        self, request: sessions_pb2.ListEventsRequest, context: grpc.aio.ServicerContext
+        self, request: sessions_pb2.ListEventsRequest, context: ServicerContext
     ) -> sessions_pb2.ListEventsResponse:
         check_internal(context, self.internal_secret)
         limit = min(request.limit or 100, MAX_EVENTS_PAGE)
@@ -217,7 +216,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         return sessions_pb2.ListEventsResponse(events=events)
 
     async def PruneSessions(
-        self, request: sessions_pb2.PruneSessionsRequest, context: grpc.aio.ServicerContext
+        self, request: sessions_pb2.PruneSessionsRequest, context: ServicerContext
     ) -> AsyncIterator[sessions_pb2.PruneSessionsResponse]:
         check_internal(context, self.internal_secret)
         if self.maintenance is None:
@@ -230,7 +229,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
             )
 
     async def SetShutdownMode(
-        self, request: sessions_pb2.SetShutdownModeRequest, context: grpc.aio.ServicerContext
+        self, request: sessions_pb2.SetShutdownModeRequest, context: ServicerContext
     ) -> sessions_pb2.SetShutdownModeResponse:
         check_internal(context, self.internal_secret)
         if request.mode not in (sessions_pb2.SHUTDOWN_MODE_SHUTDOWN, sessions_pb2.SHUTDOWN_MODE_RESTART):

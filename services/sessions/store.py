@@ -32,18 +32,19 @@ open or its owner is dead.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import logging
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 
 from runyard._proto.v1 import common_pb2, sessions_pb2
 from runyard._version import __version__
-from runyard.common import metrics
+from runyard.common import db, metrics
 from runyard.common.auth import RunClaims
 from runyard.common.errors import (
     FailedPrecondition,
@@ -63,11 +64,15 @@ log = logging.getLogger(__name__)
 #: NOTIFY channel announcing new outbox events.
 EVENTS_CHANNEL = "runyard_sessions_events"
 
-_END_REASONS = {
-    name.removeprefix("SESSION_END_REASON_"): value
-    for name, value in common_pb2.SessionEndReason.items()
-    if value
-}
+# items() is typed with plain ints in protobuf's stubs.
+_END_REASONS = cast(
+    "dict[str, common_pb2.SessionEndReason]",
+    {
+        name.removeprefix("SESSION_END_REASON_"): value
+        for name, value in common_pb2.SessionEndReason.items()
+        if value
+    },
+)
 
 _SESSION_COLUMNS = (
     "id, org_id, key, agent_id, parent_session_id, resumed_from_session_id, next_session_id, "
@@ -216,14 +221,16 @@ def session_proto(row: asyncpg.Record) -> common_pb2.Session:
         next_session_id=str(row["next_session_id"] or ""),
     )
     if row["ended_at"] is not None:
-        session.end_time.CopyFrom(timestamp(row["ended_at"]))
-        session.end_reason = _END_REASONS.get(row["end_reason"] or "", 0)
+        session.end_time.FromDatetime(row["ended_at"])
+        session.end_reason = _END_REASONS.get(
+            row["end_reason"] or "", common_pb2.SESSION_END_REASON_UNSPECIFIED
+        )
     return session
 
 
 def _event(
     type_: str,
-    row: asyncpg.Record | dict[str, Any],
+    row: db.Row,
     *,
     source: str,
     **data: Any,
@@ -243,7 +250,7 @@ def _event(
 
 
 def _end_event(
-    row: Mapping[str, Any],
+    row: db.Row,
     reason: str,
     *,
     source: str,
@@ -303,7 +310,7 @@ class SessionStore:
 
     # ------------------------------------------------------------ outbox
 
-    async def _emit(self, conn: asyncpg.Connection, events: Sequence[common_pb2.LifecycleEvent]) -> None:
+    async def _emit(self, conn: db.Connection, events: Sequence[common_pb2.LifecycleEvent]) -> None:
         """Write ``events`` to the outbox; each gets its position as ``id``."""
         for event, position in zip(events, await self.outbox.emit(conn, events), strict=True):
             event.id = position
@@ -328,7 +335,7 @@ class SessionStore:
 
     async def _find(
         self,
-        conn: asyncpg.Connection | asyncpg.Pool,
+        conn: db.Executor,
         org_id: str,
         session_id: uuid.UUID | None,
         key: str,
@@ -389,7 +396,7 @@ class SessionStore:
 
     async def _open_activation(
         self,
-        conn: asyncpg.Connection,
+        conn: db.Connection,
         row: asyncpg.Record,
         reason: str,
         resumed_from: uuid.UUID | None = None,
@@ -417,7 +424,10 @@ class SessionStore:
                 row,
                 source=self.instance_id,
                 session_start=common_pb2.SessionStartData(
-                    reason=common_pb2.SessionStartReason.Value(f"SESSION_START_REASON_{reason}"),
+                    reason=cast(
+                        common_pb2.SessionStartReason,
+                        common_pb2.SessionStartReason.Value(f"SESSION_START_REASON_{reason}"),
+                    ),
                     resumed_from_session_id=str(resumed_from or ""),
                 ),
             )
@@ -425,7 +435,7 @@ class SessionStore:
 
     async def _close_activation(
         self,
-        conn: asyncpg.Connection,
+        conn: db.Connection,
         row: asyncpg.Record,
         reason: str,
         *,
@@ -459,7 +469,7 @@ class SessionStore:
 
     async def _insert_session(
         self,
-        conn: asyncpg.Connection,
+        conn: db.Connection,
         org_id: str,
         key: str,
         agent_id: str,
@@ -596,7 +606,7 @@ class SessionStore:
             )
 
     async def _recover_orphan(
-        self, conn: asyncpg.Connection, row: asyncpg.Record
+        self, conn: db.Connection, row: asyncpg.Record
     ) -> list[common_pb2.LifecycleEvent]:
         """End the session's open activation if its owner is dead
         (session.end CRASH_RECOVERED); the session row is locked."""
@@ -678,6 +688,7 @@ class SessionStore:
 
     # ------------------------------------------------------------ listing
 
+    # Below this method, `list` in the class body names it: annotations say builtins.list.
     async def list(
         self,
         org_id: str,
@@ -715,9 +726,7 @@ class SessionStore:
 
     # ------------------------------------------------------------ transcripts
 
-    async def _follow(
-        self, conn: asyncpg.Connection | asyncpg.Pool, session_id: uuid.UUID
-    ) -> list[uuid.UUID]:
+    async def _follow(self, conn: db.Executor, session_id: uuid.UUID) -> builtins.list[uuid.UUID]:
         """``session_id`` and its compaction successors, in order (the last is current)."""
         return [r["id"] for r in await conn.fetch(_CHAIN_SQL, session_id)]
 
@@ -893,7 +902,7 @@ class SessionStore:
 
     async def _append_turn(
         self,
-        conn: asyncpg.Connection,
+        conn: db.Connection,
         current: asyncpg.Record,
         run_id: uuid.UUID,
         epoch: int,
@@ -901,7 +910,7 @@ class SessionStore:
         *,
         checkpoint: bool = False,
         emit: bool = False,
-    ) -> tuple[uuid.UUID, int, int, list[common_pb2.LifecycleEvent]]:
+    ) -> tuple[uuid.UUID, int, int, builtins.list[common_pb2.LifecycleEvent]]:
         """Add ``transcript`` as the next turn of the locked session
         ``current``; returns (session id, turn, message count, events).
 
@@ -917,8 +926,9 @@ class SessionStore:
         event = _event("session.updated", current, source=self.instance_id)
         event.run_id = str(run_id)
         outbox = f", ob AS ({self.outbox.insert_sql(10)})" if emit else ""
-        updated = await conn.fetchrow(
-            f"""
+        updated = db.returned(
+            await conn.fetchrow(
+                f"""
             WITH t AS (
                 INSERT INTO sessions.turns (session_id, turn, run_id, epoch, org_id, checkpoint, data,
                     message_count, size_bytes)
@@ -931,16 +941,17 @@ class SessionStore:
             ){outbox}
             SELECT u.id, u.message_count{", (SELECT max(pos) FROM ob) AS pos" if emit else ""} FROM u
             """,
-            current["id"],
-            turn,
-            run_id,
-            epoch,
-            current["org_id"],
-            checkpoint,
-            data,
-            len(transcript.messages),
-            len(data),
-            *(self.outbox.emit_args([event]) if emit else ()),
+                current["id"],
+                turn,
+                run_id,
+                epoch,
+                current["org_id"],
+                checkpoint,
+                data,
+                len(transcript.messages),
+                len(data),
+                *(self.outbox.emit_args([event]) if emit else ()),
+            )
         )
         metrics.SNAPSHOT_BYTES.observe(len(data))
         if emit:
@@ -948,19 +959,19 @@ class SessionStore:
         return updated["id"], turn, updated["message_count"], [event]
 
     @staticmethod
-    async def _committed(conn: asyncpg.Connection, session_id: uuid.UUID, turn: int) -> CommitResult:
+    async def _committed(conn: db.Connection, session_id: uuid.UUID, turn: int) -> CommitResult:
         """:meth:`commit_run`'s answer for a run committed before."""
         count = await conn.fetchval("SELECT message_count FROM sessions.sessions WHERE id = $1", session_id)
         return CommitResult(str(session_id), int(count or 0), int(turn), [])
 
     async def _roll_over(
         self,
-        conn: asyncpg.Connection,
+        conn: db.Connection,
         current: asyncpg.Record,
         run_id: uuid.UUID,
         epoch: int,
         append: sessions_pb2.TranscriptAppend,
-    ) -> tuple[uuid.UUID, int, int, list[common_pb2.LifecycleEvent]]:
+    ) -> tuple[uuid.UUID, int, int, builtins.list[common_pb2.LifecycleEvent]]:
         """Compaction: end ``current``, start its successor with a checkpoint
         turn (summary, kept messages, the run's messages). Returns (new
         session id, turn, message count, events)."""
@@ -1092,7 +1103,7 @@ class SessionStore:
         join: str = "",
         lock: str = "OF a",
         limit: int | None = None,
-        hold: list[common_pb2.LifecycleEvent] | None = None,
+        hold: builtins.list[common_pb2.LifecycleEvent] | None = None,
     ) -> int:
         """End open activations matching ``condition`` with ``reason``, a
         batch per transaction, the session.end events written in the same

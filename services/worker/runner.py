@@ -603,6 +603,7 @@ class RunExecutor:
                 ),
                 timeout=timeout,
             )
+            response: router_pb2.GenerateResponse  # the generated stub is untyped
             try:
                 async for response in call:
                     kind = response.WhichOneof("event")

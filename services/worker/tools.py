@@ -134,7 +134,7 @@ def offered_tools(config: Config, payload: common_pb2.RunPayload) -> list[common
     """The built-in tools a run offers: its agent's ``tools``, or all of them
     with ``RunOptions.tools_enabled``."""
     agent = config.agent(payload.agent_id)
-    names = set(agent.tools) if agent is not None else set()
+    names: set[str] = set(agent.tools) if agent is not None else set()
     if payload.options.tools_enabled:
         names |= set(BUILTIN_TOOLS)
     return [tool for name, tool in BUILTIN_TOOLS.items() if name in names]

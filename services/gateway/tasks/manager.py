@@ -67,7 +67,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2_grpc
-from runyard.common import metrics
+from runyard.common import db, metrics
 from runyard.common.auth import internal_metadata
 from runyard.common.clients import call
 from runyard.common.config import Config
@@ -167,7 +167,7 @@ class Transitions:
         self.cooling_models = cooling_models
         self._gauge_keys: set[str] = set()
 
-    async def emit(self, conn: asyncpg.Connection, rows: Iterable[Any], kind: str, effects: Effects) -> None:
+    async def emit(self, conn: db.Connection, rows: Iterable[Any], kind: str, effects: Effects) -> None:
         """Write the lifecycle event ``kind`` of each row to the outbox (same transaction)."""
         events = [lifecycle_event(row, kind, self.gateway_id) for row in rows]
         if events:
@@ -176,14 +176,14 @@ class Transitions:
 
     # ------------------------------------------------------------ slots and runs
 
-    async def grant_freed(self, conn: asyncpg.Connection, effects: Effects) -> None:
+    async def grant_freed(self, conn: db.Connection, effects: Effects) -> None:
         """Grant the keys ``effects`` freed slots of (last step of a transaction)."""
         while effects.grant_keys:
             key = min(effects.grant_keys)
             effects.grant_keys.discard(key)
             effects.merge(await self.grant(conn, key))
 
-    async def grant(self, conn: asyncpg.Connection, key: str) -> Effects:
+    async def grant(self, conn: db.Connection, key: str) -> Effects:
         """Hand free slots of ``key`` to its oldest waiters (in ``conn``'s transaction)."""
         effects = Effects()
         await self.store.xact_lock(conn, f"runyard.tasks.slots:{key}")
@@ -205,7 +205,7 @@ class Transitions:
                 effects = await self.grant(conn, key)
             await self.after(effects)
 
-    async def start_run(self, conn: asyncpg.Connection, row: Any, *, retry: bool = False) -> Effects:
+    async def start_run(self, conn: db.Connection, row: Any, *, retry: bool = False) -> Effects:
         """Queue the next run of task ``row`` and give it a slot.
 
         The first run answers the prompt; a retry repeats the input of the run
@@ -255,7 +255,7 @@ class Transitions:
 
     async def end(
         self,
-        conn: asyncpg.Connection,
+        conn: db.Connection,
         rows: Sequence[Any],
         status: TaskStatus,
         *,
@@ -299,7 +299,7 @@ class Transitions:
 
     async def _end_subtasks(
         self,
-        conn: asyncpg.Connection,
+        conn: db.Connection,
         ended: Sequence[Any],
         ids: list[uuid.UUID],
         status: TaskStatus,
@@ -330,7 +330,7 @@ class Transitions:
             )
 
     async def cascade(
-        self, conn: asyncpg.Connection, org_id: str, ids: list[uuid.UUID], reason: str, effects: Effects
+        self, conn: db.Connection, org_id: str, ids: list[uuid.UUID], reason: str, effects: Effects
     ) -> int:
         """Cancel every active task of or below sessions ``ids`` that were
         deleted or reset (``reason`` DELETED or RESET) and drop their news;
@@ -459,9 +459,7 @@ class Transitions:
         await self.after(effects)
         return True
 
-    async def run_ended(
-        self, conn: asyncpg.Connection, row: Any, run: Any, cooling: set[str] | None
-    ) -> Effects:
+    async def run_ended(self, conn: db.Connection, row: Any, run: Any, cooling: set[str] | None) -> Effects:
         """Apply the outcome of task ``row``'s ended ``run`` (both locked):
         complete, continue later, retry or end."""
         failovers, notices = failover_notices(
@@ -484,7 +482,7 @@ class Transitions:
         await self.store.record_notices(conn, row["id"], row["attempt"], notices)
         return await self._run_failed(conn, row, error, failovers, cooling)
 
-    async def _run_completed(self, conn: asyncpg.Connection, row: Any, run: Any) -> Effects:
+    async def _run_completed(self, conn: db.Connection, row: Any, run: Any) -> Effects:
         # The terminal event is the run's last (the failover scan may stop short of it).
         last = await self.runs.last_event(conn, run["id"], run["last_seq"])
         result = last.completed.message.content[: self.cfg.result_max_chars]
@@ -498,7 +496,7 @@ class Transitions:
 
     async def _run_failed(
         self,
-        conn: asyncpg.Connection,
+        conn: db.Connection,
         row: Any,
         error: common_pb2.RunError,
         failovers: Sequence[common_pb2.ModelFailover],
@@ -770,12 +768,11 @@ class TaskManager:
         if isinstance(exc, asyncpg.UniqueViolationError) and key is not None:
             existing = await self._existing(self.store.pool, org_id, key, fingerprint)
             if existing is not None:
-                return existing["id"]
+                task_id: uuid.UUID = existing["id"]
+                return task_id
         return None
 
-    async def _existing(
-        self, conn: asyncpg.Connection | asyncpg.Pool, org_id: str, key: str, fingerprint: bytes
-    ) -> Any:
+    async def _existing(self, conn: db.Executor, org_id: str, key: str, fingerprint: bytes) -> Any:
         row = await self.store.by_idempotency_key(conn, org_id, key)
         if row is not None and row["request_hash"] is not None and bytes(row["request_hash"]) != fingerprint:
             raise InvalidArgument(
@@ -786,7 +783,7 @@ class TaskManager:
             )
         return row
 
-    async def _check_active(self, conn: asyncpg.Connection | asyncpg.Pool, parent_id: uuid.UUID) -> None:
+    async def _check_active(self, conn: db.Executor, parent_id: uuid.UUID) -> None:
         active = await self.store.active_children(conn, parent_id)
         if active >= self.cfg.max_active_per_parent:
             raise ResourceExhausted(
@@ -899,7 +896,7 @@ class TaskManager:
         return await self.sweeper.step(full=full)
 
     async def _record_notices(
-        self, conn: asyncpg.Connection, task_id: uuid.UUID, attempt: int, texts: Iterable[str]
+        self, conn: db.Connection, task_id: uuid.UUID, attempt: int, texts: Iterable[str]
     ) -> int:
         """See :meth:`TaskStore.record_notices` (kept for the tests that call it here)."""
         return await self.store.record_notices(conn, task_id, attempt, texts)

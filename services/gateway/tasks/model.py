@@ -352,9 +352,9 @@ def task_proto(row: Any, notices: Sequence[Any] = ()) -> common_pb2.Task:
         create_time=timestamp(row["created_at"]),
     )
     if row["started_at"] is not None:
-        task.start_time.CopyFrom(timestamp(row["started_at"]))
+        task.start_time.FromDatetime(row["started_at"])
     if row["ended_at"] is not None:
-        task.end_time.CopyFrom(timestamp(row["ended_at"]))
+        task.end_time.FromDatetime(row["ended_at"])
     if row["error"] is not None:
         task.error.ParseFromString(bytes(row["error"]))
     for notice in notices:

@@ -24,9 +24,8 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
-
 from runyard._proto.v1 import common_pb2
+from runyard.common import db
 from runyard.common.config import Config
 from runyard.common.errors import NotFound, RunyardError
 from runyard.common.protoutil import now
@@ -116,7 +115,7 @@ def messages_of(notes: Sequence[Any]) -> list[common_pb2.Message]:
 
 
 async def confirm_deliveries(
-    conn: asyncpg.Connection, store: TaskStore, runs: RunStore, session_key: str | None
+    conn: db.Connection, store: TaskStore, runs: RunStore, session_key: str | None
 ) -> None:
     """Notifications (for ``session_key``, or all) whose run completed are
     delivered; those whose run failed or was cancelled go back to pending."""

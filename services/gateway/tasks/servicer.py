@@ -5,11 +5,10 @@ from __future__ import annotations
 import hashlib
 import uuid
 
-import grpc
-
 from runyard._proto.v1 import tasks_pb2, tasks_pb2_grpc
 from runyard.common.auth import RunClaims, RunTokenVerifier, check_internal
 from runyard.common.errors import FailedPrecondition
+from runyard.common.grpctypes import ServicerContext
 from runyard.common.protoutil import parse_uuid
 from runyard.gateway.run_status import RunStatus
 from runyard.gateway.runs import RunStore
@@ -43,7 +42,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         self.signer = signer
         self.internal_secret = internal_secret
 
-    async def _run(self, context: grpc.aio.ServicerContext, token: str) -> tuple[RunClaims, str]:
+    async def _run(self, context: ServicerContext, token: str) -> tuple[RunClaims, str]:
         check_internal(context, self.internal_secret)
         claims = self.signer.verify(token)
         row = await self.runs.token_run(claims.org_id, uuid.UUID(claims.run_id))
@@ -54,7 +53,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         return claims, row["session_key"]
 
     async def SpawnTask(
-        self, request: tasks_pb2.TaskServiceSpawnTaskRequest, context: grpc.aio.ServicerContext
+        self, request: tasks_pb2.TaskServiceSpawnTaskRequest, context: ServicerContext
     ) -> tasks_pb2.TaskServiceSpawnTaskResponse:
         """Spawn a task under the token's session (see :meth:`TaskManager.spawn`).
 
@@ -84,7 +83,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         return tasks_pb2.TaskServiceSpawnTaskResponse(task=task)
 
     async def GetTask(
-        self, request: tasks_pb2.TaskServiceGetTaskRequest, context: grpc.aio.ServicerContext
+        self, request: tasks_pb2.TaskServiceGetTaskRequest, context: ServicerContext
     ) -> tasks_pb2.TaskServiceGetTaskResponse:
         """A task spawned under the token's session key.
 

@@ -35,7 +35,7 @@ class TaskSessions:
         Raises:
             NotFound: no such session (other orgs' look the same); any error of the call.
         """
-        response = await call(
+        response: sessions_pb2.SessionServiceGetSessionResponse = await call(
             self.stub.GetSession(
                 sessions_pb2.SessionServiceGetSessionRequest(
                     org_id=org_id, session_id=session_id, session_key=session_key
@@ -50,7 +50,7 @@ class TaskSessions:
         self, org_id: str, session_key: str, agent_id: str, parent_id: str, timeout: float | None
     ) -> common_pb2.Session:
         """The task's own session (key ``session_key``), linked to its parent."""
-        response = await call(
+        response: sessions_pb2.ResolveSessionResponse = await call(
             self.stub.ResolveSession(
                 sessions_pb2.ResolveSessionRequest(
                     org_id=org_id, session_key=session_key, agent_id=agent_id, parent_session_id=parent_id

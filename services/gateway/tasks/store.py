@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from runyard.common import db
 from runyard.common.outbox import HORIZON_SQL
 from runyard.gateway.tasks.model import BATCH, TaskStatus, normalise_notice
 
@@ -348,7 +349,7 @@ SET_SESSION_END_CURSOR = (
     "UPDATE gateway.task_cursors SET after_pos = $1, updated_at = now() WHERE name = 'session_end'"
 )
 
-Conn = asyncpg.Connection | asyncpg.Pool
+Conn = db.Executor
 
 
 class TaskStore:
@@ -364,7 +365,7 @@ class TaskStore:
     # ------------------------------------------------------------ locks
 
     @staticmethod
-    async def xact_lock(conn: asyncpg.Connection, name: str) -> None:
+    async def xact_lock(conn: db.Connection, name: str) -> None:
         """Take the transaction-scoped advisory lock ``name`` (safe with pooled connections)."""
         await conn.execute(XACT_LOCK, name)
 
@@ -377,9 +378,10 @@ class TaskStore:
         """``(id, status, depth)`` of the task whose own session is ``session_id``."""
         return await self.pool.fetchrow(SELECT_TASK_OF_SESSION, session_id, org_id)
 
-    async def status_for_share(self, conn: asyncpg.Connection, task_id: uuid.UUID) -> str | None:
+    async def status_for_share(self, conn: db.Connection, task_id: uuid.UUID) -> str | None:
         """A task's status, locked against ending (FOR SHARE) until the transaction ends."""
-        return await conn.fetchval(SELECT_STATUS_FOR_SHARE, task_id)
+        status: str | None = await conn.fetchval(SELECT_STATUS_FOR_SHARE, task_id)
+        return status
 
     async def active_children(self, conn: Conn, parent_id: uuid.UUID) -> int:
         return int(await conn.fetchval(COUNT_ACTIVE_CHILDREN, parent_id))
@@ -408,29 +410,29 @@ class TaskStore:
             )
         )
 
-    async def exists(self, conn: asyncpg.Connection, org_id: str, task_id: uuid.UUID) -> bool:
+    async def exists(self, conn: db.Connection, org_id: str, task_id: uuid.UUID) -> bool:
         return await conn.fetchval(TASK_EXISTS, task_id, org_id) is not None
 
-    async def lock_tree_of_task(self, conn: asyncpg.Connection, org_id: str, task_id: uuid.UUID) -> list[Any]:
+    async def lock_tree_of_task(self, conn: db.Connection, org_id: str, task_id: uuid.UUID) -> list[Any]:
         """Lock a task and every active task below it (active ones returned, oldest first)."""
         return list(await conn.fetch(LOCK_TREE_OF_TASK, org_id, task_id))
 
     async def lock_trees_of_sessions(
-        self, conn: asyncpg.Connection, org_id: str, session_ids: Sequence[uuid.UUID]
+        self, conn: db.Connection, org_id: str, session_ids: Sequence[uuid.UUID]
     ) -> list[Any]:
         """Lock the active tasks under or of ``session_ids`` and every active task below them."""
         return list(await conn.fetch(LOCK_TREES_OF_SESSIONS, org_id, list(session_ids)))
 
     async def lock_trees_below(
-        self, conn: asyncpg.Connection, org_id: str, task_ids: Sequence[uuid.UUID]
+        self, conn: db.Connection, org_id: str, task_ids: Sequence[uuid.UUID]
     ) -> list[Any]:
         """Lock the active subtasks of ``task_ids`` and every active task below them."""
         return list(await conn.fetch(LOCK_TREES_BELOW_TASKS, org_id, list(task_ids)))
 
-    async def slots_held(self, conn: asyncpg.Connection, key: str) -> int:
+    async def slots_held(self, conn: db.Connection, key: str) -> int:
         return int(await conn.fetchval(COUNT_SLOTS_HELD, key))
 
-    async def lock_waiters(self, conn: asyncpg.Connection, key: str, limit: int) -> list[Any]:
+    async def lock_waiters(self, conn: db.Connection, key: str, limit: int) -> list[Any]:
         """Lock the oldest ``limit`` tasks waiting for a slot of ``key`` (others' locks skipped)."""
         return list(await conn.fetch(LOCK_WAITERS, key, limit))
 
@@ -442,22 +444,22 @@ class TaskStore:
         """``(id, run_id)`` of every running task holding a slot, in queue order."""
         return list(await self.pool.fetch(SELECT_SLOT_HOLDERS))
 
-    async def lock_slot_holder(self, conn: asyncpg.Connection, task_id: uuid.UUID) -> asyncpg.Record | None:
+    async def lock_slot_holder(self, conn: db.Connection, task_id: uuid.UUID) -> asyncpg.Record | None:
         return await conn.fetchrow(LOCK_SLOT_HOLDER, task_id)
 
-    async def has_open_subtasks_or_news(self, conn: asyncpg.Connection, row: Any) -> bool:
+    async def has_open_subtasks_or_news(self, conn: db.Connection, row: Any) -> bool:
         """Whether task ``row`` has active subtasks, or news (of ended ones) not delivered yet."""
         return bool(
             await conn.fetchval(HAS_OPEN_SUBTASKS_OR_NEWS, row["id"], row["org_id"], row["session_key"])
         )
 
-    async def lock_expired_pending(self, conn: asyncpg.Connection, ttl_s: float) -> list[Any]:
+    async def lock_expired_pending(self, conn: db.Connection, ttl_s: float) -> list[Any]:
         return list(await conn.fetch(LOCK_EXPIRED_PENDING, ttl_s, BATCH))
 
-    async def lock_stale_running(self, conn: asyncpg.Connection, stale_s: float) -> list[Any]:
+    async def lock_stale_running(self, conn: db.Connection, stale_s: float) -> list[Any]:
         return list(await conn.fetch(LOCK_STALE_RUNNING, stale_s, BATCH))
 
-    async def lock_waiting_for_nothing(self, conn: asyncpg.Connection) -> list[Any]:
+    async def lock_waiting_for_nothing(self, conn: db.Connection) -> list[Any]:
         return list(await conn.fetch(LOCK_WAITING_FOR_NOTHING, BATCH))
 
     async def statuses(self, task_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
@@ -478,26 +480,24 @@ class TaskStore:
     async def task_by_session(self, session_id: uuid.UUID) -> asyncpg.Record | None:
         return await self.pool.fetchrow(SELECT_TASK_BY_SESSION, session_id)
 
-    async def lock_idle_parent_task(
-        self, conn: asyncpg.Connection, task_id: uuid.UUID
-    ) -> asyncpg.Record | None:
+    async def lock_idle_parent_task(self, conn: db.Connection, task_id: uuid.UUID) -> asyncpg.Record | None:
         """The running task ``task_id`` when it holds no slot, wants none and has no open subtask (locked)."""
         return await conn.fetchrow(LOCK_IDLE_PARENT_TASK, task_id)
 
     # ------------------------------------------------------------ writes
 
-    async def insert(self, conn: asyncpg.Connection, *values: Any) -> asyncpg.Record:
+    async def insert(self, conn: db.Connection, *values: Any) -> asyncpg.Record:
         """Insert a PENDING task (the 17 values of :data:`INSERT_TASK`, in order)."""
-        return await conn.fetchrow(INSERT_TASK, *values)
+        return db.returned(await conn.fetchrow(INSERT_TASK, *values))
 
     async def mark_running(
-        self, conn: asyncpg.Connection, task_id: uuid.UUID, run_id: uuid.UUID, attempt: int
+        self, conn: db.Connection, task_id: uuid.UUID, run_id: uuid.UUID, attempt: int
     ) -> asyncpg.Record:
-        return await conn.fetchrow(MARK_RUNNING, task_id, run_id, attempt)
+        return db.returned(await conn.fetchrow(MARK_RUNNING, task_id, run_id, attempt))
 
     async def end(
         self,
-        conn: asyncpg.Connection,
+        conn: db.Connection,
         task_ids: Sequence[uuid.UUID],
         status: TaskStatus,
         *,
@@ -509,35 +509,33 @@ class TaskStore:
         return list(await conn.fetch(END_TASKS, list(task_ids), status, error, result, notify))
 
     async def skip_news_of_sessions(
-        self, conn: asyncpg.Connection, org_id: str, session_ids: Sequence[uuid.UUID]
+        self, conn: db.Connection, org_id: str, session_ids: Sequence[uuid.UUID]
     ) -> None:
         """Drop the news for ``session_ids``: both what is not batched yet and what is."""
         await conn.execute(SKIP_NEWS_OF_SESSIONS, org_id, list(session_ids))
         await conn.execute(DROP_NEWS_OF_SESSIONS, org_id, list(session_ids))
 
     async def drop_news_for_task_sessions(
-        self, conn: asyncpg.Connection, session_ids: Sequence[uuid.UUID]
+        self, conn: db.Connection, session_ids: Sequence[uuid.UUID]
     ) -> None:
         await conn.execute(DROP_NEWS_FOR_TASK_SESSIONS, list(session_ids))
 
-    async def return_slot_keep_running(
-        self, conn: asyncpg.Connection, task_id: uuid.UUID, result: str
-    ) -> None:
+    async def return_slot_keep_running(self, conn: db.Connection, task_id: uuid.UUID, result: str) -> None:
         await conn.execute(RETURN_SLOT_KEEP_RUNNING, task_id, result)
 
-    async def count_run_completed(self, conn: asyncpg.Connection, task_id: uuid.UUID) -> None:
+    async def count_run_completed(self, conn: db.Connection, task_id: uuid.UUID) -> None:
         await conn.execute(COUNT_RUN_COMPLETED, task_id)
 
     async def set_exclude_models(
-        self, conn: asyncpg.Connection, task_id: uuid.UUID, models: Sequence[str]
+        self, conn: db.Connection, task_id: uuid.UUID, models: Sequence[str]
     ) -> asyncpg.Record:
-        return await conn.fetchrow(SET_EXCLUDE_MODELS, task_id, list(models))
+        return db.returned(await conn.fetchrow(SET_EXCLUDE_MODELS, task_id, list(models)))
 
-    async def want_slot(self, conn: asyncpg.Connection, task_id: uuid.UUID) -> None:
+    async def want_slot(self, conn: db.Connection, task_id: uuid.UUID) -> None:
         await conn.execute(WANT_SLOT, task_id)
 
     async def follow_compaction(
-        self, conn: asyncpg.Connection, org_id: str, old: uuid.UUID, new: uuid.UUID
+        self, conn: db.Connection, org_id: str, old: uuid.UUID, new: uuid.UUID
     ) -> None:
         """Tasks and their open notifications move to the conversation's new session id."""
         await conn.execute(MOVE_PARENT_SESSION, org_id, old, new)
@@ -554,7 +552,7 @@ class TaskStore:
         return out
 
     async def record_notices(
-        self, conn: asyncpg.Connection, task_id: uuid.UUID, attempt: int, texts: Iterable[str]
+        self, conn: db.Connection, task_id: uuid.UUID, attempt: int, texts: Iterable[str]
     ) -> int:
         """Store the distinct notices of one attempt (alike after
         :func:`~runyard.gateway.tasks.model.normalise_notice`); returns how many were new."""
@@ -572,7 +570,7 @@ class TaskStore:
     # ------------------------------------------------------------ notifications
 
     async def lock_pending_news(
-        self, conn: asyncpg.Connection, org_id: str, key: str, *, skip_locked: bool = False
+        self, conn: db.Connection, org_id: str, key: str, *, skip_locked: bool = False
     ) -> list[Any]:
         """Lock the pending notifications for session key ``key``, oldest first."""
         sql = LOCK_PENDING_NEWS_SKIP_LOCKED if skip_locked else LOCK_PENDING_NEWS
@@ -581,17 +579,17 @@ class TaskStore:
     async def has_pending_news(self, org_id: str, key: str) -> bool:
         return bool(await self.pool.fetchval(HAS_PENDING_NEWS, org_id, key))
 
-    async def attach_news(self, conn: asyncpg.Connection, notes: Sequence[Any], run_id: uuid.UUID) -> None:
+    async def attach_news(self, conn: db.Connection, notes: Sequence[Any], run_id: uuid.UUID) -> None:
         """Mark ``notes`` as carried by run ``run_id`` (delivered once it completes)."""
         if notes:
             await conn.execute(ATTACH_NEWS, [n["id"] for n in notes], run_id)
 
-    async def attached_news(self, conn: asyncpg.Connection, session_key: str | None) -> list[asyncpg.Record]:
+    async def attached_news(self, conn: db.Connection, session_key: str | None) -> list[asyncpg.Record]:
         """``(id, run_id)`` of notifications carried by a run (for ``session_key``, or all)."""
         return list(await conn.fetch(SELECT_ATTACHED_NEWS, session_key))
 
     async def settle_attached_news(
-        self, conn: asyncpg.Connection, outcomes: Sequence[tuple[uuid.UUID, uuid.UUID, bool]]
+        self, conn: db.Connection, outcomes: Sequence[tuple[uuid.UUID, uuid.UUID, bool]]
     ) -> None:
         """``(notification id, run id, run completed)``: delivered, or pending again."""
         if outcomes:
@@ -602,28 +600,28 @@ class TaskStore:
         """Per parent with ended tasks not batched: its id, the age of the oldest, whether it is busy."""
         return list(await self.pool.fetch(SELECT_PARENTS_WITH_NEWS))
 
-    async def lock_news_of_parent(self, conn: asyncpg.Connection, parent_id: uuid.UUID) -> list[Any]:
+    async def lock_news_of_parent(self, conn: db.Connection, parent_id: uuid.UUID) -> list[Any]:
         return list(await conn.fetch(LOCK_NEWS_OF_PARENT, parent_id))
 
-    async def parent_has_active_tasks(self, conn: asyncpg.Connection, parent_id: uuid.UUID) -> bool:
+    async def parent_has_active_tasks(self, conn: db.Connection, parent_id: uuid.UUID) -> bool:
         return bool(await conn.fetchval(PARENT_HAS_ACTIVE_TASKS, parent_id))
 
-    async def age_s(self, conn: asyncpg.Connection, since: dt.datetime) -> float:
+    async def age_s(self, conn: db.Connection, since: dt.datetime) -> float:
         """Seconds from ``since`` to the database's ``now()``."""
         return float(await conn.fetchval(AGE_SECONDS, since))
 
     async def close_round(
-        self, conn: asyncpg.Connection, parent_id: uuid.UUID, ids: Sequence[uuid.UUID]
+        self, conn: db.Connection, parent_id: uuid.UUID, ids: Sequence[uuid.UUID]
     ) -> list[str]:
         """Statuses of the parent's round (see :data:`CLOSE_ROUND`), now reported."""
         return [r["status"] for r in await conn.fetch(CLOSE_ROUND, parent_id, list(ids))]
 
-    async def insert_notification(self, conn: asyncpg.Connection, *values: Any) -> None:
+    async def insert_notification(self, conn: db.Connection, *values: Any) -> None:
         """The 6 values of :data:`INSERT_NOTIFICATION`, in order."""
         await conn.execute(INSERT_NOTIFICATION, *values)
 
     async def mark_batched(
-        self, conn: asyncpg.Connection, ids: Sequence[uuid.UUID], notification_id: uuid.UUID
+        self, conn: db.Connection, ids: Sequence[uuid.UUID], notification_id: uuid.UUID
     ) -> None:
         await conn.execute(MARK_BATCHED, list(ids), notification_id)
 
@@ -641,15 +639,17 @@ class TaskStore:
 
     # ------------------------------------------------------------ session ends
 
-    async def lock_session_end_cursor(self, conn: asyncpg.Connection) -> int | None:
+    async def lock_session_end_cursor(self, conn: db.Connection) -> int | None:
         """The cursor's position, locked (None when another replica holds it)."""
-        return await conn.fetchval(LOCK_SESSION_END_CURSOR)
+        position: int | None = await conn.fetchval(LOCK_SESSION_END_CURSOR)
+        return position
 
-    async def outbox_top(self, conn: asyncpg.Connection) -> int | None:
-        return await conn.fetchval(SELECT_OUTBOX_TOP)
+    async def outbox_top(self, conn: db.Connection) -> int | None:
+        top: int | None = await conn.fetchval(SELECT_OUTBOX_TOP)
+        return top
 
-    async def session_ends(self, conn: asyncpg.Connection, after: int, top: int, limit: int) -> list[Any]:
+    async def session_ends(self, conn: db.Connection, after: int, top: int, limit: int) -> list[Any]:
         return list(await conn.fetch(SELECT_SESSION_ENDS, after, top, limit))
 
-    async def set_session_end_cursor(self, conn: asyncpg.Connection, position: int) -> None:
+    async def set_session_end_cursor(self, conn: db.Connection, position: int) -> None:
         await conn.execute(SET_SESSION_END_CURSOR, position)

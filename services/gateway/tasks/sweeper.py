@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 import asyncpg
 
 from runyard._proto.v1 import common_pb2
+from runyard.common import db
 from runyard.common.config import Config
 from runyard.common.errors import NotFound, RunyardError
 from runyard.gateway.runs import RunStore
@@ -284,7 +285,7 @@ class Sweeper:
         return len(rows)
 
     async def _session_end(
-        self, conn: asyncpg.Connection, event: common_pb2.LifecycleEvent, effects: Effects
+        self, conn: db.Connection, event: common_pb2.LifecycleEvent, effects: Effects
     ) -> None:
         reason = common_pb2.SessionEndReason.Name(event.session_end.reason).removeprefix(
             "SESSION_END_REASON_"
