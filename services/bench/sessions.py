@@ -301,9 +301,11 @@ async def _insert_sessions(url: str, count: int) -> None:
     try:
         await conn.execute(
             """
-            INSERT INTO sessions.sessions (id, org_id, key, agent_id, created_at, last_active_at, message_count)
+            INSERT INTO sessions.sessions (id, org_id, key, agent_id, created_at, last_active_at,
+                message_count)
             SELECT gen_random_uuid(), 'default', 'bench:' || g, 'default',
-                   now() - make_interval(secs => $1 - g), now() - interval '1 hour' - make_interval(secs => $1 - g),
+                   now() - make_interval(secs => $1 - g),
+                   now() - interval '1 hour' - make_interval(secs => $1 - g),
                    g % 50
             FROM generate_series(1, $1) AS g
             """,
@@ -453,14 +455,17 @@ async def _run(args: argparse.Namespace) -> int:
                 result = await measure_memory(database, workdir, stored, args.page_size, args.sample_ms)
                 memory.append(result)
                 print(
-                    f"  listed {result.listed} in {result.pages} pages, dry run streamed {result.pruned_dry_run}, "
+                    f"  listed {result.listed} in {result.pages} pages, dry run streamed "
+                    f"{result.pruned_dry_run}, "
                     f"{result.walk_s:.1f} s"
                 )
                 print(
-                    f"  gateway  RSS idle {_mib(result.gateway_idle_kib)}, peak {_mib(result.gateway_peak_kib)}"
+                    f"  gateway  RSS idle {_mib(result.gateway_idle_kib)}, peak "
+                    f"{_mib(result.gateway_peak_kib)}"
                 )
                 print(
-                    f"  sessions RSS idle {_mib(result.sessions_idle_kib)}, peak {_mib(result.sessions_peak_kib)}"
+                    f"  sessions RSS idle {_mib(result.sessions_idle_kib)}, peak "
+                    f"{_mib(result.sessions_peak_kib)}"
                 )
                 if result.listed != stored or result.pruned_dry_run != stored:
                     code |= 1
@@ -474,7 +479,8 @@ async def _run(args: argparse.Namespace) -> int:
                 results["peak_rss_ratio"] = ratios
                 print(
                     f"\npeak RSS, {high.stored_sessions} vs {low.stored_sessions} stored sessions: "
-                    f"gateway x{ratios['gateway']:.3f}, sessions x{ratios['sessions']:.3f} (target: within 10%)"
+                    f"gateway x{ratios['gateway']:.3f}, sessions x{ratios['sessions']:.3f} "
+                    "(target: within 10%)"
                 )
                 if max(ratios.values()) > 1.10:
                     code |= 1

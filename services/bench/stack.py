@@ -955,7 +955,8 @@ async def _run(settings: dict[str, Any], database_url: str | None) -> dict[str, 
             results["notes"].append(bench.wal.slot_note)
         if not bench.wal.available:
             results["notes"].append(
-                f"WAL per database not measured ({bench.wal.reason}); WAL figures are whole-server LSN differences"
+                f"WAL per database not measured ({bench.wal.reason}); WAL figures are whole-server LSN "
+                "differences"
             )
         for deltas in settings["deltas"]:
             bench.provider_ports[deltas] = await _start_provider(f"provider-d{deltas}", deltas, procs)
@@ -1060,13 +1061,17 @@ def _report(results: dict[str, Any]) -> str:
     lines = [
         f"runyard bench stack ({results['started']}, commit {m.get('runyard_commit', '?')})",
         (
-            f"machine: {m['cpus']} CPUs ({m['cpu_model'] or 'unknown model'}), {m['memory_gib']} GiB; load average "
-            f"{m['load_average_before'][0]:.2f} before, {m.get('load_average_after', [float('nan')])[0]:.2f} after; "
+            f"machine: {m['cpus']} CPUs ({m['cpu_model'] or 'unknown model'}), {m['memory_gib']} GiB; load "
+            "average "
+            f"{m['load_average_before'][0]:.2f} before, "
+            f"{m.get('load_average_after', [float('nan')])[0]:.2f} after; "
             f"Python {m['python']}, PostgreSQL {m.get('postgresql', '?')} ({results['database']['server']}), "
             f"grpcio {m.get('grpcio', '?')}, httpx {m.get('httpx', '?')}"
         ),
-        f"setup: {s['workers']} worker(s) of capacity {s['worker_capacity']}; each of N sessions sends messages "
-        f"back to back (new session key every {s['turns_per_key'] or 'never'} turns); {amount} per point after "
+        f"setup: {s['workers']} worker(s) of capacity {s['worker_capacity']}; each of N sessions sends "
+        "messages "
+        f"back to back (new session key every {s['turns_per_key'] or 'never'} turns); {amount} per point "
+        "after "
         f"{s['warmup_s']:g} s warm-up; counters read after {s['settle_s']:g} s of quiet"
         + (
             " (shorter than PostgreSQL's 10 s idle flush: commits and rows are approximate)"
@@ -1086,7 +1091,8 @@ def _report(results: dict[str, Any]) -> str:
         "throughput and latency (ms; added TTFT = stack TTFT - direct TTFT at the same percentile)",
         (
             f"{'deltas':>6} {'N':>3} {'runs/s':>8} {'direct/s':>9} {'ratio':>6} {'TTFT p50':>9} {'p99':>8} "
-            f"{'run p50':>8} {'p99':>8} {'dir TTFT p50':>12} {'p99':>7} {'added p50':>9} {'p99':>8} {'load':>5}"
+            f"{'run p50':>8} {'p99':>8} {'dir TTFT p50':>12} {'p99':>7} {'added p50':>9} {'p99':>8} "
+            f"{'load':>5}"
         ),
     ]
     for p in results["points"]:
@@ -1101,14 +1107,16 @@ def _report(results: dict[str, Any]) -> str:
         "",
         "CPU ms per run (postgres = backends of the scratch database; pg bg = server background processes)",
         (
-            f"{'deltas':>6} {'N':>3} {'gateway':>8} {'router':>7} {'sessions':>8} {'worker':>7} {'postgres':>8} "
+            f"{'deltas':>6} {'N':>3} {'gateway':>8} {'router':>7} {'sessions':>8} {'worker':>7} "
+            f"{'postgres':>8} "
             f"{'pg bg':>6} {'total':>7} {'provider':>8} {'client':>7}"
         ),
     ]
     for p in results["points"]:
         c = p["cpu_ms_per_run"]
         lines.append(
-            f"{p['deltas']:>6} {p['sessions']:>3} {c['gateway']:>8.2f} {c['router']:>7.2f} {c['sessions']:>8.2f} "
+            f"{p['deltas']:>6} {p['sessions']:>3} {c['gateway']:>8.2f} {c['router']:>7.2f} "
+            f"{c['sessions']:>8.2f} "
             f"{c['worker']:>7.2f} {_f(c.get('postgres'), 2):>8} {_f(c.get('postgres_background'), 2):>6} "
             f"{_f(c.get('total'), 2):>7} {c['provider']:>8.2f} {c['bench_client']:>7.2f}"
         )
@@ -1116,7 +1124,8 @@ def _report(results: dict[str, Any]) -> str:
         "",
         (
             "PostgreSQL per run: commits = xact_commit (every transaction, read-only included) and rows ="
-            " tup_inserted+updated+deleted, both less the idle stack's background (bg c/s) during the settling;"
+            " tup_inserted+updated+deleted, both less the idle stack's background (bg c/s) during the "
+            "settling;"
             " w-commits = commit records in WAL; WAL db = records of the scratch database's transactions"
             " (pg_walinspect); WAL server = insert-LSN difference (every database)"
         ),
@@ -1127,9 +1136,10 @@ def _report(results: dict[str, Any]) -> str:
     ]
     for p in results["points"]:
         g = p["pg"]
-        rows = f"{g['rows_inserted_per_run']:.1f}/{g['rows_updated_per_run']:.1f}/{g['rows_deleted_per_run']:.1f}"
+        rows = "/".join(f"{g[f'rows_{kind}_per_run']:.1f}" for kind in ("inserted", "updated", "deleted"))
         lines.append(
-            f"{p['deltas']:>6} {p['sessions']:>3} {g['commits_per_run']:>8.2f} {g['commits_per_run_raw']:>7.2f} "
+            f"{p['deltas']:>6} {p['sessions']:>3} {g['commits_per_run']:>8.2f} "
+            f"{g['commits_per_run_raw']:>7.2f} "
             f"{g['background_commits_per_s']:>6.1f} "
             f"{_f(g.get('write_commits_per_run'), 2):>9} {g['rows_written_per_run']:>7.1f} {rows:>17} "
             f"{_f(g.get('wal_bytes_per_run'), 0):>9} {_f(g.get('wal_fpi_bytes_per_run'), 0):>9} "
@@ -1144,7 +1154,8 @@ def _report(results: dict[str, Any]) -> str:
     ]
     if exited:
         lines.append(
-            "PostgreSQL processes of the scratch database that exited during a window (their CPU after the first "
+            "PostgreSQL processes of the scratch database that exited during a window (their CPU after the "
+            "first "
             "sample is not counted): " + ", ".join(exited)
         )
     litellm = [p for p in results["points"] if "litellm" in p]

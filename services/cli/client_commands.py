@@ -81,7 +81,10 @@ def describe_error(exc: RunyardError, address: str = "") -> str:
     head = code.name if exc.reason in ("", code.name) else f"{code.name} {exc.reason}"
     text = f"error: {head}: {exc.message}"
     if code == grpc.StatusCode.UNAUTHENTICATED:
-        text += "\n  Pass --api-key KEY or set RUNYARD_API_KEY (an admin creates keys with `runyard keys create`)."
+        text += (
+            "\n  Pass --api-key KEY or set RUNYARD_API_KEY "
+            "(an admin creates keys with `runyard keys create`)."
+        )
     elif code == grpc.StatusCode.PERMISSION_DENIED:
         text += "\n  Use an API key with that scope (`runyard keys create --scope ...`)."
     return text

@@ -31,7 +31,8 @@ async def _keys(args: argparse.Namespace) -> int:
             key, token = await store.create(args.org, args.name or "", args.scope or ["chat"])
             print(token)
             print(
-                f"created key {key.key_id} for org {key.org_id!r} with scopes {', '.join(sorted(key.scopes))}; "
+                f"created key {key.key_id} for org {key.org_id!r} with scopes "
+                f"{', '.join(sorted(key.scopes))}; "
                 "store it now, it is not shown again",
                 file=sys.stderr,
             )
@@ -40,7 +41,8 @@ async def _keys(args: argparse.Namespace) -> int:
             for key in keys:
                 state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
                 print(
-                    f"{key.key_id}  {key.org_id:<16} {','.join(sorted(key.scopes)):<40} {key.name:<20} {state}"
+                    f"{key.key_id}  {key.org_id:<16} {','.join(sorted(key.scopes)):<40} {key.name:<20} "
+                    f"{state}"
                 )
             if not keys:
                 print("no API keys", file=sys.stderr)

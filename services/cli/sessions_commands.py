@@ -80,15 +80,20 @@ async def prune(
     )
     pending, events = stats.pending_snapshots_dropped, stats.events_trimmed
     if dry_run:
+        would = old_snapshots.replace(" archived", " would be archived").replace(
+            " dropped", " would be dropped"
+        )
         print(
             f"dry run: would prune {stats.sessions_idle} idle and {stats.sessions_capped} capped session(s); "
-            f"{old_snapshots.replace(' archived', ' would be archived').replace(' dropped', ' would be dropped')}, "
-            f"{pending} stale pending snapshot(s) and {events} old event(s) would be removed; nothing was changed",
+            f"{would}, "
+            f"{pending} stale pending snapshot(s) and {events} old event(s) would be removed; nothing was "
+            "changed",
             file=out,
         )
     else:
         print(
-            f"pruned {stats.sessions_idle} idle and {stats.sessions_capped} capped session(s); {old_snapshots}, "
+            f"pruned {stats.sessions_idle} idle and {stats.sessions_capped} capped session(s); "
+            f"{old_snapshots}, "
             f"{pending} stale pending snapshot(s) and {events} old event(s) removed",
             file=out,
         )
@@ -137,7 +142,8 @@ def add_parsers(ssub: Any) -> None:
     """Add ``prune`` and ``shutdown-mode`` to the ``runyard sessions`` sub-parsers."""
     prune_parser = ssub.add_parser(
         "prune",
-        help="maintenance now: prune idle sessions, cap per agent, trim snapshots (--dry-run shows what would go)",
+        help="maintenance now: prune idle sessions, cap per agent, trim snapshots (--dry-run shows what "
+        "would go)",
     )
     prune_parser.add_argument("--dry-run", action="store_true", help="show what would go; change nothing")
     prune_parser.add_argument("--org", help="only this org (default: every org)")

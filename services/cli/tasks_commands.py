@@ -21,7 +21,10 @@ def _status(task: common_pb2.Task) -> str:
 
 def format_task(task: common_pb2.Task) -> str:
     """One line: id, status, attempt, concurrency key, description."""
-    return f"{task.id}  {_status(task):<11} attempt {task.attempt:<2} {task.concurrency_key:<24} {task.description}"
+    return (
+        f"{task.id}  {_status(task):<11} attempt {task.attempt:<2} "
+        f"{task.concurrency_key:<24} {task.description}"
+    )
 
 
 def _details(task: common_pb2.Task) -> dict[str, Any]:

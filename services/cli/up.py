@@ -397,7 +397,8 @@ class Stack:
             metric = f"metrics :{metrics[name]}" if metrics[name] else "metrics off"
             self.log(f"  {name:<9} grpc {addresses[name]:<22} {metric}")
         self.log(
-            f"  {'':<9} internal {config.gateway.internal_listen} (workers, status; needs the internal secret)"
+            f"  {'':<9} internal {config.gateway.internal_listen} (workers, status; needs the internal "
+            "secret)"
         )
         agent = config.agent("")
         if agent is not None:
@@ -444,7 +445,8 @@ async def run_up(options: UpOptions) -> int:
             if future in waits:
                 name = waits[future]
                 stack.log(
-                    f"{name} exited with code {future.result()}; stopping the stack (see {stack.logs / (name + '.log')})"
+                    f"{name} exited with code {future.result()}; stopping the stack (see "
+                    f"{stack.logs / (name + '.log')})"
                 )
                 code = 1
         stopper.cancel()
