@@ -560,7 +560,8 @@ def _check_events(events: Sequence[str], where: str) -> list[tuple[str, str]]:
                 (
                     where,
                     (
-                        f"{name!r} is not delivered to in-process handlers (they receive {', '.join(HOOK_EVENT_TYPES)}); "
+                        f"{name!r} is not delivered to in-process handlers "
+                        f"(they receive {', '.join(HOOK_EVENT_TYPES)}); "
                         "read it with WatchEvents"
                     ),
                 )

@@ -149,7 +149,8 @@ def check_service_config(config: Config, service: str | None = None) -> None:
         problems.append(
             (
                 "auth.run_token_public_key",
-                "required (or auth.run_token_private_key on the gateway); `runyard keys run-token` makes a key pair",
+                "required (or auth.run_token_private_key on the gateway); "
+                "`runyard keys run-token` makes a key pair",
             )
         )
     if service == "worker":

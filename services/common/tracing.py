@@ -157,7 +157,8 @@ def setup(service: str, *, exporter: Any = None, set_global: bool = True) -> boo
         )
         if protocol.strip().lower() != "grpc":
             raise ValueError(
-                f"{protocol!r}: runyard exports traces with OTLP/gRPC only; set OTEL_EXPORTER_OTLP_PROTOCOL=grpc "
+                f"{protocol!r}: runyard exports traces with OTLP/gRPC only; "
+                "set OTEL_EXPORTER_OTLP_PROTOCOL=grpc "
                 "(collectors listen for it on port 4317)"
             )
     from opentelemetry import trace

@@ -316,7 +316,8 @@ class RunStore:
     async def find_idempotent(self, org_id: str, key: str) -> asyncpg.Record | None:
         """The run created with idempotency key ``key`` in this org, if any."""
         return await self.pool.fetchrow(
-            f"SELECT {_RUN_COLUMNS}, request_hash FROM gateway.runs WHERE org_id = $1 AND idempotency_key = $2",
+            f"SELECT {_RUN_COLUMNS}, request_hash FROM gateway.runs "
+            "WHERE org_id = $1 AND idempotency_key = $2",
             org_id,
             key,
         )
@@ -374,7 +375,8 @@ class RunStore:
         async with self._locked(conn, locks) as conn:
             if key is not None:
                 existing = await conn.fetchrow(
-                    f"SELECT {_RUN_COLUMNS}, request_hash FROM gateway.runs WHERE org_id = $1 AND idempotency_key = $2",
+                    f"SELECT {_RUN_COLUMNS}, request_hash FROM gateway.runs "
+                    "WHERE org_id = $1 AND idempotency_key = $2",
                     payload.org_id,
                     key,
                 )
@@ -543,9 +545,10 @@ class RunStore:
                     input_text, metadata, idempotency_key, request_hash, multitask_strategy, max_attempts,
                     last_seq, task_id, epoch, attempt, worker_id, gateway_id, lease_expires_at, started_at,
                     first_claimed_at, created_at)
-                VALUES ($1, $2, $3, $4, $5, CASE WHEN $15::text IS NULL THEN 'queued' ELSE 'running' END, $6, $7,
-                    $8::jsonb, $9, $10, $11, $12, 1, $14,
-                    CASE WHEN $15::text IS NULL THEN 0 ELSE 1 END, CASE WHEN $15::text IS NULL THEN 0 ELSE 1 END,
+                VALUES ($1, $2, $3, $4, $5, CASE WHEN $15::text IS NULL THEN 'queued' ELSE 'running' END,
+                    $6, $7, $8::jsonb, $9, $10, $11, $12, 1, $14,
+                    CASE WHEN $15::text IS NULL THEN 0 ELSE 1 END,
+                    CASE WHEN $15::text IS NULL THEN 0 ELSE 1 END,
                     $15, CASE WHEN $15::text IS NULL THEN NULL ELSE $16 END,
                     CASE WHEN $15::text IS NULL THEN NULL ELSE now() + make_interval(secs => $17) END,
                     CASE WHEN $15::text IS NULL THEN NULL ELSE now() END,
@@ -555,7 +558,8 @@ class RunStore:
                 INSERT INTO gateway.run_events (run_id, seq, last_seq, data)
                 SELECT id, 1, 1, $13 FROM ins
             ), ob AS ({OUTBOX.insert_sql(18)})
-            SELECT ins.*, CASE WHEN $15::text IS NULL THEN pg_notify('{QUEUE_CHANNEL}', '') END AS notified FROM ins
+            SELECT ins.*, CASE WHEN $15::text IS NULL THEN pg_notify('{QUEUE_CHANNEL}', '') END AS notified
+            FROM ins
             """,
             run_id,
             payload.org_id,
@@ -638,7 +642,8 @@ class RunStore:
                 WHERE id = ANY($1::uuid[]) AND status IN ('queued', 'requires_action')
                 RETURNING id, last_seq
             ), ev AS (
-                INSERT INTO gateway.run_events (run_id, seq, last_seq, data) SELECT id, last_seq, last_seq, $2 FROM q
+                INSERT INTO gateway.run_events (run_id, seq, last_seq, data)
+                SELECT id, last_seq, last_seq, $2 FROM q
             ), r AS (
                 UPDATE gateway.runs SET cancel_requested = true, cancel_reason = 'INTERRUPTED'
                 WHERE id = ANY($1::uuid[]) AND status = 'running'
@@ -646,7 +651,8 @@ class RunStore:
             )
             SELECT pg_notify('{EVENTS_CHANNEL}', q.id::text || ':' || q.last_seq) FROM q
             UNION ALL
-            SELECT pg_notify('{CANCEL_CHANNEL}', r.id::text || ':' || r.epoch || ':' || coalesce(r.gateway_id, ''))
+            SELECT pg_notify('{CANCEL_CHANNEL}',
+                             r.id::text || ':' || r.epoch || ':' || coalesce(r.gateway_id, ''))
             FROM r
             """,
             list(run_ids),
@@ -739,8 +745,8 @@ class RunStore:
             UPDATE gateway.runs r SET lease_expires_at = now() + make_interval(secs => $4), gateway_id = $5
             FROM unnest($2::uuid[], $3::bigint[]) AS l(id, epoch)
             WHERE r.id = l.id AND r.epoch = l.epoch AND r.status = 'running' AND r.worker_id = $1
-            RETURNING {", ".join(f"r.{c}" for c in _INFO_COLUMNS)}, r.payload, r.epoch, r.last_seq, r.worker_id,
-                      r.worker_seq
+            RETURNING {", ".join(f"r.{c}" for c in _INFO_COLUMNS)}, r.payload, r.epoch, r.last_seq,
+                      r.worker_id, r.worker_seq
             """,
             worker_id,
             [run_id for run_id, _ in leases],
@@ -818,7 +824,8 @@ class RunStore:
                     last_seq = r.last_seq + $7 + CASE WHEN d.next_status <> 'queued' THEN 1 ELSE 0 END
                 FROM decided d WHERE r.id = d.id
                 RETURNING r.id, r.status, r.session_id, r.org_id, r.last_seq, r.created_at, r.started_at,
-                          r.session_key, r.agent_id, r.attempt, r.error, r.ended_at, r.task_id, r.first_claimed_at,
+                          r.session_key, r.agent_id, r.attempt, r.error, r.ended_at, r.task_id,
+                          r.first_claimed_at,
                           $7 + CASE WHEN d.next_status <> 'queued' THEN 1 ELSE 0 END AS added
             ), ev AS (
                 INSERT INTO gateway.run_events (run_id, seq, last_seq, data)
@@ -828,7 +835,8 @@ class RunStore:
                 FROM upd WHERE added > 0
             )
             SELECT upd.*,
-                   CASE WHEN added > 0 THEN pg_notify('{EVENTS_CHANNEL}', id::text || ':' || last_seq) END AS n1,
+                   CASE WHEN added > 0
+                        THEN pg_notify('{EVENTS_CHANNEL}', id::text || ':' || last_seq) END AS n1,
                    pg_notify('{QUEUE_CHANNEL}', '') AS n2
             FROM upd
             """,
@@ -993,7 +1001,8 @@ class RunStore:
         cancelled = event_bytes(cancelled=common_pb2.RunCancelled(reason=reason or "cancelled by the client"))
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                "SELECT id, status, epoch, gateway_id FROM gateway.runs WHERE id = $1 AND org_id = $2 FOR UPDATE",
+                "SELECT id, status, epoch, gateway_id FROM gateway.runs "
+                "WHERE id = $1 AND org_id = $2 FOR UPDATE",
                 run_id,
                 org_id,
             )
@@ -1043,7 +1052,8 @@ class RunStore:
         seq = await conn.fetchval(
             f"""
             WITH upd AS (
-                UPDATE gateway.runs SET status = 'requires_action', last_seq = last_seq + $3, continuation = $4,
+                UPDATE gateway.runs SET status = 'requires_action', last_seq = last_seq + $3,
+                    continuation = $4,
                     action_expires_at = $5, worker_id = NULL, gateway_id = NULL, lease_expires_at = NULL
                 WHERE id = $1 AND status = 'running' AND epoch = $6
                   AND ($7::bigint IS NULL OR last_seq = $7)
@@ -1117,7 +1127,8 @@ class RunStore:
                 SELECT id, last_seq - $3 + 1, last_seq, $5 FROM upd WHERE $3 > 0
             ), ob AS ({OUTBOX.insert_sql(6, when="EXISTS (SELECT 1 FROM upd)")})
             SELECT last_seq FROM upd, LATERAL (
-                SELECT CASE WHEN $3 > 0 THEN pg_notify('{EVENTS_CHANNEL}', upd.id::text || ':' || upd.last_seq) END,
+                SELECT CASE WHEN $3 > 0
+                            THEN pg_notify('{EVENTS_CHANNEL}', upd.id::text || ':' || upd.last_seq) END,
                        CASE WHEN $4 THEN pg_notify('{QUEUE_CHANNEL}', '') END
             ) n
             """,
@@ -1234,7 +1245,8 @@ class RunStore:
         return list(
             await self.pool.fetch(
                 "SELECT id, org_id, task_id FROM gateway.runs "
-                "WHERE task_id IS NOT NULL AND status IN ('queued', 'running', 'requires_action') AND NOT cancel_requested"
+                "WHERE task_id IS NOT NULL AND status IN ('queued', 'running', 'requires_action') "
+                "AND NOT cancel_requested"
             )
         )
 

@@ -212,7 +212,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             provider = request.model.model.split("/", 1)[0]
             if "/" not in request.model.model or provider not in self.config.providers:
                 raise InvalidArgument(
-                    f"model {request.model.model[:128]!r} must be 'provider/model' with a configured provider",
+                    f"model {request.model.model[:128]!r} must be 'provider/model' "
+                    "with a configured provider",
                     reason="UNKNOWN_MODEL",
                     field="model.model",
                 )

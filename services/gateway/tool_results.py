@@ -335,7 +335,8 @@ class ToolResults:
                 call = pending.get(output.tool_call_id)
                 if call is None:
                     raise InvalidArgument(
-                        f"results[{index}].tool_call_id {output.tool_call_id[:64]!r} is not a tool call the run "
+                        f"results[{index}].tool_call_id {output.tool_call_id[:64]!r} "
+                        "is not a tool call the run "
                         f"waits for (waiting for: {', '.join(unanswered) or 'none'})",
                         reason="UNKNOWN_TOOL_CALL",
                         field=f"results[{index}].tool_call_id",
@@ -400,7 +401,8 @@ class ToolResults:
         if run.status != common_pb2.RUN_STATUS_REQUIRES_ACTION:
             return run
         row = await self.store.pool.fetchrow(
-            "SELECT continuation, action_expires_at FROM gateway.runs WHERE id = $1 AND status = 'requires_action'",
+            "SELECT continuation, action_expires_at FROM gateway.runs "
+            "WHERE id = $1 AND status = 'requires_action'",
             uuid.UUID(run.id),
         )
         if row is None or row["continuation"] is None:

@@ -353,7 +353,8 @@ class EventRelay:
                 if exc.code == grpc.StatusCode.UNIMPLEMENTED:
                     if source not in self._skip_until:
                         log.info(
-                            "%s does not serve ListEvents; its events are not relayed (retrying every %.0f s)",
+                            "%s does not serve ListEvents; its events are not relayed "
+                            "(retrying every %.0f s)",
                             source,
                             _RETRY_UNIMPLEMENTED_S,
                         )

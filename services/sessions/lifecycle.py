@@ -102,8 +102,8 @@ class Lifecycle:
             try:
                 if not await self.store.renew_lease(self.config.instance_lease_s):
                     log.warning(
-                        "this instance's lease had lapsed (sessions.instance_lease_s = %.1f s); activations it "
-                        "owned may have been ended as CRASH_RECOVERED by another instance",
+                        "this instance's lease had lapsed (sessions.instance_lease_s = %.1f s); "
+                        "activations it owned may have been ended as CRASH_RECOVERED by another instance",
                         self.config.instance_lease_s,
                     )
             except _DB_ERRORS as exc:

@@ -73,7 +73,8 @@ _OLD_TURNS = """
 WITH RECURSIVE back(id, depth) AS (
     SELECT s.id, 0 FROM sessions.sessions s
     WHERE s.end_reason IS DISTINCT FROM 'COMPACTION' AND ($2 = '' OR s.org_id = $2)
-      AND EXISTS (SELECT 1 FROM sessions.sessions p WHERE p.next_session_id = s.id AND p.end_reason = 'COMPACTION')
+      AND EXISTS (SELECT 1 FROM sessions.sessions p
+                  WHERE p.next_session_id = s.id AND p.end_reason = 'COMPACTION')
     UNION ALL
     SELECT p.id, b.depth + 1 FROM back b
     JOIN sessions.sessions p ON p.next_session_id = b.id AND p.end_reason = 'COMPACTION'
@@ -177,8 +178,8 @@ class Maintenance:
                 if value:
                     metrics.MAINTENANCE_ITEMS_TOTAL.labels(action).inc(value)
         log.info(
-            "maintenance%s: %d idle and %d capped session(s), %d old transcript turn(s) archived, %d dropped, "
-            "%d event(s) trimmed",
+            "maintenance%s: %d idle and %d capped session(s), %d old transcript turn(s) archived, "
+            "%d dropped, %d event(s) trimmed",
             " (dry run)" if dry_run else "",
             stats.sessions_idle,
             stats.sessions_capped,
@@ -210,7 +211,8 @@ class Maintenance:
         in the same transaction. For the cap, a session that gained an open
         activation since it was chosen is kept."""
         guard = (
-            "AND NOT EXISTS (SELECT 1 FROM sessions.activations a WHERE a.session_id = s.id AND a.ended_at IS NULL)"
+            "AND NOT EXISTS (SELECT 1 FROM sessions.activations a "
+            "WHERE a.session_id = s.id AND a.ended_at IS NULL)"
             if reason == "CAP"
             else ""
         )
