@@ -592,7 +592,8 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         """A completion: commit the run's messages (sessions) and end the run,
         with the run's row locked throughout, so a cancel or a requeue
         cannot slip in between. Returns (status, terminal event, seq)."""
-        async with self.store.holding(run_id, result.epoch) as (conn, row):
+        async with self.store.pool.acquire() as conn, conn.transaction():
+            row = await self.store.lock(conn, run_id)
             if row is None or row["status"] != RunStatus.RUNNING or row["epoch"] != result.epoch:
                 return RunStatus.FAILED, b"", 0
             if row["cancel_requested"]:

@@ -29,7 +29,7 @@ import datetime as dt
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -258,33 +258,6 @@ def run_proto(row: asyncpg.Record) -> common_pb2.Run:
     return run
 
 
-def _advisory_lock_id(name: str) -> int:
-    """The 64-bit PostgreSQL advisory lock id for ``name``: the first 8
-    bytes of its BLAKE2b digest as a signed big-endian integer. Every
-    process that locks ``name`` must derive the id this way."""
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
-
-
-@contextlib.asynccontextmanager
-async def _begin_with(pool: asyncpg.Pool, sql: str) -> AsyncIterator[tuple[db.Connection, str]]:
-    """A transaction on a pooled connection whose ``BEGIN`` is sent with
-    ``sql`` (statements without parameters) as one simple query, one round
-    trip; yields the connection and the status tag of ``sql``'s last
-    statement (e.g. ``SELECT 1``). Commits when the block ends, rolls back
-    when it raises."""
-    async with pool.acquire() as conn:
-        try:
-            tag = await conn.execute(f"BEGIN; {sql}")
-            yield conn, tag
-        except BaseException:
-            # A connection that cannot roll back is rolled back (or closed)
-            # by the pool on release.
-            with contextlib.suppress(Exception):
-                await conn.execute("ROLLBACK")
-            raise
-        await conn.execute("COMMIT")
-
-
 class RunStore:
     """SQL for the runs queue and run events.
 
@@ -366,13 +339,18 @@ class RunStore:
         """
         session_id = uuid.UUID(payload.session_id)
         key = payload.idempotency_key or None
-        # Serialize inserts per idempotency key (a repeat may name another
-        # session), then per session; always in this order, so two inserts
-        # never wait on each other crosswise.
-        locks = ([f"runyard.idem:{payload.org_id}:{key}"] if key is not None else []) + [
-            f"runyard.session:{session_id}"
-        ]
-        async with self._locked(conn, locks) as conn:
+        connection = contextlib.nullcontext(conn) if conn is not None else self.pool.acquire()
+        async with connection as conn, conn.transaction():
+            # Serialize inserts per idempotency key (a repeat may name another
+            # session), then per session; always in this order, so two inserts
+            # never wait on each other crosswise. Transaction-scoped locks are
+            # safe with pooled connections.
+            if key is not None:
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                    f"runyard.idem:{payload.org_id}:{key}",
+                )
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", str(session_id))
             if key is not None:
                 existing = await conn.fetchrow(
                     f"SELECT {_RUN_COLUMNS}, request_hash FROM gateway.runs "
@@ -447,59 +425,6 @@ class RunStore:
             claimed = claim_for if not active else None
             row = await self._insert_row(conn, payload, fingerprint, strategy, queued, claimed, relayed)
             return {**dict(row), "queued_event": queued, "last_turn": last_turn or 0}, True
-
-    @contextlib.asynccontextmanager
-    async def _locked(self, conn: db.Connection | None, names: Sequence[str]) -> AsyncIterator[db.Connection]:
-        """A transaction that holds the advisory locks ``names`` (taken in
-        order; transaction-scoped, so safe with pooled connections).
-
-        With ``conn`` (inside the caller's transaction): a savepoint on it.
-        Without: a pooled connection, and ``BEGIN`` with the locks in one
-        round trip (a simple query of several statements). Each statement
-        still takes its own snapshot (READ COMMITTED), so the statements that
-        follow see everything committed before the locks were granted. The
-        lock ids are computed here (:func:`_advisory_lock_id`) so that no
-        caller-supplied text goes into the query.
-        """
-        locks = "; ".join(f"SELECT pg_advisory_xact_lock({_advisory_lock_id(name)})" for name in names)
-        if conn is not None:
-            async with conn.transaction():
-                await conn.execute(locks)
-                yield conn
-            return
-        async with _begin_with(self.pool, locks) as (pooled, _):
-            yield pooled
-
-    @contextlib.asynccontextmanager
-    async def holding(
-        self, run_id: uuid.UUID, epoch: int
-    ) -> AsyncIterator[tuple[db.Connection, db.Row | None]]:
-        """A transaction on a pooled connection with the run's row locked
-        (``FOR UPDATE``) until it ends; yields ``(connection, row)``.
-
-        ``row`` has the run's ``status``, ``epoch``, ``cancel_requested``
-        and ``cancel_reason`` (None if there is no such run). When the run
-        is running at ``epoch`` with no cancel requested (a completion's
-        usual case) the lock goes with ``BEGIN`` in one round trip: a
-        simple query, whose status tag says whether the row matched.
-        """
-        check = (
-            f"SELECT 1 FROM gateway.runs WHERE id = '{uuid.UUID(str(run_id))}' AND status = 'running' "
-            f"AND epoch = {int(epoch)} AND NOT cancel_requested FOR UPDATE"
-        )
-        async with _begin_with(self.pool, check) as (conn, tag):
-            if tag == "SELECT 1":
-                yield (
-                    conn,
-                    {
-                        "status": RunStatus.RUNNING,
-                        "epoch": epoch,
-                        "cancel_requested": False,
-                        "cancel_reason": None,
-                    },
-                )
-            else:
-                yield conn, await self.lock(conn, run_id)
 
     async def _insert_row(
         self,
