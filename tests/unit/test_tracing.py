@@ -162,8 +162,12 @@ async def test_server_spans_carry_the_grpc_status(spans, traced_server):
         for run_id in ("bad", "down"):
             with pytest.raises(grpc.aio.AioRpcError):
                 await _call(traced_server, "Get")(common_pb2.RunPayload(run_id=run_id))
-    servers = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
-    by_run = {s.attributes["runyard.run_id"]: s for s in servers}
+    for _ in range(200):  # a server span ends a moment after the client has the status
+        servers = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+        by_run = {s.attributes["runyard.run_id"]: s for s in servers}
+        if {"bad", "down"} <= by_run.keys():
+            break
+        await asyncio.sleep(0.01)
     assert by_run["bad"].attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert by_run["bad"].status.status_code == StatusCode.UNSET  # a client's mistake is no server error
     assert by_run["down"].attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
