@@ -1002,6 +1002,15 @@ class RunStore:
         )
         return int(seq or 0)
 
+    async def waiting(self, run_id: uuid.UUID) -> asyncpg.Record | None:
+        """``(continuation, action_expires_at)`` of a run waiting for client
+        tool results; None when the run is not waiting."""
+        return await self.pool.fetchrow(
+            "SELECT continuation, action_expires_at FROM gateway.runs "
+            "WHERE id = $1 AND status = 'requires_action'",
+            run_id,
+        )
+
     async def lock_waiting(self, conn: db.Connection, org_id: str, run_id: uuid.UUID) -> asyncpg.Record:
         """Lock a run of ``org_id`` for recording tool results (the rest of
         the transaction); its row has the lifecycle fields, ``status``,

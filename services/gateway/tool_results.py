@@ -400,11 +400,7 @@ class ToolResults:
         """Fill ``run.requires_action`` (unanswered calls, expiry) for a waiting run."""
         if run.status != common_pb2.RUN_STATUS_REQUIRES_ACTION:
             return run
-        row = await self.store.pool.fetchrow(
-            "SELECT continuation, action_expires_at FROM gateway.runs "
-            "WHERE id = $1 AND status = 'requires_action'",
-            uuid.UUID(run.id),
-        )
+        row = await self.store.waiting(uuid.UUID(run.id))
         if row is None or row["continuation"] is None:
             return run
         continuation = worker_hub_pb2.RunContinuation.FromString(row["continuation"])
