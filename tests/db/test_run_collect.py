@@ -7,20 +7,12 @@ from __future__ import annotations
 
 import uuid
 
-import asyncpg
 import pytest
 
 from runyard._proto.v1 import common_pb2
 from runyard.gateway.runs import RunStore
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def pool(migrated_url: str):
-    pool = await asyncpg.create_pool(migrated_url, min_size=2, max_size=4)
-    yield pool
-    await pool.close()
 
 
 def _payload(session_id: uuid.UUID, text: str) -> common_pb2.RunPayload:

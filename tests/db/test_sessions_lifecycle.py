@@ -18,13 +18,6 @@ from runyard.sessions.store import SessionStore
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-async def pool(migrated_url: str):
-    pool = await asyncpg.create_pool(migrated_url, min_size=1, max_size=6)
-    yield pool
-    await pool.close()
-
-
 async def make_store(pool: asyncpg.Pool, name: str, lease_s: float = 30.0) -> SessionStore:
     store = SessionStore(pool, instance_id=name, max_snapshot_bytes=1 << 20)
     await store.register_instance(lease_s)

@@ -45,13 +45,6 @@ class _Dispatcher:
         return False
 
 
-@pytest.fixture
-async def pool(migrated_url: str):
-    pool = await asyncpg.create_pool(migrated_url, min_size=2, max_size=12)
-    yield pool
-    await pool.close()
-
-
 def _manager(pool: asyncpg.Pool, config, name: str) -> TaskManager:
     runs = RunStore(pool, gateway_id=name, lease_s=10, max_attempts=3, max_queued_per_session=100)
     return TaskManager(config, pool, runs, _Dispatcher(), None, gateway_id=name)  # type: ignore[arg-type]

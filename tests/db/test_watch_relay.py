@@ -20,11 +20,10 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-async def pool(migrated_url: str):
-    pool = await asyncpg.create_pool(migrated_url, min_size=2, max_size=8)
+async def pool(pool: asyncpg.Pool) -> asyncpg.Pool:
+    """The shared pool, with the relay cursors of both sources in place."""
     await pool.execute("INSERT INTO gateway.event_cursors (source) VALUES ('sessions'), ('router')")
-    yield pool
-    await pool.close()
+    return pool
 
 
 def source_events(count: int) -> list[common_pb2.LifecycleEvent]:
