@@ -18,6 +18,7 @@ from google.protobuf import json_format
 from runyard._proto.v1 import common_pb2, gateway_pb2
 from runyard.cli.demo_tools import DEMO_TOOLS
 from runyard.cli.demo_tools import answer as demo_answer
+from runyard.cli.prompt import LinePrompt
 from runyard.client import Client
 from runyard.common import tls
 from runyard.common.config import load_config
@@ -360,10 +361,11 @@ async def _chat_command(client: Client, state: ChatState, line: str) -> bool:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    """Interactive chat. The prompt is read on the main thread (so Ctrl-C
-    interrupts it at once); each turn runs on one asyncio runner that keeps
-    the channel open between turns."""
+    """Interactive chat. The prompt is read on the main thread by
+    :class:`LinePrompt` (so Ctrl-C leaves at once); each turn runs on one
+    asyncio runner that keeps the channel open between turns."""
     state = ChatState(session=args.session, agent=args.agent or "", model=args.model or "")
+    prompt = LinePrompt()
     with asyncio.Runner() as runner:
         client = _client(args)
         try:
@@ -377,7 +379,7 @@ def _chat(args: argparse.Namespace) -> int:
             )
             while True:
                 try:
-                    line = input("> ").strip()
+                    line = prompt.read("> ").strip()
                 except EOFError:
                     return 0
                 except KeyboardInterrupt:
