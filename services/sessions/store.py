@@ -33,6 +33,7 @@ open or its owner is dead.
 from __future__ import annotations
 
 import builtins
+import collections
 import datetime as dt
 import logging
 import uuid
@@ -174,6 +175,45 @@ WHERE s.id = $1 AND s.org_id = $2
 FOR UPDATE OF s
 """
 
+#: A commit's one-statement form (:meth:`SessionStore.commit_run`, the hot
+#: path): lock session $1 of org $2, and when it is open, run $3 has no turn
+#: yet and the transcript stays within $8 bytes, append the turn (epoch $4,
+#: data $5, $6 messages, $7 bytes) and write the outbox event (parameters $9
+#: on, ``{outbox}``). No row: one of those conditions failed, and the commit
+#: takes the general path, which tells which. In READ COMMITTED the lock
+#: returns the row's newest version (a commit that got there first moved
+#: head_turn: this one goes after it), and the update finds that version
+#: too; a repeat of the same run that committed meanwhile is not in the
+#: snapshot, so its turn insert fails on ``turns_run`` and the caller
+#: confirms the earlier commit.
+_COMMIT_APPEND_SQL = """
+WITH cur AS (
+    SELECT s.id, s.head_turn, s.transcript_bytes FROM sessions.sessions s
+    WHERE s.id = $1 AND s.org_id = $2 AND s.ended_at IS NULL
+    FOR UPDATE
+), ok AS (
+    SELECT cur.id, cur.head_turn FROM cur
+    WHERE cur.transcript_bytes + $7 <= $8
+      AND NOT EXISTS (SELECT 1 FROM sessions.turns d WHERE d.run_id = $3)
+), t AS (
+    INSERT INTO sessions.turns (session_id, turn, run_id, epoch, org_id, checkpoint, data,
+        message_count, size_bytes)
+    SELECT ok.id, ok.head_turn + 1, $3, $4, $2, false, $5, $6, $7 FROM ok
+), u AS (
+    UPDATE sessions.sessions s
+    SET head_turn = ok.head_turn + 1, message_count = s.message_count + $6,
+        transcript_bytes = s.transcript_bytes + $7, updated_at = now(), last_active_at = now()
+    FROM ok WHERE s.id = ok.id
+    RETURNING s.id, s.message_count, ok.head_turn AS base_turn
+), ob AS ({outbox})
+SELECT u.id, u.message_count, u.base_turn, (SELECT max(pos) FROM ob) AS pos FROM u
+"""
+
+#: Sessions whose identity (org, key, agent) :meth:`SessionStore.commit_run`
+#: remembers, to build a commit's event without reading the row first. The
+#: identity of a session id never changes; an entry is about 200 bytes.
+_IDENTITY_CACHE_SIZE = 16_384
+
 
 @dataclass(frozen=True, slots=True)
 class TranscriptRead:
@@ -305,6 +345,11 @@ class SessionStore:
         self.archive_on_reset = archive_on_reset
         self.touch_interval_s = touch_interval_s
         self.outbox = Outbox("sessions", EVENTS_CHANNEL)
+        self._commit_append_sql = _COMMIT_APPEND_SQL.format(
+            outbox=self.outbox.insert_sql(9, when="EXISTS (SELECT 1 FROM ok)")
+        )
+        #: session id -> (org_id, key, agent_id), most recently used last.
+        self._identities: collections.OrderedDict[uuid.UUID, tuple[str, str, str]] = collections.OrderedDict()
         #: Called with the events of every committed transaction (in-process hooks).
         self.listeners: list[Callable[[Sequence[common_pb2.LifecycleEvent]], None]] = []
 
@@ -549,6 +594,7 @@ class SessionStore:
         )
         if row is not None:
             self._check_agent(row, key, agent_id)
+            self._remember(row)
             if row["activation_owner"] is not None and not row["orphaned"] and not row["stale"]:
                 transcript = None
                 if row["transcript"] is not None:
@@ -583,6 +629,7 @@ class SessionStore:
                     events += await self._recover_orphan(conn, row)
                 events += await self._open_activation(conn, row, "NEW" if created else "RESUMED")
                 await self._emit(conn, events)
+            self._remember(row)
             if events:
                 self._written(events)
             transcript = None
@@ -595,6 +642,15 @@ class SessionStore:
             field="session_key",
             retryable=True,
         )
+
+    def _remember(self, row: db.Row) -> None:
+        """Note the identity of session ``row`` (id, org_id, key, agent_id)
+        for :meth:`commit_run`'s one-statement path."""
+        identities = self._identities
+        identities[row["id"]] = (row["org_id"], row["key"], row["agent_id"])
+        identities.move_to_end(row["id"])
+        if len(identities) > _IDENTITY_CACHE_SIZE:
+            identities.popitem(last=False)
 
     @staticmethod
     def _check_agent(row: asyncpg.Record, key: str, agent_id: str) -> None:
@@ -846,6 +902,12 @@ class SessionStore:
         epoch: int,
         append: sessions_pb2.TranscriptAppend,
     ) -> CommitResult:
+        if append.messages and not append.HasField("compaction"):
+            identity = self._identities.get(session_id)
+            if identity is not None and identity[0] == org_id:
+                appended = await self._commit_appended(session_id, identity, run_id, epoch, append)
+                if appended is not None:
+                    return appended
         events: list[common_pb2.LifecycleEvent] = []
         async with self.pool.acquire() as conn, conn.transaction():
             current = await conn.fetchrow(_COMMIT_LOCK_SQL, session_id, org_id, run_id)
@@ -873,6 +935,7 @@ class SessionStore:
                     raise NotFound(
                         f"session {session_id} not found", reason="SESSION_NOT_FOUND", field="session_id"
                     )
+            self._remember(current)
             if current["ended_at"] is not None:
                 raise FailedPrecondition(
                     f"session {session_id} has ended ({(current['end_reason'] or '').lower()}); "
@@ -899,6 +962,57 @@ class SessionStore:
             await self._emit(conn, [event for event in events if not event.id])
         self._written(events)
         return CommitResult(str(target), count, turn, events)
+
+    async def _commit_appended(
+        self,
+        session_id: uuid.UUID,
+        identity: tuple[str, str, str],
+        run_id: uuid.UUID,
+        epoch: int,
+        append: sessions_pb2.TranscriptAppend,
+    ) -> CommitResult | None:
+        """The hot path of :meth:`commit_run`: append the run's messages to
+        its open session in one statement (one round trip, no explicit
+        transaction). None when the session is not open, the run has a turn
+        already, or the transcript would be too large: the general path
+        then decides (and raises the error, if any)."""
+        org_id, key, agent_id = identity
+        transcript = common_pb2.Transcript(messages=append.messages)
+        data = transcript.SerializeToString(deterministic=True)
+        event = _event(
+            "session.updated",
+            {"id": session_id, "org_id": org_id, "key": key, "agent_id": agent_id},
+            source=self.instance_id,
+        )
+        event.run_id = str(run_id)
+        row = await self.pool.fetchrow(
+            self._commit_append_sql,
+            session_id,
+            org_id,
+            run_id,
+            epoch,
+            data,
+            len(transcript.messages),
+            len(data),
+            self.max_snapshot_bytes,
+            *self.outbox.emit_args([event]),
+        )
+        if row is None:
+            return None
+        metrics.SNAPSHOT_BYTES.observe(len(data))
+        event.id = row["pos"]
+        if append.base.session_id and (
+            append.base.session_id != str(session_id) or append.base.head_turn != row["base_turn"]
+        ):
+            log.info(
+                "run %s committed after another commit in session %s: its %d message(s) go after it",
+                run_id,
+                session_id,
+                len(append.messages),
+            )
+        events = [event]
+        self._written(events)
+        return CommitResult(str(row["id"]), row["message_count"], row["base_turn"] + 1, events)
 
     async def _append_turn(
         self,

@@ -13,7 +13,7 @@ import pytest
 
 from runyard._proto.v1 import common_pb2, sessions_pb2
 from runyard.common.auth import RunClaims
-from runyard.common.errors import FailedPrecondition, PermissionDenied
+from runyard.common.errors import FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted
 from runyard.common.hooks import SessionCompacted, SessionEnd, SessionStart, from_proto
 from runyard.sessions.store import SessionStore
 
@@ -291,3 +291,62 @@ async def test_concurrent_resets_of_a_key_both_succeed(store):
     first, second = sorted(results, key=lambda result: result[1] != session.id)
     assert first[1] == session.id and second[1] == first[0].id
     assert (await store.get("org", None, "again")).id == second[0].id
+
+
+async def test_concurrent_commits_of_one_session_each_get_their_own_turn(store):
+    # A commit is one statement on the hot path: each waits for the session's lock and
+    # must then append after the commits that got there first.
+    session, _, _ = await store.resolve("org", "crowd", "agent")
+    base = sessions_pb2.TranscriptBase(session_id=session.id)
+    tokens = [claims(session) for _ in range(12)]
+    results = await asyncio.gather(
+        *(
+            store.commit_run("org", uuid.UUID(session.id), uuid.UUID(t.run_id), 1, turn(t, f"m{i}", base))
+            for i, t in enumerate(tokens)
+        )
+    )
+    assert sorted(r.turn for r in results) == list(range(1, 13))
+    assert max(r.message_count for r in results) == 24
+    positions = [r.events[0].id for r in results]
+    assert len(set(positions)) == 12 and all(positions)
+    _, messages = await contents(store, "crowd")
+    assert sorted(messages) == sorted([f"m{i}" for i in range(12)] + [f"re: m{i}" for i in range(12)])
+    row = await store.pool.fetchrow(
+        "SELECT head_turn, message_count FROM sessions.sessions WHERE id = $1", uuid.UUID(session.id)
+    )
+    assert (row["head_turn"], row["message_count"]) == (12, 24)
+
+
+@pytest.mark.parametrize("seen", [True, False], ids=["session-seen-by-this-replica", "another-replica"])
+async def test_a_commit_refused_says_why_whichever_replica_commits(store, seen):
+    # The replica that resolved the session commits in one statement; another replica
+    # (it never saw the session) reads the row first. Both refuse alike.
+    session, _, _ = await store.resolve("org", "refused", "agent")
+    other = SessionStore(store.pool, instance_id="sessions-other", max_snapshot_bytes=1 << 20)
+    committer = store if seen else other
+    base = sessions_pb2.TranscriptBase(session_id=session.id)
+    token = claims(session)
+    append = turn(token, "x" * 300, base)
+
+    committer.max_snapshot_bytes = 200
+    with pytest.raises(ResourceExhausted) as too_large:
+        await committer.commit_run("org", uuid.UUID(session.id), uuid.UUID(token.run_id), 1, append)
+    assert too_large.value.reason == "SNAPSHOT_TOO_LARGE"
+    committer.max_snapshot_bytes = 1 << 20
+
+    with pytest.raises(NotFound) as wrong_org:
+        await committer.commit_run("org-b", uuid.UUID(session.id), uuid.UUID(token.run_id), 1, append)
+    assert wrong_org.value.reason == "SESSION_NOT_FOUND"
+
+    first = await committer.commit_run("org", uuid.UUID(session.id), uuid.UUID(token.run_id), 1, append)
+    again = await committer.commit_run("org", uuid.UUID(session.id), uuid.UUID(token.run_id), 1, append)
+    assert (first.turn, first.message_count, len(first.events)) == (1, 2, 1)
+    assert (again.turn, again.message_count, again.events) == (1, 2, [])
+
+    await store.reset("org", None, "refused")
+    late = claims(session)
+    with pytest.raises(FailedPrecondition) as ended:
+        await committer.commit_run(
+            "org", uuid.UUID(session.id), uuid.UUID(late.run_id), 1, turn(late, "late", base)
+        )
+    assert ended.value.reason == "SESSION_ENDED"
