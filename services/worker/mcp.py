@@ -72,16 +72,9 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import mcp_types as mcp_t
-from mcp import Client
-from mcp.client.stdio import StdioServerParameters, stdio_client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.client.subscriptions import ListenNotSupportedError
-from mcp.shared._httpx_utils import create_mcp_http_client  # the SDK's client factory (MCP timeouts)
-from mcp.shared.exceptions import MCPError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
 from runyard._proto.v1 import admin_pb2, common_pb2
@@ -89,6 +82,13 @@ from runyard._version import __version__
 from runyard.common import metrics
 from runyard.common.config import Config, McpServerConfig
 from runyard.worker.tools import ToolResult
+
+# The MCP SDK is imported where it is used, not here: it takes about 0.9 s
+# of CPU and tens of MB to import, which a worker with no MCP server (the
+# common case) never needs to pay at start.
+if TYPE_CHECKING:
+    import mcp_types as mcp_t
+    from mcp import Client
 
 __all__ = ["McpServer", "McpTools", "exposed_name", "render_result"]
 
@@ -130,6 +130,8 @@ def exposed_name(server: str, tool: str, taken: Iterable[str] = ()) -> str:
 
 def _describe_block(block: Any) -> str:
     """One content block of a tool result as text."""
+    import mcp_types as mcp_t
+
     if isinstance(block, mcp_t.TextContent):
         return block.text
     if isinstance(block, mcp_t.ImageContent | mcp_t.AudioContent):
@@ -177,6 +179,8 @@ def _error(message: str) -> ToolResult:
 
 def _short(exc: BaseException) -> str:
     """An exception as one line for logs and the status (a task group's first inner error)."""
+    from mcp.shared.exceptions import MCPError
+
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     if isinstance(exc, MCPError):
@@ -408,6 +412,9 @@ class McpServer:
 
     async def _open(self, stack: AsyncExitStack) -> Client:
         """Start the process / open the HTTP session and complete the handshake (on ``stack``)."""
+        import mcp_types as mcp_t
+        from mcp import Client
+
         transport = _watched(
             await self._transport(stack), lambda: self._mark_lost("the server closed the connection")
         )
@@ -441,6 +448,10 @@ class McpServer:
         )
 
     async def _transport(self, stack: AsyncExitStack) -> Any:
+        from mcp.client.stdio import StdioServerParameters, stdio_client
+        from mcp.client.streamable_http import streamable_http_client
+        from mcp.shared._httpx_utils import create_mcp_http_client  # the SDK's client factory (MCP timeouts)
+
         config = self.config
         env = os.environ if self.environ is None else self.environ
         if config.transport == "stdio":
@@ -526,6 +537,8 @@ class McpServer:
         return tools
 
     async def _on_message(self, message: Any) -> None:
+        import mcp_types as mcp_t
+
         if isinstance(message, mcp_t.ToolListChangedNotification):
             self._changed = True
             self._wake.set()
@@ -534,6 +547,10 @@ class McpServer:
 
     async def _listen(self, client: Client) -> None:
         """2026-07-28 connections announce tool-list changes on a ``subscriptions/listen`` stream."""
+        import mcp_types as mcp_t
+        from mcp.client.subscriptions import ListenNotSupportedError
+        from mcp.shared.exceptions import MCPError
+
         try:
             async with client.listen(tools_list_changed=True) as subscription:
                 async for _ in subscription:
@@ -580,6 +597,9 @@ class McpServer:
 
     async def call(self, exposed: str, arguments: dict[str, Any]) -> ToolResult:
         """Call the tool the model knows as ``exposed``; never raises (errors are ``is_error`` results)."""
+        import mcp_types as mcp_t
+        from mcp.shared.exceptions import MCPError
+
         tool = self.tools.get(exposed)
         if tool is None:
             return _error(f"MCP server {self.name!r} offers no tool {exposed!r}")
