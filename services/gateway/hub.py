@@ -59,6 +59,11 @@ _COMMIT_REFUSALS = frozenset(
     }
 )
 
+#: Slots the first claim of a dispatch round reserves; each full claim
+#: doubles the next, up to the largest (see Dispatcher._dispatch).
+_FIRST_CLAIM_BATCH = 1
+_MAX_CLAIM_BATCH = 64
+
 __all__ = ["Dispatcher", "Hub", "WorkerConn"]
 
 log = logging.getLogger(__name__)
@@ -101,10 +106,18 @@ class WorkerConn:
         self.draining = False
         #: Slots promised to claims in flight (a dispatch, or a run being queued here).
         self.reserved = 0
+        #: Runs of ``runs`` whose result is being applied: the worker is done
+        #: executing them, so their slots are free. (Their clients may learn
+        #: that the run ended, from another gateway's or this one's NOTIFY,
+        #: before the result's handling returns here; their next message must
+        #: still find the slot free, or it is queued instead of claimed.)
+        self.finishing = 0
 
     @property
     def free(self) -> int:
-        return 0 if self.draining else max(self.capacity - len(self.runs) - self.reserved, 0)
+        """Slots for new runs: capacity less the runs executing and the reservations."""
+        busy = len(self.runs) - self.finishing + self.reserved
+        return 0 if self.draining else max(self.capacity - busy, 0)
 
     def send(self, message: worker_hub_pb2.ConnectResponse) -> None:
         self.outbox.put_nowait(message)
@@ -187,7 +200,7 @@ class Dispatcher:
                 log.exception("dispatch failed")
                 await asyncio.sleep(min(self.poll_interval_s, 1.0))
 
-    def _slots(self, limit: int = 64) -> list[WorkerConn]:
+    def _slots(self, limit: int) -> list[WorkerConn]:
         """Free slots, one entry per slot, spread across workers (most room first)."""
         free = {w.worker_id: w.free for w in self.workers.values() if w.free > 0}
         slots: list[WorkerConn] = []
@@ -202,8 +215,18 @@ class Dispatcher:
         return slots
 
     async def _dispatch(self) -> None:
+        """Claim queued runs for free slots until the queue is empty or no slot is left.
+
+        The first claim of a round reserves at most ``_FIRST_CLAIM_BATCH``
+        slots and each full claim doubles the next (up to
+        ``_MAX_CLAIM_BATCH``): slots reserved for a claim in flight are not
+        free to messages arriving meanwhile, which would then be queued
+        instead of claimed as they are inserted (and need a claim of their
+        own). A deep queue still drains in batches of 64 after a few rounds.
+        """
+        batch = _FIRST_CLAIM_BATCH
         while not self.stopping:
-            slots = self._slots()
+            slots = self._slots(batch)
             if not slots:
                 return
             for worker in slots:
@@ -222,6 +245,7 @@ class Dispatcher:
                 if self._signals == signals:  # nothing was queued while we claimed
                     self._maybe_queued = False
                 return
+            batch = min(batch * 2, _MAX_CLAIM_BATCH)
 
     async def assign(
         self,
@@ -519,7 +543,11 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             if state is None or state.epoch != result.epoch:
                 message = "stale result: the run is no longer held at this epoch"
                 return
-            accepted, message = await self._apply_result(run_id, state, result)
+            worker.finishing += 1
+            try:
+                accepted, message = await self._apply_result(run_id, state, result)
+            finally:
+                worker.finishing -= 1
         except Exception as exc:  # noqa: BLE001 - reported to the worker, run stays leased
             log.exception("handling the result of run %s failed", run_id)
             message = f"gateway error: {exc}"
