@@ -258,6 +258,52 @@ def run_proto(row: asyncpg.Record) -> common_pb2.Run:
     return run
 
 
+def _idempotency_lock(payload: common_pb2.RunPayload) -> str:
+    """The advisory lock name serializing inserts with ``payload``'s idempotency key."""
+    return f"runyard.idem:{payload.org_id}:{payload.idempotency_key}"
+
+
+def _insert_sql(*, if_idle: bool) -> str:
+    """The statement of :meth:`RunStore._insert_row`: the run row, its seq-1
+    event (``$13``) and its lifecycle events (outbox, from ``$18``); with
+    ``if_idle`` only when ``gateway.lock_idle_session`` finds the session
+    idle (the idempotency lock name is the last parameter)."""
+    lock_param = 18 + OUTBOX.arg_count
+    idle_cte = (
+        f"idle AS MATERIALIZED (SELECT gateway.lock_idle_session($3, $2, $9, ${lock_param}) AS last_turn), "
+        if if_idle
+        else ""
+    )
+    return f"""
+        WITH {idle_cte}ins AS (
+            INSERT INTO gateway.runs (id, org_id, session_id, session_key, agent_id, status, payload,
+                input_text, metadata, idempotency_key, request_hash, multitask_strategy, max_attempts,
+                last_seq, task_id, epoch, attempt, worker_id, gateway_id, lease_expires_at, started_at,
+                first_claimed_at, created_at)
+            SELECT $1, $2, $3, $4, $5, CASE WHEN $15::text IS NULL THEN 'queued' ELSE 'running' END,
+                $6, $7, $8::jsonb, $9, $10, $11, $12, 1, $14,
+                CASE WHEN $15::text IS NULL THEN 0 ELSE 1 END,
+                CASE WHEN $15::text IS NULL THEN 0 ELSE 1 END,
+                $15, CASE WHEN $15::text IS NULL THEN NULL ELSE $16 END,
+                CASE WHEN $15::text IS NULL THEN NULL ELSE now() + make_interval(secs => $17) END,
+                CASE WHEN $15::text IS NULL THEN NULL ELSE now() END,
+                CASE WHEN $15::text IS NULL THEN NULL ELSE now() END, now()
+            {"FROM idle WHERE idle.last_turn IS NOT NULL" if if_idle else ""}
+            RETURNING {_RUN_COLUMNS}, payload
+        ), ev AS (
+            INSERT INTO gateway.run_events (run_id, seq, last_seq, data)
+            SELECT id, 1, 1, $13 FROM ins
+        ), ob AS ({OUTBOX.insert_sql(18, when="EXISTS (SELECT 1 FROM ins)" if if_idle else "")})
+        SELECT ins.*, {"idle.last_turn" if if_idle else "NULL::integer AS last_turn"},
+            CASE WHEN $15::text IS NULL THEN pg_notify('{QUEUE_CHANNEL}', '') END AS notified
+        FROM ins{", idle" if if_idle else ""}
+    """
+
+
+_INSERT_SQL = _insert_sql(if_idle=False)
+_INSERT_IF_IDLE_SQL = _insert_sql(if_idle=True)
+
+
 class RunStore:
     """SQL for the runs queue and run events.
 
@@ -339,16 +385,24 @@ class RunStore:
         """
         session_id = uuid.UUID(payload.session_id)
         key = payload.idempotency_key or None
+        if conn is None:
+            # The common case, an idle session and a new key: one statement.
+            queued = event_bytes(queued=common_pb2.RunQueued(position=0))
+            row = await self._insert_row(
+                self.pool, payload, fingerprint, strategy, queued, claim_for, relayed, if_idle=True
+            )
+            if row is not None:
+                return {**dict(row), "queued_event": queued}, True
         connection = contextlib.nullcontext(conn) if conn is not None else self.pool.acquire()
         async with connection as conn, conn.transaction():
             # Serialize inserts per idempotency key (a repeat may name another
             # session), then per session; always in this order, so two inserts
             # never wait on each other crosswise. Transaction-scoped locks are
-            # safe with pooled connections.
+            # safe with pooled connections. (gateway.lock_idle_session takes
+            # the same locks in the same order.)
             if key is not None:
                 await conn.execute(
-                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                    f"runyard.idem:{payload.org_id}:{key}",
+                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", _idempotency_lock(payload)
                 )
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", str(session_id))
             if key is not None:
@@ -424,20 +478,30 @@ class RunStore:
             # queued runs, so no other run of it can start meanwhile.
             claimed = claim_for if not active else None
             row = await self._insert_row(conn, payload, fingerprint, strategy, queued, claimed, relayed)
-            return {**dict(row), "queued_event": queued, "last_turn": last_turn or 0}, True
+            return {**dict(db.returned(row)), "queued_event": queued, "last_turn": last_turn or 0}, True
 
     async def _insert_row(
         self,
-        conn: db.Connection,
+        conn: db.Executor,
         payload: common_pb2.RunPayload,
         fingerprint: bytes,
         strategy: str,
         queued: bytes,
         claim_for: str | None,
         relayed: Sequence[common_pb2.LifecycleEvent],
-    ) -> asyncpg.Record:
+        *,
+        if_idle: bool = False,
+    ) -> asyncpg.Record | None:
         """One statement: the run row (queued, or running for ``claim_for``),
-        its seq-1 event and its lifecycle events."""
+        its seq-1 event and its lifecycle events.
+
+        With ``if_idle`` (``conn`` outside a transaction) the statement first
+        takes the insert's locks and inserts only if the session has no
+        active run and the idempotency key is new
+        (``gateway.lock_idle_session``, migration 0009); it returns None
+        otherwise, having written nothing. Its row then also has
+        ``last_turn`` (see :meth:`insert`).
+        """
         run_id = uuid.UUID(payload.run_id)
         stamp = dt.datetime.now(dt.UTC)
         info = {
@@ -463,29 +527,9 @@ class RunStore:
                 source=self.gateway_id,
             )
         sources = ["sessions"] * len(relayed) + [""] * (len(lifecycle) - len(relayed))
+        extra = [_idempotency_lock(payload)] if if_idle else []
         row = await conn.fetchrow(
-            f"""
-            WITH ins AS (
-                INSERT INTO gateway.runs (id, org_id, session_id, session_key, agent_id, status, payload,
-                    input_text, metadata, idempotency_key, request_hash, multitask_strategy, max_attempts,
-                    last_seq, task_id, epoch, attempt, worker_id, gateway_id, lease_expires_at, started_at,
-                    first_claimed_at, created_at)
-                VALUES ($1, $2, $3, $4, $5, CASE WHEN $15::text IS NULL THEN 'queued' ELSE 'running' END,
-                    $6, $7, $8::jsonb, $9, $10, $11, $12, 1, $14,
-                    CASE WHEN $15::text IS NULL THEN 0 ELSE 1 END,
-                    CASE WHEN $15::text IS NULL THEN 0 ELSE 1 END,
-                    $15, CASE WHEN $15::text IS NULL THEN NULL ELSE $16 END,
-                    CASE WHEN $15::text IS NULL THEN NULL ELSE now() + make_interval(secs => $17) END,
-                    CASE WHEN $15::text IS NULL THEN NULL ELSE now() END,
-                    CASE WHEN $15::text IS NULL THEN NULL ELSE now() END, now())
-                RETURNING {_RUN_COLUMNS}, payload
-            ), ev AS (
-                INSERT INTO gateway.run_events (run_id, seq, last_seq, data)
-                SELECT id, 1, 1, $13 FROM ins
-            ), ob AS ({OUTBOX.insert_sql(18)})
-            SELECT ins.*, CASE WHEN $15::text IS NULL THEN pg_notify('{QUEUE_CHANNEL}', '') END AS notified
-            FROM ins
-            """,
+            _INSERT_IF_IDLE_SQL if if_idle else _INSERT_SQL,
             run_id,
             payload.org_id,
             uuid.UUID(payload.session_id),
@@ -504,8 +548,9 @@ class RunStore:
             self.gateway_id,
             self.lease_s,
             *OUTBOX.emit_args(lifecycle, sources),
+            *extra,
         )
-        return db.returned(row)  # an INSERT ... RETURNING
+        return row if if_idle else db.returned(row)  # an INSERT ... RETURNING
 
     @staticmethod
     def _check_fingerprint(existing: asyncpg.Record, fingerprint: bytes) -> None:
