@@ -33,8 +33,16 @@ class _RedactingFormatter(logging.Formatter):
         return text
 
 
+#: Libraries that log every request at INFO (httpx: ``HTTP Request: POST
+#: ... "HTTP/1.1 200 OK"``, one line per model call): their lines show only
+#: at DEBUG. The router logs what an operator needs of a model call itself
+#: (failovers, cooldowns) and counts the rest in its metrics.
+_PER_REQUEST_LOGGERS = ("httpx", "httpcore")
+
+
 def setup_logging(service: str, config: Config) -> None:
-    """Log lines ``time level service logger: message`` to stderr, secrets masked."""
+    """Log lines ``time level service logger: message`` to stderr, secrets
+    masked; per-request lines of HTTP libraries only at DEBUG."""
     handler = logging.StreamHandler(sys.stderr)
     secrets = [config.auth.internal_secret, config.auth.run_token_private_key]
     for provider in config.providers.values():
@@ -52,6 +60,8 @@ def setup_logging(service: str, config: Config) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level)
+    for name in _PER_REQUEST_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if config.log_level == "DEBUG" else logging.WARNING)
 
 
 def instance_id(service: str) -> str:
