@@ -18,7 +18,9 @@ Start, for every service:
 3. SIGTERM/SIGINT (and SIGUSR1: a stop that expects a restart) handlers;
 4. the server starts: health SERVING;
 5. the service's :meth:`Service.on_serving` steps (a ready line; the worker
-   starts its MCP servers and takes runs); then it serves until a signal.
+   starts its MCP servers and takes runs);
+6. the objects start-up made are frozen out of the garbage collector
+   (:func:`freeze_startup_objects`); then it serves until a signal.
 
 Stop: ``"<service> shutting down"`` is logged; health NOT_SERVING and new
 calls refused (:meth:`ServiceServer.begin_shutdown`); the service's
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from types import TracebackType
@@ -258,6 +261,24 @@ class Service:
         return self._server
 
 
+def freeze_startup_objects() -> None:
+    """Collect start-up's garbage, then move every object left (modules,
+    descriptors, configuration, clients: about 75 000 per service here) to the
+    collector's permanent generation (:func:`gc.freeze`), so that the full
+    collections a busy service makes now and then do not walk them again.
+
+    Measured with ``runyard bench stack`` (N = 8 and 32): the longest full
+    collection of each service was 42 (gateway), 42 (router), 84 (sessions)
+    and 64 ms (worker), each a pause of every call in flight; with the
+    freeze, 3-8 ms. Cyclic garbage among frozen objects is never collected,
+    which is why start-up's garbage is collected first; objects freed by
+    reference counting are freed as always.
+    (https://docs.python.org/3/library/gc.html#gc.freeze)
+    """
+    gc.collect()
+    gc.freeze()
+
+
 #: A service's composition root: builds and registers its parts on the :class:`Service`.
 Build = Callable[[Service], Awaitable[None]]
 
@@ -291,6 +312,7 @@ async def run_service(name: str, config: Config, build: Build, *, tls: TlsSettin
             await server.start()
             for step in service._serving:
                 await step()
+            freeze_startup_objects()
         except BaseException as exc:
             log.error("%s failed to start (%s); closing what had started", name, type(exc).__name__)
             raise

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+from collections.abc import Iterator
 
 import pytest
 from grpc_health.v1 import health_pb2
@@ -17,6 +19,15 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 #: A router on a free loopback port, no metrics port.
 CONFIG = load_config(environ={"RUNYARD_ROUTER__LISTEN": "127.0.0.1:0", "RUNYARD_ROUTER__METRICS_PORT": "0"})
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze() -> Iterator[None]:
+    """run_service freezes the objects of the process it runs in: here, the test run's."""
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def recorder(steps: list[str], name: str):
@@ -47,6 +58,28 @@ async def test_a_stop_drains_then_closes_in_reverse_order():
 
     await run_service("router", CONFIG, build, tls=None)
     assert steps == ["serving True", "drain True True", "close part", "exit None", "close database"]
+
+
+async def test_what_start_up_made_is_frozen_out_of_full_collections_while_serving():
+    gc.unfreeze()
+    frozen: list[int] = []
+
+    async def build(service: Service) -> None:
+        server = service.serve([])
+
+        async def serving() -> None:
+            server.stop_requested.set()
+
+        async def drain() -> None:
+            frozen.append(gc.get_freeze_count())
+
+        service.on_serving(serving)
+        service.on_drain(drain)
+
+    await run_service("router", CONFIG, build, tls=None)
+    # Every object alive once the service serves (this test process's included)
+    # is left out of the collections made while it serves.
+    assert frozen and frozen[0] > 10_000
 
 
 async def test_a_failed_start_closes_what_had_started_and_re_raises(caplog):
