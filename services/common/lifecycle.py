@@ -20,7 +20,7 @@ Start, for every service:
 5. the service's :meth:`Service.on_serving` steps (a ready line; the worker
    starts its MCP servers and takes runs);
 6. the objects start-up made are frozen out of the garbage collector
-   (:func:`freeze_startup_objects`); then it serves until a signal.
+   (:func:`_freeze_startup_objects`); then it serves until a signal.
 
 Stop: ``"<service> shutting down"`` is logged; health NOT_SERVING and new
 calls refused (:meth:`ServiceServer.begin_shutdown`); the service's
@@ -261,7 +261,7 @@ class Service:
         return self._server
 
 
-def freeze_startup_objects() -> None:
+def _freeze_startup_objects() -> None:
     """Collect start-up's garbage, then move every object left (modules,
     descriptors, configuration, clients: about 75 000 per service here) to the
     collector's permanent generation (:func:`gc.freeze`), so that the full
@@ -312,7 +312,7 @@ async def run_service(name: str, config: Config, build: Build, *, tls: TlsSettin
             await server.start()
             for step in service._serving:
                 await step()
-            freeze_startup_objects()
+            _freeze_startup_objects()
         except BaseException as exc:
             log.error("%s failed to start (%s); closing what had started", name, type(exc).__name__)
             raise

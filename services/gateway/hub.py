@@ -93,6 +93,8 @@ class RunState:
     claimed_at: float = field(default_factory=time.monotonic)
     #: When the worker's current run token was signed (monotonic; 0 = unknown, e.g. re-attached).
     token_signed_at: float = 0.0
+    #: Its result is being applied (counted in WorkerConn.finishing).
+    finishing: bool = False
 
 
 class WorkerConn:
@@ -543,11 +545,16 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             if state is None or state.epoch != result.epoch:
                 message = "stale result: the run is no longer held at this epoch"
                 return
-            worker.finishing += 1
+            counted = not state.finishing  # a result sent again while the first is applied counts once
+            if counted:
+                state.finishing = True
+                worker.finishing += 1
             try:
                 accepted, message = await self._apply_result(run_id, state, result)
             finally:
-                worker.finishing -= 1
+                if counted:
+                    state.finishing = False
+                    worker.finishing -= 1
         except Exception as exc:  # noqa: BLE001 - reported to the worker, run stays leased
             log.exception("handling the result of run %s failed", run_id)
             message = f"gateway error: {exc}"

@@ -12,6 +12,7 @@ held its slot when its client, told the run had ended, sent its next message.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import asyncpg
@@ -130,3 +131,33 @@ async def test_a_run_whose_result_is_being_applied_no_longer_holds_its_slot(pool
     sent = [worker.outbox.get_nowait() for _ in range(worker.outbox.qsize())]
     assert [m.WhichOneof("message") for m in sent if m is not None] == ["assign", "ack"]
     assert sent[-1] is not None and sent[-1].ack.accepted
+
+
+async def test_a_result_sent_twice_frees_its_slot_once(pool):
+    store = _WatchedStore(pool)
+    dispatcher, worker, _ = _dispatcher(store, capacity=1)
+    row, _ = await store.insert(_payload(), fingerprint=b"", strategy="ENQUEUE")
+    await dispatcher._dispatch()
+    hub = Hub(
+        store,
+        dispatcher.runlog,
+        dispatcher,
+        None,  # type: ignore[arg-type]  # a failed run commits nothing to its session
+        internal_secret="secret",
+        handshake_timeout_s=5,
+        heartbeat_interval_ms=1000,
+        lease_ms=30_000,
+        gateway_id="gw",
+    )
+    result = worker_hub_pb2.WorkerRunResult(
+        run_id=str(row["id"]),
+        epoch=worker.runs[row["id"]].epoch,
+        failed=common_pb2.RunFailed(error=common_pb2.RunError(code="INTERNAL", message="boom")),
+    )
+
+    # A worker that reconnects sends the results it has no answer for again;
+    # both copies may be applied at once.
+    await asyncio.gather(hub._on_result(worker, result), hub._on_result(worker, result))
+
+    assert store.free_while_finishing and max(store.free_while_finishing) == 1
+    assert worker.runs == {} and worker.free == 1 and worker.finishing == 0
