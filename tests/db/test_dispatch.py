@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 
 from runyard._proto.v1 import common_pb2, worker_hub_pb2
+from runyard.common import db
 from runyard.common.auth import RunTokenSigner, generate_run_token_keys
 from runyard.gateway.events import Broker, RunLog
 from runyard.gateway.hub import Dispatcher, Hub, WorkerConn
@@ -70,11 +71,39 @@ def _dispatcher(store: _WatchedStore, capacity: int) -> tuple[Dispatcher, Worker
     return dispatcher, worker, runlog
 
 
+def _hub(dispatcher: Dispatcher) -> Hub:
+    """The gateway's side of worker streams, for results of failed runs
+    (which commit nothing to a session, so no sessions service)."""
+    return Hub(
+        dispatcher.store,
+        dispatcher.runlog,
+        dispatcher,
+        None,  # type: ignore[arg-type]
+        internal_secret="secret",
+        handshake_timeout_s=5,
+        heartbeat_interval_ms=1000,
+        lease_ms=30_000,
+        gateway_id="gw",
+    )
+
+
+def _failed(row: db.Row, epoch: int) -> worker_hub_pb2.WorkerRunResult:
+    return worker_hub_pb2.WorkerRunResult(
+        run_id=str(row["id"]),
+        epoch=epoch,
+        failed=common_pb2.RunFailed(error=common_pb2.RunError(code="INTERNAL", message="boom")),
+    )
+
+
+async def _queue(store: RunStore, count: int) -> list[db.Row]:
+    """``count`` runs queued, each for a session of its own."""
+    return [(await store.insert(_payload(), fingerprint=b"", strategy="ENQUEUE"))[0] for _ in range(count)]
+
+
 async def test_a_claim_in_flight_leaves_the_other_free_slots_to_new_messages(pool):
     store = _WatchedStore(pool)
     dispatcher, worker, _ = _dispatcher(store, capacity=16)
-    for _ in range(10):
-        await store.insert(_payload(), fingerprint=b"", strategy="ENQUEUE")
+    await _queue(store, 10)
 
     await dispatcher._dispatch()
 
@@ -88,8 +117,7 @@ async def test_a_claim_in_flight_leaves_the_other_free_slots_to_new_messages(poo
 async def test_a_deep_queue_is_claimed_in_batches_that_double_up_to_64(pool):
     store = _WatchedStore(pool)
     dispatcher, worker, _ = _dispatcher(store, capacity=200)
-    for _ in range(150):
-        await store.insert(_payload(), fingerprint=b"", strategy="ENQUEUE")
+    await _queue(store, 150)
 
     await dispatcher._dispatch()
 
@@ -100,26 +128,12 @@ async def test_a_deep_queue_is_claimed_in_batches_that_double_up_to_64(pool):
 async def test_a_run_whose_result_is_being_applied_no_longer_holds_its_slot(pool):
     store = _WatchedStore(pool)
     dispatcher, worker, _ = _dispatcher(store, capacity=1)
-    row, _ = await store.insert(_payload(), fingerprint=b"", strategy="ENQUEUE")
+    (row,) = await _queue(store, 1)
     await dispatcher._dispatch()
     assert worker.free == 0
     state = worker.runs[row["id"]]
-    hub = Hub(
-        store,
-        dispatcher.runlog,
-        dispatcher,
-        None,  # type: ignore[arg-type]  # a failed run commits nothing to its session
-        internal_secret="secret",
-        handshake_timeout_s=5,
-        heartbeat_interval_ms=1000,
-        lease_ms=30_000,
-        gateway_id="gw",
-    )
-    result = worker_hub_pb2.WorkerRunResult(
-        run_id=str(row["id"]),
-        epoch=state.epoch,
-        failed=common_pb2.RunFailed(error=common_pb2.RunError(code="INTERNAL", message="boom")),
-    )
+    hub = _hub(dispatcher)
+    result = _failed(row, state.epoch)
 
     await hub._on_result(worker, result)
 
@@ -136,24 +150,10 @@ async def test_a_run_whose_result_is_being_applied_no_longer_holds_its_slot(pool
 async def test_a_result_sent_twice_frees_its_slot_once(pool):
     store = _WatchedStore(pool)
     dispatcher, worker, _ = _dispatcher(store, capacity=1)
-    row, _ = await store.insert(_payload(), fingerprint=b"", strategy="ENQUEUE")
+    (row,) = await _queue(store, 1)
     await dispatcher._dispatch()
-    hub = Hub(
-        store,
-        dispatcher.runlog,
-        dispatcher,
-        None,  # type: ignore[arg-type]  # a failed run commits nothing to its session
-        internal_secret="secret",
-        handshake_timeout_s=5,
-        heartbeat_interval_ms=1000,
-        lease_ms=30_000,
-        gateway_id="gw",
-    )
-    result = worker_hub_pb2.WorkerRunResult(
-        run_id=str(row["id"]),
-        epoch=worker.runs[row["id"]].epoch,
-        failed=common_pb2.RunFailed(error=common_pb2.RunError(code="INTERNAL", message="boom")),
-    )
+    hub = _hub(dispatcher)
+    result = _failed(row, worker.runs[row["id"]].epoch)
 
     # A worker that reconnects sends the results it has no answer for again;
     # both copies may be applied at once.
