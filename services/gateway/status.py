@@ -54,10 +54,15 @@ class GatewayStatus:
         response.gateway.SetInParent()
         response.gateway.queue_depth = await self._queue_depth()
         for worker in sorted(self.dispatcher.workers.values(), key=lambda w: w.worker_id):
+            running = len(worker.runs)
             response.gateway.workers.add(
                 worker_id=worker.worker_id,
                 capacity=worker.capacity,
-                running=len(worker.runs),
-                free=worker.free,
+                running=running,
+                # Slots not executing a run: running + free = capacity. (Not
+                # WorkerConn.free, which also takes out the slots held for a
+                # claim in flight, a moment's state: the dispatcher's polling
+                # claim, every poll interval, would show as busy slots.)
+                free=0 if worker.draining else max(worker.capacity - running, 0),
                 draining=worker.draining,
             )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import uuid
 
 import grpc
 import pytest
@@ -16,6 +16,7 @@ from runyard.common import metrics
 from runyard.common.auth import internal_metadata
 from runyard.common.clients import internal_channel
 from runyard.common.server import ServiceServer
+from runyard.gateway.hub import RunState, WorkerConn
 from runyard.gateway.status import GatewayStatus
 from tests.stack import free_port
 
@@ -80,18 +81,6 @@ async def test_status_requires_the_internal_secret_when_one_is_set(served):
     assert reply.service == "sessions"
 
 
-@dataclass
-class FakeWorker:
-    worker_id: str
-    capacity: int
-    runs: dict = field(default_factory=dict)
-    draining: bool = False
-
-    @property
-    def free(self) -> int:
-        return 0 if self.draining else self.capacity - len(self.runs)
-
-
 class FakeStore:
     def __init__(self, depth: int):
         self.depth = depth
@@ -101,13 +90,17 @@ class FakeStore:
 
 
 class FakeDispatcher:
-    def __init__(self, *workers: FakeWorker):
+    def __init__(self, *workers: WorkerConn):
         self.workers = {w.worker_id: w for w in workers}
 
 
 async def test_gateway_status_lists_workers_and_samples_the_queue(served):
     store = FakeStore(7)
-    dispatcher = FakeDispatcher(FakeWorker("w-b", 4, {"r1": 1}), FakeWorker("w-a", 2, draining=True))
+    busy, draining = WorkerConn("w-b", 4), WorkerConn("w-a", 2)
+    busy.runs[uuid.uuid4()] = RunState(1, "org", "session", "agent")
+    busy.reserved = 1  # a claim in flight: a moment's state, not a busy slot
+    draining.draining = True
+    dispatcher = FakeDispatcher(busy, draining)
     server = ServiceServer("gateway", "127.0.0.1:0", [GATEWAY])
     source = GatewayStatus(store, dispatcher, sample_interval_s=0.05)
     server.admin.add_source(source)
