@@ -118,6 +118,21 @@ def test_database_faults_map_to_unavailable_and_unstorable_values_to_invalid_arg
     assert faults.as_runyard_error(KeyError("bug")) is None  # a bug stays INTERNAL
 
 
+async def test_a_database_blip_is_retried_after_a_backoff_and_within_the_budget():
+    times: list[float] = []
+
+    async def down() -> str:
+        times.append(time.monotonic())
+        raise asyncpg.exceptions.CannotConnectNowError("the database system is starting up")
+
+    with pytest.raises(asyncpg.exceptions.CannotConnectNowError):
+        await faults.retry_transient(down, budget_s=0.3)
+    # Retried, after a backoff from 50 ms on (a lower bound only: a slow
+    # machine waits longer), until the budget ran out.
+    assert len(times) >= 2
+    assert times[1] - times[0] >= 0.045
+
+
 async def test_idempotent_calls_are_retried_past_a_database_blip_and_others_are_not():
     calls = 0
 
@@ -129,6 +144,17 @@ async def test_idempotent_calls_are_retried_past_a_database_blip_and_others_are_
         return "ok"
 
     assert await faults.retry_transient(flaky, budget_s=5) == "ok" and calls == 3
+    # A bug is not retried.
+    calls = 0
+
+    async def broken() -> str:
+        nonlocal calls
+        calls += 1
+        raise KeyError("bug")
+
+    with pytest.raises(KeyError):
+        await faults.retry_transient(broken, budget_s=5)
+    assert calls == 1
     # The contract says which methods are safe to repeat.
     assert faults.rpc_idempotent("/runyard.v1.SessionService/GetSession")
     assert faults.rpc_idempotent("/runyard.v1.SessionService/CommitRun")
