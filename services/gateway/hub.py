@@ -124,6 +124,22 @@ class WorkerConn:
     def send(self, message: worker_hub_pb2.ConnectResponse) -> None:
         self.outbox.put_nowait(message)
 
+    def forget(self, run_id: uuid.UUID) -> RunState | None:
+        """Take ``run_id`` off this worker (it ended, moved on or lost its
+        lease); its slot, if counted as finishing, is no longer counted twice."""
+        state = self.runs.pop(run_id, None)
+        if state is not None and state.finishing:
+            state.finishing = False
+            self.finishing -= 1
+        return state
+
+    def forget_all(self) -> list[tuple[uuid.UUID, int]]:
+        """Take every run off this worker (it left); returns their ``(run id, epoch)``."""
+        held = [(run_id, state.epoch) for run_id, state in self.runs.items()]
+        for run_id, _ in held:
+            self.forget(run_id)
+        return held
+
 
 class Dispatcher:
     """Claims queued runs for workers with free capacity and sweeps leases."""
@@ -439,8 +455,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             if self.dispatcher.workers.get(worker.worker_id) is worker:
                 del self.dispatcher.workers[worker.worker_id]
             self.dispatcher.update_gauges()
-            held = [(run_id, state.epoch) for run_id, state in worker.runs.items()]
-            worker.runs.clear()
+            held = worker.forget_all()
             if held and not self.shutting_down:
                 # The worker is gone: its runs go back to the queue now rather
                 # than after the lease lapses, with every event it sent stored.
@@ -497,7 +512,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         self._refresh_tokens(worker, held)
         for run_id, epoch in leases:
             if run_id not in held and worker.runs.get(run_id) is not None:
-                worker.runs.pop(run_id, None)
+                worker.forget(run_id)
                 self.runlog.drop(run_id, epoch)
                 worker.send(
                     worker_hub_pb2.ConnectResponse(
@@ -552,7 +567,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             try:
                 accepted, message = await self._apply_result(run_id, state, result)
             finally:
-                if counted:
+                if counted and state.finishing:  # (not taken off meanwhile: see WorkerConn.forget)
                     state.finishing = False
                     worker.finishing -= 1
         except Exception as exc:  # noqa: BLE001 - reported to the worker, run stays leased
@@ -560,7 +575,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             message = f"gateway error: {exc}"
         finally:
             if accepted or message.startswith("stale"):
-                worker.runs.pop(run_id, None)
+                worker.forget(run_id)
                 self.runlog.drop(run_id, result.epoch)
             worker.send(
                 worker_hub_pb2.ConnectResponse(

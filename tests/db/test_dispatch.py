@@ -48,6 +48,8 @@ class _WatchedStore(RunStore):
         self.dispatcher = dispatcher
         self.claims: list[tuple[int, int]] = []  # (slots claimed for, slots still free meanwhile)
         self.free_while_finishing: list[int] = []
+        #: Hold the first ``finish`` back this long (so a second copy of a result ends the run first).
+        self.first_finish_delay_s = 0.0
 
     def _free(self) -> int:
         assert self.dispatcher is not None
@@ -59,6 +61,8 @@ class _WatchedStore(RunStore):
 
     async def finish(self, conn, run_id, **kwargs):  # type: ignore[no-untyped-def]
         self.free_while_finishing.append(self._free())
+        if len(self.free_while_finishing) == 1:
+            await asyncio.sleep(self.first_finish_delay_s)
         return await super().finish(conn, run_id, **kwargs)
 
 
@@ -154,10 +158,21 @@ async def test_a_result_sent_twice_frees_its_slot_once(pool):
     await dispatcher._dispatch()
     hub = _hub(dispatcher)
     result = _failed(row, worker.runs[row["id"]].epoch)
+    free_at_acks: list[int] = []
+    send = worker.send
+
+    def acked(message: worker_hub_pb2.ConnectResponse) -> None:
+        free_at_acks.append(worker.free)
+        send(message)
+
+    worker.send = acked  # type: ignore[method-assign]
 
     # A worker that reconnects sends the results it has no answer for again;
-    # both copies may be applied at once.
+    # both copies may be applied at once, and the second may end the run first.
+    store.first_finish_delay_s = 0.2
     await asyncio.gather(hub._on_result(worker, result), hub._on_result(worker, result))
 
+    # Never more free slots than the worker has, while either copy was applied.
     assert store.free_while_finishing and max(store.free_while_finishing) == 1
+    assert len(free_at_acks) == 2 and max(free_at_acks) == 1
     assert worker.runs == {} and worker.free == 1 and worker.finishing == 0
