@@ -171,8 +171,8 @@ async def retry_transient(call: Callable[[], Awaitable[T]], *, budget_s: float =
     The first attempt runs before any retry state is built (it is the hot
     path: nearly every call succeeds at once, and tenacity's state is about
     3% of the sessions service's CPU per run); its failure, if transient, is
-    the first attempt tenacity sees, so the backoff and the budget are the
-    same as for a call tenacity made.
+    the first attempt tenacity sees, so the backoff is the same as for a
+    call tenacity made, and the budget counts from that failure.
 
     Raises:
         Whatever ``call`` raises last (the caller maps it, see :func:`as_runyard_error`).

@@ -362,6 +362,10 @@ class RunStore:
         runs to cancel and queues behind them; COLLECT merges the text into a
         queued COLLECT follow-up run when one exists.
 
+        Without ``conn``, a message for an idle session with a new (or no)
+        idempotency key is queued in one statement (see :meth:`_insert_row`,
+        ``if_idle``); anything else takes the general path below.
+
         With ``claim_for`` (a worker connected to this gateway with a free
         slot) a run whose session has no active run is inserted already
         claimed for that worker (status ``running``, epoch 1), in the same
