@@ -93,7 +93,8 @@ class RunState:
     claimed_at: float = field(default_factory=time.monotonic)
     #: When the worker's current run token was signed (monotonic; 0 = unknown, e.g. re-attached).
     token_signed_at: float = 0.0
-    #: Its result is being applied (counted in WorkerConn.finishing).
+    #: Its result is being applied: the worker is done executing it, so its
+    #: slot is free (see WorkerConn.free).
     finishing: bool = False
 
 
@@ -108,37 +109,22 @@ class WorkerConn:
         self.draining = False
         #: Slots promised to claims in flight (a dispatch, or a run being queued here).
         self.reserved = 0
-        #: Runs of ``runs`` whose result is being applied: the worker is done
-        #: executing them, so their slots are free. (Their clients may learn
-        #: that the run ended, from another gateway's or this one's NOTIFY,
-        #: before the result's handling returns here; their next message must
-        #: still find the slot free, or it is queued instead of claimed.)
-        self.finishing = 0
 
     @property
     def free(self) -> int:
-        """Slots for new runs: capacity less the runs executing and the reservations."""
-        busy = len(self.runs) - self.finishing + self.reserved
-        return 0 if self.draining else max(self.capacity - busy, 0)
+        """Slots for new runs: capacity less the runs executing and the reservations.
+
+        A run whose result is being applied (``RunState.finishing``) no longer
+        executes: its client may learn that it ended (from another gateway's
+        or this one's NOTIFY) before the result's handling returns here, and
+        its next message must find the slot free, or it is queued instead of
+        claimed. (Counted over ``runs``, at most the worker's capacity.)
+        """
+        executing = sum(1 for state in self.runs.values() if not state.finishing)
+        return 0 if self.draining else max(self.capacity - executing - self.reserved, 0)
 
     def send(self, message: worker_hub_pb2.ConnectResponse) -> None:
         self.outbox.put_nowait(message)
-
-    def forget(self, run_id: uuid.UUID) -> RunState | None:
-        """Take ``run_id`` off this worker (it ended, moved on or lost its
-        lease); its slot, if counted as finishing, is no longer counted twice."""
-        state = self.runs.pop(run_id, None)
-        if state is not None and state.finishing:
-            state.finishing = False
-            self.finishing -= 1
-        return state
-
-    def forget_all(self) -> list[tuple[uuid.UUID, int]]:
-        """Take every run off this worker (it left); returns their ``(run id, epoch)``."""
-        held = [(run_id, state.epoch) for run_id, state in self.runs.items()]
-        for run_id, _ in held:
-            self.forget(run_id)
-        return held
 
 
 class Dispatcher:
@@ -455,7 +441,8 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             if self.dispatcher.workers.get(worker.worker_id) is worker:
                 del self.dispatcher.workers[worker.worker_id]
             self.dispatcher.update_gauges()
-            held = worker.forget_all()
+            held = [(run_id, state.epoch) for run_id, state in worker.runs.items()]
+            worker.runs.clear()
             if held and not self.shutting_down:
                 # The worker is gone: its runs go back to the queue now rather
                 # than after the lease lapses, with every event it sent stored.
@@ -512,7 +499,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         self._refresh_tokens(worker, held)
         for run_id, epoch in leases:
             if run_id not in held and worker.runs.get(run_id) is not None:
-                worker.forget(run_id)
+                worker.runs.pop(run_id, None)
                 self.runlog.drop(run_id, epoch)
                 worker.send(
                     worker_hub_pb2.ConnectResponse(
@@ -560,22 +547,19 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             if state is None or state.epoch != result.epoch:
                 message = "stale result: the run is no longer held at this epoch"
                 return
-            counted = not state.finishing  # a result sent again while the first is applied counts once
-            if counted:
-                state.finishing = True
-                worker.finishing += 1
+            first = not state.finishing  # a result sent again while the first is applied
+            state.finishing = True
             try:
                 accepted, message = await self._apply_result(run_id, state, result)
             finally:
-                if counted and state.finishing:  # (not taken off meanwhile: see WorkerConn.forget)
+                if first:
                     state.finishing = False
-                    worker.finishing -= 1
         except Exception as exc:  # noqa: BLE001 - reported to the worker, run stays leased
             log.exception("handling the result of run %s failed", run_id)
             message = f"gateway error: {exc}"
         finally:
             if accepted or message.startswith("stale"):
-                worker.forget(run_id)
+                worker.runs.pop(run_id, None)
                 self.runlog.drop(run_id, result.epoch)
             worker.send(
                 worker_hub_pb2.ConnectResponse(
