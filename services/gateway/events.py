@@ -289,7 +289,7 @@ class RunLog:
         if worker_seq and worker_seq <= stream.last_worker_seq:
             return
         if not event.HasField("time"):
-            event.time.GetCurrentTime()
+            event.time.FromNanoseconds(time.time_ns())
         raw = event.SerializeToString()
         event.run_id = str(run_id)
         event.session_id = stream.session_id

@@ -967,7 +967,7 @@ class Router:
             run_id=state.run.run_id,
             model=candidate.ref,
         )
-        final.create_time.GetCurrentTime()
+        final.create_time.FromNanoseconds(time.time_ns())
         yield router_pb2.GenerateResponse(
             final=router_pb2.GenerateFinal(
                 message=final, model=candidate.ref, usage=usage, finish_reason=finish
@@ -1255,7 +1255,7 @@ class Router:
         if run.session_id:
             with contextlib.suppress(ValueError):
                 event.session_id = str(uuid.UUID(run.session_id))
-        event.time.GetCurrentTime()
+        event.time.FromNanoseconds(time.time_ns())
         if failure.cooldown is not None:
             fill_cooldown(event, failure.cooldown)
         return event
