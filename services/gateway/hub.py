@@ -28,6 +28,7 @@ import grpc
 from runyard._proto.v1 import common_pb2, sessions_pb2, sessions_pb2_grpc, worker_hub_pb2, worker_hub_pb2_grpc
 from runyard.common import metrics, tracing
 from runyard.common.auth import RunTokenSigner, check_internal, internal_metadata
+from runyard.common.batches import batched
 from runyard.common.clients import call
 from runyard.common.errors import (
     DeadlineExceeded,
@@ -67,6 +68,10 @@ _MAX_CLAIM_BATCH = 64
 __all__ = ["Dispatcher", "Hub", "WorkerConn"]
 
 log = logging.getLogger(__name__)
+
+
+def _hub_batch(messages: Sequence[worker_hub_pb2.ConnectResponse]) -> worker_hub_pb2.ConnectResponse:
+    return worker_hub_pb2.ConnectResponse(batch=worker_hub_pb2.HubBatch(messages=messages))
 
 
 class _FinishArgs(TypedDict):
@@ -401,6 +406,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             gateway_id=self.gateway_id,
             heartbeat_interval_ms=self.heartbeat_interval_ms,
             lease_ms=self.lease_ms,
+            accepts_batches=True,
         )
         for run_id, epoch in leases:
             claim = accepted.get(run_id)
@@ -429,10 +435,8 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         )
         reader = asyncio.create_task(self._read(worker, requests), name=f"hub-read-{worker.worker_id}")
         try:
-            while True:
-                message = await worker.outbox.get()
-                if message is None:
-                    return
+            # Several waiting messages as one, when the worker reads batches (runyard.common.batches).
+            async for message in batched(worker.outbox, _hub_batch, enabled=lambda: hello.accepts_batches):
                 yield message
         finally:
             reader.cancel()
@@ -455,24 +459,34 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
     async def _read(self, worker: WorkerConn, requests: AsyncIterator[worker_hub_pb2.ConnectRequest]) -> None:
         try:
             async for message in requests:
-                kind = message.WhichOneof("message")
-                if kind == "event":
-                    self._on_event(worker, message.event)
-                elif kind == "heartbeat":
-                    await self._on_heartbeat(worker, message.heartbeat)
-                elif kind == "result":
-                    task = asyncio.create_task(self._on_result(worker, message.result))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                elif kind == "draining":
-                    worker.draining = True
-                    self.dispatcher.update_gauges()
+                if message.HasField("batch"):
+                    for inner in message.batch.messages:
+                        await self._on_message(worker, inner)
+                else:
+                    await self._on_message(worker, message)
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
         except Exception:  # noqa: BLE001 - a broken worker must not take the gateway down
             log.exception("worker %s stream failed", worker.worker_id)
         finally:
             worker.outbox.put_nowait(None)
+
+    async def _on_message(self, worker: WorkerConn, message: worker_hub_pb2.ConnectRequest) -> None:
+        """Handle one message of a connected worker (alone or from a batch)."""
+        kind = message.WhichOneof("message")
+        if kind == "event":
+            self._on_event(worker, message.event)
+        elif kind == "heartbeat":
+            await self._on_heartbeat(worker, message.heartbeat)
+        elif kind == "result":
+            task = asyncio.create_task(self._on_result(worker, message.result))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif kind == "draining":
+            worker.draining = True
+            self.dispatcher.update_gauges()
+        elif kind in ("hello", "batch"):  # only first on the stream / only at its top level
+            log.warning("worker %s sent a %s out of place; ignored", worker.worker_id, kind)
 
     def _on_event(self, worker: WorkerConn, message: worker_hub_pb2.WorkerRunEvent) -> None:
         try:

@@ -22,7 +22,7 @@ import logging
 import os
 import random
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -39,6 +39,7 @@ from runyard._proto.v1 import (
 from runyard._version import __version__
 from runyard.common import tracing
 from runyard.common.auth import internal_metadata
+from runyard.common.batches import batched
 from runyard.common.clients import InternalChannels
 from runyard.common.config import Config
 from runyard.common.lifecycle import Service, run_service
@@ -50,6 +51,10 @@ from runyard.worker.tools import TaskTools
 __all__ = ["Worker", "build", "serve"]
 
 log = logging.getLogger(__name__)
+
+
+def _worker_batch(messages: Sequence[worker_hub_pb2.ConnectRequest]) -> worker_hub_pb2.ConnectRequest:
+    return worker_hub_pb2.ConnectRequest(batch=worker_hub_pb2.WorkerBatch(messages=messages))
 
 
 @dataclass(slots=True)
@@ -226,20 +231,21 @@ class Worker:
 
     def _hello(self) -> worker_hub_pb2.ConnectRequest:
         hello = worker_hub_pb2.WorkerHello(
-            worker_id=self.worker_id, capacity=self.capacity, version=__version__
+            worker_id=self.worker_id, capacity=self.capacity, version=__version__, accepts_batches=True
         )
         for run in self.runs.values():
             hello.active_runs.add(run_id=run.run_id, epoch=run.epoch)
         return worker_hub_pb2.ConnectRequest(hello=hello)
 
     async def _requests(
-        self, queue: asyncio.Queue[worker_hub_pb2.ConnectRequest | None]
+        self,
+        queue: asyncio.Queue[worker_hub_pb2.ConnectRequest | None],
+        gateway_batches: Callable[[], bool],
     ) -> AsyncIterator[worker_hub_pb2.ConnectRequest]:
+        """Hello, then what is queued, several waiting messages as one batch
+        once the gateway's welcome said it reads them (:mod:`runyard.common.batches`)."""
         yield self._hello()
-        while True:
-            message = await queue.get()
-            if message is None:
-                return
+        async for message in batched(queue, _worker_batch, enabled=gateway_batches):
             yield message
 
     async def _heartbeat(self, interval_s: float) -> None:
@@ -296,38 +302,27 @@ class Worker:
         channel = self.channels.open(self.config.endpoints.gateway_internal)
         queue: asyncio.Queue[worker_hub_pb2.ConnectRequest | None] = asyncio.Queue()
         heartbeat: asyncio.Task[None] | None = None
+        welcome: worker_hub_pb2.HubWelcome | None = None
         try:
             stub = worker_hub_pb2_grpc.WorkerHubServiceStub(channel)
             stream = stub.Connect(
-                self._requests(queue), metadata=internal_metadata(self.config.auth.internal_secret)
+                self._requests(queue, lambda: welcome is not None and welcome.accepts_batches),
+                metadata=internal_metadata(self.config.auth.internal_secret),
             )
             async for response in stream:
-                kind = response.WhichOneof("message")
-                if kind == "welcome":
+                if response.WhichOneof("message") == "welcome":
+                    welcome = response.welcome
                     self._queue = queue
                     self.connected.set()
                     self._backoff_s = self.config.worker.reconnect_initial_ms / 1000
-                    log.info("connected to gateway %s", response.welcome.gateway_id)
-                    self._on_welcome(response.welcome)
+                    log.info("connected to gateway %s", welcome.gateway_id)
+                    self._on_welcome(welcome)
                     heartbeat = asyncio.create_task(
-                        self._heartbeat(max(response.welcome.heartbeat_interval_ms, 100) / 1000)
+                        self._heartbeat(max(welcome.heartbeat_interval_ms, 100) / 1000)
                     )
-                elif kind == "assign":
-                    if self.draining:
-                        continue  # the gateway re-queues it when the lease lapses or we leave
-                    assignment = response.assign
-                    self._start_run(
-                        assignment.payload,
-                        assignment.continuation if assignment.HasField("continuation") else None,
-                        assignment.transcript if assignment.HasField("transcript") else None,
-                    )
-                elif kind == "cancel":
-                    self._cancel_run(response.cancel.run_id, response.cancel.reason or "CANCELLED")
-                elif kind == "ack":
-                    self._on_ack(response.ack)
-                elif kind == "token_refresh":
-                    self._on_token(response.token_refresh)
-                elif kind == "drain":
+                    continue
+                messages = response.batch.messages if response.HasField("batch") else (response,)
+                if not all(map(self._on_response, messages)):
                     log.info("gateway is draining; reconnecting")
                     break
         finally:
@@ -337,6 +332,29 @@ class Worker:
             if heartbeat is not None:
                 heartbeat.cancel()
             await channel.close(grace=None)
+
+    def _on_response(self, response: worker_hub_pb2.ConnectResponse) -> bool:
+        """Handle one message of the gateway (after its welcome); False when
+        the gateway drains (this connection ends)."""
+        kind = response.WhichOneof("message")
+        if kind == "assign":
+            if self.draining:
+                return True  # the gateway re-queues it when the lease lapses or we leave
+            assignment = response.assign
+            self._start_run(
+                assignment.payload,
+                assignment.continuation if assignment.HasField("continuation") else None,
+                assignment.transcript if assignment.HasField("transcript") else None,
+            )
+        elif kind == "cancel":
+            self._cancel_run(response.cancel.run_id, response.cancel.reason or "CANCELLED")
+        elif kind == "ack":
+            self._on_ack(response.ack)
+        elif kind == "token_refresh":
+            self._on_token(response.token_refresh)
+        elif kind == "drain":
+            return False
+        return True
 
     async def run(self) -> None:
         """Stay connected (with backoff) until :meth:`shutdown`."""

@@ -29,7 +29,7 @@ from runyard._proto.v1 import common_pb2 as runyard_dot_v1_dot_common__pb2
 from runyard._proto.v1 import sessions_pb2 as runyard_dot_v1_dot_sessions__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brunyard/v1/worker_hub.proto\x12\nrunyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17runyard/v1/common.proto\x1a\x19runyard/v1/sessions.proto\"=\n\x08RunLease\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\nworker_seq\x18\x03 \x01(\x04\"\xd2\x01\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\x12\x0f\n\x07version\x18\x03 \x01(\t\x12)\n\x0b\x61\x63tive_runs\x18\x04 \x03(\x0b\x32\x14.runyard.v1.RunLease\x12\x33\n\x06labels\x18\x05 \x03(\x0b\x32#.runyard.v1.WorkerHello.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x0fWorkerHeartbeat\x12\"\n\x04runs\x18\x01 \x03(\x0b\x32\x14.runyard.v1.RunLease\x12\x15\n\rfree_capacity\x18\x02 \x01(\r\"h\n\x0eWorkerRunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12#\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x14.runyard.v1.RunEvent\x12\x12\n\nworker_seq\x18\x04 \x01(\x04\"\x1d\n\x0bRunReleased\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xa5\x03\n\x0fWorkerRunResult\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12-\n\tcompleted\x18\x03 \x01(\x0b\x32\x18.runyard.v1.RunCompletedH\x00\x12\'\n\x06\x66\x61iled\x18\x04 \x01(\x0b\x32\x15.runyard.v1.RunFailedH\x00\x12-\n\tcancelled\x18\x05 \x01(\x0b\x32\x18.runyard.v1.RunCancelledH\x00\x12+\n\x08released\x18\x06 \x01(\x0b\x32\x17.runyard.v1.RunReleasedH\x00\x12\x38\n\x0frequires_action\x18\t \x01(\x0b\x32\x1d.runyard.v1.RunRequiresActionH\x00\x12,\n\x06\x61ppend\x18\x07 \x01(\x0b\x32\x1c.runyard.v1.TranscriptAppend\x12\x19\n\x11\x61lready_committed\x18\x08 \x01(\x08\x12\x31\n\x0c\x63ontinuation\x18\n \x01(\x0b\x32\x1b.runyard.v1.RunContinuationB\t\n\x07outcome\"\x89\x03\n\x0fRunContinuation\x12,\n\x06\x61ppend\x18\x01 \x01(\x0b\x32\x1c.runyard.v1.TranscriptAppend\x12%\n\x07pending\x18\x02 \x03(\x0b\x32\x14.runyard.v1.ToolCall\x12,\n\x07results\x18\x03 \x03(\x0b\x32\x1b.runyard.v1.ToolResultEvent\x12\x17\n\x0ftool_calls_made\x18\x04 \x01(\r\x12;\n\x08ordinals\x18\x05 \x03(\x0b\x32).runyard.v1.RunContinuation.OrdinalsEntry\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.runyard.v1.Usage\x12\x1a\n\x12overflow_compacted\x18\x07 \x01(\x08\x12.\n\npause_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rOrdinalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\" \n\x0eWorkerDraining\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x83\x02\n\x0e\x43onnectRequest\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.runyard.v1.WorkerHelloH\x00\x12\x30\n\theartbeat\x18\x02 \x01(\x0b\x32\x1b.runyard.v1.WorkerHeartbeatH\x00\x12+\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x1a.runyard.v1.WorkerRunEventH\x00\x12-\n\x06result\x18\x04 \x01(\x0b\x32\x1b.runyard.v1.WorkerRunResultH\x00\x12.\n\x08\x64raining\x18\x05 \x01(\x0b\x32\x1a.runyard.v1.WorkerDrainingH\x00\x42\t\n\x07message\"\xab\x01\n\nHubWelcome\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\x12+\n\rrejected_runs\x18\x04 \x03(\x0b\x32\x14.runyard.v1.RunLease\x12+\n\raccepted_runs\x18\x05 \x03(\x0b\x32\x14.runyard.v1.RunLease\"\xa2\x01\n\rRunAssignment\x12\'\n\x07payload\x18\x01 \x01(\x0b\x32\x16.runyard.v1.RunPayload\x12\x31\n\x0c\x63ontinuation\x18\x02 \x01(\x0b\x32\x1b.runyard.v1.RunContinuation\x12\x35\n\ntranscript\x18\x03 \x01(\x0b\x32!.runyard.v1.GetTranscriptResponse\":\n\tRunCancel\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"M\n\tResultAck\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x1a\n\x08HubDrain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"C\n\x0fRunTokenRefresh\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\trun_token\x18\x03 \x01(\t\"\xa0\x02\n\x0f\x43onnectResponse\x12)\n\x07welcome\x18\x01 \x01(\x0b\x32\x16.runyard.v1.HubWelcomeH\x00\x12+\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x19.runyard.v1.RunAssignmentH\x00\x12\'\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x15.runyard.v1.RunCancelH\x00\x12$\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x15.runyard.v1.ResultAckH\x00\x12%\n\x05\x64rain\x18\x05 \x01(\x0b\x32\x14.runyard.v1.HubDrainH\x00\x12\x34\n\rtoken_refresh\x18\x06 \x01(\x0b\x32\x1b.runyard.v1.RunTokenRefreshH\x00\x42\t\n\x07message2Z\n\x10WorkerHubService\x12\x46\n\x07\x43onnect\x12\x1a.runyard.v1.ConnectRequest\x1a\x1b.runyard.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brunyard/v1/worker_hub.proto\x12\nrunyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17runyard/v1/common.proto\x1a\x19runyard/v1/sessions.proto\"=\n\x08RunLease\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\nworker_seq\x18\x03 \x01(\x04\"\xeb\x01\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\x12\x0f\n\x07version\x18\x03 \x01(\t\x12)\n\x0b\x61\x63tive_runs\x18\x04 \x03(\x0b\x32\x14.runyard.v1.RunLease\x12\x33\n\x06labels\x18\x05 \x03(\x0b\x32#.runyard.v1.WorkerHello.LabelsEntry\x12\x17\n\x0f\x61\x63\x63\x65pts_batches\x18\x06 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x0fWorkerHeartbeat\x12\"\n\x04runs\x18\x01 \x03(\x0b\x32\x14.runyard.v1.RunLease\x12\x15\n\rfree_capacity\x18\x02 \x01(\r\"h\n\x0eWorkerRunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12#\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x14.runyard.v1.RunEvent\x12\x12\n\nworker_seq\x18\x04 \x01(\x04\"\x1d\n\x0bRunReleased\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xa5\x03\n\x0fWorkerRunResult\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12-\n\tcompleted\x18\x03 \x01(\x0b\x32\x18.runyard.v1.RunCompletedH\x00\x12\'\n\x06\x66\x61iled\x18\x04 \x01(\x0b\x32\x15.runyard.v1.RunFailedH\x00\x12-\n\tcancelled\x18\x05 \x01(\x0b\x32\x18.runyard.v1.RunCancelledH\x00\x12+\n\x08released\x18\x06 \x01(\x0b\x32\x17.runyard.v1.RunReleasedH\x00\x12\x38\n\x0frequires_action\x18\t \x01(\x0b\x32\x1d.runyard.v1.RunRequiresActionH\x00\x12,\n\x06\x61ppend\x18\x07 \x01(\x0b\x32\x1c.runyard.v1.TranscriptAppend\x12\x19\n\x11\x61lready_committed\x18\x08 \x01(\x08\x12\x31\n\x0c\x63ontinuation\x18\n \x01(\x0b\x32\x1b.runyard.v1.RunContinuationB\t\n\x07outcome\"\x89\x03\n\x0fRunContinuation\x12,\n\x06\x61ppend\x18\x01 \x01(\x0b\x32\x1c.runyard.v1.TranscriptAppend\x12%\n\x07pending\x18\x02 \x03(\x0b\x32\x14.runyard.v1.ToolCall\x12,\n\x07results\x18\x03 \x03(\x0b\x32\x1b.runyard.v1.ToolResultEvent\x12\x17\n\x0ftool_calls_made\x18\x04 \x01(\r\x12;\n\x08ordinals\x18\x05 \x03(\x0b\x32).runyard.v1.RunContinuation.OrdinalsEntry\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.runyard.v1.Usage\x12\x1a\n\x12overflow_compacted\x18\x07 \x01(\x08\x12.\n\npause_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rOrdinalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\" \n\x0eWorkerDraining\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xad\x02\n\x0e\x43onnectRequest\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.runyard.v1.WorkerHelloH\x00\x12\x30\n\theartbeat\x18\x02 \x01(\x0b\x32\x1b.runyard.v1.WorkerHeartbeatH\x00\x12+\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x1a.runyard.v1.WorkerRunEventH\x00\x12-\n\x06result\x18\x04 \x01(\x0b\x32\x1b.runyard.v1.WorkerRunResultH\x00\x12.\n\x08\x64raining\x18\x05 \x01(\x0b\x32\x1a.runyard.v1.WorkerDrainingH\x00\x12(\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32\x17.runyard.v1.WorkerBatchH\x00\x42\t\n\x07message\";\n\x0bWorkerBatch\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.runyard.v1.ConnectRequest\"\xc4\x01\n\nHubWelcome\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\x12+\n\rrejected_runs\x18\x04 \x03(\x0b\x32\x14.runyard.v1.RunLease\x12+\n\raccepted_runs\x18\x05 \x03(\x0b\x32\x14.runyard.v1.RunLease\x12\x17\n\x0f\x61\x63\x63\x65pts_batches\x18\x06 \x01(\x08\"\xa2\x01\n\rRunAssignment\x12\'\n\x07payload\x18\x01 \x01(\x0b\x32\x16.runyard.v1.RunPayload\x12\x31\n\x0c\x63ontinuation\x18\x02 \x01(\x0b\x32\x1b.runyard.v1.RunContinuation\x12\x35\n\ntranscript\x18\x03 \x01(\x0b\x32!.runyard.v1.GetTranscriptResponse\":\n\tRunCancel\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"M\n\tResultAck\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x1a\n\x08HubDrain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"C\n\x0fRunTokenRefresh\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\trun_token\x18\x03 \x01(\t\"\xc7\x02\n\x0f\x43onnectResponse\x12)\n\x07welcome\x18\x01 \x01(\x0b\x32\x16.runyard.v1.HubWelcomeH\x00\x12+\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x19.runyard.v1.RunAssignmentH\x00\x12\'\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x15.runyard.v1.RunCancelH\x00\x12$\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x15.runyard.v1.ResultAckH\x00\x12%\n\x05\x64rain\x18\x05 \x01(\x0b\x32\x14.runyard.v1.HubDrainH\x00\x12\x34\n\rtoken_refresh\x18\x06 \x01(\x0b\x32\x1b.runyard.v1.RunTokenRefreshH\x00\x12%\n\x05\x62\x61tch\x18\x07 \x01(\x0b\x32\x14.runyard.v1.HubBatchH\x00\x42\t\n\x07message\"9\n\x08HubBatch\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.runyard.v1.ConnectResponse2Z\n\x10WorkerHubService\x12\x46\n\x07\x43onnect\x12\x1a.runyard.v1.ConnectRequest\x1a\x1b.runyard.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,39 +43,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNLEASE']._serialized_start=128
   _globals['_RUNLEASE']._serialized_end=189
   _globals['_WORKERHELLO']._serialized_start=192
-  _globals['_WORKERHELLO']._serialized_end=402
-  _globals['_WORKERHELLO_LABELSENTRY']._serialized_start=357
-  _globals['_WORKERHELLO_LABELSENTRY']._serialized_end=402
-  _globals['_WORKERHEARTBEAT']._serialized_start=404
-  _globals['_WORKERHEARTBEAT']._serialized_end=480
-  _globals['_WORKERRUNEVENT']._serialized_start=482
-  _globals['_WORKERRUNEVENT']._serialized_end=586
-  _globals['_RUNRELEASED']._serialized_start=588
-  _globals['_RUNRELEASED']._serialized_end=617
-  _globals['_WORKERRUNRESULT']._serialized_start=620
-  _globals['_WORKERRUNRESULT']._serialized_end=1041
-  _globals['_RUNCONTINUATION']._serialized_start=1044
-  _globals['_RUNCONTINUATION']._serialized_end=1437
-  _globals['_RUNCONTINUATION_ORDINALSENTRY']._serialized_start=1390
-  _globals['_RUNCONTINUATION_ORDINALSENTRY']._serialized_end=1437
-  _globals['_WORKERDRAINING']._serialized_start=1439
-  _globals['_WORKERDRAINING']._serialized_end=1471
-  _globals['_CONNECTREQUEST']._serialized_start=1474
-  _globals['_CONNECTREQUEST']._serialized_end=1733
-  _globals['_HUBWELCOME']._serialized_start=1736
-  _globals['_HUBWELCOME']._serialized_end=1907
-  _globals['_RUNASSIGNMENT']._serialized_start=1910
-  _globals['_RUNASSIGNMENT']._serialized_end=2072
-  _globals['_RUNCANCEL']._serialized_start=2074
-  _globals['_RUNCANCEL']._serialized_end=2132
-  _globals['_RESULTACK']._serialized_start=2134
-  _globals['_RESULTACK']._serialized_end=2211
-  _globals['_HUBDRAIN']._serialized_start=2213
-  _globals['_HUBDRAIN']._serialized_end=2239
-  _globals['_RUNTOKENREFRESH']._serialized_start=2241
-  _globals['_RUNTOKENREFRESH']._serialized_end=2308
-  _globals['_CONNECTRESPONSE']._serialized_start=2311
-  _globals['_CONNECTRESPONSE']._serialized_end=2599
-  _globals['_WORKERHUBSERVICE']._serialized_start=2601
-  _globals['_WORKERHUBSERVICE']._serialized_end=2691
+  _globals['_WORKERHELLO']._serialized_end=427
+  _globals['_WORKERHELLO_LABELSENTRY']._serialized_start=382
+  _globals['_WORKERHELLO_LABELSENTRY']._serialized_end=427
+  _globals['_WORKERHEARTBEAT']._serialized_start=429
+  _globals['_WORKERHEARTBEAT']._serialized_end=505
+  _globals['_WORKERRUNEVENT']._serialized_start=507
+  _globals['_WORKERRUNEVENT']._serialized_end=611
+  _globals['_RUNRELEASED']._serialized_start=613
+  _globals['_RUNRELEASED']._serialized_end=642
+  _globals['_WORKERRUNRESULT']._serialized_start=645
+  _globals['_WORKERRUNRESULT']._serialized_end=1066
+  _globals['_RUNCONTINUATION']._serialized_start=1069
+  _globals['_RUNCONTINUATION']._serialized_end=1462
+  _globals['_RUNCONTINUATION_ORDINALSENTRY']._serialized_start=1415
+  _globals['_RUNCONTINUATION_ORDINALSENTRY']._serialized_end=1462
+  _globals['_WORKERDRAINING']._serialized_start=1464
+  _globals['_WORKERDRAINING']._serialized_end=1496
+  _globals['_CONNECTREQUEST']._serialized_start=1499
+  _globals['_CONNECTREQUEST']._serialized_end=1800
+  _globals['_WORKERBATCH']._serialized_start=1802
+  _globals['_WORKERBATCH']._serialized_end=1861
+  _globals['_HUBWELCOME']._serialized_start=1864
+  _globals['_HUBWELCOME']._serialized_end=2060
+  _globals['_RUNASSIGNMENT']._serialized_start=2063
+  _globals['_RUNASSIGNMENT']._serialized_end=2225
+  _globals['_RUNCANCEL']._serialized_start=2227
+  _globals['_RUNCANCEL']._serialized_end=2285
+  _globals['_RESULTACK']._serialized_start=2287
+  _globals['_RESULTACK']._serialized_end=2364
+  _globals['_HUBDRAIN']._serialized_start=2366
+  _globals['_HUBDRAIN']._serialized_end=2392
+  _globals['_RUNTOKENREFRESH']._serialized_start=2394
+  _globals['_RUNTOKENREFRESH']._serialized_end=2461
+  _globals['_CONNECTRESPONSE']._serialized_start=2464
+  _globals['_CONNECTRESPONSE']._serialized_end=2791
+  _globals['_HUBBATCH']._serialized_start=2793
+  _globals['_HUBBATCH']._serialized_end=2850
+  _globals['_WORKERHUBSERVICE']._serialized_start=2852
+  _globals['_WORKERHUBSERVICE']._serialized_end=2942
 # @@protoc_insertion_point(module_scope)

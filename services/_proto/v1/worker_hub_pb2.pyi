@@ -24,7 +24,7 @@ class RunLease(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., worker_seq: _Optional[int] = ...) -> None: ...
 
 class WorkerHello(_message.Message):
-    __slots__ = ("worker_id", "capacity", "version", "active_runs", "labels")
+    __slots__ = ("worker_id", "capacity", "version", "active_runs", "labels", "accepts_batches")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -37,12 +37,14 @@ class WorkerHello(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_RUNS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_BATCHES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     capacity: int
     version: str
     active_runs: _containers.RepeatedCompositeFieldContainer[RunLease]
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, worker_id: _Optional[str] = ..., capacity: _Optional[int] = ..., version: _Optional[str] = ..., active_runs: _Optional[_Iterable[_Union[RunLease, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    accepts_batches: bool
+    def __init__(self, worker_id: _Optional[str] = ..., capacity: _Optional[int] = ..., version: _Optional[str] = ..., active_runs: _Optional[_Iterable[_Union[RunLease, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., accepts_batches: _Optional[bool] = ...) -> None: ...
 
 class WorkerHeartbeat(_message.Message):
     __slots__ = ("runs", "free_capacity")
@@ -128,32 +130,42 @@ class WorkerDraining(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class ConnectRequest(_message.Message):
-    __slots__ = ("hello", "heartbeat", "event", "result", "draining")
+    __slots__ = ("hello", "heartbeat", "event", "result", "draining", "batch")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     hello: WorkerHello
     heartbeat: WorkerHeartbeat
     event: WorkerRunEvent
     result: WorkerRunResult
     draining: WorkerDraining
-    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., heartbeat: _Optional[_Union[WorkerHeartbeat, _Mapping]] = ..., event: _Optional[_Union[WorkerRunEvent, _Mapping]] = ..., result: _Optional[_Union[WorkerRunResult, _Mapping]] = ..., draining: _Optional[_Union[WorkerDraining, _Mapping]] = ...) -> None: ...
+    batch: WorkerBatch
+    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., heartbeat: _Optional[_Union[WorkerHeartbeat, _Mapping]] = ..., event: _Optional[_Union[WorkerRunEvent, _Mapping]] = ..., result: _Optional[_Union[WorkerRunResult, _Mapping]] = ..., draining: _Optional[_Union[WorkerDraining, _Mapping]] = ..., batch: _Optional[_Union[WorkerBatch, _Mapping]] = ...) -> None: ...
+
+class WorkerBatch(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ConnectRequest]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ConnectRequest, _Mapping]]] = ...) -> None: ...
 
 class HubWelcome(_message.Message):
-    __slots__ = ("gateway_id", "heartbeat_interval_ms", "lease_ms", "rejected_runs", "accepted_runs")
+    __slots__ = ("gateway_id", "heartbeat_interval_ms", "lease_ms", "rejected_runs", "accepted_runs", "accepts_batches")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     REJECTED_RUNS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_RUNS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_BATCHES_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     heartbeat_interval_ms: int
     lease_ms: int
     rejected_runs: _containers.RepeatedCompositeFieldContainer[RunLease]
     accepted_runs: _containers.RepeatedCompositeFieldContainer[RunLease]
-    def __init__(self, gateway_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ..., rejected_runs: _Optional[_Iterable[_Union[RunLease, _Mapping]]] = ..., accepted_runs: _Optional[_Iterable[_Union[RunLease, _Mapping]]] = ...) -> None: ...
+    accepts_batches: bool
+    def __init__(self, gateway_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ..., rejected_runs: _Optional[_Iterable[_Union[RunLease, _Mapping]]] = ..., accepted_runs: _Optional[_Iterable[_Union[RunLease, _Mapping]]] = ..., accepts_batches: _Optional[bool] = ...) -> None: ...
 
 class RunAssignment(_message.Message):
     __slots__ = ("payload", "continuation", "transcript")
@@ -204,17 +216,25 @@ class RunTokenRefresh(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., run_token: _Optional[str] = ...) -> None: ...
 
 class ConnectResponse(_message.Message):
-    __slots__ = ("welcome", "assign", "cancel", "ack", "drain", "token_refresh")
+    __slots__ = ("welcome", "assign", "cancel", "ack", "drain", "token_refresh", "batch")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_REFRESH_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     welcome: HubWelcome
     assign: RunAssignment
     cancel: RunCancel
     ack: ResultAck
     drain: HubDrain
     token_refresh: RunTokenRefresh
-    def __init__(self, welcome: _Optional[_Union[HubWelcome, _Mapping]] = ..., assign: _Optional[_Union[RunAssignment, _Mapping]] = ..., cancel: _Optional[_Union[RunCancel, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., drain: _Optional[_Union[HubDrain, _Mapping]] = ..., token_refresh: _Optional[_Union[RunTokenRefresh, _Mapping]] = ...) -> None: ...
+    batch: HubBatch
+    def __init__(self, welcome: _Optional[_Union[HubWelcome, _Mapping]] = ..., assign: _Optional[_Union[RunAssignment, _Mapping]] = ..., cancel: _Optional[_Union[RunCancel, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., drain: _Optional[_Union[HubDrain, _Mapping]] = ..., token_refresh: _Optional[_Union[RunTokenRefresh, _Mapping]] = ..., batch: _Optional[_Union[HubBatch, _Mapping]] = ...) -> None: ...
+
+class HubBatch(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ConnectResponse]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ConnectResponse, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,79 @@
+"""Stream messages that are already waiting, sent as one (the worker hub).
+
+A worker and its gateway talk over one bidirectional gRPC stream; each
+side puts what it has to say on an :class:`asyncio.Queue` and one writer
+sends it. Under load several messages wait at once (a run's ``started`` and
+``model_select``, the events of many runs, results and acks): each stream
+message costs a write on one side and a read on the other, so those that
+are waiting go out together as one batch message (``WorkerBatch``,
+``HubBatch``), which the peer handles in order exactly as if each had come
+alone. Nothing waits for a batch to fill: a message that finds the queue
+empty goes alone, at once, as it did before batches.
+
+A side batches only when its peer said it reads batches
+(``WorkerHello.accepts_batches``, ``HubWelcome.accepts_batches``), so a
+worker and a gateway of different versions still talk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TypeVar
+
+from google.protobuf.message import Message
+
+__all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_MESSAGES", "batched"]
+
+#: At most this many messages in one batch.
+MAX_BATCH_MESSAGES = 256
+#: A batch stops growing before its messages pass this many serialized
+#: bytes (well under gRPC's default 4 MiB receive limit); a larger message
+#: goes alone, as without batches.
+MAX_BATCH_BYTES = 256 * 1024
+
+M = TypeVar("M", bound=Message)
+
+
+async def batched(
+    queue: asyncio.Queue[M | None],
+    wrap: Callable[[Sequence[M]], M],
+    *,
+    enabled: Callable[[], bool],
+    max_messages: int = MAX_BATCH_MESSAGES,
+    max_bytes: int = MAX_BATCH_BYTES,
+) -> AsyncIterator[M]:
+    """The messages put on ``queue``, in order, until ``None`` is taken.
+
+    When ``enabled()`` and more than one message is waiting, the waiting
+    ones (at most ``max_messages``, and while their serialized size stays
+    within ``max_bytes``) are yielded as one ``wrap(messages)``; a lone
+    message, or one that is too large, is yielded as it is. Nothing is held
+    back to wait for more: the batch is what was queued when the previous
+    message had been sent.
+    """
+    pending: M | None = None
+    while True:
+        message = pending if pending is not None else await queue.get()
+        pending = None
+        if message is None:
+            return
+        if queue.empty() or not enabled():
+            yield message
+            continue
+        batch = [message]
+        size = message.ByteSize()
+        ended = False
+        while size < max_bytes and len(batch) < max_messages and not queue.empty():
+            following = queue.get_nowait()
+            if following is None:
+                ended = True
+                break
+            size += following.ByteSize()
+            if size > max_bytes:
+                pending = following  # first of the next batch
+                break
+            batch.append(following)
+        yield batch[0] if len(batch) == 1 else wrap(batch)
+        if ended:
+            return

@@ -1,0 +1,156 @@
+"""The worker's side of the hub's batches (runyard.common.batches), against
+a gateway of our own on a real gRPC stream: the worker handles each message
+of a gateway's batch as if it had come alone, and sends several waiting
+messages as one only to a gateway whose welcome says it reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+
+from runyard._proto.v1 import common_pb2, worker_hub_pb2, worker_hub_pb2_grpc
+from runyard.common.clients import InternalChannels
+from runyard.common.config import Config
+from runyard.worker.main import Worker
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class _Gateway(worker_hub_pb2_grpc.WorkerHubServiceServicer):
+    """A hub that welcomes a worker, then sends what the test queues and
+    records what the worker sends."""
+
+    def __init__(self, accepts_batches: bool):
+        self.accepts_batches = accepts_batches
+        self.hellos: list[worker_hub_pb2.WorkerHello] = []
+        self.received: asyncio.Queue[worker_hub_pb2.ConnectRequest] = asyncio.Queue()
+        self.outgoing: asyncio.Queue[worker_hub_pb2.ConnectResponse | None] = asyncio.Queue()
+
+    async def Connect(  # noqa: N802 - the gRPC method's name
+        self, request_iterator: AsyncIterator[worker_hub_pb2.ConnectRequest], context: object
+    ) -> AsyncIterator[worker_hub_pb2.ConnectResponse]:
+        requests = aiter(request_iterator)
+        self.hellos.append((await anext(requests)).hello)
+        yield worker_hub_pb2.ConnectResponse(
+            welcome=worker_hub_pb2.HubWelcome(
+                gateway_id="gw",
+                heartbeat_interval_ms=60_000,
+                lease_ms=60_000,
+                accepts_batches=self.accepts_batches,
+            )
+        )
+
+        async def read() -> None:
+            async for message in requests:
+                self.received.put_nowait(message)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (message := await self.outgoing.get()) is not None:
+                yield message
+        finally:
+            reader.cancel()
+
+    async def next_messages(self) -> list[worker_hub_pb2.ConnectRequest]:
+        """The worker's next stream message, as the messages it carries."""
+        message = await asyncio.wait_for(self.received.get(), 10)
+        return list(message.batch.messages) if message.HasField("batch") else [message]
+
+
+@pytest.fixture
+async def connected(request: pytest.FixtureRequest) -> AsyncIterator[tuple[_Gateway, Worker]]:
+    """A real worker connected to ``_Gateway(accepts_batches=request.param)``.
+    The sessions service and the router are unreachable: a run the worker
+    takes is handed back (``released``) at once."""
+    gateway = _Gateway(request.param)
+    server = grpc.aio.server()
+    worker_hub_pb2_grpc.add_WorkerHubServiceServicer_to_server(gateway, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    config = Config.model_validate(
+        {
+            "endpoints": {
+                "gateway_internal": f"127.0.0.1:{port}",
+                "sessions": "127.0.0.1:1",
+                "router": "127.0.0.1:1",
+            },
+            "worker": {"dependency_retry_s": 0},
+        }
+    )
+    worker = Worker(config, InternalChannels(None, ""), worker_id="worker-1")
+    running = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.connected.wait(), 10)
+        yield gateway, worker
+    finally:
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        await worker.aclose()
+        await server.stop(None)
+
+
+def _heartbeats(count: int) -> Iterator[worker_hub_pb2.ConnectRequest]:
+    for free in range(count):
+        yield worker_hub_pb2.ConnectRequest(heartbeat=worker_hub_pb2.WorkerHeartbeat(free_capacity=free))
+
+
+def _assign(run_id: str) -> worker_hub_pb2.ConnectResponse:
+    payload = common_pb2.RunPayload(
+        run_id=run_id, org_id="org", session_id=str(uuid.uuid4()), agent_id="default", run_token="t"
+    )
+    return worker_hub_pb2.ConnectResponse(assign=worker_hub_pb2.RunAssignment(payload=payload))
+
+
+@pytest.mark.parametrize("connected", [True], indirect=True)
+async def test_each_message_of_a_gateways_batch_is_handled_and_waiting_messages_go_back_as_one(connected):
+    gateway, worker = connected
+    assert gateway.hellos[0].accepts_batches  # the worker reads batches
+
+    runs = [str(uuid.uuid4()), str(uuid.uuid4())]
+    gateway.outgoing.put_nowait(
+        worker_hub_pb2.ConnectResponse(batch=worker_hub_pb2.HubBatch(messages=[_assign(r) for r in runs]))
+    )
+    results: list[worker_hub_pb2.WorkerRunResult] = []
+    while len(results) < len(runs):
+        results += [m.result for m in await gateway.next_messages() if m.HasField("result")]
+    # Both assignments were taken (and, with no sessions service here, handed back).
+    assert sorted(r.run_id for r in results) == sorted(runs)
+    assert all(r.HasField("released") for r in results)
+
+    for message in _heartbeats(3):  # three messages waiting at once
+        worker._send(message)
+    sent = await asyncio.wait_for(gateway.received.get(), 10)
+    assert sent.HasField("batch")
+    assert [m.heartbeat.free_capacity for m in sent.batch.messages] == [0, 1, 2]
+
+    # A drain inside a batch ends the connection like one alone: the worker connects again.
+    gateway.outgoing.put_nowait(
+        worker_hub_pb2.ConnectResponse(
+            batch=worker_hub_pb2.HubBatch(
+                messages=[worker_hub_pb2.ConnectResponse(drain=worker_hub_pb2.HubDrain())]
+            )
+        )
+    )
+    for _ in range(100):
+        if len(gateway.hellos) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(gateway.hellos) == 2
+
+
+@pytest.mark.parametrize("connected", [False], indirect=True)
+async def test_a_gateway_that_reads_no_batches_gets_every_message_alone(connected):
+    gateway, worker = connected
+
+    for message in _heartbeats(3):
+        worker._send(message)
+
+    sent = [await asyncio.wait_for(gateway.received.get(), 10) for _ in range(3)]
+    assert [m.WhichOneof("message") for m in sent] == ["heartbeat"] * 3
+    assert [m.heartbeat.free_capacity for m in sent] == [0, 1, 2]
