@@ -172,7 +172,11 @@ class Stack:
             TimeoutError: it had to be killed after ``timeout_s``.
         """
         if await self.processes.stop([name], sig=sig, timeout_s=timeout_s):
-            raise TimeoutError(f"{name} did not exit within {timeout_s:g} s of signal {sig}; killed")
+            # The end of its log: a stop past its grace names what it waits on there.
+            raise TimeoutError(
+                f"{name} did not exit within {timeout_s:g} s of signal {sig}; killed. "
+                f"Its log ends:\n{self.logs(name)[-12000:]}"
+            )
         return int(self.procs[name].returncode or 0)
 
     def client(self, api_key: str = "") -> Client:

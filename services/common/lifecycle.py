@@ -28,6 +28,9 @@ calls refused (:meth:`ServiceServer.begin_shutdown`); the service's
 within the timeouts its own config gives it); then everything registered is
 closed in the reverse order of registration: the server (with no grace if
 the drain did not stop it already), tasks, parts, channels, the database.
+A stop still running :data:`SLOW_STOP_MARGIN_S` after the service's
+``shutdown_grace_s`` logs a WARNING naming what each task waits on
+(:func:`_report_slow_stop`).
 
 Start-up that fails half way (an exception in steps 1 to 5) closes whatever
 had been registered, in the same reverse order, logs
@@ -279,6 +282,45 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
+#: A stop still running this long after its drain grace (``shutdown_grace_s``)
+#: is reported (:func:`_report_slow_stop`).
+SLOW_STOP_MARGIN_S = 3.0
+
+
+def _awaiting(task: asyncio.Task[Any]) -> str:
+    """Where ``task`` is suspended: its chain of awaits, outermost first
+    (``function (file:line) > ...``), down to the future it waits on."""
+    links: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+        if frame is None:  # a future, a generator-based awaitable, or a finished coroutine
+            links.append(type(awaited).__name__)
+            break
+        code = frame.f_code
+        links.append(f"{code.co_qualname} ({code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno})")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+    return " > ".join(links)
+
+
+def _report_slow_stop(name: str, after_s: float) -> None:
+    """Log (WARNING) that service ``name`` is still stopping ``after_s``
+    seconds after its signal, with what each of its tasks waits on: a drain
+    or close that hangs names itself before an orchestrator's SIGKILL
+    (Kubernetes: ``terminationGracePeriodSeconds``) ends the process."""
+    waits = {task.get_name(): _awaiting(task) for task in asyncio.all_tasks()}
+    # gRPC's own server loops (Cython, `*.pyx.pxi`) wait for calls in any state: left out.
+    ours = sorted((task, chain) for task, chain in waits.items() if ".pxi:" not in chain.split(" > ")[0])
+    listing = "\n".join(f"  {task}: {chain}" for task, chain in ours)
+    log.warning(
+        "%s still shutting down after %.1f s; its tasks wait on (%d of gRPC's own left out):\n%s",
+        name,
+        after_s,
+        len(waits) - len(ours),
+        listing,
+    )
+
+
 #: A service's composition root: builds and registers its parts on the :class:`Service`.
 Build = Callable[[Service], Awaitable[None]]
 
@@ -301,23 +343,32 @@ async def run_service(name: str, config: Config, build: Build, *, tls: TlsSettin
         Exception: whatever a failed start, drain step or close raised, after
             everything registered was closed.
     """
-    async with contextlib.AsyncExitStack() as stack:
-        service = Service(name, config, stack, tls=tls)
-        host = service.settings.listen.rsplit(":", 1)[0] or "0.0.0.0"
-        try:
-            serve_metrics(service.settings.metrics_port, host)
-            await build(service)
-            server = service.server
-            server.install_signal_handlers()
-            await server.start()
-            for step in service._serving:
+    slow_stop: asyncio.TimerHandle | None = None
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            service = Service(name, config, stack, tls=tls)
+            host = service.settings.listen.rsplit(":", 1)[0] or "0.0.0.0"
+            try:
+                serve_metrics(service.settings.metrics_port, host)
+                await build(service)
+                server = service.server
+                server.install_signal_handlers()
+                await server.start()
+                for step in service._serving:
+                    await step()
+                _freeze_startup_objects()
+            except BaseException as exc:
+                log.error("%s failed to start (%s); closing what had started", name, type(exc).__name__)
+                raise
+            await server.stop_requested.wait()
+            log.info("%s shutting down", name)
+            report_after_s = service.settings.shutdown_grace_s + SLOW_STOP_MARGIN_S
+            slow_stop = asyncio.get_running_loop().call_later(
+                report_after_s, _report_slow_stop, name, report_after_s
+            )
+            await server.begin_shutdown()
+            for step in service._drain:
                 await step()
-            _freeze_startup_objects()
-        except BaseException as exc:
-            log.error("%s failed to start (%s); closing what had started", name, type(exc).__name__)
-            raise
-        await server.stop_requested.wait()
-        log.info("%s shutting down", name)
-        await server.begin_shutdown()
-        for step in service._drain:
-            await step()
+    finally:
+        if slow_stop is not None:  # the stop, closes included, is over
+            slow_stop.cancel()

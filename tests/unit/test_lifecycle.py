@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 from grpc_health.v1 import health_pb2
 
+from runyard.common import lifecycle
 from runyard.common.config import load_config
 from runyard.common.lifecycle import Service, run_service, server_settings
 
@@ -143,3 +144,52 @@ async def test_build_must_make_a_server():
 def test_an_unknown_service_name_is_refused():
     with pytest.raises(ValueError, match="unknown service 'nope'"):
         server_settings(CONFIG, "nope")
+
+
+async def test_a_stop_that_outlasts_its_grace_names_what_it_waits_on(caplog, monkeypatch):
+    monkeypatch.setattr(lifecycle, "SLOW_STOP_MARGIN_S", 0.3)
+    config = load_config(
+        environ={
+            "RUNYARD_ROUTER__LISTEN": "127.0.0.1:0",
+            "RUNYARD_ROUTER__METRICS_PORT": "0",
+            "RUNYARD_ROUTER__SHUTDOWN_GRACE_S": "0.2",
+        }
+    )
+    released = asyncio.Event()
+
+    async def stuck_flush() -> None:
+        await asyncio.wait_for(released.wait(), 2.0)  # a close that hangs (until the test lets it go)
+
+    async def build(service: Service) -> None:
+        server = service.serve([])
+        service.on_close(stuck_flush)
+
+        async def serving() -> None:
+            server.stop_requested.set()
+
+        service.on_serving(serving)
+
+    with caplog.at_level(logging.WARNING, logger="runyard.common.lifecycle"):
+        with contextlib.suppress(TimeoutError):
+            await run_service("router", config, build, tls=None)
+    reports = [r.getMessage() for r in caplog.records if "still shutting down" in r.getMessage()]
+    assert len(reports) == 1
+    assert reports[0].startswith("router still shutting down after 0.5 s")  # grace + margin
+    assert "stuck_flush (test_lifecycle.py:" in reports[0] and "wait_for" in reports[0]
+
+
+async def test_a_stop_within_its_grace_reports_nothing(caplog, monkeypatch):
+    monkeypatch.setattr(lifecycle, "SLOW_STOP_MARGIN_S", 0.3)
+
+    async def build(service: Service) -> None:
+        server = service.serve([])
+
+        async def serving() -> None:
+            server.stop_requested.set()
+
+        service.on_serving(serving)
+
+    with caplog.at_level(logging.WARNING, logger="runyard.common.lifecycle"):
+        await run_service("router", CONFIG, build, tls=None)
+        await asyncio.sleep(0.5)  # past where a report of this stop would have come
+    assert not [r for r in caplog.records if "still shutting down" in r.getMessage()]
