@@ -409,28 +409,33 @@ class RunLog:
                 except Exception:  # noqa: BLE001 - the flusher must outlive a bad batch; it retries
                     log.exception("writing run events failed; retrying")
                     await asyncio.sleep(0.5)
+            elif timeout is not None and timeout <= 0:
+                # Never loop without yielding: the event loop (the gateway) must go on.
+                await asyncio.sleep(0)
+
+    def _writable(self) -> list[RunStream]:
+        """The runs whose pending events the flusher may write now: not ending
+        (their result writes them), not stale, and not being written already
+        (an explicit :meth:`flush`; when it settles, the flusher is woken)."""
+        return [
+            s
+            for s in self.streams.values()
+            if s.pending and not s.finishing and not s.stale and s.flushing is None
+        ]
 
     def _next_due(self) -> float | None:
-        """Seconds until the oldest pending event is due (None: nothing pending)."""
-        oldest = min(
-            (
-                s.first_pending_at
-                for s in self.streams.values()
-                if s.pending and not s.finishing and not s.stale
-            ),
-            default=None,
-        )
+        """Seconds until the oldest pending event the flusher may write is due
+        (None: none). Over the same runs as :meth:`_due`, so that an overdue
+        one is always in the write: a run due but left out (a flush writing
+        it) had the flusher loop without ever awaiting, freezing the gateway."""
+        oldest = min((s.first_pending_at for s in self._writable()), default=None)
         if oldest is None:
             return None
         return oldest + self.flush_interval_s - time.monotonic()
 
     def _due(self) -> list[RunStream]:
         now = time.monotonic()
-        active = [
-            s
-            for s in self.streams.values()
-            if s.pending and not s.finishing and not s.stale and s.flushing is None
-        ]
+        active = self._writable()
         if self._urgent or any(now - s.first_pending_at >= self.flush_interval_s for s in active):
             return active  # group commit: every run with pending events goes in the same statement
         return []
@@ -505,11 +510,15 @@ class RunLog:
             self._settle(stream)
         metrics.RUN_EVENTS_PERSISTED.inc(written)
 
-    @staticmethod
-    def _settle(stream: RunStream) -> None:
+    def _settle(self, stream: RunStream) -> None:
+        """The write of ``stream`` is over: wake who waits on it, and the
+        flusher if events are still pending (it left the run out while it
+        was being written; the write may have failed)."""
         future, stream.flushing = stream.flushing, None
         if future is not None and not future.done():
             future.set_result(None)
+        if stream.pending and not stream.stale and not stream.finishing:
+            self._wake.set()
 
 
 async def follow(
