@@ -30,7 +30,9 @@ closed in the reverse order of registration: the server (with no grace if
 the drain did not stop it already), tasks, parts, channels, the database.
 A stop still running :data:`SLOW_STOP_MARGIN_S` after the service's
 ``shutdown_grace_s`` logs a WARNING naming what each task waits on
-(:func:`_report_slow_stop`).
+(:func:`_report_slow_stop`), and :data:`SLOW_STOP_DUMP_DELAY_S` later
+every thread's stack goes to stderr (:mod:`faulthandler`: it shows a stuck
+event loop too).
 
 Start-up that fails half way (an exception in steps 1 to 5) closes whatever
 had been registered, in the same reverse order, logs
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import gc
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -285,6 +288,11 @@ def _freeze_startup_objects() -> None:
 #: A stop still running this long after its drain grace (``shutdown_grace_s``)
 #: is reported (:func:`_report_slow_stop`).
 SLOW_STOP_MARGIN_S = 3.0
+#: ... and this long after that report, every thread's stack is dumped to
+#: stderr by :func:`faulthandler.dump_traceback_later`, from a thread of its
+#: own: it shows where a stop hangs even when the event loop itself is stuck
+#: (and the report above could not run).
+SLOW_STOP_DUMP_DELAY_S = 1.0
 
 
 def _awaiting(task: asyncio.Task[Any]) -> str:
@@ -366,9 +374,11 @@ async def run_service(name: str, config: Config, build: Build, *, tls: TlsSettin
             slow_stop = asyncio.get_running_loop().call_later(
                 report_after_s, _report_slow_stop, name, report_after_s
             )
+            faulthandler.dump_traceback_later(report_after_s + SLOW_STOP_DUMP_DELAY_S, exit=False)
             await server.begin_shutdown()
             for step in service._drain:
                 await step()
     finally:
         if slow_stop is not None:  # the stop, closes included, is over
             slow_stop.cancel()
+            faulthandler.cancel_dump_traceback_later()

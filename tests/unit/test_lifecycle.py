@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -193,3 +194,33 @@ async def test_a_stop_within_its_grace_reports_nothing(caplog, monkeypatch):
         await run_service("router", CONFIG, build, tls=None)
         await asyncio.sleep(0.5)  # past where a report of this stop would have come
     assert not [r for r in caplog.records if "still shutting down" in r.getMessage()]
+
+
+async def test_a_stop_that_blocks_the_event_loop_still_shows_where(capfd, monkeypatch):
+    """The report is a callback of the event loop; a close that blocks the
+    loop (a busy loop, a blocking call) is shown by faulthandler's thread."""
+    monkeypatch.setattr(lifecycle, "SLOW_STOP_MARGIN_S", 0.1)
+    monkeypatch.setattr(lifecycle, "SLOW_STOP_DUMP_DELAY_S", 0.1)
+    config = load_config(
+        environ={
+            "RUNYARD_ROUTER__LISTEN": "127.0.0.1:0",
+            "RUNYARD_ROUTER__METRICS_PORT": "0",
+            "RUNYARD_ROUTER__SHUTDOWN_GRACE_S": "0",
+        }
+    )
+
+    async def blocking_close() -> None:
+        time.sleep(1.0)  # noqa: ASYNC251 - the point: the event loop cannot run meanwhile
+
+    async def build(service: Service) -> None:
+        server = service.serve([])
+        service.on_close(blocking_close)
+
+        async def serving() -> None:
+            server.stop_requested.set()
+
+        service.on_serving(serving)
+
+    await run_service("router", config, build, tls=None)
+    err = capfd.readouterr().err
+    assert "Timeout (0:00:00" in err and "in blocking_close" in err
