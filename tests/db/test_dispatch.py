@@ -13,7 +13,6 @@ held its slot when its client, told the run had ended, sent its next message.
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import asyncpg
 import pytest
@@ -24,19 +23,9 @@ from runyard.common.auth import RunTokenSigner, generate_run_token_keys
 from runyard.gateway.events import Broker, RunLog
 from runyard.gateway.hub import Dispatcher, Hub, WorkerConn
 from runyard.gateway.runs import RunStore
+from tests.support import run_payload
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _payload() -> common_pb2.RunPayload:
-    return common_pb2.RunPayload(
-        run_id=str(uuid.uuid4()),
-        org_id="org",
-        session_id=str(uuid.uuid4()),
-        session_key=f"s-{uuid.uuid4()}",
-        agent_id="default",
-        input=common_pb2.RunInput(text="hello"),
-    )
 
 
 class _WatchedStore(RunStore):
@@ -101,7 +90,7 @@ def _failed(row: db.Row, epoch: int) -> worker_hub_pb2.WorkerRunResult:
 
 async def _queue(store: RunStore, count: int) -> list[db.Row]:
     """``count`` runs queued, each for a session of its own."""
-    return [(await store.insert(_payload(), fingerprint=b"", strategy="ENQUEUE"))[0] for _ in range(count)]
+    return [(await store.insert(run_payload(), fingerprint=b"", strategy="ENQUEUE"))[0] for _ in range(count)]
 
 
 async def test_a_claim_in_flight_leaves_the_other_free_slots_to_new_messages(pool):

@@ -20,6 +20,7 @@ from runyard.common.auth import RunTokenSigner, generate_run_token_keys
 from runyard.gateway.events import Broker, RunLog
 from runyard.gateway.hub import Dispatcher, Hub
 from runyard.gateway.runs import RunStore
+from tests.support import run_payload
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,17 +30,6 @@ class _Context:
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return (("x-runyard-internal", "secret"),)
-
-
-def _payload() -> common_pb2.RunPayload:
-    return common_pb2.RunPayload(
-        run_id=str(uuid.uuid4()),
-        org_id="org",
-        session_id=str(uuid.uuid4()),
-        session_key=f"s-{uuid.uuid4()}",
-        agent_id="default",
-        input=common_pb2.RunInput(text="hello"),
-    )
 
 
 class _Gateway:
@@ -172,6 +162,6 @@ async def test_a_worker_that_reads_no_batches_gets_one_message_at_a_time(pool):
 async def _queue(store: RunStore, count: int) -> list[str]:
     """``count`` runs queued, each for a session of its own; their ids."""
     return [
-        str((await store.insert(_payload(), fingerprint=b"", strategy="ENQUEUE"))[0]["id"])
+        str((await store.insert(run_payload(), fingerprint=b"", strategy="ENQUEUE"))[0]["id"])
         for _ in range(count)
     ]

@@ -23,6 +23,7 @@ from runyard.common.auth import RunTokenSigner, generate_run_token_keys
 from runyard.gateway.events import Broker, EventChunk, RunLog
 from runyard.gateway.hub import Dispatcher, WorkerConn
 from runyard.gateway.runs import RunStore
+from tests.support import run_payload
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -45,15 +46,7 @@ class _HeldStore(RunStore):
 
 async def _running(store: RunStore, runlog: RunLog) -> tuple[uuid.UUID, int]:
     """A run queued and claimed for a worker here (its run-log stream open): (id, epoch)."""
-    payload = common_pb2.RunPayload(
-        run_id=str(uuid.uuid4()),
-        org_id="org",
-        session_id=str(uuid.uuid4()),
-        session_key=f"s-{uuid.uuid4()}",
-        agent_id="default",
-        input=common_pb2.RunInput(text="hello"),
-    )
-    (row, *_) = await store.insert(payload, fingerprint=b"", strategy="ENQUEUE")
+    (row, *_) = await store.insert(run_payload(), fingerprint=b"", strategy="ENQUEUE")
     dispatcher = Dispatcher(store, RunTokenSigner(generate_run_token_keys()[0]), runlog, poll_interval_s=60)
     worker = WorkerConn("worker-1", 4)
     dispatcher.workers[worker.worker_id] = worker

@@ -8,18 +8,34 @@ providers) stay where they were.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 
-__all__ = ["ROOT", "assert_gap_free", "collect", "count", "kinds", "text_of"]
+from runyard._proto.v1 import common_pb2
+
+__all__ = ["ROOT", "assert_gap_free", "collect", "count", "kinds", "run_payload", "text_of"]
 
 T = TypeVar("T")
 
 #: The repository's root directory.
 ROOT = Path(__file__).parents[2]
+
+
+def run_payload() -> common_pb2.RunPayload:
+    """A new run's payload ("hello", agent ``default``, org ``org``), for a
+    session of its own: for the gateway's store without the services."""
+    return common_pb2.RunPayload(
+        run_id=str(uuid.uuid4()),
+        org_id="org",
+        session_id=str(uuid.uuid4()),
+        session_key=f"s-{uuid.uuid4()}",
+        agent_id="default",
+        input=common_pb2.RunInput(text="hello"),
+    )
 
 
 async def collect(stream: AsyncIterable[T]) -> list[T]:

@@ -7,14 +7,14 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 from grpc_health.v1 import health_pb2
 
 from runyard.common import lifecycle
-from runyard.common.config import load_config
-from runyard.common.lifecycle import Service, run_service, server_settings
+from runyard.common.config import Config, load_config
+from runyard.common.lifecycle import Build, Service, run_service, server_settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -147,32 +147,44 @@ def test_an_unknown_service_name_is_refused():
         server_settings(CONFIG, "nope")
 
 
-async def test_a_stop_that_outlasts_its_grace_names_what_it_waits_on(caplog, monkeypatch):
-    monkeypatch.setattr(lifecycle, "SLOW_STOP_MARGIN_S", 0.3)
-    config = load_config(
+def _config(shutdown_grace_s: float) -> Config:
+    """CONFIG with the router's ``shutdown_grace_s``."""
+    return load_config(
         environ={
             "RUNYARD_ROUTER__LISTEN": "127.0.0.1:0",
             "RUNYARD_ROUTER__METRICS_PORT": "0",
-            "RUNYARD_ROUTER__SHUTDOWN_GRACE_S": "0.2",
+            "RUNYARD_ROUTER__SHUTDOWN_GRACE_S": str(shutdown_grace_s),
         }
     )
-    released = asyncio.Event()
 
-    async def stuck_flush() -> None:
-        await asyncio.wait_for(released.wait(), 2.0)  # a close that hangs (until the test lets it go)
+
+def _stopped_once_serving(*closes: Callable[[], Awaitable[object]]) -> Build:
+    """A build whose service registers ``closes`` and is told to stop
+    (what SIGTERM does) as soon as it serves."""
 
     async def build(service: Service) -> None:
         server = service.serve([])
-        service.on_close(stuck_flush)
+        for close in closes:
+            service.on_close(close)
 
         async def serving() -> None:
             server.stop_requested.set()
 
         service.on_serving(serving)
 
+    return build
+
+
+async def test_a_stop_that_outlasts_its_grace_names_what_it_waits_on(caplog, monkeypatch):
+    monkeypatch.setattr(lifecycle, "SLOW_STOP_MARGIN_S", 0.3)
+    released = asyncio.Event()
+
+    async def stuck_flush() -> None:
+        await asyncio.wait_for(released.wait(), 2.0)  # a close that hangs (until the test lets it go)
+
     with caplog.at_level(logging.WARNING, logger="runyard.common.lifecycle"):
         with contextlib.suppress(TimeoutError):
-            await run_service("router", config, build, tls=None)
+            await run_service("router", _config(0.2), _stopped_once_serving(stuck_flush), tls=None)
     reports = [r.getMessage() for r in caplog.records if "still shutting down" in r.getMessage()]
     assert len(reports) == 1
     assert reports[0].startswith("router still shutting down after 0.5 s")  # grace + margin
@@ -182,16 +194,8 @@ async def test_a_stop_that_outlasts_its_grace_names_what_it_waits_on(caplog, mon
 async def test_a_stop_within_its_grace_reports_nothing(caplog, monkeypatch):
     monkeypatch.setattr(lifecycle, "SLOW_STOP_MARGIN_S", 0.3)
 
-    async def build(service: Service) -> None:
-        server = service.serve([])
-
-        async def serving() -> None:
-            server.stop_requested.set()
-
-        service.on_serving(serving)
-
     with caplog.at_level(logging.WARNING, logger="runyard.common.lifecycle"):
-        await run_service("router", CONFIG, build, tls=None)
+        await run_service("router", CONFIG, _stopped_once_serving(), tls=None)
         await asyncio.sleep(0.5)  # past where a report of this stop would have come
     assert not [r for r in caplog.records if "still shutting down" in r.getMessage()]
 
@@ -201,26 +205,10 @@ async def test_a_stop_that_blocks_the_event_loop_still_shows_where(capfd, monkey
     loop (a busy loop, a blocking call) is shown by faulthandler's thread."""
     monkeypatch.setattr(lifecycle, "SLOW_STOP_MARGIN_S", 0.1)
     monkeypatch.setattr(lifecycle, "SLOW_STOP_DUMP_DELAY_S", 0.1)
-    config = load_config(
-        environ={
-            "RUNYARD_ROUTER__LISTEN": "127.0.0.1:0",
-            "RUNYARD_ROUTER__METRICS_PORT": "0",
-            "RUNYARD_ROUTER__SHUTDOWN_GRACE_S": "0",
-        }
-    )
 
     async def blocking_close() -> None:
         time.sleep(1.0)  # noqa: ASYNC251 - the point: the event loop cannot run meanwhile
 
-    async def build(service: Service) -> None:
-        server = service.serve([])
-        service.on_close(blocking_close)
-
-        async def serving() -> None:
-            server.stop_requested.set()
-
-        service.on_serving(serving)
-
-    await run_service("router", config, build, tls=None)
+    await run_service("router", _config(0), _stopped_once_serving(blocking_close), tls=None)
     err = capfd.readouterr().err
     assert "Timeout (0:00:00" in err and "in blocking_close" in err
