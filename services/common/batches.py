@@ -10,9 +10,10 @@ are waiting go out together as one batch message (``WorkerBatch``,
 alone. Nothing waits for a batch to fill: a message that finds the queue
 empty goes alone, at once, as it did before batches.
 
-A side batches only when its peer said it reads batches
-(``WorkerHello.accepts_batches``, ``HubWelcome.accepts_batches``), so a
-worker and a gateway of different versions still talk.
+A side batches only when its peer said how large a batch it reads
+(``WorkerHello.max_batch_bytes``, ``HubWelcome.max_batch_bytes``; the
+gateway's is within its ``gateway.max_message_bytes``), so a worker and a
+gateway of different versions still talk.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ __all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_MESSAGES", "batched"]
 
 #: At most this many messages in one batch.
 MAX_BATCH_MESSAGES = 256
-#: A batch stops growing before its messages pass this many serialized
-#: bytes (well under gRPC's default 4 MiB receive limit); a larger message
-#: goes alone, as without batches.
+#: The largest batch a side offers to read (its ``max_batch_bytes``), in
+#: serialized bytes of the messages in it: well under gRPC's default 4 MiB
+#: receive limit. A message larger than the peer's limit goes alone, as
+#: without batches.
 MAX_BATCH_BYTES = 256 * 1024
 
 M = TypeVar("M", bound=Message)
@@ -39,18 +41,18 @@ async def batched(
     queue: asyncio.Queue[M | None],
     wrap: Callable[[Sequence[M]], M],
     *,
-    enabled: Callable[[], bool],
+    max_bytes: Callable[[], int],
     max_messages: int = MAX_BATCH_MESSAGES,
-    max_bytes: int = MAX_BATCH_BYTES,
 ) -> AsyncIterator[M]:
     """The messages put on ``queue``, in order, until ``None`` is taken.
 
-    When ``enabled()`` and more than one message is waiting, the waiting
-    ones (at most ``max_messages``, and while their serialized size stays
-    within ``max_bytes``) are yielded as one ``wrap(messages)``; a lone
-    message, or one that is too large, is yielded as it is. Nothing is held
-    back to wait for more: the batch is what was queued when the previous
-    message had been sent.
+    ``max_bytes()`` is the peer's ``max_batch_bytes`` (0 while unknown, or
+    when it reads no batches). When it is above 0 and more than one message
+    is waiting, the waiting ones (at most ``max_messages``, while their
+    serialized size stays within ``max_bytes()``) are yielded as one
+    ``wrap(messages)``; a lone message, or one that is too large, is
+    yielded as it is. Nothing is held back to wait for more: the batch is
+    what was queued when the previous message had been sent.
     """
     pending: M | None = None
     while True:
@@ -58,19 +60,20 @@ async def batched(
         pending = None
         if message is None:
             return
-        if queue.empty() or not enabled():
+        limit = max_bytes()
+        if queue.empty() or limit <= 0:
             yield message
             continue
         batch = [message]
         size = message.ByteSize()
         ended = False
-        while size < max_bytes and len(batch) < max_messages and not queue.empty():
+        while size < limit and len(batch) < max_messages and not queue.empty():
             following = queue.get_nowait()
             if following is None:
                 ended = True
                 break
             size += following.ByteSize()
-            if size > max_bytes:
+            if size > limit:
                 pending = following  # first of the next batch
                 break
             batch.append(following)

@@ -28,7 +28,7 @@ import grpc
 from runyard._proto.v1 import common_pb2, sessions_pb2, sessions_pb2_grpc, worker_hub_pb2, worker_hub_pb2_grpc
 from runyard.common import metrics, tracing
 from runyard.common.auth import RunTokenSigner, check_internal, internal_metadata
-from runyard.common.batches import batched
+from runyard.common.batches import MAX_BATCH_BYTES, batched
 from runyard.common.clients import call
 from runyard.common.errors import (
     DeadlineExceeded,
@@ -337,7 +337,13 @@ class Dispatcher:
 
 
 class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
-    """``runyard.v1.WorkerHubService``: the gateway side of worker streams."""
+    """``runyard.v1.WorkerHubService``: the gateway side of worker streams.
+
+    ``max_message_bytes`` is the internal listener's receive limit
+    (``gateway.max_message_bytes``): a worker's batches stay within half of
+    it (HubWelcome.max_batch_bytes, at most
+    :data:`runyard.common.batches.MAX_BATCH_BYTES`).
+    """
 
     def __init__(
         self,
@@ -351,6 +357,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         heartbeat_interval_ms: int,
         lease_ms: int,
         gateway_id: str,
+        max_message_bytes: int,
         tools: ToolResults | None = None,
     ):
         self.store = store
@@ -362,6 +369,8 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.lease_ms = lease_ms
         self.gateway_id = gateway_id
+        #: The largest worker batch this gateway reads (its messages' serialized bytes).
+        self.max_batch_bytes = min(MAX_BATCH_BYTES, max_message_bytes // 2)
         self.shutting_down = False
         self._tasks: set[asyncio.Task[None]] = set()
         #: Client-side tools (runyard.gateway.tool_results.ToolResults): a
@@ -406,7 +415,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
             gateway_id=self.gateway_id,
             heartbeat_interval_ms=self.heartbeat_interval_ms,
             lease_ms=self.lease_ms,
-            accepts_batches=True,
+            max_batch_bytes=self.max_batch_bytes,
         )
         for run_id, epoch in leases:
             claim = accepted.get(run_id)
@@ -436,7 +445,7 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         reader = asyncio.create_task(self._read(worker, requests), name=f"hub-read-{worker.worker_id}")
         try:
             # Several waiting messages as one, when the worker reads batches (runyard.common.batches).
-            async for message in batched(worker.outbox, _hub_batch, enabled=lambda: hello.accepts_batches):
+            async for message in batched(worker.outbox, _hub_batch, max_bytes=lambda: hello.max_batch_bytes):
                 yield message
         finally:
             reader.cancel()

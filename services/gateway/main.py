@@ -128,6 +128,7 @@ async def build(service: Service) -> None:
         lease_ms=cfg.run_lease_ms,
         gateway_id=gateway_id,
         tools=tool_results,
+        max_message_bytes=cfg.max_message_bytes,
     )
 
     def on_notify(channel: str, payload: str) -> None:

@@ -39,7 +39,7 @@ from runyard._proto.v1 import (
 from runyard._version import __version__
 from runyard.common import tracing
 from runyard.common.auth import internal_metadata
-from runyard.common.batches import batched
+from runyard.common.batches import MAX_BATCH_BYTES, batched
 from runyard.common.clients import InternalChannels
 from runyard.common.config import Config
 from runyard.common.lifecycle import Service, run_service
@@ -231,7 +231,10 @@ class Worker:
 
     def _hello(self) -> worker_hub_pb2.ConnectRequest:
         hello = worker_hub_pb2.WorkerHello(
-            worker_id=self.worker_id, capacity=self.capacity, version=__version__, accepts_batches=True
+            worker_id=self.worker_id,
+            capacity=self.capacity,
+            version=__version__,
+            max_batch_bytes=MAX_BATCH_BYTES,
         )
         for run in self.runs.values():
             hello.active_runs.add(run_id=run.run_id, epoch=run.epoch)
@@ -240,12 +243,12 @@ class Worker:
     async def _requests(
         self,
         queue: asyncio.Queue[worker_hub_pb2.ConnectRequest | None],
-        gateway_batches: Callable[[], bool],
+        gateway_batch_bytes: Callable[[], int],
     ) -> AsyncIterator[worker_hub_pb2.ConnectRequest]:
         """Hello, then what is queued, several waiting messages as one batch
         once the gateway's welcome said it reads them (:mod:`runyard.common.batches`)."""
         yield self._hello()
-        async for message in batched(queue, _worker_batch, enabled=gateway_batches):
+        async for message in batched(queue, _worker_batch, max_bytes=gateway_batch_bytes):
             yield message
 
     async def _heartbeat(self, interval_s: float) -> None:
@@ -306,7 +309,7 @@ class Worker:
         try:
             stub = worker_hub_pb2_grpc.WorkerHubServiceStub(channel)
             stream = stub.Connect(
-                self._requests(queue, lambda: welcome is not None and welcome.accepts_batches),
+                self._requests(queue, lambda: welcome.max_batch_bytes if welcome is not None else 0),
                 metadata=internal_metadata(self.config.auth.internal_secret),
             )
             async for response in stream:

@@ -77,6 +77,7 @@ def _hub(dispatcher: Dispatcher) -> Hub:
         heartbeat_interval_ms=1000,
         lease_ms=30_000,
         gateway_id="gw",
+        max_message_bytes=4 * 1024 * 1024,
     )
 
 

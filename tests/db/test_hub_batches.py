@@ -17,6 +17,7 @@ import pytest
 
 from runyard._proto.v1 import common_pb2, worker_hub_pb2
 from runyard.common.auth import RunTokenSigner, generate_run_token_keys
+from runyard.common.batches import MAX_BATCH_BYTES
 from runyard.gateway.events import Broker, RunLog
 from runyard.gateway.hub import Dispatcher, Hub
 from runyard.gateway.runs import RunStore
@@ -36,7 +37,7 @@ class _Gateway:
     """A real store, dispatcher and hub (no sessions service: the runs here
     fail, which commits nothing to a session), and one worker's stream."""
 
-    def __init__(self, pool: asyncpg.Pool):
+    def __init__(self, pool: asyncpg.Pool, max_message_bytes: int = 4 * 1024 * 1024):
         self.store = RunStore(pool, gateway_id="gw", lease_s=30, max_attempts=3, max_queued_per_session=100)
         runlog = RunLog(self.store, Broker())
         self.dispatcher = Dispatcher(
@@ -52,6 +53,7 @@ class _Gateway:
             heartbeat_interval_ms=60_000,
             lease_ms=30_000,
             gateway_id="gw",
+            max_message_bytes=max_message_bytes,
         )
         self.requests: asyncio.Queue[worker_hub_pb2.ConnectRequest | None] = asyncio.Queue()
 
@@ -59,9 +61,9 @@ class _Gateway:
         while (message := await self.requests.get()) is not None:
             yield message
 
-    async def connect(self, *, accepts_batches: bool) -> AsyncIterator[worker_hub_pb2.ConnectResponse]:
+    async def connect(self, *, max_batch_bytes: int) -> AsyncIterator[worker_hub_pb2.ConnectResponse]:
         """The worker's hello; returns the gateway's side of the stream, its welcome read."""
-        hello = worker_hub_pb2.WorkerHello(worker_id="worker-1", capacity=8, accepts_batches=accepts_batches)
+        hello = worker_hub_pb2.WorkerHello(worker_id="worker-1", capacity=8, max_batch_bytes=max_batch_bytes)
         self.requests.put_nowait(worker_hub_pb2.ConnectRequest(hello=hello))
         stream = aiter(self.hub.Connect(self._from_worker(), _Context()))  # type: ignore[arg-type]
         welcome = await anext(stream)
@@ -95,8 +97,8 @@ async def test_a_worker_that_reads_batches_gets_waiting_messages_as_one_and_its_
     pool,
 ):
     gateway = _Gateway(pool)
-    stream = await gateway.connect(accepts_batches=True)
-    assert gateway.welcome.accepts_batches  # the worker may send batches too
+    stream = await gateway.connect(max_batch_bytes=MAX_BATCH_BYTES)
+    assert gateway.welcome.max_batch_bytes == MAX_BATCH_BYTES  # the worker may send batches too
     first = await gateway.next_message(stream)
 
     gateway.refresh(["a", "b", "c"])  # three messages waiting at once
@@ -146,7 +148,7 @@ async def test_a_worker_that_reads_batches_gets_waiting_messages_as_one_and_its_
 
 async def test_a_worker_that_reads_no_batches_gets_one_message_at_a_time(pool):
     gateway = _Gateway(pool)
-    stream = await gateway.connect(accepts_batches=False)
+    stream = await gateway.connect(max_batch_bytes=0)
     first = await gateway.next_message(stream)
 
     gateway.refresh(["a", "b", "c"])
@@ -165,3 +167,14 @@ async def _queue(store: RunStore, count: int) -> list[str]:
         str((await store.insert(run_payload(), fingerprint=b"", strategy="ENQUEUE"))[0]["id"])
         for _ in range(count)
     ]
+
+
+async def test_a_gateway_with_a_small_message_limit_asks_for_batches_within_half_of_it(pool):
+    gateway = _Gateway(pool, max_message_bytes=64 * 1024)
+    stream = await gateway.connect(max_batch_bytes=MAX_BATCH_BYTES)
+
+    # A batch is larger than its messages (a few bytes each): half leaves room for that.
+    assert gateway.welcome.max_batch_bytes == 32 * 1024
+    gateway.requests.put_nowait(None)
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(anext(stream), 5)

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 from runyard._proto.v1 import common_pb2, worker_hub_pb2
-from runyard.common.batches import batched
+from runyard.common.batches import MAX_BATCH_BYTES, batched
 
 
 def _event(seq: int, text: str = "x") -> worker_hub_pb2.ConnectRequest:
@@ -44,14 +44,14 @@ async def test_messages_waiting_together_go_as_one_batch_in_their_order():
         queue.put_nowait(_event(seq))
     queue.put_nowait(None)
 
-    sent = await _drain(queue, enabled=lambda: True)
+    sent = await _drain(queue, max_bytes=lambda: MAX_BATCH_BYTES)
 
     assert _seqs(sent) == [[1, 2, 3, 4, 5]]
 
 
 async def test_a_message_that_finds_the_queue_empty_goes_alone_at_once():
     queue: asyncio.Queue[worker_hub_pb2.ConnectRequest | None] = asyncio.Queue()
-    stream = aiter(batched(queue, _wrap, enabled=lambda: True))
+    stream = aiter(batched(queue, _wrap, max_bytes=lambda: MAX_BATCH_BYTES))
     queue.put_nowait(_event(1))
 
     first = await asyncio.wait_for(anext(stream), 1)  # not held back for a second one
@@ -68,7 +68,7 @@ async def test_a_peer_that_reads_no_batches_gets_every_message_alone():
         queue.put_nowait(_event(seq))
     queue.put_nowait(None)
 
-    sent = await _drain(queue, enabled=lambda: False)
+    sent = await _drain(queue, max_bytes=lambda: 0)
 
     assert _seqs(sent) == [[1], [2], [3]]
 
@@ -78,12 +78,16 @@ async def test_batches_stop_at_the_message_and_byte_limits_and_a_large_message_g
     for seq in range(1, 8):
         queue.put_nowait(_event(seq))
     queue.put_nowait(None)
-    assert _seqs(await _drain(queue, enabled=lambda: True, max_messages=3)) == [[1, 2, 3], [4, 5, 6], [7]]
+    assert _seqs(await _drain(queue, max_bytes=lambda: MAX_BATCH_BYTES, max_messages=3)) == [
+        [1, 2, 3],
+        [4, 5, 6],
+        [7],
+    ]
 
     small = _event(1).ByteSize()
     for seq, text in [(1, "x"), (2, "x"), (3, "y" * 1000), (4, "x"), (5, "x")]:
         queue.put_nowait(_event(seq, text))
     queue.put_nowait(None)
-    sent = await _drain(queue, enabled=lambda: True, max_bytes=3 * small)
+    sent = await _drain(queue, max_bytes=lambda: 3 * small)
     # The large one neither joins the batch before it nor holds back the ones after it.
     assert _seqs(sent) == [[1, 2], [3], [4, 5]]

@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from runyard._proto.v1 import common_pb2, worker_hub_pb2, worker_hub_pb2_grpc
+from runyard.common.batches import MAX_BATCH_BYTES
 from runyard.common.clients import InternalChannels
 from runyard.common.config import Config
 from runyard.worker.main import Worker
@@ -25,8 +26,8 @@ class _Gateway(worker_hub_pb2_grpc.WorkerHubServiceServicer):
     """A hub that welcomes a worker, then sends what the test queues and
     records what the worker sends."""
 
-    def __init__(self, accepts_batches: bool):
-        self.accepts_batches = accepts_batches
+    def __init__(self, max_batch_bytes: int):
+        self.max_batch_bytes = max_batch_bytes
         self.hellos: list[worker_hub_pb2.WorkerHello] = []
         self.received: asyncio.Queue[worker_hub_pb2.ConnectRequest] = asyncio.Queue()
         self.outgoing: asyncio.Queue[worker_hub_pb2.ConnectResponse | None] = asyncio.Queue()
@@ -41,7 +42,7 @@ class _Gateway(worker_hub_pb2_grpc.WorkerHubServiceServicer):
                 gateway_id="gw",
                 heartbeat_interval_ms=60_000,
                 lease_ms=60_000,
-                accepts_batches=self.accepts_batches,
+                max_batch_bytes=self.max_batch_bytes,
             )
         )
 
@@ -64,7 +65,7 @@ class _Gateway(worker_hub_pb2_grpc.WorkerHubServiceServicer):
 
 @pytest.fixture
 async def connected(request: pytest.FixtureRequest) -> AsyncIterator[tuple[_Gateway, Worker]]:
-    """A real worker connected to ``_Gateway(accepts_batches=request.param)``.
+    """A real worker connected to ``_Gateway(max_batch_bytes=request.param)``.
     The sessions service and the router are unreachable: a run the worker
     takes is handed back (``released``) at once."""
     gateway = _Gateway(request.param)
@@ -107,10 +108,10 @@ def _assign(run_id: str) -> worker_hub_pb2.ConnectResponse:
     return worker_hub_pb2.ConnectResponse(assign=worker_hub_pb2.RunAssignment(payload=payload))
 
 
-@pytest.mark.parametrize("connected", [True], indirect=True)
+@pytest.mark.parametrize("connected", [MAX_BATCH_BYTES], indirect=True)
 async def test_each_message_of_a_gateways_batch_is_handled_and_waiting_messages_go_back_as_one(connected):
     gateway, worker = connected
-    assert gateway.hellos[0].accepts_batches  # the worker reads batches
+    assert gateway.hellos[0].max_batch_bytes == MAX_BATCH_BYTES  # the worker reads batches
 
     runs = [str(uuid.uuid4()), str(uuid.uuid4())]
     gateway.outgoing.put_nowait(
@@ -144,7 +145,7 @@ async def test_each_message_of_a_gateways_batch_is_handled_and_waiting_messages_
     assert len(gateway.hellos) == 2
 
 
-@pytest.mark.parametrize("connected", [False], indirect=True)
+@pytest.mark.parametrize("connected", [0], indirect=True)
 async def test_a_gateway_that_reads_no_batches_gets_every_message_alone(connected):
     gateway, worker = connected
 
@@ -154,3 +155,18 @@ async def test_a_gateway_that_reads_no_batches_gets_every_message_alone(connecte
     sent = [await asyncio.wait_for(gateway.received.get(), 10) for _ in range(3)]
     assert [m.WhichOneof("message") for m in sent] == ["heartbeat"] * 3
     assert [m.heartbeat.free_capacity for m in sent] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("connected", [7], indirect=True)
+async def test_the_worker_keeps_its_batches_within_the_gateways_limit(connected):
+    gateway, worker = connected
+    sizes = [message.ByteSize() for message in _heartbeats(3)]
+    assert sizes == [2, 4, 4]  # the first two fit in 7 bytes, the third does not
+
+    for message in _heartbeats(3):
+        worker._send(message)
+
+    first = await asyncio.wait_for(gateway.received.get(), 10)
+    second = await asyncio.wait_for(gateway.received.get(), 10)
+    assert [m.heartbeat.free_capacity for m in first.batch.messages] == [0, 1]
+    assert not second.HasField("batch") and second.heartbeat.free_capacity == 2

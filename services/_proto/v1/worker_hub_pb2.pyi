@@ -24,7 +24,7 @@ class RunLease(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., worker_seq: _Optional[int] = ...) -> None: ...
 
 class WorkerHello(_message.Message):
-    __slots__ = ("worker_id", "capacity", "version", "active_runs", "labels", "accepts_batches")
+    __slots__ = ("worker_id", "capacity", "version", "active_runs", "labels", "max_batch_bytes")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -37,14 +37,14 @@ class WorkerHello(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_RUNS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
-    ACCEPTS_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     capacity: int
     version: str
     active_runs: _containers.RepeatedCompositeFieldContainer[RunLease]
     labels: _containers.ScalarMap[str, str]
-    accepts_batches: bool
-    def __init__(self, worker_id: _Optional[str] = ..., capacity: _Optional[int] = ..., version: _Optional[str] = ..., active_runs: _Optional[_Iterable[_Union[RunLease, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., accepts_batches: _Optional[bool] = ...) -> None: ...
+    max_batch_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., capacity: _Optional[int] = ..., version: _Optional[str] = ..., active_runs: _Optional[_Iterable[_Union[RunLease, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., max_batch_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerHeartbeat(_message.Message):
     __slots__ = ("runs", "free_capacity")
@@ -152,20 +152,20 @@ class WorkerBatch(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ConnectRequest, _Mapping]]] = ...) -> None: ...
 
 class HubWelcome(_message.Message):
-    __slots__ = ("gateway_id", "heartbeat_interval_ms", "lease_ms", "rejected_runs", "accepted_runs", "accepts_batches")
+    __slots__ = ("gateway_id", "heartbeat_interval_ms", "lease_ms", "rejected_runs", "accepted_runs", "max_batch_bytes")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     REJECTED_RUNS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_RUNS_FIELD_NUMBER: _ClassVar[int]
-    ACCEPTS_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     heartbeat_interval_ms: int
     lease_ms: int
     rejected_runs: _containers.RepeatedCompositeFieldContainer[RunLease]
     accepted_runs: _containers.RepeatedCompositeFieldContainer[RunLease]
-    accepts_batches: bool
-    def __init__(self, gateway_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ..., rejected_runs: _Optional[_Iterable[_Union[RunLease, _Mapping]]] = ..., accepted_runs: _Optional[_Iterable[_Union[RunLease, _Mapping]]] = ..., accepts_batches: _Optional[bool] = ...) -> None: ...
+    max_batch_bytes: int
+    def __init__(self, gateway_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ..., rejected_runs: _Optional[_Iterable[_Union[RunLease, _Mapping]]] = ..., accepted_runs: _Optional[_Iterable[_Union[RunLease, _Mapping]]] = ..., max_batch_bytes: _Optional[int] = ...) -> None: ...
 
 class RunAssignment(_message.Message):
     __slots__ = ("payload", "continuation", "transcript")
