@@ -148,7 +148,8 @@ class Outbox:
             values += ", u.relayed_from, u.relayed_pos"
             arrays += f", ${p + 4}::text[], ${p + 5}::bigint[]"
             names += ", relayed_from, relayed_pos"
-            conflict = "ON CONFLICT (relayed_from, relayed_pos) DO NOTHING"
+            # Names the predicate of the partial unique index (gateway migration 0010).
+            conflict = "ON CONFLICT (relayed_from, relayed_pos) WHERE relayed_from IS NOT NULL DO NOTHING"
         lo = f"(x.xid << {_TX_BITS})"
         return f"""
             INSERT INTO {self.schema}.outbox ({columns})
