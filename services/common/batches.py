@@ -13,7 +13,8 @@ empty goes alone, at once, as it did before batches.
 A side batches only when its peer said how large a batch it reads
 (``WorkerHello.max_batch_bytes``, ``HubWelcome.max_batch_bytes``; the
 gateway's is within its ``gateway.max_message_bytes``), so a worker and a
-gateway of different versions still talk.
+gateway of different versions still talk; neither sends a batch larger than
+:data:`MAX_BATCH_BYTES`, whatever its peer offers.
 """
 
 from __future__ import annotations

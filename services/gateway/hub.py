@@ -445,7 +445,8 @@ class Hub(worker_hub_pb2_grpc.WorkerHubServiceServicer):
         reader = asyncio.create_task(self._read(worker, requests), name=f"hub-read-{worker.worker_id}")
         try:
             # Several waiting messages as one, when the worker reads batches (runyard.common.batches).
-            async for message in batched(worker.outbox, _hub_batch, max_bytes=lambda: hello.max_batch_bytes):
+            limit = min(hello.max_batch_bytes, MAX_BATCH_BYTES)  # never more than we would read ourselves
+            async for message in batched(worker.outbox, _hub_batch, max_bytes=lambda: limit):
                 yield message
         finally:
             reader.cancel()

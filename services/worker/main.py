@@ -309,7 +309,10 @@ class Worker:
         try:
             stub = worker_hub_pb2_grpc.WorkerHubServiceStub(channel)
             stream = stub.Connect(
-                self._requests(queue, lambda: welcome.max_batch_bytes if welcome is not None else 0),
+                # Never more than we would read ourselves, whatever the gateway offers.
+                self._requests(
+                    queue, lambda: min(welcome.max_batch_bytes, MAX_BATCH_BYTES) if welcome is not None else 0
+                ),
                 metadata=internal_metadata(self.config.auth.internal_secret),
             )
             async for response in stream:

@@ -78,13 +78,13 @@ class _Gateway:
         assert "worker-1" in self.dispatcher.workers and not task.done()
         return task
 
-    def refresh(self, run_ids: list[str]) -> None:
+    def refresh(self, run_ids: list[str], token: str = "t") -> None:
         """One token refresh per run, queued for the worker at once."""
         worker = self.dispatcher.workers["worker-1"]
         for run_id in run_ids:
             worker.send(
                 worker_hub_pb2.ConnectResponse(
-                    token_refresh=worker_hub_pb2.RunTokenRefresh(run_id=run_id, epoch=1, run_token="t")
+                    token_refresh=worker_hub_pb2.RunTokenRefresh(run_id=run_id, epoch=1, run_token=token)
                 )
             )
 
@@ -175,6 +175,20 @@ async def test_a_gateway_with_a_small_message_limit_asks_for_batches_within_half
 
     # A batch is larger than its messages (a few bytes each): half leaves room for that.
     assert gateway.welcome.max_batch_bytes == 32 * 1024
+    gateway.requests.put_nowait(None)
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(anext(stream), 5)
+
+
+async def test_a_worker_offering_huge_batches_still_gets_batches_of_at_most_max_batch_bytes(pool):
+    gateway = _Gateway(pool)
+    stream = await gateway.connect(max_batch_bytes=2**31)
+    first = await gateway.next_message(stream)
+
+    gateway.refresh(["a", "b", "c"], token="t" * (MAX_BATCH_BYTES // 3))  # about 85 KiB each
+
+    sent = [await asyncio.wait_for(first, 5), await asyncio.wait_for(anext(stream), 5)]
+    assert [[m.token_refresh.run_id for m in _unbatched(message)] for message in sent] == [["a", "b"], ["c"]]
     gateway.requests.put_nowait(None)
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(anext(stream), 5)
