@@ -1,10 +1,14 @@
 """The transactional outbox on real PostgreSQL: positions of one transaction
-follow each other across statements, and the insert is not planned anew on
-every execution (the hot path runs it, inside the gateway's run completion
-and the sessions service's commit, on every run)."""
+follow each other across statements, readers are notified once per
+transaction, and the insert is not planned anew on every execution (the
+hot path runs it, inside the gateway's run completion and the sessions
+service's commit, on every run)."""
 
 from __future__ import annotations
 
+import asyncio
+
+import asyncpg
 import pytest
 
 from runyard._proto.v1 import common_pb2
@@ -23,11 +27,23 @@ def events(*types: str) -> list[common_pb2.LifecycleEvent]:
 
 
 @pytest.mark.parametrize("outbox", [GATEWAY_OUTBOX, SESSIONS_OUTBOX], ids=["gateway", "sessions"])
-async def test_statements_of_one_transaction_number_their_events_one_after_another(pool, outbox: Outbox):
-    async with pool.acquire() as conn, conn.transaction():
-        first = await outbox.emit(conn, events("run.queued", "run.started"))
-        second = await outbox.emit(conn, events("run.completed", "message.sent", "session.updated"))
-        xid = await conn.fetchval("SELECT pg_current_xact_id()::text::bigint")
+async def test_statements_of_one_transaction_number_their_events_one_after_another(
+    pool, migrated_url: str, outbox: Outbox
+):
+    notified: asyncio.Queue[str] = asyncio.Queue()
+    listener = await asyncpg.connect(migrated_url)
+    await listener.add_listener(outbox.channel, lambda *args: notified.put_nowait(args[3]))
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            first = await outbox.emit(conn, events("run.queued", "run.started"))
+            second = await outbox.emit(conn, events("run.completed", "message.sent", "session.updated"))
+            xid = await conn.fetchval("SELECT pg_current_xact_id()::text::bigint")
+        # Readers are woken once, on commit, with the writing transaction's id.
+        assert await asyncio.wait_for(notified.get(), 5) == str(xid)
+        await asyncio.sleep(0.2)
+        assert notified.empty()
+    finally:
+        await listener.close()
     positions = first + second
     assert positions == sorted(positions) and len(set(positions)) == 5
     assert {xid_of(pos) for pos in positions} == {xid}
