@@ -1,5 +1,5 @@
 """Helpers shared by test modules (one copy each): the repository root,
-run events and router responses, database counts.
+run events and router responses, database counts, a pool's bounded close.
 
 :mod:`tests.support.router` holds the router tests' harness and fixtures;
 :mod:`tests.stack` (the service processes) and :mod:`tests.fakes` (fake
@@ -8,6 +8,7 @@ providers) stay where they were.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterable, Sequence
 from pathlib import Path
@@ -17,12 +18,31 @@ import asyncpg
 
 from runyard._proto.v1 import common_pb2
 
-__all__ = ["ROOT", "assert_gap_free", "collect", "count", "kinds", "run_payload", "text_of"]
+__all__ = ["ROOT", "assert_gap_free", "close_pool", "collect", "count", "kinds", "run_payload", "text_of"]
 
 T = TypeVar("T")
 
 #: The repository's root directory.
 ROOT = Path(__file__).parents[2]
+
+#: How long a fixture's pool close may wait for connections a failed test still holds.
+POOL_CLOSE_TIMEOUT_S = 10.0
+
+
+async def close_pool(pool: asyncpg.Pool) -> None:
+    """Close ``pool`` at a fixture's teardown; terminate it if a connection
+    is still held after :data:`POOL_CLOSE_TIMEOUT_S`.
+
+    pytest-timeout stops timing a test once it has failed (its
+    ``pytest_exception_interact`` hook cancels the timer), so a close that
+    waits for a connection the failed test never released would otherwise
+    hold up the whole run for good.
+    """
+    try:
+        async with asyncio.timeout(POOL_CLOSE_TIMEOUT_S):
+            await pool.close()
+    except TimeoutError:
+        pool.terminate()
 
 
 def run_payload() -> common_pb2.RunPayload:

@@ -26,7 +26,7 @@ from runyard.router.engine import Router
 from runyard.router.main import EVENTS_CHANNEL
 from tests.fakes.anthropic_server import FakeAnthropic
 from tests.fakes.openai_server import FakeOpenAI
-from tests.support import collect, kinds, text_of
+from tests.support import close_pool, collect, kinds, text_of
 
 __all__ = [
     "Harness",
@@ -193,4 +193,4 @@ async def router_factory(database_url: str) -> AsyncIterator[Callable[..., Await
     yield make
     for harness in made:
         await harness.router.aclose()
-    await pool.close()
+    await close_pool(pool)
