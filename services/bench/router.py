@@ -72,6 +72,7 @@ from runyard.common.auth import (
     generate_run_token_keys,
     run_token_env,
 )
+from runyard.common.batches import MAX_BATCH_BYTES, generate_responses
 from runyard.common.config import Config, ProviderConfig
 from runyard.common.outbox import Outbox
 from runyard.common.processes import Processes, free_port
@@ -256,7 +257,10 @@ class _Client:
         sample.total.append(end - started)
 
     async def call_router(self, sample: Sample, model: str = "") -> None:
-        request = router_pb2.GenerateRequest(run=self.run, messages=self.messages)
+        # As the worker asks: what the router has ready at once comes as one batch.
+        request = router_pb2.GenerateRequest(
+            run=self.run, messages=self.messages, max_batch_bytes=MAX_BATCH_BYTES
+        )
         if model:
             request.run.model.model = model
         started = time.perf_counter()
@@ -264,14 +268,15 @@ class _Client:
         failovers = 0
         final = ""
         try:
-            async for response in self.router.Generate(request, timeout=30):
-                kind = response.WhichOneof("event")
-                if kind == "text_delta" and first is None:
-                    first = time.perf_counter()
-                elif kind == "model_failover":
-                    failovers += 1
-                elif kind == "final":
-                    final = response.final.message.content
+            async for message in self.router.Generate(request, timeout=30):
+                for response in generate_responses(message):
+                    kind = response.WhichOneof("event")
+                    if kind == "text_delta" and first is None:
+                        first = time.perf_counter()
+                    elif kind == "model_failover":
+                        failovers += 1
+                    elif kind == "final":
+                        final = response.final.message.content
         except grpc.aio.AioRpcError as exc:
             self.errors.append(f"router: {exc.code().name}: {exc.details()}")
             return

@@ -1,4 +1,4 @@
-"""Stream messages that are already waiting, sent as one (the worker hub).
+"""Stream messages that are already waiting, sent as one (the worker hub, the router's answers).
 
 A worker and its gateway talk over one bidirectional gRPC stream; each
 side puts what it has to say on an :class:`asyncio.Queue` and one writer
@@ -9,6 +9,10 @@ are waiting go out together as one batch message (``WorkerBatch``,
 ``HubBatch``), which the peer handles in order exactly as if each had come
 alone. Nothing waits for a batch to fill: a message that finds the queue
 empty goes alone, at once, as it did before batches.
+
+The router's ``Generate`` stream does the same with the responses of one
+answer (``GenerateBatch``; see :func:`runyard.router.service.coalesce_ready_deltas`),
+for a caller whose ``GenerateRequest.max_batch_bytes`` says it reads them.
 
 A side batches only when its peer said how large a batch it reads
 (``WorkerHello.max_batch_bytes``, ``HubWelcome.max_batch_bytes``; the
@@ -25,7 +29,9 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 
-__all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_MESSAGES", "batched"]
+from runyard._proto.v1 import router_pb2
+
+__all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_MESSAGES", "batched", "generate_responses"]
 
 #: At most this many messages in one batch.
 MAX_BATCH_MESSAGES = 256
@@ -81,3 +87,10 @@ async def batched(
         yield batch[0] if len(batch) == 1 else wrap(batch)
         if ended:
             return
+
+
+def generate_responses(message: router_pb2.GenerateResponse) -> Sequence[router_pb2.GenerateResponse]:
+    """The responses one ``Generate`` stream message carries, in order: those
+    of a ``GenerateBatch`` (what the router had ready at once), else the
+    message itself."""
+    return message.batch.responses if message.HasField("batch") else (message,)

@@ -12,10 +12,12 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import AsyncIterator
+from typing import cast
 
 from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2
 from runyard.common import tracing
 from runyard.common.auth import RunTokenVerifier, check_internal
+from runyard.common.batches import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES
 from runyard.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from runyard.common.grpctypes import ServicerContext
 from runyard.common.outbox import Outbox
@@ -64,23 +66,29 @@ def provider_state(row: StatusRow) -> router_pb2.ProviderState:
 
 
 async def coalesce_ready_deltas(
-    stream: AsyncIterator[router_pb2.GenerateResponse],
+    stream: AsyncIterator[router_pb2.GenerateResponse], *, max_batch_bytes: int = 0
 ) -> AsyncIterator[router_pb2.GenerateResponse]:
-    """``stream`` with consecutive text deltas that are already waiting
-    merged into one response.
+    """``stream`` with the responses that are already waiting sent together.
 
     The provider's stream is read ahead by a task of its own while the
-    previous response is being sent; when the caller is ready for the next
-    one, every text delta that arrived meanwhile goes out as one message. A
-    delta never waits for another (no timer, no added latency): when the
-    provider streams slower than the stack forwards, each delta goes alone,
-    as it came. When the provider (or a busy machine) delivers a burst, the
-    whole path behind the router (worker, gateway, client stream, stored
-    events) handles one message instead of dozens. Every other event keeps
-    its place in the order.
+    previous response is being sent. When the caller is ready for the next
+    one, every text delta that arrived meanwhile goes out as one text delta;
+    with ``max_batch_bytes`` above 0 (the caller's
+    ``GenerateRequest.max_batch_bytes``), whatever else is waiting behind it
+    (more deltas after a tool call, the usage, the final message) goes in
+    the same stream message, as a ``GenerateBatch`` of at most
+    ``min(max_batch_bytes, MAX_BATCH_BYTES)`` serialized bytes and
+    :data:`~runyard.common.batches.MAX_BATCH_MESSAGES` responses. A response
+    never waits for another (no timer, no added latency): when the provider
+    streams slower than the stack forwards, each delta goes alone, as it
+    came. When the provider (or a busy machine) delivers a burst, the whole
+    path behind the router (worker, gateway, client stream, stored events)
+    handles one message instead of dozens. Every event keeps its place in
+    the order; an error is raised after what came before it.
     """
     ready: collections.deque[router_pb2.GenerateResponse | BaseException | None] = collections.deque()
     arrived = asyncio.Event()
+    limit = min(max_batch_bytes, MAX_BATCH_BYTES)
 
     async def pump() -> None:
         try:
@@ -95,28 +103,55 @@ async def coalesce_ready_deltas(
             ready.append(None)
         arrived.set()
 
+    def take() -> router_pb2.GenerateResponse:
+        """The next waiting response, consecutive text deltas merged into one."""
+        item = cast("router_pb2.GenerateResponse", ready.popleft())
+        if item.HasField("text_delta") and ready:
+            texts = [item.text_delta.text]
+            while (
+                ready
+                and isinstance(ready[0], router_pb2.GenerateResponse)
+                and ready[0].HasField("text_delta")
+            ):
+                texts.append(ready.popleft().text_delta.text)  # type: ignore[union-attr]
+            if len(texts) > 1:
+                item = router_pb2.GenerateResponse(text_delta=common_pb2.TextDelta(text="".join(texts)))
+        return item
+
     reader = asyncio.get_running_loop().create_task(pump(), name="generate-read-ahead")
     try:
         while True:
             while not ready:
                 arrived.clear()
                 await arrived.wait()
-            item = ready.popleft()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            if item.HasField("text_delta") and ready:
-                texts = [item.text_delta.text]
-                while (
-                    ready
-                    and isinstance(ready[0], router_pb2.GenerateResponse)
-                    and ready[0].HasField("text_delta")
-                ):
-                    texts.append(ready.popleft().text_delta.text)  # type: ignore[union-attr]
-                if len(texts) > 1:
-                    item = router_pb2.GenerateResponse(text_delta=common_pb2.TextDelta(text="".join(texts)))
-            yield item
+            head = ready[0]
+            if not isinstance(head, router_pb2.GenerateResponse):  # the end, or an error
+                ready.popleft()
+                if head is None:
+                    return
+                raise head
+            item = take()
+            if limit <= 0 or not ready or not isinstance(ready[0], router_pb2.GenerateResponse):
+                yield item
+                continue
+            batch = [item]
+            size = item.ByteSize()
+            while (
+                ready
+                and isinstance(ready[0], router_pb2.GenerateResponse)
+                and len(batch) < MAX_BATCH_MESSAGES
+            ):
+                following = take()
+                size += following.ByteSize()
+                if size > limit:
+                    ready.appendleft(following)  # first of the next message
+                    break
+                batch.append(following)
+            yield (
+                batch[0]
+                if len(batch) == 1
+                else router_pb2.GenerateResponse(batch=router_pb2.GenerateBatch(responses=batch))
+            )
     finally:
         # The caller left (or the stream ended): stop reading the provider now.
         reader.cancel()
@@ -176,7 +211,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         )
         if tracing.ENABLED:
             stream = tracing.noting_models(stream)  # runyard.model on the Generate span
-        async for response in coalesce_ready_deltas(stream):
+        async for response in coalesce_ready_deltas(stream, max_batch_bytes=request.max_batch_bytes):
             yield response
 
     async def GetProviderStatus(

@@ -30,6 +30,7 @@ from runyard._proto.v1 import (
     sessions_pb2_grpc,
     worker_hub_pb2,
 )
+from runyard.common.batches import MAX_BATCH_BYTES, generate_responses
 from runyard.common.config import Config
 from runyard.common.errors import DeadlineExceeded, ResourceExhausted, RunyardError, from_rpc_error
 from runyard.common.faults import infrastructure_error
@@ -600,52 +601,54 @@ class RunExecutor:
                     tools=tools or (),
                     purpose=router_pb2.GENERATE_PURPOSE_RUN,
                     after_compaction=overflow is not None and overflow.used,
+                    max_batch_bytes=MAX_BATCH_BYTES,
                 ),
                 timeout=timeout,
             )
-            response: router_pb2.GenerateResponse  # the generated stub is untyped
+            message: router_pb2.GenerateResponse  # the generated stub is untyped
             try:
-                async for response in call:
-                    kind = response.WhichOneof("event")
-                    if kind == "model_select":
-                        model = response.model_select.model
-                        if not started:
-                            started = True
-                            emit(
-                                common_pb2.RunEvent(
-                                    started=common_pb2.RunStarted(
-                                        worker_id=self.worker_id,
-                                        model=model,
-                                        attempt=payload.attempt,
-                                        resumed=resumed,
+                async for message in call:
+                    for response in generate_responses(message):
+                        kind = response.WhichOneof("event")
+                        if kind == "model_select":
+                            model = response.model_select.model
+                            if not started:
+                                started = True
+                                emit(
+                                    common_pb2.RunEvent(
+                                        started=common_pb2.RunStarted(
+                                            worker_id=self.worker_id,
+                                            model=model,
+                                            attempt=payload.attempt,
+                                            resumed=resumed,
+                                        )
                                     )
                                 )
+                            emit(common_pb2.RunEvent(model_select=response.model_select))
+                        elif kind == "text_delta":
+                            streamed = True
+                            emit(common_pb2.RunEvent(text_delta=response.text_delta))
+                        elif kind == "model_failover":
+                            model = response.model_failover.to_model
+                            emit(common_pb2.RunEvent(model_failover=response.model_failover))
+                        elif kind == "tool_call":
+                            if not tool_calls:
+                                continue
+                            streamed = True
+                            source = (
+                                tool_sources.source_of(response.tool_call.name)
+                                if tool_sources is not None
+                                else ""
                             )
-                        emit(common_pb2.RunEvent(model_select=response.model_select))
-                    elif kind == "text_delta":
-                        streamed = True
-                        emit(common_pb2.RunEvent(text_delta=response.text_delta))
-                    elif kind == "model_failover":
-                        model = response.model_failover.to_model
-                        emit(common_pb2.RunEvent(model_failover=response.model_failover))
-                    elif kind == "tool_call":
-                        if not tool_calls:
-                            continue
-                        streamed = True
-                        source = (
-                            tool_sources.source_of(response.tool_call.name)
-                            if tool_sources is not None
-                            else ""
-                        )
-                        emit(
-                            common_pb2.RunEvent(
-                                tool_call=common_pb2.ToolCallEvent(call=response.tool_call, source=source)
+                            emit(
+                                common_pb2.RunEvent(
+                                    tool_call=common_pb2.ToolCallEvent(call=response.tool_call, source=source)
+                                )
                             )
-                        )
-                    elif kind == "usage":
-                        emit(common_pb2.RunEvent(usage=response.usage))
-                    elif kind == "final":
-                        return response.final
+                        elif kind == "usage":
+                            emit(common_pb2.RunEvent(usage=response.usage))
+                        elif kind == "final":
+                            return response.final
                 raise RunyardError("the router ended without an answer", reason="NO_ANSWER")
             except grpc.aio.AioRpcError as exc:
                 error = from_rpc_error(exc)

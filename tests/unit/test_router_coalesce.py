@@ -1,4 +1,6 @@
-"""The router merges text deltas that are already waiting (never waiting for one)."""
+"""The router merges text deltas that are already waiting and, for a caller
+that reads batches, sends whatever is ready as one message (never waiting
+for more)."""
 
 from __future__ import annotations
 
@@ -82,3 +84,82 @@ async def test_a_caller_that_leaves_stops_the_provider_stream_at_once():
     await anext(stream)
     await stream.aclose()
     await asyncio.wait_for(stopped.wait(), 1)
+
+
+def usage(tokens: int) -> router_pb2.GenerateResponse:
+    return router_pb2.GenerateResponse(usage=common_pb2.Usage(output_tokens=tokens))
+
+
+def final(text: str) -> router_pb2.GenerateResponse:
+    message = common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=text)
+    return router_pb2.GenerateResponse(final=router_pb2.GenerateFinal(message=message, model="p/m"))
+
+
+def unpacked(messages: list[router_pb2.GenerateResponse]) -> list[router_pb2.GenerateResponse]:
+    return [r for m in messages for r in (m.batch.responses if m.HasField("batch") else [m])]
+
+
+async def test_a_caller_that_reads_batches_gets_what_was_ready_in_one_message_in_order():
+    async def answer():
+        yield select("p/m")
+        for word in ("a ", "b ", "c"):
+            yield delta(word)
+        yield usage(3)
+        yield final("a b c")
+
+    out = [r async for r in coalesce_ready_deltas(answer(), max_batch_bytes=64 * 1024)]
+    # Everything was ready at once: one stream message instead of four
+    # (select, the merged deltas, usage, final); nothing nested.
+    assert len(out) == 1 and out[0].HasField("batch")
+    assert shape(unpacked(out)) == ["model_select", "a b c", "usage", "final"]
+    assert not any(r.HasField("batch") for r in unpacked(out))
+
+
+async def test_what_arrives_later_is_not_held_back_for_a_batch():
+    async def answer():
+        yield select("p/m")
+        await asyncio.sleep(0.05)  # the provider call
+        yield delta("a")
+        await asyncio.sleep(0.05)
+        yield delta("b")
+        yield usage(2)
+        yield final("ab")
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    out: list[tuple[router_pb2.GenerateResponse, float]] = []
+    async for response in coalesce_ready_deltas(answer(), max_batch_bytes=64 * 1024):
+        out.append((response, loop.time() - started))
+    messages = [response for response, _ in out]
+    assert shape(unpacked(messages)) == ["model_select", "a", "b", "usage", "final"]
+    assert out[0][1] < 0.04  # the model choice went before the provider answered
+    assert shape(messages[:2]) == ["model_select", "a"]  # the first delta went alone, at once
+    assert messages[2].HasField("batch")  # the rest came together and went together
+
+
+async def test_batches_stay_within_the_callers_limit():
+    responses = [select("p/m"), usage(7), final("x" * 40)]
+    sizes = [r.ByteSize() for r in responses]
+    limit = sizes[0] + sizes[1]  # the first two fit, the final does not
+
+    async def answer():
+        for response in responses:
+            yield response
+
+    out = [r async for r in coalesce_ready_deltas(answer(), max_batch_bytes=limit)]
+    assert [m.WhichOneof("event") for m in out] == ["batch", "final"]
+    assert shape(list(out[0].batch.responses)) == ["model_select", "usage"]
+    assert all(m.ByteSize() <= limit + 8 for m in out if m.HasField("batch"))  # + the batch's own framing
+
+
+async def test_an_error_after_a_batch_comes_after_what_was_sent():
+    async def failing():
+        yield select("p/m")
+        yield delta("partial")
+        raise Unavailable("provider went away")
+
+    out = []
+    with pytest.raises(Unavailable):
+        async for response in coalesce_ready_deltas(failing(), max_batch_bytes=64 * 1024):
+            out.append(response)
+    assert shape(unpacked(out)) == ["model_select", "partial"]

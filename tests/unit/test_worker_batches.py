@@ -1,7 +1,8 @@
-"""The worker's side of the hub's batches (runyard.common.batches), against
-a gateway of our own on a real gRPC stream: the worker handles each message
-of a gateway's batch as if it had come alone, and sends several waiting
-messages as one only to a gateway whose welcome says it reads them.
+"""The worker's side of batches (runyard.common.batches), against a gateway
+and a router of our own on real gRPC streams: the worker handles each
+message of a gateway's batch as if it had come alone, sends several waiting
+messages as one only to a gateway whose welcome says it reads them, and
+reads the responses of a router's ``GenerateBatch`` in order.
 """
 
 from __future__ import annotations
@@ -13,11 +14,20 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import pytest
 
-from runyard._proto.v1 import common_pb2, worker_hub_pb2, worker_hub_pb2_grpc
+from runyard._proto.v1 import (
+    common_pb2,
+    router_pb2,
+    router_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
+    worker_hub_pb2,
+    worker_hub_pb2_grpc,
+)
 from runyard.common.batches import MAX_BATCH_BYTES
 from runyard.common.clients import InternalChannels
 from runyard.common.config import Config
 from runyard.worker.main import Worker
+from runyard.worker.runner import RunExecutor
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -170,3 +180,74 @@ async def test_the_worker_keeps_its_batches_within_the_gateways_limit(connected)
     second = await asyncio.wait_for(gateway.received.get(), 10)
     assert [m.heartbeat.free_capacity for m in first.batch.messages] == [0, 1]
     assert not second.HasField("batch") and second.heartbeat.free_capacity == 2
+
+
+class _Router(router_pb2_grpc.RouterServiceServicer):
+    """A router whose whole answer was ready at once: one ``GenerateBatch``."""
+
+    def __init__(self) -> None:
+        self.requests: list[router_pb2.GenerateRequest] = []
+
+    async def Generate(  # noqa: N802 - the gRPC method's name
+        self, request: router_pb2.GenerateRequest, context: object
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        self.requests.append(request)
+        answer = common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="Hello", model="p/m")
+        responses = [
+            router_pb2.GenerateResponse(model_select=common_pb2.ModelSelect(model="p/m")),
+            router_pb2.GenerateResponse(text_delta=common_pb2.TextDelta(text="Hel")),
+            router_pb2.GenerateResponse(text_delta=common_pb2.TextDelta(text="lo")),
+            router_pb2.GenerateResponse(usage=common_pb2.Usage(input_tokens=5, output_tokens=2)),
+            router_pb2.GenerateResponse(
+                final=router_pb2.GenerateFinal(
+                    message=answer, model="p/m", usage=common_pb2.Usage(input_tokens=5, output_tokens=2)
+                )
+            ),
+        ]
+        yield router_pb2.GenerateResponse(batch=router_pb2.GenerateBatch(responses=responses))
+
+
+async def test_the_worker_asks_the_router_for_batches_and_reads_each_response_in_order():
+    router = _Router()
+    server = grpc.aio.server()
+    router_pb2_grpc.add_RouterServiceServicer_to_server(router, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    unreachable = grpc.aio.insecure_channel("127.0.0.1:1")
+    try:
+        executor = RunExecutor(
+            Config.model_validate({}),
+            "worker-1",
+            sessions_pb2_grpc.SessionServiceStub(unreachable),
+            router_pb2_grpc.RouterServiceStub(channel),
+        )
+        session_id = str(uuid.uuid4())
+        payload = common_pb2.RunPayload(
+            run_id=str(uuid.uuid4()),
+            org_id="org",
+            session_id=session_id,
+            agent_id="default",
+            run_token="t",
+            input=common_pb2.RunInput(text="hi"),
+        )
+        events: list[common_pb2.RunEvent] = []
+        outcome = await executor.execute(
+            payload, events.append, transcript=sessions_pb2.GetTranscriptResponse(session_id=session_id)
+        )
+    finally:
+        await channel.close()
+        await unreachable.close()
+        await server.stop(None)
+
+    assert router.requests[0].max_batch_bytes == MAX_BATCH_BYTES
+    assert [e.WhichOneof("event") for e in events] == [
+        "started",
+        "model_select",
+        "text_delta",
+        "text_delta",
+        "usage",
+    ]
+    assert [e.text_delta.text for e in events if e.HasField("text_delta")] == ["Hel", "lo"]
+    assert outcome.completed.message.content == "Hello"
+    assert outcome.completed.usage.output_tokens == 2

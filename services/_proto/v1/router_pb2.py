@@ -29,7 +29,7 @@ from runyard._proto.v1 import common_pb2 as runyard_dot_v1_dot_common__pb2
 from runyard._proto.v1 import sessions_pb2 as runyard_dot_v1_dot_sessions__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17runyard/v1/router.proto\x12\nrunyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17runyard/v1/common.proto\x1a\x19runyard/v1/sessions.proto\"\xd0\x01\n\x0fGenerateRequest\x12#\n\x03run\x18\x01 \x01(\x0b\x32\x16.runyard.v1.RunPayload\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.runyard.v1.Message\x12)\n\x05tools\x18\x03 \x03(\x0b\x32\x1a.runyard.v1.ToolDefinition\x12,\n\x07purpose\x18\x04 \x01(\x0e\x32\x1b.runyard.v1.GeneratePurpose\x12\x18\n\x10\x61\x66ter_compaction\x18\x05 \x01(\x08\"}\n\rGenerateFinal\x12$\n\x07message\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Message\x12\r\n\x05model\x18\x02 \x01(\t\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.runyard.v1.Usage\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"\xa9\x02\n\x10GenerateResponse\x12/\n\x0cmodel_select\x18\x01 \x01(\x0b\x32\x17.runyard.v1.ModelSelectH\x00\x12+\n\ntext_delta\x18\x02 \x01(\x0b\x32\x15.runyard.v1.TextDeltaH\x00\x12\x33\n\x0emodel_failover\x18\x03 \x01(\x0b\x32\x19.runyard.v1.ModelFailoverH\x00\x12)\n\ttool_call\x18\x04 \x01(\x0b\x32\x14.runyard.v1.ToolCallH\x00\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x11.runyard.v1.UsageH\x00\x12*\n\x05\x66inal\x18\x06 \x01(\x0b\x32\x19.runyard.v1.GenerateFinalH\x00\x42\x07\n\x05\x65vent\"\x1a\n\x18GetProviderStatusRequest\"\xb2\x02\n\rProviderState\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x14\n\x0c\x61uth_profile\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12*\n\x06health\x18\x04 \x01(\x0e\x32\x1a.runyard.v1.ProviderHealth\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0blast_reason\x18\x06 \x01(\x0e\x32\x1a.runyard.v1.FailoverReason\x12\x14\n\x0clast_message\x18\x07 \x01(\t\x12\x15\n\rfailure_count\x18\x08 \x01(\r\x12\x35\n\x11last_failure_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"F\n\x19GetProviderStatusResponse\x12)\n\x06states\x18\x01 \x03(\x0b\x32\x19.runyard.v1.ProviderState*m\n\x0fGeneratePurpose\x12 \n\x1cGENERATE_PURPOSE_UNSPECIFIED\x10\x00\x12\x18\n\x14GENERATE_PURPOSE_RUN\x10\x01\x12\x1e\n\x1aGENERATE_PURPOSE_SUMMARIZE\x10\x02*\x84\x01\n\x0eProviderHealth\x12\x1f\n\x1bPROVIDER_HEALTH_UNSPECIFIED\x10\x00\x12\x16\n\x12PROVIDER_HEALTH_OK\x10\x01\x12\x1b\n\x17PROVIDER_HEALTH_COOLING\x10\x02\x12\x1c\n\x18PROVIDER_HEALTH_DISABLED\x10\x03\x32\x91\x02\n\rRouterService\x12G\n\x08Generate\x12\x1b.runyard.v1.GenerateRequest\x1a\x1c.runyard.v1.GenerateResponse0\x01\x12\x65\n\x11GetProviderStatus\x12$.runyard.v1.GetProviderStatusRequest\x1a%.runyard.v1.GetProviderStatusResponse\"\x03\x90\x02\x01\x12P\n\nListEvents\x12\x1d.runyard.v1.ListEventsRequest\x1a\x1e.runyard.v1.ListEventsResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17runyard/v1/router.proto\x12\nrunyard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17runyard/v1/common.proto\x1a\x19runyard/v1/sessions.proto\"\xe9\x01\n\x0fGenerateRequest\x12#\n\x03run\x18\x01 \x01(\x0b\x32\x16.runyard.v1.RunPayload\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.runyard.v1.Message\x12)\n\x05tools\x18\x03 \x03(\x0b\x32\x1a.runyard.v1.ToolDefinition\x12,\n\x07purpose\x18\x04 \x01(\x0e\x32\x1b.runyard.v1.GeneratePurpose\x12\x18\n\x10\x61\x66ter_compaction\x18\x05 \x01(\x08\x12\x17\n\x0fmax_batch_bytes\x18\x06 \x01(\r\"}\n\rGenerateFinal\x12$\n\x07message\x18\x01 \x01(\x0b\x32\x13.runyard.v1.Message\x12\r\n\x05model\x18\x02 \x01(\t\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.runyard.v1.Usage\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"\xd5\x02\n\x10GenerateResponse\x12/\n\x0cmodel_select\x18\x01 \x01(\x0b\x32\x17.runyard.v1.ModelSelectH\x00\x12+\n\ntext_delta\x18\x02 \x01(\x0b\x32\x15.runyard.v1.TextDeltaH\x00\x12\x33\n\x0emodel_failover\x18\x03 \x01(\x0b\x32\x19.runyard.v1.ModelFailoverH\x00\x12)\n\ttool_call\x18\x04 \x01(\x0b\x32\x14.runyard.v1.ToolCallH\x00\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x11.runyard.v1.UsageH\x00\x12*\n\x05\x66inal\x18\x06 \x01(\x0b\x32\x19.runyard.v1.GenerateFinalH\x00\x12*\n\x05\x62\x61tch\x18\x07 \x01(\x0b\x32\x19.runyard.v1.GenerateBatchH\x00\x42\x07\n\x05\x65vent\"@\n\rGenerateBatch\x12/\n\tresponses\x18\x01 \x03(\x0b\x32\x1c.runyard.v1.GenerateResponse\"\x1a\n\x18GetProviderStatusRequest\"\xb2\x02\n\rProviderState\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x14\n\x0c\x61uth_profile\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12*\n\x06health\x18\x04 \x01(\x0e\x32\x1a.runyard.v1.ProviderHealth\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0blast_reason\x18\x06 \x01(\x0e\x32\x1a.runyard.v1.FailoverReason\x12\x14\n\x0clast_message\x18\x07 \x01(\t\x12\x15\n\rfailure_count\x18\x08 \x01(\r\x12\x35\n\x11last_failure_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"F\n\x19GetProviderStatusResponse\x12)\n\x06states\x18\x01 \x03(\x0b\x32\x19.runyard.v1.ProviderState*m\n\x0fGeneratePurpose\x12 \n\x1cGENERATE_PURPOSE_UNSPECIFIED\x10\x00\x12\x18\n\x14GENERATE_PURPOSE_RUN\x10\x01\x12\x1e\n\x1aGENERATE_PURPOSE_SUMMARIZE\x10\x02*\x84\x01\n\x0eProviderHealth\x12\x1f\n\x1bPROVIDER_HEALTH_UNSPECIFIED\x10\x00\x12\x16\n\x12PROVIDER_HEALTH_OK\x10\x01\x12\x1b\n\x17PROVIDER_HEALTH_COOLING\x10\x02\x12\x1c\n\x18PROVIDER_HEALTH_DISABLED\x10\x03\x32\x91\x02\n\rRouterService\x12G\n\x08Generate\x12\x1b.runyard.v1.GenerateRequest\x1a\x1c.runyard.v1.GenerateResponse0\x01\x12\x65\n\x11GetProviderStatus\x12$.runyard.v1.GetProviderStatusRequest\x1a%.runyard.v1.GetProviderStatusResponse\"\x03\x90\x02\x01\x12P\n\nListEvents\x12\x1d.runyard.v1.ListEventsRequest\x1a\x1e.runyard.v1.ListEventsResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,22 +40,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTERSERVICE'].methods_by_name['GetProviderStatus']._serialized_options = b'\220\002\001'
   _globals['_ROUTERSERVICE'].methods_by_name['ListEvents']._loaded_options = None
   _globals['_ROUTERSERVICE'].methods_by_name['ListEvents']._serialized_options = b'\220\002\001'
-  _globals['_GENERATEPURPOSE']._serialized_start=1171
-  _globals['_GENERATEPURPOSE']._serialized_end=1280
-  _globals['_PROVIDERHEALTH']._serialized_start=1283
-  _globals['_PROVIDERHEALTH']._serialized_end=1415
+  _globals['_GENERATEPURPOSE']._serialized_start=1306
+  _globals['_GENERATEPURPOSE']._serialized_end=1415
+  _globals['_PROVIDERHEALTH']._serialized_start=1418
+  _globals['_PROVIDERHEALTH']._serialized_end=1550
   _globals['_GENERATEREQUEST']._serialized_start=125
-  _globals['_GENERATEREQUEST']._serialized_end=333
-  _globals['_GENERATEFINAL']._serialized_start=335
-  _globals['_GENERATEFINAL']._serialized_end=460
-  _globals['_GENERATERESPONSE']._serialized_start=463
-  _globals['_GENERATERESPONSE']._serialized_end=760
-  _globals['_GETPROVIDERSTATUSREQUEST']._serialized_start=762
-  _globals['_GETPROVIDERSTATUSREQUEST']._serialized_end=788
-  _globals['_PROVIDERSTATE']._serialized_start=791
-  _globals['_PROVIDERSTATE']._serialized_end=1097
-  _globals['_GETPROVIDERSTATUSRESPONSE']._serialized_start=1099
-  _globals['_GETPROVIDERSTATUSRESPONSE']._serialized_end=1169
-  _globals['_ROUTERSERVICE']._serialized_start=1418
-  _globals['_ROUTERSERVICE']._serialized_end=1691
+  _globals['_GENERATEREQUEST']._serialized_end=358
+  _globals['_GENERATEFINAL']._serialized_start=360
+  _globals['_GENERATEFINAL']._serialized_end=485
+  _globals['_GENERATERESPONSE']._serialized_start=488
+  _globals['_GENERATERESPONSE']._serialized_end=829
+  _globals['_GENERATEBATCH']._serialized_start=831
+  _globals['_GENERATEBATCH']._serialized_end=895
+  _globals['_GETPROVIDERSTATUSREQUEST']._serialized_start=897
+  _globals['_GETPROVIDERSTATUSREQUEST']._serialized_end=923
+  _globals['_PROVIDERSTATE']._serialized_start=926
+  _globals['_PROVIDERSTATE']._serialized_end=1232
+  _globals['_GETPROVIDERSTATUSRESPONSE']._serialized_start=1234
+  _globals['_GETPROVIDERSTATUSRESPONSE']._serialized_end=1304
+  _globals['_ROUTERSERVICE']._serialized_start=1553
+  _globals['_ROUTERSERVICE']._serialized_end=1826
 # @@protoc_insertion_point(module_scope)

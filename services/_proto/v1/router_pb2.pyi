@@ -35,18 +35,20 @@ PROVIDER_HEALTH_COOLING: ProviderHealth
 PROVIDER_HEALTH_DISABLED: ProviderHealth
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("run", "messages", "tools", "purpose", "after_compaction")
+    __slots__ = ("run", "messages", "tools", "purpose", "after_compaction", "max_batch_bytes")
     RUN_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
     AFTER_COMPACTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     run: _common_pb2.RunPayload
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
     tools: _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolDefinition]
     purpose: GeneratePurpose
     after_compaction: bool
-    def __init__(self, run: _Optional[_Union[_common_pb2.RunPayload, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.ToolDefinition, _Mapping]]] = ..., purpose: _Optional[_Union[GeneratePurpose, str]] = ..., after_compaction: _Optional[bool] = ...) -> None: ...
+    max_batch_bytes: int
+    def __init__(self, run: _Optional[_Union[_common_pb2.RunPayload, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.ToolDefinition, _Mapping]]] = ..., purpose: _Optional[_Union[GeneratePurpose, str]] = ..., after_compaction: _Optional[bool] = ..., max_batch_bytes: _Optional[int] = ...) -> None: ...
 
 class GenerateFinal(_message.Message):
     __slots__ = ("message", "model", "usage", "finish_reason")
@@ -61,20 +63,28 @@ class GenerateFinal(_message.Message):
     def __init__(self, message: _Optional[_Union[_common_pb2.Message, _Mapping]] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("model_select", "text_delta", "model_failover", "tool_call", "usage", "final")
+    __slots__ = ("model_select", "text_delta", "model_failover", "tool_call", "usage", "final", "batch")
     MODEL_SELECT_FIELD_NUMBER: _ClassVar[int]
     TEXT_DELTA_FIELD_NUMBER: _ClassVar[int]
     MODEL_FAILOVER_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     model_select: _common_pb2.ModelSelect
     text_delta: _common_pb2.TextDelta
     model_failover: _common_pb2.ModelFailover
     tool_call: _common_pb2.ToolCall
     usage: _common_pb2.Usage
     final: GenerateFinal
-    def __init__(self, model_select: _Optional[_Union[_common_pb2.ModelSelect, _Mapping]] = ..., text_delta: _Optional[_Union[_common_pb2.TextDelta, _Mapping]] = ..., model_failover: _Optional[_Union[_common_pb2.ModelFailover, _Mapping]] = ..., tool_call: _Optional[_Union[_common_pb2.ToolCall, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., final: _Optional[_Union[GenerateFinal, _Mapping]] = ...) -> None: ...
+    batch: GenerateBatch
+    def __init__(self, model_select: _Optional[_Union[_common_pb2.ModelSelect, _Mapping]] = ..., text_delta: _Optional[_Union[_common_pb2.TextDelta, _Mapping]] = ..., model_failover: _Optional[_Union[_common_pb2.ModelFailover, _Mapping]] = ..., tool_call: _Optional[_Union[_common_pb2.ToolCall, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., final: _Optional[_Union[GenerateFinal, _Mapping]] = ..., batch: _Optional[_Union[GenerateBatch, _Mapping]] = ...) -> None: ...
+
+class GenerateBatch(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[GenerateResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[GenerateResponse, _Mapping]]] = ...) -> None: ...
 
 class GetProviderStatusRequest(_message.Message):
     __slots__ = ()
