@@ -19,6 +19,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
+from tenacity import AsyncRetrying, RetryCallState, wait_exponential
 
 __all__ = [
     "Connection",
@@ -172,71 +173,135 @@ async def migrate_all(
     return {schema: await migrate(url, schema, progress=progress) for schema in (schemas or SCHEMAS)}
 
 
+def _log_reconnect_failure(state: RetryCallState) -> None:
+    outcome = state.outcome
+    error = outcome.exception() if outcome is not None else None
+    delay = state.next_action.sleep if state.next_action is not None else 0.0
+    log.warning("LISTEN reconnect failed (%s); retrying in %.1f s", error, delay)
+
+
 class Listener:
     """LISTEN on channels over one dedicated connection, reconnecting on loss.
 
+    Several owners in one process share one Listener: each calls
+    :meth:`subscribe` before :meth:`start`. That matters to the server, not
+    only to the connection count: PostgreSQL (15 here) signals every backend
+    of a database that LISTENs on any channel for each NOTIFY sent in it,
+    whatever the channel, about 14 us of server CPU per listening backend per
+    NOTIFY (docs/benchmarks.md, "NOTIFY's cost").
+
     ``callback(channel, payload)`` runs on the event loop for every
-    notification. After a reconnect, ``on_reconnect()`` (if given) runs so the
-    owner can re-read state it may have missed; the owner's polling fallback
-    covers the gap meanwhile.
+    notification on a channel its owner subscribed to. After a reconnect,
+    each owner's ``on_reconnect()`` (if given) runs so it can re-read state it
+    may have missed; its polling fallback covers the gap meanwhile. Reconnects
+    back off exponentially from 0.1 s to 5 s (tenacity) and never give up
+    until :meth:`close`.
+
+    Args:
+        url: libpq-style URL of the database.
+        channels: the first owner's channels (may be empty).
+        callback: the first owner's callback (required with ``channels``).
+        on_reconnect: the first owner's reconnect hook.
     """
 
     def __init__(
         self,
         url: str,
-        channels: Iterable[str],
-        callback: Callable[[str, str], None],
+        channels: Iterable[str] = (),
+        callback: Callable[[str, str], None] | None = None,
         *,
         on_reconnect: Callable[[], None] | None = None,
     ):
         self.url = url
-        self.channels = list(channels)
-        self.callback = callback
-        self.on_reconnect = on_reconnect
+        self._callbacks: dict[str, list[Callable[[str, str], None]]] = {}
+        self._on_reconnect: list[Callable[[], None]] = []
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
         self._closed = False
+        channels = list(channels)
+        if callback is not None or on_reconnect is not None:
+            if callback is None:
+                raise ValueError("a Listener with channels needs a callback")
+            self.subscribe(channels, callback, on_reconnect=on_reconnect)
+        elif channels:
+            raise ValueError("a Listener with channels needs a callback")
+
+    @property
+    def channels(self) -> list[str]:
+        """Every channel subscribed to, in subscription order."""
+        return list(self._callbacks)
+
+    def subscribe(
+        self,
+        channels: Iterable[str],
+        callback: Callable[[str, str], None],
+        *,
+        on_reconnect: Callable[[], None] | None = None,
+    ) -> None:
+        """Add an owner: ``callback`` gets the notifications of ``channels``
+        (two owners may share a channel; each gets every notification).
+
+        Raises:
+            RuntimeError: the Listener has started (a LISTEN issued later
+                could miss notifications its owner expects from the start).
+        """
+        if self._conn is not None or self._closed:
+            raise RuntimeError("subscribe before Listener.start()")
+        for channel in channels:
+            self._callbacks.setdefault(channel, []).append(callback)
+        if on_reconnect is not None:
+            self._on_reconnect.append(on_reconnect)
 
     async def start(self) -> None:
+        """Connect and LISTEN on every subscribed channel.
+
+        Raises:
+            OSError, asyncpg.PostgresError: the first connection failed (a
+                service does not start without its notifications).
+        """
         await self._connect()
         self._task = asyncio.create_task(self._watch(), name="pg-listener")
 
     def _notify(self, _conn: object, _pid: int, channel: str, payload: object) -> None:
         # asyncpg passes the payload as a str (typed ``object`` in its stubs).
-        self.callback(channel, str(payload))
+        for callback in self._callbacks.get(channel, ()):
+            callback(channel, str(payload))
 
     def _on_lost(self, _conn: object) -> None:
         self._lost.set()
 
     async def _connect(self) -> None:
         conn = await connect(self.url)
-        conn.add_termination_listener(self._on_lost)
-        for channel in self.channels:
-            await conn.add_listener(channel, self._notify)
+        try:
+            conn.add_termination_listener(self._on_lost)
+            for channel in self._callbacks:
+                await conn.add_listener(channel, self._notify)
+        except BaseException:
+            conn.terminate()
+            raise
         self._conn = conn
 
     async def _watch(self) -> None:
-        delay = 0.1
         while not self._closed:
             await self._lost.wait()
             if self._closed:
                 return
             self._lost.clear()
             log.warning("LISTEN connection lost; reconnecting")
-            while not self._closed:
-                try:
+            if self._conn is not None and not self._conn.is_closed():
+                self._conn.terminate()
+            async for attempt in AsyncRetrying(
+                wait=wait_exponential(multiplier=0.1, max=5.0),
+                before_sleep=_log_reconnect_failure,
+            ):
+                with attempt:
                     await self._connect()
-                    delay = 0.1
-                    if self.on_reconnect:
-                        self.on_reconnect()
-                    break
-                except (OSError, asyncpg.PostgresError) as exc:
-                    log.warning("LISTEN reconnect failed: %s", exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+            for hook in self._on_reconnect:
+                hook()
 
     async def close(self) -> None:
+        """Stop reconnecting and close the connection."""
         self._closed = True
         self._lost.set()
         if self._task:

@@ -148,19 +148,21 @@ async def build(service: Service) -> None:
         broker.poke_all()
         authenticator.forget()
 
+    # One LISTEN connection for the whole gateway (see Listener: every
+    # listening backend costs the server on each NOTIFY in the database).
     listener = Listener(
         database_url(config),
         [QUEUE_CHANNEL, EVENTS_CHANNEL, CANCEL_CHANNEL, KEYS_CHANNEL],
         on_notify,
         on_reconnect=on_reconnect,
     )
+    # Lifecycle events: relay of other services' outboxes + WatchEvents (runyard.gateway.watch).
+    lifecycle_events = LifecycleStream(config, pool, service.channels, listener)
+    service.on_close(lifecycle_events.close)
     await listener.start()
     service.on_close(listener.close)
     runlog.start()
     service.on_close(runlog.close)
-    # Lifecycle events: relay of other services' outboxes + WatchEvents (runyard.gateway.watch).
-    lifecycle_events = LifecycleStream(config, pool, service.channels)
-    service.on_close(lifecycle_events.close)
     await lifecycle_events.start()
     gateway = GatewayServicer(
         config,

@@ -49,7 +49,6 @@ from runyard.common.db import Listener
 from runyard.common.errors import InvalidArgument, RunyardError, Unavailable
 from runyard.common.outbox import HORIZON_SQL, Outbox, xid_of
 from runyard.common.protoutil import now
-from runyard.common.runtime import database_url
 from runyard.gateway.run_status import TO_PROTO, RunStatus
 
 __all__ = [
@@ -541,20 +540,24 @@ class Watcher:
 
 class LifecycleStream:
     """Everything the gateway runs for lifecycle events: the relay of the
-    sessions and router outboxes, one LISTEN connection, the :class:`Watcher` behind ``WatchEvents``, and the
-    hourly trim of events older than ``maintenance.event_retention_s``.
+    sessions and router outboxes, the :class:`Watcher` behind ``WatchEvents``,
+    and the hourly trim of events older than ``maintenance.event_retention_s``.
 
     The relay has channels of its own: its polling of a source that is down
     must not put the channels that serve client calls into reconnect backoff.
+    Its notifications come over the gateway's one LISTEN connection
+    (``listener``, subscribed to here; its owner starts it before
+    :meth:`start` and closes it).
 
     Args:
         config: the configuration (endpoints, internal secret, retention).
         pool: the gateway's pool.
         channels: opens the relay's channels to the sessions service and the
             router (closed by :meth:`close`).
+        listener: the gateway's Listener, not yet started.
     """
 
-    def __init__(self, config: Config, pool: asyncpg.Pool, channels: InternalChannels):
+    def __init__(self, config: Config, pool: asyncpg.Pool, channels: InternalChannels, listener: Listener):
         self.config = config
         self.pool = pool
         metadata = internal_metadata(config.auth.internal_secret)
@@ -567,11 +570,8 @@ class LifecycleStream:
             },
         )
         self.watcher = Watcher(pool)
-        self._listener = Listener(
-            database_url(config),
-            [EVENTS_CHANNEL, *SOURCE_CHANNELS.values()],
-            self._on_notify,
-            on_reconnect=self._on_reconnect,
+        listener.subscribe(
+            [EVENTS_CHANNEL, *SOURCE_CHANNELS.values()], self._on_notify, on_reconnect=self._on_reconnect
         )
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -598,8 +598,8 @@ class LifecycleStream:
                     log.warning("trimming lifecycle events failed: %s", exc)
 
     async def start(self) -> None:
-        """LISTEN, then start the relay and the trim."""
-        await self._listener.start()
+        """Start the relay and the trim (the listener is LISTENing already, so
+        the relay's first round misses no notification)."""
         self._tasks = [
             asyncio.create_task(self.relay.run(), name="event-relay"),
             asyncio.create_task(self._trim(), name="event-trim"),
@@ -617,6 +617,5 @@ class LifecycleStream:
             except Exception:  # noqa: BLE001 - shutdown goes on; the failure is logged
                 log.exception("a lifecycle-event task failed")
         self._tasks = []
-        await self._listener.close()
         for channel in self._channels:
             await channel.close()

@@ -7,6 +7,7 @@ import asyncio
 import signal
 import uuid
 
+import asyncpg
 import pytest
 
 from runyard import FailedPrecondition, InvalidArgument, NotFound, RunyardError
@@ -337,6 +338,16 @@ async def test_two_gateways_share_one_database_and_stream_each_others_runs(
     assert [e.SerializeToString() for e in replay_second] == [e.SerializeToString() for e in events[2:]]
     assert [e.SerializeToString() for e in replay_first] == [e.SerializeToString() for e in events[2:]]
     assert "worker-1 connected" not in stack.logs("gateway-2")  # it really was the other gateway's worker
+    # One LISTEN connection per gateway (and the router's): PostgreSQL wakes
+    # every listening backend of the database on each NOTIFY.
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        listening = await conn.fetch(
+            "SELECT query FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'"
+        )
+    finally:
+        await conn.close()
+    assert len(listening) == 3, [row["query"] for row in listening]
 
 
 async def test_join_of_a_long_run_through_another_gateway_mid_stream_and_after_completion(
