@@ -44,6 +44,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from runyard._proto.v1 import common_pb2
 from runyard.common.config import RouterConfig
@@ -64,6 +65,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Errors of a database that is unreachable or busy: the cooldown writer keeps its operations and retries.
+_OUTAGE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 #: NOTIFY channel carrying changed cooldown rows (JSON) to every replica.
 CHANNEL = "runyard_router_cooldowns"
@@ -537,33 +541,23 @@ class CooldownStore:
                     )
 
     async def _writer(self) -> None:
-        delay = 0.05
         while True:
             if not self._ops:
                 self._wake.clear()
                 if not self._ops:
                     await self._wake.wait()
-            batch = self._ops[:500]
-            last = batch[-1].seq
-            try:
-                committed = await self._write(batch)
-            except asyncio.CancelledError:
-                raise
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                # The database is unreachable or busy: keep the ops and retry.
-                self.write_errors += 1
-                log.warning(
-                    "writing %d cooldown operation(s) failed (%s); retrying in %.2fs", len(batch), exc, delay
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            # The database unreachable or busy: keep the ops and retry the
+            # oldest (with whatever came meanwhile), backing off from 0.05 s to 5 s.
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(_OUTAGE_ERRORS),
+                wait=wait_exponential(multiplier=0.05, max=5.0),
+                before_sleep=self._log_write_failure,
+            ):
+                with attempt:
+                    done = await self._write_oldest()
+            if done is None:
                 continue
-            except Exception:
-                # A bug, not an outage: retrying the same batch cannot help.
-                self.write_errors += 1
-                log.exception("dropping %d cooldown operation(s) that cannot be written", len(batch))
-                committed = []
-            delay = 0.05
+            last, committed = done
             # Only now drop the ops (a failed write keeps them for the retry);
             # by sequence number, since the overflow guard may have dropped some.
             written = [op for op in self._ops if op.seq <= last]
@@ -573,6 +567,39 @@ class CooldownStore:
                 self._apply(state)
             self._done_seq = max(self._done_seq, last)
             self._progress.set()
+
+    async def _write_oldest(self) -> tuple[int, list[CooldownState]] | None:
+        """Write the oldest pending operations (up to 500): the last sequence
+        number written and the rows as committed; None when nothing is pending.
+
+        Raises:
+            OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError:
+                the database is unreachable or busy (counted in ``write_errors``).
+        """
+        batch = self._ops[:500]
+        if not batch:
+            return None
+        last = batch[-1].seq
+        try:
+            return last, await self._write(batch)
+        except _OUTAGE_ERRORS:
+            self.write_errors += 1
+            raise
+        except Exception:
+            # A bug, not an outage: retrying the same batch cannot help.
+            self.write_errors += 1
+            log.exception("dropping %d cooldown operation(s) that cannot be written", len(batch))
+            return last, []
+
+    def _log_write_failure(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        delay = state.next_action.sleep if state.next_action is not None else 0.0
+        log.warning(
+            "writing %d cooldown operation(s) failed (%s); retrying in %.2fs",
+            min(len(self._ops), 500),
+            error,
+            delay,
+        )
 
     async def _write(self, batch: Sequence[_Op]) -> list[CooldownState]:
         """One transaction: lock the batch's rows in key order, apply every
