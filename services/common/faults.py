@@ -24,7 +24,16 @@ from typing import TypeVar
 import asyncpg
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential, wait_random
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base
 
 from runyard.common.errors import InvalidArgument, RunyardError, Unavailable, from_rpc_error
 from runyard.common.grpctypes import ServicerContext
@@ -35,6 +44,7 @@ __all__ = [
     "as_runyard_error",
     "budget_for",
     "infrastructure_error",
+    "retry_after_first",
     "retry_transient",
     "rpc_idempotent",
     "transient_database_error",
@@ -43,6 +53,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Backoff of :func:`retry_transient`: 50 ms doubling up to 1 s, plus up to 50 ms of jitter.
+_DATABASE_WAIT = wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05)
 
 #: ErrorInfo reason of a transient database fault.
 DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
@@ -163,30 +176,39 @@ def infrastructure_error(exc: BaseException) -> bool:
     return transient_database_error(exc)
 
 
-async def retry_transient(call: Callable[[], Awaitable[T]], *, budget_s: float = 5.0) -> T:
-    """``await call()``, retried on transient database errors for at most
-    ``budget_s`` seconds (exponential backoff from 50 ms, capped at 1 s,
-    plus jitter). Only for calls that are safe to repeat.
+async def retry_after_first(
+    call: Callable[[], Awaitable[T]],
+    *,
+    retry: Callable[[BaseException], bool],
+    stop: Callable[[], stop_base],
+    wait: wait_base,
+    before_sleep: Callable[[RetryCallState], None] | None = None,
+) -> T:
+    """``await call()``, retried through tenacity while it raises an error
+    that ``retry`` accepts.
 
-    The first attempt runs before any retry state is built (it is the hot
-    path: nearly every call succeeds at once, and tenacity's state is about
-    3% of the sessions service's CPU per run); its failure, if transient, is
-    the first attempt tenacity sees, so the backoff is the same as for a
-    call tenacity made, and the budget counts from that failure.
+    The first attempt runs before any retry state is built: it is the hot
+    path (nearly every call succeeds at once), and tenacity's state is about
+    3% of the sessions service's CPU per run. Its failure is the first
+    outcome tenacity sees, so the backoff and ``before_sleep`` are the same
+    as for an attempt tenacity made. ``stop()`` builds the stop condition at
+    that failure: a budget (``stop_after_delay``) counts from it, a deadline
+    (``stop_before_delay`` of what is left) stays where it was.
 
     Raises:
-        Whatever ``call`` raises last (the caller maps it, see :func:`as_runyard_error`).
+        Whatever ``call`` raises last.
     """
     try:
         return await call()
-    except Exception as exc:  # noqa: BLE001 - only a transient one is retried
-        if not transient_database_error(exc):
+    except Exception as exc:  # noqa: BLE001 - only what ``retry`` accepts is retried
+        if not retry(exc):
             raise
         first: BaseException | None = exc
     async for attempt in AsyncRetrying(
-        stop=stop_after_delay(max(budget_s, 0.0)),
-        wait=wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
-        retry=retry_if_exception(transient_database_error),
+        stop=stop(),
+        wait=wait,
+        retry=retry_if_exception(retry),
+        before_sleep=before_sleep,
         reraise=True,
     ):
         with attempt:
@@ -195,6 +217,23 @@ async def retry_transient(call: Callable[[], Awaitable[T]], *, budget_s: float =
                 raise error  # the failure of the attempt made above
             return await call()
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def retry_transient(call: Callable[[], Awaitable[T]], *, budget_s: float = 5.0) -> T:
+    """``await call()``, retried on transient database errors for at most
+    ``budget_s`` seconds from the first failure (exponential backoff from
+    50 ms, capped at 1 s, plus jitter; :func:`retry_after_first`). Only for
+    calls that are safe to repeat.
+
+    Raises:
+        Whatever ``call`` raises last (the caller maps it, see :func:`as_runyard_error`).
+    """
+    return await retry_after_first(
+        call,
+        retry=transient_database_error,
+        stop=lambda: stop_after_delay(max(budget_s, 0.0)),
+        wait=_DATABASE_WAIT,
+    )
 
 
 _IDEMPOTENT: dict[str, bool] = {}

@@ -20,12 +20,12 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, wait_exponential, wait_random
 
 from runyard._proto.v1 import (
     common_pb2,
@@ -51,6 +51,10 @@ from runyard.worker.tools import TaskTools
 __all__ = ["Worker", "build", "serve"]
 
 log = logging.getLogger(__name__)
+
+
+class _NotWelcomed(Exception):
+    """A gateway connection ended before the gateway's welcome (retried with backoff)."""
 
 
 def _worker_batch(messages: Sequence[worker_hub_pb2.ConnectRequest]) -> worker_hub_pb2.ConnectRequest:
@@ -130,7 +134,8 @@ class Worker:
         self.connected = asyncio.Event()
         self._stopped = asyncio.Event()
         self._idle = asyncio.Event()
-        self._backoff_s = config.worker.reconnect_initial_ms / 1000
+        #: Whether the gateway of the current connection has welcomed this worker.
+        self._welcomed = False
 
     # ------------------------------------------------------------ sending
 
@@ -306,6 +311,7 @@ class Worker:
         queue: asyncio.Queue[worker_hub_pb2.ConnectRequest | None] = asyncio.Queue()
         heartbeat: asyncio.Task[None] | None = None
         welcome: worker_hub_pb2.HubWelcome | None = None
+        self._welcomed = False
         try:
             stub = worker_hub_pb2_grpc.WorkerHubServiceStub(channel)
             stream = stub.Connect(
@@ -320,7 +326,7 @@ class Worker:
                     welcome = response.welcome
                     self._queue = queue
                     self.connected.set()
-                    self._backoff_s = self.config.worker.reconnect_initial_ms / 1000
+                    self._welcomed = True
                     log.info("connected to gateway %s", welcome.gateway_id)
                     self._on_welcome(welcome)
                     heartbeat = asyncio.create_task(
@@ -363,21 +369,47 @@ class Worker:
         return True
 
     async def run(self) -> None:
-        """Stay connected (with backoff) until :meth:`shutdown`."""
-        maximum = self.config.worker.reconnect_max_ms / 1000
+        """Stay connected to the gateway until :meth:`shutdown`.
+
+        A connection that ended or failed before the gateway's welcome is
+        retried after a jittered exponential backoff (tenacity, from
+        ``worker.reconnect_initial_ms`` up to ``worker.reconnect_max_ms``).
+        Once a gateway has welcomed this worker, the backoff starts afresh:
+        when that connection ends, the worker reconnects at once (a draining
+        gateway refuses the new call, so the backoff applies then)."""
+        initial_s = self.config.worker.reconnect_initial_ms / 1000
+        maximum_s = self.config.worker.reconnect_max_ms / 1000
         while not self._stopped.is_set():
-            try:
-                await self._connection()
-            except grpc.aio.AioRpcError as exc:
-                log.warning("gateway stream ended: %s %s", exc.code().name, exc.details())
-            except Exception:  # noqa: BLE001 - keep reconnecting
-                log.exception("gateway stream failed")
-            if self._stopped.is_set():
-                return
-            delay = self._backoff_s * random.uniform(0.5, 1.0)
-            self._backoff_s = min(self._backoff_s * 2, maximum)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), delay)
+            with contextlib.suppress(RetryError):  # stopped while backing off
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(_NotWelcomed),
+                    wait=wait_exponential(multiplier=initial_s, max=maximum_s) + wait_random(0, initial_s),
+                    stop=lambda _state: self._stopped.is_set(),
+                    sleep=self._sleep_unless_stopped,
+                ):
+                    with attempt:
+                        await self._connect_once()
+
+    async def _connect_once(self) -> None:
+        """One connection to the gateway, until it ends.
+
+        Raises:
+            _NotWelcomed: it ended or failed before the gateway welcomed this worker.
+        """
+        if self._stopped.is_set():
+            return  # shut down during the backoff before this attempt
+        try:
+            await self._connection()
+        except grpc.aio.AioRpcError as exc:
+            log.warning("gateway stream ended: %s %s", exc.code().name, exc.details())
+        except Exception:  # noqa: BLE001 - keep reconnecting
+            log.exception("gateway stream failed")
+        if not self._welcomed and not self._stopped.is_set():
+            raise _NotWelcomed
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), seconds)
 
     async def shutdown(self, grace_s: float) -> None:
         """Stop taking runs, let them finish within ``grace_s``, release the rest."""

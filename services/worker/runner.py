@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential, wait_random
+from tenacity import RetryCallState, stop_after_delay, stop_before_delay, wait_exponential, wait_random
 
 from runyard._proto.v1 import (
     common_pb2,
@@ -33,7 +32,7 @@ from runyard._proto.v1 import (
 from runyard.common.batches import MAX_BATCH_BYTES, generate_responses
 from runyard.common.config import Config
 from runyard.common.errors import DeadlineExceeded, ResourceExhausted, RunyardError, from_rpc_error
-from runyard.common.faults import infrastructure_error
+from runyard.common.faults import infrastructure_error, retry_after_first
 from runyard.common.protoutil import now
 from runyard.worker.budget import ROUTER_DEADLINE_MARGIN_S, run_deadline, time_left
 from runyard.worker.compaction import Compactor, estimate_tokens
@@ -52,6 +51,10 @@ __all__ = ["RunOutcome", "RunExecutor", "build_prompt"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Backoff between calls to a dependency that is restarting or unreachable:
+#: 0.1 s doubling up to 2 s, plus up to 0.1 s of jitter.
+_DEPENDENCY_WAIT = wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1)
 
 #: Local exceptions that mean the network to a dependency failed.
 _LOCAL_INFRASTRUCTURE = (ConnectionError, TimeoutError)
@@ -279,19 +282,18 @@ class RunExecutor:
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """``call()``, retried while the callee is unavailable (restart, deploy),
-        for at most ``worker.dependency_retry_s`` seconds."""
-        async for attempt in AsyncRetrying(
-            stop=stop_after_delay(self.config.worker.dependency_retry_s),
-            wait=wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1),
-            retry=retry_if_exception(_transient),
-            reraise=True,
-        ):
-            with attempt:
-                try:
-                    return await call()
-                except grpc.aio.AioRpcError as exc:
-                    raise from_rpc_error(exc) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+        for at most ``worker.dependency_retry_s`` seconds from its first failure."""
+
+        async def converted() -> T:
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc) from None
+
+        retry_s = self.config.worker.dependency_retry_s
+        return await retry_after_first(
+            converted, retry=_transient, stop=lambda: stop_after_delay(retry_s), wait=_DEPENDENCY_WAIT
+        )
 
     async def _execute(
         self,
@@ -583,100 +585,114 @@ class RunExecutor:
         overflow = self._overflows.get(payload.run_id)  # issue 12: CONTEXT_OVERFLOW -> compact, retry once
         if overflow is not None:
             prompt = overflow.rewrite(prompt)
-        delay = 0.1
         started = announced
-        while True:
-            model = ""
-            streamed = False
-            left = run_ends - time.monotonic()
-            if left <= 0:
-                raise DeadlineExceeded(
-                    f"the run's time budget ({budget_ms} ms) is spent", reason="RUN_DEADLINE"
+        model = ""  # of the call in progress
+        streamed = False  # whether the call in progress has sent text or tool calls
+
+        async def one_call() -> router_pb2.GenerateFinal:
+            """One Generate call (and, after a CONTEXT_OVERFLOW that compaction
+            resolved, the one more call it earns)."""
+            nonlocal started, model, streamed, prompt
+            while True:
+                model, streamed = "", False
+                left = run_ends - time.monotonic()
+                if left <= 0:
+                    raise DeadlineExceeded(
+                        f"the run's time budget ({budget_ms} ms) is spent", reason="RUN_DEADLINE"
+                    )
+                call = self.router.Generate(
+                    router_pb2.GenerateRequest(
+                        run=payload,
+                        messages=prompt,
+                        tools=tools or (),
+                        purpose=router_pb2.GENERATE_PURPOSE_RUN,
+                        after_compaction=overflow is not None and overflow.used,
+                        max_batch_bytes=MAX_BATCH_BYTES,
+                    ),
+                    timeout=left + ROUTER_DEADLINE_MARGIN_S,
                 )
-            timeout = left + ROUTER_DEADLINE_MARGIN_S
-            call = self.router.Generate(
-                router_pb2.GenerateRequest(
-                    run=payload,
-                    messages=prompt,
-                    tools=tools or (),
-                    purpose=router_pb2.GENERATE_PURPOSE_RUN,
-                    after_compaction=overflow is not None and overflow.used,
-                    max_batch_bytes=MAX_BATCH_BYTES,
-                ),
-                timeout=timeout,
-            )
-            message: router_pb2.GenerateResponse  # the generated stub is untyped
-            try:
-                async for message in call:
-                    for response in generate_responses(message):
-                        kind = response.WhichOneof("event")
-                        if kind == "model_select":
-                            model = response.model_select.model
-                            if not started:
-                                started = True
+                message: router_pb2.GenerateResponse  # the generated stub is untyped
+                try:
+                    async for message in call:
+                        for response in generate_responses(message):
+                            kind = response.WhichOneof("event")
+                            if kind == "model_select":
+                                model = response.model_select.model
+                                if not started:
+                                    started = True
+                                    emit(
+                                        common_pb2.RunEvent(
+                                            started=common_pb2.RunStarted(
+                                                worker_id=self.worker_id,
+                                                model=model,
+                                                attempt=payload.attempt,
+                                                resumed=resumed,
+                                            )
+                                        )
+                                    )
+                                emit(common_pb2.RunEvent(model_select=response.model_select))
+                            elif kind == "text_delta":
+                                streamed = True
+                                emit(common_pb2.RunEvent(text_delta=response.text_delta))
+                            elif kind == "model_failover":
+                                model = response.model_failover.to_model
+                                emit(common_pb2.RunEvent(model_failover=response.model_failover))
+                            elif kind == "tool_call":
+                                if not tool_calls:
+                                    continue
+                                streamed = True
+                                source = (
+                                    tool_sources.source_of(response.tool_call.name)
+                                    if tool_sources is not None
+                                    else ""
+                                )
                                 emit(
                                     common_pb2.RunEvent(
-                                        started=common_pb2.RunStarted(
-                                            worker_id=self.worker_id,
-                                            model=model,
-                                            attempt=payload.attempt,
-                                            resumed=resumed,
+                                        tool_call=common_pb2.ToolCallEvent(
+                                            call=response.tool_call, source=source
                                         )
                                     )
                                 )
-                            emit(common_pb2.RunEvent(model_select=response.model_select))
-                        elif kind == "text_delta":
-                            streamed = True
-                            emit(common_pb2.RunEvent(text_delta=response.text_delta))
-                        elif kind == "model_failover":
-                            model = response.model_failover.to_model
-                            emit(common_pb2.RunEvent(model_failover=response.model_failover))
-                        elif kind == "tool_call":
-                            if not tool_calls:
-                                continue
-                            streamed = True
-                            source = (
-                                tool_sources.source_of(response.tool_call.name)
-                                if tool_sources is not None
-                                else ""
-                            )
-                            emit(
-                                common_pb2.RunEvent(
-                                    tool_call=common_pb2.ToolCallEvent(call=response.tool_call, source=source)
-                                )
-                            )
-                        elif kind == "usage":
-                            emit(common_pb2.RunEvent(usage=response.usage))
-                        elif kind == "final":
-                            return response.final
-                raise RunyardError("the router ended without an answer", reason="NO_ANSWER")
-            except grpc.aio.AioRpcError as exc:
-                error = from_rpc_error(exc)
-                if error.reason == "CONTEXT_OVERFLOW" and not streamed:
-                    compacted = await self._compact_after_overflow(payload, prompt, error, model, emit)
-                    if compacted is not None:
-                        prompt = compacted
-                        continue
-                if not _transient(error) or time.monotonic() + delay > deadline:
+                            elif kind == "usage":
+                                emit(common_pb2.RunEvent(usage=response.usage))
+                            elif kind == "final":
+                                return response.final
+                    raise RunyardError("the router ended without an answer", reason="NO_ANSWER")
+                except grpc.aio.AioRpcError as exc:
+                    error = from_rpc_error(exc)
+                    if error.reason == "CONTEXT_OVERFLOW" and not streamed:
+                        compacted = await self._compact_after_overflow(payload, prompt, error, model, emit)
+                        if compacted is not None:
+                            prompt = compacted
+                            continue
                     raise error from None
-                log.warning("router unavailable for run %s (%s); retrying", payload.run_id, error.message)
-                if streamed:
-                    emit(
-                        common_pb2.RunEvent(
-                            model_failover=common_pb2.ModelFailover(
-                                from_model=model,
-                                to_model=model,
-                                reason=common_pb2.FAILOVER_REASON_NETWORK,
-                                restart_output=True,
-                                message="lost the router mid-answer; restarting the answer",
-                            )
+                except asyncio.CancelledError:
+                    call.cancel()
+                    raise
+
+        def before_retry(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome is not None else None
+            log.warning("router unavailable for run %s (%s); retrying", payload.run_id, error)
+            if streamed:
+                emit(
+                    common_pb2.RunEvent(
+                        model_failover=common_pb2.ModelFailover(
+                            from_model=model,
+                            to_model=model,
+                            reason=common_pb2.FAILOVER_REASON_NETWORK,
+                            restart_output=True,
+                            message="lost the router mid-answer; restarting the answer",
                         )
                     )
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 2.0)
-            except asyncio.CancelledError:
-                call.cancel()
-                raise
+                )
+
+        return await retry_after_first(
+            one_call,
+            retry=_transient,
+            stop=lambda: stop_before_delay(max(deadline - time.monotonic(), 0.0)),
+            wait=_DEPENDENCY_WAIT,
+            before_sleep=before_retry,
+        )
 
     # -- CONTEXT_OVERFLOW: compact the session and retry once (issue 12) --------------------------------
 
