@@ -39,6 +39,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
 
 from runyard._proto.v1 import common_pb2, gateway_pb2, sessions_pb2
 from runyard.common import db, metrics
@@ -379,13 +380,16 @@ class EventRelay:
 
     async def run(self) -> None:
         """Relay until cancelled (database errors are retried, never fatal)."""
-        while True:
-            try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((OSError, asyncpg.PostgresError, asyncpg.InterfaceError)),
+            wait=wait_fixed(self.poll_interval_s),
+            before_sleep=lambda state: log.warning(
+                "preparing the event relay failed (%s); retrying",
+                state.outcome.exception() if state.outcome is not None else None,
+            ),
+        ):
+            with attempt:
                 await self._ensure_cursors()
-                break
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("preparing the event relay failed (%s); retrying", exc)
-                await asyncio.sleep(self.poll_interval_s)
         woken: list[str] | None = None
         while True:
             started = time.monotonic()
