@@ -341,6 +341,9 @@ class WorkerConfig(_ServerSection):
     capacity: int = Field(default=8, ge=1, le=1024)
     # Empty = hostname and pid.
     worker_id: str = ""
+    # Backoff between connections to the gateway that end before its
+    # welcome: reconnect_initial_ms doubling up to reconnect_max_ms, plus up
+    # to reconnect_initial_ms of jitter (after a welcome it starts afresh).
     reconnect_initial_ms: int = Field(default=200, ge=10, le=60_000)
     reconnect_max_ms: int = Field(default=5_000, ge=10, le=600_000)
     # How long a run waits for an unavailable router or sessions service

@@ -202,6 +202,9 @@ class Listener:
         channels: the first owner's channels (may be empty).
         callback: the first owner's callback (required with ``channels``).
         on_reconnect: the first owner's reconnect hook.
+
+    Raises:
+        ValueError: ``channels`` or ``on_reconnect`` without ``callback``.
     """
 
     def __init__(
@@ -220,17 +223,10 @@ class Listener:
         self._lost = asyncio.Event()
         self._closed = False
         channels = list(channels)
-        if callback is not None or on_reconnect is not None:
-            if callback is None:
-                raise ValueError("a Listener with channels needs a callback")
+        if callback is not None:
             self.subscribe(channels, callback, on_reconnect=on_reconnect)
-        elif channels:
-            raise ValueError("a Listener with channels needs a callback")
-
-    @property
-    def channels(self) -> list[str]:
-        """Every channel subscribed to, in subscription order."""
-        return list(self._callbacks)
+        elif channels or on_reconnect is not None:
+            raise ValueError("a Listener's channels and on_reconnect need a callback")
 
     def subscribe(
         self,

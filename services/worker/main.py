@@ -372,8 +372,10 @@ class Worker:
         """Stay connected to the gateway until :meth:`shutdown`.
 
         A connection that ended or failed before the gateway's welcome is
-        retried after a jittered exponential backoff (tenacity, from
-        ``worker.reconnect_initial_ms`` up to ``worker.reconnect_max_ms``).
+        retried after an exponential backoff (tenacity:
+        ``worker.reconnect_initial_ms`` doubling up to
+        ``worker.reconnect_max_ms``, plus up to ``reconnect_initial_ms`` of
+        jitter).
         Once a gateway has welcomed this worker, the backoff starts afresh:
         when that connection ends, the worker reconnects at once (a draining
         gateway refuses the new call, so the backoff applies then)."""

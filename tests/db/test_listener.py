@@ -87,5 +87,5 @@ async def test_a_terminated_connection_comes_back_and_every_owner_is_told(databa
 
 
 def test_channels_without_a_callback_are_refused() -> None:
-    with pytest.raises(ValueError, match="needs a callback"):
+    with pytest.raises(ValueError, match="need a callback"):
         Listener("postgresql://unused", ["chan_a"])
