@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 import grpc
 from google.protobuf import json_format
+from tenacity import stop_after_delay, wait_exponential
 
 from runyard._proto.v1 import common_pb2, gateway_pb2
 from runyard.cli.client_commands import describe_error
@@ -26,6 +27,7 @@ from runyard.client import Client
 from runyard.common import tls
 from runyard.common.config import LIFECYCLE_EVENT_TYPES, load_config
 from runyard.common.errors import RunyardError, from_rpc_error
+from runyard.common.faults import retry_after_first
 from runyard.common.hooks import SessionCompacted, SessionEnd, SessionStart, from_proto
 
 __all__ = ["add_parsers", "describe", "watch"]
@@ -96,9 +98,16 @@ async def watch(
     """
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     last = after
-    delay = 0.2
-    outage = 0.0
-    while True:
+    progressed = False  # the current call has printed an event
+
+    async def follow_once() -> int:
+        """One WatchEvents call, printing what it reads: 0 when it ends.
+
+        Raises:
+            RunyardError: the call failed (the gateway went away, or refused it).
+        """
+        nonlocal last, progressed
+        progressed = False
         call = client.stub.WatchEvents(
             gateway_pb2.WatchEventsRequest(after_id=last, types=types or []), metadata=metadata
         )
@@ -110,24 +119,40 @@ async def watch(
                     return 0
                 if event is grpc.aio.EOF:
                     return 0
-                last = event.id
-                delay, outage = 0.2, 0.0
+                last, progressed = event.id, True
                 if as_json:
                     out.write(json.dumps(json_format.MessageToDict(event)) + "\n")
                 else:
                     out.write(describe(event) + "\n")
                 out.flush()
         except grpc.aio.AioRpcError as exc:
-            error = from_rpc_error(exc)
-            if not follow or error.code not in _RECONNECT_CODES or outage >= max_reconnect_s:
-                print(describe_error(error, client.address), file=sys.stderr)
-                return 1
-            print(f"[gateway unavailable ({error.reason}); resuming after {last}]", file=sys.stderr)
-            await asyncio.sleep(delay)
-            outage += delay
-            delay = min(delay * 2, 2.0)
+            raise from_rpc_error(exc) from None
         finally:
             call.cancel()
+
+    def lost(exc: BaseException) -> bool:
+        return follow and isinstance(exc, RunyardError) and exc.code in _RECONNECT_CODES
+
+    def announce(error: BaseException | None) -> None:
+        reason = error.reason if isinstance(error, RunyardError) else error
+        print(f"[gateway unavailable ({reason}); resuming after {last}]", file=sys.stderr)
+
+    while True:
+        # One outage: reconnect with backoff (0.2 s doubling up to 2 s) for at
+        # most max_reconnect_s; a call that prints events ends it.
+        try:
+            return await retry_after_first(
+                follow_once,
+                retry=lambda exc: lost(exc) and not progressed,
+                stop=lambda: stop_after_delay(max_reconnect_s),
+                wait=wait_exponential(multiplier=0.2, max=2.0),
+                before_sleep=lambda state: announce(state.outcome.exception() if state.outcome else None),
+            )
+        except RunyardError as error:
+            if not (progressed and lost(error)):
+                print(describe_error(error, client.address), file=sys.stderr)
+                return 1
+            announce(error)  # lost after events came through: a new outage, reconnecting at once
 
 
 async def _events(args: argparse.Namespace) -> int:
