@@ -1,7 +1,10 @@
 """Helpers shared by test modules (one copy each): the repository root,
-run events and router responses, database counts, a pool's bounded close.
+run events and router responses, database counts, a pool's bounded close,
+a gRPC servicer of a test's own on a free port.
 
 :mod:`tests.support.router` holds the router tests' harness and fixtures;
+:mod:`tests.support.worker` runs a real RunExecutor against a router of a
+test's own;
 :mod:`tests.stack` (the service processes) and :mod:`tests.fakes` (fake
 providers) stay where they were.
 """
@@ -9,16 +12,28 @@ providers) stay where they were.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
+import grpc
 
 from runyard._proto.v1 import common_pb2
 
-__all__ = ["ROOT", "assert_gap_free", "close_pool", "collect", "count", "kinds", "run_payload", "text_of"]
+__all__ = [
+    "ROOT",
+    "assert_gap_free",
+    "close_pool",
+    "collect",
+    "count",
+    "kinds",
+    "run_payload",
+    "serving",
+    "text_of",
+]
 
 T = TypeVar("T")
 
@@ -43,6 +58,21 @@ async def close_pool(pool: asyncpg.Pool) -> None:
             await pool.close()
     except TimeoutError:
         pool.terminate()
+
+
+@contextlib.asynccontextmanager
+async def serving(add: Callable[[Any, grpc.aio.Server], None], servicer: Any) -> AsyncIterator[str]:
+    """``servicer`` on a grpc.aio server of its own (``add`` is the generated
+    ``add_<Service>Servicer_to_server``), on a free loopback port: yields its
+    address; the server stops on exit, even when the test fails."""
+    server = grpc.aio.server()
+    add(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
 
 
 def run_payload() -> common_pb2.RunPayload:

@@ -17,6 +17,7 @@ import pytest
 from runyard._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from runyard.cli.events_commands import watch
 from runyard.client import Client
+from tests.support import serving
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -45,21 +46,17 @@ class _Gateway(gateway_pb2_grpc.GatewayServiceServicer):
 
 async def _follow(gateway: _Gateway, max_reconnect_s: float = 30.0) -> tuple[int, list[int], str]:
     """Follow ``gateway``'s events: exit code, ids printed, what went to stderr."""
-    server = grpc.aio.server()
-    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     out = io.StringIO()
     err = io.StringIO()
-    try:
-        async with Client(f"127.0.0.1:{port}") as client:
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setattr("sys.stderr", err)
-                code = await asyncio.wait_for(
-                    watch(client, as_json=True, out=out, max_reconnect_s=max_reconnect_s), 20
-                )
-    finally:
-        await server.stop(None)
+    async with (
+        serving(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, gateway) as address,
+        Client(address) as client,
+    ):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("sys.stderr", err)
+            code = await asyncio.wait_for(
+                watch(client, as_json=True, out=out, max_reconnect_s=max_reconnect_s), 20
+            )
     return code, [int(json.loads(line)["id"]) for line in out.getvalue().splitlines()], err.getvalue()
 
 

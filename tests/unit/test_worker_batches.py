@@ -11,23 +11,19 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
-import grpc
 import pytest
 
 from runyard._proto.v1 import (
     common_pb2,
     router_pb2,
     router_pb2_grpc,
-    sessions_pb2,
-    sessions_pb2_grpc,
     worker_hub_pb2,
     worker_hub_pb2_grpc,
 )
 from runyard.common.batches import MAX_BATCH_BYTES
-from runyard.common.clients import InternalChannels
-from runyard.common.config import Config
 from runyard.worker.main import Worker
-from runyard.worker.runner import RunExecutor
+from tests.support import serving
+from tests.support.worker import execute_run, running_worker
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -79,31 +75,12 @@ async def connected(request: pytest.FixtureRequest) -> AsyncIterator[tuple[_Gate
     The sessions service and the router are unreachable: a run the worker
     takes is handed back (``released``) at once."""
     gateway = _Gateway(request.param)
-    server = grpc.aio.server()
-    worker_hub_pb2_grpc.add_WorkerHubServiceServicer_to_server(gateway, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    config = Config.model_validate(
-        {
-            "endpoints": {
-                "gateway_internal": f"127.0.0.1:{port}",
-                "sessions": "127.0.0.1:1",
-                "router": "127.0.0.1:1",
-            },
-            "worker": {"dependency_retry_s": 0},
-        }
-    )
-    worker = Worker(config, InternalChannels(None, ""), worker_id="worker-1")
-    running = asyncio.create_task(worker.run())
-    try:
+    async with (
+        serving(worker_hub_pb2_grpc.add_WorkerHubServiceServicer_to_server, gateway) as address,
+        running_worker(address, {"dependency_retry_s": 0}) as (worker, _),
+    ):
         await asyncio.wait_for(worker.connected.wait(), 10)
         yield gateway, worker
-    finally:
-        running.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await running
-        await worker.aclose()
-        await server.stop(None)
 
 
 def _heartbeats(count: int) -> Iterator[worker_hub_pb2.ConnectRequest]:
@@ -209,36 +186,7 @@ class _Router(router_pb2_grpc.RouterServiceServicer):
 
 async def test_the_worker_asks_the_router_for_batches_and_reads_each_response_in_order():
     router = _Router()
-    server = grpc.aio.server()
-    router_pb2_grpc.add_RouterServiceServicer_to_server(router, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    unreachable = grpc.aio.insecure_channel("127.0.0.1:1")
-    try:
-        executor = RunExecutor(
-            Config.model_validate({}),
-            "worker-1",
-            sessions_pb2_grpc.SessionServiceStub(unreachable),
-            router_pb2_grpc.RouterServiceStub(channel),
-        )
-        session_id = str(uuid.uuid4())
-        payload = common_pb2.RunPayload(
-            run_id=str(uuid.uuid4()),
-            org_id="org",
-            session_id=session_id,
-            agent_id="default",
-            run_token="t",
-            input=common_pb2.RunInput(text="hi"),
-        )
-        events: list[common_pb2.RunEvent] = []
-        outcome = await executor.execute(
-            payload, events.append, transcript=sessions_pb2.GetTranscriptResponse(session_id=session_id)
-        )
-    finally:
-        await channel.close()
-        await unreachable.close()
-        await server.stop(None)
+    outcome, events = await execute_run(router)
 
     assert router.requests[0].max_batch_bytes == MAX_BATCH_BYTES
     assert [e.WhichOneof("event") for e in events] == [

@@ -14,9 +14,9 @@ import grpc
 import pytest
 
 from runyard._proto.v1 import worker_hub_pb2, worker_hub_pb2_grpc
-from runyard.common.clients import InternalChannels
-from runyard.common.config import Config
 from runyard.worker.main import Worker
+from tests.support import serving
+from tests.support.worker import running_worker
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -62,32 +62,12 @@ async def _running(
     gateway: _Gateway, initial_ms: int, max_ms: int
 ) -> AsyncIterator[tuple[Worker, asyncio.Task[None]]]:
     """A real worker running against ``gateway`` with the given backoff."""
-    server = grpc.aio.server()
-    worker_hub_pb2_grpc.add_WorkerHubServiceServicer_to_server(gateway, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    config = Config.model_validate(
-        {
-            "endpoints": {
-                "gateway_internal": f"127.0.0.1:{port}",
-                "sessions": "127.0.0.1:1",
-                "router": "127.0.0.1:1",
-            },
-            "worker": {"reconnect_initial_ms": initial_ms, "reconnect_max_ms": max_ms},
-        }
-    )
-    worker = Worker(config, InternalChannels(None, ""), worker_id="worker-1")
-    running = asyncio.create_task(worker.run())
-    try:
-        yield worker, running
-    finally:
-        running.cancel()
-        try:
-            await running
-        except asyncio.CancelledError:
-            pass
-        await worker.aclose()
-        await server.stop(None)
+    backoff = {"reconnect_initial_ms": initial_ms, "reconnect_max_ms": max_ms}
+    async with (
+        serving(worker_hub_pb2_grpc.add_WorkerHubServiceServicer_to_server, gateway) as address,
+        running_worker(address, backoff) as running,
+    ):
+        yield running
 
 
 async def test_a_refusing_gateway_is_retried_with_a_growing_backoff_until_it_welcomes():

@@ -7,15 +7,14 @@ verdict on the request is never retried."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
-from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc, sessions_pb2, sessions_pb2_grpc
-from runyard.common.config import Config
-from runyard.worker.runner import RunExecutor, RunOutcome
+from runyard._proto.v1 import common_pb2, router_pb2, router_pb2_grpc
+from runyard.worker.runner import RunOutcome
+from tests.support.worker import execute_run
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -46,38 +45,9 @@ async def _execute(
     router: _Router, dependency_retry_s: float
 ) -> tuple[RunOutcome, list[common_pb2.RunEvent], float]:
     """One run against ``router``: its outcome, its events and how long it took."""
-    server = grpc.aio.server()
-    router_pb2_grpc.add_RouterServiceServicer_to_server(router, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    unreachable = grpc.aio.insecure_channel("127.0.0.1:1")
-    try:
-        executor = RunExecutor(
-            Config.model_validate({"worker": {"dependency_retry_s": dependency_retry_s}}),
-            "worker-1",
-            sessions_pb2_grpc.SessionServiceStub(unreachable),
-            router_pb2_grpc.RouterServiceStub(channel),
-        )
-        session_id = str(uuid.uuid4())
-        payload = common_pb2.RunPayload(
-            run_id=str(uuid.uuid4()),
-            org_id="org",
-            session_id=session_id,
-            agent_id="default",
-            run_token="t",
-            input=common_pb2.RunInput(text="hi"),
-        )
-        events: list[common_pb2.RunEvent] = []
-        started = time.monotonic()
-        outcome = await executor.execute(
-            payload, events.append, transcript=sessions_pb2.GetTranscriptResponse(session_id=session_id)
-        )
-        return outcome, events, time.monotonic() - started
-    finally:
-        await channel.close()
-        await unreachable.close()
-        await server.stop(None)
+    started = time.monotonic()
+    outcome, events = await execute_run(router, {"worker": {"dependency_retry_s": dependency_retry_s}})
+    return outcome, events, time.monotonic() - started
 
 
 async def test_a_router_lost_mid_answer_is_called_again_and_the_partial_text_is_discarded():
