@@ -3,6 +3,11 @@
 * :func:`cpu_seconds`: user + system CPU time of a process from
   ``/proc/<pid>/stat`` (Linux; ``utime`` and ``stime``, fields 14 and 15, in
   clock ticks, see proc(5)). It covers every thread of the process.
+* :func:`run_queue_wait_seconds`: how long a process's threads were
+  runnable but waiting for a CPU, from ``/proc/<pid>/task/*/schedstat``
+  (the second field, ``run_delay`` in ns; proc(5) and the kernel's
+  Documentation/scheduler/sched-stats.rst). Where CPU time says what the
+  work costs, this says how long it queued for the CPUs.
 * :class:`PgProcesses`: the PostgreSQL server's processes on this machine.
   The postmaster is the parent of the process serving ``SELECT
   pg_backend_pid()``; its children are found by scanning ``/proc`` and
@@ -45,6 +50,7 @@ __all__ = [
     "db_counters",
     "memory_gib",
     "other_commits",
+    "run_queue_wait_seconds",
     "wal_insert_lsn",
 ]
 
@@ -74,6 +80,23 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def run_queue_wait_seconds(pid: int) -> float | None:
+    """Seconds the threads of ``pid`` (alive now) have spent runnable but
+    waiting for a CPU, summed; None if it cannot be read (gone, not on this
+    machine, or a kernel without schedstats)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that just ended
+    return total / 1e9
+
+
 def _identity(pid: int) -> tuple[int, int, float] | None:
     """``(ppid, start time in ticks, cpu seconds)`` of ``pid``, or None."""
     fields = _stat_fields(pid)
@@ -100,6 +123,15 @@ class PgCpu:
     """
 
     processes: dict[tuple[int, int], tuple[str, float]] = field(default_factory=dict)
+    #: Run-queue wait seconds of the same processes (:func:`run_queue_wait_seconds`).
+    waits: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    def wait_delta(self, later: PgCpu) -> dict[str, float]:
+        """Run-queue wait seconds per group from this sample to ``later``."""
+        out = {"db": 0.0, "background": 0.0, "other": 0.0}
+        for key, (group, _) in later.processes.items():
+            out[group] += later.waits.get(key, 0.0) - self.waits.get(key, 0.0)
+        return out
 
     def delta(self, later: PgCpu) -> dict[str, float]:
         """CPU seconds per group from this sample to ``later``, plus
@@ -180,6 +212,8 @@ class PgProcesses:
             datname = databases.get(pid)
             group = "background" if datname is None else ("db" if datname == database else "other")
             sample.processes[(pid, start)] = (group, cpu)
+            if group != "other":
+                sample.waits[(pid, start)] = run_queue_wait_seconds(pid) or 0.0
         return sample
 
 

@@ -36,6 +36,10 @@ Per point, after a warm-up:
 * CPU ms per run of each process (``/proc/<pid>/stat``, window plus a 0.5 s
   tail) and of PostgreSQL: the backends of the scratch database plus the
   server's background processes (see :mod:`runyard.bench.procstat`);
+* run-queue wait ms per run of the same processes (the scratch database's
+  backends for PostgreSQL): how long their threads were runnable but
+  waiting for a CPU (``/proc/<pid>/task/*/schedstat``). It tells queueing
+  for the 2 CPUs apart from slow code when latency grows with N;
 * PostgreSQL commits (``xact_commit``: every transaction, read-only ones
   included), rows written (``tup_inserted + tup_updated + tup_deleted``) and
   WAL bytes per run. ``pg_stat_database`` is read after
@@ -565,12 +569,20 @@ class _Bench:
     def _cpu(pids: dict[str, list[int]]) -> dict[str, float]:
         return {name: sum(procstat.cpu_seconds(pid) or 0.0 for pid in group) for name, group in pids.items()}
 
+    @staticmethod
+    def _waits(pids: dict[str, list[int]]) -> dict[str, float]:
+        return {
+            name: sum(procstat.run_queue_wait_seconds(pid) or 0.0 for pid in group)
+            for name, group in pids.items()
+        }
+
     async def _snapshot(self, deltas: int | None) -> dict[str, Any]:
         assert self.admin is not None
         pids = self._service_pids(deltas)
         return {
             "time": time.perf_counter(),
             "cpu": self._cpu(pids),
+            "wait": self._waits(pids),
             "pg_cpu": await self.pg.sample(self.admin, self.database),
             "lsn": await procstat.wal_insert_lsn(self.admin),
         }
@@ -721,6 +733,12 @@ class _Bench:
             cpu["postgres"] = pg_cpu["db"] * 1000 / runs
             cpu["postgres_background"] = pg_cpu["background"] * 1000 / runs
             cpu["total"] = services + cpu["postgres"] + cpu["postgres_background"]
+        # Time runnable but waiting for a CPU: queueing, where CPU time is cost.
+        wait = {k: (after["wait"][k] - before["wait"][k]) * 1000 / runs for k in after["wait"]}
+        wait["services"] = sum(wait[s] for s in SERVICES)
+        if self.pg.available:
+            wait["postgres"] = before["pg_cpu"].wait_delta(after["pg_cpu"])["db"] * 1000 / runs
+            wait["total"] = wait["services"] + wait["postgres"]
         counters_before, counters_after, background, settling_s = counters
         raw = {k: counters_after[k] - counters_before[k] for k in _COUNTED}
         # Counts with the settling period's background taken out (see point()).
@@ -758,6 +776,7 @@ class _Bench:
             "added_ttft_p50_ms": figures["ttft_p50_ms"] - percentile(direct_ttft, 50) * 1000,
             "added_ttft_p99_ms": figures["ttft_p99_ms"] - percentile(direct_ttft, 99) * 1000,
             "cpu_ms_per_run": cpu,
+            "run_queue_wait_ms_per_run": wait,
             "pg": pg,
         }
         if litellm is not None:
@@ -1119,6 +1138,24 @@ def _report(results: dict[str, Any]) -> str:
             f"{c['sessions']:>8.2f} "
             f"{c['worker']:>7.2f} {_f(c.get('postgres'), 2):>8} {_f(c.get('postgres_background'), 2):>6} "
             f"{_f(c.get('total'), 2):>7} {c['provider']:>8.2f} {c['bench_client']:>7.2f}"
+        )
+    lines += [
+        "",
+        "run-queue wait ms per run (threads runnable but waiting for a CPU, summed over threads; "
+        "where CPU ms is the cost, this is the queueing for the CPUs)",
+        (
+            f"{'deltas':>6} {'N':>3} {'gateway':>8} {'router':>7} {'sessions':>8} {'worker':>7} "
+            f"{'postgres':>8} {'total':>7} {'provider':>8} {'client':>7}"
+        ),
+    ]
+    for p in results["points"]:
+        w = p.get("run_queue_wait_ms_per_run")
+        if w is None:  # a JSON file written before this figure existed
+            continue
+        lines.append(
+            f"{p['deltas']:>6} {p['sessions']:>3} {w['gateway']:>8.2f} {w['router']:>7.2f} "
+            f"{w['sessions']:>8.2f} {w['worker']:>7.2f} {_f(w.get('postgres'), 2):>8} "
+            f"{_f(w.get('total'), 2):>7} {w['provider']:>8.2f} {w['bench_client']:>7.2f}"
         )
     lines += [
         "",

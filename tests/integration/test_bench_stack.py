@@ -74,6 +74,10 @@ async def test_the_stack_bench_produces_every_figure(pg_url, tmp_path, capsys):
         for name in ("gateway", "router", "sessions", "worker", "postgres"):
             assert _positive(cpu[name]), (where, name, cpu)
         assert cpu["total"] >= cpu["services"] + cpu["postgres"]
+        wait = point["run_queue_wait_ms_per_run"]
+        for name in ("gateway", "router", "sessions", "worker", "postgres", "provider", "bench_client"):
+            assert math.isfinite(wait[name]) and wait[name] >= 0, (where, name, wait)
+        assert wait["total"] == pytest.approx(wait["services"] + wait["postgres"])
         pg = point["pg"]
         # With a 1 s settle these counts are approximate: PostgreSQL publishes
         # idle backends' counters after up to 10 s, so the background taken
@@ -107,5 +111,6 @@ async def test_the_stack_bench_produces_every_figure(pg_url, tmp_path, capsys):
         assert _positive(sample["server_bytes_median"]), sample
     assert _positive(turns["ratio"])
 
+    assert "run-queue wait ms per run" in printed
     assert {t["key"] for t in results["targets"]} == {key for key, *_ in stack.TARGETS}
     assert "targets (issue 10):" in printed and "bytes written per turn" in printed
