@@ -135,7 +135,15 @@ class DatabaseConfig(_Section):
     url: str = ""
     data_dir: str = ""
     pool_min_size: int = Field(default=1, ge=0, le=100)
-    pool_max_size: int = Field(default=10, ge=1, le=500)
+    # Connections per service process (the gateway and the router hold one
+    # more, for LISTEN). One asyncio process keeps only a few statements in
+    # flight; more connections add runnable backends that compete for the
+    # database server's CPUs. The usual bound for all clients together is
+    # about 2 x the server's cores (HikariCP's "About Pool Sizing", after
+    # the PostgreSQL project's formula). On 2 cores, 4 per service instead
+    # of 10 took about 8% (0.2 ms) of PostgreSQL's CPU off each run and
+    # most of its backends' wait for a CPU (docs/benchmarks.md, stop 24).
+    pool_max_size: int = Field(default=4, ge=1, le=500)
     connect_timeout_s: float = Field(default=10.0, gt=0)
 
 
