@@ -188,7 +188,7 @@ class Listener:
     only to the connection count: PostgreSQL (15 here) signals every backend
     of a database that LISTENs on any channel for each NOTIFY sent in it,
     whatever the channel, about 14 us of server CPU per listening backend per
-    NOTIFY (docs/benchmarks.md, "NOTIFY's cost").
+    NOTIFY (docs/benchmarks.md, "PostgreSQL's NOTIFY, measured alone").
 
     ``callback(channel, payload)`` runs on the event loop for every
     notification on a channel its owner subscribed to. After a reconnect,
