@@ -349,11 +349,18 @@ class WalInspector:
             if oid is None:
                 raise ValueError(f"no database {database!r}")
             await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
-            # Reading back the WAL after ``start`` proves access (asyncpg passes
-            # pg_lsn values as integers: bytes from 0/0).
-            start = int(await conn.fetchval("SELECT pg_current_wal_insert_lsn()"))
-            flushed = await _flushed_past(conn, start)
-            await conn.fetchval("SELECT count(*) FROM pg_get_wal_records_info($1, $2)", start, flushed - 1)
+            # Reading back a record written after ``start`` proves access
+            # (asyncpg passes pg_lsn values as integers: bytes from 0/0). The
+            # read ends where that record ends, not at the flush position: the
+            # insert position can sit in the last bytes of a WAL page, where no
+            # record starts, and the flush position at the next page's start,
+            # before any record there is complete ("could not find a valid
+            # record after ...").
+            start = await wal_insert_lsn(conn)
+            await conn.fetchval("SELECT txid_current()")  # a commit record after ``start``
+            end = await wal_insert_lsn(conn)
+            await _flushed_past(conn, end)
+            await conn.fetchval("SELECT count(*) FROM pg_get_wal_records_info($1, $2)", start, end)
         except (asyncpg.PostgresError, ValueError) as exc:
             await conn.close()
             return cls(
