@@ -351,11 +351,11 @@ class WalInspector:
             await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
             # Reading back a record written after ``start`` proves access
             # (asyncpg passes pg_lsn values as integers: bytes from 0/0). The
-            # read ends where that record ends, not at the flush position: the
-            # insert position can sit in the last bytes of a WAL page, where no
-            # record starts, and the flush position at the next page's start,
-            # before any record there is complete ("could not find a valid
-            # record after ...").
+            # read ends where that record ends, not at the flush position: with
+            # the insert position in a WAL page's last bytes and the flush
+            # position at the next page's start, the record that follows is
+            # not complete below the flush position, and PostgreSQL 15 finds
+            # none ("could not find a valid record after ...").
             start = await wal_insert_lsn(conn)
             await conn.fetchval("SELECT txid_current()")  # a commit record after ``start``
             end = await wal_insert_lsn(conn)
